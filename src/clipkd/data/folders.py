@@ -1,0 +1,79 @@
+"""Image folders: listing image files and reading ImageFolder class layouts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ClipkdError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def clean_classname(folder: str) -> str:
+    """Turn a folder name into a readable class name: ``red_circle`` → ``red circle``."""
+    return re.sub(r"\s+", " ", re.sub(r"[_\-]+", " ", folder)).strip()
+
+
+def _require_dir(root: Path) -> None:
+    if not root.exists():
+        raise ClipkdError(f"image folder not found: {root}")
+    if not root.is_dir():
+        raise ClipkdError(f"not a folder: {root}")
+
+
+def list_images(root: str | Path) -> list[str]:
+    """All image files under ``root`` (recursively) as sorted POSIX paths relative to ``root``.
+
+    Files are chosen by extension only; a file that is not really an image is found out (and
+    skipped and counted) when it is decoded.
+    """
+    root = Path(root)
+    _require_dir(root)
+    files = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+    if not files:
+        raise ClipkdError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    return files
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Images with integer labels into ``classnames``; paths are relative to ``root``."""
+
+    root: Path
+    paths: list[str]
+    labels: list[int]
+    classnames: list[str]
+
+    def subset(self, keep_classes: set[str]) -> LabelledImages:
+        """Only the images whose class is in ``keep_classes`` (labels keep indexing ``classnames``)."""
+        keep = [i for i, y in enumerate(self.labels) if self.classnames[y] in keep_classes]
+        return LabelledImages(self.root, [self.paths[i] for i in keep], [self.labels[i] for i in keep],
+                              self.classnames)
+
+
+def scan_image_folder(root: str | Path) -> LabelledImages:
+    """Read an ImageFolder layout (``root/<class folder>/<images>``); classes sorted by folder name."""
+    root = Path(root)
+    _require_dir(root)
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ClipkdError(f"{root} has no class sub-folders (expected ImageFolder layout root/<class>/<image>)")
+    classnames = [clean_classname(f) for f in folders]
+    dupes = {c for c in classnames if classnames.count(c) > 1}
+    if dupes:
+        raise ClipkdError(f"class folders in {root} clean to the same name: {sorted(dupes)[:5]}")
+    paths, labels = [], []
+    for y, folder in enumerate(folders):
+        for rel in (p for p in sorted((root / folder).rglob("*")) if p.is_file()):
+            if rel.suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(rel.relative_to(root).as_posix())
+                labels.append(y)
+    if not paths:
+        raise ClipkdError(f"no image files found in the class folders of {root}")
+    return LabelledImages(root, paths, labels, classnames)

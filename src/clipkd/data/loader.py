@@ -1,0 +1,112 @@
+"""The one data-loader factory: images decoded in workers, corrupt files skipped and reported."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+
+def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
+    """Open an image as RGB; for JPEGs, ``draft_size`` lets the decoder skip detail we resize away."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(path)
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+    return img.convert("RGB")
+
+
+class ImageDataset(Dataset):
+    """Images under ``root`` by relative path; item = ``{"index", "image", "label", "error"}``.
+
+    ``transform`` maps a PIL image to a tensor or a tuple of tensors (several views of the same
+    image, e.g. the student's and the teacher's preprocessing). A file that cannot be decoded
+    yields ``image=None`` and its error text instead of raising, so one bad file among millions
+    is skipped and counted rather than ending the job.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        paths: Sequence[str],
+        transform: Callable[[Image.Image], Any],
+        labels: Sequence[int] | None = None,
+        draft_size: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.paths = list(paths)
+        self.transform = transform
+        self.labels = list(labels) if labels is not None else None
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        label = self.labels[index] if self.labels is not None else -1
+        try:
+            image = self.transform(load_rgb(self.root / self.paths[index], self.draft_size))
+            error = ""
+        except Exception as e:  # noqa: BLE001 - any decode failure is a skip, reported by name
+            image, error = None, f"{type(e).__name__}: {e}"
+        return {"index": index, "image": image, "label": label, "error": error}
+
+
+def collate_skip(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the decodable items; list the others under ``"skipped"`` as ``(index, error)``."""
+    good = [it for it in items if it["image"] is not None]
+    skipped = [(it["index"], it["error"]) for it in items if it["image"] is None]
+    batch: dict[str, Any] = {"skipped": skipped}
+    batch["index"] = torch.tensor([it["index"] for it in good], dtype=torch.long)
+    batch["label"] = torch.tensor([it["label"] for it in good], dtype=torch.long)
+    for key in items[0]:
+        if key not in ("index", "image", "label", "error"):
+            batch[key] = torch.stack([it[key] for it in good]) if good else None
+    if not good:
+        batch["image"] = None
+    elif isinstance(good[0]["image"], tuple):
+        batch["image"] = tuple(torch.stack(v) for v in zip(*(it["image"] for it in good), strict=True))
+    else:
+        batch["image"] = torch.stack([it["image"] for it in good])
+    return batch
+
+
+def default_workers() -> int:
+    """Loader worker processes: one per available core, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    workers: int | None = None,
+    drop_last: bool = False,
+    seed: int = 0,
+) -> DataLoader:
+    """Build the DataLoader every command uses (skip-aware collate, pinned memory on GPU)."""
+    workers = default_workers() if workers is None else workers
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        collate_fn=collate_skip,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        persistent_workers=workers > 0,
+        generator=generator,
+    )

@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot and generalized zero-shot metrics, prediction, plots."""

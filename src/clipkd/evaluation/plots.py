@@ -1,0 +1,72 @@
+"""PNG plots: seen–unseen curves, training curves, result bars."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..fileio import atomic_write  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_gzsl_curves(curves: Mapping[str, dict], path: str | Path, title: str = "Seen–unseen accuracy") -> Path:
+    """One U-vs-S curve per model; ``curves[name] = {"S": [...], "U": [...], "ausuc", "S0", "U0"}``."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name, c in curves.items():
+        line, = ax.plot(c["S"], c["U"], label=f"{name} (AUSUC {c['ausuc']:.3f})")
+        ax.plot([c["S0"]], [c["U0"]], "o", color=line.get_color())
+    ax.set(xlabel="S: seen-class accuracy", ylabel="U: unseen-class accuracy", xlim=(0, 1.02), ylim=(0, 1.02),
+           title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return _save(fig, path)
+
+
+def plot_training_curves(metrics_csv: str | Path, path: str | Path) -> Path | None:
+    """Plot every ``*_epoch`` loss column of a Lightning CSV log against the epoch."""
+    metrics_csv = Path(metrics_csv)
+    if not metrics_csv.is_file():
+        return None
+    with metrics_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols = sorted({k for r in rows for k, v in r.items() if k.endswith("_epoch") and v})
+    if not cols:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for col in cols:
+        pts = [(float(r["epoch"]), float(r[col])) for r in rows if r.get(col)]
+        ax.plot([p[0] + 1 for p in pts], [p[1] for p in pts], marker="o", label=col.removesuffix("_epoch"))
+    ax.set(xlabel="epoch", ylabel="loss", title="Training curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_results_bars(results: Mapping[str, Mapping[str, float]], path: str | Path,
+                      keys: tuple[str, ...] = ("S", "U", "H")) -> Path:
+    """Grouped bars of ``keys`` for each model."""
+    import numpy as np
+
+    names = list(results)
+    x = np.arange(len(names))
+    w = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    for i, k in enumerate(keys):
+        vals = [results[n].get(k, 0.0) for n in names]
+        bars = ax.bar(x + (i - (len(keys) - 1) / 2) * w, vals, w, label=k)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set(xticks=x, xticklabels=names, ylim=(0, 1.1), ylabel="accuracy", title="Generalized zero-shot")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

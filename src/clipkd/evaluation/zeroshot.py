@@ -1,0 +1,188 @@
+"""Zero-shot evaluation and prediction for teachers and students, through one scoring path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..data.folders import LabelledImages, scan_image_folder
+from ..data.loader import ImageDataset, load_rgb, make_loader
+from ..data.splits import load_split
+from ..errors import ClipkdError
+from ..prompts import TextEmbeddings, build_prompts, embed_prompts, load_templates
+from ..teachers.base import resolve_device
+from . import metrics
+
+
+class Scorer:
+    """Images → an (N, C) score matrix over ``classnames`` and the matching probabilities."""
+
+    def __init__(self, name: str, classnames: list[str], preprocess: Callable, device: torch.device,
+                 forward: Callable[[torch.Tensor], torch.Tensor], temperature: float) -> None:
+        self.name, self.classnames, self.preprocess, self.device = name, classnames, preprocess, device
+        self._forward, self.temperature = forward, temperature
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        """Scores on CPU (cosine similarities or logits; ``-inf`` for classes a classifier lacks)."""
+        return self._forward(images.to(self.device, non_blocking=True)).float().cpu()
+
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """Softmax of ``temperature × scores``."""
+        return F.softmax(self.temperature * scores, dim=-1)
+
+
+def _is_student(model: str | Path) -> bool:
+    p = Path(model)
+    return p.is_file() and p.suffix in (".pt", ".pth") or (p.is_dir() and (p / "student.pt").is_file())
+
+
+def load_scorer(model: str, classnames: Sequence[str] | None = None, text: str | Path | None = None,
+                templates: str = "simple", device: str | None = "auto", precision: str = "auto") -> Scorer:
+    """A scorer for a teacher spec (``open_clip:...``) or a student run folder / ``student.pt``.
+
+    Embedding models score by cosine similarity with ``text`` embeddings (a teacher without
+    ``text`` embeds ``classnames`` with ``templates`` itself); classifier students use their head.
+    Scores cover ``classnames`` (default: those of ``text``).
+    """
+    text_emb = TextEmbeddings.load(text) if text else None
+    if classnames is None:
+        if text_emb is None:
+            raise ClipkdError("need --text (class text embeddings) or a labelled image folder")
+        classnames = text_emb.classnames
+    classnames = list(classnames)
+    dev = resolve_device(device)
+    if _is_student(model):
+        from ..students.model import load_student, student_transform
+
+        student = load_student(model).to(dev)
+        cfg = student.cfg
+        preprocess = student_transform(cfg)
+        if cfg.kind == "classifier":
+            pos = {c: i for i, c in enumerate(classnames)}
+            extra = [c for c in cfg.classnames if c not in pos]
+            if extra:
+                raise ClipkdError(f"classifier classes {extra[:5]} are not among the evaluated classes")
+            cols = torch.tensor([pos[c] for c in cfg.classnames], device=dev)
+
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                logits = student(x).float()
+                full = logits.new_full((len(x), len(classnames)), float("-inf"))
+                return full.index_copy_(1, cols, logits)
+
+            return Scorer(str(model), classnames, preprocess, dev, forward, 1.0)
+        if text_emb is None:
+            raise ClipkdError(f"student {model} classifies through text embeddings: pass --text "
+                              "(made by `clipkd embed-text` with its teacher)")
+        if text_emb.teacher != cfg.teacher:
+            raise ClipkdError(f"student {model} was distilled from '{cfg.teacher}' but the text embeddings "
+                              f"{text} come from '{text_emb.teacher}'")
+        if text_emb.embeddings.shape[1] != cfg.out_dim:
+            raise ClipkdError(f"student embedding size {cfg.out_dim} != text embedding size "
+                              f"{text_emb.embeddings.shape[1]}")
+        encode = lambda x: F.normalize(student(x).float(), dim=-1)  # noqa: E731
+        temperature = text_emb.logit_scale
+    else:
+        from ..teachers import load_teacher
+
+        teacher = load_teacher(str(model), device=str(dev), precision=precision)
+        if text_emb is None:
+            text_emb = embed_prompts(teacher, build_prompts(classnames, load_templates(templates)))
+        elif text_emb.teacher != teacher.identity:
+            raise ClipkdError(f"text embeddings {text} come from '{text_emb.teacher}', not from '{teacher.identity}'")
+        preprocess, encode, temperature = teacher.preprocess, teacher.encode_image, teacher.logit_scale
+    weights = torch.from_numpy(text_emb.select(classnames).embeddings).to(dev)
+    return Scorer(str(model), classnames, preprocess, dev, lambda x: encode(x) @ weights.T, temperature)
+
+
+def score_folder(scorer: Scorer, data: LabelledImages, batch_size: int = 128, workers: int | None = None,
+                 progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Scores and labels (indices into ``scorer.classnames``) for every decodable image; skipped paths."""
+    pos = {c: i for i, c in enumerate(scorer.classnames)}
+    missing = [c for c in data.classnames if c not in pos]
+    if missing:
+        raise ClipkdError(f"{len(missing)} class folder(s) of {data.root} have no text embedding: {missing[:5]}")
+    remap = np.array([pos[c] for c in data.classnames])
+    loader = make_loader(ImageDataset(data.root, data.paths, scorer.preprocess, labels=data.labels),
+                         batch_size, workers=workers)
+    scores, labels, skipped = [], [], []
+    for batch in tqdm(loader, desc=f"eval {Path(scorer.name).name}", unit="batch", disable=not progress):
+        skipped += [data.paths[i] for i, _ in batch["skipped"]]
+        if batch["image"] is not None:
+            scores.append(scorer.scores(batch["image"]).numpy())
+            labels.append(remap[batch["label"].numpy()])
+    if not scores:
+        raise ClipkdError(f"no image of {data.root} could be decoded")
+    return np.concatenate(scores), np.concatenate(labels), skipped
+
+
+def evaluate(
+    model: str,
+    images: str | Path,
+    text: str | Path | None = None,
+    split: str | Path | None = None,
+    val: str | Path | None = None,
+    templates: str = "simple",
+    batch_size: int = 128,
+    workers: int | None = None,
+    device: str | None = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Zero-shot top-1/top-5/per-class accuracy on a labelled folder; with ``split``, GZSL too.
+
+    GZSL: S, U, H at gamma=0; calibrated stacking with gamma chosen on ``val`` (maximum H); the
+    seen–unseen curve and its area (AUSUC). Accuracies are fractions in [0, 1].
+    """
+    data = scan_image_folder(images)
+    classnames = TextEmbeddings.load(text).classnames if text else list(data.classnames)
+    scorer = load_scorer(model, classnames, text, templates, device)
+    scores, labels, skipped = score_folder(scorer, data, batch_size, workers, progress)
+    pred = scores.argmax(1)
+    result: dict[str, Any] = {
+        "model": str(model), "images": str(images), "n_images": int(len(labels)), "skipped": len(skipped),
+        "n_classes": len(classnames), "top1": metrics.topk_accuracy(scores, labels, 1),
+        "top5": metrics.topk_accuracy(scores, labels, 5),
+        "per_class_top1": metrics.per_class_accuracy(pred, labels),
+    }
+    if split is None:
+        return result
+    sp = load_split(split, classnames)
+    seen = np.array(sp.seen_mask(classnames))
+    g0 = metrics.gzsl(scores, labels, seen)
+    result.update({"S": g0.S, "U": g0.U, "H": g0.H})
+    gamma = 0.0
+    if val is not None:
+        vdata = scan_image_folder(val)
+        vscores, vlabels, _ = score_folder(scorer, vdata, batch_size, workers, progress)
+        gamma = metrics.choose_gamma(vscores, vlabels, seen)
+    cal = metrics.gzsl(scores, labels, seen, gamma)
+    gammas, S, U = metrics.seen_unseen_curve(scores, labels, seen)
+    result["calibrated"] = {"gamma": gamma, "S": cal.S, "U": cal.U, "H": cal.H, "chosen_on": str(val) if val else None}
+    result["ausuc"] = metrics.ausuc(S, U)
+    keep = np.unique(np.linspace(0, len(S) - 1, min(len(S), 200)).round().astype(int))
+    result["curve"] = {"S": S[keep].round(5).tolist(), "U": U[keep].round(5).tolist()}
+    return result
+
+
+def predict(model: str, files: Sequence[str | Path], text: str | Path | None = None,
+            classnames: Sequence[str] | None = None, topk: int = 5, device: str | None = "auto") -> list[dict]:
+    """Top-``k`` class names with probabilities for each image file (unreadable files get an ``error``)."""
+    scorer = load_scorer(model, classnames, text, device=device)
+    out = []
+    for f in files:
+        try:
+            x = scorer.preprocess(load_rgb(f)).unsqueeze(0)
+        except Exception as e:  # noqa: BLE001 - report the file and go on
+            out.append({"file": str(f), "error": f"{type(e).__name__}: {e}"})
+            continue
+        probs = scorer.probabilities(scorer.scores(x))[0]
+        p, idx = probs.topk(min(topk, len(scorer.classnames)))
+        out.append({"file": str(f), "top": [{"class": scorer.classnames[i], "prob": round(float(q), 5)}
+                                              for q, i in zip(p.tolist(), idx.tolist(), strict=True)]})
+    return out

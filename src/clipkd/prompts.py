@@ -1,0 +1,160 @@
+"""Class names → prompts → one template-averaged, L2-normalised text embedding per class."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data.folders import clean_classname
+from .errors import ClipkdError
+from .fileio import read_json, write_json, write_npz
+
+TEXT_EMB_FORMAT = "clipkd-text/1"
+
+
+def builtin_templates(name: str) -> list[str]:
+    """open_clip's zero-shot templates: ``openai`` (80 ImageNet ones) or ``simple`` (7)."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    table = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
+    # open_clip stores templates as callables c -> str; render them with a format placeholder.
+    return [t("{}") for t in table[name]]
+
+
+def load_templates(spec: str) -> list[str]:
+    """``openai``, ``simple``, ``none`` (the bare class name) or a file with one ``{}``-template per line."""
+    if spec in ("openai", "simple"):
+        return builtin_templates(spec)
+    if spec == "none":
+        return ["{}"]
+    path = Path(spec)
+    if not path.is_file():
+        raise ClipkdError(f"templates must be 'openai', 'simple', 'none' or a file; not found: {spec}")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    bad = [ln for ln in lines if "{}" not in ln and "{c}" not in ln]
+    if not lines or bad:
+        raise ClipkdError(f"template file {spec}: every line needs a '{{}}' placeholder (bad: {bad[:3]})")
+    return [ln.replace("{c}", "{}") for ln in lines]
+
+
+def load_classnames(source: str | Path) -> list[str]:
+    """Class names from an ImageFolder (sub-folder names, cleaned) or a text file (one per line)."""
+    source = Path(source)
+    if source.is_dir():
+        from .data.folders import scan_image_folder
+
+        return scan_image_folder(source).classnames
+    if source.is_file():
+        names = [ln.strip() for ln in source.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not names:
+            raise ClipkdError(f"class-name file {source} is empty")
+        return names
+    raise ClipkdError(f"class names: no such folder or file: {source}")
+
+
+def build_prompts(classnames: Sequence[str], templates: Sequence[str]) -> dict[str, list[str]]:
+    """Every template filled with every class name, keyed by class name (order kept)."""
+    if len(set(classnames)) != len(classnames):
+        raise ClipkdError("duplicate class names: " + ", ".join(sorted({c for c in classnames
+                                                                          if list(classnames).count(c) > 1})))
+    return {c: [t.format(c) for t in templates] for c in classnames}
+
+
+def write_prompts(path: str | Path, prompts: dict[str, list[str]]) -> Path:
+    """Write prompts: ``.json`` ({class: [prompts]}) or ``.txt`` (the seed's one prompt per class per line)."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        from .fileio import write_text
+
+        return write_text(path, "".join(p[0] + "\n" for p in prompts.values()))
+    return write_json(path, prompts)
+
+
+def read_prompts(path: str | Path) -> dict[str, list[str]]:
+    """Read prompts from ``.json`` ({class: [prompts]}) or a seed-style ``text_prompts.txt``.
+
+    In a ``.txt`` file each line is one class's prompt; the class name is the line with a leading
+    "a photo of a" (and a trailing ".") removed, as the seed's prediction script prints it.
+    """
+    path = Path(path)
+    if path.suffix == ".json":
+        data = read_json(path, "prompts file")
+        if not isinstance(data, dict) or not all(isinstance(v, list) and v for v in data.values()):
+            raise ClipkdError(f"prompts file {path} must map each class name to a non-empty list of prompts")
+        return {str(k): [str(p) for p in v] for k, v in data.items()}
+    if not path.is_file():
+        raise ClipkdError(f"prompts file not found: {path}")
+    out: dict[str, list[str]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        name = line.rstrip(".")
+        for prefix in ("a photo of a ", "a photo of an ", "a photo of the ", "a "):
+            if name.lower().startswith(prefix):
+                name = name[len(prefix):]
+                break
+        out.setdefault(clean_classname(name), []).append(line)
+    if not out:
+        raise ClipkdError(f"prompts file {path} is empty")
+    return out
+
+
+@dataclass
+class TextEmbeddings:
+    """One unit-norm embedding per class, with the class names and the teacher that made them."""
+
+    embeddings: np.ndarray  # (C, D) float32
+    classnames: list[str]
+    teacher: str
+    logit_scale: float = 100.0
+
+    def index(self, names: Sequence[str]) -> list[int]:
+        """Positions of ``names``; unknown names are an error."""
+        pos = {c: i for i, c in enumerate(self.classnames)}
+        missing = [n for n in names if n not in pos]
+        if missing:
+            raise ClipkdError(f"text embeddings have no class {missing[:5]} (they have {self.classnames[:5]}...)")
+        return [pos[n] for n in names]
+
+    def select(self, names: Sequence[str]) -> TextEmbeddings:
+        """The embeddings of ``names`` only, in that order."""
+        return TextEmbeddings(self.embeddings[self.index(names)], list(names), self.teacher, self.logit_scale)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``.npz`` with arrays ``embeddings``, ``classnames``, ``teacher``, ``format``."""
+        return write_npz(path, embeddings=self.embeddings.astype(np.float32),
+                         classnames=np.array(self.classnames, dtype=str), teacher=np.array(self.teacher),
+                         logit_scale=np.array(self.logit_scale, dtype=np.float32),
+                         format=np.array(TEXT_EMB_FORMAT))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TextEmbeddings:
+        """Read a file written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise ClipkdError(f"text-embedding file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z.get("format", "")) != TEXT_EMB_FORMAT:
+                    raise ClipkdError(f"{path} is not a clipkd text-embedding file (made by `clipkd embed-text`)")
+                return cls(z["embeddings"].astype(np.float32), [str(c) for c in z["classnames"]],
+                           str(z["teacher"]), float(z["logit_scale"]))
+        except (ValueError, OSError, KeyError) as e:
+            raise ClipkdError(f"cannot read text-embedding file {path}: {e}") from None
+
+
+def embed_prompts(teacher, prompts: dict[str, list[str]]) -> TextEmbeddings:
+    """Embed every prompt, average per class (then re-normalise), as CLIP zero-shot classifiers do."""
+    flat = [p for ps in prompts.values() for p in ps]
+    emb = teacher.encode_text(flat)
+    out, start = [], 0
+    for ps in prompts.values():
+        out.append(F.normalize(emb[start : start + len(ps)].mean(0), dim=-1))
+        start += len(ps)
+    return TextEmbeddings(torch.stack(out).numpy(), list(prompts), teacher.identity, teacher.logit_scale)

@@ -1,0 +1,111 @@
+"""The student network and its preprocessing; saved as one self-describing ``student.pt``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+from torchvision import transforms as T
+
+from ..errors import ClipkdError
+from ..fileio import write_torch
+
+STUDENT_FORMAT = "clipkd-student/1"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class StudentConfig:
+    """Everything needed to rebuild a student: backbone, output, preprocessing, provenance.
+
+    ``kind`` is ``embedding`` (output lives in the teacher's space; classify through text
+    embeddings) or ``classifier`` (output = logits over ``classnames``; the normal baseline).
+    """
+
+    arch: str
+    out_dim: int
+    kind: str = "embedding"
+    image_size: int = 224
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    classnames: list[str] = field(default_factory=list)
+    teacher: str = ""
+    pretrained: bool = False
+
+
+class Student(nn.Module):
+    """``timm`` backbone (pooled features) → ``nn.Linear`` to ``out_dim``."""
+
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__()
+        if cfg.kind not in ("embedding", "classifier"):
+            raise ClipkdError(f"student kind must be 'embedding' or 'classifier', got '{cfg.kind}'")
+        self.cfg = cfg
+        try:
+            self.backbone = timm.create_model(cfg.arch, pretrained=cfg.pretrained, num_classes=0)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ClipkdError(f"timm has no model '{cfg.arch}' (see timm.list_models())") from None
+            raise ClipkdError(f"cannot build timm model '{cfg.arch}': {str(e).splitlines()[0]}") from None
+        except OSError as e:  # pretrained weights unreachable offline
+            raise ClipkdError(f"timm '{cfg.arch}': pretrained weights not available offline ({e}); "
+                              "drop --pretrained or pre-download them into the HF cache") from None
+        self.head = nn.Linear(self.backbone.num_features, cfg.out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def student_transform(cfg: StudentConfig, augment: str = "none") -> T.Compose:
+    """Resize + tensor + normalise; ``augment`` = ``none``, ``flip``, or ``crop`` (flip + random resized crop)."""
+    return T.Compose(augment_ops(cfg.image_size, augment) + [
+        T.Resize(cfg.image_size, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(cfg.image_size),
+        T.ToTensor(),
+        T.Normalize(cfg.mean, cfg.std),
+    ])
+
+
+def augment_ops(size: int, augment: str) -> list:
+    """PIL-level augmentations shared by the student's and an online teacher's view."""
+    if augment == "none":
+        return []
+    if augment == "flip":
+        return [T.RandomHorizontalFlip()]
+    if augment == "crop":
+        return [T.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.9, 1.1)), T.RandomHorizontalFlip()]
+    raise ClipkdError(f"unknown augmentation '{augment}' (none, flip, crop)")
+
+
+def save_student(path: str | Path, model: Student, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``{"format", "config", "state_dict", ...extra}`` atomically."""
+    cfg = asdict(model.cfg)
+    return write_torch(path, {"format": STUDENT_FORMAT, "config": cfg, "state_dict": model.state_dict(),
+                              **(extra or {})})
+
+
+def load_student(path: str | Path, map_location: str = "cpu") -> Student:
+    """Rebuild a student from ``student.pt`` or a run folder containing one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "student.pt"
+    if not path.is_file():
+        raise ClipkdError(f"student checkpoint not found: {path}")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a readable checkpoint"
+        raise ClipkdError(f"cannot read student checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(blob, dict) or blob.get("format") != STUDENT_FORMAT:
+        raise ClipkdError(f"{path} is not a clipkd student checkpoint (made by `clipkd distill`)")
+    cfg = StudentConfig(**{**blob["config"], "pretrained": False})
+    model = Student(cfg)
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise ClipkdError(f"student checkpoint {path} does not match {cfg.arch}: {str(e).splitlines()[0]}") from None
+    return model.eval()

@@ -1,0 +1,109 @@
+"""The teacher interface every backend implements."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..errors import ClipkdError
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None``/``"auto"`` → CUDA when available, else CPU; an unavailable CUDA request is an error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ClipkdError(f"--device {device} requested but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → fp16 on GPU, fp32 on CPU. Half precision on CPU is refused: it is slow there."""
+    if precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise ClipkdError(f"unknown precision '{precision}' (choose auto, fp32, fp16, bf16)")
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision != "fp32" and device.type != "cuda":
+        raise ClipkdError(f"precision {precision} is only supported on GPU; CPU paths run in fp32")
+    return precision
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """A cheap content fingerprint of a (possibly multi-GB) file: size plus first and last MiB."""
+    path = Path(path)
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+class Teacher:
+    """A CLIP model that embeds images and texts into one space.
+
+    Attributes:
+        identity: names the weights exactly; recorded with everything computed from them.
+        embed_dim: size of the joint embedding.
+        preprocess: PIL image → tensor, as the model expects.
+        preprocess_cfg: a JSON-able description of ``preprocess`` (for manifests).
+        tokenizer: list of strings → token tensor.
+        model: the underlying ``nn.Module``.
+    """
+
+    identity: str
+    embed_dim: int
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    preprocess_cfg: dict[str, Any]
+    tokenizer: Callable[[Sequence[str]], Any]
+    model: torch.nn.Module
+    device: torch.device
+    precision: str = "fp32"
+    logit_scale: float = 100.0
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda" and self.precision in ("fp16", "bf16"):
+            dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Backend hook: raw (unnormalised) image features of a preprocessed batch on ``device``."""
+        raise NotImplementedError
+
+    def text_features(self, tokens: Any) -> torch.Tensor:
+        """Backend hook: raw text features of tokenizer output on ``device``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised fp32 image embeddings of a preprocessed batch (returned on the input's device)."""
+        src = images.device
+        with self._autocast():
+            feats = self.image_features(images.to(self.device, non_blocking=True))
+        return F.normalize(feats.float(), dim=-1).to(src)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised fp32 text embeddings (on CPU)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[i : i + batch_size]))
+            tokens = tokens.to(self.device) if hasattr(tokens, "to") else tokens
+            with self._autocast():
+                out.append(F.normalize(self.text_features(tokens).float(), dim=-1).cpu())
+        return torch.cat(out)
+
+    def describe(self) -> dict[str, Any]:
+        """What a store or text-embedding file records about this teacher."""
+        return {"teacher": self.identity, "embed_dim": self.embed_dim, "preprocess": self.preprocess_cfg}

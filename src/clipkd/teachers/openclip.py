@@ -1,0 +1,99 @@
+"""OpenCLIP teachers: ``open_clip:MODEL@TAG``, ``open_clip:MODEL@/path/to/ckpt``, ``open_clip:hf-hub:ORG/REPO``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from ..errors import ClipkdError
+from .base import Teacher, file_fingerprint
+from .factory import register_backend
+
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIGS)  # clipkd's own small architectures (e.g. clipkd-tiny)
+
+
+def parse_spec(rest: str) -> tuple[str, str | None]:
+    """``MODEL@PRETRAINED`` → (model, pretrained); ``hf-hub:...`` names carry their own weights."""
+    if rest.startswith(("hf-hub:", "local-dir:")):
+        return rest, None
+    model, _, pretrained = rest.partition("@")
+    if not model:
+        raise ClipkdError(f"open_clip spec needs a model name: 'open_clip:MODEL@PRETRAINED', got '{rest}'")
+    return model, pretrained or None
+
+
+def preprocess_description(model: torch.nn.Module) -> dict[str, Any]:
+    """The preprocessing that open_clip attached to the model, as plain JSON."""
+    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+    out.setdefault("size", getattr(model.visual, "image_size", None))
+    return out
+
+
+def create_openclip(model_name: str, pretrained: str | None, device: torch.device | str = "cpu"):
+    """Create an open_clip model + eval preprocess + tokenizer, turning failures into one-line errors."""
+    if not model_name.startswith(("hf-hub:", "local-dir:")) and model_name not in open_clip.list_models():
+        raise ClipkdError(
+            f"open_clip has no model '{model_name}'; see open_clip.list_models() (e.g. ViT-B-32, clipkd-tiny)"
+        )
+    is_file = pretrained is not None and Path(pretrained).expanduser().is_file()
+    if pretrained and not is_file:
+        known = [t for m, t in open_clip.list_pretrained() if m == model_name]
+        if pretrained not in known:
+            looks_like_path = "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+            what = "checkpoint file not found" if looks_like_path else "unknown pretrained tag"
+            raise ClipkdError(
+                f"open_clip {model_name}: {what} '{pretrained}'; tags for it: {known or 'none'}"
+            )
+    pretrained_arg = str(Path(pretrained).expanduser()) if is_file else pretrained
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained_arg, device=device
+        )
+    except (RuntimeError, AssertionError, KeyError, ValueError) as e:
+        msg = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        if is_file:
+            raise ClipkdError(
+                f"checkpoint {pretrained} does not fit open_clip model {model_name}: {msg}"
+            ) from None
+        raise ClipkdError(
+            f"could not load weights for open_clip {model_name}@{pretrained}: {msg}. They are neither in the "
+            "Hugging Face cache (HF_HOME / ~/.cache/huggingface) nor reachable; download them elsewhere and "
+            f"pass the file instead: open_clip:{model_name}@/path/to/open_clip_pytorch_model.bin"
+        ) from None
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return model, preprocess, tokenizer
+
+
+class OpenClipTeacher(Teacher):
+    """An open_clip CLIP model as a teacher."""
+
+    def __init__(self, model_name: str, pretrained: str | None, device: torch.device, precision: str):
+        self.model, self.preprocess, self.tokenizer = create_openclip(model_name, pretrained, device)
+        self.device, self.precision = device, precision
+        if pretrained and Path(pretrained).expanduser().is_file():
+            p = Path(pretrained).expanduser()
+            tag = f"{p.name}#{file_fingerprint(p)}"
+        else:
+            tag = pretrained or "random-init"
+        self.identity = f"open_clip:{model_name}@{tag}"
+        self.embed_dim = int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") \
+            and self.model.text_projection is not None else int(self.model.visual.output_dim)
+        self.preprocess_cfg = preprocess_description(self.model)
+        self.logit_scale = float(self.model.logit_scale.exp().item())
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    def text_features(self, tokens: Any) -> torch.Tensor:
+        return self.model.encode_text(tokens)
+
+
+@register_backend("open_clip")
+def _load(rest: str, device: torch.device, precision: str) -> Teacher:
+    model_name, pretrained = parse_spec(rest)
+    return OpenClipTeacher(model_name, pretrained, device, precision)

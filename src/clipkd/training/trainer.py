@@ -1,0 +1,98 @@
+"""The one training loop: a Lightning ``Trainer`` with checkpoints, resume, progress and loss logs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from ..errors import ClipkdError
+
+
+def lightning_precision(precision: str, accelerator: str) -> str:
+    """clipkd precision names → Lightning's; CPU always trains in fp32."""
+    if accelerator == "cpu" or precision in ("fp32", "32"):
+        if precision in ("fp16", "bf16"):
+            raise ClipkdError(f"precision {precision} is only supported on GPU; CPU trains in fp32")
+        return "32-true"
+    return {"auto": "16-mixed", "fp16": "16-mixed", "bf16": "bf16-mixed"}[precision]
+
+
+def cosine_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
+    """Linear warmup then cosine decay to zero, stepped every optimizer step."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fit(
+    module: L.LightningModule,
+    train: DataLoader,
+    out: str | Path,
+    epochs: int,
+    val: DataLoader | None = None,
+    monitor: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    accumulate: int = 1,
+    resume: bool = True,
+    progress: bool = True,
+) -> L.Trainer:
+    """Train ``module`` for ``epochs``, checkpointing each epoch into ``out/checkpoints``.
+
+    With ``resume`` (default) a run killed part-way continues from ``checkpoints/last.ckpt``,
+    losing at most the unfinished epoch. Losses go to ``out/logs/metrics.csv`` and a training
+    curve PNG (``out/training_curves.png``). With ``monitor`` (a logged validation metric, higher
+    is better) the best epoch is kept as ``checkpoints/best.ckpt``.
+    """
+    out = Path(out)
+    accelerator = "cpu" if device == "cpu" else ("gpu" if device.startswith("cuda") else "auto")
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise ClipkdError(f"--device {device} requested but CUDA is not available on this machine")
+    callbacks: list = [ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_last=False,
+                                       every_n_epochs=1, save_top_k=1, enable_version_counter=False)]
+    if monitor:
+        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor,
+                                         mode="max", save_top_k=1, enable_version_counter=False))
+    if progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator=accelerator,
+        devices=1 if accelerator == "cpu" else "auto",
+        precision=lightning_precision(precision, accelerator),
+        accumulate_grad_batches=accumulate,
+        callbacks=callbacks,
+        logger=CSVLogger(out, name="", version="logs"),
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+        num_sanity_val_steps=0,
+        default_root_dir=out,
+    )
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt = str(last) if resume and last.is_file() else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
+        trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt)
+    from ..evaluation.plots import plot_training_curves
+
+    plot_training_curves(out / "logs" / "metrics.csv", out / "training_curves.png")
+    return trainer
