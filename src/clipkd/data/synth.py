@@ -231,7 +231,8 @@ def synthesize(out: str | Path, cfg: WorldConfig = WorldConfig(), workers: int =
     if cfg.n_colours > len(COLOURS) or cfg.n_shapes > len(SHAPES):
         raise ClipkdError(f"at most {len(COLOURS)} colours and {len(SHAPES)} shapes are available")
     marker = out / "world.json"
-    if marker.is_file() and read_json(marker, "world file").get("config") == asdict(cfg):
+    if marker.is_file() and read_json(marker, "world file") .get("config") == asdict(cfg) \
+            and read_json(marker, "world file").get("format") == WORLD_FORMAT:
         return out
     split = choose_split(cfg)
     colours, shapes = list(COLOURS)[: cfg.n_colours], list(SHAPES)[: cfg.n_shapes]

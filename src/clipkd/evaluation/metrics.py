@@ -82,10 +82,15 @@ def seen_unseen_curve(scores: np.ndarray, labels: np.ndarray, seen: np.ndarray,
 
 
 def ausuc(S: np.ndarray, U: np.ndarray) -> float:
-    """Area under the seen–unseen accuracy curve (U as a function of S, trapezoids)."""
-    order = np.argsort(S, kind="stable")
-    s, u = np.asarray(S)[order], np.asarray(U)[order]
-    return float(np.sum((s[1:] - s[:-1]) * (u[1:] + u[:-1]) / 2))
+    """Area under the seen–unseen accuracy curve (U as a function of S, trapezoids).
+
+    Along increasing gamma S never rises and U never falls, so points are ordered by S descending,
+    then U ascending (ties at equal S are vertical steps of the curve).
+    """
+    S, U = np.asarray(S, dtype=float), np.asarray(U, dtype=float)
+    order = np.lexsort((U, -S))
+    s, u = S[order], U[order]
+    return float(np.sum((s[:-1] - s[1:]) * (u[:-1] + u[1:]) / 2))
 
 
 def choose_gamma(scores: np.ndarray, labels: np.ndarray, seen: np.ndarray) -> float:

@@ -1,0 +1,239 @@
+"""``clipkd`` command line: a thin layer over the package's functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .errors import ClipkdError
+
+
+def _device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto = fp16 autocast on GPU, fp32 on CPU (half precision is refused on CPU)")
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    from .training.distill import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--config", help="recipe JSON with any TrainConfig fields; flags given here override it")
+    p.add_argument("--student", help=f"any timm model name (default {d.student})")
+    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, help=f"peak AdamW learning rate, warmup then cosine (default {d.lr})")
+    p.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
+    p.add_argument("--image-size", type=int, help="student input size (default: the teacher's)")
+    p.add_argument("--augment", choices=["none", "flip", "crop"], help=f"default {d.augment}")
+    p.add_argument("--pretrained", action="store_true", default=None, help="start from timm's pretrained weights")
+    p.add_argument("--workers", type=int, help="data-loader processes (default: one per core, max 8)")
+    p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    p.add_argument("--split", help="split file; train only on the classes it marks seen")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, logs, student.pt); re-running resumes")
+    _device_flags(p)
+
+
+def _train_config(a: argparse.Namespace):
+    from .training.distill import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig.from_file(a.config, **{k: v for k, v in vars(a).items() if k in names})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipkd", description="Distill CLIP teachers into small, fast students.")
+    parser.add_argument("--version", action="version", version=f"clipkd {__import__('clipkd').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="generate the demo world (coloured shapes, captions, seen/unseen split)")
+    p.add_argument("--out", required=True, help="folder to write (reused when already complete)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shapes", type=int, default=8, help="number of shapes (max 10, default 8)")
+    p.add_argument("--colours", type=int, default=8, help="number of colours (max 10, default 8)")
+    p.add_argument("--image-size", type=int, default=32, help="pixels (default 32)")
+    p.add_argument("--train-per-class", type=int, default=100)
+    p.add_argument("--val-per-class", type=int, default=10)
+    p.add_argument("--test-per-class", type=int, default=30)
+    p.add_argument("--unseen-per-shape", type=int, default=2, help="unseen colours per shape (default 2)")
+    p.add_argument("--workers", type=int, default=2)
+
+    p = sub.add_parser("clip-train", help="train an open_clip model on image-caption pairs (ClipLoss)")
+    p.add_argument("--images", required=True, help="image root the caption paths are relative to")
+    p.add_argument("--captions", required=True, help="CSV with columns path,caption")
+    p.add_argument("--out", required=True, help="run folder; writes open_clip_model.pt; re-running resumes")
+    p.add_argument("--model", default="clipkd-tiny", help="open_clip architecture (default clipkd-tiny)")
+    p.add_argument("--pretrained", help="open_clip tag or checkpoint file to start from")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    _device_flags(p)
+
+    p = sub.add_parser("prompts", help="class names + templates -> prompts file")
+    p.add_argument("--classes", required=True, help="ImageFolder (class = sub-folder) or text file, one class per line")
+    p.add_argument("--templates", default="openai",
+                   help="openai (open_clip's 80), simple (7), none, or a file of '{}' templates (default openai)")
+    p.add_argument("--out", required=True, help=".json ({class: [prompts]}) or .txt (seed style, one per class)")
+
+    p = sub.add_parser("embed-text", help="prompts -> one normalised, template-averaged text embedding per class")
+    p.add_argument("--teacher", required=True, help="teacher spec, e.g. open_clip:ViT-B-32@laion2b_s34b_b79k")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help="prompts .json or a seed-style text_prompts.txt")
+    src.add_argument("--classes", help="ImageFolder or class-name file (prompts built with --templates)")
+    p.add_argument("--templates", default="openai", help="with --classes: openai, simple, none or a file")
+    p.add_argument("--out", required=True, help="output .npz")
+    _device_flags(p)
+
+    p = sub.add_parser("embed-images", help="teacher image embeddings of a folder -> resumable sharded store")
+    p.add_argument("--teacher", required=True, help="teacher spec")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="store folder; re-running resumes and adds new images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, help="decode processes (default: one per core, max 8)")
+    p.add_argument("--shard-size", type=int, default=8192, help="images per shard (default 8192)")
+    _device_flags(p)
+
+    p = sub.add_parser("distill", help="train a timm student to mimic the teacher's image embeddings")
+    p.add_argument("--images", required=True, help="ImageFolder of training images")
+    tgt = p.add_mutually_exclusive_group(required=True)
+    tgt.add_argument("--store", help="embedding store of these images (from embed-images)")
+    tgt.add_argument("--teacher", help="run this teacher online on the student's augmented views instead")
+    p.add_argument("--text", help="class text embeddings (embed-text); needed for --label-weight")
+    p.add_argument("--loss", choices=["mse", "l1", "huber", "cosine"], help="embedding loss (default mse)")
+    p.add_argument("--embed-weight", type=float, help="weight of the embedding loss (default 1)")
+    p.add_argument("--label-weight", type=float, help="weight of the label term, 0 = embedding only (default 0)")
+    p.add_argument("--logit-scale", type=float, help="label-term temperature (default: the teacher's)")
+    _train_flags(p)
+
+    p = sub.add_parser("train-supervised", help="the normal-training baseline: class head on seen classes")
+    p.add_argument("--images", required=True, help="ImageFolder of training images")
+    _train_flags(p)
+
+    p = sub.add_parser("eval", help="zero-shot / generalized zero-shot accuracy of a teacher or student")
+    p.add_argument("--model", required=True, help="teacher spec or student run folder / student.pt")
+    p.add_argument("--images", required=True, help="labelled ImageFolder (test split)")
+    p.add_argument("--text", help="class text embeddings (required for embedding students)")
+    p.add_argument("--split", help="split file -> GZSL S, U, H, calibrated stacking, AUSUC")
+    p.add_argument("--val", help="labelled folder to choose the calibration gamma on")
+    p.add_argument("--templates", default="simple", help="templates when a teacher embeds class names itself")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--out", help="write the results JSON here (and the seen-unseen curve PNG beside it)")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("predict", help="top-k classes with probabilities for image files")
+    p.add_argument("--model", required=True, help="teacher spec or student run folder / student.pt")
+    p.add_argument("--text", help="class text embeddings (embedding models)")
+    p.add_argument("--classes", help="class-name file or folder (teachers without --text)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("files", nargs="+", help="image files")
+
+    p = sub.add_parser("demo", help="the whole pipeline in the demo world, with a results table")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a small world and short training (about a minute)")
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+def run(a: argparse.Namespace) -> int:
+    """Dispatch one parsed command."""
+    if a.command == "synth":
+        from .data.synth import WorldConfig, synthesize
+
+        cfg = WorldConfig(seed=a.seed, n_shapes=a.shapes, n_colours=a.colours, image_size=a.image_size,
+                          train_per_class=a.train_per_class, val_per_class=a.val_per_class,
+                          test_per_class=a.test_per_class, unseen_per_shape=a.unseen_per_shape)
+        print(f"demo world in {synthesize(a.out, cfg, workers=a.workers)}")
+    elif a.command == "clip-train":
+        from .training.clip_train import ClipTrainConfig, clip_train
+
+        cfg = ClipTrainConfig(model=a.model, pretrained=a.pretrained, epochs=a.epochs, batch_size=a.batch_size,
+                              lr=a.lr, weight_decay=a.weight_decay, workers=a.workers, seed=a.seed)
+        print(f"teacher: {clip_train(a.images, a.captions, a.out, cfg, a.device, a.precision)}")
+    elif a.command == "prompts":
+        from .prompts import build_prompts, load_classnames, load_templates, write_prompts
+
+        prompts = build_prompts(load_classnames(a.classes), load_templates(a.templates))
+        print(f"{sum(map(len, prompts.values()))} prompts for {len(prompts)} classes -> "
+              f"{write_prompts(a.out, prompts)}")
+    elif a.command == "embed-text":
+        from .prompts import build_prompts, embed_prompts, load_classnames, load_templates, read_prompts
+        from .teachers import load_teacher
+
+        prompts = read_prompts(a.prompts) if a.prompts else build_prompts(load_classnames(a.classes),
+                                                                          load_templates(a.templates))
+        teacher = load_teacher(a.teacher, a.device, a.precision)
+        emb = embed_prompts(teacher, prompts)
+        print(f"{len(emb.classnames)} class embeddings ({emb.embeddings.shape[1]}-d) -> {emb.save(a.out)}")
+    elif a.command == "embed-images":
+        from .store import embed_images
+        from .teachers import load_teacher
+
+        teacher = load_teacher(a.teacher, a.device, a.precision)
+        store = embed_images(teacher, a.images, a.out, batch_size=a.batch_size, workers=a.workers,
+                             shard_size=a.shard_size)
+        m = store.manifest
+        print(f"store {a.out}: {m['count']} embeddings in {len(m['shards'])} shard(s), "
+              f"{m['skipped_count']} file(s) skipped")
+    elif a.command == "distill":
+        from .training.distill import distill
+
+        path = distill(a.images, a.out, _train_config(a), store=a.store, teacher=a.teacher, text=a.text,
+                       split=a.split, device=a.device, precision=a.precision)
+        print(f"student -> {path}")
+    elif a.command == "train-supervised":
+        from .training.distill import train_supervised
+
+        path = train_supervised(a.images, a.out, _train_config(a), split=a.split, device=a.device,
+                                precision=a.precision)
+        print(f"baseline -> {path}")
+    elif a.command == "eval":
+        from .evaluation.report import write_eval
+        from .evaluation.zeroshot import evaluate
+
+        r = evaluate(a.model, a.images, text=a.text, split=a.split, val=a.val, templates=a.templates,
+                     batch_size=a.batch_size, workers=a.workers, device=a.device)
+        if a.out:
+            write_eval(r, a.out)
+        print(json.dumps({k: v for k, v in r.items() if k != "curve"}, indent=2))
+    elif a.command == "predict":
+        from .evaluation.zeroshot import predict
+        from .prompts import load_classnames
+
+        classes = load_classnames(a.classes) if a.classes else None
+        for r in predict(a.model, a.files, text=a.text, classnames=classes, topk=a.topk, device=a.device):
+            if "error" in r:
+                print(f"{r['file']}: skipped ({r['error']})")
+            else:
+                print(f"{r['file']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+    elif a.command == "demo":
+        from .demo import run_demo
+
+        run_demo(Path(a.out), quick=a.quick, device=a.device)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``clipkd`` console script; user errors print one line and exit 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except ClipkdError as e:
+        print(f"clipkd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

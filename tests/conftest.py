@@ -1,0 +1,87 @@
+"""Shared fixtures. Tests run offline: any attempt to open a network connection fails loudly."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from torchvision import transforms as T
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+class NetworkBlocked(RuntimeError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Fail any test that tries to reach the network (local sockets are allowed)."""
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and host not in ("127.0.0.1", "localhost", "::1") and self.family != socket.AF_UNIX:
+            raise NetworkBlocked(f"test tried to reach the network: {address}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(
+        NetworkBlocked(f"test tried to resolve {a[0]}")))
+
+
+class FakeTeacher:
+    """A cheap deterministic 'teacher': embeds an image as a fixed projection of its mean colour and size."""
+
+    def __init__(self, identity: str = "fake:teacher@v1", dim: int = 8) -> None:
+        from clipkd.teachers.base import Teacher
+
+        self.identity, self.embed_dim = identity, dim
+        self.preprocess = T.Compose([T.Resize((16, 16)), T.ToTensor()])
+        self.preprocess_cfg = {"size": [16, 16], "mean": [0, 0, 0], "std": [1, 1, 1]}
+        self.logit_scale = 10.0
+        self.device = torch.device("cpu")
+        self.model = torch.nn.Identity()
+        g = torch.Generator().manual_seed(0)
+        self.proj = torch.randn(6, dim, generator=g)
+        self.describe = lambda: Teacher.describe(self)
+        self.calls = 0
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += len(images)
+        feats = torch.cat([images.mean((2, 3)), images.std((2, 3))], 1)
+        return torch.nn.functional.normalize(feats @ self.proj, dim=-1)
+
+    def encode_text(self, texts):
+        out = []
+        for t in texts:
+            g = torch.Generator().manual_seed(sum(map(ord, t)))
+            out.append(torch.randn(self.embed_dim, generator=g))
+        return torch.nn.functional.normalize(torch.stack(out), dim=-1)
+
+
+@pytest.fixture
+def fake_teacher() -> FakeTeacher:
+    return FakeTeacher()
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A 4 colours × 4 shapes world with few images (seconds to make)."""
+    from clipkd.data.synth import WorldConfig, synthesize
+
+    cfg = WorldConfig(n_shapes=4, n_colours=4, unseen_per_shape=1, train_per_class=6, val_per_class=2,
+                      test_per_class=3, image_size=24)
+    return synthesize(tmp_path_factory.mktemp("world"), cfg, workers=1)
+
+
+def write_image(path, size=(20, 20), colour=(200, 10, 10)) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((*size, 3), colour, np.uint8)).save(path)

@@ -1,0 +1,92 @@
+"""The pipeline through the CLI on a tiny world, and its one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from clipkd.cli import main
+from clipkd.demo import run_demo
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, quick=True, device="cpu")
+
+
+def test_quick_demo_end_to_end(demo_run):
+    out, results = demo_run
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["teacher"].keys() >= {"S", "U", "H", "top1"}
+    assert set(saved["students"]) == {"embed", "embed_label", "supervised"}
+    for r in [saved["teacher"], *saved["students"].values()]:
+        for k in ("S", "U", "H", "top1"):
+            assert 0.0 <= r[k] <= 1.0
+    assert saved["students"]["supervised"]["U"] == 0.0  # a closed-set classifier cannot name unseen classes
+    assert saved["seconds"] > 0
+    for f in ("report.md", "gzsl_curves.png", "gzsl_bars.png", "students/embed/training_curves.png",
+              "students/embed/student.pt", "store/manifest.json", "teacher/open_clip_model.pt"):
+        assert (out / f).is_file(), f
+
+
+def test_second_run_reuses_teacher_and_resumes_students(demo_run, capsys):
+    out, first = demo_run
+    again = run_demo(out, quick=True, device="cpu")
+    assert "reusing the trained demo teacher" in capsys.readouterr().out
+    assert again["teacher"]["H"] == pytest.approx(first["teacher"]["H"])
+    assert again["students"]["embed"]["H"] == pytest.approx(first["students"]["embed"]["H"])
+
+
+def test_cli_eval_and_predict(demo_run, capsys, tmp_path):
+    out, _ = demo_run
+    world = out / "world"
+    args = ["eval", "--model", str(out / "students" / "embed"), "--images", str(world / "test"),
+            "--text", str(out / "text_embeddings.npz"), "--split", str(world / "split.json"),
+            "--out", str(tmp_path / "eval.json"), "--device", "cpu"]
+    assert main(args) == 0
+    r = json.loads((tmp_path / "eval.json").read_text())
+    assert {"S", "U", "H", "calibrated", "ausuc", "top5", "per_class_top1"} <= set(r)
+    assert (tmp_path / "eval.png").is_file()
+    img = next((world / "test").rglob("*.png"))
+    capsys.readouterr()
+    assert main(["predict", "--model", str(out / "students" / "embed"), "--text", str(out / "text_embeddings.npz"),
+                 "--topk", "3", "--device", "cpu", str(img), str(tmp_path / "eval.json")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].count(",") == 2 and "skipped" in lines[1]
+    probs = [float(p.rsplit(" ", 1)[1]) for p in lines[0].split(": ", 1)[1].split(", ")]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def _one_line_error(capsys, argv, needle):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_cli_errors_are_one_line(demo_run, capsys, tmp_path):
+    out, _ = demo_run
+    world = out / "world"
+    (tmp_path / "empty").mkdir()
+    _one_line_error(capsys, ["embed-images", "--teacher", "open_clip:clipkd-tiny@" + str(out / "teacher" /
+                    "open_clip_model.pt"), "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "s"),
+                    "--device", "cpu"], "no image files")
+    bad_split = tmp_path / "split.json"
+    bad_split.write_text(json.dumps({"seen": ["red circle", "plaid hexagon"], "unseen": []}))
+    _one_line_error(capsys, ["eval", "--model", str(out / "students" / "embed"), "--images", str(world / "test"),
+                             "--text", str(out / "text_embeddings.npz"), "--split", str(bad_split), "--device",
+                             "cpu"], "plaid hexagon")
+    # text embeddings of another size than the student's
+    from clipkd.prompts import TextEmbeddings
+
+    t = TextEmbeddings.load(out / "text_embeddings.npz")
+    TextEmbeddings(np.ones((len(t.classnames), 7), np.float32), t.classnames, t.teacher).save(tmp_path / "t7.npz")
+    _one_line_error(capsys, ["eval", "--model", str(out / "students" / "embed"), "--images", str(world / "test"),
+                             "--text", str(tmp_path / "t7.npz"), "--device", "cpu"], "size")
+    _one_line_error(capsys, ["distill", "--student", "resnet10t", "--images", str(world / "train"),
+                             "--store", str(out / "store"), "--text", str(tmp_path / "t7.npz"), "--label-weight",
+                             "1", "--out", str(tmp_path / "run"), "--device", "cpu"], "size")
+    _one_line_error(capsys, ["distill", "--student", "no_such_net", "--images", str(world / "train"),
+                             "--store", str(out / "store"), "--out", str(tmp_path / "run2"), "--device", "cpu"],
+                    "timm has no model")

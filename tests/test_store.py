@@ -1,0 +1,88 @@
+import json
+
+import numpy as np
+import pytest
+
+from clipkd.errors import ClipkdError
+from clipkd.store import EmbeddingStore, embed_images
+
+from .conftest import FakeTeacher, write_image
+
+
+def _folder(root, n=23):
+    for i in range(n):
+        write_image(root / f"c{i % 3}" / f"{i:03d}.png", colour=(10 * i, 100, 255 - 10 * i))
+    return root
+
+
+def test_store_roundtrip(tmp_path, fake_teacher):
+    imgs = _folder(tmp_path / "imgs")
+    store = embed_images(fake_teacher, imgs, tmp_path / "store", batch_size=4, workers=0, shard_size=8)
+    assert len(store) == 23 and len(store.manifest["shards"]) == 3
+    emb = store.embeddings()
+    assert emb.dtype == np.float16 and emb.shape == (23, 8)
+    assert np.allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1, atol=1e-2)
+    m = store.manifest
+    assert m["teacher"] == fake_teacher.identity and m["embed_dim"] == 8 and m["normalized"] == "l2"
+    # rows line up with paths
+    rows = store.rows(["c1/001.png", "nope.png"])
+    assert rows[1] == -1
+    from PIL import Image
+
+    x = fake_teacher.preprocess(Image.open(imgs / "c1/001.png").convert("RGB")).unsqueeze(0)
+    assert np.allclose(emb[rows[0]], fake_teacher.encode_image(x)[0].numpy(), atol=2e-3)
+
+
+def test_resume_after_interruption_matches_a_single_run(tmp_path):
+    imgs = _folder(tmp_path / "imgs")
+    full = embed_images(FakeTeacher(), imgs, tmp_path / "full", batch_size=4, workers=0, shard_size=8)
+    t = FakeTeacher()
+    # "killed" after 10 images: one finished shard (8) survives, the partial one is not recorded
+    embed_images(t, imgs, tmp_path / "part", batch_size=4, workers=0, shard_size=8, max_images=10)
+    part = EmbeddingStore(tmp_path / "part")
+    assert len(part) == 10  # max_images flushes what it has; emulate a kill by dropping the last shard
+    manifest = json.loads((tmp_path / "part" / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:1]
+    manifest["count"] = 8
+    (tmp_path / "part" / "manifest.json").write_text(json.dumps(manifest))
+    t2 = FakeTeacher()
+    resumed = embed_images(t2, imgs, tmp_path / "part", batch_size=4, workers=0, shard_size=8)
+    assert t2.calls == 23 - 8  # finished shard not recomputed
+    assert sorted(resumed.paths) == sorted(full.paths)
+    a = dict(zip(full.paths, full.embeddings(), strict=True))
+    b = dict(zip(resumed.paths, resumed.embeddings(), strict=True))
+    assert all(np.array_equal(a[p], b[p]) for p in a)
+    # nothing new: no work at all
+    t3 = FakeTeacher()
+    embed_images(t3, imgs, tmp_path / "part", workers=0)
+    assert t3.calls == 0
+
+
+def test_corrupt_files_are_skipped_and_counted(tmp_path, fake_teacher):
+    imgs = _folder(tmp_path / "imgs", n=6)
+    (imgs / "c0" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    (imgs / "c1" / "truncated.png").write_bytes((imgs / "c1" / "001.png").read_bytes()[:40])
+    store = embed_images(fake_teacher, imgs, tmp_path / "store", batch_size=4, workers=0)
+    assert len(store) == 6
+    m = store.manifest
+    assert m["skipped_count"] == 2
+    assert {s["path"] for s in m["skipped"]} == {"c0/broken.jpg", "c1/truncated.png"}
+    assert all(s["error"] for s in m["skipped"])
+
+
+def test_other_teacher_is_refused(tmp_path, fake_teacher):
+    imgs = _folder(tmp_path / "imgs", n=4)
+    embed_images(fake_teacher, imgs, tmp_path / "store", workers=0)
+    write_image(imgs / "c0" / "new.png")
+    with pytest.raises(ClipkdError, match="holds embeddings of teacher 'fake:teacher@v1'"):
+        embed_images(FakeTeacher(identity="fake:other@v2"), imgs, tmp_path / "store", workers=0)
+
+
+def test_empty_or_missing_folder(tmp_path, fake_teacher):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ClipkdError, match="no image files"):
+        embed_images(fake_teacher, tmp_path / "empty", tmp_path / "s", workers=0)
+    with pytest.raises(ClipkdError, match="image folder not found"):
+        embed_images(fake_teacher, tmp_path / "missing", tmp_path / "s", workers=0)
+    with pytest.raises(ClipkdError, match="not an embedding store"):
+        EmbeddingStore(tmp_path / "empty")

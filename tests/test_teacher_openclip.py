@@ -1,0 +1,60 @@
+"""The open_clip backend, exercised the way a user loads a checkpoint: build, save, load by spec."""
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+import clipkd.teachers.openclip  # noqa: F401  (registers clipkd-tiny)
+from clipkd.errors import ClipkdError
+from clipkd.teachers import load_teacher
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = open_clip.create_model("clipkd-tiny")
+    path = tmp_path_factory.mktemp("ckpt") / "open_clip_model.pt"
+    torch.save(model.state_dict(), path)
+    return model.eval(), path
+
+
+def test_spec_loads_local_checkpoint_and_matches_direct_model(tiny_ckpt):
+    model, path = tiny_ckpt
+    t = load_teacher(f"open_clip:clipkd-tiny@{path}", device="cpu")
+    assert t.identity.startswith("open_clip:clipkd-tiny@open_clip_model.pt#")
+    assert t.embed_dim == 128
+    img = Image.new("RGB", (40, 30), (200, 30, 30))
+    x = t.preprocess(img).unsqueeze(0)
+    with torch.no_grad():
+        ref_img = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
+        ref_txt = torch.nn.functional.normalize(model.encode_text(open_clip.get_tokenizer("clipkd-tiny")(["a red circle"])),
+                                                dim=-1)
+    assert torch.allclose(t.encode_image(x), ref_img, atol=1e-5)
+    assert torch.allclose(t.encode_text(["a red circle"]), ref_txt, atol=1e-5)
+    assert t.describe()["preprocess"]["size"] == [32, 32]
+
+
+def test_identity_changes_with_weights(tiny_ckpt, tmp_path):
+    _, path = tiny_ckpt
+    other = open_clip.create_model("clipkd-tiny")
+    torch.save(other.state_dict(), tmp_path / "open_clip_model.pt")
+    a = load_teacher(f"open_clip:clipkd-tiny@{path}", device="cpu").identity
+    b = load_teacher(f"open_clip:clipkd-tiny@{tmp_path / 'open_clip_model.pt'}", device="cpu").identity
+    assert a != b
+
+
+def test_bad_specs_are_one_line_errors(tiny_ckpt, tmp_path):
+    _, path = tiny_ckpt
+    with pytest.raises(ClipkdError, match="does not fit open_clip model RN50"):
+        load_teacher(f"open_clip:RN50@{path}", device="cpu")
+    with pytest.raises(ClipkdError, match="checkpoint file not found"):
+        load_teacher(f"open_clip:clipkd-tiny@{tmp_path / 'missing.pt'}", device="cpu")
+    with pytest.raises(ClipkdError, match="unknown pretrained tag"):
+        load_teacher("open_clip:ViT-B-32@not_a_tag", device="cpu")
+    with pytest.raises(ClipkdError, match="has no model"):
+        load_teacher("open_clip:ViT-Nope@x", device="cpu")
+    with pytest.raises(ClipkdError, match="backend prefix"):
+        load_teacher("ViT-B-32", device="cpu")
+    with pytest.raises(ClipkdError, match="only supported on GPU"):
+        load_teacher(f"open_clip:clipkd-tiny@{path}", device="cpu", precision="bf16")
