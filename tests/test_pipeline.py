@@ -90,3 +90,24 @@ def test_cli_errors_are_one_line(demo_run, capsys, tmp_path):
     _one_line_error(capsys, ["distill", "--student", "no_such_net", "--images", str(world / "train"),
                              "--store", str(out / "store"), "--out", str(tmp_path / "run2"), "--device", "cpu"],
                     "timm has no model")
+
+
+def test_distill_with_online_teacher_and_resume(demo_run, tmp_path):
+    """--teacher runs the teacher per batch on the student's augmented view; a finished run resumes as a no-op."""
+    from clipkd.students.model import load_student
+    from clipkd.training.distill import TrainConfig, distill
+
+    out, _ = demo_run
+    world = out / "world"
+    spec = json.loads((out / "teacher" / "run.json").read_text())["teacher_spec"]
+    cfg = TrainConfig(student="resnet10t", epochs=1, batch_size=16, workers=0, label_weight=0.5)
+    path = distill(world / "train", tmp_path / "online", cfg, teacher=spec, text=out / "text_embeddings.npz",
+                   split=world / "split.json", device="cpu", progress=False)
+    run = json.loads((tmp_path / "online" / "run.json").read_text())
+    assert run["targets"] == "online" and set(run["seen_classes"]).isdisjoint(
+        json.loads((world / "split.json").read_text())["unseen"])
+    first = load_student(path).state_dict()
+    distill(world / "train", tmp_path / "online", cfg, teacher=spec, text=out / "text_embeddings.npz",
+            split=world / "split.json", device="cpu", progress=False)
+    again = load_student(path).state_dict()
+    assert all(np.array_equal(first[k].numpy(), again[k].numpy()) for k in first)

@@ -28,8 +28,8 @@ def test_spec_loads_local_checkpoint_and_matches_direct_model(tiny_ckpt):
     x = t.preprocess(img).unsqueeze(0)
     with torch.no_grad():
         ref_img = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
-        ref_txt = torch.nn.functional.normalize(model.encode_text(open_clip.get_tokenizer("clipkd-tiny")(["a red circle"])),
-                                                dim=-1)
+        tokens = open_clip.get_tokenizer("clipkd-tiny")(["a red circle"])
+        ref_txt = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
     assert torch.allclose(t.encode_image(x), ref_img, atol=1e-5)
     assert torch.allclose(t.encode_text(["a red circle"]), ref_txt, atol=1e-5)
     assert t.describe()["preprocess"]["size"] == [32, 32]

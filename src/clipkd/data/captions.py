@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import ClipkdError
 from .loader import ImageDataset
 
@@ -39,16 +41,20 @@ def read_captions(csv_path: str | Path, images_root: str | Path) -> tuple[dict[s
 
 
 class CaptionDataset(ImageDataset):
-    """Images with one randomly chosen caption per visit, tokenised in the worker (``item["text"]``)."""
+    """Images with one randomly chosen caption per visit (``item["text"]``: its tokens).
+
+    Distinct captions are tokenised once, up front, in batches; workers only index the result.
+    """
 
     def __init__(self, root: str | Path, captions: dict[str, list[str]], transform: Callable,
-                 tokenizer: Callable[[list[str]], Any]) -> None:
+                 tokenizer: Callable[[list[str]], Any], batch: int = 4096) -> None:
         super().__init__(root, sorted(captions), transform)
-        self.captions = captions
-        self.tokenizer = tokenizer
+        unique = sorted({c for caps in captions.values() for c in caps})
+        pos = {c: i for i, c in enumerate(unique)}
+        self.tokens = torch.cat([tokenizer(unique[i : i + batch]) for i in range(0, len(unique), batch)])
+        self.caption_ids = [[pos[c] for c in captions[p]] for p in self.paths]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = super().__getitem__(index)
-        caption = random.choice(self.captions[self.paths[index]])
-        item["text"] = self.tokenizer([caption])[0]
+        item["text"] = self.tokens[random.choice(self.caption_ids[index])]
         return item
