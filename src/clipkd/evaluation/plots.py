@@ -34,13 +34,12 @@ def plot_gzsl_curves(curves: Mapping[str, dict], path: str | Path, title: str = 
     return _save(fig, path)
 
 
-def plot_training_curves(metrics_csv: str | Path, path: str | Path) -> Path | None:
-    """Plot every ``*_epoch`` loss column of a Lightning CSV log against the epoch."""
-    metrics_csv = Path(metrics_csv)
-    if not metrics_csv.is_file():
-        return None
-    with metrics_csv.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+def plot_training_curves(metrics_csvs: list[Path], path: str | Path) -> Path | None:
+    """Plot every ``*_epoch`` loss column of Lightning CSV logs (earlier segments first) against the epoch."""
+    rows: list[dict[str, str]] = []
+    for metrics_csv in sorted(metrics_csvs, key=lambda p: (p.name == "metrics.csv", p.name)):
+        with Path(metrics_csv).open(newline="") as f:
+            rows.extend(csv.DictReader(f))
     cols = sorted({k for r in rows for k, v in r.items() if k.endswith("_epoch") and v})
     if not cols:
         return None

@@ -141,6 +141,7 @@ def evaluate(
     """
     data = scan_image_folder(images)
     classnames = TextEmbeddings.load(text).classnames if text else list(data.classnames)
+    sp = load_split(split, classnames) if split is not None else None  # fail before any scoring
     scorer = load_scorer(model, classnames, text, templates, device)
     scores, labels, skipped = score_folder(scorer, data, batch_size, workers, progress)
     pred = scores.argmax(1)
@@ -150,9 +151,8 @@ def evaluate(
         "top5": metrics.topk_accuracy(scores, labels, 5),
         "per_class_top1": metrics.per_class_accuracy(pred, labels),
     }
-    if split is None:
+    if sp is None:
         return result
-    sp = load_split(split, classnames)
     seen = np.array(sp.seen_mask(classnames))
     g0 = metrics.gzsl(scores, labels, seen)
     result.update({"S": g0.S, "U": g0.U, "H": g0.H})

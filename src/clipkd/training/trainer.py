@@ -88,11 +88,27 @@ def fit(
     )
     last = out / "checkpoints" / "last.ckpt"
     ckpt = str(last) if resume and last.is_file() else None
+    _keep_previous_logs(out / "logs", resuming=ckpt is not None)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
+        warnings.filterwarnings("ignore", message=".*Experiment logs directory.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt)
     from ..evaluation.plots import plot_training_curves
 
-    plot_training_curves(out / "logs" / "metrics.csv", out / "training_curves.png")
+    plot_training_curves(sorted((out / "logs").glob("metrics*.csv")), out / "training_curves.png")
     return trainer
+
+
+def _keep_previous_logs(logs: Path, resuming: bool) -> None:
+    """Lightning's CSV logger overwrites ``metrics.csv``; on resume keep it as ``metrics-N.csv``."""
+    current = logs / "metrics.csv"
+    if not current.is_file():
+        return
+    if not resuming:
+        for old in logs.glob("metrics*.csv"):
+            old.unlink()
+        return
+    n = len(list(logs.glob("metrics-*.csv")))
+    current.rename(logs / f"metrics-{n:03d}.csv")
