@@ -52,16 +52,21 @@ def load_scorer(model: str, classnames: Sequence[str] | None = None, text: str |
     Scores cover ``classnames`` (default: those of ``text``).
     """
     text_emb = TextEmbeddings.load(text) if text else None
-    if classnames is None:
-        if text_emb is None:
-            raise ClipkdError("need --text (class text embeddings) or a labelled image folder")
-        classnames = text_emb.classnames
-    classnames = list(classnames)
     dev = resolve_device(device)
+    student = None
     if _is_student(model):
         from ..students.model import load_student, student_transform
 
         student = load_student(model).to(dev)
+    if classnames is None:
+        if text_emb is not None:
+            classnames = text_emb.classnames
+        elif student is not None and student.cfg.kind == "classifier":
+            classnames = student.cfg.classnames
+        else:
+            raise ClipkdError("need --text (class text embeddings) or class names (--classes)")
+    classnames = list(classnames)
+    if student is not None:
         cfg = student.cfg
         preprocess = student_transform(cfg)
         if cfg.kind == "classifier":
