@@ -36,7 +36,7 @@ class DemoConfig:
     """Sizes of a demo run; ``quick`` shrinks everything to about a minute."""
 
     world: WorldConfig = field(default_factory=lambda: WorldConfig(train_per_class=300))
-    teacher: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(epochs=3, batch_size=128, lr=2e-3))
+    teacher: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(epochs=4, batch_size=128, lr=2e-3))
     student: TrainConfig = field(default_factory=lambda: TrainConfig(student="resnet10t", epochs=3, batch_size=64,
                                                                      lr=2e-3, augment="flip"))
     label_weight: float = 1.0
