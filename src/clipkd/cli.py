@@ -62,19 +62,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unseen-per-shape", type=int, default=2, help="unseen colours per shape (default 2)")
     p.add_argument("--workers", type=int, default=2)
 
-    p = sub.add_parser("clip-train", help="train an open_clip model on image-caption pairs (ClipLoss)")
-    p.add_argument("--images", required=True, help="image root the caption paths are relative to")
-    p.add_argument("--captions", required=True, help="CSV with columns path,caption")
-    p.add_argument("--out", required=True, help="run folder; writes open_clip_model.pt; re-running resumes")
-    p.add_argument("--model", default="clipkd-tiny", help="open_clip architecture (default clipkd-tiny)")
-    p.add_argument("--pretrained", help="open_clip tag or checkpoint file to start from")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.1)
+    p = sub.add_parser("clip-train", help="train / fine-tune a CLIP (ClipLoss), optionally distilling a teacher CLIP")
+    p.add_argument("--images", required=True, help="image root the caption paths are relative to, or a "
+                   "Chinese-CLIP {split}_imgs.tsv")
+    p.add_argument("--captions", required=True, help="CSV with columns path,caption, or a Chinese-CLIP "
+                   "{split}_texts.jsonl")
+    p.add_argument("--out", required=True, help="run folder; writes the weights and run.json; re-running resumes")
+    p.add_argument("--config", help="recipe JSON with any ClipTrainConfig fields; flags given here override it")
+    p.add_argument("--model", help="student spec: open_clip:ARCH[@TAG|@FILE] or cn_clip:ARCH[@FILE|@random]; a "
+                   "bare name means open_clip (default open_clip:clipkd-tiny)")
+    p.add_argument("--pretrained", help="open_clip tag or checkpoint file to start from (same as MODEL@...)")
+    kd = p.add_argument_group("distillation (on when --teacher or --store is given)")
+    kd.add_argument("--teacher", help="teacher spec, run online each batch (and embeds captions for affinity)")
+    kd.add_argument("--store", help="teacher image embeddings of --images from embed-images (computed once)")
+    kd.add_argument("--kd-loss", choices=["cosine", "mse", "affinity"], help="default cosine")
+    kd.add_argument("--kd-weight", type=float, help="weight of the distillation loss (default 0.5)")
+    p.add_argument("--val-images", help="validation images (retrieval metrics each epoch, best epoch kept)")
+    p.add_argument("--val-captions", help="validation captions (CSV or JSONL)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak AdamW learning rate, warmup then cosine decay")
+    p.add_argument("--warmup", type=float, help="warmup: fraction of all steps (<1) or a number of steps")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--accumulate", type=int, help="gradient accumulation: batches per optimizer step")
+    p.add_argument("--freeze-image", action="store_true", default=None, help="train the text tower only")
+    p.add_argument("--freeze-text", action="store_true", default=None, help="train the image tower only")
     p.add_argument("--workers", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int)
     _device_flags(p)
+
+    p = sub.add_parser("eval-retrieval", help="text<->image recall and image->image R@K / mAP@K / P@10")
+    p.add_argument("--model", required=True, help="CLIP spec or clip-train run folder")
+    p.add_argument("--images", required=True, help="image folder (first folder of a path = its label for "
+                   "image->image), or a Chinese-CLIP {split}_imgs.tsv")
+    p.add_argument("--captions", help="CSV path,caption or Chinese-CLIP JSONL: adds text<->image recall")
+    p.add_argument("--max-queries", type=int, default=5000, help="image->image queries sampled (default 5000)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--out", help="results JSON; a PNG grid of queries and top-10 results is written beside it")
+    p.add_argument("--device", default="auto")
 
     p = sub.add_parser("prompts", help="class names + templates -> prompts file")
     p.add_argument("--classes", required=True, help="ImageFolder (class = sub-folder) or text file, one class per line")
@@ -153,11 +179,26 @@ def run(a: argparse.Namespace) -> int:
                           test_per_class=a.test_per_class, unseen_per_shape=a.unseen_per_shape)
         print(f"demo world in {synthesize(a.out, cfg, workers=a.workers)}")
     elif a.command == "clip-train":
-        from .training.clip_train import ClipTrainConfig, clip_train
+        from .training.clip_train import ClipTrainConfig, clip_train, model_spec
 
-        cfg = ClipTrainConfig(model=a.model, pretrained=a.pretrained, epochs=a.epochs, batch_size=a.batch_size,
-                              lr=a.lr, weight_decay=a.weight_decay, workers=a.workers, seed=a.seed)
-        print(f"teacher: {clip_train(a.images, a.captions, a.out, cfg, a.device, a.precision)}")
+        overrides = {k: v for k, v in vars(a).items() if k not in ("model", "config")}
+        if a.model or a.pretrained:
+            overrides["model"] = model_spec(a.model or ClipTrainConfig.model, a.pretrained)
+        cfg = ClipTrainConfig.from_file(a.config, **overrides)
+        spec = clip_train(a.images, a.captions, a.out, cfg, teacher=a.teacher, store=a.store,
+                          val_images=a.val_images, val_captions=a.val_captions, device=a.device,
+                          precision=a.precision)
+        print(f"model: {spec}")
+    elif a.command == "eval-retrieval":
+        from .evaluation.retrieval import evaluate_retrieval
+        from .fileio import write_json
+
+        grid = Path(a.out).with_suffix(".png") if a.out else None
+        r = evaluate_retrieval(a.model, a.images, a.captions, batch_size=a.batch_size, workers=a.workers,
+                               device=a.device, max_queries=a.max_queries, grid=grid)
+        if a.out:
+            write_json(a.out, r)
+        print(json.dumps(r, indent=2))
     elif a.command == "prompts":
         from .prompts import build_prompts, load_classnames, load_templates, write_prompts
 

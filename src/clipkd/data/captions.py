@@ -1,14 +1,26 @@
-"""Image–caption pairs from a ``path,caption`` CSV (one row per caption; paths relative to the image root)."""
+"""Image–caption pairs: a ``path,caption`` CSV over an image folder, or Chinese-CLIP's TSV + JSONL format.
+
+Chinese-CLIP format (``{split}_imgs.tsv`` and ``{split}_texts.jsonl``): each TSV line is
+``image_id<TAB>base64-encoded image``; each JSONL line ``{"text_id": .., "text": .., "image_ids": [..]}``.
+Images are read from the TSV by byte offset (an index built in one pass), so a multi-GB file is
+never held in memory; a broken base64 image is skipped and counted like a corrupt file.
+"""
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
+import json
 import random
+import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from ..errors import ClipkdError
 from .loader import ImageDataset
@@ -40,21 +52,150 @@ def read_captions(csv_path: str | Path, images_root: str | Path) -> tuple[dict[s
     return pairs, missing
 
 
+class TsvImages:
+    """Random access to the base64 images of a Chinese-CLIP ``*_imgs.tsv`` by image id (picklable)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ClipkdError(f"image TSV not found: {self.path}")
+        self.offsets: dict[str, int] = {}
+        bad = 0
+        with self.path.open("rb") as f:
+            pos = 0
+            for line in f:
+                key, sep, _ = line.partition(b"\t")
+                if sep and key.strip():
+                    self.offsets[key.decode("utf-8", "replace").strip()] = pos
+                else:
+                    bad += line.strip() != b""
+                pos += len(line)
+        if not self.offsets:
+            raise ClipkdError(f"{self.path} has no 'image_id<TAB>base64' lines")
+        self.malformed_lines = bad
+        self._file = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None}
+
+    def open(self, image_id: str) -> Image.Image:
+        """Decode one image (raises on broken base64 or image data; the loader counts it as skipped)."""
+        if self._file is None:
+            self._file = self.path.open("rb")
+        self._file.seek(self.offsets[image_id])
+        _, _, data = self._file.readline().partition(b"\t")
+        img = Image.open(io.BytesIO(base64.b64decode(data.strip(), validate=True)))
+        img.load()
+        return img.convert("RGB")
+
+
+def read_cnclip_texts(jsonl: str | Path, images: TsvImages) -> tuple[dict[str, list[str]], list[str]]:
+    """``{image_id: [texts]}`` from a Chinese-CLIP ``*_texts.jsonl``, and the ids it names that the TSV lacks."""
+    jsonl = Path(jsonl)
+    if not jsonl.is_file():
+        raise ClipkdError(f"caption file not found: {jsonl}")
+    pairs: dict[str, list[str]] = {}
+    with jsonl.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                text, ids = row["text"], row["image_ids"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ClipkdError(f"{jsonl} line {n}: expected JSON with 'text' and 'image_ids' ({e})") from None
+            for i in ids:
+                pairs.setdefault(str(i), []).append(text)
+    missing = [i for i in pairs if i not in images.offsets]
+    for i in missing:
+        del pairs[i]
+    if not pairs:
+        raise ClipkdError(f"none of the image ids in {jsonl} are in {images.path} (first missing: {missing[:3]})")
+    return pairs, missing
+
+
+@dataclass
+class CaptionSource:
+    """Where captioned images come from: an image root (CSV captions) or a Chinese-CLIP TSV."""
+
+    root: Path
+    pairs: dict[str, list[str]]
+    missing: list[str] = field(default_factory=list)
+    tsv: TsvImages | None = None
+
+    @property
+    def opener(self) -> Callable[[str], Image.Image] | None:
+        return self.tsv.open if self.tsv is not None else None
+
+    def captions(self) -> list[str]:
+        return [c for caps in self.pairs.values() for c in caps]
+
+
+def load_caption_source(images: str | Path, captions: str | Path) -> CaptionSource:
+    """``images``: an image folder with ``captions`` a ``path,caption`` CSV, or a ``*_imgs.tsv`` with a
+    ``*_texts.jsonl``. Captions naming a missing image are left out, counted and reported."""
+    images = Path(images)
+    if images.suffix == ".tsv" or str(captions).endswith(".jsonl"):
+        tsv = TsvImages(images)
+        pairs, missing = read_cnclip_texts(captions, tsv)
+        what = f"image id(s) in {captions} are not in {images}"
+        source = CaptionSource(images.parent, pairs, missing, tsv)
+    else:
+        if not images.is_dir():
+            raise ClipkdError(f"image folder not found: {images}")
+        pairs, missing = read_captions(captions, images)
+        what = f"captioned image(s) not found under {images}"
+        source = CaptionSource(images, pairs, missing)
+    if missing:
+        print(f"note: {len(missing)} {what} were left out, e.g. {missing[:3]}")
+    return source
+
+
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+
+
+def check_tokenizer_reads(model: Any, texts: list[str], role: str, max_unknown: float = 0.2) -> None:
+    """Refuse a model whose tokenizer cannot read ``texts``: an English-only BPE tokenizer on mostly
+    Chinese text, or a word-piece tokenizer mapping more than ``max_unknown`` of the tokens to ``[UNK]``."""
+    sample = random.Random(0).sample(texts, min(len(texts), 500))
+    if not sample:
+        return
+    if getattr(model, "language", "multi") == "en":
+        cjk = sum(bool(_CJK.search(t)) for t in sample) / len(sample)
+        if cjk > 0.5:
+            raise ClipkdError(f"{role} {model.identity} has an English-only tokenizer, but {cjk:.0%} of the "
+                              "captions are Chinese: use a Chinese-CLIP (cn_clip:...) or multilingual model, "
+                              "or English captions")
+        return
+    unk = getattr(model, "unk_id", None)
+    if unk is not None:
+        tokens = model.tokenizer(sample)
+        used = tokens[tokens != 0]
+        frac = float((used == unk).float().mean()) if used.numel() else 0.0
+        if frac > max_unknown:
+            raise ClipkdError(f"{role} {model.identity}'s tokenizer maps {frac:.0%} of the caption tokens to "
+                              "[UNK]: it cannot read the captions' language")
+
+
 class CaptionDataset(ImageDataset):
-    """Images with one randomly chosen caption per visit (``item["text"]``: its tokens).
+    """Images with one randomly chosen caption per visit (``item["text"]``: its tokens;
+    ``item["caption_id"]``: its row in :attr:`unique`).
 
     Distinct captions are tokenised once, up front, in batches; workers only index the result.
     """
 
-    def __init__(self, root: str | Path, captions: dict[str, list[str]], transform: Callable,
-                 tokenizer: Callable[[list[str]], Any], batch: int = 4096) -> None:
-        super().__init__(root, sorted(captions), transform)
-        unique = sorted({c for caps in captions.values() for c in caps})
-        pos = {c: i for i, c in enumerate(unique)}
-        self.tokens = torch.cat([tokenizer(unique[i : i + batch]) for i in range(0, len(unique), batch)])
-        self.caption_ids = [[pos[c] for c in captions[p]] for p in self.paths]
+    def __init__(self, source: CaptionSource | str | Path, captions: dict[str, list[str]] | None,
+                 transform: Callable, tokenizer: Callable[[list[str]], Any], batch: int = 4096) -> None:
+        if not isinstance(source, CaptionSource):
+            source = CaptionSource(Path(source), captions or {})
+        super().__init__(source.root, sorted(source.pairs), transform, opener=source.opener)
+        self.unique = sorted({c for caps in source.pairs.values() for c in caps})
+        pos = {c: i for i, c in enumerate(self.unique)}
+        self.tokens = torch.cat([tokenizer(self.unique[i : i + batch]) for i in range(0, len(self.unique), batch)])
+        self.caption_ids = [[pos[c] for c in source.pairs[p]] for p in self.paths]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = super().__getitem__(index)
-        item["text"] = self.tokens[random.choice(self.caption_ids[index])]
+        cid = random.choice(self.caption_ids[index])
+        item["text"], item["caption_id"] = self.tokens[cid], torch.tensor(cid)
         return item

@@ -30,7 +30,8 @@ class ImageDataset(Dataset):
     ``transform`` maps a PIL image to a tensor or a tuple of tensors (several views of the same
     image, e.g. the student's and the teacher's preprocessing). A file that cannot be decoded
     yields ``image=None`` and its error text instead of raising, so one bad file among millions
-    is skipped and counted rather than ending the job.
+    is skipped and counted rather than ending the job. ``opener`` replaces file reading for images
+    that are not files (e.g. base64 rows of a Chinese-CLIP TSV, keyed by id in ``paths``).
     """
 
     def __init__(
@@ -40,8 +41,10 @@ class ImageDataset(Dataset):
         transform: Callable[[Image.Image], Any],
         labels: Sequence[int] | None = None,
         draft_size: int | None = None,
+        opener: Callable[[str], Image.Image] | None = None,
     ) -> None:
         self.root = Path(root)
+        self.opener = opener
         self.paths = list(paths)
         self.transform = transform
         self.labels = list(labels) if labels is not None else None
@@ -53,7 +56,11 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         label = self.labels[index] if self.labels is not None else -1
         try:
-            image = self.transform(load_rgb(self.root / self.paths[index], self.draft_size))
+            if self.opener is not None:
+                img = self.opener(self.paths[index])
+            else:
+                img = load_rgb(self.root / self.paths[index], self.draft_size)
+            image = self.transform(img)
             error = ""
         except Exception as e:  # noqa: BLE001 - any decode failure is a skip, reported by name
             image, error = None, f"{type(e).__name__}: {e}"

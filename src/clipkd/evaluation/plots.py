@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -54,7 +55,8 @@ def plot_training_curves(metrics_csvs: list[Path], path: str | Path) -> Path | N
 
 
 def plot_results_bars(results: Mapping[str, Mapping[str, float]], path: str | Path,
-                      keys: tuple[str, ...] = ("S", "U", "H")) -> Path:
+                      keys: tuple[str, ...] = ("S", "U", "H"), title: str = "Generalized zero-shot",
+                      ylabel: str = "accuracy") -> Path:
     """Grouped bars of ``keys`` for each model."""
     import numpy as np
 
@@ -66,6 +68,39 @@ def plot_results_bars(results: Mapping[str, Mapping[str, float]], path: str | Pa
         vals = [results[n].get(k, 0.0) for n in names]
         bars = ax.bar(x + (i - (len(keys) - 1) / 2) * w, vals, w, label=k)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set(xticks=x, xticklabels=names, ylim=(0, 1.1), ylabel="accuracy", title="Generalized zero-shot")
+    ax.set(xticks=x, xticklabels=names, ylim=(0, 1.1), ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_retrieval_grid(emb, paths: Sequence[str], labels: Sequence[int], open_image: Callable[[str], Any],
+                        path: str | Path, n_queries: int = 6, k: int = 10, seed: int = 0) -> Path:
+    """Rows of (query, its top-``k`` other images); results framed green when relevant, red when not."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    queries = rng.choice(len(paths), min(n_queries, len(paths)), replace=False)
+    fig, axes = plt.subplots(len(queries), k + 1, figsize=(1.2 * (k + 1), 1.3 * len(queries)), squeeze=False)
+    for row, q in zip(axes, queries, strict=True):
+        sim = emb.float() @ emb[int(q)].float()
+        sim[int(q)] = float("-inf")
+        top = torch.topk(sim, min(k, len(paths) - 1)).indices.tolist()
+        for j, ax in enumerate(row):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.imshow(open_image(paths[q]))
+                ax.set_title("query", fontsize=7)
+                continue
+            if j > len(top):
+                ax.axis("off")
+                continue
+            i = top[j - 1]
+            ax.imshow(open_image(paths[i]))
+            colour = "tab:green" if labels[i] == labels[q] else "tab:red"
+            for spine in ax.spines.values():
+                spine.set(color=colour, linewidth=3)
+            ax.set_title(f"{j}", fontsize=7)
+    fig.suptitle("Image→image retrieval: query, then top results (green = same label)", fontsize=9)
     return _save(fig, path)

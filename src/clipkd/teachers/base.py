@@ -48,7 +48,7 @@ def file_fingerprint(path: str | Path) -> str:
 
 
 class Teacher:
-    """A CLIP model that embeds images and texts into one space.
+    """A CLIP model that embeds images and texts into one space (a teacher, or a CLIP being fine-tuned).
 
     Attributes:
         identity: names the weights exactly; recorded with everything computed from them.
@@ -57,6 +57,8 @@ class Teacher:
         preprocess_cfg: a JSON-able description of ``preprocess`` (for manifests).
         tokenizer: list of strings → token tensor.
         model: the underlying ``nn.Module``.
+        train_preprocess: the augmentation its own ecosystem fine-tunes with (default: ``preprocess``).
+        language: what its tokenizer reads: ``"en"`` (English BPE) or ``"multi"`` (word-piece / multilingual).
     """
 
     identity: str
@@ -68,6 +70,8 @@ class Teacher:
     device: torch.device
     precision: str = "fp32"
     logit_scale: float = 100.0
+    train_preprocess: Callable[[Image.Image], torch.Tensor] | None = None
+    language: str = "multi"
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda" and self.precision in ("fp16", "bf16"):
@@ -103,6 +107,10 @@ class Teacher:
             with self._autocast():
                 out.append(F.normalize(self.text_features(tokens).float(), dim=-1).cpu())
         return torch.cat(out)
+
+    def save(self, out_dir: str | Path) -> str:
+        """Save the (fine-tuned) weights as the backend's own checkpoint; return the spec that loads them."""
+        raise ClipkdError(f"{type(self).__name__} cannot save fine-tuned weights")
 
     def describe(self) -> dict[str, Any]:
         """What a store or text-embedding file records about this teacher."""

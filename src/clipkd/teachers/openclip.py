@@ -9,6 +9,7 @@ import open_clip
 import torch
 
 from ..errors import ClipkdError
+from ..fileio import write_torch
 from .base import Teacher, file_fingerprint
 from .factory import register_backend
 
@@ -23,7 +24,7 @@ def parse_spec(rest: str) -> tuple[str, str | None]:
     model, _, pretrained = rest.partition("@")
     if not model:
         raise ClipkdError(f"open_clip spec needs a model name: 'open_clip:MODEL@PRETRAINED', got '{rest}'")
-    return model, pretrained or None
+    return model, None if pretrained in ("", "random") else pretrained
 
 
 def preprocess_description(model: torch.nn.Module) -> dict[str, Any]:
@@ -35,7 +36,7 @@ def preprocess_description(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def create_openclip(model_name: str, pretrained: str | None, device: torch.device | str = "cpu"):
-    """Create an open_clip model + eval preprocess + tokenizer, turning failures into one-line errors."""
+    """Create an open_clip model, its train and eval preprocessing and tokenizer; failures are one-line errors."""
     if not model_name.startswith(("hf-hub:", "local-dir:")) and model_name not in open_clip.list_models():
         raise ClipkdError(
             f"open_clip has no model '{model_name}'; see open_clip.list_models() (e.g. ViT-B-32, clipkd-tiny)"
@@ -51,7 +52,7 @@ def create_openclip(model_name: str, pretrained: str | None, device: torch.devic
             )
     pretrained_arg = str(Path(pretrained).expanduser()) if is_file else pretrained
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
+        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained_arg, device=device
         )
     except (RuntimeError, AssertionError, KeyError, ValueError) as e:
@@ -66,15 +67,17 @@ def create_openclip(model_name: str, pretrained: str | None, device: torch.devic
             f"pass the file instead: open_clip:{model_name}@/path/to/open_clip_pytorch_model.bin"
         ) from None
     tokenizer = open_clip.get_tokenizer(model_name)
-    return model, preprocess, tokenizer
+    return model, preprocess_train, preprocess, tokenizer
 
 
 class OpenClipTeacher(Teacher):
     """An open_clip CLIP model as a teacher."""
 
     def __init__(self, model_name: str, pretrained: str | None, device: torch.device, precision: str):
-        self.model, self.preprocess, self.tokenizer = create_openclip(model_name, pretrained, device)
-        self.device, self.precision = device, precision
+        self.model, self.train_preprocess, self.preprocess, self.tokenizer = create_openclip(
+            model_name, pretrained, device)
+        self.model_name, self.device, self.precision = model_name, device, precision
+        self.language = "en" if isinstance(self.tokenizer, open_clip.tokenizer.SimpleTokenizer) else "multi"
         if pretrained and Path(pretrained).expanduser().is_file():
             p = Path(pretrained).expanduser()
             tag = f"{p.name}#{file_fingerprint(p)}"
@@ -91,6 +94,12 @@ class OpenClipTeacher(Teacher):
 
     def text_features(self, tokens: Any) -> torch.Tensor:
         return self.model.encode_text(tokens)
+
+    def save(self, out_dir: str | Path) -> str:
+        """``out_dir/open_clip_model.pt`` (a plain state dict, as open_clip loads it)."""
+        path = Path(out_dir) / "open_clip_model.pt"
+        write_torch(path, {k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+        return f"open_clip:{self.model_name}@{path}"
 
 
 @register_backend("open_clip")

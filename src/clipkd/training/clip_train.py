@@ -1,35 +1,82 @@
-"""``clipkd clip-train``: train (or fine-tune) an open_clip model on image–caption pairs with ``ClipLoss``."""
+"""``clipkd clip-train``: train or fine-tune a CLIP on image–caption pairs with its contrastive loss,
+optionally plus a distillation loss from a larger teacher CLIP (the second seed's workflow)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-import open_clip
+import numpy as np
 import torch
 
-from ..data.captions import CaptionDataset, read_captions
-from ..data.loader import make_loader
+from ..data.captions import CaptionDataset, check_tokenizer_reads, load_caption_source
+from ..data.loader import ImageDataset, make_loader
 from ..errors import ClipkdError
-from ..fileio import write_json, write_torch
-from ..teachers.openclip import MODEL_CONFIGS  # noqa: F401  (registers clipkd's model configs)
+from ..fileio import write_json
+from ..students.losses import KD_LOSSES
 from .modules import ClipModule
+from .recipe import Recipe
 from .trainer import fit
 
 
 @dataclass
-class ClipTrainConfig:
-    """CLIP training recipe."""
+class ClipTrainConfig(Recipe):
+    """CLIP (fine-)tuning recipe; ``model``: ``open_clip:ARCH[@TAG|@FILE]`` or ``cn_clip:ARCH[@FILE|@random]``."""
 
-    model: str = "clipkd-tiny"
-    pretrained: str | None = None
+    model: str = "open_clip:clipkd-tiny"
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: float = 0.05
+    accumulate: int = 1
+    freeze_image: bool = False
+    freeze_text: bool = False
+    kd_loss: str = "cosine"
+    kd_weight: float = 0.5
     workers: int | None = None
     seed: int = 0
+
+
+def model_spec(model: str, pretrained: str | None = None) -> str:
+    """A bare open_clip architecture name (``ViT-B-32``) becomes ``open_clip:ViT-B-32[@pretrained]``."""
+    if ":" not in model.split("@")[0] or model.startswith("hf-hub:"):
+        model = f"open_clip:{model}"
+    if pretrained:
+        if "@" in model:
+            raise ClipkdError(f"model '{model}' already names its weights; drop --pretrained")
+        model = f"{model}@{pretrained}"
+    return model
+
+
+def _teacher_targets(store: str | Path, paths: list[str], identity: str | None) -> torch.Tensor:
+    from ..store import EmbeddingStore
+
+    st = EmbeddingStore(store)
+    if identity is not None and st.teacher != identity:
+        raise ClipkdError(f"store {store} holds embeddings of '{st.teacher}', not of the teacher '{identity}'")
+    rows = st.rows(paths)
+    missing = int((rows < 0).sum())
+    if missing:
+        raise ClipkdError(f"store {store} lacks embeddings for {missing} of the {len(rows)} captioned images "
+                          f"(e.g. {[paths[i] for i in np.flatnonzero(rows < 0)[:3]]}); run embed-images on them "
+                          "or use --teacher online")
+    return torch.from_numpy(np.asarray(st.embeddings()[rows], dtype=np.float16))
+
+
+def _val_data(clip: Any, images: str | Path, captions: str | Path, batch_size: int, workers: int | None):
+    from ..evaluation.retrieval import labels_from_paths
+
+    source = load_caption_source(images, captions)
+    dataset = ImageDataset(source.root, sorted(source.pairs), clip.preprocess, opener=source.opener)
+    texts, owner = [], []
+    for j, p in enumerate(dataset.paths):
+        texts += source.pairs[p]
+        owner += [j] * len(source.pairs[p])
+    labelled = labels_from_paths(dataset.paths) if source.tsv is None else None
+    loader = make_loader(dataset, batch_size, workers=workers)
+    return loader, clip.tokenizer(texts), owner, (labelled[0] if labelled else None)
 
 
 def clip_train(
@@ -37,36 +84,94 @@ def clip_train(
     captions: str | Path,
     out: str | Path,
     cfg: ClipTrainConfig,
+    teacher: str | None = None,
+    store: str | Path | None = None,
+    val_images: str | Path | None = None,
+    val_captions: str | Path | None = None,
     device: str = "auto",
     precision: str = "auto",
     progress: bool = True,
 ) -> str:
-    """Train ``cfg.model`` on the ``path,caption`` pairs; return the teacher spec of the result.
+    """Train ``cfg.model`` on captioned images; return the spec that loads the result.
 
-    The weights are saved as ``out/open_clip_model.pt`` (a plain open_clip state dict), so the
-    result loads as ``open_clip:MODEL@out/open_clip_model.pt`` anywhere a teacher spec is taken.
+    Distillation is on when ``teacher`` (run online, once per batch) or ``store`` (teacher image
+    embeddings computed once by ``embed-images``) is given; the ``affinity`` loss also needs
+    ``teacher`` for its text tower. With validation data, retrieval metrics are logged each epoch
+    and the best epoch (image→image mAP@10 when images have class folders, else mean recall) is
+    the one saved. Weights go to ``out`` in the backend's own format (``open_clip_model.pt`` or
+    ``cn_clip_model.pt``); ``out/run.json`` records the recipe and the spec.
     """
+    from ..teachers import load_teacher
+
     out = Path(out)
-    pairs, missing = read_captions(captions, images)
-    if missing:
-        print(f"note: {len(missing)} captioned image(s) not found under {images} were left out, "
-              f"e.g. {missing[:3]}")
+    distilling = teacher is not None or store is not None
+    if distilling and cfg.kd_loss not in KD_LOSSES:
+        raise ClipkdError(f"unknown distillation loss '{cfg.kd_loss}' (choose from {', '.join(KD_LOSSES)})")
+    if cfg.kd_loss == "affinity" and distilling and teacher is None:
+        raise ClipkdError("the affinity loss compares image–text similarities: pass --teacher SPEC (its text "
+                          "tower embeds the captions once; image embeddings may still come from --store)")
+    if cfg.freeze_image and cfg.freeze_text:
+        raise ClipkdError("freezing both towers leaves nothing to train")
+    source = load_caption_source(images, captions)
     torch.manual_seed(cfg.seed)
-    if cfg.model not in open_clip.list_models():
-        raise ClipkdError(f"open_clip has no model '{cfg.model}'")
-    model, preprocess_train, _ = open_clip.create_model_and_transforms(
-        cfg.model, pretrained=cfg.pretrained, output_dict=True
-    )
-    tokenizer = open_clip.get_tokenizer(cfg.model)
-    dataset = CaptionDataset(images, pairs, preprocess_train, tokenizer)
-    loader = make_loader(dataset, cfg.batch_size, shuffle=True, workers=cfg.workers, drop_last=True,
-                         seed=cfg.seed)
+    student = load_teacher(cfg.model, device="cpu", precision="fp32")
+    student.model.train().requires_grad_(True)
+    check_tokenizer_reads(student, source.captions(), "student model")
+
+    t = load_teacher(teacher, device=device, precision=precision) if teacher is not None else None
+    if t is not None and cfg.kd_loss == "affinity":
+        check_tokenizer_reads(t, source.captions(), "teacher")
+    online = t is not None and store is None
+    transform = student.train_preprocess or student.preprocess
+    if online:
+        def transform(img, _s=transform, _t=t.preprocess):  # noqa: E306
+            return _s(img), _t(img)
+
+    dataset = CaptionDataset(source, None, transform, student.tokenizer)
+    targets = teacher_text = None
+    if store is not None:
+        if source.tsv is not None:
+            raise ClipkdError("an embedding store is built from an image folder; with TSV images use --teacher")
+        targets = _teacher_targets(store, dataset.paths, t.identity if t is not None else None)
+    if t is not None and cfg.kd_loss == "affinity":
+        teacher_text = t.encode_text(dataset.unique).half()
+    teacher_dim = t.embed_dim if t is not None else (int(targets.shape[1]) if targets is not None else 0)
+    loader = make_loader(dataset, cfg.batch_size, shuffle=True, workers=cfg.workers, drop_last=True, seed=cfg.seed)
     if len(loader) == 0:
         raise ClipkdError(f"{len(dataset)} captioned images is fewer than one batch of {cfg.batch_size}")
-    module = ClipModule(model, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup)
-    fit(module, loader, out, cfg.epochs, device=device, precision=precision, progress=progress)
-    weights = out / "open_clip_model.pt"
-    write_torch(weights, {k: v.cpu() for k, v in module.model.state_dict().items()})
-    spec = f"open_clip:{cfg.model}@{weights}"
-    write_json(out / "run.json", {"train": asdict(cfg), "teacher_spec": spec, "images": len(dataset)})
+
+    val = val_texts = val_owner = val_labels = None
+    monitor = None
+    if val_images is not None and val_captions is not None:
+        val, val_texts, val_owner, val_labels = _val_data(student, val_images, val_captions, cfg.batch_size,
+                                                          cfg.workers)
+        monitor = "val/i2i_map@10" if val_labels is not None else "val/mean_recall"
+    module = ClipModule(student, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
+                        kd_loss=cfg.kd_loss if distilling else None, kd_weight=cfg.kd_weight,
+                        teacher=t if online else None, teacher_dim=teacher_dim,
+                        teacher_scale=t.logit_scale if t is not None else 100.0, targets=targets,
+                        teacher_text=teacher_text, freeze_image=cfg.freeze_image, freeze_text=cfg.freeze_text,
+                        val_texts=val_texts, val_owner=val_owner, val_labels=val_labels)
+    trainer = fit(module, loader, out, cfg.epochs, val=val, monitor=monitor, device=device, precision=precision,
+                  accumulate=cfg.accumulate, progress=progress)
+    best = out / "checkpoints" / "best.ckpt"
+    if monitor and best.is_file():
+        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+    module.cpu()
+    spec = student.save(out)
+    if module.skipped:
+        print(f"note: {module.skipped} image(s) could not be decoded and were skipped")
+    info: dict[str, Any] = {
+        "train": asdict(cfg), "spec": spec, "teacher_spec": spec, "images": len(dataset),
+        "distillation": {"teacher": t.identity if t is not None else None, "store": str(store) if store else None,
+                         "source": "online" if online else ("store" if store else None),
+                         "loss": cfg.kd_loss if distilling else None, "weight": cfg.kd_weight if distilling else 0,
+                         "projection": module.proj is not None},
+        "skipped_images": module.skipped,
+    }
+    if monitor:
+        cb = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == monitor]
+        info["best"] = {"monitor": monitor, "score": float(cb[0].best_model_score) if cb and
+                        cb[0].best_model_score is not None else None}
+    write_json(out / "run.json", info)
     return spec

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +14,18 @@ from ..data.folders import scan_image_folder
 from ..data.loader import ImageDataset, make_loader
 from ..data.splits import load_split
 from ..errors import ClipkdError
-from ..fileio import read_json, write_json
+from ..fileio import write_json
 from ..prompts import TextEmbeddings
 from ..store import EmbeddingStore
 from ..students.losses import EMBEDDING_LOSSES
 from ..students.model import CLIP_MEAN, CLIP_STD, StudentConfig, augment_ops, save_student, student_transform
 from .modules import StudentModule
+from .recipe import Recipe
 from .trainer import fit
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Recipe):
     """A training recipe as data (JSON-able; ``--config FILE`` loads one, flags override it)."""
 
     student: str = "resnet18"
@@ -42,17 +43,6 @@ class TrainConfig:
     pretrained: bool = False
     workers: int | None = None
     seed: int = 0
-
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        """Read a recipe JSON; unknown keys are an error naming them; ``None`` overrides are ignored."""
-        data = read_json(path, "recipe") if path else {}
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ClipkdError(f"recipe {path}: unknown key(s) {unknown}; known: {sorted(names)}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
 
 
 def _seen_images(images: str | Path, split_path: str | Path | None):

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from ..students.losses import embedding_loss, label_loss
+from ..students.losses import embedding_loss, kd_loss, label_loss
 from ..students.model import Student, StudentConfig
 from .trainer import cosine_warmup
 
@@ -94,28 +94,114 @@ class StudentModule(OptimMixin, L.LightningModule):
 
 
 class ClipModule(OptimMixin, L.LightningModule):
-    """open_clip model trained with open_clip's ``ClipLoss`` (image–text contrastive)."""
+    """A CLIP model trained with open_clip's ``ClipLoss``, plus ``kd_weight`` × a distillation loss.
 
-    def __init__(self, model: torch.nn.Module, lr: float = 5e-4, weight_decay: float = 0.1,
-                 warmup: float = 0.05) -> None:
+    ``clip``: the trainable model behind the teacher interface (open_clip or Chinese-CLIP).
+    Distillation targets: ``teacher`` run online on the batch's second view, or ``targets`` (teacher
+    image embeddings, rows indexed by the dataset index — the store path). The ``affinity`` loss
+    also needs ``teacher_text`` (teacher embeddings of the distinct captions, by caption id).
+    When ``cosine``/``mse`` compare embeddings of different sizes, a learned linear projection
+    maps the student's image embedding into the teacher's space (used only for the loss).
+    Validation (``val_texts``/``val_owner``/``val_labels``) logs retrieval metrics each epoch.
+    """
+
+    def __init__(
+        self,
+        clip: Any,
+        lr: float = 5e-4,
+        weight_decay: float = 0.1,
+        warmup: float = 0.05,
+        kd_loss: str | None = None,
+        kd_weight: float = 0.5,
+        teacher: Any = None,
+        teacher_dim: int = 0,
+        teacher_scale: float = 100.0,
+        targets: torch.Tensor | None = None,
+        teacher_text: torch.Tensor | None = None,
+        freeze_image: bool = False,
+        freeze_text: bool = False,
+        val_texts: torch.Tensor | None = None,
+        val_owner: list[int] | None = None,
+        val_labels: list[int] | None = None,
+    ) -> None:
         super().__init__()
         from open_clip import ClipLoss
 
-        self.model = model
+        self.clip, self.model = clip, clip.model
         self.clip_loss = ClipLoss()
         self.lr, self.weight_decay, self.warmup = lr, weight_decay, warmup
+        self.kd_loss, self.kd_weight, self.teacher, self.teacher_scale = kd_loss, kd_weight, teacher, teacher_scale
+        self.register_buffer("targets", targets, persistent=False)
+        self.register_buffer("teacher_text", teacher_text, persistent=False)
+        self.proj = None
+        if kd_loss in ("cosine", "mse") and teacher_dim and teacher_dim != clip.embed_dim:
+            self.proj = torch.nn.Linear(clip.embed_dim, teacher_dim, bias=False)
+        self.freeze_image, self.freeze_text = freeze_image, freeze_text
+        for name, p in self.model.named_parameters():
+            is_image = name.startswith("visual.")
+            if (is_image and freeze_image) or (not is_image and name != "logit_scale" and freeze_text):
+                p.requires_grad_(False)
+        self.val_texts, self.val_owner, self.val_labels = val_texts, val_owner, val_labels
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.skipped = 0
+
+    def on_train_epoch_start(self) -> None:
+        if self.freeze_image:  # frozen towers keep their normalisation statistics
+            self.model.visual.eval()
 
     def training_step(self, batch: dict[str, Any], _: int) -> torch.Tensor | None:
+        self.skipped += len(batch["skipped"])
         if batch["image"] is None:
             return None
-        out = self.model(batch["image"], batch["text"])
-        if not isinstance(out, dict):
-            out = dict(zip(("image_features", "text_features", "logit_scale"), out, strict=False))
-        loss = self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
-        self.log_dict({"loss/clip": loss, "logit_scale": out["logit_scale"].detach()}, prog_bar=True,
-                      on_step=True, on_epoch=True, batch_size=len(batch["image"]))
-        return loss
+        images = batch["image"]
+        x = images[0] if isinstance(images, tuple) else images
+        s_img = self.clip.image_features(x)
+        s_txt = self.clip.text_features(batch["text"])
+        scale = self.model.logit_scale.exp()
+        logs = {"loss/clip": self.clip_loss(F.normalize(s_img, dim=-1), F.normalize(s_txt, dim=-1), scale)}
+        total = logs["loss/clip"]
+        if self.kd_loss:
+            if self.teacher is not None:
+                t_img = self.teacher.encode_image(images[1])
+            else:
+                t_img = self.targets[batch["index"]].float()
+            t_txt = self.teacher_text[batch["caption_id"]].float() if self.teacher_text is not None else None
+            s_kd = self.proj(s_img) if self.proj is not None else s_img
+            logs[f"loss/kd_{self.kd_loss}"] = kd_loss(self.kd_loss, s_kd, t_img, s_txt, t_txt, scale,
+                                                      self.teacher_scale)
+            total = total + self.kd_weight * logs[f"loss/kd_{self.kd_loss}"]
+        logs["loss/total"] = total
+        self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
+        self.log("logit_scale", scale.detach(), on_step=True, on_epoch=False, batch_size=len(x))
+        return total
 
     def on_train_batch_end(self, *args: Any) -> None:
         with torch.no_grad():  # as open_clip does: clamp the temperature to at most 100
             self.model.logit_scale.clamp_(0, 4.6052)
+
+    def validation_step(self, batch: dict[str, Any], _: int) -> None:
+        if batch["image"] is not None:
+            self._val.append((F.normalize(self.clip.image_features(batch["image"]).float(), dim=-1).cpu(),
+                              batch["index"].cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        from ..evaluation.retrieval import image_image_metrics, text_image_recall
+
+        if not self._val:
+            return
+        emb = torch.cat([e for e, _ in self._val])
+        index = torch.cat([i for _, i in self._val]).tolist()
+        self._val.clear()
+        pos = {i: j for j, i in enumerate(index)}
+        logs: dict[str, float] = {}
+        if self.val_texts is not None:
+            keep = [t for t, o in enumerate(self.val_owner) if o in pos]
+            tokens = self.val_texts[keep].to(self.device)
+            txt = torch.cat([F.normalize(self.clip.text_features(tokens[i : i + 256]).float(), dim=-1).cpu()
+                             for i in range(0, len(tokens), 256)])
+            r = text_image_recall(emb, txt, [pos[self.val_owner[t]] for t in keep])
+            logs.update({f"val/{k}": r[k] for k in ("t2i_r@1", "i2t_r@1", "mean_recall")})
+        if self.val_labels is not None:
+            r = image_image_metrics(emb, [self.val_labels[i] for i in index])
+            logs.update({"val/i2i_map@10": r["i2i_map@10"], "val/i2i_r@1": r["i2i_r@1"]})
+        self.log_dict(logs, prog_bar=True, on_epoch=True)

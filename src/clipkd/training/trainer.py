@@ -94,6 +94,7 @@ def fit(
         warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
         warnings.filterwarnings("ignore", message=".*Experiment logs directory.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*")
         trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt)
     from ..evaluation.plots import plot_training_curves
 

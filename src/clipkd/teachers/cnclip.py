@@ -1,0 +1,143 @@
+"""Chinese-CLIP teachers and students: ``cn_clip:MODEL`` (published weights), ``cn_clip:MODEL@/path/ckpt.pt``,
+``cn_clip:MODEL@random`` (random init, for fine-tuning from scratch and for tests).
+
+Needs the ``cn_clip`` package (``pip install 'clipkd[cnclip]'``), imported only when a ``cn_clip:`` spec is used.
+Checkpoints are Chinese-CLIP's own: a dict with ``state_dict`` (keys may carry DDP's ``module.`` prefix).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ClipkdError
+from ..fileio import write_torch
+from .base import Teacher, file_fingerprint
+from .factory import register_backend
+
+CONTEXT_LENGTH = 52  # Chinese-CLIP's text length for all its released models
+
+
+def _cn_clip():
+    try:
+        import cn_clip.clip as cn
+
+        return cn
+    except ImportError:
+        raise ClipkdError("cn_clip: specs need the Chinese-CLIP package: pip install 'clipkd[cnclip]' "
+                          "(or pip install cn_clip)") from None
+
+
+def model_info(name: str) -> tuple[dict[str, Any], int]:
+    """The architecture kwargs of Chinese-CLIP model ``name`` (from cn_clip's own config files) and its input size."""
+    cn = _cn_clip()
+    from cn_clip.clip import utils
+
+    if name not in utils._MODEL_INFO:
+        raise ClipkdError(f"Chinese-CLIP has no model '{name}'; choose from {cn.available_models()}")
+    struct, size = utils._MODEL_INFO[name]["struct"], utils._MODEL_INFO[name]["input_resolution"]
+    vision, text = struct.split("@")
+    configs = Path(utils.__file__).parent / "model_configs"
+    info = json.loads((configs / f"{vision}.json").read_text())
+    info.update(json.loads((configs / f"{text}.json").read_text()))
+    if isinstance(info["vision_layers"], str):
+        info["vision_layers"] = json.loads(info["vision_layers"])
+    return info, size
+
+
+def default_checkpoint(name: str) -> Path:
+    """Where ``cn_clip.clip.load_from_name`` keeps the published weights of ``name``."""
+    from cn_clip.clip import utils
+
+    return Path(os.path.expanduser("~/.cache/clip")) / utils._MODELS[name][1]
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A Chinese-CLIP checkpoint's weights, DDP ``module.`` prefixes removed."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ClipkdError(f"cannot read Chinese-CLIP checkpoint {path}: {type(e).__name__}: {e}") from None
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise ClipkdError(f"{path} is not a Chinese-CLIP checkpoint (expected a dict with 'state_dict')")
+    return {k.removeprefix("module."): v for k, v in sd.items() if "bert.pooler" not in k}
+
+
+def create_cnclip(name: str, weights: str | None, device: torch.device | str = "cpu"):
+    """Build Chinese-CLIP ``name`` (fp32) with ``weights`` (None: published, ``random``, or a file)."""
+    cn = _cn_clip()
+    from cn_clip.clip.model import CLIP
+
+    info, size = model_info(name)
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = CLIP(**info)
+    if weights != "random":
+        path = Path(weights).expanduser() if weights else default_checkpoint(name)
+        if not path.is_file():
+            if weights:
+                raise ClipkdError(f"Chinese-CLIP {name}: checkpoint file not found: {path}")
+            raise ClipkdError(
+                f"Chinese-CLIP {name}: published weights are not in {path.parent} and cannot be downloaded here; "
+                f"download {path.name} (Hugging Face OFA-Sys/{cn.utils._MODELS[name][0]}) elsewhere and pass "
+                f"cn_clip:{name}@/path/to/{path.name}")
+        sd = read_state_dict(path)
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0][:200]
+            raise ClipkdError(f"checkpoint {path} does not fit Chinese-CLIP {name}: {first}") from None
+    model = model.float().to(device)
+    preprocess = cn.image_transform(size)
+
+    def tokenizer(texts: list[str]) -> torch.Tensor:
+        return cn.tokenize(list(texts), context_length=CONTEXT_LENGTH)
+
+    return model, preprocess, tokenizer, size
+
+
+class CnClipTeacher(Teacher):
+    """A Chinese-CLIP model (Chinese word-piece tokenizer) as a teacher or a fine-tuned student."""
+
+    def __init__(self, name: str, weights: str | None, device: torch.device, precision: str) -> None:
+        self.model, self.preprocess, self.tokenizer, size = create_cnclip(name, weights, device)
+        self.train_preprocess = self.preprocess  # Chinese-CLIP fine-tunes without augmentation by default
+        self.name, self.device, self.precision = name, device, precision
+        if weights and weights != "random":
+            p = Path(weights).expanduser()
+            tag = f"{p.name}#{file_fingerprint(p)}"
+        else:
+            tag = weights or "published"
+        self.identity = f"cn_clip:{name}@{tag}"
+        self.embed_dim = int(self.model.text_projection.shape[1])
+        self.preprocess_cfg = {"size": [size, size], "mean": [0.48145466, 0.4578275, 0.40821073],
+                               "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
+                               "resize_mode": "squash"}
+        self.logit_scale = float(self.model.logit_scale.exp().item())
+        self.language = "multi"
+        self.unk_id = _cn_clip()._tokenizer.vocab["[UNK]"]
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    def text_features(self, tokens: Any) -> torch.Tensor:
+        return self.model.encode_text(tokens)
+
+    def save(self, out_dir: str | Path) -> str:
+        """``out_dir/cn_clip_model.pt`` in Chinese-CLIP's checkpoint layout (``{"state_dict": ...}``)."""
+        path = Path(out_dir) / "cn_clip_model.pt"
+        write_torch(path, {"name": self.name,
+                           "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}})
+        return f"cn_clip:{self.name}@{path}"
+
+
+@register_backend("cn_clip")
+def _load(rest: str, device: torch.device, precision: str) -> Teacher:
+    name, _, weights = rest.partition("@")
+    return CnClipTeacher(name, weights or None, device, precision)
