@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline in the demo world, with a results table")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a small world and short training (about a minute)")
+    p.add_argument("--task", default="zeroshot", choices=["zeroshot", "retrieval"],
+                   help="zeroshot: the first workflow (GZSL); retrieval: CLIP fine-tuning with distillation")
+    p.add_argument("--shared", help="reuse the world, teacher and store of this folder (e.g. runs/demo)")
     p.add_argument("--device", default="auto")
     return parser
 
@@ -258,7 +261,7 @@ def run(a: argparse.Namespace) -> int:
     elif a.command == "demo":
         from .demo import run_demo
 
-        run_demo(Path(a.out), quick=a.quick, device=a.device)
+        run_demo(Path(a.out), quick=a.quick, device=a.device, task=a.task, shared=a.shared)
     return 0
 
 

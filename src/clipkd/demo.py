@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .data.synth import WorldConfig, synthesize
+from .errors import ClipkdError
 from .evaluation.plots import plot_results_bars
 from .evaluation.report import markdown_table, plot_all_curves, write_eval
 from .evaluation.zeroshot import evaluate
@@ -43,12 +44,27 @@ class DemoConfig:
     baseline_epochs: int = 1  # a closed-set classifier reaches its seen-class accuracy fast; U is 0 regardless
 
 
+@dataclass(frozen=True)
+class RetrievalDemoConfig:
+    """The retrieval demo: a micro CLIP trained on a captioned subset, with and without distillation."""
+
+    student: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(
+        model="open_clip:clipkd-micro", epochs=15, batch_size=64, lr=2e-3, kd_weight=2.0))
+    images_per_class: int = 40  # the fine-tuning set: a small captioned subset of the teacher's world
+
+
 QUICK = DemoConfig(
     world=WorldConfig(n_shapes=4, n_colours=4, unseen_per_shape=1, train_per_class=24, val_per_class=4,
                       test_per_class=6),
     teacher=ClipTrainConfig(epochs=2, batch_size=32, lr=2e-3),
     student=TrainConfig(student="resnet10t", epochs=1, batch_size=32, lr=3e-3),
     baseline_epochs=1,
+)
+
+
+QUICK_RETRIEVAL = RetrievalDemoConfig(
+    student=ClipTrainConfig(model="open_clip:clipkd-micro", epochs=1, batch_size=32, lr=2e-3, kd_weight=2.0),
+    images_per_class=12,
 )
 
 
@@ -71,24 +87,39 @@ def _teacher(world: Path, out: Path, cfg: ClipTrainConfig, device: str) -> str:
     return spec
 
 
+def _world_teacher_store(base: Path, cfg: DemoConfig, device: str, t0: float) -> tuple[Path, str, Path]:
+    """The demo world, its trained teacher and the teacher's image store under ``base`` (each reused if done)."""
+    world = synthesize(base / "world", cfg.world)
+    _step("demo world ready", t0)
+    spec = _teacher(world, base / "teacher", cfg.teacher, device)
+    _step(f"teacher ready: {spec}", t0)
+    embed_images(load_teacher(spec, device=device), world / "train", base / "store")
+    return world, spec, base / "store"
+
+
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, device: str = "auto",
-             cfg: DemoConfig | None = None) -> dict[str, Any]:
-    """Run the main job into ``out``; return (and write) the results."""
+             cfg: DemoConfig | None = None, task: str = "zeroshot", shared: str | Path | None = None,
+             retrieval: RetrievalDemoConfig | None = None) -> dict[str, Any]:
+    """Run a demo into ``out`` and return (and write) its ``results.json``.
+
+    ``task="zeroshot"``: the first workflow (students on seen classes, GZSL evaluation).
+    ``task="retrieval"``: the second (CLIP fine-tuning with distillation, retrieval evaluation).
+    ``shared``: a folder whose world, teacher and store are reused (e.g. the zero-shot demo's).
+    """
     out = Path(out)
     cfg = cfg or (QUICK if quick else DemoConfig())
+    if task == "retrieval":
+        return run_retrieval_demo(out, cfg, retrieval or (QUICK_RETRIEVAL if quick else RetrievalDemoConfig()),
+                                  device, shared)
+    if task != "zeroshot":
+        raise ClipkdError(f"unknown demo task '{task}' (choose zeroshot or retrieval)")
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    world = synthesize(out / "world", cfg.world)
+    world, spec, store = _world_teacher_store(Path(shared) if shared else out, cfg, device, t0)
     split = world / "split.json"
-    _step("demo world ready", t0)
-
-    spec = _teacher(world, out / "teacher", cfg.teacher, device)
-    _step(f"teacher ready: {spec}", t0)
     teacher = load_teacher(spec, device=device)
     text = out / "text_embeddings.npz"
     embed_prompts(teacher, build_prompts(load_classnames(world / "train"), DEMO_TEMPLATES)).save(text)
-    store = out / "store"
-    embed_images(teacher, world / "train", store)
     _step("text embeddings and image store ready", t0)
 
     students = {
@@ -145,3 +176,102 @@ def _report(results: dict[str, Any], table: str) -> str:
         f"({results['machine']['device']}).\n\n"
         "![seen-unseen curves](gzsl_curves.png)\n\n![GZSL bars](gzsl_bars.png)\n"
     )
+
+
+def _subset_captions(captions: Path, per_class: int, out: Path) -> Path:
+    """The first ``per_class`` images of each class folder, with all their captions."""
+    import csv
+    import io
+
+    kept: dict[str, set[str]] = {}
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "caption"])
+    with captions.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            have = kept.setdefault(row["path"].split("/")[0], set())
+            if row["path"] in have or len(have) < per_class:
+                have.add(row["path"])
+                writer.writerow([row["path"], row["caption"]])
+    write_text(out, buf.getvalue())
+    return out
+
+
+def _cost(spec: str) -> dict[str, float]:
+    """Image-tower size, FLOPs per image and CPU batch-1 latency (median of 20) of a CLIP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    clip = load_teacher(spec, device="cpu")
+    size = clip.preprocess_cfg.get("size") or [224, 224]
+    size = size if isinstance(size, list | tuple) else [size, size]
+    x = torch.randn(1, 3, *size)
+    with FlopCounterMode(display=False) as fc:
+        clip.encode_image(x)
+    times = []
+    for _ in range(25):
+        t = time.perf_counter()
+        clip.encode_image(x)
+        times.append(time.perf_counter() - t)
+    return {"image_params_m": round(sum(p.numel() for p in clip.model.visual.parameters()) / 1e6, 3),
+            "image_mflops": round(fc.get_total_flops() / 1e6, 2),
+            "cpu_ms_per_image": round(1000 * sorted(times[5:])[len(times[5:]) // 2], 2)}
+
+
+RETRIEVAL_KEYS = ("i2i_map@10", "i2i_r@1", "i2i_p@10", "t2i_r@1", "i2t_r@1", "mean_recall")
+
+
+def run_retrieval_demo(out: Path, cfg: DemoConfig, rcfg: RetrievalDemoConfig, device: str = "auto",
+                       shared: str | Path | None = None) -> dict[str, Any]:
+    """The second workflow: fine-tune a micro CLIP on a captioned subset without and with each
+    distillation loss from the demo teacher; compare image→image and text→image retrieval on test."""
+    from .evaluation.retrieval import evaluate_retrieval
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    world, spec, store = _world_teacher_store(Path(shared) if shared else out, cfg, device, t0)
+    captions = _subset_captions(world / "train" / "captions_en.csv", rcfg.images_per_class,
+                                out / "finetune_captions.csv")
+    val = {"val_images": world / "val", "val_captions": world / "val" / "captions_en.csv"}
+    runs = {"no_kd": {}, "cosine": {"store": store}, "mse": {"store": store},
+            "affinity": {"store": store, "teacher": spec}}
+    specs = {"teacher": spec}
+    for name, kw in runs.items():
+        scfg = replace(rcfg.student, kd_loss=name if name != "no_kd" else rcfg.student.kd_loss)
+        specs[name] = clip_train(world / "train", captions, out / "students" / name, scfg, device=device,
+                                 **kw, **val)
+        _step(f"retrieval student '{name}' trained", t0)
+    evals = {}
+    for name, model in specs.items():
+        r = evaluate_retrieval(model, world / "test", world / "test" / "captions_en.csv", device=device,
+                               grid=out / "eval" / f"{name}.png")
+        write_json(out / "eval" / f"{name}.json", r)
+        evals[name] = r
+    _step("retrieval evaluation done", t0)
+    pick = lambda r: {k: r[k] for k in RETRIEVAL_KEYS}  # noqa: E731
+    results = {
+        "teacher": pick(evals["teacher"]) | {"spec": spec, "cost": _cost(spec)},
+        "students": {n: pick(evals[n]) for n in runs},
+        "student_cost": _cost(specs["no_kd"]),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads()},
+        "config": json.loads(json.dumps({"retrieval": asdict(rcfg), "world": asdict(cfg.world)}, default=str)),
+    }
+    write_json(out / "results.json", results)
+    table = retrieval_table(results)
+    plot_results_bars({"teacher": evals["teacher"], **{n: evals[n] for n in runs}}, out / "retrieval_bars.png",
+                      keys=("i2i_map@10", "i2i_r@1", "t2i_r@1"), title="Retrieval (demo world test split)",
+                      ylabel="fraction")
+    write_text(out / "report.md", "# clipkd demo: retrieval students\n\n" + table +
+               "\n![bars](retrieval_bars.png)\n\n![teacher](eval/teacher.png)\n\n![best student](eval/cosine.png)\n")
+    print("\n" + table)
+    print(f"results: {out / 'results.json'}  ({results['seconds']:.0f} s)")
+    return results
+
+
+def retrieval_table(results: dict[str, Any]) -> str:
+    """Markdown: teacher and students on image→image and text↔image retrieval."""
+    head = ("| model | i2i mAP@10 | i2i R@1 | i2i P@10 | t2i R@1 | i2t R@1 | mean recall |\n"
+            "|---|---|---|---|---|---|---|\n")
+    rows = [("teacher", results["teacher"])] + list(results["students"].items())
+    return head + "\n".join(f"| {n} | " + " | ".join(f"{r[k]:.3f}" for k in RETRIEVAL_KEYS) + " |"
+                             for n, r in rows) + "\n"
