@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/clipkd demo --out runs/demo
+	$(BIN)/clipkd demo --task retrieval --shared runs/demo --out runs/demo-retrieval
 
 demo-quick: $(STAMP)
 	$(BIN)/clipkd demo --out runs/demo-quick --quick

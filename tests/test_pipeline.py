@@ -111,3 +111,17 @@ def test_distill_with_online_teacher_and_resume(demo_run, tmp_path):
             split=world / "split.json", device="cpu", progress=False)
     again = load_student(path).state_dict()
     assert all(np.array_equal(first[k].numpy(), again[k].numpy()) for k in first)
+
+
+def test_quick_retrieval_demo_reuses_world_and_teacher(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    r = run_demo(tmp_path / "retrieval", quick=True, device="cpu", task="retrieval", shared=out)
+    assert "reusing the trained demo teacher" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "retrieval" / "results.json").read_text())
+    assert set(saved["students"]) == {"no_kd", "cosine", "mse", "affinity"}
+    for row in [saved["teacher"], *saved["students"].values()]:
+        assert 0.0 <= row["i2i_map@10"] <= 1.0 and 0.0 <= row["t2i_r@1"] <= 1.0
+    assert saved["student_cost"]["image_mflops"] < saved["teacher"]["cost"]["image_mflops"]
+    assert r["students"]["cosine"] == saved["students"]["cosine"]
+    for f in ("report.md", "retrieval_bars.png", "eval/teacher.png", "students/mse/open_clip_model.pt"):
+        assert (tmp_path / "retrieval" / f).is_file(), f

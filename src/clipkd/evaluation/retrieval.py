@@ -172,8 +172,11 @@ def evaluate_retrieval(
         rng = np.random.default_rng(0)
         queries = np.sort(rng.choice(len(paths), max_queries, replace=False)) if len(paths) > max_queries else None
         result["n_labels"] = len(names)
-        result.update(image_image_metrics(emb, labels, queries=queries))
-        if grid is not None:
+        if max(np.bincount(labels)) < 2:
+            print("note: no label has two images; image→image metrics left out")
+        else:
+            result.update(image_image_metrics(emb, labels, queries=queries))
+        if grid is not None and "i2i_map@10" in result:
             from .plots import plot_retrieval_grid
 
             plot_retrieval_grid(emb, paths, labels, lambda p: load_rgb(dataset.root / p), grid)

@@ -1,0 +1,188 @@
+"""CLIP fine-tuning with distillation, Chinese-CLIP (format, checkpoints, Chinese captions), eval-retrieval."""
+
+import base64
+import csv
+import json
+
+import pytest
+import torch
+
+from clipkd.cli import main
+from clipkd.data.captions import CaptionDataset, TsvImages, load_caption_source
+from clipkd.data.loader import collate_skip
+from clipkd.errors import ClipkdError
+from clipkd.store import embed_images
+from clipkd.teachers import load_teacher
+from clipkd.training.clip_train import ClipTrainConfig, clip_train
+
+TEACHER = "open_clip:clipkd-tiny@random"
+
+
+def _subset(src, dst, n_images, lang="en"):
+    rows = list(csv.DictReader(open(src / f"captions_{lang}.csv", encoding="utf-8")))
+    keep = sorted({r["path"] for r in rows})[:n_images]
+    with open(dst, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "caption"])
+        w.writerows([r["path"], r["caption"]] for r in rows if r["path"] in keep)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def store(tiny_world, tmp_path_factory):
+    torch.manual_seed(0)
+    teacher = load_teacher(TEACHER, device="cpu")
+    path = tmp_path_factory.mktemp("store") / "store"
+    embed_images(teacher, tiny_world / "train", path, progress=False)
+    return path
+
+
+def test_kd_from_store_with_projection_freeze_val_and_resume(tiny_world, store, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = ClipTrainConfig(model="open_clip:clipkd-micro", epochs=2, batch_size=16, kd_loss="cosine",
+                          freeze_text=True, workers=0)
+    spec = clip_train(tiny_world / "train", tiny_world / "train" / "captions_en.csv", out, cfg, store=store,
+                      val_images=tiny_world / "val", val_captions=tiny_world / "val" / "captions_en.csv",
+                      device="cpu", progress=False)
+    run = json.loads((out / "run.json").read_text())
+    assert run["distillation"]["projection"] is True  # 64-d student, 128-d teacher
+    assert run["distillation"]["source"] == "store" and run["best"]["monitor"] == "val/i2i_map@10"
+    assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "training_curves.png").is_file()
+    header = (out / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert "val/i2i_map@10" in header and "loss/kd_cosine_epoch" in header
+    assert load_teacher(spec, device="cpu").embed_dim == 64
+    again = clip_train(tiny_world / "train", tiny_world / "train" / "captions_en.csv", out, cfg, store=store,
+                       device="cpu", progress=False)
+    assert again == spec  # finished run: resumes at its end and saves the same model
+
+
+def test_freeze_keeps_tower_fixed_and_online_teacher(tiny_world, tmp_path):
+    from clipkd.training.modules import ClipModule
+
+    torch.manual_seed(0)
+    student = load_teacher("open_clip:clipkd-micro", device="cpu")
+    student.model.train().requires_grad_(True)
+    teacher = load_teacher(TEACHER, device="cpu")
+    module = ClipModule(student, kd_loss="mse", teacher=teacher, teacher_dim=teacher.embed_dim, freeze_text=True)
+    frozen = {n: p.clone() for n, p in student.model.named_parameters() if not n.startswith("visual.")}
+    ds = CaptionDataset(load_caption_source(tiny_world / "train", tiny_world / "train" / "captions_en.csv"), None,
+                        lambda im: (student.train_preprocess(im), teacher.preprocess(im)), student.tokenizer)
+    batch = collate_skip([ds[i] for i in range(8)])
+    opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0)
+    module.log_dict = module.log = lambda *a, **k: None
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert module.proj is not None and module.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.model.parameters())
+    opt.step()
+    for n, p in student.model.named_parameters():
+        if n in frozen and n != "logit_scale":
+            assert torch.equal(p, frozen[n]), n
+
+
+def _write_cnclip(tmp_path, world, bad_id="broken"):
+    imgs = sorted((world / "test").rglob("*.png"))[:6]
+    tsv, jsonl = tmp_path / "test_imgs.tsv", tmp_path / "test_texts.jsonl"
+    with tsv.open("w") as f:
+        for i, p in enumerate(imgs):
+            f.write(f"{1000 + i}\t{base64.b64encode(p.read_bytes()).decode()}\n")
+        f.write(f"{bad_id}\tnot-base64-@@@\n")
+    with jsonl.open("w", encoding="utf-8") as f:
+        for i, p in enumerate(imgs):
+            f.write(json.dumps({"text_id": i, "text": f"一个{p.parent.name}", "image_ids": [1000 + i]},
+                               ensure_ascii=False) + "\n")
+        f.write(json.dumps({"text_id": 99, "text": "坏图", "image_ids": [bad_id]}, ensure_ascii=False) + "\n")
+        f.write(json.dumps({"text_id": 100, "text": "不存在", "image_ids": [424242]}, ensure_ascii=False) + "\n")
+    return tsv, jsonl
+
+
+def test_cnclip_tsv_jsonl_reader(tiny_world, tmp_path, capsys):
+    tsv, jsonl = _write_cnclip(tmp_path, tiny_world)
+    source = load_caption_source(tsv, jsonl)
+    assert "1 image id(s)" in capsys.readouterr().out  # 424242 is not in the TSV: left out and reported
+    assert source.missing == ["424242"] and len(source.pairs) == 7
+    ds = CaptionDataset(source, None, lambda im: torch.zeros(3, 4, 4) + im.size[0], lambda t: torch.ones(len(t), 5))
+    items = [ds[i] for i in range(len(ds))]
+    batch = collate_skip(items)
+    assert len(batch["skipped"]) == 1 and "broken" == ds.paths[batch["skipped"][0][0]]  # bad base64: skipped
+    assert batch["image"].shape[0] == 6
+    images = TsvImages(tsv)
+    assert images.open("1000").size == (24, 24)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    with pytest.raises(ClipkdError, match="line 1: expected JSON with 'text' and 'image_ids'"):
+        load_caption_source(tsv, bad)
+
+
+def test_cnclip_checkpoint_roundtrip_and_wrong_architecture(tmp_path):
+    from cn_clip.clip.model import CLIP
+
+    from clipkd.teachers.cnclip import model_info
+
+    torch.manual_seed(0)
+    info, _ = model_info("RN50")
+    model = CLIP(**info).eval()
+    ckpt = tmp_path / "epoch_latest.pt"  # as Chinese-CLIP's training saves it (DDP-wrapped keys)
+    torch.save({"epoch": 1, "step": 10, "name": "test",
+                "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    teacher = load_teacher(f"cn_clip:RN50@{ckpt}", device="cpu")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
+    assert torch.allclose(teacher.encode_image(x), ref, atol=1e-5)
+    texts = ["一只红色的圆形", "蓝色方块"]
+    from cn_clip.clip import tokenize
+
+    with torch.no_grad():
+        ref_t = torch.nn.functional.normalize(model.encode_text(tokenize(texts, context_length=52)), dim=-1)
+    assert torch.allclose(teacher.encode_text(texts), ref_t, atol=1e-5)
+    assert teacher.identity.startswith("cn_clip:RN50@epoch_latest.pt#") and teacher.embed_dim == 1024
+    with pytest.raises(ClipkdError, match="does not fit Chinese-CLIP ViT-B-16"):
+        load_teacher(f"cn_clip:ViT-B-16@{ckpt}", device="cpu")
+    with pytest.raises(ClipkdError, match="cannot be downloaded here"):
+        load_teacher("cn_clip:RN50", device="cpu")
+    with pytest.raises(ClipkdError, match="has no model 'ViT-Q'"):
+        load_teacher("cn_clip:ViT-Q@random", device="cpu")
+
+
+def test_chinese_student_end_to_end(tiny_world, store, tmp_path, capsys):
+    captions = _subset(tiny_world / "train", tmp_path / "zh.csv", 8, "zh")
+    out = tmp_path / "cn"
+    assert main(["clip-train", "--images", str(tiny_world / "train"), "--captions", str(captions),
+                 "--out", str(out), "--model", "cn_clip:RN50@random", "--store", str(store),
+                 "--kd-loss", "cosine", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                 "--device", "cpu"]) == 0
+    assert (out / "cn_clip_model.pt").is_file()
+    test_zh = _subset(tiny_world / "test", tmp_path / "test_zh.csv", 8, "zh")
+    capsys.readouterr()
+    assert main(["eval-retrieval", "--model", str(out), "--images", str(tiny_world / "test"),
+                 "--captions", str(test_zh), "--out", str(tmp_path / "r.json"), "--device", "cpu"]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["model"].startswith("cn_clip:RN50@") and r["n_texts"] > r["n_images"] == 8
+    for k in ("t2i_r@1", "t2i_r@10", "i2t_r@1", "mean_recall", "i2i_map@10", "i2i_p@10"):
+        assert 0.0 <= r[k] <= 1.0
+    assert (tmp_path / "r.png").is_file()
+
+
+def test_bad_inputs_are_clear(tiny_world, store, tmp_path, capsys):
+    zh = tiny_world / "train" / "captions_zh.csv"
+    run = ["clip-train", "--images", str(tiny_world / "train"), "--out", str(tmp_path / "x"), "--epochs", "1",
+           "--device", "cpu", "--workers", "0", "--batch-size", "4"]
+    # an English-only student cannot read Chinese captions
+    assert main(run + ["--captions", str(zh), "--model", "clipkd-micro"]) == 2
+    assert "English-only tokenizer" in capsys.readouterr().err
+    # nor can an English teacher for the affinity loss
+    assert main(run + ["--captions", str(zh), "--model", "cn_clip:RN50@random", "--teacher", TEACHER,
+                       "--kd-loss", "affinity"]) == 2
+    assert "teacher open_clip:clipkd-tiny" in capsys.readouterr().err
+    # affinity from a store alone has no teacher text tower
+    assert main(run + ["--captions", str(tiny_world / "train" / "captions_en.csv"), "--store", str(store),
+                       "--kd-loss", "affinity"]) == 2
+    assert "pass --teacher" in capsys.readouterr().err
+    # captions naming missing images: left out and counted; all missing: an error
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,caption\nnope/1.png,a thing\nnope/2.png,another\n")
+    assert main(run + ["--captions", str(bad)]) == 2
+    assert "none of the images named" in capsys.readouterr().err
+    with pytest.raises(ClipkdError, match="has no model"):
+        load_teacher("open_clip:no-such-net@random", device="cpu")
