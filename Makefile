@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick test lint clean
+.PHONY: demo demo-quick test lint clean bench
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,3 +29,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+bench: $(STAMP)
+	cd benchmarks && ../$(BIN)/python bench_embed.py --data .data/jpegs --out results/embed.md
+	cd benchmarks && ../$(BIN)/python bench_distill.py --data .data/jpegs --out results/distill.md
+	cd benchmarks && ../$(BIN)/python bench_latency.py --out results/latency.md
+	cd benchmarks && ../$(BIN)/python bench_memory.py --data .data/small-jpegs --out results/memory.md

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
@@ -35,6 +36,33 @@ def cosine_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class EpochThroughput(Callback):
+    """Logs ``img_per_s``: images per second of each epoch, from the end of its first batch to its last.
+
+    Steady state as a user sees it (data loading included; start-up and worker spin-up excluded).
+    Lightning's ``ThroughputMonitor`` logs windowed rates on the step cadence instead.
+    """
+
+    def __init__(self) -> None:
+        self.t0, self.images, self.last = 0.0, 0, 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.t0, self.images = 0.0, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, idx: int) -> None:
+        if torch.cuda.is_available() and module.device.type == "cuda":
+            torch.cuda.synchronize()
+        if self.t0 == 0.0:
+            self.t0 = time.perf_counter()
+        else:
+            self.images += len(batch["index"])
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.images:
+            self.last = self.images / (time.perf_counter() - self.t0)
+            module.log("img_per_s", self.last, on_epoch=True)
 
 
 def fit(
@@ -63,7 +91,7 @@ def fit(
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise ClipkdError(f"--device {device} requested but CUDA is not available on this machine")
-    callbacks: list = [ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_last=False,
+    callbacks: list = [EpochThroughput(), ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_last=False,
                                        every_n_epochs=1, save_top_k=1, enable_version_counter=False)]
     if monitor:
         callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor,
