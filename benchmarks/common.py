@@ -81,7 +81,9 @@ def flops_per_image(model: torch.nn.Module, shape: Sequence[int]) -> float:
 def table(rows: list[dict[str, object]], cols: Sequence[str]) -> str:
     """A Markdown table of ``rows`` with ``cols``."""
     def fmt(v: object) -> str:
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+        return str(v)
 
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]

@@ -162,6 +162,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("files", nargs="+", help="image files")
 
+    p = sub.add_parser("dataset", help="real datasets -> clipkd inputs (image lists, split files)")
+    dsub = p.add_subparsers(dest="dataset", required=True, metavar="KIND")
+    q = dsub.add_parser("xlsa17", help="AwA2/CUB/SUN/aPY proposed splits (att_splits.mat + res101.mat)")
+    q.add_argument("--splits", required=True, help="folder with att_splits.mat and res101.mat (e.g. xlsa17/data/CUB)")
+    q.add_argument("--images", required=True, help="your copy of the dataset's images (the authors' absolute "
+                   "paths are re-rooted onto it)")
+    q.add_argument("--out", required=True, help="folder for trainval/test_seen/test_unseen/test .csv, split.json")
+    q = dsub.add_parser("coop", help="CoOp base-to-new split: sorted classes, first ceil(n/2) are base (seen)")
+    q.add_argument("--images", required=True, help="ImageFolder, image list, or class-name file")
+    q.add_argument("--out", required=True, help="split .json")
+
+    p = sub.add_parser("store-import", help="a seed-style folder of one .npy per image -> embedding store")
+    p.add_argument("--npy", required=True, help="folder of <image name>.npy (or <relative path>.npy) files")
+    p.add_argument("--images", required=True, help="the images they belong to (folder)")
+    p.add_argument("--teacher", required=True, help="the teacher that made them (its spec), recorded as identity")
+    p.add_argument("--out", required=True, help="store folder")
+
+    p = sub.add_parser("store-export", help="embedding store -> seed-style folder of one .npy per image")
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--mirror", action="store_true", help="<relative path>.npy instead of <image name>.npy")
+
+    p = sub.add_parser("import-text", help="seed-style text_prompts.txt + (C, D) .npy -> text embeddings .npz")
+    p.add_argument("--prompts", required=True, help="text_prompts.txt, one prompt per class per line")
+    p.add_argument("--embeddings", required=True, help=".npy with one row per line of --prompts")
+    p.add_argument("--teacher", required=True, help="the teacher that made them (its spec), recorded as identity")
+    p.add_argument("--logit-scale", type=float, default=100.0)
+    p.add_argument("--out", required=True, help="output .npz")
+
     p = sub.add_parser("demo", help="the whole pipeline in the demo world, with a results table")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a small world and short training (about a minute)")
@@ -258,6 +287,33 @@ def run(a: argparse.Namespace) -> int:
                 print(f"{r['file']}: skipped ({r['error']})")
             else:
                 print(f"{r['file']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+    elif a.command == "dataset":
+        from .data import datasets
+
+        if a.dataset == "xlsa17":
+            counts = datasets.write_xlsa17(a.splits, a.images, a.out)
+            print(f"{a.out}: " + ", ".join(f"{k}.csv {v} images" for k, v in counts.items()) + ", split.json")
+        else:
+            from .data.splits import write_split
+            from .prompts import load_classnames
+
+            split = datasets.coop_base_to_new(load_classnames(a.images))  # label order
+            write_split(a.out, split)
+            print(f"{len(split.seen)} base (seen) and {len(split.unseen)} new (unseen) classes -> {a.out}")
+    elif a.command == "store-import":
+        from .store import import_npy_folder
+
+        st = import_npy_folder(a.npy, a.images, a.out, a.teacher)
+        print(f"store {a.out}: {len(st)} embeddings ({st.embed_dim}-d), {st.manifest['skipped_count']} skipped")
+    elif a.command == "store-export":
+        from .store import export_npy_folder
+
+        print(f"{export_npy_folder(a.store, a.out, flat=not a.mirror)} .npy files -> {a.out}")
+    elif a.command == "import-text":
+        from .prompts import import_seed_text
+
+        emb = import_seed_text(a.prompts, a.embeddings, a.teacher, a.logit_scale)
+        print(f"{len(emb.classnames)} class embeddings -> {emb.save(a.out)}")
     elif a.command == "demo":
         from .demo import run_demo
 

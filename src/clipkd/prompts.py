@@ -43,12 +43,13 @@ def load_templates(spec: str) -> list[str]:
 
 
 def load_classnames(source: str | Path) -> list[str]:
-    """Class names from an ImageFolder (sub-folder names, cleaned) or a text file (one per line)."""
+    """Class names from an ImageFolder (sub-folder names cleaned; ImageNet wnids → readable names),
+    a ``path,label`` image list (``.csv``/``.tsv``), or a text file (one name per line)."""
     source = Path(source)
-    if source.is_dir():
-        from .data.folders import scan_image_folder
+    if source.is_dir() or source.suffix.lower() in (".csv", ".tsv"):
+        from .data.datasets import load_labelled
 
-        return scan_image_folder(source).classnames
+        return load_labelled(source).classnames
     if source.is_file():
         names = [ln.strip() for ln in source.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not names:
@@ -158,3 +159,19 @@ def embed_prompts(teacher, prompts: dict[str, list[str]]) -> TextEmbeddings:
         out.append(F.normalize(emb[start : start + len(ps)].mean(0), dim=-1))
         start += len(ps)
     return TextEmbeddings(torch.stack(out).numpy(), list(prompts), teacher.identity, teacher.logit_scale)
+
+
+def import_seed_text(prompts_txt: str | Path, embeddings_npy: str | Path, teacher: str,
+                     logit_scale: float = 100.0) -> TextEmbeddings:
+    """A seed-style ``text_prompts.txt`` (one prompt per class per line) with its (C, D) ``.npy`` of text
+    embeddings → :class:`TextEmbeddings` (rows L2-normalised; ``teacher`` names the model that made them)."""
+    prompts = read_prompts(prompts_txt)
+    try:
+        emb = np.load(embeddings_npy).astype(np.float32)
+    except (OSError, ValueError) as e:
+        raise ClipkdError(f"cannot read text embeddings {embeddings_npy}: {e}") from None
+    emb = emb.reshape(emb.shape[0], -1) if emb.ndim > 2 else emb
+    if emb.ndim != 2 or emb.shape[0] != len(prompts):
+        raise ClipkdError(f"{embeddings_npy} has shape {emb.shape}, but {prompts_txt} names {len(prompts)} classes")
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return TextEmbeddings(emb, list(prompts), teacher, logit_scale)

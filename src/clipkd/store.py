@@ -98,12 +98,68 @@ class EmbeddingStore:
                               f"not '{identity}'; use another --out folder")
 
 
-def _new_manifest(teacher, images_root: Path, shard_size: int) -> dict[str, Any]:
-    info = teacher.describe()
+def _new_manifest(info: dict[str, Any], images_root: Path, shard_size: int) -> dict[str, Any]:
     return {"format": STORE_FORMAT, "teacher": info["teacher"], "embed_dim": info["embed_dim"],
             "preprocess": info["preprocess"], "normalized": "l2", "dtype": "float16",
             "images_root": str(images_root.resolve()), "shard_size": shard_size, "count": 0,
             "skipped_count": 0, "skipped": [], "shards": [], "seconds": 0.0}
+
+
+class ShardWriter:
+    """Appends rows to a store: buffers up to ``shard_size`` rows, then writes the shard atomically and
+    only then the manifest naming it (so a killed job loses at most the shard in progress)."""
+
+    def __init__(self, out: Path, manifest: dict[str, Any], shard_size: int) -> None:
+        self.out, self.manifest, self.shard_size = out, manifest, shard_size
+        self.emb: list[np.ndarray] = []
+        self.paths: list[str] = []
+        self.skipped: list[dict[str, str]] = []
+        self.t0 = time.perf_counter()
+
+    @property
+    def skipped_count(self) -> int:
+        return self.manifest["skipped_count"] + len(self.skipped)
+
+    def add(self, emb: np.ndarray, paths: Sequence[str]) -> None:
+        self.emb.append(np.asarray(emb, dtype=np.float16))
+        self.paths.extend(paths)
+        self._maybe_flush()
+
+    def skip(self, path: str, error: str) -> None:
+        self.skipped.append({"path": path, "error": error})
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if len(self.paths) + len(self.skipped) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not (self.paths or self.skipped):
+            return
+        m = self.manifest
+        name = f"shard-{len(m['shards']):05d}"
+        emb = np.concatenate(self.emb) if self.emb else np.zeros((0, m["embed_dim"]), np.float16)
+        write_text(self.out / f"{name}.txt", "".join(p + "\n" for p in self.paths))
+        write_npy(self.out / f"{name}.npy", emb)
+        m["shards"].append({"file": f"{name}.npy", "paths": f"{name}.txt", "count": len(self.paths)})
+        m["count"] += len(self.paths)
+        m["skipped"].extend(self.skipped)
+        m["skipped_count"] = len(m["skipped"])
+        now = time.perf_counter()
+        m["seconds"] = round(m["seconds"] + now - self.t0, 3)
+        self.t0 = now
+        write_json(self.out / "manifest.json", m)
+        self.emb, self.paths, self.skipped = [], [], []
+
+
+def _open_for_append(info: dict[str, Any], images: Path, out: Path, shard_size: int):
+    """The manifest to extend (checking the teacher) and the paths already done (embedded or skipped)."""
+    if (out / "manifest.json").exists():
+        store = EmbeddingStore(out)
+        store.check_teacher(info["teacher"])
+        return store.manifest, set(store.paths) | {s["path"] for s in store.manifest["skipped"]}
+    out.mkdir(parents=True, exist_ok=True)
+    return _new_manifest(info, images, shard_size), set()
 
 
 def embed_images(
@@ -116,23 +172,21 @@ def embed_images(
     progress: bool = True,
     max_images: int | None = None,
 ) -> EmbeddingStore:
-    """Embed every image under ``images`` with ``teacher`` into the store at ``out`` (resuming).
+    """Embed every image under ``images`` (a folder, or a ``path,label`` list) into the store at ``out`` (resuming).
 
     Images already in a finished shard (or recorded as skipped) are not recomputed; files that
     cannot be decoded are skipped and listed in the manifest. ``max_images`` stops after that
     many new images (used to test resumption).
     """
     images, out = Path(images), Path(out)
-    files = list_images(images)
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        store = EmbeddingStore(out)
-        store.check_teacher(teacher.identity)
-        manifest = store.manifest
-        done = set(store.paths) | {s["path"] for s in manifest["skipped"]}
+    if images.is_file():  # a path,label list (e.g. from `clipkd dataset xlsa17`): its paths key the store
+        from .data.datasets import read_image_list
+
+        listed = read_image_list(images)
+        images, files = listed.root, list(dict.fromkeys(listed.paths))
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        manifest, done = _new_manifest(teacher, images, shard_size), set()
+        files = list_images(images)
+    manifest, done = _open_for_append(teacher.describe(), images, out, shard_size)
     pending = [f for f in files if f not in done]
     if max_images is not None:
         pending = pending[:max_images]
@@ -142,43 +196,81 @@ def embed_images(
     draft = max(manifest["preprocess"].get("size") or [0]) or None
     loader = make_loader(ImageDataset(images, pending, teacher.preprocess, draft_size=draft),
                          batch_size=batch_size, workers=workers)
-    buf_emb: list[np.ndarray] = []
-    buf_paths: list[str] = []
-    buf_skipped: list[dict[str, str]] = []
-    t0 = time.perf_counter()
-
-    def flush() -> None:
-        nonlocal t0
-        n = len(manifest["shards"])
-        name = f"shard-{n:05d}"
-        emb = np.concatenate(buf_emb) if buf_emb else np.zeros((0, manifest["embed_dim"]), np.float16)
-        write_text(out / f"{name}.txt", "".join(p + "\n" for p in buf_paths))
-        write_npy(out / f"{name}.npy", emb)
-        manifest["shards"].append({"file": f"{name}.npy", "paths": f"{name}.txt", "count": len(buf_paths)})
-        manifest["count"] += len(buf_paths)
-        manifest["skipped"].extend(buf_skipped)
-        manifest["skipped_count"] = len(manifest["skipped"])
-        now = time.perf_counter()
-        manifest["seconds"] = round(manifest["seconds"] + now - t0, 3)
-        t0 = now
-        write_json(manifest_path, manifest)
-        buf_emb.clear(), buf_paths.clear(), buf_skipped.clear()
-
+    writer = ShardWriter(out, manifest, shard_size)
     bar = tqdm(total=len(pending), desc="embed-images", unit="img", disable=not progress)
     with torch.inference_mode():
         for batch in loader:
             for idx, err in batch["skipped"]:
-                buf_skipped.append({"path": pending[idx], "error": err})
+                writer.skip(pending[idx], err)
             if batch["image"] is not None:
-                emb = teacher.encode_image(batch["image"]).cpu().numpy().astype(np.float16)
-                buf_emb.append(emb)
-                buf_paths.extend(pending[i] for i in batch["index"].tolist())
-            step = len(batch["index"]) + len(batch["skipped"])
-            bar.update(step)
-            bar.set_postfix(skipped=manifest["skipped_count"] + len(buf_skipped))
-            if len(buf_paths) + len(buf_skipped) >= shard_size:
-                flush()
-    if buf_paths or buf_skipped:
-        flush()
+                emb = teacher.encode_image(batch["image"]).cpu().numpy()
+                writer.add(emb, [pending[i] for i in batch["index"].tolist()])
+            bar.update(len(batch["index"]) + len(batch["skipped"]))
+            bar.set_postfix(skipped=writer.skipped_count)
+    writer.flush()
     bar.close()
     return EmbeddingStore(out)
+
+
+# --- the seed's layout: one .npy per image (NVIDIA clip-distillation, the first seed) ---
+
+def _npy_name(path: str, flat: bool) -> str:
+    return (Path(path).stem if flat else Path(path).with_suffix("").as_posix()) + ".npy"
+
+
+def import_npy_folder(npy_dir: str | Path, images: str | Path, out: str | Path, teacher: str,
+                      preprocess: dict[str, Any] | None = None, shard_size: int = 8192,
+                      progress: bool = True) -> EmbeddingStore:
+    """Build a store from one ``.npy`` per image: ``npy_dir/<image stem>.npy`` (the seed's flat layout)
+    or ``npy_dir/<relative path without extension>.npy``. Rows are L2-normalised. ``teacher`` names
+    the model that made them (recorded as the store's teacher identity). Images with no ``.npy``
+    are counted and listed; unreadable ``.npy`` files are skipped and listed like undecodable images."""
+    npy_dir, images, out = Path(npy_dir), Path(images), Path(out)
+    if not npy_dir.is_dir():
+        raise ClipkdError(f"embedding folder not found: {npy_dir}")
+    files = list_images(images)
+    flat = not any((npy_dir / _npy_name(f, False)).is_file() for f in files[:50])
+    if flat:
+        stems: dict[str, list[str]] = {}
+        for f in files:
+            stems.setdefault(Path(f).stem, []).append(f)
+        dupes = [v for v in stems.values() if len(v) > 1]
+        if dupes:
+            raise ClipkdError(f"{len(dupes)} image names repeat across folders (e.g. {dupes[0][:2]}), so a flat "
+                              f"folder of <name>.npy files in {npy_dir} is ambiguous; use <relative path>.npy")
+    have = [f for f in files if (npy_dir / _npy_name(f, flat)).is_file()]
+    if not have:
+        raise ClipkdError(f"no .npy file in {npy_dir} matches an image under {images} "
+                          f"(expected e.g. {npy_dir / _npy_name(files[0], True)})")
+    first = np.load(npy_dir / _npy_name(have[0], flat)).reshape(-1)
+    info = {"teacher": teacher, "embed_dim": int(first.size), "preprocess": preprocess or {}}
+    manifest, done = _open_for_append(info, images, out, shard_size)
+    writer = ShardWriter(out, manifest, shard_size)
+    for f in tqdm([f for f in have if f not in done], desc="import .npy", unit="file", disable=not progress):
+        try:
+            v = np.load(npy_dir / _npy_name(f, flat)).astype(np.float32).reshape(-1)
+            if v.size != info["embed_dim"]:
+                raise ValueError(f"size {v.size}, expected {info['embed_dim']}")
+        except (OSError, ValueError) as e:
+            writer.skip(f, f"{type(e).__name__}: {e}")
+            continue
+        writer.add((v / max(float(np.linalg.norm(v)), 1e-12))[None], [f])
+    writer.flush()
+    if len(have) < len(files):
+        print(f"note: {len(files) - len(have)} of {len(files)} images have no .npy in {npy_dir}, "
+              f"e.g. {[f for f in files if f not in set(have)][:3]}")
+    return EmbeddingStore(out)
+
+
+def export_npy_folder(store: str | Path, out: str | Path, flat: bool = True) -> int:
+    """Write each store row as ``out/<image stem>.npy`` (float32; the seed's layout), or with
+    ``flat=False`` as ``out/<relative path without extension>.npy``. Returns the number written."""
+    st, out = EmbeddingStore(store), Path(out)
+    names = [_npy_name(p, flat) for p in st.paths]
+    if flat and len(set(names)) < len(names):
+        raise ClipkdError(f"store {store} has images with the same file name in different folders; "
+                          "export with the mirrored layout (--mirror)")
+    emb = st.embeddings()
+    for name, row in zip(names, emb, strict=True):
+        write_npy(out / name, np.asarray(row, dtype=np.float32))
+    return len(names)

@@ -36,21 +36,27 @@ def plot_gzsl_curves(curves: Mapping[str, dict], path: str | Path, title: str = 
 
 
 def plot_training_curves(metrics_csvs: list[Path], path: str | Path) -> Path | None:
-    """Plot every ``*_epoch`` loss column of Lightning CSV logs (earlier segments first) against the epoch."""
+    """Plot every ``*_epoch`` loss column of Lightning CSV logs (earlier segments first) against the epoch,
+    and the ``val/*`` metrics beside them when the run validated."""
     rows: list[dict[str, str]] = []
     for metrics_csv in sorted(metrics_csvs, key=lambda p: (p.name == "metrics.csv", p.name)):
         with Path(metrics_csv).open(newline="") as f:
             rows.extend(csv.DictReader(f))
-    cols = sorted({k for r in rows for k, v in r.items() if k.endswith("_epoch") and v})
-    if not cols:
+    losses = sorted({k for r in rows for k, v in r.items() if k.endswith("_epoch") and v})
+    vals = sorted({k for r in rows for k, v in r.items() if k.startswith("val/") and v})
+    if not losses:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for col in cols:
-        pts = [(float(r["epoch"]), float(r[col])) for r in rows if r.get(col)]
-        ax.plot([p[0] + 1 for p in pts], [p[1] for p in pts], marker="o", label=col.removesuffix("_epoch"))
-    ax.set(xlabel="epoch", ylabel="loss", title="Training curves")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2 if vals else 1, figsize=(11 if vals else 6, 4), squeeze=False)
+    for ax, cols, ylabel, title in ((axes[0, 0], losses, "loss", "Training curves"),
+                                    (axes[0, -1], vals, "fraction", "Validation retrieval")):
+        if not cols:
+            continue
+        for col in cols:
+            pts = [(float(r["epoch"]), float(r[col])) for r in rows if r.get(col)]
+            ax.plot([p[0] + 1 for p in pts], [p[1] for p in pts], marker="o", label=col.removesuffix("_epoch"))
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 

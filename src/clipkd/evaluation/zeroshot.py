@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data.folders import LabelledImages, scan_image_folder
+from ..data.datasets import load_labelled
+from ..data.folders import LabelledImages
 from ..data.loader import ImageDataset, load_rgb, make_loader
 from ..data.splits import load_split
 from ..errors import ClipkdError
@@ -144,7 +145,7 @@ def evaluate(
     GZSL: S, U, H at gamma=0; calibrated stacking with gamma chosen on ``val`` (maximum H); the
     seen–unseen curve and its area (AUSUC). Accuracies are fractions in [0, 1].
     """
-    data = scan_image_folder(images)
+    data = load_labelled(images)
     classnames = TextEmbeddings.load(text).classnames if text else list(data.classnames)
     sp = load_split(split, classnames) if split is not None else None  # fail before any scoring
     scorer = load_scorer(model, classnames, text, templates, device)
@@ -163,7 +164,7 @@ def evaluate(
     result.update({"S": g0.S, "U": g0.U, "H": g0.H})
     gamma = 0.0
     if val is not None:
-        vdata = scan_image_folder(val)
+        vdata = load_labelled(val)
         vscores, vlabels, _ = score_folder(scorer, vdata, batch_size, workers, progress)
         gamma = metrics.choose_gamma(vscores, vlabels, seen)
     cal = metrics.gzsl(scores, labels, seen, gamma)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torchvision import transforms as T
 
-from ..data.folders import scan_image_folder
+from ..data.datasets import load_labelled
 from ..data.loader import ImageDataset, make_loader
 from ..data.splits import load_split
 from ..errors import ClipkdError
@@ -46,7 +46,7 @@ class TrainConfig(Recipe):
 
 
 def _seen_images(images: str | Path, split_path: str | Path | None):
-    data = scan_image_folder(images)
+    data = load_labelled(images)
     if split_path is None:
         return data, list(data.classnames)
     split = load_split(split_path)

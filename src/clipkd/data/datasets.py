@@ -1,0 +1,207 @@
+"""Real datasets: image lists (CSV/TSV), ImageNet WordNet-id folders, the xlsa17 GZSL benchmarks
+(AwA2, CUB, SUN, aPY "proposed splits"), and CoOp's base-to-new split.
+
+Everything becomes a :class:`LabelledImages` (what training and evaluation read) and, for GZSL, a
+:class:`Split`; ``clipkd dataset xlsa17`` writes them as ``path,label`` lists and ``split.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from ..errors import ClipkdError
+from ..fileio import write_text
+from .folders import LabelledImages, clean_classname, scan_image_folder
+from .splits import Split
+
+WNID = re.compile(r"^n\d{8}$")
+
+
+def imagenet_classnames(wnids: Sequence[str]) -> list[str] | None:
+    """Readable names for ImageNet WordNet ids (open_clip's ``IMAGENET_CLASSNAMES``, which follow the
+    sorted order of the 1000 ILSVRC wnids, as timm's ``ImageNetInfo`` lists them); None if not all are."""
+    if not wnids or not all(WNID.match(w) for w in wnids):
+        return None
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    from timm.data import ImageNetInfo
+
+    index = {w: i for i, w in enumerate(ImageNetInfo().label_names())}
+    unknown = [w for w in wnids if w not in index]
+    if unknown:
+        return None
+    return [IMAGENET_CLASSNAMES[index[w]] for w in wnids]
+
+
+def read_image_list(path: str | Path, root: str | Path | None = None, max_missing: float = 0.01) -> LabelledImages:
+    """A ``path,label`` list (CSV, or TSV when the file ends in ``.tsv``) with a header row.
+
+    Paths are relative to ``root`` (default: the list's folder) or absolute; labels are class names
+    (classes sorted). Listed files missing under ``root`` are left out with a note when they are at
+    most ``max_missing`` of the list; more than that means a wrong root: an error with the count and
+    the first few.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ClipkdError(f"image list not found: {path}")
+    root = Path(root) if root is not None else path.parent
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise ClipkdError(f"image list {path} needs a header with columns 'path' and 'label', "
+                              f"found {reader.fieldnames}")
+        rows = [(r["path"], r["label"]) for r in reader if r["path"] and r["label"]]
+    if not rows:
+        raise ClipkdError(f"image list {path} has no rows")
+    missing = [p for p, _ in rows if not (root / p).is_file()]
+    if missing:
+        if len(missing) > max_missing * len(rows):
+            raise ClipkdError(f"{len(missing)} of the {len(rows)} images listed in {path} are not under {root}, "
+                              f"e.g. {missing[:3]} (wrong image root?)")
+        print(f"note: {len(missing)} of {len(rows)} listed images are missing under {root}; left out, "
+              f"e.g. {missing[:3]}")
+        gone = set(missing)
+        rows = [r for r in rows if r[0] not in gone]
+    classnames = sorted({label for _, label in rows})
+    pos = {c: i for i, c in enumerate(classnames)}
+    return LabelledImages(root, [p for p, _ in rows], [pos[c] for _, c in rows], classnames)
+
+
+def write_image_list(path: str | Path, data: LabelledImages, indices: Sequence[int] | None = None) -> Path:
+    """Write (a subset of) ``data`` as a ``path,label`` CSV, paths relative to ``data.root``."""
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "label"])
+    for i in indices if indices is not None else range(len(data.paths)):
+        w.writerow([data.paths[i], data.classnames[data.labels[i]]])
+    return write_text(path, buf.getvalue())
+
+
+def load_labelled(images: str | Path, root: str | Path | None = None) -> LabelledImages:
+    """Labelled images from an ImageFolder (ImageNet wnid folders get readable names) or a list file."""
+    images = Path(images)
+    if images.is_file():
+        return read_image_list(images, root)
+    data = scan_image_folder(images)
+    folders = sorted({PurePosixPath(p).parts[0] for p in data.paths})
+    names = imagenet_classnames(folders)
+    if names is not None and len(folders) == len(data.classnames):
+        return LabelledImages(data.root, data.paths, data.labels, names)
+    return data
+
+
+def coop_base_to_new(classnames: Sequence[str]) -> Split:
+    """CoOp's base-to-new split: classes in sorted label order, the first ceil(n/2) are base (seen)."""
+    ordered = list(classnames)
+    n_base = math.ceil(len(ordered) / 2)
+    return Split(seen=ordered[:n_base], unseen=ordered[n_base:])
+
+
+# --- xlsa17 (Xian et al., "Zero-Shot Learning — the Good, the Bad and the Ugly", proposed splits) ---
+
+XLSA_SPLIT_FIELDS = ("allclasses_names", "trainval_loc", "test_seen_loc", "test_unseen_loc")
+XLSA_RES_FIELDS = ("image_files", "labels")
+
+
+def _loadmat(path: Path, fields: Sequence[str]) -> dict:
+    from scipy.io import loadmat
+
+    if not path.is_file():
+        raise ClipkdError(f"xlsa17 file not found: {path}")
+    try:
+        mat = loadmat(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable .mat is the same user error
+        raise ClipkdError(f"cannot read {path} as a MATLAB file: {type(e).__name__}: {e}") from None
+    missing = [f for f in fields if f not in mat]
+    if missing:
+        raise ClipkdError(f"{path} lacks field(s) {missing} (an xlsa17 file has {list(fields)})")
+    return mat
+
+
+def _strings(cell) -> list[str]:
+    """MATLAB cell array of strings → list of str."""
+    return [str(np.asarray(x).ravel()[0]) if np.asarray(x).size else "" for x in np.asarray(cell).ravel()]
+
+
+def xlsa_classname(raw: str) -> str:
+    """``001.Black_footed_Albatross`` → ``black footed albatross``; ``antelope`` → ``antelope``."""
+    return clean_classname(re.sub(r"^\d+\.", "", raw)).lower()
+
+
+def reroot(paths: Sequence[str], image_root: Path) -> tuple[list[str], int]:
+    """Map the authors' absolute paths onto ``image_root``: find how many leading components to drop
+    (the fewest that make the files exist), apply that to all. Returns the relative paths and the count dropped."""
+    sample = [PurePosixPath(p) for p in paths[:: max(1, len(paths) // 50)][:50]]
+    depth = max(len(p.parts) for p in sample)
+    best, best_hits = None, 0
+    for drop in range(depth):
+        hits = sum((image_root / PurePosixPath(*p.parts[drop:])).is_file() for p in sample if len(p.parts) > drop)
+        if hits > best_hits:
+            best, best_hits = drop, hits
+    if best is None:
+        raise ClipkdError(f"none of the xlsa17 image files (e.g. {paths[0]}) are under {image_root}, whichever "
+                          "leading folders are dropped; pass the folder that holds the dataset's images")
+    return [PurePosixPath(*PurePosixPath(p).parts[best:]).as_posix() for p in paths], best
+
+
+def read_xlsa17(split_dir: str | Path, image_root: str | Path) -> tuple[LabelledImages, Split, dict[str, list[int]]]:
+    """Read ``att_splits.mat`` and ``res101.mat`` of one xlsa17 dataset.
+
+    Returns all images (re-rooted onto ``image_root``, readable class names), the seen/unseen split
+    (seen = classes of ``trainval``, unseen = classes of ``test_unseen``) and the image indices of
+    ``trainval``, ``test_seen`` and ``test_unseen`` (0-based; the files' locations are 1-based).
+    Listed files missing under the root are an error naming how many and the first few.
+    """
+    split_dir, image_root = Path(split_dir), Path(image_root)
+    att = _loadmat(split_dir / "att_splits.mat", XLSA_SPLIT_FIELDS)
+    res = _loadmat(split_dir / "res101.mat", XLSA_RES_FIELDS)
+    if not image_root.is_dir():
+        raise ClipkdError(f"image folder not found: {image_root}")
+    names = [xlsa_classname(c) for c in _strings(att["allclasses_names"])]
+    files = _strings(res["image_files"])
+    labels = np.asarray(res["labels"]).ravel().astype(int) - 1
+    if len(files) != len(labels):
+        raise ClipkdError(f"{split_dir / 'res101.mat'}: {len(files)} image_files but {len(labels)} labels")
+    if labels.min() < 0 or labels.max() >= len(names):
+        raise ClipkdError(f"{split_dir / 'res101.mat'}: labels outside 1..{len(names)} (allclasses_names)")
+    parts = {}
+    for key in ("trainval", "test_seen", "test_unseen"):
+        loc = np.asarray(att[f"{key}_loc"]).ravel().astype(int) - 1
+        if loc.size and (loc.min() < 0 or loc.max() >= len(files)):
+            raise ClipkdError(f"{split_dir / 'att_splits.mat'}: {key}_loc points outside the {len(files)} images")
+        parts[key] = loc.tolist()
+    rel, _ = reroot(files, image_root)
+    missing = [p for p in rel if not (image_root / p).is_file()]
+    if missing:
+        raise ClipkdError(f"{len(missing)} of the {len(rel)} xlsa17 images are not under {image_root}, "
+                          f"e.g. {missing[:3]}")
+    seen_ids = sorted({int(labels[i]) for i in parts["trainval"]})
+    unseen_ids = sorted({int(labels[i]) for i in parts["test_unseen"]})
+    data = LabelledImages(image_root, rel, labels.tolist(), names)
+    return data, Split([names[i] for i in seen_ids], [names[i] for i in unseen_ids]), parts
+
+
+def write_xlsa17(split_dir: str | Path, image_root: str | Path, out: str | Path) -> dict[str, int]:
+    """Write an xlsa17 dataset as clipkd inputs: ``trainval.csv``, ``test_seen.csv``, ``test_unseen.csv``,
+    ``test.csv`` (both test parts), ``split.json`` and ``classes.txt``. List paths are absolute, so the
+    lists work from anywhere as ``--images``. Returns the number of images in each list."""
+    from .splits import write_split
+
+    data, split, parts = read_xlsa17(split_dir, image_root)
+    out = Path(out)
+    absolute = LabelledImages(data.root, [str((data.root / p).resolve()) for p in data.paths], data.labels,
+                              data.classnames)
+    parts["test"] = parts["test_seen"] + parts["test_unseen"]
+    for name, idx in parts.items():
+        write_image_list(out / f"{name}.csv", absolute, idx)
+    write_split(out / "split.json", split)
+    write_text(out / "classes.txt", "".join(c + "\n" for c in data.classnames))
+    return {name: len(idx) for name, idx in parts.items()}
