@@ -72,6 +72,7 @@ class Teacher:
     logit_scale: float = 100.0
     train_preprocess: Callable[[Image.Image], torch.Tensor] | None = None
     language: str = "multi"
+    image_prefixes: tuple[str, ...] = ("visual.",)  # parameter names of the image tower (for freezing)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda" and self.precision in ("fp16", "bf16"):

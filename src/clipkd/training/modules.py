@@ -137,8 +137,9 @@ class ClipModule(OptimMixin, L.LightningModule):
         if kd_loss in ("cosine", "mse") and teacher_dim and teacher_dim != clip.embed_dim:
             self.proj = torch.nn.Linear(clip.embed_dim, teacher_dim, bias=False)
         self.freeze_image, self.freeze_text = freeze_image, freeze_text
+        self.image_prefixes = tuple(getattr(clip, "image_prefixes", ("visual.",)))
         for name, p in self.model.named_parameters():
-            is_image = name.startswith("visual.")
+            is_image = name.startswith(self.image_prefixes)
             if (is_image and freeze_image) or (not is_image and name != "logit_scale" and freeze_text):
                 p.requires_grad_(False)
         self.val_texts, self.val_owner, self.val_labels = val_texts, val_owner, val_labels
@@ -147,7 +148,9 @@ class ClipModule(OptimMixin, L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         if self.freeze_image:  # frozen towers keep their normalisation statistics
-            self.model.visual.eval()
+            for name, m in self.model.named_modules():
+                if (name + ".").startswith(self.image_prefixes):
+                    m.eval()
 
     def training_step(self, batch: dict[str, Any], _: int) -> torch.Tensor | None:
         self.skipped += len(batch["skipped"])
