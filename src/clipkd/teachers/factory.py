@@ -27,7 +27,7 @@ def list_backends() -> list[str]:
 
 
 def _import_builtin() -> None:
-    from . import cnclip, hf, openclip  # noqa: F401  (each registers itself)
+    from . import cnclip, hf, modelscope, openclip  # noqa: F401  (each registers itself)
 
 
 def load_teacher(spec: str, device: str | None = "auto", precision: str = "auto") -> Teacher:
