@@ -152,3 +152,25 @@ def test_seed_text_import(tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((3, 2)))
     with pytest.raises(ClipkdError, match=r"shape \(3, 2\), but .* names 2 classes"):
         import_seed_text(tmp_path / "text_prompts.txt", tmp_path / "bad.npy", "x")
+
+
+def test_lists_drive_embed_distill_and_eval(tiny_world, fake_teacher, tmp_path):
+    from clipkd.data.datasets import write_image_list
+    from clipkd.data.folders import scan_image_folder
+    from clipkd.evaluation.zeroshot import evaluate
+    from clipkd.prompts import embed_prompts
+    from clipkd.training.distill import TrainConfig, distill
+
+    data = scan_image_folder(tiny_world / "train")
+    absolute = type(data)(data.root, [str(data.root / p) for p in data.paths], data.labels, data.classnames)
+    write_image_list(tmp_path / "train.csv", absolute)
+    store = embed_images(fake_teacher, tmp_path / "train.csv", tmp_path / "store", progress=False)
+    assert len(store) == len(data.paths) and store.paths[0].startswith("/")
+    text = embed_prompts(fake_teacher, {c: [c] for c in data.classnames})
+    text.save(tmp_path / "text.npz")
+    run = distill(tmp_path / "train.csv", tmp_path / "run", TrainConfig(student="resnet10t", epochs=1, batch_size=16,
+                                                                        workers=0), store=tmp_path / "store",
+                  split=tiny_world / "split.json", device="cpu", progress=False)
+    r = evaluate(str(run), tiny_world / "test", text=tmp_path / "text.npz", split=tiny_world / "split.json",
+                 device="cpu", progress=False)
+    assert 0 <= r["H"] <= 1
