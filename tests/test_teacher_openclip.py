@@ -1,5 +1,6 @@
 """The open_clip backend, exercised the way a user loads a checkpoint: build, save, load by spec."""
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -7,6 +8,7 @@ from PIL import Image
 
 import clipkd.teachers.openclip  # noqa: F401  (registers clipkd-tiny)
 from clipkd.errors import ClipkdError
+from clipkd.store import embed_images
 from clipkd.teachers import load_teacher
 
 
@@ -58,3 +60,43 @@ def test_bad_specs_are_one_line_errors(tiny_ckpt, tmp_path):
         load_teacher("ViT-B-32", device="cpu")
     with pytest.raises(ClipkdError, match="only supported on GPU"):
         load_teacher(f"open_clip:clipkd-tiny@{path}", device="cpu", precision="bf16")
+
+
+def _tiny_folder(root, n=7):
+    from tests.conftest import write_image
+
+    for i in range(n):
+        write_image(root / "c" / f"{i}.png", size=(40, 30), colour=(30 * i, 90, 200 - 20 * i))
+    return root
+
+
+def test_compiled_image_tower_matches_eager_and_pads_the_last_batch(tmp_path):
+    t = load_teacher("open_clip:clipkd-micro@random", device="cpu")
+    imgs = _tiny_folder(tmp_path / "imgs")
+    eager = embed_images(t, imgs, tmp_path / "eager", batch_size=4, workers=0, progress=False, compile=False)
+    assert t._compiled is None  # off by default
+    comp = embed_images(t, imgs, tmp_path / "comp", batch_size=4, workers=0, progress=False, compile=True)
+    assert t._compiled is not None and t._compiled_checked  # still compiled after both batches (4 + 3 padded)
+    np.testing.assert_allclose(comp.embeddings(), eager.embeddings(), atol=1e-4)
+    assert comp.paths == eager.paths
+
+
+@pytest.mark.parametrize("fault", ["raises", "wrong"])
+def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, fault):
+    t = load_teacher("open_clip:clipkd-micro@random", device="cpu")
+    imgs = _tiny_folder(tmp_path / "imgs")
+    eager = embed_images(t, imgs, tmp_path / "eager", batch_size=4, workers=0, progress=False, compile=False)
+
+    def broken(fn, **kw):
+        def run(x):
+            if fault == "raises":
+                raise RuntimeError("no C++ compiler")
+            return fn(x).flip(0)  # a miscompiled tower: right shape, wrong rows
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    match = "torch.compile failed.*no C.. compiler" if fault == "raises" else "disagrees with eager"
+    with pytest.warns(UserWarning, match=match):
+        comp = embed_images(t, imgs, tmp_path / "comp", batch_size=4, workers=0, progress=False, compile=True)
+    assert t._compiled is None
+    np.testing.assert_allclose(comp.embeddings(), eager.embeddings(), atol=1e-6)

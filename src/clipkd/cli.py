@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, help="decode processes (default: one per core, max 8)")
     p.add_argument("--shard-size", type=int, default=8192, help="images per shard (default 8192)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the image tower (checked against eager on the first batch)")
     _device_flags(p)
 
     p = sub.add_parser("distill", help="train a timm student to mimic the teacher's image embeddings")
@@ -252,7 +254,7 @@ def run(a: argparse.Namespace) -> int:
 
         teacher = load_teacher(a.teacher, a.device, a.precision)
         store = embed_images(teacher, a.images, a.out, batch_size=a.batch_size, workers=a.workers,
-                             shard_size=a.shard_size)
+                             shard_size=a.shard_size, compile=a.compile)
         m = store.manifest
         print(f"store {a.out}: {m['count']} embeddings in {len(m['shards'])} shard(s), "
               f"{m['skipped_count']} file(s) skipped")

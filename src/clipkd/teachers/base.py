@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ class Teacher:
     train_preprocess: Callable[[Image.Image], torch.Tensor] | None = None
     language: str = "multi"
     image_prefixes: tuple[str, ...] = ("visual.",)  # parameter names of the image tower (for freezing)
+    _compiled: tuple[Callable[[torch.Tensor], torch.Tensor], int] | None = None
+    _compiled_checked: bool = False
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda" and self.precision in ("fp16", "bf16"):
@@ -88,12 +91,47 @@ class Teacher:
         """Backend hook: raw text features of tokenizer output on ``device``."""
         raise NotImplementedError
 
+    def compile_image_tower(self, batch_size: int) -> None:
+        """Run the image tower through ``torch.compile`` for batches of up to ``batch_size`` images.
+
+        Smaller batches are padded to ``batch_size`` so it compiles once. The first compiled batch is
+        checked against the eager tower; if compiling fails (e.g. no C++ compiler) or the embeddings
+        disagree, a warning is printed and the eager tower is used from then on.
+        """
+        if self._compiled is None or self._compiled[1] != batch_size:
+            self._compiled = (torch.compile(self.image_features, dynamic=False), batch_size)
+            self._compiled_checked = False
+
+    def _image_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled is None or x.shape[0] > self._compiled[1] or torch.is_grad_enabled():
+            return self.image_features(x)
+        fn, size = self._compiled
+        n = x.shape[0]
+        padded = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))]) if n < size else x
+        if self._compiled_checked:
+            return fn(padded)[:n]
+        eager = self.image_features(x)
+        try:
+            out = fn(padded)[:n]
+        except Exception as e:  # inductor needs a working C++ toolchain; never lose a job to it
+            return self._drop_compiled(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]})", eager)
+        diff = (F.normalize(out.float(), dim=-1) - F.normalize(eager.float(), dim=-1)).abs().max().item()
+        if diff > (1e-3 if self.precision == "fp32" else 2e-2):
+            return self._drop_compiled(f"compiled image tower disagrees with eager (max diff {diff:.2e})", eager)
+        self._compiled_checked = True
+        return out
+
+    def _drop_compiled(self, why: str, eager: torch.Tensor) -> torch.Tensor:
+        warnings.warn(f"{why}; using the eager image tower", stacklevel=3)
+        self._compiled = None
+        return eager
+
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised fp32 image embeddings of a preprocessed batch (returned on the input's device)."""
         src = images.device
         with self._autocast():
-            feats = self.image_features(images.to(self.device, non_blocking=True))
+            feats = self._image_forward(images.to(self.device, non_blocking=True))
         return F.normalize(feats.float(), dim=-1).to(src)
 
     @torch.no_grad()
