@@ -42,7 +42,10 @@ class FakeTeacher:
 
         self.identity, self.embed_dim = identity, dim
         self.preprocess = T.Compose([T.Resize((16, 16)), T.ToTensor()])
-        self.preprocess_cfg = {"size": [16, 16], "mean": [0, 0, 0], "std": [1, 1, 1]}
+        from clipkd.data.preprocess import PreprocessConfig
+
+        self.preprocess_cfg = PreprocessConfig(size=(16, 16), mean=(0, 0, 0), std=(1, 1, 1), resize_mode="squash",
+                                               crop=False)
         self.logit_scale = 10.0
         self.device = torch.device("cpu")
         self.model = torch.nn.Identity()

@@ -121,7 +121,7 @@ def test_seed_npy_mirror_roundtrip(tiny_world, fake_teacher, tmp_path):
     assert np.allclose(back.embeddings().astype(np.float32), store.embeddings().astype(np.float32), atol=1e-3)
 
 
-def test_seed_npy_flat_layout(tmp_path, capsys):
+def test_seed_npy_flat_layout(tmp_path, caplog):
     rng = np.random.default_rng(0)
     (tmp_path / "npy").mkdir()
     for i in range(5):
@@ -131,7 +131,7 @@ def test_seed_npy_flat_layout(tmp_path, capsys):
     (tmp_path / "npy" / "img3.npy").write_bytes(b"broken")  # img4 has none
     st = import_npy_folder(tmp_path / "npy", tmp_path / "imgs", tmp_path / "store", "open_clip:X@y", progress=False)
     assert len(st) == 3 and st.manifest["skipped_count"] == 1 and st.teacher == "open_clip:X@y"
-    assert "1 of 5 images have no .npy" in capsys.readouterr().out
+    assert "1 of 5 images have no .npy" in caplog.text
     assert np.allclose(np.linalg.norm(st.embeddings().astype(np.float32), axis=1), 1, atol=1e-3)
     ref = np.load(tmp_path / "npy" / "img0.npy").ravel()
     row = st.embeddings()[st.rows(["c0/img0.jpg"])[0]].astype(np.float32)
@@ -171,6 +171,6 @@ def test_lists_drive_embed_distill_and_eval(tiny_world, fake_teacher, tmp_path):
     run = distill(tmp_path / "train.csv", tmp_path / "run", TrainConfig(student="resnet10t", epochs=1, batch_size=16,
                                                                         workers=0), store=tmp_path / "store",
                   split=tiny_world / "split.json", device="cpu", progress=False)
-    r = evaluate(str(run), tiny_world / "test", text=tmp_path / "text.npz", split=tiny_world / "split.json",
+    r = evaluate(str(run.path), tiny_world / "test", text=tmp_path / "text.npz", split=tiny_world / "split.json",
                  device="cpu", progress=False)
-    assert 0 <= r["H"] <= 1
+    assert 0 <= r.H <= 1

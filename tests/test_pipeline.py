@@ -30,10 +30,11 @@ def test_quick_demo_end_to_end(demo_run):
         assert (out / f).is_file(), f
 
 
-def test_second_run_reuses_teacher_and_resumes_students(demo_run, capsys):
+def test_second_run_reuses_teacher_and_resumes_students(demo_run, caplog):
     out, first = demo_run
-    again = run_demo(out, quick=True, device="cpu")
-    assert "reusing the trained demo teacher" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="clipkd"):
+        again = run_demo(out, quick=True, device="cpu")
+    assert "reusing the trained demo teacher" in caplog.text
     assert again["teacher"]["H"] == pytest.approx(first["teacher"]["H"])
     assert again["students"]["embed"]["H"] == pytest.approx(first["students"]["embed"]["H"])
 
@@ -99,10 +100,10 @@ def test_distill_with_online_teacher_and_resume(demo_run, tmp_path):
 
     out, _ = demo_run
     world = out / "world"
-    spec = json.loads((out / "teacher" / "run.json").read_text())["teacher_spec"]
-    cfg = TrainConfig(student="resnet10t", epochs=1, batch_size=16, workers=0, label_weight=0.5)
+    spec = json.loads((out / "teacher" / "run.json").read_text())["spec"]
+    cfg = TrainConfig(student="resnet10t", epochs=1, batch_size=16, workers=0, terms={"embed": 1.0, "label": 0.5})
     path = distill(world / "train", tmp_path / "online", cfg, teacher=spec, text=out / "text_embeddings.npz",
-                   split=world / "split.json", device="cpu", progress=False)
+                   split=world / "split.json", device="cpu", progress=False).path
     run = json.loads((tmp_path / "online" / "run.json").read_text())
     assert run["targets"] == "online" and set(run["seen_classes"]).isdisjoint(
         json.loads((world / "split.json").read_text())["unseen"])
@@ -113,10 +114,11 @@ def test_distill_with_online_teacher_and_resume(demo_run, tmp_path):
     assert all(np.array_equal(first[k].numpy(), again[k].numpy()) for k in first)
 
 
-def test_quick_retrieval_demo_reuses_world_and_teacher(demo_run, tmp_path, capsys):
+def test_quick_retrieval_demo_reuses_world_and_teacher(demo_run, tmp_path, caplog):
     out, _ = demo_run
-    r = run_demo(tmp_path / "retrieval", quick=True, device="cpu", task="retrieval", shared=out)
-    assert "reusing the trained demo teacher" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="clipkd"):
+        r = run_demo(tmp_path / "retrieval", quick=True, device="cpu", task="retrieval", shared=out)
+    assert "reusing the trained demo teacher" in caplog.text
     saved = json.loads((tmp_path / "retrieval" / "results.json").read_text())
     assert set(saved["students"]) == {"no_kd", "cosine", "mse", "affinity"}
     for row in [saved["teacher"], *saved["students"].values()]:

@@ -1,11 +1,67 @@
 """clipkd: distill large CLIP teachers into small, fast students, and prove what they keep.
 
-Data flows one way through the sub-packages:
-``data`` → ``teachers`` → ``store`` → ``students``/``training`` → ``evaluation``.
+The public API, in pipeline order (data flows one way: data → teachers → store → students/training →
+evaluation); every ``clipkd`` command is one call of it::
+
+    import clipkd
+
+    teacher = clipkd.load_teacher("open_clip:ViT-B-32@laion2b_s34b_b79k")
+    text = clipkd.embed_text(teacher, classes="data/train")                   # TextEmbeddings
+    store = clipkd.embed_images(teacher, "data/train", "runs/store")         # EmbeddingStore
+    run = clipkd.distill("data/train", "runs/student", clipkd.TrainConfig(student="resnet18"),
+                         store="runs/store", text=text_file, split="split.json")  # TrainResult
+    result = clipkd.evaluate(run.path, "data/test", text=text_file, split="split.json")  # EvalResult
+
+Names are imported on first use, so ``import clipkd`` stays cheap.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .errors import ClipkdError
+# public name → the module that defines it
+_API: dict[str, str] = {
+    "ClipkdError": ".errors",
+    # registries of pluggable parts
+    "Registry": ".registry",
+    "EMBEDDING_LOSSES": ".students.losses", "DISTILL_TERMS": ".students.losses", "KD_LOSSES": ".students.losses",
+    "TermInputs": ".students.losses", "BACKENDS": ".teachers", "register_backend": ".teachers",
+    # data
+    "PreprocessConfig": ".data.preprocess", "LabelledImages": ".data.folders", "load_labelled": ".data.datasets",
+    "Split": ".data.splits", "load_split": ".data.splits", "WorldConfig": ".data.synth", "synthesize": ".data.synth",
+    "encode_dataset": ".data.encode", "iter_encoded": ".data.encode",
+    # teachers and trainable CLIPs
+    "ClipModel": ".teachers", "load_teacher": ".teachers", "load_clip": ".teachers",
+    # prompts and text embeddings
+    "build_prompts": ".prompts", "load_templates": ".prompts", "load_classnames": ".prompts",
+    "embed_prompts": ".prompts", "embed_text": ".prompts", "TextEmbeddings": ".prompts",
+    # the embedding store
+    "EmbeddingStore": ".store", "embed_images": ".store",
+    # students and training
+    "Student": ".students.model", "StudentConfig": ".students.model", "load_student": ".students.model",
+    "TrainConfig": ".training.distill", "TrainResult": ".training.distill", "distill": ".training.distill",
+    "train_supervised": ".training.distill", "ClipTrainConfig": ".training.clip_train",
+    "clip_train": ".training.clip_train", "TrainerSettings": ".training.trainer",
+    # evaluation
+    "evaluate": ".evaluation.zeroshot", "EvalResult": ".evaluation.zeroshot", "predict": ".evaluation.zeroshot",
+    "Prediction": ".evaluation.zeroshot", "evaluate_retrieval": ".evaluation.retrieval",
+    "RetrievalResult": ".evaluation.retrieval",
+    "run_demo": ".demo",
+}
 
-__all__ = ["ClipkdError", "__version__"]
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'clipkd' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_API[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -4,25 +4,53 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
 from .errors import ClipkdError
 
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
+
+
+def command(name: str) -> Callable:
+    """Register ``fn(args)`` as the handler of sub-command ``name`` (a thin mapping onto one API call)."""
+
+    def wrap(fn: Callable[[argparse.Namespace], int | None]) -> Callable:
+        COMMANDS[name] = fn
+        return fn
+
+    return wrap
+
 
 def _device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto = fp16 autocast on GPU, fp32 on CPU (half precision is refused on CPU)")
+
+
+def _trainer_flags(p: argparse.ArgumentParser) -> None:
+    from .training.trainer import LOGGERS
+
+    _device_flags(p)
+    g = p.add_argument_group("trainer (Lightning)")
+    g.add_argument("--devices", type=lambda v: int(v) if v.isdigit() else v,
+                   help="devices to train on: a number or 'auto' (default 1; --device cuda:N picks GPU N)")
+    g.add_argument("--num-nodes", type=int, help="machines (default 1)")
+    g.add_argument("--strategy", help="Lightning strategy, e.g. ddp (default auto)")
+    g.add_argument("--logger", choices=LOGGERS, help="also log to TensorBoard or W&B; the CSV log is always "
+                   "written (default csv)")
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
     from .training.distill import TrainConfig
 
     d = TrainConfig()
-    p.add_argument("--config", help="recipe JSON with any TrainConfig fields; flags given here override it")
+    p.add_argument("--config", help="recipe JSON with any TrainConfig fields, or the name of a shipped recipe "
+                   "(e.g. demo-student); flags given here override it")
     p.add_argument("--student", help=f"any timm model name (default {d.student})")
     p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
     p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
@@ -35,19 +63,42 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--split", help="split file; train only on the classes it marks seen")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, student.pt); re-running resumes")
-    _device_flags(p)
+    _trainer_flags(p)
+
+
+def _recipe(cls, a: argparse.Namespace, **extra):
+    """``cls`` from ``--config`` (a JSON file or a shipped recipe's name) with the flags given as overrides."""
+    from .training.recipe import RECIPES
+
+    names = {f.name for f in fields(cls)}
+    overrides = {k: v for k, v in vars(a).items() if k in names} | extra
+    config = a.config
+    if config and not Path(config).exists() and (RECIPES / f"{config}.json").is_file():
+        return cls.shipped(config, **overrides)
+    return cls.from_file(config, **overrides)
 
 
 def _train_config(a: argparse.Namespace):
+    from .students.losses import DISTILL_TERMS
     from .training.distill import TrainConfig
 
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig.from_file(a.config, **{k: v for k, v in vars(a).items() if k in names})
+    cfg = _recipe(TrainConfig, a)
+    terms = dict(cfg.terms)
+    for name in DISTILL_TERMS:
+        weight = getattr(a, f"{name}_weight", None)
+        if weight is not None:
+            terms[name] = weight
+    cfg.terms = terms
+    return cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .students.losses import DISTILL_TERMS, EMBEDDING_LOSSES, KD_LOSSES
+
     parser = argparse.ArgumentParser(prog="clipkd", description="Distill CLIP teachers into small, fast students.")
     parser.add_argument("--version", action="version", version=f"clipkd {__import__('clipkd').__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors (no progress notes)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="generate the demo world (coloured shapes, captions, seen/unseen split)")
@@ -75,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     kd = p.add_argument_group("distillation (on when --teacher or --store is given)")
     kd.add_argument("--teacher", help="teacher spec, run online each batch (and embeds captions for affinity)")
     kd.add_argument("--store", help="teacher image embeddings of --images from embed-images (computed once)")
-    kd.add_argument("--kd-loss", choices=["cosine", "mse", "affinity"], help="default cosine")
+    kd.add_argument("--kd-loss", choices=KD_LOSSES.names(), help="; ".join(
+        f"{n}: {KD_LOSSES.entry(n).help}" for n in KD_LOSSES) + " (default cosine)")
     kd.add_argument("--kd-weight", type=float, help="weight of the distillation loss (default 0.5)")
     p.add_argument("--val-images", help="validation images (retrieval metrics each epoch, best epoch kept)")
     p.add_argument("--val-captions", help="validation captions (CSV or JSONL)")
@@ -89,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-text", action="store_true", default=None, help="train the image tower only")
     p.add_argument("--workers", type=int)
     p.add_argument("--seed", type=int)
-    _device_flags(p)
+    _trainer_flags(p)
 
     p = sub.add_parser("eval-retrieval", help="text<->image recall and image->image R@K / mAP@K / P@10")
     p.add_argument("--model", required=True, help="CLIP spec or clip-train run folder")
@@ -134,10 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--store", help="embedding store of these images (from embed-images)")
     tgt.add_argument("--teacher", help="run this teacher online on the student's augmented views instead")
     p.add_argument("--text", help="class text embeddings (embed-text); needed for --label-weight")
-    p.add_argument("--loss", choices=["mse", "l1", "huber", "cosine"], help="embedding loss (default mse)")
-    p.add_argument("--embed-weight", type=float, help="weight of the embedding loss (default 1)")
-    p.add_argument("--label-weight", type=float, help="weight of the label term, 0 = embedding only (default 0)")
-    p.add_argument("--logit-scale", type=float, help="label-term temperature (default: the teacher's)")
+    p.add_argument("--loss", choices=EMBEDDING_LOSSES.names(), help="distance of the embed term (default mse)")
+    terms = p.add_argument_group("distillation terms (weights; the recipe's terms keep theirs unless set here)")
+    for name in DISTILL_TERMS:
+        terms.add_argument(f"--{name}-weight", type=float, dest=f"{name}_weight",
+                           help=f"{DISTILL_TERMS.entry(name).help}")
+    p.add_argument("--logit-scale", type=float, help="temperature of text-based terms (default: the teacher's)")
     _train_flags(p)
 
     p = sub.add_parser("train-supervised", help="the normal-training baseline: class head on seen classes")
@@ -203,130 +257,173 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(a: argparse.Namespace) -> int:
-    """Dispatch one parsed command."""
-    if a.command == "synth":
-        from .data.synth import WorldConfig, synthesize
+@command("synth")
+def _synth(a: argparse.Namespace) -> None:
+    from .data.synth import WorldConfig, synthesize
 
-        cfg = WorldConfig(seed=a.seed, n_shapes=a.shapes, n_colours=a.colours, image_size=a.image_size,
-                          train_per_class=a.train_per_class, val_per_class=a.val_per_class,
-                          test_per_class=a.test_per_class, unseen_per_shape=a.unseen_per_shape)
-        print(f"demo world in {synthesize(a.out, cfg, workers=a.workers)}")
-    elif a.command == "clip-train":
-        from .training.clip_train import ClipTrainConfig, clip_train, model_spec
+    cfg = WorldConfig(seed=a.seed, n_shapes=a.shapes, n_colours=a.colours, image_size=a.image_size,
+                      train_per_class=a.train_per_class, val_per_class=a.val_per_class,
+                      test_per_class=a.test_per_class, unseen_per_shape=a.unseen_per_shape)
+    print(f"demo world in {synthesize(a.out, cfg, workers=a.workers)}")
 
-        overrides = {k: v for k, v in vars(a).items() if k not in ("model", "config")}
-        if a.model or a.pretrained:
-            overrides["model"] = model_spec(a.model or ClipTrainConfig.model, a.pretrained)
-        cfg = ClipTrainConfig.from_file(a.config, **overrides)
-        spec = clip_train(a.images, a.captions, a.out, cfg, teacher=a.teacher, store=a.store,
-                          val_images=a.val_images, val_captions=a.val_captions, device=a.device,
-                          precision=a.precision)
-        print(f"model: {spec}")
-    elif a.command == "eval-retrieval":
-        from .evaluation.retrieval import evaluate_retrieval
-        from .fileio import write_json
 
-        grid = Path(a.out).with_suffix(".png") if a.out else None
-        r = evaluate_retrieval(a.model, a.images, a.captions, batch_size=a.batch_size, workers=a.workers,
-                               device=a.device, max_queries=a.max_queries, grid=grid)
-        if a.out:
-            write_json(a.out, r)
-        print(json.dumps(r, indent=2))
-    elif a.command == "prompts":
-        from .prompts import build_prompts, load_classnames, load_templates, write_prompts
+@command("clip-train")
+def _clip_train(a: argparse.Namespace) -> None:
+    from .training.clip_train import ClipTrainConfig, clip_train, model_spec
 
-        prompts = build_prompts(load_classnames(a.classes), load_templates(a.templates))
-        print(f"{sum(map(len, prompts.values()))} prompts for {len(prompts)} classes -> "
-              f"{write_prompts(a.out, prompts)}")
-    elif a.command == "embed-text":
-        from .prompts import build_prompts, embed_prompts, load_classnames, load_templates, read_prompts
-        from .teachers import load_teacher
+    extra = {"model": model_spec(a.model or ClipTrainConfig.model, a.pretrained)} if a.model or a.pretrained else {}
+    cfg = _recipe(ClipTrainConfig, a, **extra)
+    r = clip_train(a.images, a.captions, a.out, cfg, teacher=a.teacher, store=a.store, val_images=a.val_images,
+                   val_captions=a.val_captions, device=a.device)
+    print(f"model: {r.spec}")
 
-        prompts = read_prompts(a.prompts) if a.prompts else build_prompts(load_classnames(a.classes),
-                                                                          load_templates(a.templates))
-        teacher = load_teacher(a.teacher, a.device, a.precision)
-        emb = embed_prompts(teacher, prompts)
-        print(f"{len(emb.classnames)} class embeddings ({emb.embeddings.shape[1]}-d) -> {emb.save(a.out)}")
-    elif a.command == "embed-images":
-        from .store import embed_images
-        from .teachers import load_teacher
 
-        teacher = load_teacher(a.teacher, a.device, a.precision)
-        store = embed_images(teacher, a.images, a.out, batch_size=a.batch_size, workers=a.workers,
-                             shard_size=a.shard_size, compile=a.compile)
-        m = store.manifest
-        print(f"store {a.out}: {m['count']} embeddings in {len(m['shards'])} shard(s), "
-              f"{m['skipped_count']} file(s) skipped")
-    elif a.command == "distill":
-        from .training.distill import distill
+@command("eval-retrieval")
+def _eval_retrieval(a: argparse.Namespace) -> None:
+    from .evaluation.retrieval import evaluate_retrieval
 
-        path = distill(a.images, a.out, _train_config(a), store=a.store, teacher=a.teacher, text=a.text,
-                       split=a.split, device=a.device, precision=a.precision)
-        print(f"student -> {path}")
-    elif a.command == "train-supervised":
-        from .training.distill import train_supervised
+    r = evaluate_retrieval(a.model, a.images, a.captions, batch_size=a.batch_size, workers=a.workers,
+                           device=a.device, max_queries=a.max_queries, out=a.out)
+    print(json.dumps(r.to_dict(), indent=2))
 
-        path = train_supervised(a.images, a.out, _train_config(a), split=a.split, device=a.device,
-                                precision=a.precision)
-        print(f"baseline -> {path}")
-    elif a.command == "eval":
-        from .evaluation.report import write_eval
-        from .evaluation.zeroshot import evaluate
 
-        r = evaluate(a.model, a.images, text=a.text, split=a.split, val=a.val, templates=a.templates,
-                     batch_size=a.batch_size, workers=a.workers, device=a.device)
-        if a.out:
-            write_eval(r, a.out)
-        print(json.dumps({k: v for k, v in r.items() if k != "curve"}, indent=2))
-    elif a.command == "predict":
-        from .evaluation.zeroshot import predict
-        from .prompts import load_classnames
+@command("prompts")
+def _prompts(a: argparse.Namespace) -> None:
+    from .prompts import build_prompts, load_classnames, load_templates, write_prompts
 
-        classes = load_classnames(a.classes) if a.classes else None
-        for r in predict(a.model, a.files, text=a.text, classnames=classes, topk=a.topk, device=a.device):
-            if "error" in r:
-                print(f"{r['file']}: skipped ({r['error']})")
-            else:
-                print(f"{r['file']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
-    elif a.command == "dataset":
-        from .data import datasets
+    prompts = build_prompts(load_classnames(a.classes), load_templates(a.templates))
+    print(f"{sum(map(len, prompts.values()))} prompts for {len(prompts)} classes -> {write_prompts(a.out, prompts)}")
 
-        if a.dataset == "xlsa17":
-            counts = datasets.write_xlsa17(a.splits, a.images, a.out)
-            print(f"{a.out}: " + ", ".join(f"{k}.csv {v} images" for k, v in counts.items()) + ", split.json")
+
+@command("embed-text")
+def _embed_text(a: argparse.Namespace) -> None:
+    from .prompts import embed_text
+
+    emb = embed_text(a.teacher, prompts=a.prompts, classes=a.classes, templates=a.templates, device=a.device,
+                     precision=a.precision or "auto")
+    print(f"{len(emb.classnames)} class embeddings ({emb.embeddings.shape[1]}-d) -> {emb.save(a.out)}")
+
+
+@command("embed-images")
+def _embed_images(a: argparse.Namespace) -> None:
+    from .store import embed_images
+    from .teachers import load_teacher
+
+    store = embed_images(load_teacher(a.teacher, a.device, a.precision or "auto"), a.images, a.out,
+                         batch_size=a.batch_size, workers=a.workers, shard_size=a.shard_size, compile=a.compile)
+    m = store.manifest
+    print(f"store {a.out}: {m['count']} embeddings in {len(m['shards'])} shard(s), {m['skipped_count']} file(s) "
+          "skipped")
+
+
+@command("distill")
+def _distill(a: argparse.Namespace) -> None:
+    from .training.distill import distill
+
+    r = distill(a.images, a.out, _train_config(a), store=a.store, teacher=a.teacher, text=a.text, split=a.split,
+                device=a.device)
+    print(f"student -> {r.path}")
+
+
+@command("train-supervised")
+def _train_supervised(a: argparse.Namespace) -> None:
+    from .training.distill import train_supervised
+
+    print(f"baseline -> {train_supervised(a.images, a.out, _train_config(a), split=a.split, device=a.device).path}")
+
+
+@command("eval")
+def _eval(a: argparse.Namespace) -> None:
+    from .evaluation.zeroshot import evaluate
+
+    r = evaluate(a.model, a.images, text=a.text, split=a.split, val=a.val, templates=a.templates,
+                 batch_size=a.batch_size, workers=a.workers, device=a.device, out=a.out)
+    print(json.dumps(r.to_dict(curve=False), indent=2))
+
+
+@command("predict")
+def _predict(a: argparse.Namespace) -> None:
+    from .evaluation.zeroshot import predict
+    from .prompts import load_classnames
+
+    classes = load_classnames(a.classes) if a.classes else None
+    for r in predict(a.model, a.files, text=a.text, classnames=classes, topk=a.topk, device=a.device):
+        if r.error:
+            print(f"{r.file}: skipped ({r.error})")
         else:
-            from .data.splits import write_split
-            from .prompts import load_classnames
+            print(f"{r.file}: " + ", ".join(f"{c} {p:.3f}" for c, p in r.top))
 
-            split = datasets.coop_base_to_new(load_classnames(a.images))  # label order
-            write_split(a.out, split)
-            print(f"{len(split.seen)} base (seen) and {len(split.unseen)} new (unseen) classes -> {a.out}")
-    elif a.command == "store-import":
-        from .store import import_npy_folder
 
-        st = import_npy_folder(a.npy, a.images, a.out, a.teacher)
-        print(f"store {a.out}: {len(st)} embeddings ({st.embed_dim}-d), {st.manifest['skipped_count']} skipped")
-    elif a.command == "store-export":
-        from .store import export_npy_folder
+@command("dataset")
+def _dataset(a: argparse.Namespace) -> None:
+    from .data import datasets
 
-        print(f"{export_npy_folder(a.store, a.out, flat=not a.mirror)} .npy files -> {a.out}")
-    elif a.command == "import-text":
-        from .prompts import import_seed_text
+    if a.dataset == "xlsa17":
+        counts = datasets.write_xlsa17(a.splits, a.images, a.out)
+        print(f"{a.out}: " + ", ".join(f"{k}.csv {v} images" for k, v in counts.items()) + ", split.json")
+    else:
+        split = datasets.write_coop_split(a.images, a.out)
+        print(f"{len(split.seen)} base (seen) and {len(split.unseen)} new (unseen) classes -> {a.out}")
 
-        emb = import_seed_text(a.prompts, a.embeddings, a.teacher, a.logit_scale)
-        print(f"{len(emb.classnames)} class embeddings -> {emb.save(a.out)}")
-    elif a.command == "demo":
-        from .demo import run_demo
 
-        run_demo(Path(a.out), quick=a.quick, device=a.device, task=a.task, shared=a.shared)
-    return 0
+@command("store-import")
+def _store_import(a: argparse.Namespace) -> None:
+    from .store import import_npy_folder
+
+    st = import_npy_folder(a.npy, a.images, a.out, a.teacher)
+    print(f"store {a.out}: {len(st)} embeddings ({st.embed_dim}-d), {st.manifest['skipped_count']} skipped")
+
+
+@command("store-export")
+def _store_export(a: argparse.Namespace) -> None:
+    from .store import export_npy_folder
+
+    print(f"{export_npy_folder(a.store, a.out, flat=not a.mirror)} .npy files -> {a.out}")
+
+
+@command("import-text")
+def _import_text(a: argparse.Namespace) -> None:
+    from .prompts import import_seed_text
+
+    emb = import_seed_text(a.prompts, a.embeddings, a.teacher, a.logit_scale)
+    print(f"{len(emb.classnames)} class embeddings -> {emb.save(a.out)}")
+
+
+@command("demo")
+def _demo(a: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(a.out), quick=a.quick, device=a.device, task=a.task, shared=a.shared)
+
+
+def run(a: argparse.Namespace) -> int:
+    """Dispatch one parsed command to its handler."""
+    return COMMANDS[a.command](a) or 0
+
+
+def configure_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """Send clipkd's log records to stderr: notes at INFO (default), only warnings with ``quiet``, debug with
+    ``verbose``. Library code only logs; this is the one place that decides where the records go."""
+    logger = logging.getLogger("clipkd")
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    if not any(getattr(h, "_clipkd_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Format())
+        handler._clipkd_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        return msg if record.levelno < logging.WARNING else f"clipkd: {record.levelname.lower()}: {msg}"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``clipkd`` console script; user errors print one line and exit 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    configure_logging(args.quiet, args.verbose)
     try:
         return run(args)
     except ClipkdError as e:

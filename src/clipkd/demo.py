@@ -8,6 +8,7 @@ zero-shot evaluation of the teacher and each student → ``results.json``, ``rep
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -19,7 +20,7 @@ import torch
 from .data.synth import WorldConfig, synthesize
 from .errors import ClipkdError
 from .evaluation.plots import plot_results_bars
-from .evaluation.report import markdown_table, plot_all_curves, write_eval
+from .evaluation.report import markdown_table, plot_all_curves
 from .evaluation.zeroshot import evaluate
 from .fileio import read_json, write_json, write_text
 from .prompts import build_prompts, embed_prompts, load_classnames
@@ -27,6 +28,8 @@ from .store import embed_images
 from .teachers import load_teacher
 from .training.clip_train import ClipTrainConfig, clip_train
 from .training.distill import TrainConfig, distill, train_supervised
+
+log = logging.getLogger(__name__)
 
 # Prompt templates for the demo teacher: the phrasing its captions use.
 DEMO_TEMPLATES = ["a photo of a {}.", "a picture showing one {}.", "a {}."]
@@ -37,9 +40,8 @@ class DemoConfig:
     """Sizes of a demo run; ``quick`` shrinks everything to about a minute."""
 
     world: WorldConfig = field(default_factory=lambda: WorldConfig(train_per_class=300))
-    teacher: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(epochs=4, batch_size=128, lr=2e-3))
-    student: TrainConfig = field(default_factory=lambda: TrainConfig(student="resnet10t", epochs=3, batch_size=64,
-                                                                     lr=2e-3, augment="flip"))
+    teacher: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig.shipped("demo-teacher"))
+    student: TrainConfig = field(default_factory=lambda: TrainConfig.shipped("demo-student"))
     label_weight: float = 1.0
     baseline_epochs: int = 1  # a closed-set classifier reaches its seen-class accuracy fast; U is 0 regardless
 
@@ -48,8 +50,7 @@ class DemoConfig:
 class RetrievalDemoConfig:
     """The retrieval demo: a micro CLIP trained on a captioned subset, with and without distillation."""
 
-    student: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(
-        model="open_clip:clipkd-micro", epochs=15, batch_size=64, lr=2e-3, kd_weight=2.0))
+    student: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig.shipped("demo-retrieval-student"))
     images_per_class: int = 40  # the fine-tuning set: a small captioned subset of the teacher's world
 
 
@@ -69,7 +70,7 @@ QUICK_RETRIEVAL = RetrievalDemoConfig(
 
 
 def _step(name: str, t0: float) -> None:
-    print(f"[demo {time.perf_counter() - t0:6.1f}s] {name}", flush=True)
+    log.info("[demo %6.1fs] %s", time.perf_counter() - t0, name)
 
 
 def _teacher(world: Path, out: Path, cfg: ClipTrainConfig, device: str) -> str:
@@ -78,9 +79,9 @@ def _teacher(world: Path, out: Path, cfg: ClipTrainConfig, device: str) -> str:
     if run.is_file() and (out / "open_clip_model.pt").is_file():
         info = read_json(run, "teacher run")
         if info.get("train") == asdict(cfg) and info.get("world") == read_json(world / "world.json")["config"]:
-            print(f"reusing the trained demo teacher in {out}")
-            return info["teacher_spec"]
-    spec = clip_train(world / "train", world / "train" / "captions_en.csv", out, cfg, device=device)
+            log.info("reusing the trained demo teacher in %s", out)
+            return info.get("spec") or info["teacher_spec"]
+    spec = clip_train(world / "train", world / "train" / "captions_en.csv", out, cfg, device=device).spec
     info = read_json(run, "teacher run")
     info["world"] = read_json(world / "world.json")["config"]
     write_json(run, info)
@@ -123,25 +124,24 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, device: str = "
     _step("text embeddings and image store ready", t0)
 
     students = {
-        "embed": replace(cfg.student, label_weight=0.0),
-        "embed_label": replace(cfg.student, label_weight=cfg.label_weight),
+        "embed": replace(cfg.student, terms={"embed": 1.0}),
+        "embed_label": replace(cfg.student, terms={"embed": 1.0, "label": cfg.label_weight}),
     }
     runs: dict[str, Path] = {}
     for name, scfg in students.items():
         runs[name] = distill(world / "train", out / "students" / name, scfg, store=store, text=text, split=split,
-                             device=device)
+                             device=device).path
         _step(f"student '{name}' trained", t0)
     runs["supervised"] = train_supervised(world / "train", out / "students" / "supervised",
                                           replace(cfg.student, image_size=cfg.world.image_size,
                                                   epochs=cfg.baseline_epochs), split=split,
-                                          device=device)
+                                          device=device).path
     _step("baseline 'supervised' trained", t0)
 
     evals: dict[str, dict[str, Any]] = {}
     for name, model in [("teacher", spec)] + [(n, str(p)) for n, p in runs.items()]:
-        r = evaluate(model, world / "test", text=text, split=split, val=world / "val", device=device)
-        write_eval(r, out / "eval" / f"{name}.json")
-        evals[name] = r
+        evals[name] = evaluate(model, world / "test", text=text, split=split, val=world / "val", device=device,
+                               out=out / "eval" / f"{name}.json").to_dict()
     _step("evaluation done", t0)
 
     keys = ("top1", "top5", "per_class_top1", "S", "U", "H", "calibrated", "ausuc")
@@ -158,8 +158,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, device: str = "
     plot_results_bars(evals, out / "gzsl_bars.png")
     table = markdown_table(evals)
     write_text(out / "report.md", _report(results, table))
-    print("\n" + table)
-    print(f"results: {out / 'results.json'}  report: {out / 'report.md'}  ({results['seconds']:.0f} s)")
+    log.info("\n%s\nresults: %s  report: %s  (%.0f s)", table, out / "results.json", out / "report.md",
+             results["seconds"])
     return results
 
 
@@ -202,9 +202,7 @@ def _cost(spec: str) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     clip = load_teacher(spec, device="cpu")
-    size = clip.preprocess_cfg.get("size") or [224, 224]
-    size = size if isinstance(size, list | tuple) else [size, size]
-    x = torch.randn(1, 3, *size)
+    x = torch.randn(1, 3, *clip.preprocess_cfg.size)
     with FlopCounterMode(display=False) as fc:
         clip.encode_image(x)
     times = []
@@ -238,14 +236,12 @@ def run_retrieval_demo(out: Path, cfg: DemoConfig, rcfg: RetrievalDemoConfig, de
     for name, kw in runs.items():
         scfg = replace(rcfg.student, kd_loss=name if name != "no_kd" else rcfg.student.kd_loss)
         specs[name] = clip_train(world / "train", captions, out / "students" / name, scfg, device=device,
-                                 **kw, **val)
+                                 **kw, **val).spec
         _step(f"retrieval student '{name}' trained", t0)
     evals = {}
     for name, model in specs.items():
-        r = evaluate_retrieval(model, world / "test", world / "test" / "captions_en.csv", device=device,
-                               grid=out / "eval" / f"{name}.png")
-        write_json(out / "eval" / f"{name}.json", r)
-        evals[name] = r
+        evals[name] = evaluate_retrieval(model, world / "test", world / "test" / "captions_en.csv", device=device,
+                                         out=out / "eval" / f"{name}.json").to_dict()
     _step("retrieval evaluation done", t0)
     pick = lambda r: {k: r[k] for k in RETRIEVAL_KEYS}  # noqa: E731
     results = {
@@ -263,8 +259,7 @@ def run_retrieval_demo(out: Path, cfg: DemoConfig, rcfg: RetrievalDemoConfig, de
                       ylabel="fraction")
     write_text(out / "report.md", "# clipkd demo: retrieval students\n\n" + table +
                "\n![bars](retrieval_bars.png)\n\n![teacher](eval/teacher.png)\n\n![best student](eval/cosine.png)\n")
-    print("\n" + table)
-    print(f"results: {out / 'results.json'}  ({results['seconds']:.0f} s)")
+    log.info("\n%s\nresults: %s  (%.0f s)", table, out / "results.json", results["seconds"])
     return results
 
 

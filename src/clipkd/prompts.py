@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,6 +160,27 @@ def embed_prompts(teacher, prompts: dict[str, list[str]]) -> TextEmbeddings:
         out.append(F.normalize(emb[start : start + len(ps)].mean(0), dim=-1))
         start += len(ps)
     return TextEmbeddings(torch.stack(out).numpy(), list(prompts), teacher.identity, teacher.logit_scale)
+
+
+def embed_text(teacher: Any, prompts: str | Path | dict[str, list[str]] | None = None,
+               classes: str | Path | None = None, templates: str = "openai", device: str = "auto",
+               precision: str = "auto") -> TextEmbeddings:
+    """One text embedding per class from ``prompts`` (a file or a dict) or from ``classes`` + ``templates``.
+
+    ``teacher``: a spec (loaded frozen on ``device``) or an already loaded model.
+    """
+    if (prompts is None) == (classes is None):
+        raise ClipkdError("give exactly one of prompts or classes")
+    if prompts is None:
+        prompts = build_prompts(load_classnames(classes), load_templates(templates))
+    elif not isinstance(prompts, dict):
+        prompts = read_prompts(prompts)
+    if isinstance(teacher, str):
+        from .teachers import load_teacher
+
+        teacher = load_teacher(teacher, device, precision)
+    teacher.require_text("class text embeddings")
+    return embed_prompts(teacher, prompts)
 
 
 def import_seed_text(prompts_txt: str | Path, embeddings_npy: str | Path, teacher: str,

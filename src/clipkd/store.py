@@ -12,8 +12,10 @@ shard it was filling; re-running the same command embeds only images no finished
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .data.encode import iter_encoded
 from .data.folders import list_images
-from .data.loader import ImageDataset, make_loader
+from .data.loader import ImageDataset
 from .errors import ClipkdError
 from .fileio import read_json, write_json, write_npy, write_text
 
 STORE_FORMAT = "clipkd-store/1"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StoreTargets:
+    """Teacher embeddings for a list of images: ``targets[i]`` belongs to ``paths[keep[i]]``.
+
+    ``dropped``: the images the store recorded as undecodable when it was built (left out, counted).
+    """
+
+    targets: torch.Tensor  # (len(keep), D) float16
+    keep: np.ndarray
+    dropped: list[str]
 
 
 class EmbeddingStore:
@@ -91,11 +107,36 @@ class EmbeddingStore:
             self._index = {p: i for i, p in enumerate(self.paths)}
         return np.array([self._index.get(p, -1) for p in paths], dtype=np.int64)
 
-    def check_teacher(self, identity: str) -> None:
+    def targets(self, paths: Sequence[str], teacher: str | None = None, what: str = "training images") -> StoreTargets:
+        """Teacher embeddings of ``paths`` (the one lookup every trainer uses), with one policy for missing rows.
+
+        Images the store skipped as undecodable are left out and counted (a logged warning); an image the
+        store has never seen is an error naming how many and which, since training without its target would
+        silently change the data set. ``teacher``: the identity the embeddings must come from.
+        """
+        if teacher is not None:
+            self.check_teacher(teacher)
+        rows = self.rows(paths)
+        missing = np.flatnonzero(rows < 0)
+        if len(missing):
+            failed = {s["path"] for s in self.manifest["skipped"]}
+            unknown = [int(i) for i in missing if paths[i] not in failed]
+            if unknown:
+                raise ClipkdError(
+                    f"store {self.root} has no embedding for {len(unknown)} of the {len(paths)} {what} (e.g. "
+                    f"{[paths[i] for i in unknown[:3]]}); run embed-images on them (was the store built from "
+                    "another folder?)")
+            log.warning("%d of %d %s could not be decoded when the store was built; left out", len(missing),
+                        len(paths), what)
+        keep = np.flatnonzero(rows >= 0)
+        emb = torch.from_numpy(np.asarray(self.embeddings()[rows[keep]], dtype=np.float16))
+        return StoreTargets(emb, keep, [paths[i] for i in missing])
+
+    def check_teacher(self, identity: str, hint: str = "") -> None:
         """Refuse to mix embeddings of two teachers."""
         if identity != self.teacher:
-            raise ClipkdError(f"store {self.root} holds embeddings of teacher '{self.teacher}', "
-                              f"not '{identity}'; use another --out folder")
+            raise ClipkdError(f"store {self.root} holds embeddings of teacher '{self.teacher}', not '{identity}'"
+                              + (f"; {hint}" if hint else ""))
 
 
 def _new_manifest(info: dict[str, Any], images_root: Path, shard_size: int) -> dict[str, Any]:
@@ -156,7 +197,7 @@ def _open_for_append(info: dict[str, Any], images: Path, out: Path, shard_size: 
     """The manifest to extend (checking the teacher) and the paths already done (embedded or skipped)."""
     if (out / "manifest.json").exists():
         store = EmbeddingStore(out)
-        store.check_teacher(info["teacher"])
+        store.check_teacher(info["teacher"], hint="use another --out folder")
         return store.manifest, set(store.paths) | {s["path"] for s in store.manifest["skipped"]}
     out.mkdir(parents=True, exist_ok=True)
     return _new_manifest(info, images, shard_size), set()
@@ -199,21 +240,17 @@ def embed_images(
     if compile:
         teacher.compile_image_tower(batch_size)
     draft = max(manifest["preprocess"].get("size") or [0]) or None
-    loader = make_loader(ImageDataset(images, pending, teacher.preprocess, draft_size=draft),
-                         batch_size=batch_size, workers=workers)
+    dataset = ImageDataset(images, pending, teacher.preprocess, draft_size=draft)
     writer = ShardWriter(out, manifest, shard_size)
-    bar = tqdm(total=len(pending), desc="embed-images", unit="img", disable=not progress)
-    with torch.inference_mode():
-        for batch in loader:
-            for idx, err in batch["skipped"]:
-                writer.skip(pending[idx], err)
-            if batch["image"] is not None:
-                emb = teacher.encode_image(batch["image"]).cpu().numpy()
-                writer.add(emb, [pending[i] for i in batch["index"].tolist()])
-            bar.update(len(batch["index"]) + len(batch["skipped"]))
-            bar.set_postfix(skipped=writer.skipped_count)
+    for b in iter_encoded(teacher.encode_image, dataset, batch_size, workers, progress, desc="embed-images"):
+        for idx, err in b.skipped:
+            writer.skip(pending[idx], err)
+        if b.outputs is not None:
+            writer.add(b.outputs.numpy(), [pending[i] for i in b.index])
     writer.flush()
-    bar.close()
+    if writer.skipped_count:
+        log.warning("%d image(s) could not be decoded and were skipped; listed in %s", writer.skipped_count,
+                    out / "manifest.json")
     return EmbeddingStore(out)
 
 
@@ -262,8 +299,8 @@ def import_npy_folder(npy_dir: str | Path, images: str | Path, out: str | Path, 
         writer.add((v / max(float(np.linalg.norm(v)), 1e-12))[None], [f])
     writer.flush()
     if len(have) < len(files):
-        print(f"note: {len(files) - len(have)} of {len(files)} images have no .npy in {npy_dir}, "
-              f"e.g. {[f for f in files if f not in set(have)][:3]}")
+        log.warning("%d of %d images have no .npy in %s, e.g. %s", len(files) - len(have), len(files), npy_dir,
+                    [f for f in files if f not in set(have)][:3])
     return EmbeddingStore(out)
 
 

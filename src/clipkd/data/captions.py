@@ -12,6 +12,7 @@ import base64
 import csv
 import io
 import json
+import logging
 import random
 import re
 from collections.abc import Callable
@@ -147,10 +148,11 @@ def load_caption_source(images: str | Path, captions: str | Path) -> CaptionSour
         what = f"captioned image(s) not found under {images}"
         source = CaptionSource(images, pairs, missing)
     if missing:
-        print(f"note: {len(missing)} {what} were left out, e.g. {missing[:3]}")
+        log.warning("%d %s were left out, e.g. %s", len(missing), what, missing[:3])
     return source
 
 
+log = logging.getLogger(__name__)
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 

@@ -8,6 +8,7 @@ Everything becomes a :class:`LabelledImages` (what training and evaluation read)
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -18,7 +19,9 @@ import numpy as np
 from ..errors import ClipkdError
 from ..fileio import write_text
 from .folders import LabelledImages, clean_classname, scan_image_folder
-from .splits import Split
+from .splits import Split, write_split
+
+log = logging.getLogger(__name__)
 
 WNID = re.compile(r"^n\d{8}$")
 
@@ -64,8 +67,8 @@ def read_image_list(path: str | Path, root: str | Path | None = None, max_missin
         if len(missing) > max_missing * len(rows):
             raise ClipkdError(f"{len(missing)} of the {len(rows)} images listed in {path} are not under {root}, "
                               f"e.g. {missing[:3]} (wrong image root?)")
-        print(f"note: {len(missing)} of {len(rows)} listed images are missing under {root}; left out, "
-              f"e.g. {missing[:3]}")
+        log.warning("%d of %d listed images are missing under %s; left out, e.g. %s", len(missing), len(rows), root,
+                    missing[:3])
         gone = set(missing)
         rows = [r for r in rows if r[0] not in gone]
     classnames = sorted({label for _, label in rows})
@@ -205,3 +208,12 @@ def write_xlsa17(split_dir: str | Path, image_root: str | Path, out: str | Path)
     write_split(out / "split.json", split)
     write_text(out / "classes.txt", "".join(c + "\n" for c in data.classnames))
     return {name: len(idx) for name, idx in parts.items()}
+
+
+def write_coop_split(images: str | Path, out: str | Path) -> Split:
+    """CoOp's base-to-new split of the classes of ``images`` (folder, list or class-name file) → ``out`` (JSON)."""
+    from ..prompts import load_classnames
+
+    split = coop_base_to_new(load_classnames(images))
+    write_split(out, split)
+    return split

@@ -10,21 +10,51 @@ averaged into mAP@K. All figures are fractions in [0, 1].
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..data.captions import CaptionSource, load_caption_source
+from ..data.encode import encode_dataset
 from ..data.folders import list_images
-from ..data.loader import ImageDataset, load_rgb, make_loader
+from ..data.loader import ImageDataset, load_rgb
 from ..errors import ClipkdError
-from ..fileio import read_json
+from ..fileio import read_json, write_json
 
 KS = (1, 5, 10)
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RetrievalResult:
+    """One ``clipkd eval-retrieval``: ``metrics`` maps names such as ``t2i_r@1`` and ``i2i_map@10`` to values."""
+
+    model: str
+    images: str
+    n_images: int
+    skipped: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    n_texts: int | None = None
+    n_labels: int | None = None
+
+    def __getitem__(self, key: str) -> float:
+        return self.metrics[key]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON: the counts and every metric at the top level."""
+        d: dict[str, Any] = {"model": self.model, "images": self.images, "n_images": self.n_images,
+                             "skipped": self.skipped}
+        d.update({k: v for k, v in (("n_texts", self.n_texts), ("n_labels", self.n_labels)) if v is not None})
+        return d | self.metrics
+
+    def save(self, out: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON."""
+        return write_json(out, self.to_dict())
 
 
 def _topk(sim: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
@@ -95,30 +125,14 @@ def labels_from_paths(paths: Sequence[str]) -> tuple[list[int], list[str]] | Non
     return [pos[f] for f in first], names
 
 
-@torch.no_grad()
-def encode_images(model: Any, dataset: ImageDataset, batch_size: int = 128, workers: int | None = None,
-                  progress: bool = True) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
-    """Normalised embeddings of every decodable image, their dataset indices, and the skipped ``(index, error)``."""
-    loader = make_loader(dataset, batch_size, workers=workers)
-    embs, kept, skipped = [], [], []
-    for batch in tqdm(loader, desc="embed images", unit="batch", disable=not progress):
-        skipped += batch["skipped"]
-        if batch["image"] is not None:
-            embs.append(model.encode_image(batch["image"]).cpu())
-            kept += batch["index"].tolist()
-    if not embs:
-        raise ClipkdError(f"no image of {dataset.root} could be decoded")
-    return torch.cat(embs), kept, skipped
-
-
 def resolve_model(model: str | Path) -> str:
     """A model spec, or a ``clip-train`` run folder (its ``run.json`` names the spec of the trained model)."""
     p = Path(model)
     if p.is_dir():
         if not (p / "run.json").is_file():
             raise ClipkdError(f"{p} is not a clip-train run folder (no run.json)")
-        spec = read_json(p / "run.json", "clip-train run").get("spec") or read_json(p / "run.json").get(
-            "teacher_spec")
+        info = read_json(p / "run.json", "clip-train run")
+        spec = info.get("spec") or info.get("teacher_spec")  # teacher_spec: run folders of clipkd 0.1
         if not spec:
             raise ClipkdError(f"{p / 'run.json'} names no model spec")
         return spec
@@ -135,12 +149,14 @@ def evaluate_retrieval(
     max_queries: int = 5000,
     grid: str | Path | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+    out: str | Path | None = None,
+) -> RetrievalResult:
     """Retrieval metrics of a CLIP model (spec or clip-train run folder) on ``images``.
 
     With ``captions`` (CSV or Chinese-CLIP JSONL): text↔image recall over the captioned images.
     Image→image metrics need labels: the first folder of each image path (ImageFolder classes or
-    product ids). ``grid``: a PNG of a few queries and their top-10 results.
+    product ids). ``grid``: a PNG of a few queries and their top-10 results. ``out``: write the result
+    JSON there, and the grid beside it (same name, ``.png``) unless ``grid`` names another file.
     """
     from ..teachers import load_teacher
 
@@ -154,9 +170,12 @@ def evaluate_retrieval(
             raise ClipkdError(f"image folder not found: {root}")
         source = CaptionSource(root, {p: [] for p in list_images(root)})
     dataset = ImageDataset(source.root, sorted(source.pairs), clip.preprocess, opener=source.opener)
-    emb, kept, skipped = encode_images(clip, dataset, batch_size, workers, progress)
-    paths = [dataset.paths[i] for i in kept]
-    result: dict[str, Any] = {"model": spec, "images": str(images), "n_images": len(paths), "skipped": len(skipped)}
+    enc = encode_dataset(clip.encode_image, dataset, batch_size, workers, progress, desc="embed images")
+    emb, skipped = enc.outputs, enc.skipped
+    paths = [dataset.paths[i] for i in enc.index]
+    if out is not None and grid is None:
+        grid = Path(out).with_suffix(".png")
+    result = RetrievalResult(spec, str(images), len(paths), len(skipped))
     if captions is not None:
         texts, owner = [], []
         for j, p in enumerate(paths):
@@ -164,20 +183,22 @@ def evaluate_retrieval(
                 texts.append(c)
                 owner.append(j)
         txt = clip.encode_text(texts)
-        result["n_texts"] = len(texts)
-        result.update(text_image_recall(emb, txt, owner))
+        result.n_texts = len(texts)
+        result.metrics.update(text_image_recall(emb, txt, owner))
     labelled = labels_from_paths(paths) if source.tsv is None else None
     if labelled is not None:
         labels, names = labelled
         rng = np.random.default_rng(0)
         queries = np.sort(rng.choice(len(paths), max_queries, replace=False)) if len(paths) > max_queries else None
-        result["n_labels"] = len(names)
+        result.n_labels = len(names)
         if max(np.bincount(labels)) < 2:
-            print("note: no label has two images; image→image metrics left out")
+            log.warning("no label has two images; image→image metrics left out")
         else:
-            result.update(image_image_metrics(emb, labels, queries=queries))
-        if grid is not None and "i2i_map@10" in result:
+            result.metrics.update(image_image_metrics(emb, labels, queries=queries))
+        if grid is not None and "i2i_map@10" in result.metrics:
             from .plots import plot_retrieval_grid
 
             plot_retrieval_grid(emb, paths, labels, lambda p: load_rgb(dataset.root / p), grid)
+    if out is not None:
+        result.save(out)
     return result

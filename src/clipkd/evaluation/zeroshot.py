@@ -3,22 +3,76 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..data.datasets import load_labelled
+from ..data.encode import encode_dataset
 from ..data.folders import LabelledImages
-from ..data.loader import ImageDataset, load_rgb, make_loader
+from ..data.loader import ImageDataset, load_rgb
 from ..data.splits import load_split
 from ..errors import ClipkdError
 from ..prompts import TextEmbeddings, build_prompts, embed_prompts, load_templates
 from ..teachers.base import resolve_device
 from . import metrics
+
+
+@dataclass
+class Calibration:
+    """Calibrated stacking: seen-class scores lowered by ``gamma`` (chosen on ``chosen_on`` for maximum H)."""
+
+    gamma: float
+    S: float
+    U: float
+    H: float
+    chosen_on: str | None = None
+
+
+@dataclass
+class EvalResult:
+    """One ``clipkd eval``: zero-shot accuracy, and with a split the GZSL figures (fractions in [0, 1])."""
+
+    model: str
+    images: str
+    n_images: int
+    skipped: int
+    n_classes: int
+    top1: float
+    top5: float
+    per_class_top1: float
+    S: float | None = None
+    U: float | None = None
+    H: float | None = None
+    calibrated: Calibration | None = None
+    ausuc: float | None = None
+    curve: dict[str, list[float]] | None = field(default=None, repr=False)
+
+    def to_dict(self, curve: bool = True) -> dict[str, Any]:
+        """Plain JSON (GZSL keys only when a split was given; ``curve=False`` leaves the curve out)."""
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        if not curve:
+            d.pop("curve", None)
+        return d
+
+    def save(self, out: str | Path) -> Path:
+        """Write the result as JSON, and its seen–unseen curve as a PNG beside it when it has one."""
+        from .report import write_eval
+
+        return write_eval(self.to_dict(), out)
+
+
+@dataclass
+class Prediction:
+    """Top-k classes of one image file (or why it could not be read)."""
+
+    file: str
+    top: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
 
 
 class Scorer:
@@ -115,17 +169,9 @@ def score_folder(scorer: Scorer, data: LabelledImages, batch_size: int = 128, wo
     if missing:
         raise ClipkdError(f"{len(missing)} class folder(s) of {data.root} have no text embedding: {missing[:5]}")
     remap = np.array([pos[c] for c in data.classnames])
-    loader = make_loader(ImageDataset(data.root, data.paths, scorer.preprocess, labels=data.labels),
-                         batch_size, workers=workers)
-    scores, labels, skipped = [], [], []
-    for batch in tqdm(loader, desc=f"eval {Path(scorer.name).name}", unit="batch", disable=not progress):
-        skipped += [data.paths[i] for i, _ in batch["skipped"]]
-        if batch["image"] is not None:
-            scores.append(scorer.scores(batch["image"]).numpy())
-            labels.append(remap[batch["label"].numpy()])
-    if not scores:
-        raise ClipkdError(f"no image of {data.root} could be decoded")
-    return np.concatenate(scores), np.concatenate(labels), skipped
+    enc = encode_dataset(scorer.scores, ImageDataset(data.root, data.paths, scorer.preprocess, labels=data.labels),
+                         batch_size, workers, progress, desc=f"eval {Path(scorer.name).name}")
+    return enc.outputs.numpy(), remap[np.asarray(enc.labels)], [data.paths[i] for i, _ in enc.skipped]
 
 
 def evaluate(
@@ -139,11 +185,13 @@ def evaluate(
     workers: int | None = None,
     device: str | None = "auto",
     progress: bool = True,
-) -> dict[str, Any]:
+    out: str | Path | None = None,
+) -> EvalResult:
     """Zero-shot top-1/top-5/per-class accuracy on a labelled folder; with ``split``, GZSL too.
 
     GZSL: S, U, H at gamma=0; calibrated stacking with gamma chosen on ``val`` (maximum H); the
-    seen–unseen curve and its area (AUSUC). Accuracies are fractions in [0, 1].
+    seen–unseen curve and its area (AUSUC). Accuracies are fractions in [0, 1]. ``out``: also write
+    the result JSON there (and the seen–unseen curve PNG beside it).
     """
     data = load_labelled(images)
     classnames = TextEmbeddings.load(text).classnames if text else list(data.classnames)
@@ -151,33 +199,30 @@ def evaluate(
     scorer = load_scorer(model, classnames, text, templates, device)
     scores, labels, skipped = score_folder(scorer, data, batch_size, workers, progress)
     pred = scores.argmax(1)
-    result: dict[str, Any] = {
-        "model": str(model), "images": str(images), "n_images": int(len(labels)), "skipped": len(skipped),
-        "n_classes": len(classnames), "top1": metrics.topk_accuracy(scores, labels, 1),
-        "top5": metrics.topk_accuracy(scores, labels, 5),
-        "per_class_top1": metrics.per_class_accuracy(pred, labels),
-    }
-    if sp is None:
-        return result
-    seen = np.array(sp.seen_mask(classnames))
-    g0 = metrics.gzsl(scores, labels, seen)
-    result.update({"S": g0.S, "U": g0.U, "H": g0.H})
-    gamma = 0.0
-    if val is not None:
-        vdata = load_labelled(val)
-        vscores, vlabels, _ = score_folder(scorer, vdata, batch_size, workers, progress)
-        gamma = metrics.choose_gamma(vscores, vlabels, seen)
-    cal = metrics.gzsl(scores, labels, seen, gamma)
-    gammas, S, U = metrics.seen_unseen_curve(scores, labels, seen)
-    result["calibrated"] = {"gamma": gamma, "S": cal.S, "U": cal.U, "H": cal.H, "chosen_on": str(val) if val else None}
-    result["ausuc"] = metrics.ausuc(S, U)
-    keep = np.unique(np.linspace(0, len(S) - 1, min(len(S), 200)).round().astype(int))
-    result["curve"] = {"S": S[keep].round(5).tolist(), "U": U[keep].round(5).tolist()}
+    result = EvalResult(str(model), str(images), int(len(labels)), len(skipped), len(classnames),
+                        top1=metrics.topk_accuracy(scores, labels, 1), top5=metrics.topk_accuracy(scores, labels, 5),
+                        per_class_top1=metrics.per_class_accuracy(pred, labels))
+    if sp is not None:
+        seen = np.array(sp.seen_mask(classnames))
+        g0 = metrics.gzsl(scores, labels, seen)
+        result.S, result.U, result.H = g0.S, g0.U, g0.H
+        gamma = 0.0
+        if val is not None:
+            vscores, vlabels, _ = score_folder(scorer, load_labelled(val), batch_size, workers, progress)
+            gamma = metrics.choose_gamma(vscores, vlabels, seen)
+        cal = metrics.gzsl(scores, labels, seen, gamma)
+        result.calibrated = Calibration(gamma, cal.S, cal.U, cal.H, str(val) if val else None)
+        _, S, U = metrics.seen_unseen_curve(scores, labels, seen)
+        result.ausuc = metrics.ausuc(S, U)
+        keep = np.unique(np.linspace(0, len(S) - 1, min(len(S), 200)).round().astype(int))
+        result.curve = {"S": S[keep].round(5).tolist(), "U": U[keep].round(5).tolist()}
+    if out is not None:
+        result.save(out)
     return result
 
 
 def predict(model: str, files: Sequence[str | Path], text: str | Path | None = None,
-            classnames: Sequence[str] | None = None, topk: int = 5, device: str | None = "auto") -> list[dict]:
+            classnames: Sequence[str] | None = None, topk: int = 5, device: str | None = "auto") -> list[Prediction]:
     """Top-``k`` class names with probabilities for each image file (unreadable files get an ``error``)."""
     scorer = load_scorer(model, classnames, text, device=device)
     out = []
@@ -185,10 +230,10 @@ def predict(model: str, files: Sequence[str | Path], text: str | Path | None = N
         try:
             x = scorer.preprocess(load_rgb(f)).unsqueeze(0)
         except Exception as e:  # noqa: BLE001 - report the file and go on
-            out.append({"file": str(f), "error": f"{type(e).__name__}: {e}"})
+            out.append(Prediction(str(f), error=f"{type(e).__name__}: {e}"))
             continue
         probs = scorer.probabilities(scorer.scores(x))[0]
         p, idx = probs.topk(min(topk, len(scorer.classnames)))
-        out.append({"file": str(f), "top": [{"class": scorer.classnames[i], "prob": round(float(q), 5)}
-                                              for q, i in zip(p.tolist(), idx.tolist(), strict=True)]})
+        out.append(Prediction(str(f), [(scorer.classnames[i], round(float(q), 5))
+                                       for q, i in zip(p.tolist(), idx.tolist(), strict=True)]))
     return out

@@ -11,12 +11,11 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
+from ..data.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
 from ..errors import ClipkdError
 from ..fileio import write_torch
 
 STUDENT_FORMAT = "clipkd-student/1"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -36,6 +35,11 @@ class StudentConfig:
     classnames: list[str] = field(default_factory=list)
     teacher: str = ""
     pretrained: bool = False
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        """The student's preprocessing: bicubic shortest-side resize, center crop, normalise."""
+        return PreprocessConfig(size=(self.image_size, self.image_size), mean=tuple(self.mean), std=tuple(self.std))
 
 
 class Student(nn.Module):
@@ -63,12 +67,7 @@ class Student(nn.Module):
 
 def student_transform(cfg: StudentConfig, augment: str = "none") -> T.Compose:
     """Resize + tensor + normalise; ``augment`` = ``none``, ``flip``, or ``crop`` (flip + random resized crop)."""
-    return T.Compose(augment_ops(cfg.image_size, augment) + [
-        T.Resize(cfg.image_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(cfg.image_size),
-        T.ToTensor(),
-        T.Normalize(cfg.mean, cfg.std),
-    ])
+    return cfg.preprocess.transform(augment_ops(cfg.image_size, augment))
 
 
 def augment_ops(size: int, augment: str) -> list:

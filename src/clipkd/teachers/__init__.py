@@ -1,6 +1,8 @@
-"""Teachers: CLIP models behind one interface, named by a spec string (``open_clip:MODEL@PRETRAINED``)."""
+"""CLIP models behind one interface, named by a spec string (``open_clip:MODEL@PRETRAINED``): frozen teachers
+(:func:`load_teacher`) and trainable CLIPs (:func:`load_clip`) over the same backends."""
 
-from .base import Teacher, resolve_device
-from .factory import list_backends, load_teacher, register_backend
+from .base import ClipModel, Teacher, resolve_device
+from .factory import BACKENDS, list_backends, load_clip, load_teacher, register_backend
 
-__all__ = ["Teacher", "list_backends", "load_teacher", "register_backend", "resolve_device"]
+__all__ = ["BACKENDS", "ClipModel", "Teacher", "list_backends", "load_clip", "load_teacher", "register_backend",
+           "resolve_device"]

@@ -1,10 +1,10 @@
-"""The teacher interface every backend implements."""
+"""The CLIP-model interface every backend implements (used frozen as a teacher, or trained by ``clip-train``)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import warnings
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..data.preprocess import PreprocessConfig
 from ..errors import ClipkdError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -48,15 +51,18 @@ def file_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-class Teacher:
-    """A CLIP model that embeds images and texts into one space (a teacher, or a CLIP being fine-tuned).
+class ClipModel:
+    """A CLIP model that embeds images and texts into one space, behind one interface for every backend.
+
+    :func:`~clipkd.teachers.load_teacher` returns one frozen (a teacher: eval mode, no gradients);
+    :func:`~clipkd.teachers.load_clip` returns one ready to train (``clip-train``).
 
     Attributes:
         identity: names the weights exactly; recorded with everything computed from them.
         embed_dim: size of the joint embedding.
         preprocess: PIL image → tensor, as the model expects.
-        preprocess_cfg: a JSON-able description of ``preprocess`` (for manifests).
-        tokenizer: list of strings → token tensor.
+        preprocess_cfg: the typed description of ``preprocess`` (for manifests and exports).
+        tokenizer: list of strings → token tensor; ``None`` for image-only models (see ``has_text``).
         model: the underlying ``nn.Module``.
         train_preprocess: the augmentation its own ecosystem fine-tunes with (default: ``preprocess``).
         language: what its tokenizer reads: ``"en"`` (English BPE) or ``"multi"`` (word-piece / multilingual).
@@ -65,8 +71,8 @@ class Teacher:
     identity: str
     embed_dim: int
     preprocess: Callable[[Image.Image], torch.Tensor]
-    preprocess_cfg: dict[str, Any]
-    tokenizer: Callable[[Sequence[str]], Any]
+    preprocess_cfg: PreprocessConfig
+    tokenizer: Callable[[Sequence[str]], Any] | None = None
     model: torch.nn.Module
     device: torch.device
     precision: str = "fp32"
@@ -102,6 +108,11 @@ class Teacher:
             self._compiled = (torch.compile(self.image_features, dynamic=False), batch_size)
             self._compiled_checked = False
 
+    @property
+    def is_compiled(self) -> bool:
+        """Whether the image tower runs compiled (after :meth:`compile_image_tower`, until a fallback to eager)."""
+        return self._compiled is not None
+
     def _image_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._compiled is None or x.shape[0] > self._compiled[1]:
             return self.image_features(x)
@@ -122,7 +133,7 @@ class Teacher:
         return out
 
     def _drop_compiled(self, why: str, eager: torch.Tensor) -> torch.Tensor:
-        warnings.warn(f"{why}; using the eager image tower", stacklevel=3)
+        log.warning("%s; using the eager image tower", why)
         self._compiled = None
         return eager
 
@@ -134,9 +145,21 @@ class Teacher:
             feats = self._image_forward(images.to(self.device, non_blocking=True))
         return F.normalize(feats.float(), dim=-1).to(src)
 
+    @property
+    def has_text(self) -> bool:
+        """Whether the model has a text tower clipkd can use (image-only teachers do not)."""
+        return self.tokenizer is not None
+
+    def require_text(self, why: str = "text embeddings") -> None:
+        """Raise a one-line error when ``why`` needs a text tower this model does not expose."""
+        if not self.has_text:
+            raise ClipkdError(f"{self.identity} is an image-only model (its text tower is not exposed), so it "
+                              f"cannot give {why}; use a CLIP teacher for text")
+
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """L2-normalised fp32 text embeddings (on CPU)."""
+        self.require_text()
         if isinstance(texts, str):
             texts = [texts]
         out = []
@@ -153,4 +176,7 @@ class Teacher:
 
     def describe(self) -> dict[str, Any]:
         """What a store or text-embedding file records about this teacher."""
-        return {"teacher": self.identity, "embed_dim": self.embed_dim, "preprocess": self.preprocess_cfg}
+        return {"teacher": self.identity, "embed_dim": self.embed_dim, "preprocess": self.preprocess_cfg.to_dict()}
+
+
+Teacher = ClipModel  # the name the backends and older code use

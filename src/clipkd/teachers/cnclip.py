@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from ..data.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
 from ..errors import ClipkdError
 from ..fileio import write_torch
-from .base import Teacher, file_fingerprint
+from .base import ClipModel, file_fingerprint
 from .factory import register_backend
 
 CONTEXT_LENGTH = 52  # Chinese-CLIP's text length for all its released models
@@ -102,7 +103,7 @@ def create_cnclip(name: str, weights: str | None, device: torch.device | str = "
     return model, preprocess, tokenizer, size
 
 
-class CnClipTeacher(Teacher):
+class CnClipTeacher(ClipModel):
     """A Chinese-CLIP model (Chinese word-piece tokenizer) as a teacher or a fine-tuned student."""
 
     def __init__(self, name: str, weights: str | None, device: torch.device, precision: str) -> None:
@@ -116,9 +117,8 @@ class CnClipTeacher(Teacher):
             tag = weights or "published"
         self.identity = f"cn_clip:{name}@{tag}"
         self.embed_dim = int(self.model.text_projection.shape[1])
-        self.preprocess_cfg = {"size": [size, size], "mean": [0.48145466, 0.4578275, 0.40821073],
-                               "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
-                               "resize_mode": "squash"}
+        self.preprocess_cfg = PreprocessConfig(size=(size, size), mean=CLIP_MEAN, std=CLIP_STD,
+                                               interpolation="bicubic", resize_mode="squash", crop=False)
         self.logit_scale = float(self.model.logit_scale.exp().item())
         self.language = "multi"
         self.unk_id = _cn_clip()._tokenizer.vocab["[UNK]"]
@@ -138,6 +138,6 @@ class CnClipTeacher(Teacher):
 
 
 @register_backend("cn_clip")
-def _load(rest: str, device: torch.device, precision: str) -> Teacher:
+def _load(rest: str, device: torch.device, precision: str) -> ClipModel:
     name, _, weights = rest.partition("@")
     return CnClipTeacher(name, weights or None, device, precision)

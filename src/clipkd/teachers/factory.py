@@ -1,49 +1,60 @@
-"""Spec strings → teachers, through a registry of backends (``open_clip``, ...)."""
+"""Spec strings → CLIP models, through a registry of backends (``open_clip``, ``hf``, ``cn_clip``, ``modelscope``).
+
+Two entry points over the same backends: :func:`load_teacher` gives a frozen encoder (eval mode, no
+gradients) and :func:`load_clip` a CLIP ready to be trained by ``clip-train``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from ..errors import ClipkdError
-from .base import Teacher, resolve_device, resolve_precision
+from ..registry import Registry
+from .base import ClipModel, resolve_device, resolve_precision
 
-_BACKENDS: dict[str, Callable[..., Teacher]] = {}
+BACKENDS: Registry[Callable[..., ClipModel]] = Registry("model backend")
 
 
 def register_backend(name: str) -> Callable:
-    """Decorator: register ``fn(spec_rest, device, precision) -> Teacher`` under ``name:``."""
-
-    def wrap(fn: Callable[..., Teacher]) -> Callable[..., Teacher]:
-        _BACKENDS[name] = fn
-        return fn
-
-    return wrap
+    """Decorator: register ``fn(spec_rest, device, precision) -> ClipModel`` under ``name:``."""
+    return BACKENDS.register(name)
 
 
 def list_backends() -> list[str]:
     """Registered backend prefixes."""
     _import_builtin()
-    return sorted(_BACKENDS)
+    return sorted(BACKENDS)
 
 
 def _import_builtin() -> None:
     from . import cnclip, hf, modelscope, openclip  # noqa: F401  (each registers itself)
 
 
-def load_teacher(spec: str, device: str | None = "auto", precision: str = "auto") -> Teacher:
-    """Build a teacher from a spec such as ``open_clip:ViT-B-32@laion2b_s34b_b79k``.
+def _build(spec: str, device: str | None, precision: str) -> ClipModel:
+    _import_builtin()
+    backend, sep, rest = spec.partition(":")
+    if not sep or backend not in BACKENDS:
+        raise ClipkdError(
+            f"model spec '{spec}' must start with a backend prefix, one of: "
+            + ", ".join(f"{b}:" for b in sorted(BACKENDS))
+        )
+    dev = resolve_device(device)
+    return BACKENDS.get(backend)(rest, dev, resolve_precision(precision, dev))
+
+
+def load_teacher(spec: str, device: str | None = "auto", precision: str = "auto") -> ClipModel:
+    """A frozen CLIP encoder from a spec such as ``open_clip:ViT-B-32@laion2b_s34b_b79k`` (eval mode, no grads).
 
     ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...; ``precision``: ``auto`` (fp16 on GPU,
     fp32 on CPU), ``fp32``, ``fp16`` or ``bf16`` (GPU autocast only).
     """
-    _import_builtin()
-    backend, sep, rest = spec.partition(":")
-    if not sep or backend not in _BACKENDS:
-        raise ClipkdError(
-            f"teacher spec '{spec}' must start with a backend prefix, one of: "
-            + ", ".join(f"{b}:" for b in sorted(_BACKENDS))
-        )
-    dev = resolve_device(device)
-    teacher = _BACKENDS[backend](rest, dev, resolve_precision(precision, dev))
-    teacher.model.eval().requires_grad_(False)
-    return teacher
+    model = _build(spec, device, precision)
+    model.model.eval().requires_grad_(False)
+    return model
+
+
+def load_clip(spec: str) -> ClipModel:
+    """A trainable CLIP from a spec (fp32, on CPU, train mode, every parameter requiring grad)."""
+    model = _build(spec, "cpu", "fp32")
+    model.model.train().requires_grad_(True)
+    return model

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
+from ..data.preprocess import PreprocessConfig
 from ..errors import ClipkdError
-from .base import Teacher, file_fingerprint
+from .base import ClipModel, file_fingerprint
 from .factory import register_backend
 
 MODEL_TYPES = {"clip": "CLIPModel", "chinese_clip": "ChineseCLIPModel"}
@@ -70,7 +71,7 @@ class HfPreprocess:
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
-class HfClipTeacher(Teacher):
+class HfClipTeacher(ClipModel):
     """A transformers ``CLIPModel`` / ``ChineseCLIPModel``."""
 
     image_prefixes = ("vision_model.", "visual_projection.")
@@ -87,8 +88,10 @@ class HfClipTeacher(Teacher):
         p = self.processor
         size = p.crop_size if getattr(p, "do_center_crop", False) else p.size
         side = size.get("height") or size.get("shortest_edge")
-        self.preprocess_cfg = {"size": [side, side], "mean": list(p.image_mean), "std": list(p.image_std),
-                               "processor": type(p).__name__}
+        resample = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(getattr(p, "resample", 3)), "bicubic")
+        self.preprocess_cfg = PreprocessConfig(size=(side, side), mean=tuple(p.image_mean), std=tuple(p.image_std),
+                                               interpolation=resample, crop=bool(getattr(p, "do_center_crop", True)),
+                                               processor=type(p).__name__)
         self.language = "en" if type(model).__name__ == "CLIPModel" else "multi"
         self.unk_id = self.hf_tokenizer.unk_token_id if self.language == "multi" else None
         self.context_length = int(getattr(model.config.text_config, "max_position_embeddings", 77))
@@ -117,5 +120,5 @@ class HfClipTeacher(Teacher):
 
 
 @register_backend("hf")
-def _load(rest: str, device: torch.device, precision: str) -> Teacher:
+def _load(rest: str, device: torch.device, precision: str) -> ClipModel:
     return HfClipTeacher(rest, device, precision)

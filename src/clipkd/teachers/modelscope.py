@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from ..data.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
 from ..errors import ClipkdError
-from .base import Teacher
+from .base import ClipModel
 from .factory import register_backend
 
 TEACHERS = {
@@ -26,8 +27,6 @@ TEACHERS = {
     "damo/multi-modal_team-vit-large-patch14_multi-modal-similarity": ("model", "image_model"),
     "damo/multi-modal_rleg-vit-large-patch14": ("model", "encode_image"),
 }
-MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
 
 def _model_class():
     try:
@@ -36,7 +35,6 @@ def _model_class():
         return Model
     except ImportError:
         raise ClipkdError("modelscope: specs need ModelScope: pip install 'clipkd[modelscope]'") from None
-
 
 def _which(name: str) -> str:
     """The supported model ``name`` refers to (a hub name, or a local folder named after one)."""
@@ -49,12 +47,11 @@ def _which(name: str) -> str:
     raise ClipkdError(f"modelscope teacher '{name}' is not one of {sorted(TEACHERS)} (a local folder must keep "
                       "the model's name)")
 
-
-class ModelScopeTeacher(Teacher):
-    """An image teacher loaded with ``modelscope.models.Model.from_pretrained``."""
+class ModelScopeTeacher(ClipModel):
+    """An image teacher loaded with ``modelscope.models.Model.from_pretrained`` (no text tower: ``tokenizer``
+    is ``None``, so ``has_text`` is false and text requests are one-line errors)."""
 
     def __init__(self, name: str, device: torch.device, precision: str) -> None:
-        from torchvision import transforms as T
 
         known = _which(name)
         Model = _model_class()
@@ -74,9 +71,9 @@ class ModelScopeTeacher(Teacher):
         self.model = wrapper.to(device) if hasattr(wrapper, "to") else inner.to(device)
         self._features = getattr(inner, fn)
         self.identity, self.device, self.precision = f"modelscope:{known}", device, precision
-        self.preprocess = T.Compose([T.Resize((224, 224), interpolation=T.InterpolationMode.BICUBIC),
-                                     T.ToTensor(), T.Normalize(MEAN, STD)])
-        self.preprocess_cfg = {"size": [224, 224], "mean": list(MEAN), "std": list(STD), "resize_mode": "squash"}
+        self.preprocess_cfg = PreprocessConfig(size=(224, 224), mean=CLIP_MEAN, std=CLIP_STD, resize_mode="squash",
+                                               crop=False)
+        self.preprocess = self.preprocess_cfg.transform()
         with torch.no_grad():
             probe = self.image_features(torch.zeros(1, 3, 224, 224, device=device))
         self.embed_dim = int(probe.shape[-1])
@@ -86,13 +83,9 @@ class ModelScopeTeacher(Teacher):
         return out[0] if isinstance(out, tuple | list) else out
 
     def text_features(self, tokens: Any) -> torch.Tensor:
-        raise ClipkdError(f"{self.identity} is used as an image teacher; its text tower is not exposed. Use it "
-                          "with embed-images / cosine or mse distillation, and a CLIP teacher for text")
-
-    def tokenizer(self, texts: list[str]) -> Any:
-        return self.text_features(texts)
-
+        self.require_text()
+        raise AssertionError("unreachable")  # pragma: no cover
 
 @register_backend("modelscope")
-def _load(rest: str, device: torch.device, precision: str) -> Teacher:
+def _load(rest: str, device: torch.device, precision: str) -> ClipModel:
     return ModelScopeTeacher(rest, device, precision)

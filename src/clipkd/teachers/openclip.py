@@ -8,9 +8,10 @@ from typing import Any
 import open_clip
 import torch
 
+from ..data.preprocess import PreprocessConfig
 from ..errors import ClipkdError
 from ..fileio import write_torch
-from .base import Teacher, file_fingerprint
+from .base import ClipModel, file_fingerprint
 from .factory import register_backend
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
@@ -27,12 +28,11 @@ def parse_spec(rest: str) -> tuple[str, str | None]:
     return model, None if pretrained in ("", "random") else pretrained
 
 
-def preprocess_description(model: torch.nn.Module) -> dict[str, Any]:
-    """The preprocessing that open_clip attached to the model, as plain JSON."""
-    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
-    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
-    out.setdefault("size", getattr(model.visual, "image_size", None))
-    return out
+def preprocess_description(model: torch.nn.Module) -> PreprocessConfig:
+    """The preprocessing that open_clip attached to the model (its ``PreprocessCfg``), as clipkd's typed value."""
+    cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    cfg.setdefault("size", getattr(model.visual, "image_size", None))
+    return PreprocessConfig.from_dict(cfg)
 
 
 def create_openclip(model_name: str, pretrained: str | None, device: torch.device | str = "cpu"):
@@ -70,7 +70,7 @@ def create_openclip(model_name: str, pretrained: str | None, device: torch.devic
     return model, preprocess_train, preprocess, tokenizer
 
 
-class OpenClipTeacher(Teacher):
+class OpenClipTeacher(ClipModel):
     """An open_clip CLIP model as a teacher."""
 
     def __init__(self, model_name: str, pretrained: str | None, device: torch.device, precision: str):
@@ -103,6 +103,6 @@ class OpenClipTeacher(Teacher):
 
 
 @register_backend("open_clip")
-def _load(rest: str, device: torch.device, precision: str) -> Teacher:
+def _load(rest: str, device: torch.device, precision: str) -> ClipModel:
     model_name, pretrained = parse_spec(rest)
     return OpenClipTeacher(model_name, pretrained, device, precision)

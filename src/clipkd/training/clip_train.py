@@ -3,25 +3,27 @@ optionally plus a distillation loss from a larger teacher CLIP (the second seed'
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import logging
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..data.captions import CaptionDataset, check_tokenizer_reads, load_caption_source
 from ..data.loader import ImageDataset, make_loader
 from ..errors import ClipkdError
 from ..fileio import write_json
-from ..students.losses import KD_LOSSES
+from ..students.losses import kd_needs_text
+from .distill import TrainResult
 from .modules import ClipModule
-from .recipe import Recipe
-from .trainer import fit
+from .trainer import TrainerSettings, check_logger, fit
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class ClipTrainConfig(Recipe):
+class ClipTrainConfig(TrainerSettings):
     """CLIP (fine-)tuning recipe; ``model``: ``open_clip:ARCH[@TAG|@FILE]`` or ``cn_clip:ARCH[@FILE|@random]``."""
 
     model: str = "open_clip:clipkd-tiny"
@@ -50,21 +52,6 @@ def model_spec(model: str, pretrained: str | None = None) -> str:
     return model
 
 
-def _teacher_targets(store: str | Path, paths: list[str], identity: str | None) -> torch.Tensor:
-    from ..store import EmbeddingStore
-
-    st = EmbeddingStore(store)
-    if identity is not None and st.teacher != identity:
-        raise ClipkdError(f"store {store} holds embeddings of '{st.teacher}', not of the teacher '{identity}'")
-    rows = st.rows(paths)
-    missing = int((rows < 0).sum())
-    if missing:
-        raise ClipkdError(f"store {store} lacks embeddings for {missing} of the {len(rows)} captioned images "
-                          f"(e.g. {[paths[i] for i in np.flatnonzero(rows < 0)[:3]]}); run embed-images on them "
-                          "or use --teacher online")
-    return torch.from_numpy(np.asarray(st.embeddings()[rows], dtype=np.float16))
-
-
 def _val_data(clip: Any, images: str | Path, captions: str | Path, batch_size: int, workers: int | None):
     from ..evaluation.retrieval import labels_from_paths
 
@@ -89,10 +76,9 @@ def clip_train(
     val_images: str | Path | None = None,
     val_captions: str | Path | None = None,
     device: str = "auto",
-    precision: str = "auto",
     progress: bool = True,
-) -> str:
-    """Train ``cfg.model`` on captioned images; return the spec that loads the result.
+) -> TrainResult:
+    """Train ``cfg.model`` on captioned images; the result's ``spec`` loads the trained model.
 
     Distillation is on when ``teacher`` (run online, once per batch) or ``store`` (teacher image
     embeddings computed once by ``embed-images``) is given; the ``affinity`` loss also needs
@@ -101,25 +87,26 @@ def clip_train(
     the one saved. Weights go to ``out`` in the backend's own format (``open_clip_model.pt`` or
     ``cn_clip_model.pt``); ``out/run.json`` records the recipe and the spec.
     """
-    from ..teachers import load_teacher
+    from ..teachers import load_clip, load_teacher
 
     out = Path(out)
     distilling = teacher is not None or store is not None
-    if distilling and cfg.kd_loss not in KD_LOSSES:
-        raise ClipkdError(f"unknown distillation loss '{cfg.kd_loss}' (choose from {', '.join(KD_LOSSES)})")
-    if cfg.kd_loss == "affinity" and distilling and teacher is None:
-        raise ClipkdError("the affinity loss compares image–text similarities: pass --teacher SPEC (its text "
+    needs_text = distilling and kd_needs_text(cfg.kd_loss)
+    check_logger(cfg.logger)
+    if needs_text and teacher is None:
+        raise ClipkdError(f"the {cfg.kd_loss} loss compares image–text similarities: pass --teacher SPEC (its text "
                           "tower embeds the captions once; image embeddings may still come from --store)")
     if cfg.freeze_image and cfg.freeze_text:
         raise ClipkdError("freezing both towers leaves nothing to train")
     source = load_caption_source(images, captions)
     torch.manual_seed(cfg.seed)
-    student = load_teacher(cfg.model, device="cpu", precision="fp32")
-    student.model.train().requires_grad_(True)
+    student = load_clip(cfg.model)
+    student.require_text("a contrastive loss")
     check_tokenizer_reads(student, source.captions(), "student model")
 
-    t = load_teacher(teacher, device=device, precision=precision) if teacher is not None else None
-    if t is not None and cfg.kd_loss == "affinity":
+    t = load_teacher(teacher, device=device, precision=cfg.precision) if teacher is not None else None
+    if t is not None and needs_text:
+        t.require_text(f"the {cfg.kd_loss} loss")
         check_tokenizer_reads(t, source.captions(), "teacher")
     online = t is not None and store is None
     transform = student.train_preprocess or student.preprocess
@@ -127,13 +114,19 @@ def clip_train(
         def transform(img, _s=transform, _t=t.preprocess):  # noqa: E306
             return _s(img), _t(img)
 
-    dataset = CaptionDataset(source, None, transform, student.tokenizer)
     targets = teacher_text = None
     if store is not None:
+        from ..store import EmbeddingStore
+
         if source.tsv is not None:
             raise ClipkdError("an embedding store is built from an image folder; with TSV images use --teacher")
-        targets = _teacher_targets(store, dataset.paths, t.identity if t is not None else None)
-    if t is not None and cfg.kd_loss == "affinity":
+        paths = sorted(source.pairs)
+        found = EmbeddingStore(store).targets(paths, t.identity if t is not None else None, "captioned images")
+        if len(found.keep) < len(paths):
+            source = replace(source, pairs={paths[i]: source.pairs[paths[i]] for i in found.keep.tolist()})
+        targets = found.targets
+    dataset = CaptionDataset(source, None, transform, student.tokenizer)
+    if t is not None and needs_text:
         teacher_text = t.encode_text(dataset.unique).half()
     teacher_dim = t.embed_dim if t is not None else (int(targets.shape[1]) if targets is not None else 0)
     loader = make_loader(dataset, cfg.batch_size, shuffle=True, workers=cfg.workers, drop_last=True, seed=cfg.seed)
@@ -152,7 +145,7 @@ def clip_train(
                         teacher_scale=t.logit_scale if t is not None else 100.0, targets=targets,
                         teacher_text=teacher_text, freeze_image=cfg.freeze_image, freeze_text=cfg.freeze_text,
                         val_texts=val_texts, val_owner=val_owner, val_labels=val_labels)
-    trainer = fit(module, loader, out, cfg.epochs, val=val, monitor=monitor, device=device, precision=precision,
+    trainer = fit(module, loader, out, cfg.epochs, val=val, monitor=monitor, device=device, settings=cfg,
                   accumulate=cfg.accumulate, progress=progress)
     best = out / "checkpoints" / "best.ckpt"
     if monitor and best.is_file():
@@ -160,9 +153,9 @@ def clip_train(
     module.cpu()
     spec = student.save(out)
     if module.skipped:
-        print(f"note: {module.skipped} image(s) could not be decoded and were skipped")
+        log.warning("%d image visit(s) could not be decoded and were skipped", module.skipped)
     info: dict[str, Any] = {
-        "train": asdict(cfg), "spec": spec, "teacher_spec": spec, "images": len(dataset),
+        "train": asdict(cfg), "spec": spec, "images": len(dataset),
         "distillation": {"teacher": t.identity if t is not None else None, "store": str(store) if store else None,
                          "source": "online" if online else ("store" if store else None),
                          "loss": cfg.kd_loss if distilling else None, "weight": cfg.kd_weight if distilling else 0,
@@ -174,4 +167,5 @@ def clip_train(
         info["best"] = {"monitor": monitor, "score": float(cb[0].best_model_score) if cb and
                         cb[0].best_model_score is not None else None}
     write_json(out / "run.json", info)
-    return spec
+    return TrainResult(out, Path(spec.split("@", 1)[1]) if "@" in spec else Path(spec.split(":", 1)[1]), spec=spec,
+                       train_images=len(dataset), skipped_images=module.skipped, best=info.get("best"))

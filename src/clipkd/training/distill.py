@@ -2,36 +2,43 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import logging
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torchvision import transforms as T
 
 from ..data.datasets import load_labelled
+from ..data.folders import LabelledImages
 from ..data.loader import ImageDataset, make_loader
+from ..data.preprocess import PreprocessConfig
 from ..data.splits import load_split
 from ..errors import ClipkdError
 from ..fileio import write_json
 from ..prompts import TextEmbeddings
 from ..store import EmbeddingStore
-from ..students.losses import EMBEDDING_LOSSES
-from ..students.model import CLIP_MEAN, CLIP_STD, StudentConfig, augment_ops, save_student, student_transform
+from ..students.losses import EMBEDDING_LOSSES, check_terms, term_needs
+from ..students.model import StudentConfig, augment_ops, save_student, student_transform
 from .modules import StudentModule
-from .recipe import Recipe
-from .trainer import fit
+from .trainer import TrainerSettings, check_logger, fit
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig(Recipe):
-    """A training recipe as data (JSON-able; ``--config FILE`` loads one, flags override it)."""
+class TrainConfig(TrainerSettings):
+    """A student-training recipe as data (JSON-able; ``--config FILE`` loads one, flags override it).
+
+    ``terms``: the weighted distillation terms summed into the loss (names from
+    :data:`~clipkd.students.losses.DISTILL_TERMS`: ``embed`` = the seed's embedding loss, ``label`` = its
+    label term); ``loss``: the embedding distance the ``embed`` term uses.
+    """
 
     student: str = "resnet18"
     loss: str = "mse"
-    embed_weight: float = 1.0
-    label_weight: float = 0.0
+    terms: dict[str, float] = field(default_factory=lambda: {"embed": 1.0})
     logit_scale: float = 0.0  # 0: the teacher's own (from the text-embedding file)
     epochs: int = 10
     batch_size: int = 128
@@ -45,7 +52,19 @@ class TrainConfig(Recipe):
     seed: int = 0
 
 
-def _seen_images(images: str | Path, split_path: str | Path | None):
+@dataclass
+class TrainResult:
+    """What a training run produced: the run folder, the model file, and what was left out."""
+
+    out: Path
+    path: Path  # student.pt, or the trained CLIP's weights file
+    spec: str = ""  # for CLIPs: the spec that loads the result
+    train_images: int = 0
+    skipped_images: int = 0
+    best: dict[str, Any] | None = None
+
+
+def _seen_images(images: str | Path, split_path: str | Path | None) -> tuple[LabelledImages, list[str]]:
     data = load_labelled(images)
     if split_path is None:
         return data, list(data.classnames)
@@ -63,10 +82,17 @@ def _label_map(classnames: list[str], trained: list[str]) -> torch.Tensor:
     return torch.tensor([pos.get(c, -100) for c in classnames], dtype=torch.long)
 
 
-def _write_run(out: Path, module: StudentModule, cfg: TrainConfig, info: dict[str, Any]) -> Path:
-    path = save_student(out / "student.pt", module.student.cpu(), extra={"train": asdict(cfg), **info})
-    write_json(out / "run.json", {"train": asdict(cfg), "student": asdict(module.student.cfg), **info})
-    return path
+def _fit_and_save(module: StudentModule, dataset: ImageDataset, out: Path, cfg: TrainConfig, device: str,
+                  progress: bool, info: dict[str, Any]) -> TrainResult:
+    """The part every student run shares: loader, the one training loop, ``student.pt`` + ``run.json``."""
+    loader = make_loader(dataset, cfg.batch_size, shuffle=True, workers=cfg.workers, drop_last=True, seed=cfg.seed)
+    if len(loader) == 0:
+        raise ClipkdError(f"{len(dataset)} training images is fewer than one batch of {cfg.batch_size}")
+    fit(module, loader, out, cfg.epochs, device=device, settings=cfg, progress=progress)
+    info = {"train": asdict(cfg), **info, "train_images": len(dataset)}
+    path = save_student(out / "student.pt", module.student.cpu(), extra=info)
+    write_json(out / "run.json", {**info, "student": asdict(module.student.cfg)})
+    return TrainResult(out, path, train_images=len(dataset))
 
 
 def distill(
@@ -78,47 +104,43 @@ def distill(
     text: str | Path | None = None,
     split: str | Path | None = None,
     device: str = "auto",
-    precision: str = "auto",
     progress: bool = True,
-) -> Path:
-    """Train an embedding student on the seen classes of ``images``; return its ``student.pt``.
+) -> TrainResult:
+    """Train an embedding student on the seen classes of ``images``.
 
     Targets come from ``store`` (computed once by ``embed-images``) or from ``teacher`` run online
     on the same augmented view the student sees. ``text`` (the teacher's class text embeddings)
-    is needed when ``cfg.label_weight > 0`` and supplies the default logit scale.
+    is needed by terms that use it (``label``) and supplies the default logit scale.
     """
     out = Path(out)
-    if cfg.loss not in EMBEDDING_LOSSES:
-        raise ClipkdError(f"unknown loss '{cfg.loss}' (choose from {', '.join(EMBEDDING_LOSSES)})")
+    EMBEDDING_LOSSES.entry(cfg.loss)
+    terms = check_terms(cfg.terms)
+    needs = term_needs(terms)
+    check_logger(cfg.logger)
     if (store is None) == (teacher is None):
         raise ClipkdError("give exactly one target source: --store STORE (precomputed) or --teacher SPEC (online)")
     data, seen = _seen_images(images, split)
     torch.manual_seed(cfg.seed)
 
     text_emb = TextEmbeddings.load(text) if text else None
-    if cfg.label_weight > 0 and text_emb is None:
-        raise ClipkdError("--label-weight > 0 needs --text (the teacher's class text embeddings)")
+    if "text" in needs and text_emb is None:
+        raise ClipkdError(f"the distillation term(s) {sorted(n for n in terms if n != 'embed')} need --text "
+                          "(the teacher's class text embeddings)")
 
     targets = online = None
     if store is not None:
         st = EmbeddingStore(store)
-        identity, dim, pre = st.teacher, st.embed_dim, st.manifest["preprocess"]
-        rows = st.rows(data.paths)
-        missing = int((rows < 0).sum())
-        if missing == len(rows):
-            raise ClipkdError(f"store {store} has no embedding for any image of {images} "
-                              "(was it built from another folder?)")
-        if missing:
-            print(f"note: {missing} of {len(rows)} training images have no embedding in {store}; left out")
-            keep = np.flatnonzero(rows >= 0)
-            data = type(data)(data.root, [data.paths[i] for i in keep], [data.labels[i] for i in keep],
-                              data.classnames)
-            rows = rows[keep]
-        targets = torch.from_numpy(np.asarray(st.embeddings()[rows], dtype=np.float16))
+        identity, dim, pre = st.teacher, st.embed_dim, PreprocessConfig.from_dict(st.manifest["preprocess"])
+        found = st.targets(data.paths)
+        if len(found.keep) < len(data.paths):
+            keep = found.keep.tolist()
+            data = LabelledImages(data.root, [data.paths[i] for i in keep], [data.labels[i] for i in keep],
+                                  data.classnames)
+        targets = found.targets
     else:
         from ..teachers import load_teacher
 
-        online = load_teacher(teacher, device=device, precision=precision)
+        online = load_teacher(teacher, device=device, precision=cfg.precision)
         identity, dim, pre = online.identity, online.embed_dim, online.preprocess_cfg
     if text_emb is not None and text_emb.teacher != identity:
         raise ClipkdError(f"text embeddings {text} come from teacher '{text_emb.teacher}', but the image "
@@ -126,10 +148,9 @@ def distill(
     if text_emb is not None and text_emb.embeddings.shape[1] != dim:
         raise ClipkdError(f"text embeddings have size {text_emb.embeddings.shape[1]}, image targets {dim}")
 
-    size = cfg.image_size or int(max(pre.get("size") or [224]))
-    scfg = StudentConfig(arch=cfg.student, out_dim=dim, kind="embedding", image_size=size,
-                         mean=tuple(pre.get("mean", CLIP_MEAN)), std=tuple(pre.get("std", CLIP_STD)),
-                         teacher=identity, pretrained=cfg.pretrained)
+    size = cfg.image_size or pre.side
+    scfg = StudentConfig(arch=cfg.student, out_dim=dim, kind="embedding", image_size=size, mean=pre.mean,
+                         std=pre.std, teacher=identity, pretrained=cfg.pretrained)
     if online is not None:
         augment = T.Compose(augment_ops(size, cfg.augment))
         plain = student_transform(scfg, "none")
@@ -141,19 +162,13 @@ def distill(
         transform = student_transform(scfg, cfg.augment)
     text_seen = torch.from_numpy(text_emb.select(seen).embeddings) if text_emb is not None else None
     scale = cfg.logit_scale or (text_emb.logit_scale if text_emb is not None else 100.0)
-    module = StudentModule(scfg, _label_map(data.classnames, seen), loss=cfg.loss,
-                           embed_weight=cfg.embed_weight, label_weight=cfg.label_weight, text=text_seen,
+    module = StudentModule(scfg, _label_map(data.classnames, seen), terms=terms, distance=cfg.loss, text=text_seen,
                            logit_scale=scale, targets=targets, teacher=online, lr=cfg.lr,
                            weight_decay=cfg.weight_decay, warmup=cfg.warmup)
-    dataset = ImageDataset(data.root, data.paths, transform, labels=data.labels)
     # Rows of `targets` follow `data.paths`, so the dataset index is the target row.
-    loader = make_loader(dataset, cfg.batch_size, shuffle=True, workers=cfg.workers, drop_last=True,
-                         seed=cfg.seed)
-    if len(loader) == 0:
-        raise ClipkdError(f"{len(dataset)} training images is fewer than one batch of {cfg.batch_size}")
-    fit(module, loader, out, cfg.epochs, device=device, precision=precision, progress=progress)
-    return _write_run(out, module, cfg, {"seen_classes": seen, "train_images": len(dataset),
-                                         "targets": "store" if store else "online"})
+    dataset = ImageDataset(data.root, data.paths, transform, labels=data.labels)
+    return _fit_and_save(module, dataset, out, cfg, device, progress,
+                         {"seen_classes": seen, "targets": "store" if store else "online"})
 
 
 def train_supervised(
@@ -162,11 +177,11 @@ def train_supervised(
     cfg: TrainConfig,
     split: str | Path | None = None,
     device: str = "auto",
-    precision: str = "auto",
     progress: bool = True,
-) -> Path:
+) -> TrainResult:
     """The normal-training baseline: the same backbone with a classification head on the seen classes."""
     out = Path(out)
+    check_logger(cfg.logger)
     data, seen = _seen_images(images, split)
     torch.manual_seed(cfg.seed)
     scfg = StudentConfig(arch=cfg.student, out_dim=len(seen), kind="classifier",
@@ -174,9 +189,4 @@ def train_supervised(
     module = StudentModule(scfg, _label_map(data.classnames, seen), lr=cfg.lr, weight_decay=cfg.weight_decay,
                            warmup=cfg.warmup)
     dataset = ImageDataset(data.root, data.paths, student_transform(scfg, cfg.augment), labels=data.labels)
-    loader = make_loader(dataset, cfg.batch_size, shuffle=True, workers=cfg.workers, drop_last=True,
-                         seed=cfg.seed)
-    if len(loader) == 0:
-        raise ClipkdError(f"{len(dataset)} training images is fewer than one batch of {cfg.batch_size}")
-    fit(module, loader, out, cfg.epochs, device=device, precision=precision, progress=progress)
-    return _write_run(out, module, cfg, {"seen_classes": seen, "train_images": len(dataset)})
+    return _fit_and_save(module, dataset, out, cfg, device, progress, {"seen_classes": seen})

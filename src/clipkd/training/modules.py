@@ -8,7 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from ..students.losses import embedding_loss, kd_loss, label_loss
+from ..students.losses import DISTILL_TERMS, TermInputs, kd_loss, kd_needs_projection, term_needs
 from ..students.model import Student, StudentConfig
 from .trainer import cosine_warmup
 
@@ -34,10 +34,11 @@ class OptimMixin:
 class StudentModule(OptimMixin, L.LightningModule):
     """Trains a :class:`Student`.
 
-    ``kind="embedding"``: ``embed_weight`` × embedding loss against teacher targets, plus
-    ``label_weight`` × cross entropy over scaled cosine logits with the seen classes' text
-    embeddings. Targets come from ``targets`` (rows indexed by the dataset index — the store
-    path) or from ``teacher`` run on the batch's second view (the online path).
+    ``kind="embedding"``: the weighted sum of the registered distillation ``terms`` (name → weight;
+    see :data:`~clipkd.students.losses.DISTILL_TERMS`), e.g. ``embed`` (embedding ``distance`` to the
+    teacher's target) and ``label`` (cross entropy over the seen classes' ``text`` embeddings). Targets
+    come from ``targets`` (rows indexed by the dataset index — the store path) or from ``teacher`` run on
+    the batch's second view (the online path).
     ``kind="classifier"``: plain cross entropy on the class head (the normal baseline).
     ``label_map`` turns dataset labels (folder classes) into positions among the trained classes.
     """
@@ -46,9 +47,8 @@ class StudentModule(OptimMixin, L.LightningModule):
         self,
         cfg: StudentConfig,
         label_map: torch.Tensor,
-        loss: str = "mse",
-        embed_weight: float = 1.0,
-        label_weight: float = 0.0,
+        terms: dict[str, float] | None = None,
+        distance: str = "mse",
         text: torch.Tensor | None = None,
         logit_scale: float = 100.0,
         targets: torch.Tensor | None = None,
@@ -59,7 +59,9 @@ class StudentModule(OptimMixin, L.LightningModule):
     ) -> None:
         super().__init__()
         self.student = Student(cfg)
-        self.loss, self.embed_weight, self.label_weight = loss, embed_weight, label_weight
+        self.terms = dict(terms or {"embed": 1.0}) if cfg.kind == "embedding" else {}
+        self.needs = term_needs(self.terms) if self.terms else set()
+        self.distance = distance
         self.logit_scale, self.lr, self.weight_decay, self.warmup = logit_scale, lr, weight_decay, warmup
         self.teacher = teacher
         self.register_buffer("label_map", label_map.long(), persistent=False)
@@ -77,17 +79,14 @@ class StudentModule(OptimMixin, L.LightningModule):
         if self.student.cfg.kind == "classifier":
             total = logs["loss/ce"] = F.cross_entropy(out, labels)
         else:
+            x = TermInputs(out, labels=labels, text=self.text, logit_scale=self.logit_scale, distance=self.distance)
+            if "target" in self.needs:
+                x.target = (self.teacher.encode_image(images[1]) if self.teacher is not None
+                            else self.targets[batch["index"]].float())
             total = out.new_zeros(())
-            if self.embed_weight > 0:
-                if self.teacher is not None:
-                    target = self.teacher.encode_image(images[1])
-                else:
-                    target = self.targets[batch["index"]].float()
-                logs["loss/embed"] = embedding_loss(self.loss, out, target)
-                total = total + self.embed_weight * logs["loss/embed"]
-            if self.label_weight > 0:
-                logs["loss/label"] = label_loss(out, self.text, labels, self.logit_scale)
-                total = total + self.label_weight * logs["loss/label"]
+            for name, weight in self.terms.items():
+                logs[f"loss/{name}"] = DISTILL_TERMS.get(name)(x)
+                total = total + weight * logs[f"loss/{name}"]
         logs["loss/total"] = total
         self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(student_x))
         return total
@@ -134,7 +133,7 @@ class ClipModule(OptimMixin, L.LightningModule):
         self.register_buffer("targets", targets, persistent=False)
         self.register_buffer("teacher_text", teacher_text, persistent=False)
         self.proj = None
-        if kd_loss in ("cosine", "mse") and teacher_dim and teacher_dim != clip.embed_dim:
+        if kd_loss and kd_needs_projection(kd_loss) and teacher_dim and teacher_dim != clip.embed_dim:
             self.proj = torch.nn.Linear(clip.embed_dim, teacher_dim, bias=False)
         self.freeze_image, self.freeze_text = freeze_image, freeze_text
         self.image_prefixes = tuple(getattr(clip, "image_prefixes", ("visual.",)))

@@ -9,6 +9,17 @@ from typing import Any
 from ..errors import ClipkdError
 from ..fileio import read_json
 
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def recipe_path(name: str) -> Path:
+    """The JSON file of a recipe shipped with clipkd (``clipkd/recipes/NAME.json``)."""
+    path = RECIPES / f"{name}.json"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in RECIPES.glob("*.json"))
+        raise ClipkdError(f"clipkd ships no recipe '{name}' (shipped: {', '.join(shipped)})")
+    return path
+
 
 class Recipe:
     """Mixin for recipe dataclasses: ``from_file`` reads a JSON recipe and applies overrides."""
@@ -23,3 +34,8 @@ class Recipe:
             raise ClipkdError(f"recipe {path}: unknown key(s) {unknown}; known: {sorted(names)}")
         data.update({k: v for k, v in overrides.items() if v is not None and k in names})
         return cls(**data)
+
+    @classmethod
+    def shipped(cls, name: str, **overrides: Any):
+        """A recipe shipped with clipkd (see :func:`recipe_path`), with ``overrides`` applied."""
+        return cls.from_file(recipe_path(name), **overrides)

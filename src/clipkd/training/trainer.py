@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -15,6 +18,69 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from ..errors import ClipkdError
+from .recipe import Recipe
+
+LOGGERS = ("csv", "tensorboard", "wandb")
+
+
+@dataclass
+class TrainerSettings(Recipe):
+    """Where and how a run trains (Lightning's trainer configuration), shared by every training recipe.
+
+    ``devices``: how many devices (or ``"auto"``); ``num_nodes``/``strategy``: as Lightning takes them
+    (``auto`` = single device, ``ddp`` for several); ``precision``: ``auto`` (fp16 mixed on GPU, fp32 on
+    CPU), ``fp32``, ``fp16``, ``bf16``; ``logger``: ``csv`` (always written; the training-curve PNG reads it),
+    ``tensorboard`` or ``wandb`` in addition.
+    """
+
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    logger: str = "csv"
+
+
+def check_logger(name: str) -> None:
+    """Refuse an unknown logger, or one whose package is not installed, before any work starts."""
+    if name not in LOGGERS:
+        raise ClipkdError(f"unknown logger '{name}' (choose from {', '.join(LOGGERS)})")
+    if name == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise ClipkdError("--logger tensorboard needs TensorBoard: pip install tensorboard (or tensorboardX)")
+    if name == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ClipkdError("--logger wandb needs Weights & Biases: pip install wandb")
+
+
+def make_loggers(out: Path, name: str) -> list:
+    """The CSV logger (``out/logs/metrics.csv``) plus ``name``'s logger when it is not ``csv``."""
+    check_logger(name)
+    loggers: list = [CSVLogger(out, name="", version="logs")]
+    if name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(out, name="", version="tensorboard"))
+    elif name == "wandb":  # pragma: no cover - needs wandb
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(WandbLogger(save_dir=str(out), name=out.name, project="clipkd"))
+    return loggers
+
+
+def accelerator_and_devices(device: str, devices: int | str = 1) -> tuple[str, Any]:
+    """``--device`` and ``devices`` → Lightning's (accelerator, devices): ``cuda:N`` keeps its index."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ClipkdError(f"--device {device} requested but CUDA is not available on this machine")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu", devices
+    if device.startswith("cuda:"):
+        index = device.split(":", 1)[1]
+        if not index.isdigit():
+            raise ClipkdError(f"--device {device}: expected cuda:N with N a GPU number")
+        return "gpu", [int(index)]
+    if device == "cuda":
+        return "gpu", devices
+    raise ClipkdError(f"unknown --device '{device}' (auto, cpu, cuda, cuda:N)")
 
 
 def lightning_precision(precision: str, accelerator: str) -> str:
@@ -73,7 +139,7 @@ def fit(
     val: DataLoader | None = None,
     monitor: str | None = None,
     device: str = "auto",
-    precision: str = "auto",
+    settings: TrainerSettings | None = None,
     accumulate: int = 1,
     resume: bool = True,
     progress: bool = True,
@@ -83,14 +149,12 @@ def fit(
     With ``resume`` (default) a run killed part-way continues from ``checkpoints/last.ckpt``,
     losing at most the unfinished epoch. Losses go to ``out/logs/metrics.csv`` and a training
     curve PNG (``out/training_curves.png``). With ``monitor`` (a logged validation metric, higher
-    is better) the best epoch is kept as ``checkpoints/best.ckpt``.
+    is better) the best epoch is kept as ``checkpoints/best.ckpt``. ``settings``: devices, nodes,
+    strategy, precision and logger (see :class:`TrainerSettings`).
     """
     out = Path(out)
-    accelerator = "cpu" if device == "cpu" else ("gpu" if device.startswith("cuda") else "auto")
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    if accelerator == "gpu" and not torch.cuda.is_available():
-        raise ClipkdError(f"--device {device} requested but CUDA is not available on this machine")
+    settings = settings or TrainerSettings()
+    accelerator, devices = accelerator_and_devices(device, settings.devices)
     callbacks: list = [EpochThroughput(), ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_last=False,
                                        every_n_epochs=1, save_top_k=1, enable_version_counter=False)]
     if monitor:
@@ -103,11 +167,13 @@ def fit(
     trainer = L.Trainer(
         max_epochs=epochs,
         accelerator=accelerator,
-        devices=1 if accelerator == "cpu" else "auto",
-        precision=lightning_precision(precision, accelerator),
+        devices=devices,
+        num_nodes=settings.num_nodes,
+        strategy=settings.strategy,
+        precision=lightning_precision(settings.precision, accelerator),
         accumulate_grad_batches=accumulate,
         callbacks=callbacks,
-        logger=CSVLogger(out, name="", version="logs"),
+        logger=make_loggers(out, settings.logger),
         enable_progress_bar=progress,
         enable_model_summary=False,
         log_every_n_steps=10,
