@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=EMBEDDING_LOSSES.names(), help="distance of the embed term (default mse)")
     terms = p.add_argument_group("distillation terms (weights; the recipe's terms keep theirs unless set here)")
     for name in DISTILL_TERMS:
-        terms.add_argument(f"--{name}-weight", type=float, dest=f"{name}_weight",
+        terms.add_argument(f"--{name.replace('_', '-')}-weight", type=float, dest=f"{name}_weight",
                            help=f"{DISTILL_TERMS.entry(name).help}")
     p.add_argument("--logit-scale", type=float, help="temperature of text-based terms (default: the teacher's)")
     _train_flags(p)

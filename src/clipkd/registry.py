@@ -41,6 +41,10 @@ class Registry(Generic[T]):
 
         return wrap
 
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (e.g. a plugin's part, or a test's)."""
+        self._entries.pop(name, None)
+
     def entry(self, name: str) -> Entry[T]:
         """The entry of ``name``; an unknown name is a :class:`ClipkdError` listing the choices."""
         try:

@@ -1,0 +1,233 @@
+"""The seams: registries, the public API, typed preprocessing, trainer settings, logging, store lookups."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import clipkd
+from clipkd.cli import build_parser, main
+from clipkd.errors import ClipkdError
+from clipkd.students.losses import DISTILL_TERMS, KD_LOSSES, TermInputs, kd_needs_projection
+from tests.conftest import write_image
+
+# --- registries ---
+
+def test_registry_lookup_errors_list_the_choices():
+    with pytest.raises(ClipkdError, match=r"unknown distillation loss 'nope' \(choose from cosine, mse, affinity\)"):
+        KD_LOSSES.get("nope")
+    assert kd_needs_projection("mse") and not kd_needs_projection("affinity")
+
+
+@pytest.fixture
+def extra_parts():
+    """A distillation term and a KD loss registered by a 'plugin', removed again afterwards."""
+
+    @DISTILL_TERMS.register("twice_embed", help="test term", needs=("target",))
+    def twice(x: TermInputs) -> torch.Tensor:
+        return 2 * (x.student - x.target).pow(2).sum(-1).mean()
+
+    @KD_LOSSES.register("l2_test", help="test loss", space="teacher")
+    def l2(s_img, t_img, *rest) -> torch.Tensor:
+        return (s_img - t_img).pow(2).mean()
+
+    yield
+    DISTILL_TERMS.remove("twice_embed")
+    KD_LOSSES.remove("l2_test")
+
+
+def test_a_registered_part_reaches_the_cli_and_the_projection_rule(extra_parts):
+    parser = build_parser()
+    a = parser.parse_args(["distill", "--images", "x", "--store", "s", "--out", "o", "--twice-embed-weight", "0.5"])
+    from clipkd.cli import _train_config
+
+    assert _train_config(a).terms == {"embed": 1.0, "twice_embed": 0.5}
+    a = parser.parse_args(["clip-train", "--images", "x", "--captions", "c", "--out", "o", "--kd-loss", "l2_test"])
+    assert a.kd_loss == "l2_test" and kd_needs_projection("l2_test")
+    from clipkd.students.model import StudentConfig
+    from clipkd.training.modules import StudentModule
+
+    m = StudentModule(StudentConfig("resnet10t", 4, image_size=32), torch.tensor([0]), terms={"twice_embed": 1.0},
+                      targets=torch.zeros(2, 4))
+    assert m.needs == {"target"}
+
+
+def test_terms_match_hand_computed_values():
+    s = torch.tensor([[3.0, 4.0], [1.0, 0.0]])  # normalised: (0.6, 0.8), (1, 0)
+    t = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    x = TermInputs(s, target=t, distance="mse")
+    assert DISTILL_TERMS.get("embed")(x).item() == pytest.approx(((0.4 ** 2 + 0.8 ** 2) + 0) / 2)
+    x.distance = "cosine"
+    assert DISTILL_TERMS.get("embed")(x).item() == pytest.approx(((1 - 0.6) + 0) / 2)
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    x = TermInputs(s, labels=torch.tensor([1, 0]), text=text, logit_scale=10.0)
+    logits = 10 * torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    expect = -(torch.log_softmax(logits, 1)[0, 1] + torch.log_softmax(logits, 1)[1, 0]) / 2
+    assert DISTILL_TERMS.get("label")(x).item() == pytest.approx(expect.item(), rel=1e-5)
+
+
+def test_bad_term_weights_are_one_line_errors():
+    from clipkd.students.losses import check_terms
+
+    with pytest.raises(ClipkdError, match="unknown distillation term 'vocab2'"):
+        check_terms({"vocab2": 1.0})
+    with pytest.raises(ClipkdError, match="nothing to train"):
+        check_terms({"embed": 0.0})
+    with pytest.raises(ClipkdError, match=">= 0"):
+        check_terms({"embed": -1.0})
+
+
+# --- the public API ---
+
+def test_public_api_is_flat_lazy_and_complete():
+    code = "import sys, clipkd; print('clipkd.training.distill' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]  # importing clipkd loads nothing heavy
+    for name in clipkd.__all__:
+        assert getattr(clipkd, name) is not None, name
+    assert clipkd.distill is importlib.import_module("clipkd.training.distill").distill
+    with pytest.raises(AttributeError):
+        clipkd.no_such_thing  # noqa: B018
+
+
+def test_every_cli_command_has_a_handler():
+    from clipkd.cli import COMMANDS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == set(COMMANDS)
+
+
+def test_shipped_recipes_load_and_drive_the_cli():
+    from clipkd.training.recipe import RECIPES
+
+    shipped = sorted(p.stem for p in RECIPES.glob("*.json"))
+    assert {"demo-teacher", "demo-student", "demo-retrieval-student"} <= set(shipped)
+    assert clipkd.ClipTrainConfig.shipped("demo-teacher").epochs == 4
+    a = build_parser().parse_args(["distill", "--images", "x", "--store", "s", "--out", "o", "--config",
+                                   "demo-student", "--epochs", "7"])
+    from clipkd.cli import _train_config
+
+    cfg = _train_config(a)
+    assert cfg.student == "resnet10t" and cfg.epochs == 7 and cfg.terms == {"embed": 1.0}
+    with pytest.raises(ClipkdError, match="ships no recipe 'nope'"):
+        clipkd.TrainConfig.shipped("nope")
+
+
+# --- encoders vs trainable CLIPs, typed preprocessing ---
+
+def test_teacher_is_frozen_and_clip_is_trainable():
+    t = clipkd.load_teacher("open_clip:clipkd-micro@random", device="cpu")
+    c = clipkd.load_clip("open_clip:clipkd-micro@random")
+    assert not t.model.training and not any(p.requires_grad for p in t.model.parameters())
+    assert c.model.training and all(p.requires_grad for p in c.model.parameters())
+    assert isinstance(t.preprocess_cfg, clipkd.PreprocessConfig) and t.preprocess_cfg.size == (32, 32)
+    from open_clip.constants import OPENAI_DATASET_MEAN
+
+    assert t.preprocess_cfg.mean == tuple(OPENAI_DATASET_MEAN) and t.has_text
+
+
+def test_preprocess_config_round_trips_and_reads_old_dicts(tmp_path):
+    from PIL import Image
+    from torchvision import transforms as T
+
+    cfg = clipkd.PreprocessConfig(size=(24, 24))
+    assert clipkd.PreprocessConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    old = clipkd.PreprocessConfig.from_dict({"size": 32, "mean": [0.5] * 3, "std": [0.2] * 3, "mode": "RGB"})
+    assert old.size == (32, 32) and old.mean == (0.5, 0.5, 0.5)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    reference = T.Compose([T.Resize(24, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(24), T.ToTensor(),
+                           T.Normalize(cfg.mean, cfg.std)])
+    assert torch.equal(cfg.transform()(img), reference(img))
+    squash = clipkd.PreprocessConfig(size=(24, 24), resize_mode="squash", crop=False).transform()(img)
+    assert squash.shape == (3, 24, 24)
+
+
+# --- trainer settings ---
+
+def test_cuda_index_is_kept(monkeypatch):
+    from clipkd.training.trainer import accelerator_and_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert accelerator_and_devices("cuda:1") == ("gpu", [1])
+    assert accelerator_and_devices("cuda", 2) == ("gpu", 2)
+    assert accelerator_and_devices("cpu") == ("cpu", 1)
+    with pytest.raises(ClipkdError, match="cuda:N"):
+        accelerator_and_devices("cuda:x")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ClipkdError, match="CUDA is not available"):
+        accelerator_and_devices("cuda:0")
+
+
+def test_tensorboard_logger_writes_events(tiny_world, fake_teacher, tmp_path):
+    pytest.importorskip("tensorboardX")
+    store = clipkd.embed_images(fake_teacher, tiny_world / "train", tmp_path / "store", progress=False)
+    cfg = clipkd.TrainConfig(student="resnet10t", epochs=1, batch_size=16, workers=0, logger="tensorboard")
+    clipkd.distill(tiny_world / "train", tmp_path / "run", cfg, store=store.root, device="cpu", progress=False)
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "run" / "logs" / "metrics.csv").is_file()  # the CSV log (and its PNG) stay
+
+
+def test_missing_logger_package_is_refused_before_work(monkeypatch):
+    import importlib.util
+
+    from clipkd.training.trainer import check_logger
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in ("tensorboard", "tensorboardX",
+                                                                                   "wandb") else real(n, *a))
+    with pytest.raises(ClipkdError, match="pip install tensorboard"):
+        check_logger("tensorboard")
+    with pytest.raises(ClipkdError, match="pip install wandb"):
+        check_logger("wandb")
+
+
+# --- logging ---
+
+def test_library_notes_go_through_logging_and_quiet_silences_them(tiny_world, tmp_path, capsys):
+    logger = logging.getLogger("clipkd")
+    from clipkd.cli import configure_logging
+
+    try:
+        configure_logging(quiet=True)
+        logging.getLogger("clipkd.demo").info("a progress note")
+        logging.getLogger("clipkd.store").warning("a skipped file")
+        err = capsys.readouterr().err
+        assert "a progress note" not in err and "clipkd: warning: a skipped file" in err
+        configure_logging()
+        logging.getLogger("clipkd.demo").info("a progress note")
+        assert "a progress note" in capsys.readouterr().err
+    finally:
+        logger.setLevel(logging.NOTSET)
+
+
+# --- one store lookup, one policy for missing rows ---
+
+def test_store_targets_drop_undecodable_and_refuse_unknown(fake_teacher, tmp_path, caplog):
+    for i in range(3):
+        write_image(tmp_path / "imgs" / "a" / f"{i}.png", colour=(10 * i, 0, 0))
+    (tmp_path / "imgs" / "a" / "bad.png").write_bytes(b"not an image")
+    store = clipkd.embed_images(fake_teacher, tmp_path / "imgs", tmp_path / "store", progress=False)
+    found = store.targets(["a/0.png", "a/bad.png", "a/2.png"])
+    assert found.keep.tolist() == [0, 2] and found.dropped == ["a/bad.png"] and found.targets.shape == (2, 8)
+    assert "could not be decoded when the store was built" in caplog.text
+    with pytest.raises(ClipkdError, match=r"no embedding for 1 of the 2 training images .*a/9.png.*embed-images"):
+        store.targets(["a/0.png", "a/9.png"])
+    with pytest.raises(ClipkdError, match="holds embeddings of teacher"):
+        store.targets(["a/0.png"], teacher="open_clip:other@x")
+
+
+def test_modelscope_style_image_only_model_has_no_tokenizer():
+    from clipkd.teachers.modelscope import ModelScopeTeacher
+
+    assert ModelScopeTeacher.tokenizer is None
+
+
+def test_cli_quiet_flag_parses():
+    assert main(["-q", "prompts", "--classes", "/nonexistent", "--out", "/tmp/x.json"]) == 2
