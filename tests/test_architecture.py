@@ -231,3 +231,87 @@ def test_modelscope_style_image_only_model_has_no_tokenizer():
 
 def test_cli_quiet_flag_parses():
     assert main(["-q", "prompts", "--classes", "/nonexistent", "--out", "/tmp/x.json"]) == 2
+
+
+# --- GZSL terms and mixing ---
+
+def test_vocab_and_relation_terms_match_hand_computed_values():
+    s = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    t = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    vocab = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    x = TermInputs(s, target=t, vocab=vocab, vocab_scale=2.0)
+    sl = 2 * torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    tl = 2 * torch.tensor([[0.70710678, 0.70710678, -0.70710678], [0.0, 1.0, 0.0]])
+    p_t, p_s = torch.softmax(tl, 1), torch.softmax(sl, 1)
+    expect = (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+    assert DISTILL_TERMS.get("vocab")(x).item() == pytest.approx(expect.item(), rel=1e-5)
+    assert DISTILL_TERMS.get("vocab")(TermInputs(t, target=t, vocab=vocab)).item() == pytest.approx(0.0, abs=1e-6)
+    # relation: off-diagonal cosine similarities 0 (student) vs 1/sqrt(2) (teacher), twice
+    assert DISTILL_TERMS.get("relation")(x).item() == pytest.approx(0.5, rel=1e-5)
+
+
+def test_label_term_ignores_unlabelled_pool_images():
+    s = torch.randn(3, 4, requires_grad=True)
+    x = TermInputs(s, labels=torch.tensor([-100, -100, -100]), text=torch.randn(2, 4))
+    loss = DISTILL_TERMS.get("label")(x)
+    assert loss.item() == 0.0
+    loss.backward()  # a zero that still carries a graph
+
+
+@pytest.mark.parametrize("how", ["mixup", "cutmix"])
+def test_mix_views_mixes_every_view_alike(how):
+    from clipkd.training.modules import mix_views
+
+    torch.manual_seed(0)
+    a = torch.arange(4, dtype=torch.float).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
+    b = torch.arange(4, dtype=torch.float).view(4, 1, 1, 1).expand(4, 3, 16, 16).contiguous()
+    ma, mb = mix_views((a, b), how)
+    assert ma.shape == a.shape and mb.shape == b.shape
+    # the same partner and ratio in both views: per-image means agree across resolutions (up to box rounding)
+    assert torch.allclose(ma.mean((1, 2, 3)), mb.mean((1, 2, 3)), atol=0.5)
+    assert not torch.equal(ma, a)
+
+
+def test_distill_refuses_bad_gzsl_combinations(tiny_world, fake_teacher, tmp_path):
+    store = clipkd.embed_images(fake_teacher, tiny_world / "train", tmp_path / "store", progress=False)
+    cfg = clipkd.TrainConfig(student="resnet10t", epochs=1, batch_size=8, workers=0)
+    from dataclasses import replace
+
+    with pytest.raises(ClipkdError, match="--mix needs the teacher"):
+        clipkd.distill(tiny_world / "train", tmp_path / "r", replace(cfg, mix="cutmix"), store=store.root)
+    with pytest.raises(ClipkdError, match="need --text"):
+        clipkd.distill(tiny_world / "train", tmp_path / "r", replace(cfg, terms={"embed": 1, "vocab": 1}),
+                       store=store.root)
+    with pytest.raises(ClipkdError, match="--extra-store"):
+        clipkd.distill(tiny_world / "train", tmp_path / "r", cfg, store=store.root, extra_images=tiny_world / "val")
+
+
+def test_extra_image_pool_trains_with_teacher_targets_only(tiny_world, fake_teacher, tmp_path):
+    store = clipkd.embed_images(fake_teacher, tiny_world / "train", tmp_path / "store", progress=False)
+    pool = clipkd.embed_images(fake_teacher, tiny_world / "val", tmp_path / "pool", progress=False)
+    text = clipkd.embed_prompts(fake_teacher, {c: [c] for c in clipkd.load_classnames(tiny_world / "train")})
+    text.save(tmp_path / "text.npz")
+    cfg = clipkd.TrainConfig(student="resnet10t", epochs=1, batch_size=8, workers=0,
+                             terms={"embed": 1.0, "label": 1.0, "vocab": 1.0})
+    r = clipkd.distill(tiny_world / "train", tmp_path / "run", cfg, store=store.root, text=tmp_path / "text.npz",
+                       split=tiny_world / "split.json", extra_images=tiny_world / "val", extra_store=pool.root,
+                       device="cpu", progress=False)
+    run = json.loads((r.out / "run.json").read_text())
+    assert run["extra_images"] == len(pool) and run["train_images"] == r.train_images
+    header = (r.out / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert "loss/vocab_epoch" in header and "loss/label_epoch" in header
+
+
+def test_digits_worlds_are_real_gzsl_worlds(tmp_path):
+    from clipkd.data.digits import DigitsConfig, make_digits_world
+
+    w = make_digits_world(tmp_path / "d", DigitsConfig(kind="digits-colour", image_size=16))
+    split = clipkd.load_split(w / "split.json")
+    assert len(split.seen) == 30 and len(split.unseen) == 10
+    seen_words = {word for c in split.seen for word in c.split()}
+    assert all(set(c.split()) <= seen_words for c in split.unseen)  # every ink and digit occurs seen
+    data = clipkd.load_labelled(w / "test")
+    assert set(data.classnames) == set(split.seen) | set(split.unseen)
+    assert len(clipkd.load_labelled(w / "train").paths) + len(data.paths) + len(
+        clipkd.load_labelled(w / "val").paths) == 1797
+    assert "a handwritten red seven." in (w / "train" / "captions_en.csv").read_text()

@@ -192,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
         terms.add_argument(f"--{name.replace('_', '-')}-weight", type=float, dest=f"{name}_weight",
                            help=f"{DISTILL_TERMS.entry(name).help}")
     p.add_argument("--logit-scale", type=float, help="temperature of text-based terms (default: the teacher's)")
+    p.add_argument("--vocab", help="more text embeddings (embed-text of e.g. a generic noun list) widening the "
+                   "vocab term's vocabulary beyond the class names of --text")
+    p.add_argument("--vocab-scale", type=float, help="temperature of the vocab term (default: --logit-scale)")
+    p.add_argument("--mix", choices=["none", "mixup", "cutmix"],
+                   help="mix training images; the online --teacher embeds each mixed image (default none)")
+    p.add_argument("--mix-alpha", type=float, help="Beta(alpha, alpha) of the mixing ratio (default 1)")
+    p.add_argument("--extra-images", help="an unlabelled image pool (folder or list) trained on with teacher "
+                   "targets only")
+    p.add_argument("--extra-store", help="the pool's embed-images store (with --store)")
     _train_flags(p)
 
     p = sub.add_parser("train-supervised", help="the normal-training baseline: class head on seen classes")
@@ -225,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--images", required=True, help="your copy of the dataset's images (the authors' absolute "
                    "paths are re-rooted onto it)")
     q.add_argument("--out", required=True, help="folder for trainval/test_seen/test_unseen/test .csv, split.json")
+    q = dsub.add_parser("digits", help="real-image GZSL worlds from scikit-learn's handwritten digits (offline)")
+    q.add_argument("--kind", default="digits", choices=["digits", "digits-colour"],
+                   help="digits: 10 classes, --unseen held out; digits-colour: 40 ink×digit classes, one ink per "
+                   "digit held out (default digits)")
+    q.add_argument("--unseen", type=int, default=3, help="unseen digits (kind digits; default 3)")
+    q.add_argument("--image-size", type=int, default=32)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, help="world folder: train/ val/ test/ with captions_en.csv, split.json")
     q = dsub.add_parser("coop", help="CoOp base-to-new split: sorted classes, first ceil(n/2) are base (seen)")
     q.add_argument("--images", required=True, help="ImageFolder, image list, or class-name file")
     q.add_argument("--out", required=True, help="split .json")
@@ -321,7 +338,7 @@ def _distill(a: argparse.Namespace) -> None:
     from .training.distill import distill
 
     r = distill(a.images, a.out, _train_config(a), store=a.store, teacher=a.teacher, text=a.text, split=a.split,
-                device=a.device)
+                device=a.device, vocab=a.vocab, extra_images=a.extra_images, extra_store=a.extra_store)
     print(f"student -> {r.path}")
 
 
@@ -358,7 +375,12 @@ def _predict(a: argparse.Namespace) -> None:
 def _dataset(a: argparse.Namespace) -> None:
     from .data import datasets
 
-    if a.dataset == "xlsa17":
+    if a.dataset == "digits":
+        from .data.digits import DigitsConfig, make_digits_world
+
+        cfg = DigitsConfig(kind=a.kind, image_size=a.image_size, unseen=a.unseen, seed=a.seed)
+        print(f"{a.kind} world in {make_digits_world(a.out, cfg)}")
+    elif a.dataset == "xlsa17":
         counts = datasets.write_xlsa17(a.splits, a.images, a.out)
         print(f"{a.out}: " + ", ".join(f"{k}.csv {v} images" for k, v in counts.items()) + ", split.json")
     else:

@@ -62,9 +62,33 @@ def embedding_loss(name: str, student: torch.Tensor, teacher: torch.Tensor) -> t
 
 
 def label_loss(student: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """Cross entropy over ``logit_scale * cos(student, text_c)`` for the given classes' text embeddings."""
+    """Cross entropy over ``logit_scale * cos(student, text_c)`` for the given classes' text embeddings.
+
+    Labels of -100 (unlabelled images, e.g. an auxiliary pool) are ignored; a batch without a label gives 0.
+    """
     logits = logit_scale * F.normalize(student.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
+    if not bool((labels != -100).any()):
+        return logits.sum() * 0.0
     return F.cross_entropy(logits, labels)
+
+
+def vocab_kl(student: torch.Tensor, teacher: torch.Tensor, vocab: torch.Tensor, scale: float) -> torch.Tensor:
+    """KL(teacher ‖ student) of the softmax over ``scale · cos(·, vocab_v)``: where each image sits relative to
+    every word of the vocabulary, as the teacher sees it. Averaged over the batch; zero when they agree."""
+    v = F.normalize(vocab.float(), dim=-1)
+    s_logits = scale * F.normalize(student.float(), dim=-1) @ v.T
+    t_logits = scale * F.normalize(teacher.float(), dim=-1) @ v.T
+    return F.kl_div(F.log_softmax(s_logits, 1), F.log_softmax(t_logits, 1), reduction="batchmean", log_target=True)
+
+
+def relational_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the batch's pairwise cosine similarities (RKD's angle-free relation):
+    the student keeps how its images relate to each other as the teacher does, whatever the absolute place."""
+    s = F.normalize(student.float(), dim=-1)
+    t = F.normalize(teacher.float(), dim=-1)
+    n = len(s)
+    off = ~torch.eye(n, dtype=torch.bool, device=s.device)
+    return F.mse_loss((s @ s.T)[off], (t @ t.T)[off]) if n > 1 else s.sum() * 0.0
 
 
 # --- the terms a `distill` recipe combines with weights ---
@@ -75,7 +99,9 @@ class TermInputs:
 
     ``student``: raw student outputs (B, D); ``target``: the teacher's unit image embeddings (B, D);
     ``labels``: positions among the seen classes (-100 = none); ``text``: the seen classes' text
-    embeddings (C, D); ``logit_scale``: the teacher's temperature; ``distance``: the embedding loss name.
+    embeddings (C, D); ``logit_scale``: the teacher's temperature; ``distance``: the embedding loss name;
+    ``vocab``: text embeddings of a vocabulary (every class name, seen and unseen, optionally widened with
+    generic words) and ``vocab_scale`` its temperature.
     """
 
     student: torch.Tensor
@@ -84,6 +110,8 @@ class TermInputs:
     text: torch.Tensor | None = None
     logit_scale: float = 100.0
     distance: str = "mse"
+    vocab: torch.Tensor | None = None
+    vocab_scale: float = 100.0
 
 
 @DISTILL_TERMS.register("embed", help="embedding distance to the teacher's image embedding (the seed's method)",
@@ -96,6 +124,19 @@ def embed_term(x: TermInputs) -> torch.Tensor:
                         needs=("text",))
 def label_term(x: TermInputs) -> torch.Tensor:
     return label_loss(x.student, x.text, x.labels, x.logit_scale)
+
+
+@DISTILL_TERMS.register("vocab", help="KL to the teacher's softmax over a vocabulary: every class name, seen and "
+                        "unseen, plus optional generic words (vocabulary-anchored distillation)",
+                        needs=("target", "vocab"))
+def vocab_term(x: TermInputs) -> torch.Tensor:
+    return vocab_kl(x.student, x.target, x.vocab, x.vocab_scale)
+
+
+@DISTILL_TERMS.register("relation", help="the batch's pairwise similarities, as the teacher's (relational KD)",
+                        needs=("target",))
+def relation_term(x: TermInputs) -> torch.Tensor:
+    return relational_loss(x.student, x.target)
 
 
 def check_terms(weights: dict[str, float]) -> dict[str, float]:

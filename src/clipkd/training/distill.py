@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torchvision import transforms as T
 
@@ -33,13 +34,18 @@ class TrainConfig(TrainerSettings):
 
     ``terms``: the weighted distillation terms summed into the loss (names from
     :data:`~clipkd.students.losses.DISTILL_TERMS`: ``embed`` = the seed's embedding loss, ``label`` = its
-    label term); ``loss``: the embedding distance the ``embed`` term uses.
+    label term, ``vocab`` = vocabulary-anchored distillation, ``relation`` = the batch's similarity
+    structure); ``loss``: the embedding distance the ``embed`` term uses; ``mix``: mixup / cutmix of the
+    training images, with the (online) teacher's embedding of each mixed image as its target.
     """
 
     student: str = "resnet18"
     loss: str = "mse"
     terms: dict[str, float] = field(default_factory=lambda: {"embed": 1.0})
     logit_scale: float = 0.0  # 0: the teacher's own (from the text-embedding file)
+    vocab_scale: float = 0.0  # temperature of the vocab term; 0: the teacher's logit scale
+    mix: str = "none"  # none | mixup | cutmix (online teacher only: it embeds each mixed image)
+    mix_alpha: float = 1.0
     epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
@@ -77,6 +83,16 @@ def _seen_images(images: str | Path, split_path: str | Path | None) -> tuple[Lab
     return data.subset(set(seen)), seen
 
 
+def load_labelled_or_plain(images: str | Path) -> LabelledImages:
+    """An unlabelled pool: a folder of images (any layout) or an image list; labels are ignored."""
+    from ..data.folders import list_images
+
+    p = Path(images)
+    if p.is_file():
+        return load_labelled(p)
+    return LabelledImages(p, list_images(p), [], [])
+
+
 def _label_map(classnames: list[str], trained: list[str]) -> torch.Tensor:
     pos = {c: i for i, c in enumerate(trained)}
     return torch.tensor([pos.get(c, -100) for c in classnames], dtype=torch.long)
@@ -105,12 +121,18 @@ def distill(
     split: str | Path | None = None,
     device: str = "auto",
     progress: bool = True,
+    vocab: str | Path | None = None,
+    extra_images: str | Path | None = None,
+    extra_store: str | Path | None = None,
 ) -> TrainResult:
     """Train an embedding student on the seen classes of ``images``.
 
     Targets come from ``store`` (computed once by ``embed-images``) or from ``teacher`` run online
-    on the same augmented view the student sees. ``text`` (the teacher's class text embeddings)
-    is needed by terms that use it (``label``) and supplies the default logit scale.
+    on the same augmented view the student sees. ``text`` (the teacher's class text embeddings, every
+    class, seen and unseen) is needed by terms that use it (``label``, ``vocab``) and supplies the default
+    logit scale. ``vocab``: more text embeddings (e.g. generic nouns, from ``embed-text``) that widen the
+    ``vocab`` term's vocabulary. ``extra_images``: an unlabelled pool (folder or list) trained on with
+    teacher targets only — from ``extra_store`` (its embed-images store), or online with ``teacher``.
     """
     out = Path(out)
     EMBEDDING_LOSSES.entry(cfg.loss)
@@ -119,13 +141,22 @@ def distill(
     check_logger(cfg.logger)
     if (store is None) == (teacher is None):
         raise ClipkdError("give exactly one target source: --store STORE (precomputed) or --teacher SPEC (online)")
+    if cfg.mix not in ("none", "mixup", "cutmix"):
+        raise ClipkdError(f"unknown mix '{cfg.mix}' (none, mixup, cutmix)")
+    if cfg.mix != "none" and teacher is None:
+        raise ClipkdError("--mix needs the teacher's embedding of each mixed image: use --teacher SPEC (online)")
+    if cfg.mix != "none" and "text" in needs:
+        raise ClipkdError("--mix trains on teacher targets of mixed images; drop the label term (use vocab)")
+    if extra_images is not None and store is not None and extra_store is None:
+        raise ClipkdError("--extra-images with --store needs --extra-store (the pool's embed-images store)")
     data, seen = _seen_images(images, split)
     torch.manual_seed(cfg.seed)
 
     text_emb = TextEmbeddings.load(text) if text else None
-    if "text" in needs and text_emb is None:
-        raise ClipkdError(f"the distillation term(s) {sorted(n for n in terms if n != 'embed')} need --text "
-                          "(the teacher's class text embeddings)")
+    if needs & {"text", "vocab"} and text_emb is None:
+        raise ClipkdError(f"the distillation term(s) {sorted(n for n in terms if n not in ('embed', 'relation'))} "
+                          "need --text (the teacher's class text embeddings)")
+    vocab_emb = TextEmbeddings.load(vocab) if vocab else None
 
     targets = online = None
     if store is not None:
@@ -137,16 +168,27 @@ def distill(
             data = LabelledImages(data.root, [data.paths[i] for i in keep], [data.labels[i] for i in keep],
                                   data.classnames)
         targets = found.targets
+        if extra_images is not None:
+            extra = load_labelled_or_plain(extra_images)
+            got = EmbeddingStore(extra_store).targets(extra.paths, teacher=identity, what="pool images")
+            extra_paths = [str(extra.root / extra.paths[i]) for i in got.keep.tolist()]
+            targets = torch.cat([targets, got.targets])
     else:
         from ..teachers import load_teacher
 
         online = load_teacher(teacher, device=device, precision=cfg.precision)
         identity, dim, pre = online.identity, online.embed_dim, online.preprocess_cfg
+        if extra_images is not None:
+            extra = load_labelled_or_plain(extra_images)
+            extra_paths = [str(extra.root / p) for p in extra.paths]
     if text_emb is not None and text_emb.teacher != identity:
         raise ClipkdError(f"text embeddings {text} come from teacher '{text_emb.teacher}', but the image "
                           f"targets from '{identity}'")
     if text_emb is not None and text_emb.embeddings.shape[1] != dim:
         raise ClipkdError(f"text embeddings have size {text_emb.embeddings.shape[1]}, image targets {dim}")
+    if vocab_emb is not None and (vocab_emb.teacher != identity or vocab_emb.embeddings.shape[1] != dim):
+        raise ClipkdError(f"vocabulary {vocab} comes from '{vocab_emb.teacher}' ({vocab_emb.embeddings.shape[1]}-d), "
+                          f"the image targets from '{identity}' ({dim}-d)")
 
     size = cfg.image_size or pre.side
     scfg = StudentConfig(arch=cfg.student, out_dim=dim, kind="embedding", image_size=size, mean=pre.mean,
@@ -162,13 +204,24 @@ def distill(
         transform = student_transform(scfg, cfg.augment)
     text_seen = torch.from_numpy(text_emb.select(seen).embeddings) if text_emb is not None else None
     scale = cfg.logit_scale or (text_emb.logit_scale if text_emb is not None else 100.0)
-    module = StudentModule(scfg, _label_map(data.classnames, seen), terms=terms, distance=cfg.loss, text=text_seen,
+    words = None
+    if "vocab" in needs:  # every class name (seen and unseen: in GZSL the names are known), plus the extra words
+        words = torch.from_numpy(np.concatenate([text_emb.embeddings] + ([vocab_emb.embeddings] if vocab_emb else [])))
+    paths, labels = list(data.paths), list(data.labels)
+    label_map = _label_map(data.classnames, seen)
+    if extra_images is not None:  # unlabelled pool: absolute paths, a label position mapped to -100
+        paths += extra_paths
+        labels += [len(data.classnames)] * len(extra_paths)
+        label_map = torch.cat([label_map, torch.tensor([-100])])
+    module = StudentModule(scfg, label_map, terms=terms, distance=cfg.loss, text=text_seen,
                            logit_scale=scale, targets=targets, teacher=online, lr=cfg.lr,
-                           weight_decay=cfg.weight_decay, warmup=cfg.warmup)
-    # Rows of `targets` follow `data.paths`, so the dataset index is the target row.
-    dataset = ImageDataset(data.root, data.paths, transform, labels=data.labels)
+                           weight_decay=cfg.weight_decay, warmup=cfg.warmup, vocab=words,
+                           vocab_scale=cfg.vocab_scale or scale, mix=cfg.mix, mix_alpha=cfg.mix_alpha)
+    # Rows of `targets` follow `paths`, so the dataset index is the target row.
+    dataset = ImageDataset(data.root, paths, transform, labels=labels)
     return _fit_and_save(module, dataset, out, cfg, device, progress,
-                         {"seen_classes": seen, "targets": "store" if store else "online"})
+                         {"seen_classes": seen, "targets": "store" if store else "online",
+                          "extra_images": len(paths) - len(data.paths)})
 
 
 def train_supervised(

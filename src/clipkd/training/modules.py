@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -56,9 +57,14 @@ class StudentModule(OptimMixin, L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         warmup: float = 0.05,
+        vocab: torch.Tensor | None = None,
+        vocab_scale: float = 100.0,
+        mix: str = "none",
+        mix_alpha: float = 1.0,
     ) -> None:
         super().__init__()
         self.student = Student(cfg)
+        self.vocab_scale, self.mix, self.mix_alpha = vocab_scale, mix, mix_alpha
         self.terms = dict(terms or {"embed": 1.0}) if cfg.kind == "embedding" else {}
         self.needs = term_needs(self.terms) if self.terms else set()
         self.distance = distance
@@ -67,11 +73,14 @@ class StudentModule(OptimMixin, L.LightningModule):
         self.register_buffer("label_map", label_map.long(), persistent=False)
         self.register_buffer("text", text.float() if text is not None else None, persistent=False)
         self.register_buffer("targets", targets if targets is not None else None, persistent=False)
+        self.register_buffer("vocab", vocab.float() if vocab is not None else None, persistent=False)
 
     def training_step(self, batch: dict[str, Any], _: int) -> torch.Tensor | None:
         if batch["image"] is None:  # every image of the batch was undecodable
             return None
         images = batch["image"]
+        if self.mix != "none":  # online path: both views mixed alike; the teacher embeds the mixed image
+            images = mix_views(images, self.mix, self.mix_alpha)
         student_x = images[0] if isinstance(images, tuple) else images
         out = self.student(student_x)
         labels = self.label_map[batch["label"]]
@@ -79,7 +88,8 @@ class StudentModule(OptimMixin, L.LightningModule):
         if self.student.cfg.kind == "classifier":
             total = logs["loss/ce"] = F.cross_entropy(out, labels)
         else:
-            x = TermInputs(out, labels=labels, text=self.text, logit_scale=self.logit_scale, distance=self.distance)
+            x = TermInputs(out, labels=labels, text=self.text, logit_scale=self.logit_scale, distance=self.distance,
+                           vocab=self.vocab, vocab_scale=self.vocab_scale)
             if "target" in self.needs:
                 x.target = (self.teacher.encode_image(images[1]) if self.teacher is not None
                             else self.targets[batch["index"]].float())
@@ -90,6 +100,33 @@ class StudentModule(OptimMixin, L.LightningModule):
         logs["loss/total"] = total
         self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(student_x))
         return total
+
+
+def mix_views(views: tuple[torch.Tensor, ...], how: str, alpha: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """Mix each image of a batch with another of the same batch, identically in every view (the student's
+    and the teacher's preprocessing of one picture, possibly at different sizes).
+
+    ``mixup``: ``λ·a + (1-λ)·b``; ``cutmix``: a box of area ``1-λ`` (relative to each view's size) pasted
+    from ``b``. ``λ ~ Beta(alpha, alpha)``, one per batch, as timm's ``Mixup`` draws it.
+    """
+    n = len(views[0])
+    perm = torch.randperm(n, device=views[0].device)
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    if how == "mixup":
+        return tuple(lam * v + (1 - lam) * v[perm] for v in views)
+    if how != "cutmix":
+        raise ValueError(f"unknown mix '{how}'")
+    cut = math.sqrt(1 - lam)
+    cy, cx = float(torch.rand(())), float(torch.rand(()))
+    out = []
+    for v in views:
+        h, w = v.shape[-2:]
+        y0, y1 = int(max(0, (cy - cut / 2) * h)), int(min(h, (cy + cut / 2) * h))
+        x0, x1 = int(max(0, (cx - cut / 2) * w)), int(min(w, (cx + cut / 2) * w))
+        v = v.clone()
+        v[..., y0:y1, x0:x1] = v[perm][..., y0:y1, x0:x1]
+        out.append(v)
+    return tuple(out)
 
 
 class ClipModule(OptimMixin, L.LightningModule):
