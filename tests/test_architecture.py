@@ -315,3 +315,20 @@ def test_digits_worlds_are_real_gzsl_worlds(tmp_path):
     assert len(clipkd.load_labelled(w / "train").paths) + len(data.paths) + len(
         clipkd.load_labelled(w / "val").paths) == 1797
     assert "a handwritten red seven." in (w / "train" / "captions_en.csv").read_text()
+
+
+def test_pretrained_student_from_a_local_weights_file(tmp_path):
+    import timm
+
+    from clipkd.students.model import Student, StudentConfig
+
+    torch.manual_seed(1)
+    ref = timm.create_model("resnet10t", num_classes=1000)
+    torch.save(ref.state_dict(), tmp_path / "imagenet.pth")
+    s = Student(StudentConfig("resnet10t", 8, image_size=32, pretrained=str(tmp_path / "imagenet.pth")))
+    assert torch.equal(s.backbone.conv1[0].weight, ref.conv1[0].weight)  # backbone loaded, head left out
+    with pytest.raises(ClipkdError, match="not found"):
+        Student(StudentConfig("resnet10t", 8, pretrained=str(tmp_path / "nope.pth")))
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ClipkdError, match="do not fit timm 'resnet10t'"):
+        Student(StudentConfig("resnet10t", 8, pretrained=str(tmp_path / "other.pth")))

@@ -58,7 +58,9 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
     p.add_argument("--image-size", type=int, help="student input size (default: the teacher's)")
     p.add_argument("--augment", choices=["none", "flip", "crop"], help=f"default {d.augment}")
-    p.add_argument("--pretrained", action="store_true", default=None, help="start from timm's pretrained weights")
+    p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="FILE",
+                   help="start from ImageNet weights: timm's hub weights, or a local weights file for the "
+                   "architecture (.pth/.safetensors; works offline)")
     p.add_argument("--workers", type=int, help="data-loader processes (default: one per core, max 8)")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--split", help="split file; train only on the classes it marks seen")

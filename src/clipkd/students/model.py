@@ -34,7 +34,7 @@ class StudentConfig:
     std: tuple[float, ...] = CLIP_STD
     classnames: list[str] = field(default_factory=list)
     teacher: str = ""
-    pretrained: bool = False
+    pretrained: bool | str = False  # True: timm's hub weights; a path: a local weights file for this architecture
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -50,9 +50,18 @@ class Student(nn.Module):
         if cfg.kind not in ("embedding", "classifier"):
             raise ClipkdError(f"student kind must be 'embedding' or 'classifier', got '{cfg.kind}'")
         self.cfg = cfg
+        kw: dict[str, Any] = {}
+        if isinstance(cfg.pretrained, str) and cfg.pretrained:
+            path = Path(cfg.pretrained).expanduser()
+            if not path.is_file():
+                raise ClipkdError(f"pretrained weights file not found: {path}")
+            kw["pretrained_cfg_overlay"] = {"file": str(path)}
         try:
-            self.backbone = timm.create_model(cfg.arch, pretrained=cfg.pretrained, num_classes=0)
-        except RuntimeError as e:
+            self.backbone = timm.create_model(cfg.arch, pretrained=bool(cfg.pretrained), num_classes=0, **kw)
+        except (RuntimeError, KeyError, ValueError) as e:
+            if isinstance(cfg.pretrained, str) and cfg.pretrained:
+                raise ClipkdError(f"weights {cfg.pretrained} do not fit timm '{cfg.arch}': "
+                                  f"{str(e).splitlines()[0][:200]}") from None
             if "Unknown model" in str(e):
                 raise ClipkdError(f"timm has no model '{cfg.arch}' (see timm.list_models())") from None
             raise ClipkdError(f"cannot build timm model '{cfg.arch}': {str(e).splitlines()[0]}") from None

@@ -53,7 +53,7 @@ class TrainConfig(TrainerSettings):
     warmup: float = 0.05
     image_size: int = 0  # 0: the teacher's input size
     augment: str = "flip"
-    pretrained: bool = False
+    pretrained: bool | str = False  # True: timm's hub weights; a path: a local weights file
     workers: int | None = None
     seed: int = 0
 
