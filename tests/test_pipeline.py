@@ -19,7 +19,7 @@ def test_quick_demo_end_to_end(demo_run):
     out, results = demo_run
     saved = json.loads((out / "results.json").read_text())
     assert saved["teacher"].keys() >= {"S", "U", "H", "top1"}
-    assert set(saved["students"]) == {"embed", "embed_label", "supervised"}
+    assert set(saved["students"]) == {"embed", "embed_label", "cutmix_fm", "supervised"}
     for r in [saved["teacher"], *saved["students"].values()]:
         for k in ("S", "U", "H", "top1"):
             assert 0.0 <= r[k] <= 1.0

@@ -197,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", help="more text embeddings (embed-text of e.g. a generic noun list) widening the "
                    "vocab term's vocabulary beyond the class names of --text")
     p.add_argument("--vocab-scale", type=float, help="temperature of the vocab term (default: --logit-scale)")
-    p.add_argument("--mix", choices=["none", "mixup", "cutmix"],
-                   help="mix training images; the online --teacher embeds each mixed image (default none)")
+    p.add_argument("--mix", choices=["auto", "none", "mixup", "cutmix"],
+                   help="mix training images; the online --teacher embeds each mixed image (clipkd's GZSL method). "
+                   "auto (default): cutmix with --teacher, none with --store")
     p.add_argument("--mix-alpha", type=float, help="Beta(alpha, alpha) of the mixing ratio (default 1)")
     p.add_argument("--extra-images", help="an unlabelled image pool (folder or list) trained on with teacher "
                    "targets only")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,8 @@ class TrainConfig(TrainerSettings):
     :data:`~clipkd.students.losses.DISTILL_TERMS`: ``embed`` = the seed's embedding loss, ``label`` = its
     label term, ``vocab`` = vocabulary-anchored distillation, ``relation`` = the batch's similarity
     structure); ``loss``: the embedding distance the ``embed`` term uses; ``mix``: mixup / cutmix of the
-    training images, with the (online) teacher's embedding of each mixed image as its target.
+    training images, with the (online) teacher's embedding of each mixed image as its target — clipkd's GZSL
+    method ("CutMix function matching"), on by default (``auto``) whenever the teacher runs online.
     """
 
     student: str = "resnet18"
@@ -44,7 +45,7 @@ class TrainConfig(TrainerSettings):
     terms: dict[str, float] = field(default_factory=lambda: {"embed": 1.0})
     logit_scale: float = 0.0  # 0: the teacher's own (from the text-embedding file)
     vocab_scale: float = 0.0  # temperature of the vocab term; 0: the teacher's logit scale
-    mix: str = "none"  # none | mixup | cutmix (online teacher only: it embeds each mixed image)
+    mix: str = "auto"  # auto (cutmix with an online teacher, none with a store) | none | mixup | cutmix
     mix_alpha: float = 1.0
     epochs: int = 10
     batch_size: int = 128
@@ -141,8 +142,13 @@ def distill(
     check_logger(cfg.logger)
     if (store is None) == (teacher is None):
         raise ClipkdError("give exactly one target source: --store STORE (precomputed) or --teacher SPEC (online)")
-    if cfg.mix not in ("none", "mixup", "cutmix"):
-        raise ClipkdError(f"unknown mix '{cfg.mix}' (none, mixup, cutmix)")
+    if cfg.mix not in ("auto", "none", "mixup", "cutmix"):
+        raise ClipkdError(f"unknown mix '{cfg.mix}' (auto, none, mixup, cutmix)")
+    if cfg.mix == "auto":
+        cfg = replace(cfg, mix="cutmix" if teacher is not None and "text" not in term_needs(cfg.terms) else "none")
+        if cfg.mix == "none" and teacher is None:
+            log.debug("distilling from a store: no mixing (CutMix function matching, clipkd's GZSL method, needs "
+                     "--teacher to embed each mixed image)")
     if cfg.mix != "none" and teacher is None:
         raise ClipkdError("--mix needs the teacher's embedding of each mixed image: use --teacher SPEC (online)")
     if cfg.mix != "none" and "text" in needs:
