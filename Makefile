@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick test test-slow lint clean bench
+.PHONY: demo demo-quick test test-slow lint clean bench bench-gzsl
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,3 +38,7 @@ bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python bench_distill.py --data .data/jpegs --out results/distill.md
 	cd benchmarks && ../$(BIN)/python bench_latency.py --out results/latency.md
 	cd benchmarks && ../$(BIN)/python bench_memory.py --data .data/small-jpegs --out results/memory.md
+
+# GZSL methods x worlds (digits, digits-colour, demo; the demo world reuses runs/demo when make demo has run)
+bench-gzsl: $(STAMP)
+	cd benchmarks && ../$(BIN)/python bench_gzsl.py --seeds $(or $(SEEDS),0) $(if $(wildcard runs/demo/results.json),--demo-run ../runs/demo) --out results/gzsl.md

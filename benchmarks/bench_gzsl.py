@@ -39,10 +39,23 @@ METHODS: dict[str, tuple[dict, dict, bool]] = {
 WORLDS = {"digits": (40, 64, 10), "digits-colour": (40, 64, 10), "demo": (4, 128, 3)}
 
 
-def prepare(world: str, root: Path, device: str) -> dict:
-    """World folder, teacher spec, text embeddings and store (each reused when already there)."""
+def _teacher_spec(run: Path) -> str:
+    """The spec of a clip-train run's open_clip weights, as an absolute path (any working directory)."""
+    arch = json.loads((run / "run.json").read_text())["train"]["model"].split(":", 1)[1].split("@")[0]
+    return f"open_clip:{arch}@{(run / 'open_clip_model.pt').resolve()}"
+
+
+def prepare(world: str, root: Path, device: str, demo_run: Path | None = None) -> dict:
+    """World folder, teacher spec, text embeddings and store (each reused when already there).
+
+    ``demo_run``: a finished ``clipkd demo`` folder whose world, teacher, text embeddings and store the demo
+    world reuses (and whose student rows are the same runs as ``make demo``'s).
+    """
     t_epochs, t_batch, _ = WORLDS[world]
     base = root / world
+    if world == "demo" and demo_run is not None:
+        return {"world": demo_run / "world", "spec": _teacher_spec(demo_run / "teacher"),
+                "text": demo_run / "text_embeddings.npz", "store": demo_run / "store", "base": base}
     if world == "demo":
         w = clipkd.synthesize(base / "world", clipkd.WorldConfig(train_per_class=300))
         templates = DEMO_TEMPLATES
@@ -51,7 +64,7 @@ def prepare(world: str, root: Path, device: str) -> dict:
         templates = list(TEMPLATES)
     run = base / "teacher"
     if (run / "run.json").is_file():
-        spec = json.loads((run / "run.json").read_text())["spec"]
+        spec = _teacher_spec(run)
     else:
         spec = clipkd.clip_train(w / "train", w / "train" / "captions_en.csv", run,
                                  clipkd.ClipTrainConfig(epochs=t_epochs, batch_size=t_batch, lr=2e-3),
@@ -90,12 +103,13 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--root", default=".data/gzsl", help="worlds, teachers, stores and students (reused)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--demo-run", type=Path, help="reuse this clipkd demo folder for the demo world (../runs/demo)")
     ap.add_argument("--out", default="results/gzsl.md")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows, raw = [], {}
     for world in a.worlds:
-        p = prepare(world, Path(a.root), a.device)
+        p = prepare(world, Path(a.root), a.device, a.demo_run)
         teacher = evaluate(p["spec"], p, a.device)
         raw[world] = {"teacher": teacher}
         rows.append({"world": world, "model": "teacher", **{k: f"{v:.3f}" for k, v in teacher.items()},

@@ -131,7 +131,7 @@ class CnClipTeacher(ClipModel):
 
     def save(self, out_dir: str | Path) -> str:
         """``out_dir/cn_clip_model.pt`` in Chinese-CLIP's checkpoint layout (``{"state_dict": ...}``)."""
-        path = Path(out_dir) / "cn_clip_model.pt"
+        path = (Path(out_dir) / "cn_clip_model.pt").resolve()  # the spec works from any working directory
         write_torch(path, {"name": self.name,
                            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}})
         return f"cn_clip:{self.name}@{path}"

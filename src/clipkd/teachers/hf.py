@@ -112,7 +112,7 @@ class HfClipTeacher(ClipModel):
 
     def save(self, out_dir: str | Path) -> str:
         """``out_dir/hf_model/`` via ``save_pretrained`` (model, image processor, tokenizer)."""
-        path = Path(out_dir) / "hf_model"
+        path = (Path(out_dir) / "hf_model").resolve()  # the spec works from any working directory
         self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
         self.hf_tokenizer.save_pretrained(path)

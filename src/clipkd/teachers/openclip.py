@@ -97,7 +97,7 @@ class OpenClipTeacher(ClipModel):
 
     def save(self, out_dir: str | Path) -> str:
         """``out_dir/open_clip_model.pt`` (a plain state dict, as open_clip loads it)."""
-        path = Path(out_dir) / "open_clip_model.pt"
+        path = (Path(out_dir) / "open_clip_model.pt").resolve()  # the spec works from any working directory
         write_torch(path, {k: v.detach().cpu() for k, v in self.model.state_dict().items()})
         return f"open_clip:{self.model_name}@{path}"
 
