@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mix training images; the online --teacher embeds each mixed image (clipkd's GZSL method). "
                    "auto (default): cutmix with --teacher, none with --store")
     p.add_argument("--mix-alpha", type=float, help="Beta(alpha, alpha) of the mixing ratio (default 1)")
+    p.add_argument("--mix-prob", type=float, help="fraction of batches mixed (default 1)")
     p.add_argument("--extra-images", help="an unlabelled image pool (folder or list) trained on with teacher "
                    "targets only")
     p.add_argument("--extra-store", help="the pool's embed-images store (with --store)")

@@ -47,6 +47,7 @@ class TrainConfig(TrainerSettings):
     vocab_scale: float = 0.0  # temperature of the vocab term; 0: the teacher's logit scale
     mix: str = "auto"  # auto (cutmix with an online teacher, none with a store) | none | mixup | cutmix
     mix_alpha: float = 1.0
+    mix_prob: float = 1.0  # fraction of batches mixed (the rest train on plain views)
     epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
@@ -149,6 +150,8 @@ def distill(
         if cfg.mix == "none" and teacher is None:
             log.debug("distilling from a store: no mixing (CutMix function matching, clipkd's GZSL method, needs "
                      "--teacher to embed each mixed image)")
+    if not 0.0 <= cfg.mix_prob <= 1.0:
+        raise ClipkdError(f"--mix-prob must be in [0, 1], got {cfg.mix_prob}")
     if cfg.mix != "none" and teacher is None:
         raise ClipkdError("--mix needs the teacher's embedding of each mixed image: use --teacher SPEC (online)")
     if cfg.mix != "none" and "text" in needs:
@@ -222,7 +225,8 @@ def distill(
     module = StudentModule(scfg, label_map, terms=terms, distance=cfg.loss, text=text_seen,
                            logit_scale=scale, targets=targets, teacher=online, lr=cfg.lr,
                            weight_decay=cfg.weight_decay, warmup=cfg.warmup, vocab=words,
-                           vocab_scale=cfg.vocab_scale or scale, mix=cfg.mix, mix_alpha=cfg.mix_alpha)
+                           vocab_scale=cfg.vocab_scale or scale, mix=cfg.mix, mix_alpha=cfg.mix_alpha,
+                           mix_prob=cfg.mix_prob)
     # Rows of `targets` follow `paths`, so the dataset index is the target row.
     dataset = ImageDataset(data.root, paths, transform, labels=labels)
     return _fit_and_save(module, dataset, out, cfg, device, progress,

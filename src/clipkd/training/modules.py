@@ -61,10 +61,11 @@ class StudentModule(OptimMixin, L.LightningModule):
         vocab_scale: float = 100.0,
         mix: str = "none",
         mix_alpha: float = 1.0,
+        mix_prob: float = 1.0,
     ) -> None:
         super().__init__()
         self.student = Student(cfg)
-        self.vocab_scale, self.mix, self.mix_alpha = vocab_scale, mix, mix_alpha
+        self.vocab_scale, self.mix, self.mix_alpha, self.mix_prob = vocab_scale, mix, mix_alpha, mix_prob
         self.terms = dict(terms or {"embed": 1.0}) if cfg.kind == "embedding" else {}
         self.needs = term_needs(self.terms) if self.terms else set()
         self.distance = distance
@@ -79,7 +80,7 @@ class StudentModule(OptimMixin, L.LightningModule):
         if batch["image"] is None:  # every image of the batch was undecodable
             return None
         images = batch["image"]
-        if self.mix != "none":  # online path: both views mixed alike; the teacher embeds the mixed image
+        if self.mix != "none" and (self.mix_prob >= 1 or float(torch.rand(())) < self.mix_prob):  # views mixed alike
             images = mix_views(images, self.mix, self.mix_alpha)
         student_x = images[0] if isinstance(images, tuple) else images
         out = self.student(student_x)
