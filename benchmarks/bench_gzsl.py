@@ -33,6 +33,7 @@ METHODS: dict[str, tuple[dict, dict, bool]] = {
     "embed_mixup": ({"terms": {"embed": 1.0}, "mix": "mixup"}, {}, True),
     "embed_cutmix": ({"terms": {"embed": 1.0}, "mix": "cutmix"}, {}, True),
     "embed_vocab_cutmix": ({"terms": {"embed": 1.0, "vocab": 1.0}, "mix": "cutmix"}, {}, True),
+    "embed_cutmix_half": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5}, {}, True),
 }
 
 # world -> (teacher epochs, teacher batch, student epochs)
