@@ -160,6 +160,8 @@ def test_cuda_index_is_kept(monkeypatch):
     assert accelerator_and_devices("cpu") == ("cpu", 1)
     with pytest.raises(ClipkdError, match="cuda:N"):
         accelerator_and_devices("cuda:x")
+    with pytest.raises(ClipkdError, match="--devices must be"):
+        accelerator_and_devices("cpu", "abc")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ClipkdError, match="CUDA is not available"):
         accelerator_and_devices("cuda:0")
@@ -282,6 +284,8 @@ def test_distill_refuses_bad_gzsl_combinations(tiny_world, fake_teacher, tmp_pat
     with pytest.raises(ClipkdError, match="need --text"):
         clipkd.distill(tiny_world / "train", tmp_path / "r", replace(cfg, terms={"embed": 1, "vocab": 1}),
                        store=store.root)
+    with pytest.raises(ClipkdError, match="--mix-alpha"):
+        clipkd.distill(tiny_world / "train", tmp_path / "r", replace(cfg, mix_alpha=0.0), store=store.root)
     with pytest.raises(ClipkdError, match="--extra-store"):
         clipkd.distill(tiny_world / "train", tmp_path / "r", cfg, store=store.root, extra_images=tiny_world / "val")
 
@@ -315,6 +319,8 @@ def test_digits_worlds_are_real_gzsl_worlds(tmp_path):
     assert len(clipkd.load_labelled(w / "train").paths) + len(data.paths) + len(
         clipkd.load_labelled(w / "val").paths) == 1797
     assert "a handwritten red seven." in (w / "train" / "captions_en.csv").read_text()
+    with pytest.raises(ClipkdError, match="--unseen"):
+        make_digits_world(tmp_path / "e", DigitsConfig(unseen=10))
 
 
 def test_pretrained_student_from_a_local_weights_file(tmp_path):

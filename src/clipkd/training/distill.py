@@ -150,6 +150,8 @@ def distill(
         if cfg.mix == "none" and teacher is None:
             log.debug("distilling from a store: no mixing (CutMix function matching, clipkd's GZSL method, needs "
                      "--teacher to embed each mixed image)")
+    if cfg.mix_alpha <= 0:
+        raise ClipkdError(f"--mix-alpha must be > 0, got {cfg.mix_alpha}")
     if not 0.0 <= cfg.mix_prob <= 1.0:
         raise ClipkdError(f"--mix-prob must be in [0, 1], got {cfg.mix_prob}")
     if cfg.mix != "none" and teacher is None:

@@ -67,6 +67,8 @@ def make_loggers(out: Path, name: str) -> list:
 
 def accelerator_and_devices(device: str, devices: int | str = 1) -> tuple[str, Any]:
     """``--device`` and ``devices`` → Lightning's (accelerator, devices): ``cuda:N`` keeps its index."""
+    if not (devices == "auto" or (isinstance(devices, int) and devices >= 1)):
+        raise ClipkdError(f"--devices must be a number >= 1 or 'auto', got '{devices}'")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ClipkdError(f"--device {device} requested but CUDA is not available on this machine")
     if device == "auto":
