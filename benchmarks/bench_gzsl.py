@@ -34,6 +34,8 @@ METHODS: dict[str, tuple[dict, dict, bool]] = {
     "embed_cutmix": ({"terms": {"embed": 1.0}, "mix": "cutmix"}, {}, True),
     "embed_vocab_cutmix": ({"terms": {"embed": 1.0, "vocab": 1.0}, "mix": "cutmix"}, {}, True),
     "embed_cutmix_half": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5}, {}, True),
+    "embed_cutmix_75": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.75}, {}, True),
+    "cos_cutmix": ({"terms": {"embed": 1.0}, "loss": "cosine", "mix": "cutmix"}, {}, True),
 }
 
 # world -> (teacher epochs, teacher batch, student epochs)

@@ -12,7 +12,7 @@ from clipkd.data.captions import CaptionDataset, TsvImages, load_caption_source
 from clipkd.data.loader import collate_skip
 from clipkd.errors import ClipkdError
 from clipkd.store import embed_images
-from clipkd.teachers import load_teacher
+from clipkd.teachers import load_clip, load_teacher
 from clipkd.training.clip_train import ClipTrainConfig, clip_train
 
 TEACHER = "open_clip:clipkd-tiny@random"
@@ -60,8 +60,7 @@ def test_freeze_keeps_tower_fixed_and_online_teacher(tiny_world, tmp_path):
     from clipkd.training.modules import ClipModule
 
     torch.manual_seed(0)
-    student = load_teacher("open_clip:clipkd-micro", device="cpu")
-    student.model.train().requires_grad_(True)
+    student = load_clip("open_clip:clipkd-micro")
     teacher = load_teacher(TEACHER, device="cpu")
     module = ClipModule(student, kd_loss="mse", teacher=teacher, teacher_dim=teacher.embed_dim, freeze_text=True)
     frozen = {n: p.clone() for n, p in student.model.named_parameters() if not n.startswith("visual.")}

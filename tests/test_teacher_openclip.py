@@ -62,6 +62,10 @@ def test_bad_specs_are_one_line_errors(tiny_ckpt, tmp_path):
         load_teacher("open_clip:ViT-Nope@x", device="cpu")
     with pytest.raises(ClipkdError, match="backend prefix"):
         load_teacher("ViT-B-32", device="cpu")
+    for no_weights in ("open_clip:ViT-B-32", "open_clip:clipkd-tiny@"):  # would embed with random weights
+        with pytest.raises(ClipkdError, match="names no weights.*@random"):
+            load_teacher(no_weights, device="cpu")
+    assert load_teacher("open_clip:clipkd-micro@random", device="cpu").identity.endswith("@random-init")
     with pytest.raises(ClipkdError, match="only supported on GPU"):
         load_teacher(f"open_clip:clipkd-tiny@{path}", device="cpu", precision="bf16")
 

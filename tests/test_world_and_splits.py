@@ -65,7 +65,8 @@ def test_load_split_validates_names(tmp_path):
 
 def test_clean_classname():
     assert clean_classname("red_circle") == "red circle"
-    assert clean_classname("great-white__shark ") == "great white shark"
+    assert clean_classname("great_white__shark ") == "great white shark"
+    assert clean_classname("t-shirt") == "t-shirt"  # hyphens are part of real names (T-shirt, yo-yo, go-kart)
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):

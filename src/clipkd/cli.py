@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
-from .errors import ClipkdError
+from .errors import ClipkdError, Interrupted
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
 
@@ -32,6 +32,25 @@ def _device_flags(p: argparse.ArgumentParser) -> None:
                    help="auto = fp16 autocast on GPU, fp32 on CPU (half precision is refused on CPU)")
 
 
+def _int_at_least(low: int, what: str) -> Callable[[str], int]:
+    """argparse type: a whole number ≥ ``low`` (a one-line usage error otherwise, before any work)."""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got '{value}'") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {n}")
+        return n
+
+    return parse
+
+
+_count = _int_at_least(1, "at least 1")  # batch sizes, epochs, shard sizes
+_workers = _int_at_least(0, "0 or more")  # loader processes; 0 = decode in the main process
+
+
 def _trainer_flags(p: argparse.ArgumentParser) -> None:
     from .training.trainer import LOGGERS
 
@@ -39,10 +58,12 @@ def _trainer_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("trainer (Lightning)")
     g.add_argument("--devices", type=lambda v: int(v) if v.isdigit() else v,
                    help="devices to train on: a number or 'auto' (default 1; --device cuda:N picks GPU N)")
-    g.add_argument("--num-nodes", type=int, help="machines (default 1)")
+    g.add_argument("--num-nodes", type=_count, help="machines (default 1)")
     g.add_argument("--strategy", help="Lightning strategy, e.g. ddp (default auto)")
     g.add_argument("--logger", choices=LOGGERS, help="also log to TensorBoard or W&B; the CSV log is always "
                    "written (default csv)")
+    g.add_argument("--overwrite", action="store_true", help="replace a run of other settings in --out (without it, "
+                   "--out resumes a run of the same settings and refuses any other)")
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
@@ -52,8 +73,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="recipe JSON with any TrainConfig fields, or the name of a shipped recipe "
                    "(e.g. demo-student); flags given here override it")
     p.add_argument("--student", help=f"any timm model name (default {d.student})")
-    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
+    p.add_argument("--epochs", type=_count, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=_count, help=f"default {d.batch_size}")
     p.add_argument("--lr", type=float, help=f"peak AdamW learning rate, warmup then cosine (default {d.lr})")
     p.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
     p.add_argument("--image-size", type=int, help="student input size (default: the teacher's)")
@@ -61,7 +82,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="FILE",
                    help="start from ImageNet weights: timm's hub weights, or a local weights file for the "
                    "architecture (.pth/.safetensors; works offline)")
-    p.add_argument("--workers", type=int, help="data-loader processes (default: one per core, max 8)")
+    p.add_argument("--workers", type=_workers, help="data-loader processes (default: one per core, max 8)")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--split", help="split file; train only on the classes it marks seen")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, student.pt); re-running resumes")
@@ -113,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-per-class", type=int, default=10)
     p.add_argument("--test-per-class", type=int, default=30)
     p.add_argument("--unseen-per-shape", type=int, default=2, help="unseen colours per shape (default 2)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=_workers, default=2)
 
     p = sub.add_parser("clip-train", help="train / fine-tune a CLIP (ClipLoss), optionally distilling a teacher CLIP")
     p.add_argument("--images", required=True, help="image root the caption paths are relative to, or a "
@@ -133,15 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     kd.add_argument("--kd-weight", type=float, help="weight of the distillation loss (default 0.5)")
     p.add_argument("--val-images", help="validation images (retrieval metrics each epoch, best epoch kept)")
     p.add_argument("--val-captions", help="validation captions (CSV or JSONL)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=_count)
+    p.add_argument("--batch-size", type=_count)
     p.add_argument("--lr", type=float, help="peak AdamW learning rate, warmup then cosine decay")
     p.add_argument("--warmup", type=float, help="warmup: fraction of all steps (<1) or a number of steps")
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--accumulate", type=int, help="gradient accumulation: batches per optimizer step")
+    p.add_argument("--accumulate", type=_count, help="gradient accumulation: batches per optimizer step")
     p.add_argument("--freeze-image", action="store_true", default=None, help="train the text tower only")
     p.add_argument("--freeze-text", action="store_true", default=None, help="train the image tower only")
-    p.add_argument("--workers", type=int)
+    p.add_argument("--workers", type=_workers)
     p.add_argument("--seed", type=int)
     _trainer_flags(p)
 
@@ -150,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="image folder (first folder of a path = its label for "
                    "image->image), or a Chinese-CLIP {split}_imgs.tsv")
     p.add_argument("--captions", help="CSV path,caption or Chinese-CLIP JSONL: adds text<->image recall")
-    p.add_argument("--max-queries", type=int, default=5000, help="image->image queries sampled (default 5000)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int)
+    p.add_argument("--max-queries", type=_count, default=5000, help="image->image queries sampled (default 5000)")
+    p.add_argument("--batch-size", type=_count, default=128)
+    p.add_argument("--workers", type=_workers)
     p.add_argument("--out", help="results JSON; a PNG grid of queries and top-10 results is written beside it")
     p.add_argument("--device", default="auto")
 
@@ -175,9 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="teacher spec")
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="store folder; re-running resumes and adds new images")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, help="decode processes (default: one per core, max 8)")
-    p.add_argument("--shard-size", type=int, default=8192, help="images per shard (default 8192)")
+    p.add_argument("--batch-size", type=_count, default=64)
+    p.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
+    p.add_argument("--shard-size", type=_count, default=8192, help="images per shard (default 8192)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the image tower (checked against eager on the first batch)")
     _device_flags(p)
@@ -218,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split file -> GZSL S, U, H, calibrated stacking, AUSUC")
     p.add_argument("--val", help="labelled folder to choose the calibration gamma on")
     p.add_argument("--templates", default="simple", help="templates when a teacher embeds class names itself")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int)
+    p.add_argument("--batch-size", type=_count, default=128)
+    p.add_argument("--workers", type=_workers)
     p.add_argument("--out", help="write the results JSON here (and the seen-unseen curve PNG beside it)")
     p.add_argument("--device", default="auto")
 
@@ -295,7 +316,7 @@ def _clip_train(a: argparse.Namespace) -> None:
     extra = {"model": model_spec(a.model or ClipTrainConfig.model, a.pretrained)} if a.model or a.pretrained else {}
     cfg = _recipe(ClipTrainConfig, a, **extra)
     r = clip_train(a.images, a.captions, a.out, cfg, teacher=a.teacher, store=a.store, val_images=a.val_images,
-                   val_captions=a.val_captions, device=a.device)
+                   val_captions=a.val_captions, device=a.device, overwrite=a.overwrite)
     print(f"model: {r.spec}")
 
 
@@ -327,9 +348,11 @@ def _embed_text(a: argparse.Namespace) -> None:
 
 @command("embed-images")
 def _embed_images(a: argparse.Namespace) -> None:
+    from .fileio import check_out_dir
     from .store import embed_images
     from .teachers import load_teacher
 
+    check_out_dir(a.out, "embedding store")  # before loading the teacher
     store = embed_images(load_teacher(a.teacher, a.device, a.precision or "auto"), a.images, a.out,
                          batch_size=a.batch_size, workers=a.workers, shard_size=a.shard_size, compile=a.compile)
     m = store.manifest
@@ -342,7 +365,8 @@ def _distill(a: argparse.Namespace) -> None:
     from .training.distill import distill
 
     r = distill(a.images, a.out, _train_config(a), store=a.store, teacher=a.teacher, text=a.text, split=a.split,
-                device=a.device, vocab=a.vocab, extra_images=a.extra_images, extra_store=a.extra_store)
+                device=a.device, vocab=a.vocab, extra_images=a.extra_images, extra_store=a.extra_store,
+                overwrite=a.overwrite)
     print(f"student -> {r.path}")
 
 
@@ -350,7 +374,8 @@ def _distill(a: argparse.Namespace) -> None:
 def _train_supervised(a: argparse.Namespace) -> None:
     from .training.distill import train_supervised
 
-    print(f"baseline -> {train_supervised(a.images, a.out, _train_config(a), split=a.split, device=a.device).path}")
+    r = train_supervised(a.images, a.out, _train_config(a), split=a.split, device=a.device, overwrite=a.overwrite)
+    print(f"baseline -> {r.path}")
 
 
 @command("eval")
@@ -452,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.quiet, args.verbose)
     try:
         return run(args)
+    except Interrupted as e:
+        print(f"clipkd {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except ClipkdError as e:
         print(f"clipkd {args.command}: error: {e}", file=sys.stderr)
         return 2

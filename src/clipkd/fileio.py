@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,47 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ClipkdError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+LOCK_NAME = ".clipkd.lock"
+
+
+def check_out_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Create ``path`` as a folder, or raise a one-line error if it is a file or cannot be written."""
+    from .errors import ClipkdError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ClipkdError(f"{what} {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ClipkdError(f"cannot create {what} {path}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ClipkdError(f"{what} {path} is not writable")
+    return path
+
+
+@contextmanager
+def exclusive(path: str | Path, what: str = "output folder") -> Iterator[Path]:
+    """Hold an exclusive lock on the folder ``path`` (created) while the block runs.
+
+    A second process asking for the same folder gets a one-line error at once instead of interleaving its
+    writes with ours. The lock (``flock`` on ``.clipkd.lock``, via ``filelock``) dies with its process, so a
+    killed job never leaves a folder locked.
+    """
+    from filelock import FileLock, Timeout
+
+    from .errors import ClipkdError
+
+    path = check_out_dir(path, what)
+    lock = FileLock(path / LOCK_NAME)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ClipkdError(f"{what} {path} is in use by another clipkd process; wait for it to finish or use "
+                          "another folder") from None
+    try:
+        yield path
+    finally:
+        lock.release()

@@ -5,14 +5,22 @@ Layout of a store folder::
     manifest.json          teacher identity, embed size, preprocessing, counts, shards, skipped files
     shard-00000.npy        (n, D) float16, L2-normalised rows
     shard-00000.txt        the n image paths (relative to the image root), one per line
+    shard-00000.size.npy   (n,) int64 byte sizes of those files when they were embedded (ties rows to files)
 
 A shard is written (atomically) before the manifest names it, so a killed run loses at most the
 shard it was filling; re-running the same command embeds only images no finished shard holds.
+One process writes a store at a time (a lock; a second writer gets a one-line error).
+
+Rows are keyed by relative path, so a store also records each file's size: a store used with another
+folder whose files share the relative names (``train/`` vs ``test/``) is refused. Sizes, not content
+hashes: a ``stat`` per file costs microseconds where hashing reads every byte again; and not mtimes, which
+a plain copy of the folder changes.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +35,7 @@ from .data.encode import iter_encoded
 from .data.folders import list_images
 from .data.loader import ImageDataset
 from .errors import ClipkdError
-from .fileio import read_json, write_json, write_npy, write_text
+from .fileio import exclusive, read_json, write_json, write_npy, write_text
 
 STORE_FORMAT = "clipkd-store/1"
 log = logging.getLogger(__name__)
@@ -101,22 +109,65 @@ class EmbeddingStore:
             self._emb = np.concatenate(parts) if parts else np.zeros((0, self.embed_dim), np.float16)
         return self._emb
 
+    def sizes(self) -> np.ndarray:
+        """Byte size of each row's file when it was embedded (-1 where an older store did not record it)."""
+        parts = []
+        for shard in self.manifest["shards"]:
+            if "sizes" in shard:
+                parts.append(np.load(self.root / shard["sizes"]).astype(np.int64))
+            else:
+                parts.append(np.full(shard["count"], -1, np.int64))
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def check_files(self, root: str | Path, paths: Sequence[str], rows: np.ndarray) -> None:
+        """Refuse when the files ``root/paths`` (with store rows ``rows``) are not the files the store embedded.
+
+        Compared by byte size; a store moved or copied with its images passes, a store of ``train/`` used
+        for ``test/`` (same relative names, other pictures) does not.
+        """
+        root = Path(root)
+        have = np.flatnonzero(rows >= 0)
+        recorded = self.sizes()[rows[have]] if len(have) else np.zeros(0, np.int64)
+        known = recorded >= 0
+        if not known.all() and Path(self.manifest.get("images_root", "")) != root.resolve():
+            raise ClipkdError(f"store {self.root} was built from {self.manifest.get('images_root')} by an older "
+                              f"clipkd that did not record file sizes, so it cannot be checked against {root}; "
+                              "re-run embed-images into a new --out")
+        bad = []
+        for i, size in zip(have[known].tolist(), recorded[known].tolist(), strict=True):
+            try:
+                now = os.stat(root / paths[i]).st_size
+            except OSError:
+                now = -1
+            if now != size:
+                bad.append(paths[i])
+        if bad:
+            raise ClipkdError(
+                f"store {self.root} holds embeddings of other files: {len(bad)} of the {len(have)} images under "
+                f"{root} it has rows for differ in size from the files it embedded (from "
+                f"{self.manifest.get('images_root')}), e.g. {bad[:3]}; use the store of these images, or "
+                "embed-images them into a new --out")
+
     def rows(self, paths: Sequence[str]) -> np.ndarray:
         """Row numbers of ``paths``; -1 where the store has no embedding for a path."""
         if self._index is None:
             self._index = {p: i for i, p in enumerate(self.paths)}
         return np.array([self._index.get(p, -1) for p in paths], dtype=np.int64)
 
-    def targets(self, paths: Sequence[str], teacher: str | None = None, what: str = "training images") -> StoreTargets:
+    def targets(self, paths: Sequence[str], teacher: str | None = None, what: str = "training images",
+                root: str | Path | None = None) -> StoreTargets:
         """Teacher embeddings of ``paths`` (the one lookup every trainer uses), with one policy for missing rows.
 
         Images the store skipped as undecodable are left out and counted (a logged warning); an image the
         store has never seen is an error naming how many and which, since training without its target would
-        silently change the data set. ``teacher``: the identity the embeddings must come from.
+        silently change the data set. ``teacher``: the identity the embeddings must come from. ``root``: the
+        folder ``paths`` are relative to; its files must be the ones the store embedded (:meth:`check_files`).
         """
         if teacher is not None:
             self.check_teacher(teacher)
         rows = self.rows(paths)
+        if root is not None:
+            self.check_files(root, paths, rows)
         missing = np.flatnonzero(rows < 0)
         if len(missing):
             failed = {s["path"] for s in self.manifest["skipped"]}
@@ -142,7 +193,8 @@ class EmbeddingStore:
 def _new_manifest(info: dict[str, Any], images_root: Path, shard_size: int) -> dict[str, Any]:
     return {"format": STORE_FORMAT, "teacher": info["teacher"], "embed_dim": info["embed_dim"],
             "preprocess": info["preprocess"], "normalized": "l2", "dtype": "float16",
-            "images_root": str(images_root.resolve()), "shard_size": shard_size, "count": 0,
+            "images_root": str(images_root.resolve()), "images_roots": [str(images_root.resolve())],
+            "shard_size": shard_size, "count": 0,
             "skipped_count": 0, "skipped": [], "shards": [], "seconds": 0.0}
 
 
@@ -154,6 +206,7 @@ class ShardWriter:
         self.out, self.manifest, self.shard_size = out, manifest, shard_size
         self.emb: list[np.ndarray] = []
         self.paths: list[str] = []
+        self.sizes: list[int] = []
         self.skipped: list[dict[str, str]] = []
         self.t0 = time.perf_counter()
 
@@ -161,9 +214,10 @@ class ShardWriter:
     def skipped_count(self) -> int:
         return self.manifest["skipped_count"] + len(self.skipped)
 
-    def add(self, emb: np.ndarray, paths: Sequence[str]) -> None:
+    def add(self, emb: np.ndarray, paths: Sequence[str], sizes: Sequence[int]) -> None:
         self.emb.append(np.asarray(emb, dtype=np.float16))
         self.paths.extend(paths)
+        self.sizes.extend(sizes)
         self._maybe_flush()
 
     def skip(self, path: str, error: str) -> None:
@@ -182,7 +236,9 @@ class ShardWriter:
         emb = np.concatenate(self.emb) if self.emb else np.zeros((0, m["embed_dim"]), np.float16)
         write_text(self.out / f"{name}.txt", "".join(p + "\n" for p in self.paths))
         write_npy(self.out / f"{name}.npy", emb)
-        m["shards"].append({"file": f"{name}.npy", "paths": f"{name}.txt", "count": len(self.paths)})
+        write_npy(self.out / f"{name}.size.npy", np.asarray(self.sizes, dtype=np.int64))
+        m["shards"].append({"file": f"{name}.npy", "paths": f"{name}.txt", "sizes": f"{name}.size.npy",
+                            "count": len(self.paths)})
         m["count"] += len(self.paths)
         m["skipped"].extend(self.skipped)
         m["skipped_count"] = len(m["skipped"])
@@ -190,16 +246,28 @@ class ShardWriter:
         m["seconds"] = round(m["seconds"] + now - self.t0, 3)
         self.t0 = now
         write_json(self.out / "manifest.json", m)
-        self.emb, self.paths, self.skipped = [], [], []
+        self.emb, self.paths, self.sizes, self.skipped = [], [], [], []
 
 
-def _open_for_append(info: dict[str, Any], images: Path, out: Path, shard_size: int):
-    """The manifest to extend (checking the teacher) and the paths already done (embedded or skipped)."""
+def _file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
+def _open_for_append(info: dict[str, Any], images: Path, out: Path, shard_size: int, files: Sequence[str]):
+    """The manifest to extend (checking the teacher, and that rows named like ``files`` are of these files)
+    and the paths already done (embedded or skipped)."""
     if (out / "manifest.json").exists():
         store = EmbeddingStore(out)
         store.check_teacher(info["teacher"], hint="use another --out folder")
+        store.check_files(images, files, store.rows(files))
+        root = str(images.resolve())
+        roots = store.manifest.setdefault("images_roots", [store.manifest.get("images_root", root)])
+        if root not in roots:
+            roots.append(root)
         return store.manifest, set(store.paths) | {s["path"] for s in store.manifest["skipped"]}
-    out.mkdir(parents=True, exist_ok=True)
     return _new_manifest(info, images, shard_size), set()
 
 
@@ -230,28 +298,30 @@ def embed_images(
         images, files = listed.root, list(dict.fromkeys(listed.paths))
     else:
         files = list_images(images)
-    manifest, done = _open_for_append(teacher.describe(), images, out, shard_size)
-    pending = [f for f in files if f not in done]
-    if max_images is not None:
-        pending = pending[:max_images]
-    if not pending:
-        return EmbeddingStore(out)
+    with exclusive(out, "embedding store"):
+        manifest, done = _open_for_append(teacher.describe(), images, out, shard_size, files)
+        pending = [f for f in files if f not in done]
+        if max_images is not None:
+            pending = pending[:max_images]
+        if not pending:
+            return EmbeddingStore(out)
 
-    if compile:
-        teacher.compile_image_tower(batch_size)
-    draft = max(manifest["preprocess"].get("size") or [0]) or None
-    dataset = ImageDataset(images, pending, teacher.preprocess, draft_size=draft)
-    writer = ShardWriter(out, manifest, shard_size)
-    for b in iter_encoded(teacher.encode_image, dataset, batch_size, workers, progress, desc="embed-images"):
-        for idx, err in b.skipped:
-            writer.skip(pending[idx], err)
-        if b.outputs is not None:
-            writer.add(b.outputs.numpy(), [pending[i] for i in b.index])
-    writer.flush()
-    if writer.skipped_count:
-        log.warning("%d image(s) could not be decoded and were skipped; listed in %s", writer.skipped_count,
-                    out / "manifest.json")
-    return EmbeddingStore(out)
+        if compile:
+            teacher.compile_image_tower(batch_size)
+        draft = max(manifest["preprocess"].get("size") or [0]) or None
+        dataset = ImageDataset(images, pending, teacher.preprocess, draft_size=draft)
+        writer = ShardWriter(out, manifest, shard_size)
+        for b in iter_encoded(teacher.encode_image, dataset, batch_size, workers, progress, desc="embed-images"):
+            for idx, err in b.skipped:
+                writer.skip(pending[idx], err)
+            if b.outputs is not None:
+                done_now = [pending[i] for i in b.index]
+                writer.add(b.outputs.numpy(), done_now, [_file_size(images / p) for p in done_now])
+        writer.flush()
+        if writer.skipped_count:
+            log.warning("%d image(s) could not be decoded and were skipped; listed in %s", writer.skipped_count,
+                        out / "manifest.json")
+        return EmbeddingStore(out)
 
 
 # --- the seed's layout: one .npy per image (NVIDIA clip-distillation, the first seed) ---
@@ -286,18 +356,19 @@ def import_npy_folder(npy_dir: str | Path, images: str | Path, out: str | Path, 
                           f"(expected e.g. {npy_dir / _npy_name(files[0], True)})")
     first = np.load(npy_dir / _npy_name(have[0], flat)).reshape(-1)
     info = {"teacher": teacher, "embed_dim": int(first.size), "preprocess": preprocess or {}}
-    manifest, done = _open_for_append(info, images, out, shard_size)
-    writer = ShardWriter(out, manifest, shard_size)
-    for f in tqdm([f for f in have if f not in done], desc="import .npy", unit="file", disable=not progress):
-        try:
-            v = np.load(npy_dir / _npy_name(f, flat)).astype(np.float32).reshape(-1)
-            if v.size != info["embed_dim"]:
-                raise ValueError(f"size {v.size}, expected {info['embed_dim']}")
-        except (OSError, ValueError) as e:
-            writer.skip(f, f"{type(e).__name__}: {e}")
-            continue
-        writer.add((v / max(float(np.linalg.norm(v)), 1e-12))[None], [f])
-    writer.flush()
+    with exclusive(out, "embedding store"):
+        manifest, done = _open_for_append(info, images, out, shard_size, have)
+        writer = ShardWriter(out, manifest, shard_size)
+        for f in tqdm([f for f in have if f not in done], desc="import .npy", unit="file", disable=not progress):
+            try:
+                v = np.load(npy_dir / _npy_name(f, flat)).astype(np.float32).reshape(-1)
+                if v.size != info["embed_dim"]:
+                    raise ValueError(f"size {v.size}, expected {info['embed_dim']}")
+            except (OSError, ValueError) as e:
+                writer.skip(f, f"{type(e).__name__}: {e}")
+                continue
+            writer.add((v / max(float(np.linalg.norm(v)), 1e-12))[None], [f], [_file_size(images / f)])
+        writer.flush()
     if len(have) < len(files):
         log.warning("%d of %d images have no .npy in %s, e.g. %s", len(files) - len(have), len(files), npy_dir,
                     [f for f in files if f not in set(have)][:3])

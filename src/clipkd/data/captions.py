@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from ..errors import ClipkdError
-from .loader import ImageDataset
+from .loader import ImageDataset, to_rgb
 
 
 def read_captions(csv_path: str | Path, images_root: str | Path) -> tuple[dict[str, list[str]], list[str]]:
@@ -87,7 +87,7 @@ class TsvImages:
         _, _, data = self._file.readline().partition(b"\t")
         img = Image.open(io.BytesIO(base64.b64decode(data.strip(), validate=True)))
         img.load()
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 def read_cnclip_texts(jsonl: str | Path, images: TsvImages) -> tuple[dict[str, list[str]], list[str]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ClipkdError
@@ -12,8 +12,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 def clean_classname(folder: str) -> str:
-    """Turn a folder name into a readable class name: ``red_circle`` → ``red circle``."""
-    return re.sub(r"\s+", " ", re.sub(r"[_\-]+", " ", folder)).strip()
+    """Turn a folder name into a readable class name: ``red_circle`` → ``red circle``.
+
+    Hyphens stay: they are part of real class names (``T-shirt``, ``yo-yo``, ``go-kart``).
+    """
+    return re.sub(r"\s+", " ", re.sub(r"_+", " ", folder)).strip()
 
 
 def _require_dir(root: Path) -> None:
@@ -49,12 +52,18 @@ class LabelledImages:
     paths: list[str]
     labels: list[int]
     classnames: list[str]
+    folders: list[str] = field(default_factory=list)  # class folder names (ImageFolder layout), by class
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Folder name → class name, for split files written with folder names."""
+        return dict(zip(self.folders, self.classnames, strict=True))
 
     def subset(self, keep_classes: set[str]) -> LabelledImages:
         """Only the images whose class is in ``keep_classes`` (labels keep indexing ``classnames``)."""
         keep = [i for i, y in enumerate(self.labels) if self.classnames[y] in keep_classes]
         return LabelledImages(self.root, [self.paths[i] for i in keep], [self.labels[i] for i in keep],
-                              self.classnames)
+                              self.classnames, self.folders)
 
 
 def scan_image_folder(root: str | Path) -> LabelledImages:
@@ -76,4 +85,4 @@ def scan_image_folder(root: str | Path) -> LabelledImages:
                 labels.append(y)
     if not paths:
         raise ClipkdError(f"no image files found in the class folders of {root}")
-    return LabelledImages(root, paths, labels, classnames)
+    return LabelledImages(root, paths, labels, classnames, folders)

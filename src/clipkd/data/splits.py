@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,31 +28,48 @@ def write_split(path: str | Path, split: Split) -> Path:
     return write_json(path, {"seen": list(split.seen), "unseen": list(split.unseen)})
 
 
-def load_split(path: str | Path, classnames: Sequence[str] | None = None) -> Split:
+def _known(classnames: Sequence[str], aliases: Mapping[str, str]) -> str:
+    """A few known classes for an error message, as ``folder → name`` where they differ."""
+    back = {v: k for k, v in aliases.items()}
+    return ", ".join(f"'{back[c]}' → '{c}'" if back.get(c, c) != c else f"'{c}'" for c in list(classnames)[:6])
+
+
+def load_split(path: str | Path, classnames: Sequence[str] | None = None,
+               aliases: Mapping[str, str] | None = None, seen_only: bool = False) -> Split:
     """Read a split file; with ``classnames``, check it names exactly known classes.
 
-    Classes of ``classnames`` that the file does not mention are an error too, because a
-    generalized zero-shot score is meaningless when some test classes are neither seen nor unseen.
+    Classes of ``classnames`` that the file does not mention are an error too (unless ``seen_only``: a
+    training run needs only its seen classes), because a generalized zero-shot score is meaningless when
+    some test classes are neither seen nor unseen. ``aliases`` (class folder name → class name) lets a split
+    file name classes by their folders (``t_shirt``) as well as by their names (``t shirt``).
     """
     data = read_json(path, "split file")
     if not isinstance(data, dict) or not isinstance(data.get("seen"), list) or not isinstance(
         data.get("unseen"), list
     ):
         raise ClipkdError(f"split file {path} must be a JSON object with lists 'seen' and 'unseen'")
-    split = Split(seen=[str(c) for c in data["seen"]], unseen=[str(c) for c in data["unseen"]])
+    aliases = dict(aliases or {})
+    known = set(classnames) if classnames is not None else set()
+
+    def name(c: object) -> str:
+        c = str(c)
+        return aliases[c] if c not in known and c in aliases else c
+
+    split = Split(seen=[name(c) for c in data["seen"]], unseen=[name(c) for c in data["unseen"]])
     both = set(split.seen) & set(split.unseen)
     if both:
         raise ClipkdError(f"split file {path} marks classes both seen and unseen: {sorted(both)[:5]}")
     if not split.seen:
         raise ClipkdError(f"split file {path} marks no class seen")
     if classnames is not None:
-        known = set(classnames)
-        unknown = [c for c in split.seen + split.unseen if c not in known]
+        unknown = [c for c in (split.seen if seen_only else split.seen + split.unseen) if c not in known]
         if unknown:
             raise ClipkdError(
                 f"split file {path} names {len(unknown)} unknown class(es), e.g. {unknown[:5]}; "
-                f"known classes include {sorted(known)[:5]}"
+                f"known classes (folder → name) include {_known(classnames, aliases)}"
             )
+        if seen_only:
+            return split
         missing = [c for c in classnames if c not in set(split.seen) | set(split.unseen)]
         if missing:
             raise ClipkdError(f"split file {path} does not place {len(missing)} class(es), e.g. {missing[:5]}")

@@ -195,7 +195,7 @@ def evaluate(
     """
     data = load_labelled(images)
     classnames = TextEmbeddings.load(text).classnames if text else list(data.classnames)
-    sp = load_split(split, classnames) if split is not None else None  # fail before any scoring
+    sp = load_split(split, classnames, data.aliases) if split is not None else None  # fail before any scoring
     scorer = load_scorer(model, classnames, text, templates, device)
     scores, labels, skipped = score_folder(scorer, data, batch_size, workers, progress)
     pred = scores.argmax(1)

@@ -12,7 +12,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from ..data.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
-from ..errors import ClipkdError
+from ..errors import ClipkdError, first_line
 from ..fileio import write_torch
 
 STUDENT_FORMAT = "clipkd-student/1"
@@ -61,10 +61,10 @@ class Student(nn.Module):
         except (RuntimeError, KeyError, ValueError) as e:
             if isinstance(cfg.pretrained, str) and cfg.pretrained:
                 raise ClipkdError(f"weights {cfg.pretrained} do not fit timm '{cfg.arch}': "
-                                  f"{str(e).splitlines()[0][:200]}") from None
+                                  f"{first_line(e, 200)}") from None
             if "Unknown model" in str(e):
                 raise ClipkdError(f"timm has no model '{cfg.arch}' (see timm.list_models())") from None
-            raise ClipkdError(f"cannot build timm model '{cfg.arch}': {str(e).splitlines()[0]}") from None
+            raise ClipkdError(f"cannot build timm model '{cfg.arch}': {first_line(e)}") from None
         except OSError as e:  # pretrained weights unreachable offline
             raise ClipkdError(f"timm '{cfg.arch}': pretrained weights not available offline ({e}); "
                               "drop --pretrained or pre-download them into the HF cache") from None
@@ -97,9 +97,25 @@ def save_student(path: str | Path, model: Student, extra: dict[str, Any] | None 
                               **(extra or {})})
 
 
+def check_student_arch(arch: str) -> None:
+    """A one-line error, before any work, when ``arch`` is not a timm architecture name (a common slip: a
+    student ``.pt`` or a teacher spec passed where the architecture goes)."""
+    if arch.startswith(("hf-hub:", "hf_hub:")) or timm.is_model(arch):
+        return
+    if arch.endswith((".pt", ".pth", ".ckpt", ".safetensors")) or Path(arch).exists():
+        raise ClipkdError(f"--student takes a timm architecture name (e.g. resnet18), not a file ('{arch}'); start "
+                          "from weights with --pretrained FILE, or evaluate a trained student with eval --model")
+    if ":" in arch:
+        raise ClipkdError(f"--student takes a timm architecture name (e.g. resnet18), not a CLIP spec ('{arch}'); "
+                          "a CLIP teacher goes to --teacher, a smaller CLIP to train to clip-train --model")
+    raise ClipkdError(f"timm has no model '{arch}' (see timm.list_models())")
+
+
 def load_student(path: str | Path, map_location: str = "cpu") -> Student:
     """Rebuild a student from ``student.pt`` or a run folder containing one."""
     path = Path(path)
+    if ":" in str(path) and not path.exists():
+        raise ClipkdError(f"'{path}' is a CLIP spec, not a student checkpoint (student.pt or its run folder)")
     if path.is_dir():
         path = path / "student.pt"
     if not path.is_file():
@@ -107,7 +123,8 @@ def load_student(path: str | Path, map_location: str = "cpu") -> Student:
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a readable checkpoint"
-        raise ClipkdError(f"cannot read student checkpoint {path}: {str(e).splitlines()[0]}") from None
+        raise ClipkdError(f"cannot read student checkpoint {path} (truncated or not a checkpoint?): "
+                          f"{first_line(e)}") from None
     if not isinstance(blob, dict) or blob.get("format") != STUDENT_FORMAT:
         raise ClipkdError(f"{path} is not a clipkd student checkpoint (made by `clipkd distill`)")
     cfg = StudentConfig(**{**blob["config"], "pretrained": False})
@@ -115,5 +132,5 @@ def load_student(path: str | Path, map_location: str = "cpu") -> Student:
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as e:
-        raise ClipkdError(f"student checkpoint {path} does not match {cfg.arch}: {str(e).splitlines()[0]}") from None
+        raise ClipkdError(f"student checkpoint {path} does not match {cfg.arch}: {first_line(e)}") from None
     return model.eval()

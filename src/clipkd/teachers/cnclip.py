@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..data.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
-from ..errors import ClipkdError
+from ..errors import ClipkdError, first_line
 from ..fileio import write_torch
 from .base import ClipModel, file_fingerprint
 from .factory import register_backend
@@ -92,7 +92,7 @@ def create_cnclip(name: str, weights: str | None, device: torch.device | str = "
         try:
             model.load_state_dict(sd, strict=True)
         except RuntimeError as e:
-            first = str(e).splitlines()[0][:200]
+            first = first_line(e, 200)
             raise ClipkdError(f"checkpoint {path} does not fit Chinese-CLIP {name}: {first}") from None
     model = model.float().to(device)
     preprocess = cn.image_transform(size)

@@ -15,9 +15,12 @@ from .base import ClipModel, resolve_device, resolve_precision
 BACKENDS: Registry[Callable[..., ClipModel]] = Registry("model backend")
 
 
-def register_backend(name: str) -> Callable:
-    """Decorator: register ``fn(spec_rest, device, precision) -> ClipModel`` under ``name:``."""
-    return BACKENDS.register(name)
+def register_backend(name: str, **meta) -> Callable:
+    """Decorator: register ``fn(spec_rest, device, precision) -> ClipModel`` under ``name:``.
+
+    ``meta``: ``no_weights=fn(spec_rest) -> bool`` says a spec names no weights (a teacher refuses it).
+    """
+    return BACKENDS.register(name, **meta)
 
 
 def list_backends() -> list[str]:
@@ -30,7 +33,7 @@ def _import_builtin() -> None:
     from . import cnclip, hf, modelscope, openclip  # noqa: F401  (each registers itself)
 
 
-def _build(spec: str, device: str | None, precision: str) -> ClipModel:
+def _split(spec: str) -> tuple[str, str]:
     _import_builtin()
     backend, sep, rest = spec.partition(":")
     if not sep or backend not in BACKENDS:
@@ -38,6 +41,22 @@ def _build(spec: str, device: str | None, precision: str) -> ClipModel:
             f"model spec '{spec}' must start with a backend prefix, one of: "
             + ", ".join(f"{b}:" for b in sorted(BACKENDS))
         )
+    return backend, rest
+
+
+def check_teacher_spec(spec: str) -> None:
+    """Refuse a teacher spec that names no weights (it would embed with random ones) unless it says ``@random``."""
+    backend, rest = _split(spec)
+    no_weights = BACKENDS.entry(backend).meta.get("no_weights")
+    if no_weights is not None and no_weights(rest):
+        model = rest.rstrip("@")
+        raise ClipkdError(f"teacher '{spec}' names no weights, so it would embed with random ones; give a "
+                          f"pretrained tag or a checkpoint file ({backend}:{model}@TAG or {backend}:{model}@/path/to/"
+                          f"weights), or {backend}:{model}@random if random weights are what you want")
+
+
+def _build(spec: str, device: str | None, precision: str) -> ClipModel:
+    backend, rest = _split(spec)
     dev = resolve_device(device)
     return BACKENDS.get(backend)(rest, dev, resolve_precision(precision, dev))
 
@@ -46,8 +65,10 @@ def load_teacher(spec: str, device: str | None = "auto", precision: str = "auto"
     """A frozen CLIP encoder from a spec such as ``open_clip:ViT-B-32@laion2b_s34b_b79k`` (eval mode, no grads).
 
     ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...; ``precision``: ``auto`` (fp16 on GPU,
-    fp32 on CPU), ``fp32``, ``fp16`` or ``bf16`` (GPU autocast only).
+    fp32 on CPU), ``fp32``, ``fp16`` or ``bf16`` (GPU autocast only). A spec that names no weights is
+    refused (:func:`check_teacher_spec`); ``@random`` asks for random weights explicitly.
     """
+    check_teacher_spec(spec)
     model = _build(spec, device, precision)
     model.model.eval().requires_grad_(False)
     return model

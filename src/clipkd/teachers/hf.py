@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..data.preprocess import PreprocessConfig
-from ..errors import ClipkdError
+from ..errors import ClipkdError, first_line
 from .base import ClipModel, file_fingerprint
 from .factory import register_backend
 
@@ -41,7 +41,7 @@ def load_hf(name: str) -> tuple[Any, Any, Any]:
         config = tf.AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
         if local.is_dir() or name.startswith((".", "/", "~")):
-            raise ClipkdError(f"hf:{name}: not a transformers model folder ({str(e).splitlines()[0][:200]})") from None
+            raise ClipkdError(f"hf:{name}: not a transformers model folder ({first_line(e, 200)})") from None
         from huggingface_hub.constants import HF_HUB_CACHE
 
         raise ClipkdError(
@@ -57,7 +57,7 @@ def load_hf(name: str) -> tuple[Any, Any, Any]:
         tokenizer = tf.AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise ClipkdError(f"hf:{name}: cannot load its weights, image processor or tokenizer: "
-                          f"{str(e).splitlines()[0][:300]}") from None
+                          f"{first_line(e, 300)}") from None
     return model.float(), processor, tokenizer
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..data.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
-from ..errors import ClipkdError
+from ..errors import ClipkdError, first_line
 from .base import ClipModel
 from .factory import register_backend
 
@@ -59,7 +59,7 @@ class ModelScopeTeacher(ClipModel):
             wrapper = Model.from_pretrained(name)
         except Exception as e:  # noqa: BLE001 - the hub client raises many kinds; all mean "not available"
             cache = os.environ.get("MODELSCOPE_CACHE", "~/.cache/modelscope/hub")
-            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e, 200)
             raise ClipkdError(f"modelscope:{name}: cannot load it ({first}); it is not in the ModelScope cache "
                               f"({cache}) and cannot be downloaded here: download it elsewhere "
                               f"(modelscope download --model {known} --local_dir DIR) and pass modelscope:DIR"

@@ -9,7 +9,7 @@ import open_clip
 import torch
 
 from ..data.preprocess import PreprocessConfig
-from ..errors import ClipkdError
+from ..errors import ClipkdError, first_line
 from ..fileio import write_torch
 from .base import ClipModel, file_fingerprint
 from .factory import register_backend
@@ -55,8 +55,8 @@ def create_openclip(model_name: str, pretrained: str | None, device: torch.devic
         model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained_arg, device=device
         )
-    except (RuntimeError, AssertionError, KeyError, ValueError) as e:
-        msg = (str(e).splitlines() or [type(e).__name__])[0][:300]
+    except Exception as e:  # noqa: BLE001 - any failure to build or read the weights is a one-line error
+        msg = first_line(e)
         if is_file:
             raise ClipkdError(
                 f"checkpoint {pretrained} does not fit open_clip model {model_name}: {msg}"
@@ -102,7 +102,12 @@ class OpenClipTeacher(ClipModel):
         return f"open_clip:{self.model_name}@{path}"
 
 
-@register_backend("open_clip")
+def _no_weights(rest: str) -> bool:
+    """``MODEL`` or ``MODEL@``: no tag, no file, no explicit ``@random`` (``hf-hub:``/``local-dir:`` carry weights)."""
+    return not rest.startswith(("hf-hub:", "local-dir:")) and rest.partition("@")[2] == ""
+
+
+@register_backend("open_clip", no_weights=_no_weights)
 def _load(rest: str, device: torch.device, precision: str) -> ClipModel:
     model_name, pretrained = parse_spec(rest)
     return OpenClipTeacher(model_name, pretrained, device, precision)

@@ -17,7 +17,8 @@ from ..fileio import write_json
 from ..students.losses import kd_needs_text
 from .distill import TrainResult
 from .modules import ClipModule
-from .trainer import TrainerSettings, check_logger, fit
+from .runs import check_run, claim_run, run_recipe
+from .trainer import TrainerSettings, check_train_config, fit, skipped_images
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def clip_train(
     val_captions: str | Path | None = None,
     device: str = "auto",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train ``cfg.model`` on captioned images; the result's ``spec`` loads the trained model.
 
@@ -85,19 +87,23 @@ def clip_train(
     ``teacher`` for its text tower. With validation data, retrieval metrics are logged each epoch
     and the best epoch (image→image mAP@10 when images have class folders, else mean recall) is
     the one saved. Weights go to ``out`` in the backend's own format (``open_clip_model.pt`` or
-    ``cn_clip_model.pt``); ``out/run.json`` records the recipe and the spec.
+    ``cn_clip_model.pt``); ``out/run.json`` records the recipe and the spec. ``out`` resumes a killed run of
+    the same recipe; another recipe there is refused unless ``overwrite``.
     """
     from ..teachers import load_clip, load_teacher
 
     out = Path(out)
     distilling = teacher is not None or store is not None
     needs_text = distilling and kd_needs_text(cfg.kd_loss)
-    check_logger(cfg.logger)
+    check_train_config(cfg)
     if needs_text and teacher is None:
         raise ClipkdError(f"the {cfg.kd_loss} loss compares image–text similarities: pass --teacher SPEC (its text "
                           "tower embeds the captions once; image embeddings may still come from --store)")
     if cfg.freeze_image and cfg.freeze_text:
         raise ClipkdError("freezing both towers leaves nothing to train")
+    recipe = run_recipe("clip-train", cfg, images=images, captions=captions, teacher=teacher, store=store,
+                        val_images=val_images, val_captions=val_captions)
+    check_run(out, recipe, overwrite)
     source = load_caption_source(images, captions)
     torch.manual_seed(cfg.seed)
     student = load_clip(cfg.model)
@@ -121,7 +127,8 @@ def clip_train(
         if source.tsv is not None:
             raise ClipkdError("an embedding store is built from an image folder; with TSV images use --teacher")
         paths = sorted(source.pairs)
-        found = EmbeddingStore(store).targets(paths, t.identity if t is not None else None, "captioned images")
+        found = EmbeddingStore(store).targets(paths, t.identity if t is not None else None, "captioned images",
+                                              root=source.root)
         if len(found.keep) < len(paths):
             source = replace(source, pairs={paths[i]: source.pairs[paths[i]] for i in found.keep.tolist()})
         targets = found.targets
@@ -145,27 +152,27 @@ def clip_train(
                         teacher_scale=t.logit_scale if t is not None else 100.0, targets=targets,
                         teacher_text=teacher_text, freeze_image=cfg.freeze_image, freeze_text=cfg.freeze_text,
                         val_texts=val_texts, val_owner=val_owner, val_labels=val_labels)
-    trainer = fit(module, loader, out, cfg.epochs, val=val, monitor=monitor, device=device, settings=cfg,
-                  accumulate=cfg.accumulate, progress=progress)
-    best = out / "checkpoints" / "best.ckpt"
-    if monitor and best.is_file():
-        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
-    module.cpu()
-    spec = student.save(out)
-    if module.skipped:
-        log.warning("%d image visit(s) could not be decoded and were skipped", module.skipped)
-    info: dict[str, Any] = {
-        "train": asdict(cfg), "spec": spec, "images": len(dataset),
-        "distillation": {"teacher": t.identity if t is not None else None, "store": str(store) if store else None,
-                         "source": "online" if online else ("store" if store else None),
-                         "loss": cfg.kd_loss if distilling else None, "weight": cfg.kd_weight if distilling else 0,
-                         "projection": module.proj is not None},
-        "skipped_images": module.skipped,
-    }
-    if monitor:
-        cb = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == monitor]
-        info["best"] = {"monitor": monitor, "score": float(cb[0].best_model_score) if cb and
-                        cb[0].best_model_score is not None else None}
-    write_json(out / "run.json", info)
+    with claim_run(out, recipe, overwrite):
+        trainer = fit(module, loader, out, cfg.epochs, val=val, monitor=monitor, device=device, settings=cfg,
+                      accumulate=cfg.accumulate, progress=progress)
+        best = out / "checkpoints" / "best.ckpt"
+        if monitor and best.is_file():
+            module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+        module.cpu()
+        spec = student.save(out)
+        skipped = skipped_images(trainer, loader)
+        info: dict[str, Any] = {
+            "train": asdict(cfg), "spec": spec, "images": len(dataset) - len(skipped),
+            "distillation": {"teacher": t.identity if t is not None else None, "store": str(store) if store else None,
+                             "source": "online" if online else ("store" if store else None),
+                             "loss": cfg.kd_loss if distilling else None,
+                             "weight": cfg.kd_weight if distilling else 0, "projection": module.proj is not None},
+            "skipped_images": len(skipped), "skipped": skipped[:1000],
+        }
+        if monitor:
+            cb = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == monitor]
+            info["best"] = {"monitor": monitor, "score": float(cb[0].best_model_score) if cb and
+                            cb[0].best_model_score is not None else None}
+        write_json(out / "run.json", info)
     return TrainResult(out, Path(spec.split("@", 1)[1]) if "@" in spec else Path(spec.split(":", 1)[1]), spec=spec,
-                       train_images=len(dataset), skipped_images=module.skipped, best=info.get("best"))
+                       train_images=len(dataset) - len(skipped), skipped_images=len(skipped), best=info.get("best"))

@@ -21,9 +21,10 @@ from ..fileio import write_json
 from ..prompts import TextEmbeddings
 from ..store import EmbeddingStore
 from ..students.losses import EMBEDDING_LOSSES, check_terms, term_needs
-from ..students.model import StudentConfig, augment_ops, save_student, student_transform
+from ..students.model import StudentConfig, augment_ops, check_student_arch, save_student, student_transform
 from .modules import StudentModule
-from .trainer import TrainerSettings, check_logger, fit
+from .runs import check_run, claim_run, run_recipe
+from .trainer import TrainerSettings, check_logger, check_train_config, fit, skipped_images
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,7 @@ def _seen_images(images: str | Path, split_path: str | Path | None) -> tuple[Lab
     data = load_labelled(images)
     if split_path is None:
         return data, list(data.classnames)
-    split = load_split(split_path)
-    missing = [c for c in split.seen if c not in data.classnames]
-    if missing:
-        raise ClipkdError(f"split file {split_path} names {len(missing)} seen class(es) with no folder in "
-                          f"{images}: {missing[:5]}")
+    split = load_split(split_path, data.classnames, data.aliases, seen_only=True)
     seen = list(split.seen)
     return data.subset(set(seen)), seen
 
@@ -101,16 +98,19 @@ def _label_map(classnames: list[str], trained: list[str]) -> torch.Tensor:
 
 
 def _fit_and_save(module: StudentModule, dataset: ImageDataset, out: Path, cfg: TrainConfig, device: str,
-                  progress: bool, info: dict[str, Any]) -> TrainResult:
+                  progress: bool, info: dict[str, Any], recipe: dict[str, Any], overwrite: bool) -> TrainResult:
     """The part every student run shares: loader, the one training loop, ``student.pt`` + ``run.json``."""
     loader = make_loader(dataset, cfg.batch_size, shuffle=True, workers=cfg.workers, drop_last=True, seed=cfg.seed)
     if len(loader) == 0:
         raise ClipkdError(f"{len(dataset)} training images is fewer than one batch of {cfg.batch_size}")
-    fit(module, loader, out, cfg.epochs, device=device, settings=cfg, progress=progress)
-    info = {"train": asdict(cfg), **info, "train_images": len(dataset)}
-    path = save_student(out / "student.pt", module.student.cpu(), extra=info)
-    write_json(out / "run.json", {**info, "student": asdict(module.student.cfg)})
-    return TrainResult(out, path, train_images=len(dataset))
+    with claim_run(out, recipe, overwrite):
+        trainer = fit(module, loader, out, cfg.epochs, device=device, settings=cfg, progress=progress)
+        skipped = skipped_images(trainer, loader)
+        info = {"train": asdict(cfg), **info, "train_images": len(dataset) - len(skipped),
+                "skipped_images": len(skipped), "skipped": skipped[:1000]}
+        path = save_student(out / "student.pt", module.student.cpu(), extra=info)
+        write_json(out / "run.json", {**info, "student": asdict(module.student.cfg)})
+    return TrainResult(out, path, train_images=len(dataset) - len(skipped), skipped_images=len(skipped))
 
 
 def distill(
@@ -126,6 +126,7 @@ def distill(
     vocab: str | Path | None = None,
     extra_images: str | Path | None = None,
     extra_store: str | Path | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train an embedding student on the seen classes of ``images``.
 
@@ -135,6 +136,8 @@ def distill(
     logit scale. ``vocab``: more text embeddings (e.g. generic nouns, from ``embed-text``) that widen the
     ``vocab`` term's vocabulary. ``extra_images``: an unlabelled pool (folder or list) trained on with
     teacher targets only — from ``extra_store`` (its embed-images store), or online with ``teacher``.
+    ``out`` resumes a killed run of the same recipe; a run of another recipe there is refused unless
+    ``overwrite`` (see :mod:`clipkd.training.runs`).
     """
     out = Path(out)
     EMBEDDING_LOSSES.entry(cfg.loss)
@@ -160,6 +163,15 @@ def distill(
         raise ClipkdError("--mix trains on teacher targets of mixed images; drop the label term (use vocab)")
     if extra_images is not None and store is not None and extra_store is None:
         raise ClipkdError("--extra-images with --store needs --extra-store (the pool's embed-images store)")
+    check_train_config(cfg)
+    check_student_arch(cfg.student)
+    if teacher is not None:
+        from ..teachers.factory import check_teacher_spec
+
+        check_teacher_spec(teacher)
+    recipe = run_recipe("distill", cfg, images=images, store=store, teacher=teacher, text=text, split=split,
+                        vocab=vocab, extra_images=extra_images, extra_store=extra_store)
+    check_run(out, recipe, overwrite)
     data, seen = _seen_images(images, split)
     torch.manual_seed(cfg.seed)
 
@@ -173,15 +185,16 @@ def distill(
     if store is not None:
         st = EmbeddingStore(store)
         identity, dim, pre = st.teacher, st.embed_dim, PreprocessConfig.from_dict(st.manifest["preprocess"])
-        found = st.targets(data.paths)
+        found = st.targets(data.paths, root=data.root)
         if len(found.keep) < len(data.paths):
             keep = found.keep.tolist()
             data = LabelledImages(data.root, [data.paths[i] for i in keep], [data.labels[i] for i in keep],
-                                  data.classnames)
+                                  data.classnames, data.folders)
         targets = found.targets
         if extra_images is not None:
             extra = load_labelled_or_plain(extra_images)
-            got = EmbeddingStore(extra_store).targets(extra.paths, teacher=identity, what="pool images")
+            got = EmbeddingStore(extra_store).targets(extra.paths, teacher=identity, what="pool images",
+                                                      root=extra.root)
             extra_paths = [str(extra.root / extra.paths[i]) for i in got.keep.tolist()]
             targets = torch.cat([targets, got.targets])
     else:
@@ -233,7 +246,7 @@ def distill(
     dataset = ImageDataset(data.root, paths, transform, labels=labels)
     return _fit_and_save(module, dataset, out, cfg, device, progress,
                          {"seen_classes": seen, "targets": "store" if store else "online",
-                          "extra_images": len(paths) - len(data.paths)})
+                          "extra_images": len(paths) - len(data.paths)}, recipe, overwrite)
 
 
 def train_supervised(
@@ -243,10 +256,15 @@ def train_supervised(
     split: str | Path | None = None,
     device: str = "auto",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
     """The normal-training baseline: the same backbone with a classification head on the seen classes."""
     out = Path(out)
     check_logger(cfg.logger)
+    check_train_config(cfg)
+    check_student_arch(cfg.student)
+    recipe = run_recipe("train-supervised", cfg, images=images, split=split)
+    check_run(out, recipe, overwrite)
     data, seen = _seen_images(images, split)
     torch.manual_seed(cfg.seed)
     scfg = StudentConfig(arch=cfg.student, out_dim=len(seen), kind="classifier",
@@ -254,4 +272,4 @@ def train_supervised(
     module = StudentModule(scfg, _label_map(data.classnames, seen), lr=cfg.lr, weight_decay=cfg.weight_decay,
                            warmup=cfg.warmup)
     dataset = ImageDataset(data.root, data.paths, student_transform(scfg, cfg.augment), labels=data.labels)
-    return _fit_and_save(module, dataset, out, cfg, device, progress, {"seen_classes": seen})
+    return _fit_and_save(module, dataset, out, cfg, device, progress, {"seen_classes": seen}, recipe, overwrite)

@@ -181,7 +181,6 @@ class ClipModule(OptimMixin, L.LightningModule):
                 p.requires_grad_(False)
         self.val_texts, self.val_owner, self.val_labels = val_texts, val_owner, val_labels
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.skipped = 0
 
     def on_train_epoch_start(self) -> None:
         if self.freeze_image:  # frozen towers keep their normalisation statistics
@@ -190,7 +189,6 @@ class ClipModule(OptimMixin, L.LightningModule):
                     m.eval()
 
     def training_step(self, batch: dict[str, Any], _: int) -> torch.Tensor | None:
-        self.skipped += len(batch["skipped"])
         if batch["image"] is None:
             return None
         images = batch["image"]

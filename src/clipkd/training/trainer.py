@@ -15,12 +15,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
-from ..errors import ClipkdError
+from ..errors import ClipkdError, Interrupted, first_line
 from .recipe import Recipe
 
 LOGGERS = ("csv", "tensorboard", "wandb")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,6 +108,24 @@ def cosine_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def check_train_config(cfg: Any) -> None:
+    """One place for the settings every training recipe shares: one-line errors before any work starts."""
+    for name, low in (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("num_nodes", 1)):
+        value = getattr(cfg, name, None)
+        if value is not None and (not isinstance(value, int) or value < low):
+            raise ClipkdError(f"--{name.replace('_', '-')} must be an integer ≥ {low}, got {value!r}")
+    workers = getattr(cfg, "workers", None)
+    if workers is not None and (not isinstance(workers, int) or workers < 0):
+        raise ClipkdError(f"--workers must be an integer ≥ 0, got {workers!r}")
+    for name in ("lr",):
+        value = getattr(cfg, name, None)
+        if value is not None and not value > 0:
+            raise ClipkdError(f"--{name} must be > 0, got {value!r}")
+    if getattr(cfg, "weight_decay", 0) < 0:
+        raise ClipkdError(f"--weight-decay must be ≥ 0, got {cfg.weight_decay!r}")
+    check_logger(getattr(cfg, "logger", "csv"))
+
+
 class EpochThroughput(Callback):
     """Logs ``img_per_s``: images per second of each epoch, from the end of its first batch to its last.
 
@@ -133,6 +153,39 @@ class EpochThroughput(Callback):
             module.log("img_per_s", self.last, on_epoch=True)
 
 
+class SkippedImages(Callback):
+    """Counts and names the training images the loader could not decode (each image once, over all epochs), and
+    the batches that really trained (kept in the checkpoint, so a resumed finished run still knows it trained)."""
+
+    def __init__(self) -> None:
+        self.index: set[int] = set()
+        self.trained = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, idx: int) -> None:
+        self.index.update(int(i) for i, _ in batch.get("skipped", ()))
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, idx: int) -> None:
+        if batch.get("image") is not None:  # a batch with no decodable image trains nothing
+            self.trained += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"trained": self.trained, "skipped": sorted(self.index)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trained = int(state.get("trained", 0))
+        self.index.update(state.get("skipped", []))
+
+    def names(self, dataset: Any) -> list[str]:
+        paths = getattr(dataset, "paths", None)
+        return [str(paths[i]) if paths is not None else f"#{i}" for i in sorted(self.index)]
+
+
+def skipped_images(trainer: L.Trainer, loader: DataLoader) -> list[str]:
+    """The training images of ``loader`` that could not be decoded during ``fit`` (logged by :func:`fit`)."""
+    cb = next((c for c in trainer.callbacks if isinstance(c, SkippedImages)), None)
+    return cb.names(loader.dataset) if cb is not None else []
+
+
 def fit(
     module: L.LightningModule,
     train: DataLoader,
@@ -153,12 +206,20 @@ def fit(
     curve PNG (``out/training_curves.png``). With ``monitor`` (a logged validation metric, higher
     is better) the best epoch is kept as ``checkpoints/best.ckpt``. ``settings``: devices, nodes,
     strategy, precision and logger (see :class:`TrainerSettings`).
+
+    Raises :class:`Interrupted` when the run is stopped (SIGTERM from a scheduler or ``timeout``, Ctrl+C)
+    — never a silent success — and a one-line error when no training step ran (every batch undecodable).
+    Images the loader could not decode are counted and named (:func:`skipped_images`).
     """
-    out = Path(out)
+    if epochs < 1:
+        raise ClipkdError(f"--epochs must be at least 1, got {epochs}")
+    out = Path(out).resolve()  # checkpoints record absolute paths: the run folder works from any directory
     settings = settings or TrainerSettings()
     accelerator, devices = accelerator_and_devices(device, settings.devices)
-    callbacks: list = [EpochThroughput(), ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_last=False,
-                                       every_n_epochs=1, save_top_k=1, enable_version_counter=False)]
+    skipped = SkippedImages()
+    callbacks: list = [EpochThroughput(), skipped,
+                       ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_last=False, every_n_epochs=1,
+                                       save_top_k=1, enable_version_counter=False)]
     if monitor:
         callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor,
                                          mode="max", save_top_k=1, enable_version_counter=False))
@@ -184,6 +245,8 @@ def fit(
     )
     last = out / "checkpoints" / "last.ckpt"
     ckpt = str(last) if resume and last.is_file() else None
+    if ckpt is not None:
+        _check_checkpoint(last)
     _keep_previous_logs(out / "logs", resuming=ckpt is not None)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -191,11 +254,37 @@ def fit(
         warnings.filterwarnings("ignore", message=".*Experiment logs directory.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*")
-        trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt)
+        try:
+            trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt)
+        except SIGTERMException:
+            raise Interrupted("interrupted (SIGTERM); re-run the same command to resume from the last "
+                              f"finished epoch ({out / 'checkpoints' / 'last.ckpt'})", exit_code=143) from None
+        except SystemExit as e:  # Lightning turns Ctrl+C into sys.exit(1)
+            raise Interrupted("interrupted; re-run the same command to resume from the last finished epoch",
+                              exit_code=130) from e
+    names = skipped.names(train.dataset)
+    if names:
+        log.warning("%d training image(s) could not be decoded and were skipped, e.g. %s", len(names), names[:5])
+    if skipped.trained == 0 and (ckpt is None or trainer.global_step == 0):
+        raise ClipkdError(f"no training step ran ({len(names)} of {len(train.dataset)} images could not be decoded"
+                          f"{', e.g. ' + str(names[:3]) if names else ''}); no model was written")
     from ..evaluation.plots import plot_training_curves
 
     plot_training_curves(sorted((out / "logs").glob("metrics*.csv")), out / "training_curves.png")
     return trainer
+
+
+def _check_checkpoint(path: Path) -> None:
+    """A one-line error for a damaged resume checkpoint (torch checkpoints are zip files: a truncated one has lost
+    its central directory, found without reading the weights)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.getinfo(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    except (zipfile.BadZipFile, StopIteration, OSError) as e:
+        raise ClipkdError(f"resume checkpoint {path} is damaged ({first_line(e)}); delete it to start the run over, "
+                          "or re-run with --overwrite") from None
 
 
 def _keep_previous_logs(logs: Path, resuming: bool) -> None:

@@ -1,0 +1,123 @@
+"""Run folders: one recipe per folder, one writer at a time.
+
+A training command writes ``recipe.json`` (its settings and the identity of its inputs) into ``--out`` before
+it trains. Re-running into the same folder resumes only when the recipe matches; another recipe is refused
+with the differences named (or, with ``overwrite``, the old run's files are removed first), so a sweep that
+reuses ``--out`` cannot relabel an old model with new settings. Settings that do not change the model being
+trained (devices, precision, logger, loader workers) may change between a run and its resumption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ClipkdError
+from ..fileio import check_out_dir, exclusive, read_json, write_json
+
+log = logging.getLogger(__name__)
+RECIPE = "recipe.json"
+# settings a run may change when it resumes: where and how it runs, not what it trains
+RUNTIME_KEYS = frozenset({"devices", "num_nodes", "strategy", "precision", "logger", "workers"})
+# what a training command writes into its folder (removed by --overwrite); nothing else is touched
+RUN_OUTPUTS = ("checkpoints", "logs", RECIPE, "run.json", "student.pt", "training_curves.png",
+               "open_clip_model.pt", "cn_clip_model.pt")
+
+
+def input_identity(path: str | Path | None) -> Any:
+    """What identifies an input: its absolute path, plus its size for a file (a store: its teacher and rows)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        return str(path)  # a teacher spec, not a file
+    ident: dict[str, Any] = {"path": str(p.resolve())}
+    if p.is_file():
+        ident["bytes"] = p.stat().st_size
+    elif (p / "manifest.json").is_file():
+        m = read_json(p / "manifest.json", "store manifest")
+        ident |= {"teacher": m.get("teacher"), "rows": m.get("count")}
+    return ident
+
+
+def run_recipe(command: str, cfg: Any, **inputs: Any) -> dict[str, Any]:
+    """The identity of a run: the command, its settings (runtime-only ones left out) and its inputs."""
+    settings = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
+    settings = {k: v for k, v in settings.items() if k not in RUNTIME_KEYS}
+    recipe = {"command": command, "settings": settings,
+              "inputs": {k: input_identity(v) for k, v in inputs.items() if v is not None}}
+    return json.loads(json.dumps(recipe, default=str))
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} → {b!r}")
+    return out
+
+
+def check_run(out: str | Path, recipe: dict[str, Any], overwrite: bool = False) -> bool:
+    """Before any work: may a run with ``recipe`` write into ``out``? Returns whether it would resume.
+
+    Raises a one-line error when ``out`` is a file or not writable, or holds a run with another recipe (unless
+    ``overwrite``), or a run of an older clipkd that recorded none.
+    """
+    out = Path(out)
+    if out.exists():
+        check_out_dir(out, "run folder")
+        with exclusive(out, "run folder"):  # in use by another process: say so now, not after loading a teacher
+            pass
+    if overwrite or not out.is_dir():
+        return False
+    return _matches(out, recipe)
+
+
+def _matches(out: Path, recipe: dict[str, Any]) -> bool:
+    old_file = out / RECIPE
+    if old_file.is_file():
+        old = read_json(old_file, "run recipe")
+        if old == recipe:
+            return (out / "checkpoints" / "last.ckpt").is_file()
+        diff = _differences(old, recipe)
+        raise ClipkdError(f"{out} holds a run with other settings ({'; '.join(diff[:4])}"
+                          f"{'; …' if len(diff) > 4 else ''}); use another --out, or --overwrite to replace it")
+    legacy = out / "run.json"
+    if legacy.is_file():  # a run of clipkd before recipe.json: its run.json has the settings, not the inputs
+        train = read_json(legacy, "run record").get("train")
+        settings = {k: v for k, v in (train or {}).items() if k not in RUNTIME_KEYS}
+        if train is not None and json.loads(json.dumps(settings, default=str)) == recipe["settings"]:
+            log.warning("%s was made by an older clipkd that did not record its inputs; resuming it on its "
+                        "settings alone", out)
+            return (out / "checkpoints" / "last.ckpt").is_file()
+    if any((out / name).exists() for name in ("checkpoints", "run.json", "student.pt")):
+        raise ClipkdError(f"{out} holds a run with other settings, or one that recorded none; use another --out, "
+                          "or --overwrite to replace it")
+    return False
+
+
+@contextmanager
+def claim_run(out: str | Path, recipe: dict[str, Any], overwrite: bool = False) -> Iterator[bool]:
+    """Hold ``out`` for this run (a lock; a second process gets a one-line error), check the recipe again under
+    the lock, clear an old run when ``overwrite``, write ``recipe.json``; yields whether the run resumes."""
+    out = Path(out)
+    with exclusive(out, "run folder"):
+        if overwrite:
+            for name in RUN_OUTPUTS:
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        resuming = _matches(out, recipe)
+        write_json(out / RECIPE, recipe)
+        yield resuming

@@ -1,0 +1,350 @@
+"""Nothing silently wrong: each way a user could get a wrong result with exit code 0 is refused or made right."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipkd.cli import main
+from clipkd.data.folders import scan_image_folder
+from clipkd.data.loader import load_rgb
+from clipkd.data.splits import load_split
+from clipkd.errors import ClipkdError
+from clipkd.fileio import exclusive
+from clipkd.store import EmbeddingStore, embed_images
+from clipkd.training.distill import TrainConfig, distill, train_supervised
+
+from .conftest import FakeTeacher, write_image
+
+CLI = [sys.executable, "-m", "clipkd.cli"]
+SMALL = TrainConfig(student="resnet10t", epochs=1, batch_size=8, lr=1e-3, image_size=32, workers=0)
+
+
+def _env() -> dict[str, str]:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+
+
+def _folder(root: Path, n: int = 12, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16 + i % 3, 20, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
+    return root
+
+
+def _exit_code(args: list[str]) -> int:
+    """``main(args)``'s exit code, argparse's usage errors included."""
+    try:
+        return main(args)
+    except SystemExit as e:
+        return int(e.code)
+
+
+# --- 1. concurrent writers -------------------------------------------------------------------------------------------
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    code = ("import sys; from clipkd.fileio import exclusive\n"
+            f"with exclusive({str(folder)!r}):\n    print('locked', flush=True); sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         env=_env())
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_second_writer_of_a_store_is_refused_and_two_racing_writers_lose_nothing(tmp_path):
+    imgs = _folder(tmp_path / "imgs", n=40)
+    teacher = tmp_path / "teacher"
+    from clipkd.teachers import load_clip
+
+    spec = load_clip("open_clip:clipkd-micro").save(teacher)
+    store = tmp_path / "store"
+    holder = _hold_lock(store)  # another process is writing this store
+    try:
+        r = subprocess.run([*CLI, "embed-images", "--teacher", spec, "--images", str(imgs), "--out", str(store),
+                            "--device", "cpu", "--workers", "0"], capture_output=True, text=True, env=_env())
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert r.returncode == 2 and "in use by another clipkd process" in r.stderr, r.stderr
+    # two real writers at once, small shards: whichever order they run in, no row is lost or doubled
+    cmd = [*CLI, "embed-images", "--teacher", spec, "--images", str(imgs), "--out", str(store), "--device", "cpu",
+           "--workers", "0", "--shard-size", "4", "--batch-size", "4"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+             for _ in range(2)]
+    outs = [(p.wait(), p.stderr.read()) for p in procs]
+    for rc, err in outs:
+        assert rc == 0 or (rc == 2 and "in use by another clipkd process" in err), err
+    assert any(rc == 0 for rc, _ in outs)
+    st = EmbeddingStore(store)
+    assert len(st) == 40 and sorted(st.paths) == sorted(set(st.paths)) and st.embeddings().shape == (40, 64)
+
+
+def test_run_folder_in_use_is_refused(tmp_path, tiny_world):
+    out = tmp_path / "run"
+    holder = _hold_lock(out)
+    try:
+        with pytest.raises(ClipkdError, match="in use by another clipkd process"):
+            train_supervised(tiny_world / "train", out, SMALL, split=tiny_world / "split.json", device="cpu",
+                             progress=False)
+    finally:
+        holder.stdin.close()
+        holder.wait()
+
+
+# --- 2. a store is tied to its images --------------------------------------------------------------------------------
+
+def test_store_refuses_other_images_with_the_same_names(tmp_path):
+    a = _folder(tmp_path / "world" / "train", seed=0)
+    b = _folder(tmp_path / "world" / "test", seed=1)  # same relative names, other pictures (other sizes)
+    for i in range(12):  # make every size differ, as different pictures usually do
+        Image.fromarray(np.zeros((30 + i % 3, 21, 3), np.uint8)).save(b / f"c{i % 2}" / f"{i}.png")
+    st = embed_images(FakeTeacher(), a, tmp_path / "store", workers=0, progress=False)
+    paths = scan_image_folder(b).paths
+    with pytest.raises(ClipkdError, match="holds embeddings of other files"):
+        st.targets(paths, root=b)
+    with pytest.raises(ClipkdError, match="holds embeddings of other files"):
+        embed_images(FakeTeacher(), b, tmp_path / "store", workers=0, progress=False)  # would add nothing
+    # the same images moved elsewhere (a copied folder) are still the store's images
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(a, moved)
+    assert len(st.targets(paths, root=moved).keep) == 12
+    assert EmbeddingStore(tmp_path / "store").sizes().min() > 0
+
+
+# --- 3. re-running into a run folder ---------------------------------------------------------------------------------
+
+def test_rerun_with_other_settings_is_refused_unless_overwrite(tmp_path, tiny_world, fake_teacher):
+    store = embed_images(fake_teacher, tiny_world / "train", tmp_path / "store", workers=0, progress=False).root
+    kw = {"store": store, "split": tiny_world / "split.json", "device": "cpu", "progress": False}
+    out = tmp_path / "run"
+    first = distill(tiny_world / "train", out, SMALL, **kw)
+    before = first.path.stat().st_mtime_ns
+    again = distill(tiny_world / "train", out, SMALL, **kw)  # same recipe: resumes the finished run
+    assert again.path == first.path
+    other = TrainConfig(**{**SMALL.__dict__, "lr": 5e-3})
+    with pytest.raises(ClipkdError, match=r"other settings \(settings.lr: 0.001 → 0.005"):
+        distill(tiny_world / "train", out, other, **kw)
+    store2 = embed_images(FakeTeacher("fake:teacher@v2"), tiny_world / "train", tmp_path / "store2", workers=0,
+                          progress=False).root
+    with pytest.raises(ClipkdError, match="inputs.store"):
+        distill(tiny_world / "train", out, SMALL, **{**kw, "store": store2})
+    assert json.loads((out / "run.json").read_text())["train"]["lr"] == 1e-3  # the old run is untouched
+    distill(tiny_world / "train", out, other, overwrite=True, **kw)
+    assert json.loads((out / "run.json").read_text())["train"]["lr"] == 5e-3
+    assert json.loads((out / "recipe.json").read_text())["settings"]["lr"] == 5e-3
+    assert first.path.stat().st_mtime_ns != before
+    # the same through the CLI, for train-supervised: one line, exit 2
+    base = ["-q", "train-supervised", "--images", str(tiny_world / "train"), "--split", str(tiny_world / "split.json"),
+            "--out", str(tmp_path / "sup"), "--epochs", "1", "--batch-size", "8", "--image-size", "32", "--workers",
+            "0", "--device", "cpu"]
+    assert main(base) == 0
+    assert main([*base, "--lr", "0.01"]) == 2
+
+
+# --- 4. image modes --------------------------------------------------------------------------------------------------
+
+def _reference() -> np.ndarray:
+    y, x = np.mgrid[0:24, 0:32]
+    return np.stack([x * 8, y * 10, (x + y) * 4], -1).astype(np.uint8)
+
+
+def test_every_image_mode_decodes_like_its_8bit_reference(tmp_path):
+    ref = _reference()
+    grey = ref[..., 0]
+    cases: dict[str, tuple[Image.Image, np.ndarray]] = {
+        "i16.png": (Image.fromarray(grey.astype(np.uint16) * 257), grey),  # 16-bit: Pillow's convert clips to white
+        "i32.tif": (Image.fromarray(grey.astype(np.int32) * 257, "I"), grey),
+        "f32.tif": (Image.fromarray(grey.astype(np.float32) / 255.0, "F"), grey),
+        "cmyk.tif": (Image.fromarray(ref).convert("CMYK"), ref),
+        "rgba.png": (Image.fromarray(np.dstack([ref, np.full(grey.shape, 255, np.uint8)]), "RGBA"), ref),
+        "la.png": (Image.fromarray(np.dstack([grey, np.full(grey.shape, 255, np.uint8)]), "LA"), grey),
+    }
+    for name, (img, want) in cases.items():
+        img.save(tmp_path / name)
+        got = np.asarray(load_rgb(tmp_path / name)).astype(int)
+        want3 = np.repeat(want[..., None], 3, -1) if want.ndim == 2 else want
+        assert np.abs(got - want3).max() <= 1, name
+    # transparent pixels show as a viewer shows them on white; palette transparency too
+    rgba = np.dstack([ref, np.zeros(grey.shape, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    assert np.asarray(load_rgb(tmp_path / "clear.png")).min() == 255
+    pal = Image.fromarray(ref).convert("P")
+    pal.info["transparency"] = int(np.asarray(pal)[0, 0])
+    pal.save(tmp_path / "pal.png", transparency=pal.info["transparency"])
+    assert tuple(np.asarray(load_rgb(tmp_path / "pal.png"))[0, 0]) == (255, 255, 255)
+    # EXIF orientation: stored upside down with orientation 3, shown upright
+    flipped = Image.fromarray(ref).rotate(180)
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    flipped.save(tmp_path / "exif.png", exif=exif)
+    assert np.abs(np.asarray(load_rgb(tmp_path / "exif.png")).astype(int) - ref).max() == 0
+
+
+# --- 5. untrained models ---------------------------------------------------------------------------------------------
+
+def test_zero_step_training_is_an_error(tmp_path, tiny_world):
+    with pytest.raises(ClipkdError, match="--epochs must be an integer ≥ 1"):
+        train_supervised(tiny_world / "train", tmp_path / "a", TrainConfig(**{**SMALL.__dict__, "epochs": 0}),
+                         device="cpu", progress=False)
+    broken = tmp_path / "broken"
+    for i in range(16):
+        (broken / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        (broken / f"c{i % 2}" / f"{i}.png").write_bytes(b"not a png")
+    with pytest.raises(ClipkdError, match="no training step ran.*16 of 16 images could not be decoded"):
+        train_supervised(broken, tmp_path / "b", SMALL, device="cpu", progress=False)
+    assert not (tmp_path / "b" / "student.pt").exists()
+
+
+def test_online_teacher_path_counts_and_names_skipped_images(tmp_path, tiny_world, caplog):
+    import shutil
+
+    world = tmp_path / "train"
+    shutil.copytree(tiny_world / "train", world)
+    data = scan_image_folder(world)
+    seen = json.loads((tiny_world / "split.json").read_text())["seen"]
+    bad = world / next(p for p, y in zip(data.paths, data.labels, strict=True) if data.classnames[y] in seen)
+    bad.write_bytes(b"broken")
+    spec = _teacher_file(tmp_path)
+    with caplog.at_level("WARNING"):
+        r = distill(world, tmp_path / "run", SMALL, teacher=spec, split=tiny_world / "split.json", device="cpu",
+                    progress=False)
+    assert r.skipped_images == 1
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["skipped_images"] == 1 and info["skipped"] == [bad.relative_to(world).as_posix()]
+    assert "could not be decoded" in caplog.text
+
+
+def _teacher_file(tmp_path: Path) -> str:
+    from clipkd.teachers import load_clip
+
+    return load_clip("open_clip:clipkd-micro").save(tmp_path / "teacher")
+
+
+# --- 6. a killed job does not report success -------------------------------------------------------------------------
+
+def test_sigterm_exits_nonzero_with_a_resumable_checkpoint(tmp_path, tiny_world):
+    out = tmp_path / "run"
+    cmd = [*CLI, "train-supervised", "--images", str(tiny_world / "train"), "--split", str(tiny_world / "split.json"),
+           "--out", str(out), "--epochs", "200", "--batch-size", "8", "--image-size", "32", "--workers", "0",
+           "--device", "cpu"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "last.ckpt").is_file() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-2000:]
+    assert "interrupted (SIGTERM); re-run the same command to resume" in err
+    assert not (out / "student.pt").exists()
+    import torch
+
+    assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] >= 0
+
+
+# --- 7. a teacher spec without weights --------------------------------------------------------------------------------
+
+def test_teacher_without_weights_is_refused_before_work(tmp_path, tiny_world, capsys):
+    args = ["distill", "--images", str(tiny_world / "train"), "--teacher", "open_clip:clipkd-micro",
+            "--out", str(tmp_path / "r"), "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "names no weights" in err and "@random" in err
+    assert not (tmp_path / "r").exists()
+
+
+# --- 8. class names with hyphens -------------------------------------------------------------------------------------
+
+def test_hyphenated_class_names_and_split_files_by_folder_or_name(tmp_path):
+    for folder in ("t-shirt", "yo-yo", "go_kart"):
+        write_image(tmp_path / "imgs" / folder / "a.png")
+    data = scan_image_folder(tmp_path / "imgs")
+    assert data.classnames == ["go kart", "t-shirt", "yo-yo"]
+    (tmp_path / "split.json").write_text(json.dumps({"seen": ["t-shirt", "go_kart"], "unseen": ["yo-yo"]}))
+    sp = load_split(tmp_path / "split.json", data.classnames, data.aliases)
+    assert sp.seen == ["t-shirt", "go kart"] and sp.unseen == ["yo-yo"]
+    (tmp_path / "bad.json").write_text(json.dumps({"seen": ["tshirt"], "unseen": []}))
+    with pytest.raises(ClipkdError, match="'go_kart' → 'go kart'"):
+        load_split(tmp_path / "bad.json", data.classnames, data.aliases)
+
+
+# --- one-line errors before any work ---------------------------------------------------------------------------------
+
+def test_bad_inputs_are_one_line_errors(tmp_path, tiny_world, capsys):
+    spec = _teacher_file(tmp_path)
+    train = ["distill", "--images", str(tiny_world / "train"), "--teacher", spec, "--device", "cpu"]
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    student_pt = tmp_path / "student.pt"
+    student_pt.write_bytes(b"\x80\x02truncated")
+    cases = [
+        ([*train, "--out", str(tmp_path / "o1"), "--batch-size", "0"], "must be at least 1"),
+        ([*train, "--out", str(tmp_path / "o2"), "--workers", "-1"], "must be 0 or more"),
+        ([*train, "--out", str(tmp_path / "a_file")], "exists and is not a folder"),
+        ([*train, "--out", str(tmp_path / "o3"), "--student", str(student_pt)], "not a file"),
+        ([*train, "--out", str(tmp_path / "o4"), "--student", "open_clip:clipkd-micro@random"], "not a CLIP spec"),
+        (["embed-images", "--teacher", f"open_clip:clipkd-micro@{tmp_path / 'empty.pt'}", "--images",
+          str(tiny_world / "train"), "--out", str(tmp_path / "s"), "--device", "cpu"], "does not fit"),
+        (["embed-images", "--teacher", spec, "--images", str(tiny_world / "train"), "--out",
+          str(tmp_path / "a_file"), "--device", "cpu"], "exists and is not a folder"),
+        (["eval", "--model", str(student_pt), "--images", str(tiny_world / "test"), "--device", "cpu"],
+         "cannot read student checkpoint"),
+        (["eval", "--model", str(tmp_path / "empty.pt"), "--images", str(tiny_world / "test"), "--device", "cpu"],
+         "cannot read student checkpoint"),
+    ]
+    for args, message in cases:
+        assert _exit_code(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        last = err.splitlines()[-1]  # argparse prints its usage above the error line
+        assert message in last and last.startswith("clipkd"), (args, err)
+        assert "Traceback" not in err
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "ro"
+        locked.mkdir()
+        locked.chmod(0o500)
+        assert main([*train, "--out", str(locked / "run")]) == 2
+        assert "cannot create" in capsys.readouterr().err
+
+
+def test_truncated_resume_checkpoint_is_a_one_line_error(tmp_path, tiny_world):
+    out = tmp_path / "run"
+    kw = {"split": tiny_world / "split.json", "device": "cpu", "progress": False}
+    train_supervised(tiny_world / "train", out, SMALL, **kw)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(ClipkdError, match="resume checkpoint .* is damaged"):
+        train_supervised(tiny_world / "train", out, SMALL, **kw)
+
+
+def test_clip_train_run_folder_works_from_another_directory(tmp_path, tiny_world, monkeypatch):
+    from clipkd.training.clip_train import ClipTrainConfig, clip_train
+
+    cfg = ClipTrainConfig(model="open_clip:clipkd-micro", epochs=1, batch_size=16, workers=0)
+    monkeypatch.chdir(tmp_path)
+    first = clip_train(tiny_world / "train", tiny_world / "train" / "captions_en.csv", "run", cfg, device="cpu",
+                       progress=False)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = clip_train(tiny_world / "train", tiny_world / "train" / "captions_en.csv", "../run", cfg, device="cpu",
+                       progress=False)
+    assert again.spec == first.spec and Path(again.spec.split("@", 1)[1]).is_file()
+
+
+def test_exclusive_lock_is_reentrant_across_sequential_uses(tmp_path):
+    with exclusive(tmp_path / "x"):
+        pass
+    with exclusive(tmp_path / "x"):
+        pass
