@@ -35,6 +35,8 @@ METHODS: dict[str, tuple[dict, dict, bool]] = {
     "embed_vocab_cutmix": ({"terms": {"embed": 1.0, "vocab": 1.0}, "mix": "cutmix"}, {}, True),
     "embed_cutmix_half": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5}, {}, True),
     "embed_cutmix_75": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.75}, {}, True),
+    "cutmix_elem": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_mode": "elem"}, {}, True),
+    "cutmix_elem_half": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_mode": "elem", "mix_prob": 0.5}, {}, True),
     "cos_cutmix": ({"terms": {"embed": 1.0}, "loss": "cosine", "mix": "cutmix"}, {}, True),
 }
 

@@ -48,7 +48,8 @@ class TrainConfig(TrainerSettings):
     vocab_scale: float = 0.0  # temperature of the vocab term; 0: the teacher's logit scale
     mix: str = "auto"  # auto (cutmix with an online teacher, none with a store) | none | mixup | cutmix
     mix_alpha: float = 1.0
-    mix_prob: float = 1.0  # fraction of batches mixed (the rest train on plain views)
+    mix_prob: float = 1.0  # fraction of batches (mix_mode batch) or of images (elem) mixed; the rest stay plain
+    mix_mode: str = "batch"  # batch: one ratio and box per batch (timm's default); elem: one per image
     epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
@@ -155,6 +156,8 @@ def distill(
                      "--teacher to embed each mixed image)")
     if cfg.mix_alpha <= 0:
         raise ClipkdError(f"--mix-alpha must be > 0, got {cfg.mix_alpha}")
+    if cfg.mix_mode not in ("batch", "elem"):
+        raise ClipkdError(f"--mix-mode must be batch or elem, got '{cfg.mix_mode}'")
     if not 0.0 <= cfg.mix_prob <= 1.0:
         raise ClipkdError(f"--mix-prob must be in [0, 1], got {cfg.mix_prob}")
     if cfg.mix != "none" and teacher is None:
@@ -241,7 +244,7 @@ def distill(
                            logit_scale=scale, targets=targets, teacher=online, lr=cfg.lr,
                            weight_decay=cfg.weight_decay, warmup=cfg.warmup, vocab=words,
                            vocab_scale=cfg.vocab_scale or scale, mix=cfg.mix, mix_alpha=cfg.mix_alpha,
-                           mix_prob=cfg.mix_prob)
+                           mix_prob=cfg.mix_prob, mix_mode=cfg.mix_mode)
     # Rows of `targets` follow `paths`, so the dataset index is the target row.
     dataset = ImageDataset(data.root, paths, transform, labels=labels)
     return _fit_and_save(module, dataset, out, cfg, device, progress,

@@ -62,10 +62,12 @@ class StudentModule(OptimMixin, L.LightningModule):
         mix: str = "none",
         mix_alpha: float = 1.0,
         mix_prob: float = 1.0,
+        mix_mode: str = "batch",
     ) -> None:
         super().__init__()
         self.student = Student(cfg)
         self.vocab_scale, self.mix, self.mix_alpha, self.mix_prob = vocab_scale, mix, mix_alpha, mix_prob
+        self.mix_mode = mix_mode
         self.terms = dict(terms or {"embed": 1.0}) if cfg.kind == "embedding" else {}
         self.needs = term_needs(self.terms) if self.terms else set()
         self.distance = distance
@@ -80,7 +82,9 @@ class StudentModule(OptimMixin, L.LightningModule):
         if batch["image"] is None:  # every image of the batch was undecodable
             return None
         images = batch["image"]
-        if self.mix != "none" and (self.mix_prob >= 1 or float(torch.rand(())) < self.mix_prob):  # views mixed alike
+        if self.mix != "none" and self.mix_mode == "elem":  # each image its own ratio, box and coin
+            images = mix_views(images, self.mix, self.mix_alpha, per_image=True, prob=self.mix_prob)
+        elif self.mix != "none" and (self.mix_prob >= 1 or float(torch.rand(())) < self.mix_prob):  # views alike
             images = mix_views(images, self.mix, self.mix_alpha)
         student_x = images[0] if isinstance(images, tuple) else images
         out = self.student(student_x)
@@ -103,20 +107,41 @@ class StudentModule(OptimMixin, L.LightningModule):
         return total
 
 
-def mix_views(views: tuple[torch.Tensor, ...], how: str, alpha: float = 1.0) -> tuple[torch.Tensor, ...]:
+def mix_views(views: tuple[torch.Tensor, ...], how: str, alpha: float = 1.0, per_image: bool = False,
+              prob: float = 1.0) -> tuple[torch.Tensor, ...]:
     """Mix each image of a batch with another of the same batch, identically in every view (the student's
     and the teacher's preprocessing of one picture, possibly at different sizes).
 
     ``mixup``: ``λ·a + (1-λ)·b``; ``cutmix``: a box of area ``1-λ`` (relative to each view's size) pasted
-    from ``b``. ``λ ~ Beta(alpha, alpha)``, one per batch, as timm's ``Mixup`` draws it.
+    from ``b``. ``λ ~ Beta(alpha, alpha)``: one per batch, as timm's ``Mixup`` draws it in its default
+    ``batch`` mode, or with ``per_image`` one per image with its own box (timm's ``elem`` mode), each image
+    mixed with probability ``prob`` (the others stay as they are).
     """
     n = len(views[0])
-    perm = torch.randperm(n, device=views[0].device)
+    dev = views[0].device
+    perm = torch.randperm(n, device=dev)
+    if how not in ("mixup", "cutmix"):
+        raise ValueError(f"unknown mix '{how}'")
+    if per_image:
+        lam = torch.distributions.Beta(alpha, alpha).sample((n,)).to(dev)
+        lam = torch.where(torch.rand(n, device=dev) < prob, lam, torch.ones_like(lam))
+        if how == "mixup":
+            return tuple(lam.view(-1, 1, 1, 1) * v + (1 - lam.view(-1, 1, 1, 1)) * v[perm] for v in views)
+        cut = (1 - lam).sqrt()
+        cy, cx = torch.rand(n, device=dev), torch.rand(n, device=dev)
+        out = []
+        for v in views:
+            h, w = v.shape[-2:]
+            ys = (torch.arange(h, device=dev) + 0.5) / h
+            xs = (torch.arange(w, device=dev) + 0.5) / w
+            in_y = (ys[None] >= (cy - cut / 2)[:, None]) & (ys[None] < (cy + cut / 2)[:, None])
+            in_x = (xs[None] >= (cx - cut / 2)[:, None]) & (xs[None] < (cx + cut / 2)[:, None])
+            box = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (n, 1, h, w)
+            out.append(torch.where(box, v[perm], v))
+        return tuple(out)
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     if how == "mixup":
         return tuple(lam * v + (1 - lam) * v[perm] for v in views)
-    if how != "cutmix":
-        raise ValueError(f"unknown mix '{how}'")
     cut = math.sqrt(1 - lam)
     cy, cx = float(torch.rand(())), float(torch.rand(()))
     out = []
