@@ -222,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mix training images; the online --teacher embeds each mixed image (clipkd's GZSL method). "
                    "auto (default): cutmix with --teacher, none with --store")
     p.add_argument("--mix-alpha", type=float, help="Beta(alpha, alpha) of the mixing ratio (default 1)")
-    p.add_argument("--mix-prob", type=float, help="fraction of batches mixed (default 1)")
+    p.add_argument("--mix-prob", type=float, help="fraction of images (or batches) mixed (default 1)")
+    p.add_argument("--mix-mode", choices=["elem", "batch"], help="elem (default): a CutMix box and ratio per image; "
+                   "batch: one per batch")
     p.add_argument("--extra-images", help="an unlabelled image pool (folder or list) trained on with teacher "
                    "targets only")
     p.add_argument("--extra-store", help="the pool's embed-images store (with --store)")
@@ -289,6 +291,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logit-scale", type=float, default=100.0)
     p.add_argument("--out", required=True, help="output .npz")
 
+    p = sub.add_parser("index", help="a FAISS search index over an image collection (build, add, remove)")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    q = isub.add_parser("build", help="embed images with a model into a new (or resumed) index")
+    q.add_argument("--model", required=True, help="clip-train run folder, distilled student (run folder or "
+                   "student.pt), or teacher spec")
+    q.add_argument("--images", required=True, help="image folder (class sub-folders become labels) or path,label list")
+    q.add_argument("--out", required=True, help="index folder; re-running resumes an interrupted build")
+    q.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"],
+                   help="auto (default): exact up to 200k images, HNSW above; its recall@10 is measured and shown")
+    q.add_argument("--text-model", help="for a student: its teacher (spec or clip-train run), for text queries")
+    q.add_argument("--batch-size", type=_count, default=64)
+    q.add_argument("--workers", type=_workers)
+    _device_flags(q)
+    q = isub.add_parser("add", help="embed more images into an index (with the model that built it)")
+    q.add_argument("--index", required=True)
+    q.add_argument("--images", required=True, help="image folder or path,label list")
+    q.add_argument("--batch-size", type=_count, default=64)
+    q.add_argument("--workers", type=_workers)
+    _device_flags(q)
+    q = isub.add_parser("remove", help="drop images from an index")
+    q.add_argument("--index", required=True)
+    q.add_argument("paths", nargs="+", help="image paths as indexed (absolute, or relative to here)")
+
+    p = sub.add_parser("search", help="top-k images of an index for an image or a text query (+ a PNG grid)")
+    p.add_argument("--index", required=True)
+    qq = p.add_mutually_exclusive_group(required=True)
+    qq.add_argument("--image", help="query image file")
+    qq.add_argument("--text", help="query text (the model's text tower, or a student's teacher's)")
+    p.add_argument("--k", type=_count, default=10)
+    p.add_argument("--out", help="write a PNG grid (query, then its results) here")
+    p.add_argument("--text-model", help="for a student index built without one: its teacher, for --text")
+    _device_flags(p)
+
+    p = sub.add_parser("serve", help="an HTTP search service and web page over an index (FastAPI + uvicorn)")
+    p.add_argument("--index", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_count, default=8000)
+    p.add_argument("--no-batch", action="store_true", help="one forward pass per query (no dynamic batching)")
+
+    p = sub.add_parser("select", help="a CLIP-filtered training list: top images per class prompt from an "
+                       "indexed pool")
+    p.add_argument("--index", required=True, help="index of the unlabelled pool")
+    p.add_argument("--prompts", required=True, help="prompts.json (from `clipkd prompts`)")
+    p.add_argument("--per-class", type=_count, default=100)
+    p.add_argument("--min-similarity", type=float, default=0.0)
+    p.add_argument("--duplicate", type=float, default=0.98, help="cosine above which an image is a near-copy of "
+                   "one already chosen (default 0.98)")
+    p.add_argument("--text-model", help="for a student index built without one: its teacher")
+    p.add_argument("--out", required=True, help="path,label,similarity CSV (distill and embed-images read it)")
+    _device_flags(p)
+
     p = sub.add_parser("demo", help="the whole pipeline in the demo world, with a results table")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a small world and short training (about a minute)")
@@ -297,6 +350,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared", help="reuse the world, teacher and store of this folder (e.g. runs/demo)")
     p.add_argument("--device", default="auto")
     return parser
+
+
+@command("index")
+def _index(a: argparse.Namespace) -> None:
+    from .search.index import add_to_index, build_index, remove_from_index
+
+    if a.index_command == "remove":
+        n = remove_from_index(a.index, a.paths)
+        print(f"removed {n} image(s) from {a.index}")
+        return
+    if a.index_command == "build":
+        idx = build_index(a.model, a.images, a.out, a.kind, a.text_model, a.device, a.batch_size, a.workers)
+    else:
+        idx = add_to_index(a.index, a.images, a.device, a.batch_size, a.workers)
+    i = idx.info
+    print(f"index {idx.root}: {i['rows']} images ({i['skipped']} skipped), {i['kind']}, recall@10 vs exact "
+          f"{i['recall@10']:.3f}, model {i['identity']}")
+
+
+@command("search")
+def _search(a: argparse.Namespace) -> None:
+    from .data.loader import load_rgb
+    from .search.index import SearchIndex
+
+    idx = SearchIndex(a.index)
+    idx.load_encoder(text_model=a.text_model, device=a.device)
+    hits = idx.search(image=a.image, text=a.text, k=a.k)
+    for rank, h in enumerate(hits, 1):
+        print(f"{rank:3d}  {h['score']:.4f}  {h['path']}" + (f"  [{h['label']}]" if h["label"] else ""))
+    if a.out:
+        from .evaluation.plots import plot_search_grid
+
+        query = load_rgb(a.image) if a.image else None
+        print(f"grid -> {plot_search_grid(query, a.text or a.image, hits, load_rgb, a.out)}")
+
+
+@command("serve")
+def _serve(a: argparse.Namespace) -> None:
+    from .search.service import serve
+
+    serve(a.index, a.host, a.port, batch=not a.no_batch)
+
+
+@command("select")
+def _select(a: argparse.Namespace) -> None:
+    from .search.select import select_images
+
+    sel = select_images(a.index, a.prompts, a.out, a.per_class, a.min_similarity, a.duplicate, a.text_model,
+                        a.device)
+    total = sum(len(v) for v in sel.chosen.values())
+    print(f"{total} images for {len(sel.chosen)} classes -> {sel.out}")
 
 
 @command("synth")
@@ -462,6 +566,12 @@ def configure_logging(quiet: bool = False, verbose: bool = False) -> None:
         handler.setFormatter(_Format())
         handler._clipkd_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
+    root = logging.getLogger()
+    if not root.handlers:  # other libraries' warnings, once; without it their first logging.info() call would install
+        other = logging.StreamHandler(sys.stderr)  # a root handler that prints clipkd's records a second time
+        other.setLevel(logging.WARNING)
+        other.addFilter(lambda r: not r.name.startswith("clipkd"))
+        root.addHandler(other)
 
 
 class _Format(logging.Formatter):

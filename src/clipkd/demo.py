@@ -32,6 +32,7 @@ from .training.distill import TrainConfig, distill, train_supervised
 
 log = logging.getLogger(__name__)
 
+OWN = "changed"  # the demo's folders are its own: resume a run of the same recipe, replace one of another
 METHOD = "cutmix_fm"  # the row of clipkd's GZSL method (CutMix function matching)
 
 # Prompt templates for the demo teacher: the phrasing its captions use.
@@ -84,7 +85,8 @@ def _teacher(world: Path, out: Path, cfg: ClipTrainConfig, device: str) -> str:
         if info.get("train") == asdict(cfg) and info.get("world") == read_json(world / "world.json")["config"]:
             log.info("reusing the trained demo teacher in %s", out)
             return info.get("spec") or info["teacher_spec"]
-    spec = clip_train(world / "train", world / "train" / "captions_en.csv", out, cfg, device=device).spec
+    spec = clip_train(world / "train", world / "train" / "captions_en.csv", out, cfg, device=device,
+                      overwrite=OWN).spec
     info = read_json(run, "teacher run")
     info["world"] = read_json(world / "world.json")["config"]
     write_json(run, info)
@@ -133,16 +135,16 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, device: str = "
     runs: dict[str, Path] = {}
     for name, scfg in students.items():
         runs[name] = distill(world / "train", out / "students" / name, scfg, store=store, text=text, split=split,
-                             device=device).path
+                             device=device, overwrite=OWN).path
         _step(f"student '{name}' trained", t0)
     # clipkd's GZSL method: the same student and epochs, on CutMix composites embedded by the online teacher
     runs[METHOD] = distill(world / "train", out / "students" / METHOD, replace(cfg.student, terms={"embed": 1.0},
-                           mix="cutmix"), teacher=spec, text=text, split=split, device=device).path
+                           mix="cutmix"), teacher=spec, text=text, split=split, device=device, overwrite=OWN).path
     _step(f"student '{METHOD}' trained", t0)
     runs["supervised"] = train_supervised(world / "train", out / "students" / "supervised",
                                           replace(cfg.student, image_size=cfg.world.image_size,
                                                   epochs=cfg.baseline_epochs), split=split,
-                                          device=device).path
+                                          device=device, overwrite=OWN).path
     _step("baseline 'supervised' trained", t0)
 
     evals: dict[str, dict[str, Any]] = {}
@@ -243,7 +245,7 @@ def run_retrieval_demo(out: Path, cfg: DemoConfig, rcfg: RetrievalDemoConfig, de
     for name, kw in runs.items():
         scfg = replace(rcfg.student, kd_loss=name if name != "no_kd" else rcfg.student.kd_loss)
         specs[name] = clip_train(world / "train", captions, out / "students" / name, scfg, device=device,
-                                 **kw, **val).spec
+                                 overwrite=OWN, **kw, **val).spec
         _step(f"retrieval student '{name}' trained", t0)
     evals = {}
     for name, model in specs.items():

@@ -298,8 +298,21 @@ def embed_images(
         images, files = listed.root, list(dict.fromkeys(listed.paths))
     else:
         files = list_images(images)
+    return embed_paths(teacher, images, files, out, batch_size, workers, shard_size, progress, max_images, compile)
+
+
+def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path, batch_size: int = 64,
+                workers: int | None = None, shard_size: int = 8192, progress: bool = True,
+                max_images: int | None = None, compile: bool = False) -> EmbeddingStore:
+    """Embed the images ``root/f`` for ``f`` in ``files`` into the store at ``out``: the work behind
+    :func:`embed_images`, for callers that choose the files themselves (the search index keys rows by absolute
+    path, with ``root="/"``)."""
+    root, out = Path(root), Path(out)
+    if batch_size < 1 or shard_size < 1 or (workers is not None and workers < 0):
+        raise ClipkdError(f"batch size and shard size must be ≥ 1 and workers ≥ 0 (got {batch_size}, {shard_size}, "
+                          f"{workers})")
     with exclusive(out, "embedding store"):
-        manifest, done = _open_for_append(teacher.describe(), images, out, shard_size, files)
+        manifest, done = _open_for_append(teacher.describe(), root, out, shard_size, files)
         pending = [f for f in files if f not in done]
         if max_images is not None:
             pending = pending[:max_images]
@@ -309,14 +322,14 @@ def embed_images(
         if compile:
             teacher.compile_image_tower(batch_size)
         draft = max(manifest["preprocess"].get("size") or [0]) or None
-        dataset = ImageDataset(images, pending, teacher.preprocess, draft_size=draft)
+        dataset = ImageDataset(root, pending, teacher.preprocess, draft_size=draft)
         writer = ShardWriter(out, manifest, shard_size)
         for b in iter_encoded(teacher.encode_image, dataset, batch_size, workers, progress, desc="embed-images"):
             for idx, err in b.skipped:
                 writer.skip(pending[idx], err)
             if b.outputs is not None:
                 done_now = [pending[i] for i in b.index]
-                writer.add(b.outputs.numpy(), done_now, [_file_size(images / p) for p in done_now])
+                writer.add(b.outputs.numpy(), done_now, [_file_size(root / p) for p in done_now])
         writer.flush()
         if writer.skipped_count:
             log.warning("%d image(s) could not be decoded and were skipped; listed in %s", writer.skipped_count,

@@ -110,3 +110,28 @@ def plot_retrieval_grid(emb, paths: Sequence[str], labels: Sequence[int], open_i
             ax.set_title(f"{j}", fontsize=7)
     fig.suptitle("Image→image retrieval: query, then top results (green = same label)", fontsize=9)
     return _save(fig, path)
+
+
+def plot_search_grid(query: Any, query_title: str, hits: Sequence[dict], open_image: Callable[[str], Any],
+                     path: str | Path, per_row: int = 6) -> Path:
+    """A query (an image, or ``None`` with a text title) followed by its results, each titled by rank and score."""
+    n = len(hits) + 1
+    rows = (n + per_row - 1) // per_row
+    fig, axes = plt.subplots(rows, per_row, figsize=(1.8 * per_row, 2.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    first = axes.flat[0]
+    if query is not None:
+        first.imshow(query)
+    else:
+        first.text(0.5, 0.5, query_title, ha="center", va="center", wrap=True, fontsize=9)
+    first.set_title("query", fontsize=8)
+    for ax, (rank, hit) in zip(axes.flat[1:], enumerate(hits, 1), strict=False):
+        try:
+            ax.imshow(open_image(hit["path"]))
+        except Exception:  # noqa: BLE001 - a file gone since indexing: leave its cell blank
+            ax.text(0.5, 0.5, "missing", ha="center", va="center", fontsize=8)
+        label = f" {hit['label']}" if hit.get("label") else ""
+        ax.set_title(f"{rank}. {hit['score']:.3f}{label}", fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -78,7 +78,7 @@ def clip_train(
     val_captions: str | Path | None = None,
     device: str = "auto",
     progress: bool = True,
-    overwrite: bool = False,
+    overwrite: bool | str = False,
 ) -> TrainResult:
     """Train ``cfg.model`` on captioned images; the result's ``spec`` loads the trained model.
 

@@ -38,7 +38,8 @@ class TrainConfig(TrainerSettings):
     label term, ``vocab`` = vocabulary-anchored distillation, ``relation`` = the batch's similarity
     structure); ``loss``: the embedding distance the ``embed`` term uses; ``mix``: mixup / cutmix of the
     training images, with the (online) teacher's embedding of each mixed image as its target — clipkd's GZSL
-    method ("CutMix function matching"), on by default (``auto``) whenever the teacher runs online.
+    method ("CutMix function matching": every image its own CutMix box and ratio, ``mix_mode="elem"``), on by
+    default (``auto``) whenever the teacher runs online.
     """
 
     student: str = "resnet18"
@@ -49,7 +50,7 @@ class TrainConfig(TrainerSettings):
     mix: str = "auto"  # auto (cutmix with an online teacher, none with a store) | none | mixup | cutmix
     mix_alpha: float = 1.0
     mix_prob: float = 1.0  # fraction of batches (mix_mode batch) or of images (elem) mixed; the rest stay plain
-    mix_mode: str = "batch"  # batch: one ratio and box per batch (timm's default); elem: one per image
+    mix_mode: str = "elem"  # elem: a ratio and box per image (clipkd's method); batch: one per batch (timm's default)
     epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
@@ -99,7 +100,7 @@ def _label_map(classnames: list[str], trained: list[str]) -> torch.Tensor:
 
 
 def _fit_and_save(module: StudentModule, dataset: ImageDataset, out: Path, cfg: TrainConfig, device: str,
-                  progress: bool, info: dict[str, Any], recipe: dict[str, Any], overwrite: bool) -> TrainResult:
+                  progress: bool, info: dict[str, Any], recipe: dict[str, Any], overwrite: bool | str) -> TrainResult:
     """The part every student run shares: loader, the one training loop, ``student.pt`` + ``run.json``."""
     loader = make_loader(dataset, cfg.batch_size, shuffle=True, workers=cfg.workers, drop_last=True, seed=cfg.seed)
     if len(loader) == 0:
@@ -127,7 +128,7 @@ def distill(
     vocab: str | Path | None = None,
     extra_images: str | Path | None = None,
     extra_store: str | Path | None = None,
-    overwrite: bool = False,
+    overwrite: bool | str = False,
 ) -> TrainResult:
     """Train an embedding student on the seen classes of ``images``.
 
@@ -152,7 +153,7 @@ def distill(
     if cfg.mix == "auto":
         cfg = replace(cfg, mix="cutmix" if teacher is not None and "text" not in term_needs(cfg.terms) else "none")
         if cfg.mix == "none" and teacher is None:
-            log.debug("distilling from a store: no mixing (CutMix function matching, clipkd's GZSL method, needs "
+            log.info("distilling from a store: no mixing (CutMix function matching, clipkd's GZSL method, needs "
                      "--teacher to embed each mixed image)")
     if cfg.mix_alpha <= 0:
         raise ClipkdError(f"--mix-alpha must be > 0, got {cfg.mix_alpha}")
@@ -259,7 +260,7 @@ def train_supervised(
     split: str | Path | None = None,
     device: str = "auto",
     progress: bool = True,
-    overwrite: bool = False,
+    overwrite: bool | str = False,
 ) -> TrainResult:
     """The normal-training baseline: the same backbone with a classification head on the seen classes."""
     out = Path(out)

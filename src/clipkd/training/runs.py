@@ -66,20 +66,26 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def check_run(out: str | Path, recipe: dict[str, Any], overwrite: bool = False) -> bool:
+def check_run(out: str | Path, recipe: dict[str, Any], overwrite: bool | str = False) -> bool:
     """Before any work: may a run with ``recipe`` write into ``out``? Returns whether it would resume.
 
     Raises a one-line error when ``out`` is a file or not writable, or holds a run with another recipe (unless
-    ``overwrite``), or a run of an older clipkd that recorded none.
+    ``overwrite``), or a run of an older clipkd that recorded none. ``overwrite="changed"`` resumes a run of the
+    same recipe and replaces any other (for folders a tool owns, e.g. the demo's and the benchmarks').
     """
     out = Path(out)
     if out.exists():
         check_out_dir(out, "run folder")
         with exclusive(out, "run folder"):  # in use by another process: say so now, not after loading a teacher
             pass
-    if overwrite or not out.is_dir():
+    if overwrite is True or not out.is_dir():
         return False
-    return _matches(out, recipe)
+    try:
+        return _matches(out, recipe)
+    except ClipkdError:
+        if overwrite == "changed":
+            return False
+        raise
 
 
 def _matches(out: Path, recipe: dict[str, Any]) -> bool:
@@ -106,18 +112,30 @@ def _matches(out: Path, recipe: dict[str, Any]) -> bool:
 
 
 @contextmanager
-def claim_run(out: str | Path, recipe: dict[str, Any], overwrite: bool = False) -> Iterator[bool]:
+def claim_run(out: str | Path, recipe: dict[str, Any], overwrite: bool | str = False) -> Iterator[bool]:
     """Hold ``out`` for this run (a lock; a second process gets a one-line error), check the recipe again under
-    the lock, clear an old run when ``overwrite``, write ``recipe.json``; yields whether the run resumes."""
+    the lock, clear an old run when ``overwrite`` (or, with ``"changed"``, when its recipe differs), write
+    ``recipe.json``; yields whether the run resumes."""
     out = Path(out)
     with exclusive(out, "run folder"):
-        if overwrite:
-            for name in RUN_OUTPUTS:
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+        if overwrite == "changed":
+            try:
+                _matches(out, recipe)
+            except ClipkdError as e:
+                log.info("replacing the run in %s: %s", out, e)
+                _clear(out)
+        elif overwrite:
+            _clear(out)
         resuming = _matches(out, recipe)
         write_json(out / RECIPE, recipe)
         yield resuming
+
+
+def _clear(out: Path) -> None:
+    """Remove what a training command wrote into ``out`` (nothing else)."""
+    for name in RUN_OUTPUTS:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()

@@ -1,0 +1,81 @@
+"""``clipkd select``: a CLIP-filtered training set from the user's own pool of unlabelled images (the first
+seed's step 1, which used a public search service): the top images per class prompt, each image at most once."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ClipkdError
+from ..fileio import write_text
+from ..prompts import embed_prompts, read_prompts
+from .index import SearchIndex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Selection:
+    """The chosen images by class, and the classes that got fewer than asked."""
+
+    chosen: dict[str, list[tuple[str, float]]]
+    short: dict[str, int]
+    out: Path
+
+
+def select_images(index_dir: str | Path, prompts: str | Path | dict[str, list[str]], out: str | Path,
+                  per_class: int = 100, min_similarity: float = 0.0, duplicate: float = 0.98,
+                  text_model: str | Path | None = None, device: str | None = "auto") -> Selection:
+    """Pick up to ``per_class`` images per class from an indexed pool and write a ``path,label`` image list.
+
+    Class text embeddings are the template-averaged prompts (``prompts.json`` from ``clipkd prompts``). An image
+    goes to at most one class (the one it matches best among those that want it), needs a similarity of at least
+    ``min_similarity``, and is dropped as a near-duplicate when its embedding has cosine ≥ ``duplicate`` with an
+    image already chosen for the class. ``text_model``: a distilled student index's teacher.
+    """
+    if per_class < 1:
+        raise ClipkdError(f"--per-class must be ≥ 1, got {per_class}")
+    index = SearchIndex(index_dir)
+    prompts = prompts if isinstance(prompts, dict) else read_prompts(prompts)
+    if not prompts:
+        raise ClipkdError("no class prompts given")
+    enc = index.load_encoder(text_model=text_model, device=device)
+    if not enc.has_text:
+        raise ClipkdError(f"{index.identity} has no text tower; select needs one (--text-model for a student index)")
+    text = embed_prompts(enc, prompts)
+    k = min(len(index), per_class * 4 + 16)
+    scores, rows = index.search_vectors(text.embeddings, k)
+    cands = sorted(((float(s), c, int(r)) for c, (srow, rrow) in enumerate(zip(scores, rows, strict=True))
+                    for s, r in zip(srow, rrow, strict=True) if r >= 0 and s >= min_similarity), reverse=True)
+    emb = index.store.embeddings()
+    taken: set[int] = set()
+    chosen: dict[str, list[tuple[str, float]]] = {c: [] for c in text.classnames}
+    vecs: dict[str, list[np.ndarray]] = {c: [] for c in text.classnames}
+    for s, c, r in cands:
+        name = text.classnames[c]
+        if r in taken or len(chosen[name]) >= per_class:
+            continue
+        v = np.asarray(emb[r], dtype=np.float32)
+        if vecs[name] and float(np.max(np.stack(vecs[name]) @ v)) >= duplicate:
+            taken.add(r)  # a near-copy of an image already chosen: not a new example of anything
+            continue
+        taken.add(r)
+        chosen[name].append((index.paths[r], s))
+        vecs[name].append(v)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "label", "similarity"])
+    for name, items in chosen.items():
+        for path, s in items:
+            w.writerow([path, name, f"{s:.4f}"])
+    out = write_text(out, buf.getvalue())
+    short = {c: len(v) for c, v in chosen.items() if len(v) < per_class}
+    if short:
+        log.warning("%d class(es) got fewer than %d images (raise the pool or lower --min-similarity), e.g. %s",
+                    len(short), per_class, dict(list(short.items())[:3]))
+    return Selection(chosen, short, Path(out))

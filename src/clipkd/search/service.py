@@ -1,0 +1,348 @@
+"""``clipkd serve``: an index behind HTTP (FastAPI): JSON search, images, a web page, and clip-retrieval's
+``/knn-service`` protocol.
+
+Image queries from concurrent requests are batched (:class:`Batcher`): one thread runs the model on whatever
+queries arrived within a couple of milliseconds of each other, so 16 clients share forward passes instead of
+queueing 16 single-image ones.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.loader import to_rgb
+from ..errors import ClipkdError
+from .index import SearchIndex
+
+log = logging.getLogger(__name__)
+MAX_UPLOAD = 20 << 20  # bytes of one uploaded image
+MAX_PIXELS = 40_000_000  # pixels of one query image (decompression bombs are refused before decoding)
+MAX_K = 100
+PAGE = Path(__file__).with_name("page.html")
+
+
+class QueryError(Exception):
+    """A bad query: HTTP ``status`` with a one-line ``message``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Bytes → RGB image; 413 for too many pixels (checked from the header, before decoding), 400 otherwise."""
+    if not data:
+        raise QueryError(400, "empty image")
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise QueryError(413, f"image of {w}×{h} pixels is larger than the {max_pixels} allowed")
+        img.load()
+        return to_rgb(img)
+    except QueryError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise QueryError(413, f"image refused: {e}") from None
+    except Exception as e:  # noqa: BLE001 - anything Pillow cannot decode is the client's problem
+        raise QueryError(400, f"cannot decode the image ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+class Batcher:
+    """One worker thread that embeds and searches image queries in batches.
+
+    ``submit`` returns a future; the worker takes the first waiting query, gathers those arriving within
+    ``window_s`` (up to ``max_batch``), runs the model once and FAISS once for all of them.
+    """
+
+    def __init__(self, index: SearchIndex, max_batch: int = 32, window_s: float = 0.002) -> None:
+        self.index, self.max_batch, self.window_s = index, max_batch, window_s
+        self.queue: queue.Queue = queue.Queue()
+        self.batches: list[int] = []  # sizes of the batches run (for the benchmark and tests)
+        self.thread = threading.Thread(target=self._run, name="clipkd-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, image: torch.Tensor, k: int) -> Future:
+        fut: Future = Future()
+        self.queue.put((image, k, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            items = [self.queue.get()]
+            deadline = time.perf_counter() + self.window_s
+            while len(items) < self.max_batch:
+                wait = deadline - time.perf_counter()
+                try:
+                    items.append(self.queue.get(timeout=max(wait, 0)) if wait > 0 else self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                q = self.index.encoder.encode_image(torch.stack([it[0] for it in items])).numpy()
+                scores, rows = self.index.search_vectors(q, max(it[1] for it in items))
+                self.batches.append(len(items))
+                for i, (_, k, fut) in enumerate(items):
+                    fut.set_result(self.index.hits(scores[i][:k], rows[i][:k]))
+            except Exception as e:  # noqa: BLE001 - hand the failure to every waiting request
+                for _, _, fut in items:
+                    if not fut.done():
+                        fut.set_exception(e)
+
+
+class SearchService:
+    """The request handling behind the app, independent of FastAPI (and unit-testable without it)."""
+
+    def __init__(self, index: SearchIndex, max_k: int = MAX_K, batch: bool = True) -> None:
+        if index.encoder is None:
+            index.load_encoder()
+        self.index, self.max_k = index, max_k
+        self.batcher = Batcher(index) if batch else None
+        self.text_lock = threading.Lock()
+
+    def check_k(self, k: Any) -> int:
+        try:
+            k = int(k)
+        except (TypeError, ValueError):
+            raise QueryError(400, f"k must be a whole number, got {k!r}") from None
+        if not 1 <= k <= self.max_k:
+            raise QueryError(400, f"k must be between 1 and {self.max_k}, got {k}")
+        return k
+
+    def by_image(self, img: Image.Image, k: int) -> list[dict[str, Any]]:
+        x = self.index.encoder.preprocess(img)
+        if self.batcher is not None:
+            return self.batcher.submit(x, k).result(timeout=60)
+        q = self.index.encoder.encode_image(x[None]).numpy()
+        scores, rows = self.index.search_vectors(q, k)
+        return self.index.hits(scores[0], rows[0])
+
+    def by_text(self, text: Any, k: int) -> list[dict[str, Any]]:
+        if not isinstance(text, str) or not text.strip():
+            raise QueryError(400, "text must be a non-empty string")
+        if not self.index.encoder.has_text:
+            raise QueryError(400, f"{self.index.identity} has no text tower: search by image")
+        with self.text_lock:
+            q = self.index.encoder.encode_text([text.strip()[:1000]]).numpy()
+        scores, rows = self.index.search_vectors(q, k)
+        return self.index.hits(scores[0], rows[0])
+
+    def by_id(self, row: Any, k: int) -> list[dict[str, Any]]:
+        try:
+            v = self.index.vector(int(row))
+        except (KeyError, TypeError, ValueError):
+            raise QueryError(404, f"no indexed image with id {row!r}") from None
+        scores, rows = self.index.search_vectors(v[None], k)
+        return self.index.hits(scores[0], rows[0])
+
+    def by_vector(self, vec: Any, k: int) -> list[dict[str, Any]]:
+        try:
+            v = np.asarray(vec, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            raise QueryError(400, "embedding_input must be a list of numbers") from None
+        if v.size != self.index.info["embed_dim"] or not np.isfinite(v).all():
+            raise QueryError(400, f"embedding_input must have {self.index.info['embed_dim']} finite numbers")
+        v = v / max(float(np.linalg.norm(v)), 1e-12)
+        scores, rows = self.index.search_vectors(v[None], k)
+        return self.index.hits(scores[0], rows[0])
+
+    def by_json(self, body: Any) -> tuple[list[dict[str, Any]], int]:
+        """``{"text"| "image" (base64) | "id", "k"}`` → results."""
+        if not isinstance(body, dict):
+            raise QueryError(400, "the body must be a JSON object")
+        k = self.check_k(body.get("k", 10))
+        given = [key for key in ("text", "image", "id") if body.get(key) is not None]
+        if len(given) != 1:
+            raise QueryError(400, "give exactly one of text, image (base64) or id")
+        if given[0] == "text":
+            return self.by_text(body["text"], k), k
+        if given[0] == "id":
+            return self.by_id(body["id"], k), k
+        return self.by_image(decode_image(b64decode(body["image"])), k), k
+
+    def image_path(self, row: str) -> Path:
+        """The file of an indexed row; 404 for anything else (never a path from the client)."""
+        if not row.isdigit() or not 0 <= int(row) < len(self.index.paths):
+            raise QueryError(404, "no such image")
+        path = Path(self.index.paths[int(row)])
+        if path.as_posix() in self.index.removed or not path.is_file():
+            raise QueryError(404, "no such image")
+        return path
+
+
+def b64decode(data: Any) -> bytes:
+    if not isinstance(data, str):
+        raise QueryError(400, "image must be a base64 string")
+    try:
+        raw = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
+    except (binascii.Error, ValueError):
+        raise QueryError(400, "image is not valid base64") from None
+    if len(raw) > MAX_UPLOAD:
+        raise QueryError(413, f"image larger than {MAX_UPLOAD} bytes")
+    return raw
+
+
+def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int = MAX_K):
+    """The FastAPI app serving ``index`` (loaded with the model that built it)."""
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    except ImportError:
+        raise ClipkdError("serving needs FastAPI: pip install 'clipkd[search]'") from None
+
+    if not isinstance(index, SearchIndex):
+        index = SearchIndex(index)
+    svc = SearchService(index, max_k=max_k, batch=batch)
+    app = FastAPI(title="clipkd search", version="1",
+                  description=f"Image search over {len(index)} images embedded by {index.identity}.")
+    app.state.service = svc
+
+    @app.exception_handler(QueryError)
+    async def _query_error(request: Request, exc: QueryError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        """Liveness and what is served."""
+        return {"status": "ok", "images": len(index), "model": index.identity, "text": index.encoder.has_text,
+                "kind": index.info["kind"]}
+
+    async def _read_limited(request: Request) -> bytes:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_UPLOAD + (1 << 16):
+            raise QueryError(413, f"body larger than {MAX_UPLOAD} bytes")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_UPLOAD + (1 << 16):
+                raise QueryError(413, f"body larger than {MAX_UPLOAD} bytes")
+        return body
+
+    @app.post("/search")
+    async def search(request: Request) -> JSONResponse:
+        """Multipart (``image`` file, optional ``k``) or JSON (``text`` | ``image`` base64 | ``id``, ``k``)."""
+        from starlette.concurrency import run_in_threadpool
+
+        ctype = request.headers.get("content-type", "")
+        body = await _read_limited(request)
+        if ctype.startswith("multipart/form-data"):
+            form = await _parse_form(body, ctype)
+            k = svc.check_k(form.get("k", 10))
+            if "image" in form and isinstance(form["image"], bytes):
+                img = decode_image(form["image"])
+                results = await run_in_threadpool(svc.by_image, img, k)
+            elif form.get("text"):
+                results = await run_in_threadpool(svc.by_text, form["text"], k)
+            else:
+                raise QueryError(400, "send an 'image' file or a 'text' field")
+        else:
+            import json
+
+            try:
+                data = json.loads(body or b"null")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise QueryError(400, "the body is neither multipart nor JSON") from None
+            results, k = await run_in_threadpool(svc.by_json, data)
+        for r in results:
+            r["url"] = f"/images/{r['id']}"
+        return JSONResponse({"results": results, "k": k})
+
+    @app.get("/images/{row}")
+    def image(row: str, thumb: int = 0) -> Response:
+        """An indexed image by id (``?thumb=1``: a JPEG at most 256 px)."""
+        path = svc.image_path(row)
+        if not thumb:
+            return FileResponse(path)
+        try:
+            from ..data.loader import load_rgb
+
+            img = load_rgb(path)
+        except Exception:  # noqa: BLE001
+            raise QueryError(404, "image cannot be decoded") from None
+        img.thumbnail((256, 256))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        return Response(buf.getvalue(), media_type="image/jpeg")
+
+    @app.get("/indices-list")
+    def indices_list() -> list[str]:
+        """clip-retrieval's list of index names (one here)."""
+        return [index.root.name]
+
+    @app.post("/knn-service")
+    async def knn_service(request: Request) -> JSONResponse:
+        """clip-retrieval's protocol: ``{text | image (base64) | embedding_input, modality, num_images, ...}``
+        → ``[{url, id, similarity, caption}]`` (``url`` absolute, pointing at ``/images/{id}``)."""
+        import json
+
+        from starlette.concurrency import run_in_threadpool
+
+        try:
+            body = json.loads(await _read_limited(request) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise QueryError(400, "the body must be JSON") from None
+        if not isinstance(body, dict):
+            raise QueryError(400, "the body must be a JSON object")
+        k = svc.check_k(body.get("num_images", body.get("num_result_ids", 40)))
+        if body.get("modality", "image") not in ("image", "text"):
+            raise QueryError(400, "modality must be image or text")
+        if body.get("text"):
+            results = await run_in_threadpool(svc.by_text, body["text"], k)
+        elif body.get("image"):
+            results = await run_in_threadpool(svc.by_image, decode_image(b64decode(body["image"])), k)
+        elif body.get("embedding_input") is not None:
+            results = await run_in_threadpool(svc.by_vector, body["embedding_input"], k)
+        elif body.get("image_url"):
+            raise QueryError(400, "image_url is not fetched by this server; send the image as base64 'image'")
+        else:
+            raise QueryError(400, "give text, image (base64) or embedding_input")
+        base = str(request.base_url).rstrip("/")
+        return JSONResponse([{"url": f"{base}/images/{r['id']}", "id": r["id"], "similarity": r["score"],
+                              "caption": r["label"], "path": r["path"]} for r in results])
+
+    return app
+
+
+async def _parse_form(body: bytes, ctype: str) -> dict[str, Any]:
+    """A multipart body (already size-checked) → ``{name: bytes for files | str for fields}``."""
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def stream():
+        yield body
+
+    try:
+        form = await MultiPartParser(Headers({"content-type": ctype}), stream(), max_part_size=MAX_UPLOAD + 1).parse()
+    except MultiPartException as e:
+        raise QueryError(400, f"bad multipart body: {e.message}") from None
+    out: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        out[key] = await value.read() if isinstance(value, UploadFile) else value
+    return out
+
+
+def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batch: bool = True) -> None:
+    """Run the app with uvicorn until interrupted."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise ClipkdError("serving needs uvicorn: pip install 'clipkd[search]'") from None
+    app = create_app(index_dir, batch=batch)
+    log.info("serving %s on http://%s:%d (web page at /, API docs at /docs)", index_dir, host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
