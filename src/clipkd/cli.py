@@ -335,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True, help="index of the unlabelled pool")
     p.add_argument("--prompts", required=True, help="prompts.json (from `clipkd prompts`)")
     p.add_argument("--per-class", type=_count, default=100)
-    p.add_argument("--min-similarity", type=float, default=0.0)
+    p.add_argument("--min-similarity", type=float, default=-1.0, help="cosine a chosen image must reach (default: "
+                   "none; look at `clipkd search --text` scores of your model to pick one)")
     p.add_argument("--duplicate", type=float, default=0.98, help="cosine above which an image is a near-copy of "
                    "one already chosen (default 0.98)")
     p.add_argument("--text-model", help="for a student index built without one: its teacher")

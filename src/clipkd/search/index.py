@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..data.datasets import read_image_list
-from ..data.folders import list_images
+from ..data.folders import clean_classname, list_images
 from ..data.loader import load_rgb
 from ..errors import ClipkdError
 from ..fileio import atomic_write, exclusive, read_json, write_json, write_npy, write_text
@@ -65,7 +65,7 @@ def read_source(images: str | Path) -> Source:
     rel = list_images(images)
     root = images.resolve()
     paths = [str(root / r) for r in rel]
-    labels = {p: r.split("/", 1)[0] for p, r in zip(paths, rel, strict=True) if "/" in r}
+    labels = {p: clean_classname(r.split("/", 1)[0]) for p, r in zip(paths, rel, strict=True) if "/" in r}
     return Source(paths, labels)
 
 

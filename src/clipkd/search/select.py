@@ -29,14 +29,15 @@ class Selection:
 
 
 def select_images(index_dir: str | Path, prompts: str | Path | dict[str, list[str]], out: str | Path,
-                  per_class: int = 100, min_similarity: float = 0.0, duplicate: float = 0.98,
+                  per_class: int = 100, min_similarity: float = -1.0, duplicate: float = 0.98,
                   text_model: str | Path | None = None, device: str | None = "auto") -> Selection:
     """Pick up to ``per_class`` images per class from an indexed pool and write a ``path,label`` image list.
 
     Class text embeddings are the template-averaged prompts (``prompts.json`` from ``clipkd prompts``). An image
     goes to at most one class (the one it matches best among those that want it), needs a similarity of at least
-    ``min_similarity``, and is dropped as a near-duplicate when its embedding has cosine ≥ ``duplicate`` with an
-    image already chosen for the class. ``text_model``: a distilled student index's teacher.
+    ``min_similarity`` (default: none; what a good match scores is model-specific), and is dropped as a
+    near-duplicate when its embedding has cosine ≥ ``duplicate`` with an image already chosen for the class.
+    ``text_model``: a distilled student index's teacher.
     """
     if per_class < 1:
         raise ClipkdError(f"--per-class must be ≥ 1, got {per_class}")
@@ -48,25 +49,13 @@ def select_images(index_dir: str | Path, prompts: str | Path | dict[str, list[st
     if not enc.has_text:
         raise ClipkdError(f"{index.identity} has no text tower; select needs one (--text-model for a student index)")
     text = embed_prompts(enc, prompts)
-    k = min(len(index), per_class * 4 + 16)
-    scores, rows = index.search_vectors(text.embeddings, k)
-    cands = sorted(((float(s), c, int(r)) for c, (srow, rrow) in enumerate(zip(scores, rows, strict=True))
-                    for s, r in zip(srow, rrow, strict=True) if r >= 0 and s >= min_similarity), reverse=True)
     emb = index.store.embeddings()
-    taken: set[int] = set()
-    chosen: dict[str, list[tuple[str, float]]] = {c: [] for c in text.classnames}
-    vecs: dict[str, list[np.ndarray]] = {c: [] for c in text.classnames}
-    for s, c, r in cands:
-        name = text.classnames[c]
-        if r in taken or len(chosen[name]) >= per_class:
-            continue
-        v = np.asarray(emb[r], dtype=np.float32)
-        if vecs[name] and float(np.max(np.stack(vecs[name]) @ v)) >= duplicate:
-            taken.add(r)  # a near-copy of an image already chosen: not a new example of anything
-            continue
-        taken.add(r)
-        chosen[name].append((index.paths[r], s))
-        vecs[name].append(v)
+    k = min(len(index), per_class * 4 + 16)
+    while True:  # search deeper while a class is short and the pool has more to offer
+        chosen = _assign(index, text.embeddings, text.classnames, emb, k, per_class, min_similarity, duplicate)
+        if k >= len(index) or all(len(v) >= per_class for v in chosen.values()):
+            break
+        k = min(len(index), k * 4)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "label", "similarity"])
@@ -79,3 +68,25 @@ def select_images(index_dir: str | Path, prompts: str | Path | dict[str, list[st
         log.warning("%d class(es) got fewer than %d images (raise the pool or lower --min-similarity), e.g. %s",
                     len(short), per_class, dict(list(short.items())[:3]))
     return Selection(chosen, short, Path(out))
+
+
+def _assign(index: SearchIndex, text: np.ndarray, classnames: list[str], emb: np.ndarray, k: int, per_class: int,
+            min_similarity: float, duplicate: float) -> dict[str, list[tuple[str, float]]]:
+    """Greedy by similarity over every class's top ``k``: each image to one class, near-copies skipped."""
+    scores, rows = index.search_vectors(text, k)
+    cands = sorted(((float(s), c, int(r)) for c, (srow, rrow) in enumerate(zip(scores, rows, strict=True))
+                    for s, r in zip(srow, rrow, strict=True) if r >= 0 and s >= min_similarity), reverse=True)
+    taken: set[int] = set()
+    chosen: dict[str, list[tuple[str, float]]] = {c: [] for c in classnames}
+    vecs: dict[str, list[np.ndarray]] = {c: [] for c in classnames}
+    for s, c, r in cands:
+        name = classnames[c]
+        if r in taken or len(chosen[name]) >= per_class:
+            continue
+        v = np.asarray(emb[r], dtype=np.float32)
+        taken.add(r)
+        if vecs[name] and float(np.max(np.stack(vecs[name]) @ v)) >= duplicate:
+            continue  # a near-copy of an image already chosen: not a new example of anything
+        chosen[name].append((index.paths[r], s))
+        vecs[name].append(v)
+    return chosen

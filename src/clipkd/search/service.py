@@ -3,10 +3,9 @@
 
 Image queries from concurrent requests are batched (:class:`Batcher`): one thread runs the model on whatever
 queries arrived within a couple of milliseconds of each other, so 16 clients share forward passes instead of
-queueing 16 single-image ones.
+queueing 16 single-image ones. (No ``from __future__ import annotations`` here: FastAPI reads the route
+functions' annotations, and ``Request`` is imported inside :func:`create_app`, FastAPI being optional.)
 """
-
-from __future__ import annotations
 
 import base64
 import binascii

@@ -1,0 +1,221 @@
+"""The search product: index (build, resume, add, remove, approximate kinds), queries, the HTTP service and its
+bad inputs, clip-retrieval's /knn-service, and select."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipkd.cli import main
+from clipkd.errors import ClipkdError
+from clipkd.search.index import SearchIndex, build_index, make_faiss, recall_at_10, remove_from_index
+from clipkd.search.service import Batcher, create_app
+from clipkd.store import EmbeddingStore, embed_paths
+
+
+@pytest.fixture(scope="module")
+def teacher_spec(tmp_path_factory):
+    from clipkd.teachers import load_clip
+
+    torch.manual_seed(0)
+    return load_clip("open_clip:clipkd-micro").save(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="module")
+def index(tiny_world, teacher_spec, tmp_path_factory):
+    out = tmp_path_factory.mktemp("index") / "ix"
+    return build_index(teacher_spec, tiny_world / "test", out, device="cpu", workers=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def client(index):
+    from fastapi.testclient import TestClient
+
+    return TestClient(create_app(SearchIndex(index.root)))
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_index_build_search_and_labels(index, tiny_world):
+    n = len(list((tiny_world / "test").rglob("*.png")))
+    assert len(index) == n and index.info["kind"] == "flat" and index.info["recall@10"] == 1.0
+    query = sorted((tiny_world / "test").rglob("*.png"))[3]
+    hits = index.search(image=query, k=5)
+    assert hits[0]["path"] == str(query.resolve()) and hits[0]["score"] == pytest.approx(1.0, abs=1e-3)
+    assert hits[0]["label"] == query.parent.name.replace("_", " ")
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    assert len(index.search(text="a photo of a red circle.", k=4)) == 4
+    with pytest.raises(ClipkdError, match="empty"):
+        index.search(text="  ")
+
+
+def test_interrupted_build_resumes_and_other_model_is_refused(tiny_world, teacher_spec, tmp_path):
+    from clipkd.search.encoder import load_encoder
+    from clipkd.search.index import read_source
+
+    enc = load_encoder(teacher_spec, device="cpu")
+    src = read_source(tiny_world / "val")
+    embed_paths(enc, "/", src.paths, tmp_path / "ix" / "store", workers=0, shard_size=4, max_images=9,
+                progress=False)  # a build killed after two finished shards
+    done = len(EmbeddingStore(tmp_path / "ix" / "store"))
+    calls = []
+    real = enc.image_fn
+    enc.image_fn = lambda x: calls.append(len(x)) or real(x)
+    ix = build_index(teacher_spec, tiny_world / "val", tmp_path / "ix", encoder=enc, workers=0, progress=False)
+    assert len(ix) == len(src.paths) and sum(calls) == len(src.paths) - done
+    from clipkd.teachers import load_clip
+
+    other = load_clip("open_clip:clipkd-micro").save(tmp_path / "other")
+    with pytest.raises(ClipkdError, match="built by"):
+        SearchIndex(tmp_path / "ix").load_encoder(other, device="cpu")
+    with pytest.raises(ClipkdError, match="holds an index built by"):
+        build_index(other, tiny_world / "val", tmp_path / "ix", device="cpu", workers=0, progress=False)
+
+
+def test_add_and_remove(tiny_world, teacher_spec, tmp_path):
+    ix = build_index(teacher_spec, tiny_world / "val", tmp_path / "ix", device="cpu", workers=0, progress=False)
+    n = len(ix)
+    assert main(["-q", "index", "add", "--index", str(tmp_path / "ix"), "--images", str(tiny_world / "test"),
+                 "--device", "cpu", "--workers", "0"]) == 0
+    grown = SearchIndex(tmp_path / "ix")
+    assert len(grown) == n + len(list((tiny_world / "test").rglob("*.png")))
+    gone = grown.paths[0]
+    assert remove_from_index(tmp_path / "ix", [gone]) == 1
+    after = SearchIndex(tmp_path / "ix")
+    assert len(after) == len(grown) - 1 and gone not in {after.paths[r] for r in after.rows}
+    with pytest.raises(ClipkdError, match="not in index"):
+        remove_from_index(tmp_path / "ix", [str(tmp_path / "nope.png")])
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])
+def test_approximate_kinds_report_recall(kind):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(50, 32))
+    v = (centers[rng.integers(0, 50, 5000)] + 0.3 * rng.normal(size=(5000, 32))).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    index, params = make_faiss(v, kind)
+    r = recall_at_10(index, v, queries=200)
+    assert r >= (0.5 if kind == "ivfpq" else 0.8), (kind, r, params)
+    exact, _ = make_faiss(v, "flat")
+    assert recall_at_10(exact, v, queries=200) == 1.0
+
+
+def test_service_search_paths(client, index, tiny_world):
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["images"] == len(index) and h["text"] is True
+    img_path = sorted((tiny_world / "test").rglob("*.png"))[0]
+    r = client.post("/search", files={"image": ("q.png", img_path.read_bytes(), "image/png")}, data={"k": "5"})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert len(res) == 5 and res[0]["path"] == str(img_path.resolve()) and res[0]["url"] == f"/images/{res[0]['id']}"
+    by_id = client.post("/search", json={"id": res[1]["id"], "k": 3}).json()["results"]
+    assert by_id[0]["id"] == res[1]["id"]
+    assert len(client.post("/search", json={"text": "a blue square", "k": 7}).json()["results"]) == 7
+    b64 = base64.b64encode(img_path.read_bytes()).decode()
+    assert client.post("/search", json={"image": b64, "k": 2}).json()["results"][0]["id"] == res[0]["id"]
+    got = client.get(res[0]["url"])
+    assert got.status_code == 200 and got.content == img_path.read_bytes()
+    thumb = client.get(res[0]["url"] + "?thumb=1")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    page = client.get("/")
+    assert page.status_code == 200 and "clipkd search" in page.text
+    assert client.get("/openapi.json").status_code == 200
+
+
+def test_service_bad_inputs_are_4xx_and_it_keeps_serving(client, tiny_world):
+    good = sorted((tiny_world / "test").rglob("*.png"))[0].read_bytes()
+    bomb = _png(Image.new("L", (9000, 9000)))  # 81 Mpixel in a few KB: refused from its header
+    cases = [
+        (client.post("/search", files={"image": ("x.txt", b"hello, not an image", "text/plain")}), 400),
+        (client.post("/search", files={"image": ("t.png", good[: len(good) // 2], "image/png")}), 400),
+        (client.post("/search", files={"image": ("b.png", bomb, "image/png")}), 413),
+        (client.post("/search", content=b"x" * (21 << 20), headers={"content-type": "application/json"}), 413),
+        (client.post("/search", json={"text": ""}), 400),
+        (client.post("/search", json={"text": "a", "k": 0}), 400),
+        (client.post("/search", json={"text": "a", "k": 101}), 400),
+        (client.post("/search", json={"id": 10**9}), 404),
+        (client.post("/search", json={"text": "a", "id": 1}), 400),
+        (client.post("/search", content=b"{nope", headers={"content-type": "application/json"}), 400),
+        (client.get("/images/../../etc/passwd"), 404),
+        (client.get("/images/..%2F..%2Fetc%2Fpasswd"), 404),
+        (client.get("/images/-1"), 404),
+        (client.post("/knn-service", json={"image_url": "http://example.com/x.jpg"}), 400),
+    ]
+    for r, status in cases:
+        assert r.status_code == status, (r.status_code, r.text)
+        if r.headers.get("content-type", "").startswith("application/json"):
+            assert isinstance(r.json().get("detail"), str)
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.post("/search", json={"text": "a red circle", "k": 1}).status_code == 200
+
+
+def test_knn_service_speaks_clip_retrievals_protocol(client, tiny_world):
+    img = sorted((tiny_world / "test").rglob("*.png"))[2]
+    body = {"image": base64.b64encode(img.read_bytes()).decode(), "modality": "image", "num_images": 4,
+            "indice_name": "ix", "num_result_ids": 4, "use_mclip": False, "deduplicate": True,
+            "use_safety_model": False, "use_violence_detector": False, "aesthetic_score": "", "aesthetic_weight": ""}
+    res = client.post("/knn-service", json=body).json()
+    assert len(res) == 4 and set(res[0]) >= {"url", "id", "similarity", "caption"}
+    assert res[0]["url"].endswith(f"/images/{res[0]['id']}") and res[0]["path"] == str(img.resolve())
+    assert client.get(res[0]["url"].split("testserver")[1]).status_code == 200
+    text = client.post("/knn-service", json={"text": "a green triangle", "modality": "image", "num_images": 3})
+    assert len(text.json()) == 3
+    dim = len(SearchIndex(client.app.state.service.index.root).vector(0))
+    emb = client.post("/knn-service", json={"embedding_input": [0.1] * dim, "num_images": 2})
+    assert len(emb.json()) == 2
+    assert client.get("/indices-list").json() == ["ix"]
+
+
+def test_batcher_runs_concurrent_queries_as_one_batch(index):
+    index.encoder or index.load_encoder(device="cpu")
+    b = Batcher(index, window_s=0.3)
+    x = torch.zeros(3, *index.encoder.preprocess(Image.new("RGB", (24, 24))).shape[1:])
+    futs = [b.submit(x, 3) for _ in range(8)]
+    results = [f.result(timeout=60) for f in futs]
+    assert b.batches == [8] and all(len(r) == 3 for r in results)
+
+
+def test_concurrent_http_queries_all_succeed(client, tiny_world):
+    img = sorted((tiny_world / "test").rglob("*.png"))[1].read_bytes()
+    codes = []
+
+    def one():
+        codes.append(client.post("/search", files={"image": ("q.png", img, "image/png")}).status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(12)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert codes == [200] * 12
+    assert sum(client.app.state.service.batcher.batches) >= 12
+
+
+def test_select_writes_a_training_list(index, tmp_path):
+    from clipkd.data.datasets import read_image_list
+
+    prompts = {"red circle": ["a photo of a red circle."], "blue square": ["a photo of a blue square."]}
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    assert main(["-q", "select", "--index", str(index.root), "--prompts", str(tmp_path / "prompts.json"),
+                 "--per-class", "3", "--duplicate", "1.01", "--out", str(tmp_path / "train.csv"),
+                 "--device", "cpu"]) == 0  # random weights: every image looks alike, so no near-copy check
+    listed = read_image_list(tmp_path / "train.csv")
+    assert len(listed.paths) == 6 and len(set(listed.paths)) == 6 and set(listed.classnames) == set(prompts)
+
+
+def test_cli_search_writes_a_grid(index, tiny_world, tmp_path, capsys):
+    img = sorted((tiny_world / "test").rglob("*.png"))[0]
+    assert main(["search", "--index", str(index.root), "--image", str(img), "--k", "4", "--out",
+                 str(tmp_path / "grid.png"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert str(img.resolve()) in out.splitlines()[0] and (tmp_path / "grid.png").stat().st_size > 1000
+    assert main(["search", "--index", str(tmp_path / "nope"), "--text", "x"]) == 2
