@@ -38,6 +38,7 @@ bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python bench_distill.py --data .data/jpegs --out results/distill.md
 	cd benchmarks && ../$(BIN)/python bench_latency.py --out results/latency.md
 	cd benchmarks && ../$(BIN)/python bench_memory.py --data .data/small-jpegs --out results/memory.md
+	cd benchmarks && ../$(BIN)/python bench_search.py --gallery 100000 --out results/search.md
 
 # GZSL methods x worlds (digits, digits-colour, demo; the demo world reuses runs/demo when make demo has run)
 bench-gzsl: $(STAMP)

@@ -190,7 +190,7 @@ class EmbeddingStore:
                               + (f"; {hint}" if hint else ""))
 
 
-def _new_manifest(info: dict[str, Any], images_root: Path, shard_size: int) -> dict[str, Any]:
+def new_manifest(info: dict[str, Any], images_root: Path, shard_size: int) -> dict[str, Any]:
     return {"format": STORE_FORMAT, "teacher": info["teacher"], "embed_dim": info["embed_dim"],
             "preprocess": info["preprocess"], "normalized": "l2", "dtype": "float16",
             "images_root": str(images_root.resolve()), "images_roots": [str(images_root.resolve())],
@@ -268,7 +268,7 @@ def _open_for_append(info: dict[str, Any], images: Path, out: Path, shard_size: 
         if root not in roots:
             roots.append(root)
         return store.manifest, set(store.paths) | {s["path"] for s in store.manifest["skipped"]}
-    return _new_manifest(info, images, shard_size), set()
+    return new_manifest(info, images, shard_size), set()
 
 
 def embed_images(

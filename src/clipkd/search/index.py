@@ -300,14 +300,31 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
                               "use another --out")
         store = embed_paths(enc, "/", source.paths, out / "store", batch_size, workers, progress=progress)
         _append_labels(out, source)
-        info = {"format": INDEX_FORMAT, "model": _model_ref(model), "text_model": _model_ref(text_model),
-                "identity": enc.identity, "embed_dim": enc.embed_dim, "preprocess": enc.preprocess_cfg.to_dict(),
-                "student": is_student(model), "sources": sorted({*(existing or {}).get("sources", []),
-                                                                 str(Path(images).resolve())})}
-        _write_faiss(out, store, kind, info)
+        sources = [*(existing or {}).get("sources", []), str(Path(images).resolve())]
+        _write_faiss(out, store, kind, _describe(model, text_model, enc, sources))
     index = SearchIndex(out)
     index.encoder = enc
     return index
+
+
+def _describe(model: str | Path, text_model: str | Path | None, enc: Encoder, sources: Sequence[str]) -> dict:
+    return {"format": INDEX_FORMAT, "model": _model_ref(model), "text_model": _model_ref(text_model),
+            "identity": enc.identity, "embed_dim": enc.embed_dim, "preprocess": enc.preprocess_cfg.to_dict(),
+            "student": is_student(model), "sources": sorted(set(sources))}
+
+
+def index_store(out: str | Path, model: str | Path, kind: str = "auto", text_model: str | Path | None = None,
+                device: str | None = "auto") -> SearchIndex:
+    """Make ``out`` a search index over the embedding store already in ``out/store`` (rows keyed by absolute
+    path, made by ``model``): for embeddings computed elsewhere, e.g. a benchmark's synthetic gallery."""
+    out = Path(out)
+    store = EmbeddingStore(out / "store")
+    enc = load_encoder(model, text_model, device)
+    store.check_teacher(enc.identity, hint="the store was not made by this model")
+    _choose_kind(kind, 0)  # a one-line error for an unknown kind, before the work
+    with exclusive(out, "search index"):
+        _write_faiss(out, store, kind, _describe(model, text_model, enc, []))
+    return SearchIndex(out)
 
 
 def add_to_index(index_dir: str | Path, images: str | Path, device: str | None = "auto", batch_size: int = 64,
