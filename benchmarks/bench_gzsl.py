@@ -24,8 +24,8 @@ import clipkd
 from clipkd.data.digits import TEMPLATES, DigitsConfig, make_digits_world
 from clipkd.demo import DEMO_TEMPLATES
 
-# method name -> (TrainConfig overrides, distill keyword arguments, online teacher?)
-METHODS: dict[str, tuple[dict, dict, bool]] = {
+# method name -> (TrainConfig overrides, distill keyword arguments, targets: False store, True online, "both")
+METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     "embed": ({"terms": {"embed": 1.0}, "mix": "none"}, {}, False),
     "embed_label": ({"terms": {"embed": 1.0, "label": 1.0}, "mix": "none"}, {}, False),
     "embed_vocab": ({"terms": {"embed": 1.0, "vocab": 1.0}, "mix": "none"}, {}, False),
@@ -34,7 +34,12 @@ METHODS: dict[str, tuple[dict, dict, bool]] = {
     "cutmix_batch": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_mode": "batch"}, {}, True),
     "cutmix_fm_half": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5}, {}, True),
     "vocab_cutmix_fm": ({"terms": {"embed": 1.0, "vocab": 1.0}, "mix": "cutmix"}, {}, True),
-    "cutmix_fm": ({"terms": {"embed": 1.0}, "mix": "cutmix"}, {}, True),  # clipkd's method (per-image CutMix)
+    "cutmix_fm": ({"terms": {"embed": 1.0}, "mix": "cutmix"}, {}, True),  # per-image CutMix, every image online
+    # clipkd's method at the baseline's compute: the store serves plain images, the teacher only the mixed ones
+    "cutmix_fm_store": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5, "augment": "none"}, {}, "both"),
+    "cutmix_fm_store_flip": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5}, {}, "both"),
+    "cutmix_fm_half_noflip": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5, "augment": "none"}, {},
+                              True),
 }
 
 # world -> (teacher epochs, teacher batch, student epochs)
@@ -90,7 +95,8 @@ def run_method(world: str, method: str, seed: int, p: dict, device: str) -> dict
     cfg = clipkd.TrainConfig(student="resnet10t", epochs=WORLDS[world][2], batch_size=64, lr=2e-3, seed=seed,
                              **overrides)
     out = p["base"] / "students" / f"{method}-s{seed}"
-    src = {"teacher": p["spec"]} if online else {"store": p["store"]}
+    src = ({"teacher": p["spec"], "store": p["store"]} if online == "both" else
+           {"teacher": p["spec"]} if online else {"store": p["store"]})
     timing = out / "bench_train_seconds.json"  # a finished run is reused: keep the time it took when it trained
     t = time.perf_counter()
     r = clipkd.distill(p["world"] / "train", out, replace(cfg), text=p["text"], split=p["world"] / "split.json",
@@ -101,6 +107,35 @@ def run_method(world: str, method: str, seed: int, p: dict, device: str) -> dict
     if kept.get("recipe") != recipe:  # this run trained now (new, or replaced a run of another recipe)
         timing.write_text(json.dumps({"seconds": seconds, "recipe": recipe}))
     return evaluate(str(r.path), p, device) | {"train_s": json.loads(timing.read_text())["seconds"]}
+
+
+def compute_vs_embed(method: str, p: dict, epochs: int) -> float:
+    """Training compute of ``method`` over the seed's ``embed`` (FLOPs, not wall time: this machine is shared).
+
+    A training image costs 3 student forwards (forward + backward); the teacher costs one forward per image it
+    embeds: once per image for a store, once per image per epoch online, once per *mixed* image per epoch when a
+    store serves the plain ones. The store's one-off pass is counted for every method that uses a store.
+    """
+    import torch
+    from common import flops_per_image
+
+    from clipkd.students.model import Student, StudentConfig
+
+    if "flops" not in p:
+        teacher = clipkd.load_teacher(p["spec"], device="cpu")
+        side = teacher.preprocess_cfg.side
+        student = Student(StudentConfig(arch="resnet10t", out_dim=teacher.embed_dim, image_size=side)).eval()
+        with torch.no_grad():
+            p["flops"] = (flops_per_image(student, (3, side, side)),
+                          flops_per_image(teacher.model.visual, (3, side, side)))
+    fs, ft = p["flops"]
+    overrides, _, online = METHODS[method]
+    baseline = ft + 3 * epochs * fs
+    if not online:
+        return 1.0
+    mixed = overrides.get("mix_prob", 1.0) if overrides.get("mix_mode", "elem") == "elem" else 1.0
+    teacher = ft + mixed * epochs * ft if online == "both" else epochs * ft
+    return (teacher + 3 * epochs * fs) / baseline
 
 
 def main() -> None:
@@ -134,15 +169,19 @@ def main() -> None:
             share = statistics.mean(r["H"] for r in runs) / max(teacher["H"], 1e-9)
             row["share of teacher H"] = f"{100 * share:.0f} %"
             row["train s"] = f"{statistics.mean(r['train_s'] for r in runs):.0f}"
+            row["compute vs embed"] = f"{compute_vs_embed(method, p, WORLDS[world][2]):.2f}×"
             rows.append(row)
             print(row, flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.with_suffix(".json")).write_text(json.dumps(raw, indent=2))
-    body = table(rows, ["world", "model", "S", "U", "H", "H_cal", "AUSUC", "share of teacher H", "train s"])
+    body = table(rows, ["world", "model", "S", "U", "H", "H_cal", "AUSUC", "share of teacher H", "compute vs embed",
+                        "train s"])
     body += f"\n\nSeeds: {a.seeds} for {', '.join(a.all_seeds_for)} (mean ± standard deviation); seed {a.seeds[0]} " \
             "for the others. Students: resnet10t, batch 64, lr 2e-3, seen classes only. " \
-            "S/U/H at γ=0; H_cal: calibrated stacking with γ chosen on val.\n"
+            "S/U/H at γ=0; H_cal: calibrated stacking with γ chosen on val. Compute vs embed: training FLOPs " \
+            "(3 student forwards per training image, one teacher forward per image it embeds, the store's one-off " \
+            "pass included) over the seed's embed; train s: wall time on a shared machine (noisy).\n"
     report("GZSL: methods × worlds", body, out)
     plot(raw, out.with_suffix(".png"))
 

@@ -52,8 +52,12 @@ def test_kd_from_store_with_projection_freeze_val_and_resume(tiny_world, store, 
     assert "val/i2i_map@10" in header and "loss/kd_cosine_epoch" in header
     assert load_teacher(spec, device="cpu").embed_dim == 64
     again = clip_train(tiny_world / "train", tiny_world / "train" / "captions_en.csv", out, cfg, store=store,
+                       val_images=tiny_world / "val", val_captions=tiny_world / "val" / "captions_en.csv",
                        device="cpu", progress=False).spec
     assert again == spec  # finished run: resumes at its end and saves the same model
+    with pytest.raises(ClipkdError, match="inputs.val_images"):  # validation picks the saved epoch: part of the run
+        clip_train(tiny_world / "train", tiny_world / "train" / "captions_en.csv", out, cfg, store=store,
+                   device="cpu", progress=False)
 
 
 def test_freeze_keeps_tower_fixed_and_online_teacher(tiny_world, tmp_path):

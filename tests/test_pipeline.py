@@ -127,3 +127,10 @@ def test_quick_retrieval_demo_reuses_world_and_teacher(demo_run, tmp_path, caplo
     assert r["students"]["cosine"] == saved["students"]["cosine"]
     for f in ("report.md", "retrieval_bars.png", "eval/teacher.png", "students/mse/open_clip_model.pt"):
         assert (tmp_path / "retrieval" / f).is_file(), f
+    # the demo ends with a search index built by the best retrieval student, and says how to serve it
+    best = max(saved["students"], key=lambda n: saved["students"][n]["i2i_map@10"])
+    assert saved["index"]["student"] == best and saved["index"]["images"] > 0
+    from clipkd.search.index import SearchIndex
+
+    assert len(SearchIndex(saved["index"]["path"])) == saved["index"]["images"]
+    assert f"clipkd serve --index {tmp_path / 'retrieval' / 'index'}" in caplog.text

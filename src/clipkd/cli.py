@@ -205,9 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="train a timm student to mimic the teacher's image embeddings")
     p.add_argument("--images", required=True, help="ImageFolder of training images")
-    tgt = p.add_mutually_exclusive_group(required=True)
+    tgt = p.add_argument_group("teacher targets (at least one)")
     tgt.add_argument("--store", help="embedding store of these images (from embed-images)")
-    tgt.add_argument("--teacher", help="run this teacher online on the student's augmented views instead")
+    tgt.add_argument("--teacher", help="run this teacher online on the student's augmented views; with --store too, "
+                     "only on the mixed images (the store serves the plain ones)")
     p.add_argument("--text", help="class text embeddings (embed-text); needed for --label-weight")
     p.add_argument("--loss", choices=EMBEDDING_LOSSES.names(), help="distance of the embed term (default mse)")
     terms = p.add_argument_group("distillation terms (weights; the recipe's terms keep theirs unless set here)")
@@ -563,16 +564,29 @@ def configure_logging(quiet: bool = False, verbose: bool = False) -> None:
     logger = logging.getLogger("clipkd")
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     if not any(getattr(h, "_clipkd_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(_Format())
         handler._clipkd_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     root = logging.getLogger()
     if not root.handlers:  # other libraries' warnings, once; without it their first logging.info() call would install
-        other = logging.StreamHandler(sys.stderr)  # a root handler that prints clipkd's records a second time
+        other = _Stderr()  # a root handler that prints clipkd's records a second time
         other.setLevel(logging.WARNING)
         other.addFilter(lambda r: not r.name.startswith("clipkd"))
         root.addHandler(other)
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (not the one at creation, which a caller
+    such as a test harness may have replaced and closed since)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 class _Format(logging.Formatter):

@@ -261,6 +261,8 @@ def run_retrieval_demo(out: Path, cfg: DemoConfig, rcfg: RetrievalDemoConfig, de
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads()},
         "config": json.loads(json.dumps({"retrieval": asdict(rcfg), "world": asdict(cfg.world)}, default=str)),
     }
+    best = max(runs, key=lambda n: evals[n]["i2i_map@10"])
+    results["index"] = _search_index(specs[best], best, world / "test", out / "index", device)
     write_json(out / "results.json", results)
     table = retrieval_table(results)
     plot_results_bars({"teacher": evals["teacher"], **{n: evals[n] for n in runs}}, out / "retrieval_bars.png",
@@ -269,7 +271,22 @@ def run_retrieval_demo(out: Path, cfg: DemoConfig, rcfg: RetrievalDemoConfig, de
     write_text(out / "report.md", "# clipkd demo: retrieval students\n\n" + table +
                "\n![bars](retrieval_bars.png)\n\n![teacher](eval/teacher.png)\n\n![best student](eval/cosine.png)\n")
     log.info("\n%s\nresults: %s  (%.0f s)", table, out / "results.json", results["seconds"])
+    log.info("search the demo world with the best retrieval student ('%s'):\n  clipkd serve --index %s\n"
+             "then open http://127.0.0.1:8000 (drop an image or type e.g. 'a photo of a red circle.')", best,
+             out / "index")
     return results
+
+
+def _search_index(spec: str, name: str, images: Path, out: Path, device: str) -> dict[str, Any]:
+    """The demo's last step: a search index of ``images`` embedded by the best retrieval student."""
+    from .search.index import build_index
+
+    if (out / "index.json").is_file() and read_json(out / "index.json", "index").get("model") != spec:
+        import shutil
+
+        shutil.rmtree(out)  # the demo's own folder: a better student this time replaces the old index
+    index = build_index(spec, images, out, device=device, progress=False)
+    return {"path": str(out), "student": name, "images": len(index), "kind": index.info["kind"]}
 
 
 def retrieval_table(results: dict[str, Any]) -> str:

@@ -57,7 +57,7 @@ class LabelledImages:
     @property
     def aliases(self) -> dict[str, str]:
         """Folder name → class name, for split files written with folder names."""
-        return dict(zip(self.folders, self.classnames, strict=True))
+        return dict(zip(self.folders, self.classnames, strict=True)) if self.folders else {}
 
     def subset(self, keep_classes: set[str]) -> LabelledImages:
         """Only the images whose class is in ``keep_classes`` (labels keep indexing ``classnames``)."""

@@ -110,6 +110,7 @@ def _fit_and_save(module: StudentModule, dataset: ImageDataset, out: Path, cfg: 
         skipped = skipped_images(trainer, loader)
         info = {"train": asdict(cfg), **info, "train_images": len(dataset) - len(skipped),
                 "skipped_images": len(skipped), "skipped": skipped[:1000]}
+        info["teacher_images"] = module.teacher_images  # online teacher forwards (this process; 0 from a store)
         path = save_student(out / "student.pt", module.student.cpu(), extra=info)
         write_json(out / "run.json", {**info, "student": asdict(module.student.cfg)})
     return TrainResult(out, path, train_images=len(dataset) - len(skipped), skipped_images=len(skipped))
@@ -138,6 +139,8 @@ def distill(
     logit scale. ``vocab``: more text embeddings (e.g. generic nouns, from ``embed-text``) that widen the
     ``vocab`` term's vocabulary. ``extra_images``: an unlabelled pool (folder or list) trained on with
     teacher targets only — from ``extra_store`` (its embed-images store), or online with ``teacher``.
+    With both ``store`` and ``teacher`` (and mixing on), the store gives the targets of the images left plain and
+    the teacher embeds only the mixed ones: ``mix_prob`` of the teacher cost of a fully online run.
     ``out`` resumes a killed run of the same recipe; a run of another recipe there is refused unless
     ``overwrite`` (see :mod:`clipkd.training.runs`).
     """
@@ -146,14 +149,15 @@ def distill(
     terms = check_terms(cfg.terms)
     needs = term_needs(terms)
     check_logger(cfg.logger)
-    if (store is None) == (teacher is None):
-        raise ClipkdError("give exactly one target source: --store STORE (precomputed) or --teacher SPEC (online)")
+    if store is None and teacher is None:
+        raise ClipkdError("give a target source: --store STORE (precomputed), --teacher SPEC (online), or both "
+                          "(the store for plain images, the teacher only for mixed ones)")
     if cfg.mix not in ("auto", "none", "mixup", "cutmix"):
         raise ClipkdError(f"unknown mix '{cfg.mix}' (auto, none, mixup, cutmix)")
     if cfg.mix == "auto":
         cfg = replace(cfg, mix="cutmix" if teacher is not None and "text" not in term_needs(cfg.terms) else "none")
         if cfg.mix == "none" and teacher is None:
-            log.info("distilling from a store: no mixing (CutMix function matching, clipkd's GZSL method, needs "
+            log.debug("distilling from a store: no mixing (CutMix function matching, clipkd's GZSL method, needs "
                      "--teacher to embed each mixed image)")
     if cfg.mix_alpha <= 0:
         raise ClipkdError(f"--mix-alpha must be > 0, got {cfg.mix_alpha}")
@@ -163,6 +167,9 @@ def distill(
         raise ClipkdError(f"--mix-prob must be in [0, 1], got {cfg.mix_prob}")
     if cfg.mix != "none" and teacher is None:
         raise ClipkdError("--mix needs the teacher's embedding of each mixed image: use --teacher SPEC (online)")
+    if store is not None and teacher is not None and cfg.mix == "none":
+        raise ClipkdError("--store with --teacher means: the teacher embeds only the mixed images; with --mix none "
+                          "give only one of them")
     if cfg.mix != "none" and "text" in needs:
         raise ClipkdError("--mix trains on teacher targets of mixed images; drop the label term (use vocab)")
     if extra_images is not None and store is not None and extra_store is None:
@@ -201,12 +208,14 @@ def distill(
                                                       root=extra.root)
             extra_paths = [str(extra.root / extra.paths[i]) for i in got.keep.tolist()]
             targets = torch.cat([targets, got.targets])
-    else:
+    if teacher is not None:
         from ..teachers import load_teacher
 
         online = load_teacher(teacher, device=device, precision=cfg.precision)
+        if store is not None:
+            st.check_teacher(online.identity, hint="the store's targets and the online ones must be one teacher's")
         identity, dim, pre = online.identity, online.embed_dim, online.preprocess_cfg
-        if extra_images is not None:
+        if extra_images is not None and store is None:
             extra = load_labelled_or_plain(extra_images)
             extra_paths = [str(extra.root / p) for p in extra.paths]
     if text_emb is not None and text_emb.teacher != identity:
@@ -249,7 +258,8 @@ def distill(
     # Rows of `targets` follow `paths`, so the dataset index is the target row.
     dataset = ImageDataset(data.root, paths, transform, labels=labels)
     return _fit_and_save(module, dataset, out, cfg, device, progress,
-                         {"seen_classes": seen, "targets": "store" if store else "online",
+                         {"seen_classes": seen, "targets": ("store+online" if store and teacher else
+                                                            "store" if store else "online"),
                           "extra_images": len(paths) - len(data.paths)}, recipe, overwrite)
 
 

@@ -39,7 +39,8 @@ class StudentModule(OptimMixin, L.LightningModule):
     see :data:`~clipkd.students.losses.DISTILL_TERMS`), e.g. ``embed`` (embedding ``distance`` to the
     teacher's target) and ``label`` (cross entropy over the seen classes' ``text`` embeddings). Targets
     come from ``targets`` (rows indexed by the dataset index — the store path) or from ``teacher`` run on
-    the batch's second view (the online path).
+    the batch's second view (the online path); with both, the store gives the targets of the images left plain
+    and the teacher embeds only the mixed ones (``teacher_images`` counts its forwards).
     ``kind="classifier"``: plain cross entropy on the class head (the normal baseline).
     ``label_map`` turns dataset labels (folder classes) into positions among the trained classes.
     """
@@ -73,6 +74,7 @@ class StudentModule(OptimMixin, L.LightningModule):
         self.distance = distance
         self.logit_scale, self.lr, self.weight_decay, self.warmup = logit_scale, lr, weight_decay, warmup
         self.teacher = teacher
+        self.teacher_images = 0
         self.register_buffer("label_map", label_map.long(), persistent=False)
         self.register_buffer("text", text.float() if text is not None else None, persistent=False)
         self.register_buffer("targets", targets if targets is not None else None, persistent=False)
@@ -82,10 +84,14 @@ class StudentModule(OptimMixin, L.LightningModule):
         if batch["image"] is None:  # every image of the batch was undecodable
             return None
         images = batch["image"]
+        n = len(batch["index"])
+        mixed = torch.zeros(n, dtype=torch.bool, device=batch["index"].device)
         if self.mix != "none" and self.mix_mode == "elem":  # each image its own ratio, box and coin
-            images = mix_views(images, self.mix, self.mix_alpha, per_image=True, prob=self.mix_prob)
+            images, mixed = mix_views(images, self.mix, self.mix_alpha, per_image=True, prob=self.mix_prob,
+                                      return_mask=True)
         elif self.mix != "none" and (self.mix_prob >= 1 or float(torch.rand(())) < self.mix_prob):  # views alike
             images = mix_views(images, self.mix, self.mix_alpha)
+            mixed[:] = True
         student_x = images[0] if isinstance(images, tuple) else images
         out = self.student(student_x)
         labels = self.label_map[batch["label"]]
@@ -96,8 +102,7 @@ class StudentModule(OptimMixin, L.LightningModule):
             x = TermInputs(out, labels=labels, text=self.text, logit_scale=self.logit_scale, distance=self.distance,
                            vocab=self.vocab, vocab_scale=self.vocab_scale)
             if "target" in self.needs:
-                x.target = (self.teacher.encode_image(images[1]) if self.teacher is not None
-                            else self.targets[batch["index"]].float())
+                x.target = self._targets(images, batch["index"], mixed)
             total = out.new_zeros(())
             for name, weight in self.terms.items():
                 logs[f"loss/{name}"] = DISTILL_TERMS.get(name)(x)
@@ -106,16 +111,31 @@ class StudentModule(OptimMixin, L.LightningModule):
         self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(student_x))
         return total
 
+    def _targets(self, images: Any, index: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        """Teacher embeddings of this batch's images: from the store, from the online teacher, or both (the store
+        for plain images, the teacher only for mixed ones)."""
+        if self.teacher is None:
+            return self.targets[index].float()
+        if self.targets is None:
+            self.teacher_images += len(index)
+            return self.teacher.encode_image(images[1])
+        target = self.targets[index].float()
+        if mixed.any():
+            self.teacher_images += int(mixed.sum())
+            target[mixed] = self.teacher.encode_image(images[1][mixed]).to(target.dtype)
+        return target
+
 
 def mix_views(views: tuple[torch.Tensor, ...], how: str, alpha: float = 1.0, per_image: bool = False,
-              prob: float = 1.0) -> tuple[torch.Tensor, ...]:
+              prob: float = 1.0, return_mask: bool = False):
     """Mix each image of a batch with another of the same batch, identically in every view (the student's
     and the teacher's preprocessing of one picture, possibly at different sizes).
 
     ``mixup``: ``λ·a + (1-λ)·b``; ``cutmix``: a box of area ``1-λ`` (relative to each view's size) pasted
     from ``b``. ``λ ~ Beta(alpha, alpha)``: one per batch, as timm's ``Mixup`` draws it in its default
     ``batch`` mode, or with ``per_image`` one per image with its own box (timm's ``elem`` mode), each image
-    mixed with probability ``prob`` (the others stay as they are).
+    mixed with probability ``prob`` (the others stay as they are). ``return_mask``: also return which images
+    were mixed (``per_image`` only).
     """
     n = len(views[0])
     dev = views[0].device
@@ -124,9 +144,11 @@ def mix_views(views: tuple[torch.Tensor, ...], how: str, alpha: float = 1.0, per
         raise ValueError(f"unknown mix '{how}'")
     if per_image:
         lam = torch.distributions.Beta(alpha, alpha).sample((n,)).to(dev)
-        lam = torch.where(torch.rand(n, device=dev) < prob, lam, torch.ones_like(lam))
+        chosen = torch.rand(n, device=dev) < prob
+        lam = torch.where(chosen, lam, torch.ones_like(lam))
         if how == "mixup":
-            return tuple(lam.view(-1, 1, 1, 1) * v + (1 - lam.view(-1, 1, 1, 1)) * v[perm] for v in views)
+            out = tuple(lam.view(-1, 1, 1, 1) * v + (1 - lam.view(-1, 1, 1, 1)) * v[perm] for v in views)
+            return (out, chosen) if return_mask else out
         cut = (1 - lam).sqrt()
         cy, cx = torch.rand(n, device=dev), torch.rand(n, device=dev)
         out = []
@@ -138,7 +160,7 @@ def mix_views(views: tuple[torch.Tensor, ...], how: str, alpha: float = 1.0, per
             in_x = (xs[None] >= (cx - cut / 2)[:, None]) & (xs[None] < (cx + cut / 2)[:, None])
             box = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (n, 1, h, w)
             out.append(torch.where(box, v[perm], v))
-        return tuple(out)
+        return (tuple(out), chosen) if return_mask else tuple(out)
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     if how == "mixup":
         return tuple(lam * v + (1 - lam) * v[perm] for v in views)
