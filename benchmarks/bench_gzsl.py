@@ -34,10 +34,12 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     "cutmix_batch": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_mode": "batch"}, {}, True),
     "cutmix_fm_half": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5}, {}, True),
     "vocab_cutmix_fm": ({"terms": {"embed": 1.0, "vocab": 1.0}, "mix": "cutmix"}, {}, True),
-    "cutmix_fm": ({"terms": {"embed": 1.0}, "mix": "cutmix"}, {}, True),  # per-image CutMix, every image online
+    "cutmix_fm_full": ({"terms": {"embed": 1.0}, "mix": "cutmix"}, {}, True),  # the baseline's epochs, ~1.3x compute
+    # clipkd's method: per-image CutMix, every image through the online teacher, for as many epochs as the
+    # baseline's training compute affords (+20 % at most; teacher forwards counted)
+    "cutmix_fm": ({"terms": {"embed": 1.0}, "mix": "cutmix", "epochs": "matched"}, {}, True),
     # clipkd's method at the baseline's compute: the store serves plain images, the teacher only the mixed ones
     "cutmix_fm_store": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5, "augment": "none"}, {}, "both"),
-    "cutmix_fm_store_flip": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5}, {}, "both"),
     "cutmix_fm_half_noflip": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5, "augment": "none"}, {},
                               True),
 }
@@ -92,8 +94,9 @@ def evaluate(model: str, p: dict, device: str) -> dict:
 
 def run_method(world: str, method: str, seed: int, p: dict, device: str) -> dict:
     overrides, kwargs, online = METHODS[method]
-    cfg = clipkd.TrainConfig(student="resnet10t", epochs=WORLDS[world][2], batch_size=64, lr=2e-3, seed=seed,
-                             **overrides)
+    overrides = {k: v for k, v in overrides.items() if k != "epochs"}
+    cfg = clipkd.TrainConfig(student="resnet10t", epochs=method_epochs(method, p, WORLDS[world][2]), batch_size=64,
+                             lr=2e-3, seed=seed, **overrides)
     out = p["base"] / "students" / f"{method}-s{seed}"
     src = ({"teacher": p["spec"], "store": p["store"]} if online == "both" else
            {"teacher": p["spec"]} if online else {"store": p["store"]})
@@ -109,13 +112,8 @@ def run_method(world: str, method: str, seed: int, p: dict, device: str) -> dict
     return evaluate(str(r.path), p, device) | {"train_s": json.loads(timing.read_text())["seconds"]}
 
 
-def compute_vs_embed(method: str, p: dict, epochs: int) -> float:
-    """Training compute of ``method`` over the seed's ``embed`` (FLOPs, not wall time: this machine is shared).
-
-    A training image costs 3 student forwards (forward + backward); the teacher costs one forward per image it
-    embeds: once per image for a store, once per image per epoch online, once per *mixed* image per epoch when a
-    store serves the plain ones. The store's one-off pass is counted for every method that uses a store.
-    """
+def _flops(p: dict) -> tuple[float, float]:
+    """Forward FLOPs per image of the student (resnet10t) and of the teacher's image tower, at the teacher's size."""
     import torch
     from common import flops_per_image
 
@@ -128,14 +126,33 @@ def compute_vs_embed(method: str, p: dict, epochs: int) -> float:
         with torch.no_grad():
             p["flops"] = (flops_per_image(student, (3, side, side)),
                           flops_per_image(teacher.model.visual, (3, side, side)))
-    fs, ft = p["flops"]
+    return p["flops"]
+
+
+def _cost(method: str, p: dict, epochs: int) -> float:
+    """Training FLOPs per training image: 3 student forwards per image per epoch (forward + backward), plus one
+    teacher forward per image it embeds: once for a store, every epoch online, every epoch for the mixed share
+    when a store serves the plain images."""
+    fs, ft = _flops(p)
     overrides, _, online = METHODS[method]
-    baseline = ft + 3 * epochs * fs
     if not online:
-        return 1.0
+        return ft + 3 * epochs * fs
     mixed = overrides.get("mix_prob", 1.0) if overrides.get("mix_mode", "elem") == "elem" else 1.0
     teacher = ft + mixed * epochs * ft if online == "both" else epochs * ft
-    return (teacher + 3 * epochs * fs) / baseline
+    return teacher + 3 * epochs * fs
+
+
+def method_epochs(method: str, p: dict, base: int) -> int:
+    """The baseline's epochs, or for ``"epochs": "matched"`` the most whose compute stays within 1.2× embed's."""
+    if METHODS[method][0].get("epochs") != "matched":
+        return base
+    budget = 1.2 * _cost("embed", p, base) * (1 + 1e-9)
+    return max(1, max(e for e in range(1, 4 * base + 1) if _cost(method, p, e) <= budget))
+
+
+def compute_vs_embed(method: str, p: dict, base: int) -> float:
+    """Training compute of ``method`` over the seed's ``embed`` (FLOPs, not wall time: this machine is shared)."""
+    return _cost(method, p, method_epochs(method, p, base)) / _cost("embed", p, base)
 
 
 def main() -> None:

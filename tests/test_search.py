@@ -219,3 +219,27 @@ def test_cli_search_writes_a_grid(index, tiny_world, tmp_path, capsys):
     out = capsys.readouterr().out
     assert str(img.resolve()) in out.splitlines()[0] and (tmp_path / "grid.png").stat().st_size > 1000
     assert main(["search", "--index", str(tmp_path / "nope"), "--text", "x"]) == 2
+
+
+def test_chinese_clip_index_over_a_tsv_with_chinese_text(tiny_world, tmp_path):
+    """A Chinese-CLIP TSV as the image source (a broken row skipped and counted), Chinese text queries, and the
+    service serving TSV rows as images."""
+    from fastapi.testclient import TestClient
+
+    from clipkd.teachers import load_clip
+
+    from .test_clip_train import _write_cnclip
+
+    tsv, _ = _write_cnclip(tmp_path, tiny_world)
+    torch.manual_seed(0)
+    spec = load_clip("cn_clip:RN50@random").save(tmp_path / "cn")
+    ix = build_index(spec, tsv, tmp_path / "ix", device="cpu", workers=0, progress=False)
+    assert len(ix) == 6 and ix.info["skipped"] == 1 and all("#" in p for p in ix.paths)  # 6 images + 1 broken
+    hits = ix.search(text="一个红色的圆形", k=3)
+    assert len(hits) == 3 and hits[0]["path"].startswith(str(tsv.resolve()) + "#")
+    first = ix.open_image(hits[0]["id"])
+    assert first.size[0] > 0
+    client = TestClient(create_app(SearchIndex(tmp_path / "ix")))
+    r = client.get(f"/images/{hits[0]['id']}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert client.post("/search", json={"text": "一只蓝色的星星", "k": 2}).json()["results"][0]["id"] >= 0

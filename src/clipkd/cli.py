@@ -385,7 +385,9 @@ def _search(a: argparse.Namespace) -> None:
         from .evaluation.plots import plot_search_grid
 
         query = load_rgb(a.image) if a.image else None
-        print(f"grid -> {plot_search_grid(query, a.text or a.image, hits, load_rgb, a.out)}")
+        rows = {h["path"]: h["id"] for h in hits}
+        grid = plot_search_grid(query, a.text or a.image, hits, lambda p: idx.open_image(rows[p]), a.out)
+        print(f"grid -> {grid}")
 
 
 @command("serve")

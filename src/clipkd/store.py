@@ -110,13 +110,13 @@ class EmbeddingStore:
         return self._emb
 
     def sizes(self) -> np.ndarray:
-        """Byte size of each row's file when it was embedded (-1 where an older store did not record it)."""
+        """Byte size of each row's file when it was embedded (-1: not a file; -2: an older store did not record it)."""
         parts = []
         for shard in self.manifest["shards"]:
             if "sizes" in shard:
                 parts.append(np.load(self.root / shard["sizes"]).astype(np.int64))
             else:
-                parts.append(np.full(shard["count"], -1, np.int64))
+                parts.append(np.full(shard["count"], -2, np.int64))
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def check_files(self, root: str | Path, paths: Sequence[str], rows: np.ndarray) -> None:
@@ -128,13 +128,15 @@ class EmbeddingStore:
         root = Path(root)
         have = np.flatnonzero(rows >= 0)
         recorded = self.sizes()[rows[have]] if len(have) else np.zeros(0, np.int64)
-        known = recorded >= 0
+        known = recorded != -2  # -2: an older store recorded no size; -1: not a file (a TSV row)
         if not known.all() and Path(self.manifest.get("images_root", "")) != root.resolve():
             raise ClipkdError(f"store {self.root} was built from {self.manifest.get('images_root')} by an older "
                               f"clipkd that did not record file sizes, so it cannot be checked against {root}; "
                               "re-run embed-images into a new --out")
         bad = []
         for i, size in zip(have[known].tolist(), recorded[known].tolist(), strict=True):
+            if size < 0:  # not a file (a TSV row): nothing to compare
+                continue
             try:
                 now = os.stat(root / paths[i]).st_size
             except OSError:
@@ -303,10 +305,11 @@ def embed_images(
 
 def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path, batch_size: int = 64,
                 workers: int | None = None, shard_size: int = 8192, progress: bool = True,
-                max_images: int | None = None, compile: bool = False) -> EmbeddingStore:
+                max_images: int | None = None, compile: bool = False, opener=None) -> EmbeddingStore:
     """Embed the images ``root/f`` for ``f`` in ``files`` into the store at ``out``: the work behind
     :func:`embed_images`, for callers that choose the files themselves (the search index keys rows by absolute
-    path, with ``root="/"``)."""
+    path, with ``root="/"``). ``opener(key)``: decodes images that are not files (rows of a Chinese-CLIP TSV;
+    their recorded size is -1)."""
     root, out = Path(root), Path(out)
     if batch_size < 1 or shard_size < 1 or (workers is not None and workers < 0):
         raise ClipkdError(f"batch size and shard size must be ≥ 1 and workers ≥ 0 (got {batch_size}, {shard_size}, "
@@ -322,14 +325,15 @@ def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path
         if compile:
             teacher.compile_image_tower(batch_size)
         draft = max(manifest["preprocess"].get("size") or [0]) or None
-        dataset = ImageDataset(root, pending, teacher.preprocess, draft_size=draft)
+        dataset = ImageDataset(root, pending, teacher.preprocess, draft_size=draft, opener=opener)
         writer = ShardWriter(out, manifest, shard_size)
         for b in iter_encoded(teacher.encode_image, dataset, batch_size, workers, progress, desc="embed-images"):
             for idx, err in b.skipped:
                 writer.skip(pending[idx], err)
             if b.outputs is not None:
                 done_now = [pending[i] for i in b.index]
-                writer.add(b.outputs.numpy(), done_now, [_file_size(root / p) for p in done_now])
+                sizes = [-1] * len(done_now) if opener is not None else [_file_size(root / p) for p in done_now]
+                writer.add(b.outputs.numpy(), done_now, sizes)
         writer.flush()
         if writer.skipped_count:
             log.warning("%d image(s) could not be decoded and were skipped; listed in %s", writer.skipped_count,

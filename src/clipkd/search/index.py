@@ -49,15 +49,37 @@ def _faiss():
 
 @dataclass
 class Source:
-    """Images to index: absolute paths and, where the source has them, labels."""
+    """Images to index: absolute paths (``TSV#image_id`` for a Chinese-CLIP TSV) and, where known, labels."""
 
     paths: list[str]
     labels: dict[str, str]
+    opener: Any = None
+
+
+class TsvOpener:
+    """Decodes ``/abs/file.tsv#image_id`` keys from their Chinese-CLIP TSVs (picklable, for loader workers)."""
+
+    def __init__(self) -> None:
+        self.tsvs: dict[str, Any] = {}
+
+    def __call__(self, key: str):
+        from ..data.captions import TsvImages
+
+        path, _, image_id = key.rpartition("#")
+        if path not in self.tsvs:
+            self.tsvs[path] = TsvImages(path)
+        return self.tsvs[path].open(image_id)
 
 
 def read_source(images: str | Path) -> Source:
-    """A folder (class sub-folders give labels), or a ``path,label`` image list."""
+    """A folder (class sub-folders give labels), a ``path,label`` image list, or a Chinese-CLIP ``*_imgs.tsv``."""
     images = Path(images)
+    if images.suffix.lower() == ".tsv" and images.is_file() and not _has_header(images):
+        from ..data.captions import TsvImages
+
+        tsv = TsvImages(images)
+        root = str(images.resolve())
+        return Source([f"{root}#{i}" for i in tsv.offsets], {}, TsvOpener())
     if images.is_file():
         listed = read_image_list(images)
         paths = [str((listed.root / p).resolve()) for p in listed.paths]
@@ -67,6 +89,19 @@ def read_source(images: str | Path) -> Source:
     paths = [str(root / r) for r in rel]
     labels = {p: clean_classname(r.split("/", 1)[0]) for p, r in zip(paths, rel, strict=True) if "/" in r}
     return Source(paths, labels)
+
+
+def _has_header(path: Path) -> bool:
+    """An image list (``path<TAB>label`` header) rather than a Chinese-CLIP TSV (``id<TAB>base64`` rows)."""
+    with path.open("rb") as f:
+        first = f.readline(4096)
+    return first.split(b"\t")[0].strip().lower() == b"path"
+
+
+def is_tsv_key(path: str) -> bool:
+    """Whether an index row names a Chinese-CLIP TSV row rather than a file."""
+    head, sep, _ = path.rpartition("#")
+    return bool(sep) and head.lower().endswith(".tsv")
 
 
 def _model_ref(model: str | Path | None) -> str | None:
@@ -149,6 +184,11 @@ class SearchIndex:
         if not hasattr(self, "_removed"):
             self._removed = _read_removed(self.root)
         return self._removed
+
+    def open_image(self, row: int):
+        """The picture of an indexed row, decoded (files and Chinese-CLIP TSV rows alike)."""
+        path = self.paths[row]
+        return TsvOpener()(path).convert("RGB") if is_tsv_key(path) else load_rgb(path)
 
     def embed_images(self, images: Sequence[Any]) -> np.ndarray:
         """Unit embeddings of PIL images with the index's model (loaded on first use)."""
@@ -298,7 +338,8 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
         if existing is not None and existing.get("identity") != enc.identity:
             raise ClipkdError(f"{out} holds an index built by '{existing.get('identity')}', not '{enc.identity}'; "
                               "use another --out")
-        store = embed_paths(enc, "/", source.paths, out / "store", batch_size, workers, progress=progress)
+        store = embed_paths(enc, "/", source.paths, out / "store", batch_size, workers, progress=progress,
+                            opener=source.opener)
         _append_labels(out, source)
         sources = [*(existing or {}).get("sources", []), str(Path(images).resolve())]
         _write_faiss(out, store, kind, _describe(model, text_model, enc, sources))

@@ -171,14 +171,13 @@ class SearchService:
             return self.by_id(body["id"], k), k
         return self.by_image(decode_image(b64decode(body["image"])), k), k
 
-    def image_path(self, row: str) -> Path:
-        """The file of an indexed row; 404 for anything else (never a path from the client)."""
+    def image_row(self, row: str) -> int:
+        """An indexed row by its id; 404 for anything else (never a path from the client)."""
         if not row.isdigit() or not 0 <= int(row) < len(self.index.paths):
             raise QueryError(404, "no such image")
-        path = Path(self.index.paths[int(row)])
-        if path.as_posix() in self.index.removed or not path.is_file():
+        if self.index.paths[int(row)] in self.index.removed:
             raise QueryError(404, "no such image")
-        return path
+        return int(row)
 
 
 def b64decode(data: Any) -> bytes:
@@ -264,17 +263,17 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
 
     @app.get("/images/{row}")
     def image(row: str, thumb: int = 0) -> Response:
-        """An indexed image by id (``?thumb=1``: a JPEG at most 256 px)."""
-        path = svc.image_path(row)
-        if not thumb:
+        """An indexed image by id (``?thumb=1``: a JPEG at most 256 px; TSV rows are served as JPEG)."""
+        r = svc.image_row(row)
+        path = Path(index.paths[r])
+        if not thumb and path.is_file():
             return FileResponse(path)
         try:
-            from ..data.loader import load_rgb
-
-            img = load_rgb(path)
-        except Exception:  # noqa: BLE001
+            img = index.open_image(r)
+        except Exception:  # noqa: BLE001 - gone or undecodable since it was indexed
             raise QueryError(404, "image cannot be decoded") from None
-        img.thumbnail((256, 256))
+        if thumb:
+            img.thumbnail((256, 256))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
         return Response(buf.getvalue(), media_type="image/jpeg")
