@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--images", required=True, help="image folder (class sub-folders become labels) or path,label list")
     q.add_argument("--out", required=True, help="index folder; re-running resumes an interrupted build")
     q.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"],
-                   help="auto (default): exact up to 200k images, HNSW above; its recall@10 is measured and shown")
+                   help="auto (default): exact up to 30k images, HNSW above; its recall@10 is measured and shown")
     q.add_argument("--text-model", help="for a student: its teacher (spec or clip-train run), for text queries")
     q.add_argument("--batch-size", type=_count, default=64)
     q.add_argument("--workers", type=_workers)

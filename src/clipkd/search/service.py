@@ -1,10 +1,11 @@
 """``clipkd serve``: an index behind HTTP (FastAPI): JSON search, images, a web page, and clip-retrieval's
 ``/knn-service`` protocol.
 
-Image queries from concurrent requests are batched (:class:`Batcher`): one thread runs the model on whatever
-queries arrived within a couple of milliseconds of each other, so 16 clients share forward passes instead of
-queueing 16 single-image ones. (No ``from __future__ import annotations`` here: FastAPI reads the route
-functions' annotations, and ``Request`` is imported inside :func:`create_app`, FastAPI being optional.)
+Image queries from concurrent requests are batched (:class:`Batcher`): one thread runs the model on all the
+queries waiting for it, so 16 clients share forward passes instead of queueing 16 single-image ones.
+
+No ``from __future__ import annotations`` here: FastAPI reads the route functions' annotations, and ``Request`` is
+imported inside :func:`create_app` (FastAPI is optional).
 """
 
 import base64
@@ -63,11 +64,13 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
 class Batcher:
     """One worker thread that embeds and searches image queries in batches.
 
-    ``submit`` returns a future; the worker takes the first waiting query, gathers those arriving within
-    ``window_s`` (up to ``max_batch``), runs the model once and FAISS once for all of them.
+    ``submit`` returns a future; the worker takes the first waiting query plus every query already queued behind
+    it (up to ``max_batch``; with ``window_s`` > 0 it also waits that long for more), runs the model once and FAISS
+    once for all of them. With the default ``window_s=0`` a lone query never waits; under load the queries that
+    arrived while the previous batch ran form the next one.
     """
 
-    def __init__(self, index: SearchIndex, max_batch: int = 32, window_s: float = 0.002) -> None:
+    def __init__(self, index: SearchIndex, max_batch: int = 32, window_s: float = 0.0) -> None:
         self.index, self.max_batch, self.window_s = index, max_batch, window_s
         self.queue: queue.Queue = queue.Queue()
         self.batches: list[int] = []  # sizes of the batches run (for the benchmark and tests)
