@@ -93,11 +93,6 @@ class Scorer:
         return F.softmax(self.temperature * scores, dim=-1)
 
 
-def _is_student(model: str | Path) -> bool:
-    p = Path(model)
-    return p.is_file() and p.suffix in (".pt", ".pth") or (p.is_dir() and (p / "student.pt").is_file())
-
-
 def load_scorer(model: str, classnames: Sequence[str] | None = None, text: str | Path | None = None,
                 templates: str = "simple", device: str | None = "auto", precision: str = "auto") -> Scorer:
     """A scorer for a teacher spec (``open_clip:...``) or a student run folder / ``student.pt``.
@@ -109,7 +104,9 @@ def load_scorer(model: str, classnames: Sequence[str] | None = None, text: str |
     text_emb = TextEmbeddings.load(text) if text else None
     dev = resolve_device(device)
     student = None
-    if _is_student(model):
+    from ..students.model import is_student
+
+    if is_student(model):
         from ..students.model import load_student, student_transform
 
         student = load_student(model).to(dev)

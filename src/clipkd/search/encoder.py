@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..data.preprocess import PreprocessConfig
 from ..errors import ClipkdError
+from ..students.model import is_student
 
 
 @dataclass
@@ -57,12 +58,6 @@ class Encoder:
     def describe(self) -> dict[str, Any]:
         """What an index records about the model (the store's ``teacher`` field holds the identity)."""
         return {"teacher": self.identity, "embed_dim": self.embed_dim, "preprocess": self.preprocess_cfg.to_dict()}
-
-
-def is_student(model: str | Path) -> bool:
-    """A student run folder or ``student.pt`` (anything else is a CLIP spec or a clip-train run)."""
-    p = Path(model)
-    return (p.is_file() and p.suffix in (".pt", ".pth")) or (p.is_dir() and (p / "student.pt").is_file())
 
 
 def load_encoder(model: str | Path, text_model: str | Path | None = None, device: str | None = "auto",

@@ -97,6 +97,12 @@ def save_student(path: str | Path, model: Student, extra: dict[str, Any] | None 
                               **(extra or {})})
 
 
+def is_student(model: str | Path) -> bool:
+    """A student run folder or ``student.pt`` (anything else is a CLIP spec or a clip-train run)."""
+    p = Path(model)
+    return (p.is_file() and p.suffix in (".pt", ".pth")) or (p.is_dir() and (p / "student.pt").is_file())
+
+
 def check_student_arch(arch: str) -> None:
     """A one-line error, before any work, when ``arch`` is not a timm architecture name (a common slip: a
     student ``.pt`` or a teacher spec passed where the architecture goes)."""
