@@ -297,19 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
     q = isub.add_parser("build", help="embed images with a model into a new (or resumed) index")
     q.add_argument("--model", required=True, help="clip-train run folder, distilled student (run folder or "
                    "student.pt), or teacher spec")
-    q.add_argument("--images", required=True, help="image folder (class sub-folders become labels) or path,label list")
+    q.add_argument("--images", required=True, help="image folder (class sub-folders become labels), path,label list, "
+                   "or Chinese-CLIP *_imgs.tsv")
     q.add_argument("--out", required=True, help="index folder; re-running resumes an interrupted build")
     q.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"],
                    help="auto (default): exact up to 30k images, HNSW above; its recall@10 is measured and shown")
     q.add_argument("--text-model", help="for a student: its teacher (spec or clip-train run), for text queries")
-    q.add_argument("--batch-size", type=_count, default=64)
-    q.add_argument("--workers", type=_workers)
+    q.add_argument("--batch-size", type=_count, default=64, help="images per forward pass (default 64)")
+    q.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
     _device_flags(q)
     q = isub.add_parser("add", help="embed more images into an index (with the model that built it)")
     q.add_argument("--index", required=True)
-    q.add_argument("--images", required=True, help="image folder or path,label list")
-    q.add_argument("--batch-size", type=_count, default=64)
-    q.add_argument("--workers", type=_workers)
+    q.add_argument("--images", required=True, help="image folder, path,label list or Chinese-CLIP *_imgs.tsv")
+    q.add_argument("--batch-size", type=_count, default=64, help="images per forward pass (default 64)")
+    q.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
     _device_flags(q)
     q = isub.add_parser("remove", help="drop images from an index")
     q.add_argument("--index", required=True)
@@ -320,22 +321,22 @@ def build_parser() -> argparse.ArgumentParser:
     qq = p.add_mutually_exclusive_group(required=True)
     qq.add_argument("--image", help="query image file")
     qq.add_argument("--text", help="query text (the model's text tower, or a student's teacher's)")
-    p.add_argument("--k", type=_count, default=10)
+    p.add_argument("--k", type=_count, default=10, help="results (default 10)")
     p.add_argument("--out", help="write a PNG grid (query, then its results) here")
     p.add_argument("--text-model", help="for a student index built without one: its teacher, for --text")
     _device_flags(p)
 
     p = sub.add_parser("serve", help="an HTTP search service and web page over an index (FastAPI + uvicorn)")
     p.add_argument("--index", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_count, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_count, default=8000, help="default 8000")
     p.add_argument("--no-batch", action="store_true", help="one forward pass per query (no dynamic batching)")
 
     p = sub.add_parser("select", help="a CLIP-filtered training list: top images per class prompt from an "
                        "indexed pool")
     p.add_argument("--index", required=True, help="index of the unlabelled pool")
     p.add_argument("--prompts", required=True, help="prompts.json (from `clipkd prompts`)")
-    p.add_argument("--per-class", type=_count, default=100)
+    p.add_argument("--per-class", type=_count, default=100, help="images per class (default 100)")
     p.add_argument("--min-similarity", type=float, default=-1.0, help="cosine a chosen image must reach (default: "
                    "none; look at `clipkd search --text` scores of your model to pick one)")
     p.add_argument("--duplicate", type=float, default=0.98, help="cosine above which an image is a near-copy of "
@@ -363,9 +364,10 @@ def _index(a: argparse.Namespace) -> None:
         print(f"removed {n} image(s) from {a.index}")
         return
     if a.index_command == "build":
-        idx = build_index(a.model, a.images, a.out, a.kind, a.text_model, a.device, a.batch_size, a.workers)
+        idx = build_index(a.model, a.images, a.out, a.kind, a.text_model, a.device, a.batch_size, a.workers,
+                          precision=a.precision or "auto")
     else:
-        idx = add_to_index(a.index, a.images, a.device, a.batch_size, a.workers)
+        idx = add_to_index(a.index, a.images, a.device, a.batch_size, a.workers, precision=a.precision or "auto")
     i = idx.info
     print(f"index {idx.root}: {i['rows']} images ({i['skipped']} skipped), {i['kind']}, recall@10 vs exact "
           f"{i['recall@10']:.3f}, model {i['identity']}")
@@ -377,7 +379,7 @@ def _search(a: argparse.Namespace) -> None:
     from .search.index import SearchIndex
 
     idx = SearchIndex(a.index)
-    idx.load_encoder(text_model=a.text_model, device=a.device)
+    idx.load_encoder(text_model=a.text_model, device=a.device, precision=a.precision or "auto")
     hits = idx.search(image=a.image, text=a.text, k=a.k)
     for rank, h in enumerate(hits, 1):
         print(f"{rank:3d}  {h['score']:.4f}  {h['path']}" + (f"  [{h['label']}]" if h["label"] else ""))
@@ -402,7 +404,7 @@ def _select(a: argparse.Namespace) -> None:
     from .search.select import select_images
 
     sel = select_images(a.index, a.prompts, a.out, a.per_class, a.min_similarity, a.duplicate, a.text_model,
-                        a.device)
+                        a.device, a.precision or "auto")
     total = sum(len(v) for v in sel.chosen.values())
     print(f"{total} images for {len(sel.chosen)} classes -> {sel.out}")
 

@@ -149,10 +149,10 @@ class SearchIndex:
             self.index.nprobe = int(self.info.get("params", {}).get("nprobe", 16))
 
     def load_encoder(self, model: str | Path | None = None, text_model: str | Path | None = None,
-                     device: str | None = "auto") -> Encoder:
+                     device: str | None = "auto", precision: str = "auto") -> Encoder:
         """The model that built the index (or ``model``, refused unless it is the same one)."""
         enc = load_encoder(model or self.info["model"], text_model if text_model is not None
-                           else (self.info.get("text_model") if model is None else None), device)
+                           else (self.info.get("text_model") if model is None else None), device, precision)
         check_model(self, enc)
         self.encoder = enc
         return enc
@@ -323,7 +323,8 @@ def _append_labels(root: Path, source: Source) -> None:
 
 def build_index(model: str | Path, images: str | Path, out: str | Path, kind: str = "auto",
                 text_model: str | Path | None = None, device: str | None = "auto", batch_size: int = 64,
-                workers: int | None = None, progress: bool = True, encoder: Encoder | None = None) -> SearchIndex:
+                workers: int | None = None, progress: bool = True, encoder: Encoder | None = None,
+                precision: str = "auto") -> SearchIndex:
     """Embed ``images`` (a folder or an image list) with ``model`` into a new index at ``out``, or resume one.
 
     ``model``: a teacher spec, a ``clip-train`` run, or a distilled student (``text_model``: its teacher, for
@@ -335,7 +336,7 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
     source = read_source(images)
     with exclusive(out, "search index"):
         existing = read_json(out / "index.json", "index description") if (out / "index.json").is_file() else None
-        enc = encoder or load_encoder(model, text_model, device)
+        enc = encoder or load_encoder(model, text_model, device, precision)
         if existing is not None and existing.get("identity") != enc.identity:
             raise ClipkdError(f"{out} holds an index built by '{existing.get('identity')}', not '{enc.identity}'; "
                               "use another --out")
@@ -370,12 +371,12 @@ def index_store(out: str | Path, model: str | Path, kind: str = "auto", text_mod
 
 
 def add_to_index(index_dir: str | Path, images: str | Path, device: str | None = "auto", batch_size: int = 64,
-                 workers: int | None = None, progress: bool = True) -> SearchIndex:
+                 workers: int | None = None, progress: bool = True, precision: str = "auto") -> SearchIndex:
     """Embed new images into an index with the model that built it, and rebuild its FAISS index."""
     index = SearchIndex(index_dir)
     info = index.info
     return build_index(info["model"], images, index_dir, info.get("requested_kind", info["kind"]),
-                       info.get("text_model"), device, batch_size, workers, progress)
+                       info.get("text_model"), device, batch_size, workers, progress, precision=precision)
 
 
 def remove_from_index(index_dir: str | Path, paths: Sequence[str]) -> int:

@@ -30,7 +30,8 @@ class Selection:
 
 def select_images(index_dir: str | Path, prompts: str | Path | dict[str, list[str]], out: str | Path,
                   per_class: int = 100, min_similarity: float = -1.0, duplicate: float = 0.98,
-                  text_model: str | Path | None = None, device: str | None = "auto") -> Selection:
+                  text_model: str | Path | None = None, device: str | None = "auto",
+                  precision: str = "auto") -> Selection:
     """Pick up to ``per_class`` images per class from an indexed pool and write a ``path,label`` image list.
 
     Class text embeddings are the template-averaged prompts (``prompts.json`` from ``clipkd prompts``). An image
@@ -45,7 +46,7 @@ def select_images(index_dir: str | Path, prompts: str | Path | dict[str, list[st
     prompts = prompts if isinstance(prompts, dict) else read_prompts(prompts)
     if not prompts:
         raise ClipkdError("no class prompts given")
-    enc = index.load_encoder(text_model=text_model, device=device)
+    enc = index.load_encoder(text_model=text_model, device=device, precision=precision)
     if not enc.has_text:
         raise ClipkdError(f"{index.identity} has no text tower; select needs one (--text-model for a student index)")
     text = embed_prompts(enc, prompts)
