@@ -81,6 +81,8 @@ def test_interrupted_build_resumes_and_other_model_is_refused(tiny_world, teache
         SearchIndex(tmp_path / "ix").load_encoder(other, device="cpu")
     with pytest.raises(ClipkdError, match="holds an index built by"):
         build_index(other, tiny_world / "val", tmp_path / "ix", device="cpu", workers=0, progress=False)
+    with pytest.raises(ClipkdError, match="holds an index of .*index add"):  # a reused --out, other images
+        build_index(teacher_spec, tiny_world / "test", tmp_path / "ix", encoder=enc, workers=0, progress=False)
 
 
 def test_add_and_remove(tiny_world, teacher_spec, tmp_path):

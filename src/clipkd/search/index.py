@@ -324,18 +324,23 @@ def _append_labels(root: Path, source: Source) -> None:
 def build_index(model: str | Path, images: str | Path, out: str | Path, kind: str = "auto",
                 text_model: str | Path | None = None, device: str | None = "auto", batch_size: int = 64,
                 workers: int | None = None, progress: bool = True, encoder: Encoder | None = None,
-                precision: str = "auto") -> SearchIndex:
+                precision: str = "auto", add: bool = False) -> SearchIndex:
     """Embed ``images`` (a folder or an image list) with ``model`` into a new index at ``out``, or resume one.
 
     ``model``: a teacher spec, a ``clip-train`` run, or a distilled student (``text_model``: its teacher, for
     text queries). ``kind``: ``auto`` (exact up to :data:`EXACT_MAX` rows, HNSW above), ``flat``, ``hnsw``,
-    ``ivf`` or ``ivfpq``. Killed midway, the same command resumes (finished shards are kept).
+    ``ivf`` or ``ivfpq``. Killed midway, the same command resumes (finished shards are kept). An index of other
+    images at ``out`` is refused unless ``add`` (what :func:`add_to_index` does).
     """
     out = Path(out)
     _choose_kind(kind, 0)
     source = read_source(images)
     with exclusive(out, "search index"):
         existing = read_json(out / "index.json", "index description") if (out / "index.json").is_file() else None
+        here = str(Path(images).resolve())
+        if existing is not None and not add and here not in existing.get("sources", []):
+            raise ClipkdError(f"{out} holds an index of {existing.get('sources')}, not of {here}; add images with "
+                              "`clipkd index add`, or build into another --out")
         enc = encoder or load_encoder(model, text_model, device, precision)
         if existing is not None and existing.get("identity") != enc.identity:
             raise ClipkdError(f"{out} holds an index built by '{existing.get('identity')}', not '{enc.identity}'; "
@@ -343,7 +348,7 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
         store = embed_paths(enc, "/", source.paths, out / "store", batch_size, workers, progress=progress,
                             opener=source.opener)
         _append_labels(out, source)
-        sources = [*(existing or {}).get("sources", []), str(Path(images).resolve())]
+        sources = [*(existing or {}).get("sources", []), here]
         _write_faiss(out, store, kind, _describe(model, text_model, enc, sources))
     index = SearchIndex(out)
     index.encoder = enc
@@ -376,7 +381,7 @@ def add_to_index(index_dir: str | Path, images: str | Path, device: str | None =
     index = SearchIndex(index_dir)
     info = index.info
     return build_index(info["model"], images, index_dir, info.get("requested_kind", info["kind"]),
-                       info.get("text_model"), device, batch_size, workers, progress, precision=precision)
+                       info.get("text_model"), device, batch_size, workers, progress, precision=precision, add=True)
 
 
 def remove_from_index(index_dir: str | Path, paths: Sequence[str]) -> int:
