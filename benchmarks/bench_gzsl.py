@@ -38,6 +38,10 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     # clipkd's method: per-image CutMix, every image through the online teacher, for as many epochs as the
     # baseline's training compute affords (+20 % at most; teacher forwards counted)
     "cutmix_fm": ({"terms": {"embed": 1.0}, "mix": "cutmix", "epochs": "matched"}, {}, True),
+    # the same views drawn once (the image, then flipped and CutMix views), each embedded once by the teacher into a
+    # multi-view store, then as many epochs (one view per image each) as the compute budget affords
+    "cutmix_views4": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 4, "epochs": "matched"}, {}, True),
+    "cutmix_views8": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 8, "epochs": "matched"}, {}, True),
     # half the images mixed; the store serves the plain ones, the teacher embeds only the mixed ones (no flips: a
     # store holds unflipped images)
     "cutmix_fm_store": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5, "augment": "none"}, {}, "both"),
@@ -136,10 +140,12 @@ def _flops(p: dict) -> tuple[float, float]:
 
 def _cost(method: str, p: dict, epochs: int) -> float:
     """Training FLOPs per training image: 3 student forwards per image per epoch (forward + backward), plus one
-    teacher forward per image it embeds: once for a store, every epoch online, every epoch for the mixed share
-    when a store serves the plain images."""
+    teacher forward per image it embeds: once for a store, once per view for a multi-view store, every epoch
+    online, every epoch for the mixed share when a store serves the plain images."""
     fs, ft = _flops(p)
     overrides, _, online = METHODS[method]
+    if overrides.get("views"):  # a multi-view store: the teacher embeds each view once
+        return overrides["views"] * ft + 3 * epochs * fs
     if not online:
         return ft + 3 * epochs * fs
     mixed = overrides.get("mix_prob", 1.0) if overrides.get("mix_mode", "elem") == "elem" else 1.0

@@ -404,3 +404,26 @@ def export_npy_folder(store: str | Path, out: str | Path, flat: bool = True) -> 
     for name, row in zip(names, emb, strict=True):
         write_npy(out / name, np.asarray(row, dtype=np.float32))
     return len(names)
+
+
+def embed_views(teacher, root: str | Path, plan, out: str | Path, batch_size: int = 64, workers: int | None = None,
+                progress: bool = True, max_images: int | None = None) -> EmbeddingStore:
+    """Embed every view of a :class:`~clipkd.data.views.ViewPlan` over the images under ``root`` into the store at
+    ``out`` (rows keyed ``path#view=k``; the plan saved beside them as ``views.json``). Resumes like
+    :func:`embed_images`; a store of another plan (other images, view count, mix or seed) is refused."""
+    from .data.views import ViewPlan
+
+    out = Path(out)
+    saved = out / "views.json"
+    if saved.is_file():
+        old = ViewPlan.load(saved)
+        if old.settings() != plan.settings() or old.images != plan.images:
+            raise ClipkdError(f"{out} holds the views of another plan ({old.settings()}, {len(old.images)} images; "
+                              f"now {plan.settings()}, {len(plan.images)} images); use another folder")
+    elif (out / "manifest.json").exists():
+        raise ClipkdError(f"{out} is a store of plain images, not of views; use another folder")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        plan.save(saved)
+    return embed_paths(teacher, root, plan.keys(), out, batch_size, workers, progress=progress,
+                       max_images=max_images, opener=plan.opener(root))

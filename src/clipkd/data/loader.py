@@ -133,6 +133,7 @@ def make_loader(
     workers: int | None = None,
     drop_last: bool = False,
     seed: int = 0,
+    sampler: Any = None,
 ) -> DataLoader:
     """Build the DataLoader every command uses (skip-aware collate, pinned memory on GPU)."""
     workers = default_workers() if workers is None else workers
@@ -140,7 +141,8 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else None,
+        sampler=sampler,
         num_workers=workers,
         collate_fn=collate_skip,
         pin_memory=torch.cuda.is_available(),

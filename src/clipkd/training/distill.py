@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,11 @@ from ..data.folders import LabelledImages
 from ..data.loader import ImageDataset, make_loader
 from ..data.preprocess import PreprocessConfig
 from ..data.splits import load_split
+from ..data.views import ViewSampler, make_view_plan
 from ..errors import ClipkdError
 from ..fileio import write_json
 from ..prompts import TextEmbeddings
-from ..store import EmbeddingStore
+from ..store import EmbeddingStore, embed_views
 from ..students.losses import EMBEDDING_LOSSES, check_terms, term_needs
 from ..students.model import StudentConfig, augment_ops, check_student_arch, save_student, student_transform
 from .modules import StudentModule
@@ -51,6 +53,7 @@ class TrainConfig(TrainerSettings):
     mix_alpha: float = 1.0
     mix_prob: float = 1.0  # fraction of batches (mix_mode batch) or of images (elem) mixed; the rest stay plain
     mix_mode: str = "elem"  # elem: a ratio and box per image (clipkd's method); batch: one per batch (timm's default)
+    views: int = 0  # K > 0: K views per image (plain + K-1 flipped/mixed), embedded once by the teacher
     epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
@@ -99,21 +102,30 @@ def _label_map(classnames: list[str], trained: list[str]) -> torch.Tensor:
     return torch.tensor([pos.get(c, -100) for c in classnames], dtype=torch.long)
 
 
-def _fit_and_save(module: StudentModule, dataset: ImageDataset, out: Path, cfg: TrainConfig, device: str,
-                  progress: bool, info: dict[str, Any], recipe: dict[str, Any], overwrite: bool | str) -> TrainResult:
-    """The part every student run shares: loader, the one training loop, ``student.pt`` + ``run.json``."""
-    loader = make_loader(dataset, cfg.batch_size, shuffle=True, workers=cfg.workers, drop_last=True, seed=cfg.seed)
-    if len(loader) == 0:
-        raise ClipkdError(f"{len(dataset)} training images is fewer than one batch of {cfg.batch_size}")
+Built = tuple[StudentModule, ImageDataset, dict[str, Any], Any]  # module, dataset, run info, sampler (or None)
+
+
+def _fit_and_save(build: Callable[[], Built], out: Path, cfg: TrainConfig, device: str, progress: bool,
+                  recipe: dict[str, Any], overwrite: bool | str) -> TrainResult:
+    """The part every student run shares: hold the run folder, ``build()`` the module and data set (work that
+    writes into the folder happens there, under its lock), the one loader and training loop, ``student.pt`` +
+    ``run.json``."""
     with claim_run(out, recipe, overwrite):
+        module, dataset, info, sampler = build()
+        loader = make_loader(dataset, cfg.batch_size, shuffle=sampler is None, workers=cfg.workers, drop_last=True,
+                             seed=cfg.seed, sampler=sampler)
+        n = len(sampler) if sampler is not None else len(dataset)
+        if len(loader) == 0:
+            raise ClipkdError(f"{n} training images is fewer than one batch of {cfg.batch_size}")
         trainer = fit(module, loader, out, cfg.epochs, device=device, settings=cfg, progress=progress)
         skipped = skipped_images(trainer, loader)
-        info = {"train": asdict(cfg), **info, "train_images": len(dataset) - len(skipped),
+        info = {"train": asdict(cfg), **info, "train_images": n - len(skipped),
                 "skipped_images": len(skipped), "skipped": skipped[:1000]}
-        info["teacher_images"] = module.teacher_images  # online teacher forwards (this process; 0 from a store)
+        # teacher forwards: online (this process), or the views it embedded; 0 from a store
+        info["teacher_images"] = info.get("teacher_images", 0) + module.teacher_images
         path = save_student(out / "student.pt", module.student.cpu(), extra=info)
         write_json(out / "run.json", {**info, "student": asdict(module.student.cfg)})
-    return TrainResult(out, path, train_images=len(dataset) - len(skipped), skipped_images=len(skipped))
+    return TrainResult(out, path, train_images=n - len(skipped), skipped_images=len(skipped))
 
 
 def distill(
@@ -165,6 +177,15 @@ def distill(
         raise ClipkdError(f"--mix-mode must be batch or elem, got '{cfg.mix_mode}'")
     if not 0.0 <= cfg.mix_prob <= 1.0:
         raise ClipkdError(f"--mix-prob must be in [0, 1], got {cfg.mix_prob}")
+    if cfg.views < 0:
+        raise ClipkdError(f"--views must be ≥ 0 (0: no stored views), got {cfg.views}")
+    if cfg.views and teacher is None:
+        raise ClipkdError("--views needs --teacher SPEC: it embeds each view once, before training")
+    if cfg.views and (store is not None or extra_images is not None):
+        raise ClipkdError("--views builds its own store of views (OUT/views) over the training images; drop "
+                          "--store and --extra-images")
+    if cfg.views and cfg.augment not in ("none", "flip"):
+        raise ClipkdError(f"--views draws flips itself (--augment flip or none), not '{cfg.augment}'")
     if cfg.mix != "none" and teacher is None:
         raise ClipkdError("--mix needs the teacher's embedding of each mixed image: use --teacher SPEC (online)")
     if store is not None and teacher is not None and cfg.mix == "none":
@@ -230,15 +251,15 @@ def distill(
     size = cfg.image_size or pre.side
     scfg = StudentConfig(arch=cfg.student, out_dim=dim, kind="embedding", image_size=size, mean=pre.mean,
                          std=pre.std, teacher=identity, pretrained=cfg.pretrained)
-    if online is not None:
+    if online is not None and not cfg.views:
         augment = T.Compose(augment_ops(size, cfg.augment))
         plain = student_transform(scfg, "none")
 
         def transform(img):
             view = augment(img)
             return plain(view), online.preprocess(view)
-    else:
-        transform = student_transform(scfg, cfg.augment)
+    else:  # a store: plain images (the store's own flips are the student's); views: each view as it was embedded
+        transform = student_transform(scfg, "none" if cfg.views else cfg.augment)
     text_seen = torch.from_numpy(text_emb.select(seen).embeddings) if text_emb is not None else None
     scale = cfg.logit_scale or (text_emb.logit_scale if text_emb is not None else 100.0)
     words = None
@@ -250,17 +271,36 @@ def distill(
         paths += extra_paths
         labels += [len(data.classnames)] * len(extra_paths)
         label_map = torch.cat([label_map, torch.tensor([-100])])
-    module = StudentModule(scfg, label_map, terms=terms, distance=cfg.loss, text=text_seen,
-                           logit_scale=scale, targets=targets, teacher=online, lr=cfg.lr,
-                           weight_decay=cfg.weight_decay, warmup=cfg.warmup, vocab=words,
-                           vocab_scale=cfg.vocab_scale or scale, mix=cfg.mix, mix_alpha=cfg.mix_alpha,
-                           mix_prob=cfg.mix_prob, mix_mode=cfg.mix_mode)
-    # Rows of `targets` follow `paths`, so the dataset index is the target row.
-    dataset = ImageDataset(data.root, paths, transform, labels=labels)
-    return _fit_and_save(module, dataset, out, cfg, device, progress,
-                         {"seen_classes": seen, "targets": ("store+online" if store and teacher else
-                                                            "store" if store else "online"),
-                          "extra_images": len(paths) - len(data.paths)}, recipe, overwrite)
+    info = {"seen_classes": seen, "targets": ("views" if cfg.views else "store+online" if store and teacher else
+                                              "store" if store else "online"),
+            "extra_images": len(paths) - len(data.paths)}
+
+    def module(targets: torch.Tensor | None, teacher: Any) -> StudentModule:
+        return StudentModule(scfg, label_map, terms=terms, distance=cfg.loss, text=text_seen,
+                             logit_scale=scale, targets=targets, teacher=teacher, lr=cfg.lr,
+                             weight_decay=cfg.weight_decay, warmup=cfg.warmup, vocab=words,
+                             vocab_scale=cfg.vocab_scale or scale, mix="none" if cfg.views else cfg.mix,
+                             mix_alpha=cfg.mix_alpha, mix_prob=cfg.mix_prob, mix_mode=cfg.mix_mode)
+
+    def build() -> Built:
+        if not cfg.views:  # rows of `targets` follow `paths`, so the dataset index is the target row
+            return module(targets, online), ImageDataset(data.root, paths, transform, labels=labels), info, None
+        plan = make_view_plan(paths, cfg.views, cfg.mix, cfg.mix_alpha, cfg.mix_prob, flip=cfg.augment == "flip",
+                              seed=cfg.seed)
+        st = embed_views(online, data.root, plan, out / "views", batch_size=cfg.batch_size, workers=cfg.workers,
+                         progress=progress)
+        keys = plan.keys()
+        found = st.targets(keys, teacher=identity, what="views")
+        kept = found.keep.tolist()
+        groups: list[list[int]] = [[] for _ in paths]
+        for row, i in enumerate(kept):
+            groups[i // cfg.views].append(row)
+        dataset = ImageDataset(data.root, [keys[i] for i in kept], transform,
+                               labels=[labels[i // cfg.views] for i in kept], opener=plan.opener(data.root))
+        views_info = {**info, "views": len(kept), "teacher_images": len(kept)}
+        return module(found.targets, None), dataset, views_info, ViewSampler(groups, cfg.seed)
+
+    return _fit_and_save(build, out, cfg, device, progress, recipe, overwrite)
 
 
 def train_supervised(
@@ -286,4 +326,5 @@ def train_supervised(
     module = StudentModule(scfg, _label_map(data.classnames, seen), lr=cfg.lr, weight_decay=cfg.weight_decay,
                            warmup=cfg.warmup)
     dataset = ImageDataset(data.root, data.paths, student_transform(scfg, cfg.augment), labels=data.labels)
-    return _fit_and_save(module, dataset, out, cfg, device, progress, {"seen_classes": seen}, recipe, overwrite)
+    return _fit_and_save(lambda: (module, dataset, {"seen_classes": seen}, None), out, cfg, device, progress,
+                         recipe, overwrite)

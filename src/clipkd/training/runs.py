@@ -27,7 +27,7 @@ RECIPE = "recipe.json"
 RUNTIME_KEYS = frozenset({"devices", "num_nodes", "strategy", "precision", "logger", "workers"})
 # what a training command writes into its folder (removed by --overwrite); nothing else is touched
 RUN_OUTPUTS = ("checkpoints", "logs", RECIPE, "run.json", "student.pt", "training_curves.png",
-               "open_clip_model.pt", "cn_clip_model.pt")
+               "open_clip_model.pt", "cn_clip_model.pt", "views")
 
 
 def input_identity(path: str | Path | None) -> Any:

@@ -1,0 +1,128 @@
+"""Multi-view stores: views drawn once with their parameters, composed exactly, embedded once, sampled per epoch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipkd.data.views import ViewPlan, ViewSampler, make_view_plan
+from clipkd.errors import ClipkdError
+from clipkd.store import EmbeddingStore, embed_views
+
+
+def _solid(path, colour, size=(10, 8)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), colour, np.uint8)).save(path)
+
+
+def test_plan_is_seeded_and_well_formed():
+    images = [f"c/{i}.png" for i in range(50)]
+    a, b = make_view_plan(images, 5, seed=3), make_view_plan(images, 5, seed=3)
+    assert a == b and a != make_view_plan(images, 5, seed=4)
+    assert a.keys()[:2] == ["c/0.png#view=0", "c/0.png#view=1"] and len(a.keys()) == 250
+    p = np.array(a.partner)
+    assert (p[:, 0] == -1).all() and not np.array(a.flips)[:, 0].any()  # view 0: the image itself
+    assert (p[:, 1:] >= 0).all() and (p[:, 1:] != np.arange(50)[:, None]).all()  # mixed, never with itself
+    box = np.array(a.box)[:, 1:]
+    assert (box >= 0).all() and (box <= 1).all() and (box[..., 0] <= box[..., 1]).all()
+    half = np.array(make_view_plan(images, 5, prob=0.5, seed=0).partner)[:, 1:]
+    assert 0.3 < (half >= 0).mean() < 0.7
+    with pytest.raises(ClipkdError, match="--views"):
+        make_view_plan(images, 0)
+
+
+def test_cutmix_and_mixup_views_are_composed_from_their_parameters(tmp_path):
+    _solid(tmp_path / "a.png", (200, 0, 0))
+    _solid(tmp_path / "b.png", (0, 0, 100), size=(20, 16))  # another size: resized to a's
+    plan = make_view_plan(["a.png", "b.png"], 2, seed=0)
+    plan.partner[0][1], plan.flips[0][1] = 1, [False, False]
+    plan.box[0][1] = [0.25, 0.75, 0.5, 1.0]  # rows 2..6, columns 5..10 of a 10×8 image
+    view = np.asarray(plan.compose(tmp_path, "a.png#view=1"))
+    assert view.shape == (8, 10, 3)
+    assert (view[2:6, 5:10] == (0, 0, 100)).all()
+    inside = np.zeros((8, 10), bool)
+    inside[2:6, 5:10] = True
+    assert (view[~inside] == (200, 0, 0)).all()
+    assert (np.asarray(plan.compose(tmp_path, "a.png#view=0")) == (200, 0, 0)).all()
+    mixup = make_view_plan(["a.png", "b.png"], 2, mix="mixup", seed=0)
+    mixup.partner[0][1], mixup.lam[0][1] = 1, 0.25
+    px = np.asarray(mixup.compose(tmp_path, "a.png#view=1"))[0, 0]
+    assert np.allclose(px, 0.25 * np.array([200, 0, 0]) + 0.75 * np.array([0, 0, 100]), atol=1)
+
+
+def test_flip_mirrors_the_image(tmp_path):
+    arr = np.zeros((4, 6, 3), np.uint8)
+    arr[:, 0] = 255
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    _solid(tmp_path / "b.png", (0, 0, 0))
+    plan = make_view_plan(["a.png", "b.png"], 2, mix="none", seed=0)
+    plan.flips[0][1] = [True, False]
+    view = np.asarray(plan.compose(tmp_path, "a.png#view=1"))
+    assert (view[:, -1] == 255).all() and (view[:, 0] == 0).all()
+
+
+def test_sampler_draws_one_view_per_image_per_epoch():
+    groups = [[0, 1, 2], [3, 4, 5], [6], [7, 8, 9]]
+    s = ViewSampler(groups, seed=1)
+    s.set_epoch(0)
+    first = list(s)
+    assert len(first) == 4 and sorted(i // 3 if i < 6 else (2 if i == 6 else 3) for i in first) == [0, 1, 2, 3]
+    s.set_epoch(0)
+    assert list(s) == first  # a resumed run draws what an uninterrupted one would have
+    draws = set()
+    for e in range(30):
+        s.set_epoch(e)
+        draws.update(list(s))
+    assert draws == set(range(10))  # every view is used
+
+
+def test_embed_views_stores_every_view_once_and_resumes(tmp_path, fake_teacher):
+    for i in range(6):
+        _solid(tmp_path / "img" / f"{i}.png", (40 * i, 10, 200 - 30 * i))
+    images = [f"{i}.png" for i in range(6)]
+    plan = make_view_plan(images, 3, seed=0)
+    st = embed_views(fake_teacher, tmp_path / "img", plan, tmp_path / "views", progress=False, max_images=10)
+    assert len(st) == 10
+    st = embed_views(fake_teacher, tmp_path / "img", plan, tmp_path / "views", progress=False)
+    assert len(st) == 18 and fake_teacher.calls == 18  # resumed: no view embedded twice
+    assert ViewPlan.load(tmp_path / "views" / "views.json") == plan
+    # a view's row is the teacher's embedding of the composed picture
+    key = plan.key(2, 1)
+    want = fake_teacher.encode_image(fake_teacher.preprocess(plan.compose(tmp_path / "img", key))[None])[0]
+    row = EmbeddingStore(tmp_path / "views").targets([key]).targets[0].float()
+    assert np.allclose(row.numpy(), want.numpy(), atol=2e-3)
+    with pytest.raises(ClipkdError, match="another plan"):
+        embed_views(fake_teacher, tmp_path / "img", make_view_plan(images, 4, seed=0), tmp_path / "views",
+                    progress=False)
+
+
+def test_distill_from_views_trains_on_stored_views(tiny_world, fake_teacher, tmp_path, monkeypatch):
+    """--views: every view embedded once (N×K teacher forwards), then epochs over one view per image."""
+    import clipkd
+    import clipkd.teachers
+    import clipkd.teachers.factory
+
+    monkeypatch.setattr(clipkd.teachers.factory, "check_teacher_spec", lambda spec: None)
+    monkeypatch.setattr(clipkd.teachers, "load_teacher", lambda spec, **kw: fake_teacher)
+    cfg = clipkd.TrainConfig(student="resnet10t", epochs=2, batch_size=8, workers=0, views=3, image_size=16)
+    r = clipkd.distill(tiny_world / "train", tmp_path / "run", cfg, teacher="fake", split=tiny_world / "split.json",
+                       device="cpu", progress=False)
+    run = json.loads((r.out / "run.json").read_text())
+    n = r.train_images
+    assert run["targets"] == "views" and run["train"]["mix"] == "cutmix"
+    assert run["teacher_images"] == 3 * n == fake_teacher.calls == len(EmbeddingStore(r.out / "views"))
+    import torch
+
+    ckpt = torch.load(r.out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 * (n // 8)  # an epoch is one view of each image, not all n×K views
+    for bad, match in ((dict(views=-1), "--views must be"), (dict(views=2, augment="crop"), "draws flips")):
+        from dataclasses import replace
+
+        with pytest.raises(ClipkdError, match=match):
+            clipkd.distill(tiny_world / "train", tmp_path / "bad", replace(cfg, **bad), teacher="fake",
+                           device="cpu", progress=False)
+    with pytest.raises(ClipkdError, match="needs --teacher"):
+        clipkd.distill(tiny_world / "train", tmp_path / "bad", cfg, store=r.out / "views", device="cpu")
