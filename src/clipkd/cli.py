@@ -335,6 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_count, default=8000, help="default 8000")
     p.add_argument("--no-batch", action="store_true", help="one forward pass per query (no dynamic batching)")
 
+    p = sub.add_parser("export", help="a model as a self-describing ONNX file (fp32 or INT8) or TensorRT engine")
+    p.add_argument("--model", required=True, help="student run folder / student.pt, clip-train run, or teacher spec "
+                   "(its image tower)")
+    p.add_argument("--format", default="onnx", help="onnx (default) or tensorrt (needs a CUDA GPU and tensorrt)")
+    p.add_argument("--out", required=True, help="output file (.onnx; .engine for tensorrt)")
+    p.add_argument("--images", help="sample images for the parity check against PyTorch (default: the student run's "
+                   "training images)")
+    p.add_argument("--samples", type=_count, default=16, help="parity samples (default 16)")
+    p.add_argument("--int8", action="store_true", help="INT8 post-training static quantization (QDQ, per-channel)")
+    p.add_argument("--calib", help="calibration images for --int8 (folder or list; at least 16)")
+    p.add_argument("--calib-count", type=_count, default=128, help="calibration images used (default 128)")
+
     p = sub.add_parser("select", help="a CLIP-filtered training list: top images per class prompt from an "
                        "indexed pool")
     p.add_argument("--index", required=True, help="index of the unlabelled pool")
@@ -511,6 +523,16 @@ def _predict(a: argparse.Namespace) -> None:
             print(f"{r.file}: skipped ({r.error})")
         else:
             print(f"{r.file}: " + ", ".join(f"{c} {p:.3f}" for c, p in r.top))
+
+
+@command("export")
+def _export(a: argparse.Namespace) -> None:
+    from .export import export_model
+
+    r = export_model(a.model, a.out, format=a.format, images=a.images, samples=a.samples, int8=a.int8, calib=a.calib,
+                     calib_count=a.calib_count)
+    print(f"{r.path} ({r.format}, {r.metadata.get('precision', '')}, {r.size_bytes / 1e6:.1f} MB): cosine to "
+          f"PyTorch on {r.samples} sample images min {r.min_cosine:.6f}, mean {r.mean_cosine:.6f}")
 
 
 @command("dataset")

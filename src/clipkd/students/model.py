@@ -98,9 +98,10 @@ def save_student(path: str | Path, model: Student, extra: dict[str, Any] | None 
 
 
 def is_student(model: str | Path) -> bool:
-    """A student run folder or ``student.pt`` (anything else is a CLIP spec or a clip-train run)."""
+    """A student run folder, ``student.pt`` or an exported ``.onnx`` (anything else is a CLIP spec or a clip-train
+    run)."""
     p = Path(model)
-    return (p.is_file() and p.suffix in (".pt", ".pth")) or (p.is_dir() and (p / "student.pt").is_file())
+    return (p.is_file() and p.suffix in (".pt", ".pth", ".onnx")) or (p.is_dir() and (p / "student.pt").is_file())
 
 
 def check_student_arch(arch: str) -> None:
@@ -118,8 +119,13 @@ def check_student_arch(arch: str) -> None:
 
 
 def load_student(path: str | Path, map_location: str = "cpu") -> Student:
-    """Rebuild a student from ``student.pt`` or a run folder containing one."""
+    """Rebuild a student from ``student.pt`` or a run folder containing one; an exported ``.onnx`` loads as an
+    :class:`~clipkd.students.onnx.OnnxStudent` (ONNX Runtime behind the same interface)."""
     path = Path(path)
+    if path.suffix == ".onnx":
+        from .onnx import OnnxStudent
+
+        return OnnxStudent(path)
     if ":" in str(path) and not path.exists():
         raise ClipkdError(f"'{path}' is a CLIP spec, not a student checkpoint (student.pt or its run folder)")
     if path.is_dir():

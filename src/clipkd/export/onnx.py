@@ -1,0 +1,281 @@
+"""``clipkd export``: any model clipkd makes or loads → a self-describing ONNX file (or a TensorRT engine).
+
+The ONNX file has one input ``image`` (float32, ``(batch, 3, H, W)``, dynamic batch) and one output (``embedding``
+or ``logits``), a fixed opset (:data:`OPSET`), and clipkd's metadata (:mod:`clipkd.students.onnx`): output kind,
+teacher identity, class names, preprocessing. Export ends with ``onnx.checker`` and a parity check on real sample
+images against the PyTorch model (fp32: cosine ≥ :data:`PARITY_MIN` on every sample, else an error and no file).
+``int8=True`` then quantizes it (ONNX Runtime static quantization, QDQ, per-channel weights) with calibration
+images; its parity is reported, its accuracy is what ``clipkd eval`` of the file measures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.loader import load_rgb
+from ..errors import ClipkdError, first_line
+from ..students.onnx import META_KEY, ONNX_FORMAT
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+PARITY_MIN = 0.9999
+MIN_CALIBRATION = 16
+FORMATS = ("onnx", "tensorrt")
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and how close it is to the PyTorch model on the sample images."""
+
+    path: Path
+    format: str
+    metadata: dict[str, Any]
+    samples: int
+    min_cosine: float
+    mean_cosine: float
+    size_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+class _ImageTower(nn.Module):
+    """A CLIP's image tower as a module (raw features, as ``ClipModel.image_features`` gives them)."""
+
+    def __init__(self, clip: Any) -> None:
+        super().__init__()
+        self.clip = clip
+        self.inner = clip.model  # registered, so .eval() and parameters reach it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clip.image_features(x)
+
+
+def _source(model: str | Path) -> tuple[nn.Module, dict[str, Any], Any]:
+    """The PyTorch module to export, its metadata, and its image transform."""
+    from ..students.model import is_student, load_student, student_transform
+
+    if is_student(model):
+        if Path(model).suffix == ".onnx":
+            raise ClipkdError(f"{model} is already an ONNX export; export the student.pt it came from")
+        student = load_student(model).float().eval()
+        cfg = student.cfg
+        meta = {"kind": cfg.kind, "arch": cfg.arch, "out_dim": cfg.out_dim, "teacher": cfg.teacher,
+                "classnames": list(cfg.classnames), "preprocess": cfg.preprocess.to_dict(),
+                "source": str(Path(model).resolve())}
+        return student, meta, student_transform(cfg)
+    from ..evaluation.retrieval import resolve_model
+    from ..teachers import load_teacher
+
+    try:
+        clip = load_teacher(resolve_model(model), device="cpu", precision="fp32")
+    except ClipkdError as e:
+        raise ClipkdError(f"cannot export '{model}': not a clipkd student, clip-train run or teacher spec ({e})") \
+            from None
+    tower = _ImageTower(clip).eval()
+    meta = {"kind": "embedding", "arch": clip.identity.split("@")[0], "out_dim": clip.embed_dim,
+            "teacher": clip.identity, "classnames": [], "preprocess": clip.preprocess_cfg.to_dict(),
+            "source": str(model)}
+    return tower, meta, clip.preprocess
+
+
+def sample_images(images: str | Path, limit: int) -> list[Path]:
+    """Up to ``limit`` image files from a folder (any layout) or an image list, in a fixed order."""
+    from ..data.datasets import read_image_list
+    from ..data.folders import list_images
+
+    p = Path(images)
+    if p.is_file():
+        listed = read_image_list(p)
+        files = [listed.root / f for f in listed.paths]
+    elif p.is_dir():
+        files = [p / f for f in list_images(p)]
+    else:
+        raise ClipkdError(f"sample images not found: {p}")
+    if not files:
+        raise ClipkdError(f"no images under {p}")
+    step = max(1, len(files) // limit)
+    return files[::step][:limit]
+
+
+def _batch(files: list[Path], transform: Any) -> torch.Tensor:
+    xs = []
+    for f in files:
+        try:
+            xs.append(transform(load_rgb(f)))
+        except Exception as e:  # noqa: BLE001 - a corrupt sample is skipped, not fatal
+            log.warning("sample %s skipped: %s", f, first_line(e))
+    if not xs:
+        raise ClipkdError("none of the sample images could be decoded")
+    return torch.stack(xs)
+
+
+def _default_images(model: str | Path) -> Path | None:
+    """The training images of a student run (its recipe names them), for parity samples by default."""
+    p = Path(model)
+    run = p if p.is_dir() else p.parent
+    for name in ("recipe.json", "run.json"):
+        f = run / name
+        if f.is_file():
+            try:
+                inputs = json.loads(f.read_text()).get("inputs", {})
+            except (OSError, json.JSONDecodeError):
+                continue
+            images = inputs.get("images") if isinstance(inputs, dict) else None
+            if isinstance(images, dict):
+                images = images.get("path")
+            if images and Path(images).exists():
+                return Path(images)
+    return None
+
+
+def _write_onnx(module: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, Any]) -> None:
+    """torch.onnx (the dynamo exporter; the TorchScript one when it fails) → ``out``, with the metadata."""
+    import onnx
+
+    output = "logits" if meta["kind"] == "classifier" else "embedding"
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        try:
+            torch.onnx.export(module, (example,), str(raw), input_names=["image"], output_names=[output],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), opset_version=OPSET,
+                              dynamo=True, external_data=False, verbose=False)
+            meta["exporter"] = "dynamo"
+        except Exception as e:  # noqa: BLE001 - fall back to the TorchScript exporter, which covers more modules
+            log.info("dynamo export failed (%s); using the TorchScript exporter", first_line(e))
+            torch.onnx.export(module, (example,), str(raw), input_names=["image"], output_names=[output],
+                              dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}}, opset_version=OPSET,
+                              dynamo=False)
+            meta["exporter"] = "torchscript"
+        m = onnx.load(str(raw))
+        _set_metadata(m, meta)
+        onnx.checker.check_model(m, full_check=True)
+        _save_atomic(m, out)
+
+
+def _set_metadata(m: Any, meta: dict[str, Any]) -> None:
+    for p in list(m.metadata_props):
+        if p.key == META_KEY:
+            m.metadata_props.remove(p)
+    entry = m.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps({"format": ONNX_FORMAT, **meta})
+    m.producer_name = "clipkd"
+
+
+def _save_atomic(m: Any, out: Path) -> None:
+    import onnx
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        onnx.save(m, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _parity(path: Path, reference: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
+    from ..students.onnx import OnnxStudent
+
+    got = OnnxStudent(path, "cpu")(x).float()
+    cos = torch.nn.functional.cosine_similarity(got, reference.float(), dim=-1)
+    return float(cos.min()), float(cos.mean())
+
+
+def export_model(model: str | Path, out: str | Path, format: str = "onnx", images: str | Path | None = None,
+                 samples: int = 16, int8: bool = False, calib: str | Path | None = None, calib_count: int = 128,
+                 fp16: bool = True) -> ExportResult:
+    """Export ``model`` (a distilled or supervised student, a clip-train run, a teacher spec) to ``out``.
+
+    ``images``: sample images for the parity check (default: a student run's training images).
+    ``int8``: post-training static quantization with ``calib`` images (at least :data:`MIN_CALIBRATION`).
+    ``format="tensorrt"``: an engine (fp16; int8 from the quantized model) — needs a CUDA GPU and ``tensorrt``; the
+    ONNX it is built from is kept beside it (same name, ``.onnx``).
+    """
+    out = Path(out)
+    if format not in FORMATS:
+        raise ClipkdError(f"unknown export format '{format}' ({', '.join(FORMATS)})")
+    if format == "tensorrt":
+        from .tensorrt import check_tensorrt
+
+        check_tensorrt()
+    if format == "onnx" and out.suffix != ".onnx":
+        raise ClipkdError(f"--out of an ONNX export must end in .onnx, got {out}")
+    if out.is_dir():
+        raise ClipkdError(f"--out {out} is a folder; give a file name")
+    if samples < 1:
+        raise ClipkdError(f"--samples must be ≥ 1, got {samples}")
+    calib_files: list[Path] = []
+    if int8:
+        if calib is None:
+            raise ClipkdError("--int8 needs --calib DIR (calibration images, e.g. a few hundred training images)")
+        calib_files = sample_images(calib, calib_count)
+        if len(calib_files) < MIN_CALIBRATION:
+            raise ClipkdError(f"--calib {calib} has {len(calib_files)} images; INT8 calibration needs at least "
+                              f"{MIN_CALIBRATION}")
+    images = images if images is not None else _default_images(model)
+    if images is None:
+        raise ClipkdError("give --images (sample images for the parity check against PyTorch)")
+    module, meta, transform = _source(model)
+    x = _batch(sample_images(images, samples), transform)
+    with torch.no_grad():
+        reference = module(x).float()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx_out = out if format == "onnx" else out.with_suffix(".onnx")
+    meta.update(precision="fp32", opset=OPSET, input="image", input_shape=["batch", *x.shape[1:]])
+    if int8:  # the fp32 model is an intermediate: written beside the output, replaced by the INT8 one
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            fp32 = Path(tmp) / "fp32.onnx"
+            _write_onnx(module, x[:1], fp32, meta)
+            lo, mean = _parity(fp32, reference, x)
+            _check_parity(lo, model)
+            from .quantize import quantize_int8
+
+            extra = quantize_int8(fp32, onnx_out, _batch(calib_files, transform), meta)
+            extra["fp32_min_cosine"] = lo
+    else:
+        _write_onnx(module, x[:1], onnx_out, meta)
+        extra = {}
+    lo, mean = _parity(onnx_out, reference, x)
+    if not int8:
+        try:
+            _check_parity(lo, model)
+        except ClipkdError:
+            onnx_out.unlink(missing_ok=True)
+            raise
+    else:
+        log.info("INT8 vs fp32 PyTorch on %d samples: cosine min %.4f, mean %.4f", len(x), lo, mean)
+    final = onnx_out
+    if format == "tensorrt":
+        from .tensorrt import build_engine
+
+        final = build_engine(onnx_out, out, fp16=fp16, int8=int8, meta=read_meta(onnx_out))  # keeps its ONNX
+    return ExportResult(final, format, read_meta(onnx_out) if final == onnx_out else meta, len(x), lo, mean,
+                        final.stat().st_size, extra)
+
+
+def _check_parity(lo: float, model: Any) -> None:
+    if lo < PARITY_MIN:
+        raise ClipkdError(f"the ONNX export of {model} disagrees with PyTorch: cosine {lo:.6f} < {PARITY_MIN} on a "
+                          "sample image; nothing written")
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    from ..students.onnx import read_metadata
+
+    return read_metadata(path)

@@ -1,0 +1,110 @@
+"""A deployed model as a student: an exported ``.onnx`` file run by ONNX Runtime behind the :class:`Student`
+interface, so ``eval``, ``predict``, ``index build`` and ``serve`` measure the artefact a user ships with the same
+code that measures its PyTorch original.
+
+Every clipkd export carries its own description in the ONNX metadata (key ``clipkd``, JSON): what the output is
+(``embedding`` in a teacher's space, or ``classifier`` logits), the teacher identity, the class names, and the
+preprocessing (size, mean, std, interpolation, resize mode, crop) — a consumer needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.preprocess import PreprocessConfig
+from ..errors import ClipkdError, first_line
+from .model import StudentConfig
+
+ONNX_FORMAT = "clipkd-onnx/1"
+META_KEY = "clipkd"
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """clipkd's description of an exported model; a one-line error when the file lacks it (or is not ONNX)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ClipkdError(f"ONNX file not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure: not an ONNX file
+        raise ClipkdError(f"{path} is not a readable ONNX file: {first_line(e)}") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if META_KEY not in props:
+        raise ClipkdError(f"{path} has no clipkd metadata (preprocessing, output kind): export it with "
+                          "`clipkd export`, or add the metadata it would write")
+    try:
+        meta = json.loads(props[META_KEY])
+    except json.JSONDecodeError as e:
+        raise ClipkdError(f"{path}: clipkd metadata is not JSON ({e})") from None
+    if meta.get("format") != ONNX_FORMAT or "preprocess" not in meta or "kind" not in meta:
+        raise ClipkdError(f"{path}: clipkd metadata lacks the format, preprocessing or output kind ({ONNX_FORMAT})")
+    return meta
+
+
+@dataclass
+class OnnxConfig(StudentConfig):
+    """A :class:`StudentConfig` whose preprocessing is whatever the export recorded (a CLIP tower may squash or
+    pad where a timm student resizes and crops)."""
+
+    preprocess_dict: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
+    source: str = ""
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.preprocess_dict)
+
+
+def onnx_providers(device: str | torch.device | None = None) -> list[str]:
+    """ONNX Runtime providers: CUDA first when asked for (or ``auto``) and present, then the CPU."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    want_cuda = device is None or str(device) in ("auto",) or str(device).startswith("cuda")
+    return (["CUDAExecutionProvider"] if want_cuda and "CUDAExecutionProvider" in have else []) + [
+        "CPUExecutionProvider"]
+
+
+class OnnxStudent(nn.Module):
+    """An exported model behind the :class:`Student` interface: ``cfg`` from its metadata, ``forward`` through
+    ONNX Runtime (inputs taken to the CPU as fp32, outputs returned on the input's device)."""
+
+    def __init__(self, path: str | Path, device: str | torch.device | None = None) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        meta = read_metadata(self.path)
+        pre = PreprocessConfig.from_dict(meta["preprocess"])
+        self.meta = meta
+        self.cfg = OnnxConfig(arch=meta.get("arch", "onnx"), out_dim=int(meta["out_dim"]), kind=meta["kind"],
+                              image_size=pre.side, mean=pre.mean, std=pre.std,
+                              classnames=list(meta.get("classnames", [])), teacher=meta.get("teacher", ""),
+                              preprocess_dict=pre.to_dict(),
+                              precision=meta.get("precision", "fp32"), source=meta.get("source", ""))
+        try:
+            self.session = ort.InferenceSession(str(self.path), providers=onnx_providers(device))
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime's own errors are long
+            raise ClipkdError(f"ONNX Runtime cannot load {self.path}: {first_line(e)}") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x.detach().float().cpu().numpy())})[0]
+        return torch.from_numpy(out).to(x.device)
+
+    def to(self, *args: Any, **kwargs: Any) -> OnnxStudent:  # the session chose its device when it was made
+        return self
+
+
+def load_onnx_student(path: str | Path, device: str | torch.device | None = None) -> OnnxStudent:
+    """Load an exported ``.onnx`` as a student (see :class:`OnnxStudent`)."""
+    return OnnxStudent(path, device)

@@ -1,0 +1,142 @@
+"""clipkd export: ONNX files that describe themselves, agree with PyTorch, and evaluate like their originals."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import clipkd
+from clipkd.cli import main
+from clipkd.errors import ClipkdError
+from clipkd.export import export_model
+from clipkd.students.onnx import read_metadata
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_world, tmp_path_factory):
+    from .conftest import FakeTeacher
+
+    root = tmp_path_factory.mktemp("export")
+    teacher = FakeTeacher()
+    store = clipkd.embed_images(teacher, tiny_world / "train", root / "store", progress=False)
+    text = clipkd.embed_prompts(teacher, {c: [c] for c in clipkd.load_classnames(tiny_world / "train")})
+    text.save(root / "text.npz")
+    cfg = clipkd.TrainConfig(student="resnet10t", epochs=2, batch_size=8, workers=0, image_size=32)
+    student = clipkd.distill(tiny_world / "train", root / "student", cfg, store=store.root, text=root / "text.npz",
+                             split=tiny_world / "split.json", device="cpu", progress=False)
+    sup = clipkd.train_supervised(tiny_world / "train", root / "supervised", replace(cfg, epochs=1),
+                                  split=tiny_world / "split.json", device="cpu", progress=False)
+    return root, student.out, sup.out
+
+
+def _eval(model, tiny_world, root):
+    return clipkd.evaluate(str(model), tiny_world / "test", text=root / "text.npz", split=tiny_world / "split.json",
+                           device="cpu", workers=0, progress=False)
+
+
+def test_student_onnx_describes_itself_and_evaluates_like_pytorch(runs, tiny_world, tmp_path):
+    root, student, _ = runs
+    r = export_model(student, tmp_path / "s.onnx")  # parity samples: the run's training images
+    assert r.min_cosine >= 0.9999 and r.samples > 0
+    m = onnx.load(str(r.path))
+    onnx.checker.check_model(m)
+    assert m.opset_import[0].version == 18
+    meta = read_metadata(r.path)
+    assert meta["kind"] == "embedding" and meta["teacher"] == "fake:teacher@v1"
+    assert meta["preprocess"]["size"] == [32, 32] and meta["preprocess"]["interpolation"] == "bicubic"
+    assert meta["preprocess"]["mean"] == [0, 0, 0]  # the student normalises as its (fake) teacher does
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    assert not dims[0].dim_value and [d.dim_value for d in dims[1:]] == [3, 32, 32]  # dynamic batch
+    a, b = _eval(student, tiny_world, root), _eval(r.path, tiny_world, root)
+    assert (a.S, a.U, a.H, a.top1) == pytest.approx((b.S, b.U, b.H, b.top1), abs=1e-6)
+
+
+def test_int8_export_keeps_accuracy_on_the_tiny_world(runs, tiny_world, tmp_path):
+    root, student, _ = runs
+    r = export_model(student, tmp_path / "s8.onnx", int8=True, calib=tiny_world / "train")
+    meta = read_metadata(r.path)
+    assert meta["precision"] == "int8" and meta["quantization"]["format"] == "QDQ"
+    ops = {n.op_type for n in onnx.load(str(r.path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    fp32 = export_model(student, tmp_path / "s.onnx")
+    assert r.size_bytes < 0.5 * fp32.size_bytes
+    a, b = _eval(student, tiny_world, root), _eval(r.path, tiny_world, root)
+    assert abs(a.top1 - b.top1) <= 0.1 and r.mean_cosine > 0.98, (a, b, r)
+
+
+def test_classifier_and_clip_tower_exports(runs, tiny_world, tmp_path):
+    import open_clip
+
+    import clipkd.teachers.openclip  # noqa: F401 - registers clipkd-tiny
+
+    _, _, sup = runs
+    r = export_model(sup, tmp_path / "sup.onnx")
+    assert read_metadata(r.path)["kind"] == "classifier" and read_metadata(r.path)["classnames"]
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("clipkd-tiny").state_dict(), tmp_path / "open_clip_model.pt")
+    spec = f"open_clip:clipkd-tiny@{tmp_path / 'open_clip_model.pt'}"
+    r = export_model(spec, tmp_path / "tower.onnx", images=tiny_world / "val")
+    teacher = clipkd.load_teacher(spec, device="cpu")
+    meta = read_metadata(r.path)
+    assert meta["teacher"] == teacher.identity and meta["out_dim"] == teacher.embed_dim and r.min_cosine > 0.9999
+    # the exported tower embeds like the teacher (an index or eval built on it lands in the teacher's space)
+    from clipkd.students.model import load_student
+
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.allclose(torch.nn.functional.normalize(load_student(r.path)(x), dim=-1), teacher.encode_image(x),
+                          atol=1e-4)
+
+
+def _one_line(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and match in err, err
+
+
+def test_export_bad_input_is_one_line_and_leaves_nothing(runs, tiny_world, tmp_path, capsys):
+    root, student, _ = runs
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    out = tmp_path / "x.onnx"
+    _one_line(capsys, ["export", "--model", str(tmp_path / "other.pt"), "--out", str(out),
+                       "--images", str(tiny_world / "val")], "not a clipkd student checkpoint")
+    _one_line(capsys, ["export", "--model", str(student), "--out", str(out), "--format", "tflite"],
+              "unknown export format")
+    (tmp_path / "few").mkdir()
+    for i, f in enumerate(sorted((tiny_world / "val").rglob("*.png"))[:5]):
+        (tmp_path / "few" / f"{i}.png").write_bytes(f.read_bytes())
+    _one_line(capsys, ["export", "--model", str(student), "--out", str(out), "--int8", "--calib",
+                       str(tmp_path / "few")], "needs at least 16")
+    _one_line(capsys, ["export", "--model", str(student), "--out", str(out), "--format", "tensorrt"]
+              if not torch.cuda.is_available() else ["export", "--model", str(student), "--out", str(tmp_path)],
+              "needs a CUDA GPU" if not torch.cuda.is_available() else "is a folder")
+    _one_line(capsys, ["export", "--model", str(student), "--out", str(tmp_path / "x.onnx.tmp")], "must end in .onnx")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # an ONNX file without clipkd's metadata: refused by every consumer, in one line
+    torch.onnx.export(torch.nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 8, 8),), str(tmp_path / "bare.onnx"), dynamo=False)
+    _one_line(capsys, ["eval", "--model", str(tmp_path / "bare.onnx"), "--images", str(tiny_world / "test"),
+                       "--text", str(root / "text.npz")], "no clipkd metadata")
+
+
+def test_parity_failure_is_an_error_and_writes_nothing(runs, tmp_path, monkeypatch):
+    _, student, _ = runs
+    import clipkd.export.onnx as ex
+
+    real = ex._parity
+    monkeypatch.setattr(ex, "_parity", lambda path, ref, x: (0.99, 0.995) if path.exists() else real(path, ref, x))
+    with pytest.raises(ClipkdError, match="disagrees with PyTorch"):
+        export_model(student, tmp_path / "s.onnx")
+    assert not (tmp_path / "s.onnx").exists()
+
+
+def test_export_cli_prints_parity(runs, tmp_path, capsys):
+    _, student, _ = runs
+    assert main(["export", "--model", str(student), "--out", str(tmp_path / "s.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "cosine to PyTorch" in out and (tmp_path / "s.onnx").is_file()
+    assert json.loads(onnx.load(str(tmp_path / "s.onnx")).metadata_props[0].value)["format"] == "clipkd-onnx/1"
+    assert np.isfinite(float(out.split("min ")[1].split(",")[0]))
