@@ -140,3 +140,42 @@ def test_export_cli_prints_parity(runs, tmp_path, capsys):
     assert "cosine to PyTorch" in out and (tmp_path / "s.onnx").is_file()
     assert json.loads(onnx.load(str(tmp_path / "s.onnx")).metadata_props[0].value)["format"] == "clipkd-onnx/1"
     assert np.isfinite(float(out.split("min ")[1].split(",")[0]))
+
+
+def test_two_four_fine_tune_keeps_the_pattern_into_the_onnx_file(runs, tiny_world, tmp_path):
+    from onnx import numpy_helper
+
+    from clipkd.students.model import load_student
+    from clipkd.students.sparsity import is_two_four, prunable, two_four_mask
+
+    w = torch.tensor([[0.1, -3.0, 0.2, 2.0, 5.0, 0.0, -0.3, 0.4]])
+    assert two_four_mask(w).tolist() == [[False, True, False, True, True, False, False, True]]  # by hand
+    root, student, _ = runs
+    cfg = clipkd.TrainConfig(student="resnet10t", epochs=1, batch_size=8, workers=0, image_size=32,
+                             init=str(student), sparsity="2:4")
+    r = clipkd.distill(tiny_world / "train", tmp_path / "sparse", cfg, store=root / "store", text=root / "text.npz",
+                       split=tiny_world / "split.json", device="cpu", progress=False)
+    report = json.loads((r.out / "run.json").read_text())["sparsity"]
+    assert report["two_four"] and 0.49 < report["zero_share_of_pruned"] <= 0.6 and report["layers"] > 5
+    net = load_student(r.out)
+    assert all(is_two_four(m.weight) for _, m in prunable(net))
+    assert not is_two_four(next(m for _, m in prunable(load_student(student))).weight)  # the dense original
+    e = export_model(r.out, tmp_path / "sparse.onnx")
+    assert read_metadata(e.path)["sparsity"] == "2:4"
+    m = onnx.load(str(e.path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    checked = 0
+    for node in m.graph.node:
+        if node.op_type == "Conv" and node.input[1] in inits:
+            k = inits[node.input[1]]
+            if k.shape[1] % 4 == 0:
+                groups = (np.transpose(k, (0, 2, 3, 1)).reshape(-1, 4) != 0).sum(-1)
+                assert (groups <= 2).all(), node.name
+                checked += 1
+    assert checked >= 5
+    with pytest.raises(ClipkdError, match="--init"):
+        clipkd.distill(tiny_world / "train", tmp_path / "bad", replace(cfg, student="resnet18"), store=root / "store",
+                       device="cpu", progress=False)
+    with pytest.raises(ClipkdError, match="--sparsity"):
+        clipkd.distill(tiny_world / "train", tmp_path / "bad", replace(cfg, sparsity="1:2"), store=root / "store",
+                       device="cpu", progress=False)

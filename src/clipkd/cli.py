@@ -82,6 +82,10 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="FILE",
                    help="start from ImageNet weights: timm's hub weights, or a local weights file for the "
                    "architecture (.pth/.safetensors; works offline)")
+    p.add_argument("--init", help="a trained clipkd student (run folder or student.pt) to start from (fine-tuning, "
+                   "e.g. with --sparsity)")
+    p.add_argument("--sparsity", choices=["2:4"], help="prune to NVIDIA's 2:4 structured pattern when training "
+                   "starts and keep it (fine-tune a dense student with --init)")
     p.add_argument("--workers", type=_workers, help="data-loader processes (default: one per core, max 8)")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--split", help="split file; train only on the classes it marks seen")

@@ -76,6 +76,10 @@ def _source(model: str | Path) -> tuple[nn.Module, dict[str, Any], Any]:
         meta = {"kind": cfg.kind, "arch": cfg.arch, "out_dim": cfg.out_dim, "teacher": cfg.teacher,
                 "classnames": list(cfg.classnames), "preprocess": cfg.preprocess.to_dict(),
                 "source": str(Path(model).resolve())}
+        from ..students.sparsity import PATTERN, sparsity_report
+
+        if sparsity_report(student)["two_four"]:
+            meta["sparsity"] = PATTERN  # TensorRT builds such a model with its sparse tactics
         return student, meta, student_transform(cfg)
     from ..evaluation.retrieval import resolve_model
     from ..teachers import load_teacher

@@ -62,6 +62,8 @@ class TrainConfig(TrainerSettings):
     image_size: int = 0  # 0: the teacher's input size
     augment: str = "flip"
     pretrained: bool | str = False  # True: timm's hub weights; a path: a local weights file
+    init: str = ""  # a trained clipkd student (run folder or student.pt) to start from: fine-tuning, e.g. to 2:4
+    sparsity: str = ""  # "2:4": prune to NVIDIA's 2:4 pattern when training starts and keep it while training
     workers: int | None = None
     seed: int = 0
 
@@ -117,15 +119,51 @@ def _fit_and_save(build: Callable[[], Built], out: Path, cfg: TrainConfig, devic
         n = len(sampler) if sampler is not None else len(dataset)
         if len(loader) == 0:
             raise ClipkdError(f"{n} training images is fewer than one batch of {cfg.batch_size}")
-        trainer = fit(module, loader, out, cfg.epochs, device=device, settings=cfg, progress=progress)
+        extra = []
+        if cfg.sparsity:
+            from ..students.sparsity import TwoFourSparsity
+
+            extra.append(TwoFourSparsity())
+        if cfg.init:
+            _load_init(module, cfg.init)
+        trainer = fit(module, loader, out, cfg.epochs, device=device, settings=cfg, progress=progress,
+                      callbacks=extra)
         skipped = skipped_images(trainer, loader)
         info = {"train": asdict(cfg), **info, "train_images": n - len(skipped),
                 "skipped_images": len(skipped), "skipped": skipped[:1000]}
         # teacher forwards: online (this process), or the views it embedded; 0 from a store
         info["teacher_images"] = info.get("teacher_images", 0) + module.teacher_images
+        if cfg.sparsity:
+            from ..students.sparsity import sparsity_report
+
+            info["sparsity"] = sparsity_report(module.student)
         path = save_student(out / "student.pt", module.student.cpu(), extra=info)
         write_json(out / "run.json", {**info, "student": asdict(module.student.cfg)})
     return TrainResult(out, path, train_images=n - len(skipped), skipped_images=len(skipped))
+
+
+def check_init_and_sparsity(cfg: TrainConfig, arch: str, out_dim: int | None, kind: str) -> None:
+    """One-line errors, before any work, for ``init`` (a student of this architecture, output and kind) and
+    ``sparsity``."""
+    if cfg.sparsity not in ("", "2:4"):
+        raise ClipkdError(f"--sparsity takes 2:4 (NVIDIA's structured pattern), got '{cfg.sparsity}'")
+    if not cfg.init:
+        return
+    from ..students.model import is_student, load_student
+
+    if not is_student(cfg.init) or Path(cfg.init).suffix == ".onnx":
+        raise ClipkdError(f"--init takes a trained clipkd student (run folder or student.pt), not '{cfg.init}'")
+    c = load_student(cfg.init).cfg
+    if c.arch != arch or c.kind != kind or (out_dim is not None and c.out_dim != out_dim):
+        raise ClipkdError(f"--init {cfg.init} is a {c.kind} {c.arch} with {c.out_dim} outputs; this run trains a "
+                          f"{kind} {arch}" + (f" with {out_dim} outputs" if out_dim is not None else ""))
+
+
+def _load_init(module: StudentModule, init: str) -> None:
+    """Start from a trained student's weights (a resumed run's checkpoint then overrides them)."""
+    from ..students.model import load_student
+
+    module.student.load_state_dict(load_student(init).state_dict())
 
 
 def distill(
@@ -248,6 +286,7 @@ def distill(
         raise ClipkdError(f"vocabulary {vocab} comes from '{vocab_emb.teacher}' ({vocab_emb.embeddings.shape[1]}-d), "
                           f"the image targets from '{identity}' ({dim}-d)")
 
+    check_init_and_sparsity(cfg, cfg.student, dim, "embedding")
     size = cfg.image_size or pre.side
     scfg = StudentConfig(arch=cfg.student, out_dim=dim, kind="embedding", image_size=size, mean=pre.mean,
                          std=pre.std, teacher=identity, pretrained=cfg.pretrained)
@@ -320,6 +359,7 @@ def train_supervised(
     recipe = run_recipe("train-supervised", cfg, images=images, split=split)
     check_run(out, recipe, overwrite)
     data, seen = _seen_images(images, split)
+    check_init_and_sparsity(cfg, cfg.student, len(seen), "classifier")
     torch.manual_seed(cfg.seed)
     scfg = StudentConfig(arch=cfg.student, out_dim=len(seen), kind="classifier",
                          image_size=cfg.image_size or 224, classnames=seen, pretrained=cfg.pretrained)

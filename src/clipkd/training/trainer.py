@@ -198,6 +198,7 @@ def fit(
     accumulate: int = 1,
     resume: bool = True,
     progress: bool = True,
+    callbacks: list | None = None,
 ) -> L.Trainer:
     """Train ``module`` for ``epochs``, checkpointing each epoch into ``out/checkpoints``.
 
@@ -205,7 +206,8 @@ def fit(
     losing at most the unfinished epoch. Losses go to ``out/logs/metrics.csv`` and a training
     curve PNG (``out/training_curves.png``). With ``monitor`` (a logged validation metric, higher
     is better) the best epoch is kept as ``checkpoints/best.ckpt``. ``settings``: devices, nodes,
-    strategy, precision and logger (see :class:`TrainerSettings`).
+    strategy, precision and logger (see :class:`TrainerSettings`). ``callbacks``: more Lightning callbacks
+    (e.g. 2:4 sparsity masks).
 
     Raises :class:`Interrupted` when the run is stopped (SIGTERM from a scheduler or ``timeout``, Ctrl+C)
     — never a silent success — and a one-line error when no training step ran (every batch undecodable).
@@ -217,7 +219,7 @@ def fit(
     settings = settings or TrainerSettings()
     accelerator, devices = accelerator_and_devices(device, settings.devices)
     skipped = SkippedImages()
-    callbacks: list = [EpochThroughput(), skipped,
+    callbacks = [*(callbacks or []), EpochThroughput(), skipped,
                        ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_last=False, every_n_epochs=1,
                                        save_top_k=1, enable_version_counter=False)]
     if monitor:
