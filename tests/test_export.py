@@ -179,3 +179,31 @@ def test_two_four_fine_tune_keeps_the_pattern_into_the_onnx_file(runs, tiny_worl
     with pytest.raises(ClipkdError, match="--sparsity"):
         clipkd.distill(tiny_world / "train", tmp_path / "bad", replace(cfg, sparsity="1:2"), store=root / "store",
                        device="cpu", progress=False)
+
+
+def test_predict_video_gives_top_k_per_frame_with_fps(runs, tiny_world, tmp_path, capsys):
+    import cv2
+    from PIL import Image
+
+    root, student, _ = runs
+    frames = sorted((tiny_world / "test").rglob("*.png"))[:12]
+    writer = cv2.VideoWriter(str(tmp_path / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 32))
+    for f in frames:
+        rgb = np.asarray(Image.open(f).convert("RGB").resize((32, 32)))
+        writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    writer.release()
+    onnx_student = export_model(student, tmp_path / "s.onnx").path
+    for model in (student, onnx_student):  # the deployed model too
+        assert main(["predict", "--model", str(model), "--text", str(root / "text.npz"), "--video",
+                     str(tmp_path / "clip.avi"), "--topk", "2", "--every", "2"]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert [ln.split(":")[0] for ln in lines[:-1]] == [f"frame {i}" for i in range(0, 12, 2)]
+        classes = set(clipkd.TextEmbeddings.load(root / "text.npz").classnames)
+        assert all(ln.split(": ")[1].split(" ")[0] in {c.split(" ")[0] for c in classes} for ln in lines[:-1])
+        assert lines[-1].startswith("6 frames,") and float(lines[-1].split(", ")[1].split(" ")[0]) > 0
+    _one_line(capsys, ["predict", "--model", str(student), "--text", str(root / "text.npz"), "--video",
+                       str(tmp_path / "missing.mp4")], "video file not found")
+    (tmp_path / "bad.avi").write_bytes(b"not a video")
+    _one_line(capsys, ["predict", "--model", str(student), "--text", str(root / "text.npz"), "--video",
+                       str(tmp_path / "bad.avi")], "cannot open video")
+    _one_line(capsys, ["predict", "--model", str(student), "--text", str(root / "text.npz")], "--video")

@@ -258,9 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="teacher spec or student run folder / student.pt")
     p.add_argument("--text", help="class text embeddings (embedding models)")
     p.add_argument("--classes", help="class-name file or folder (teachers without --text)")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=_count, default=5)
     p.add_argument("--device", default="auto")
-    p.add_argument("files", nargs="+", help="image files")
+    p.add_argument("--video", help="a video file, or a camera index (0, 1, ...): top-k per frame with frames/s")
+    p.add_argument("--every", type=_count, default=1, help="with --video: every N-th frame (default 1)")
+    p.add_argument("--max-frames", type=_count, help="with --video: stop after this many predicted frames")
+    p.add_argument("files", nargs="*", help="image files")
 
     p = sub.add_parser("dataset", help="real datasets -> clipkd inputs (image lists, split files)")
     dsub = p.add_subparsers(dest="dataset", required=True, metavar="KIND")
@@ -522,6 +525,22 @@ def _predict(a: argparse.Namespace) -> None:
     from .prompts import load_classnames
 
     classes = load_classnames(a.classes) if a.classes else None
+    if a.video is not None:
+        if a.files:
+            raise ClipkdError("give image files or --video, not both")
+        from .evaluation.zeroshot import predict_video
+
+        n, fps = 0, 0.0
+        for f in predict_video(a.model, a.video, text=a.text, classnames=classes, topk=a.topk, device=a.device,
+                               every=a.every, max_frames=a.max_frames):
+            n, fps = n + 1, f.fps
+            print(f"frame {f.frame}: " + ", ".join(f"{c} {p:.3f}" for c, p in f.top) + f"  ({f.fps:.1f} frames/s)")
+        if n == 0:
+            raise ClipkdError(f"no frame could be read from {a.video}")
+        print(f"{n} frames, {fps:.1f} frames/s")
+        return
+    if not a.files:
+        raise ClipkdError("give image files to predict, or --video FILE|CAMERA_INDEX")
     for r in predict(a.model, a.files, text=a.text, classnames=classes, topk=a.topk, device=a.device):
         if r.error:
             print(f"{r.file}: skipped ({r.error})")

@@ -234,3 +234,63 @@ def predict(model: str, files: Sequence[str | Path], text: str | Path | None = N
         out.append(Prediction(str(f), [(scorer.classnames[i], round(float(q), 5))
                                        for q, i in zip(p.tolist(), idx.tolist(), strict=True)]))
     return out
+
+
+@dataclass
+class FramePrediction:
+    """Top-k classes of one video frame, and the frames per second reached so far (decode + preprocess + model)."""
+
+    frame: int
+    top: list[tuple[str, float]]
+    fps: float
+
+
+def open_video(source: str | int):
+    """An OpenCV capture of a video file or a camera (an integer index); a one-line error when it cannot open."""
+    try:
+        import cv2
+    except ImportError:
+        raise ClipkdError("--video needs OpenCV: pip install opencv-python-headless") from None
+    if isinstance(source, str) and source.isdigit():
+        source = int(source)
+    if isinstance(source, str) and not Path(source).is_file():
+        raise ClipkdError(f"video file not found: {source}")
+    cap = cv2.VideoCapture(source)
+    if not cap.isOpened():
+        raise ClipkdError(f"cannot open video {source!r} (not a video OpenCV can decode, or no such camera)")
+    return cap
+
+
+def predict_video(model: str, source: str | int, text: str | Path | None = None,
+                  classnames: Sequence[str] | None = None, topk: int = 5, device: str | None = "auto",
+                  every: int = 1, max_frames: int | None = None):
+    """Yield a :class:`FramePrediction` for every ``every``-th frame of a video file or camera (the seed's live
+    demo), through the same scorer as :func:`predict`."""
+    import time
+
+    from PIL import Image
+
+    if every < 1:
+        raise ClipkdError(f"--every must be ≥ 1, got {every}")
+    scorer = load_scorer(model, classnames, text, device=device)
+    cap = open_video(source)
+    import cv2
+
+    try:
+        t0, done, index = time.perf_counter(), 0, -1
+        while max_frames is None or done < max_frames:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            index += 1
+            if index % every:
+                continue
+            x = scorer.preprocess(Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))).unsqueeze(0)
+            probs = scorer.probabilities(scorer.scores(x))[0]
+            p, idx = probs.topk(min(topk, len(scorer.classnames)))
+            done += 1
+            yield FramePrediction(index, [(scorer.classnames[i], round(float(q), 5))
+                                          for q, i in zip(p.tolist(), idx.tolist(), strict=True)],
+                                  done / max(time.perf_counter() - t0, 1e-9))
+    finally:
+        cap.release()
