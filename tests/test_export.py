@@ -207,3 +207,14 @@ def test_predict_video_gives_top_k_per_frame_with_fps(runs, tiny_world, tmp_path
     _one_line(capsys, ["predict", "--model", str(student), "--text", str(root / "text.npz"), "--video",
                        str(tmp_path / "bad.avi")], "cannot open video")
     _one_line(capsys, ["predict", "--model", str(student), "--text", str(root / "text.npz")], "--video")
+
+
+def test_search_index_built_and_queried_with_an_onnx_student(runs, tiny_world, tmp_path):
+    from clipkd.search.index import build_index
+
+    _, student, _ = runs
+    path = export_model(student, tmp_path / "s.onnx", int8=True, calib=tiny_world / "train").path
+    index = build_index(path, tiny_world / "val", tmp_path / "index", device="cpu", workers=0, progress=False)
+    query = sorted((tiny_world / "val").rglob("*.png"))[0]
+    hits = index.search(image=query, k=3)
+    assert len(hits) == 3 and hits[0]["path"].endswith(query.name) and hits[0]["score"] > 0.99
