@@ -218,3 +218,15 @@ def test_search_index_built_and_queried_with_an_onnx_student(runs, tiny_world, t
     query = sorted((tiny_world / "val").rglob("*.png"))[0]
     hits = index.search(image=query, k=3)
     assert len(hits) == 3 and hits[0]["path"].endswith(query.name) and hits[0]["score"] > 0.99
+
+
+def test_eval_retrieval_of_an_exported_image_tower(runs, tiny_world, tmp_path):
+    from clipkd.evaluation.retrieval import evaluate_retrieval
+
+    _, student, _ = runs
+    path = export_model(student, tmp_path / "s.onnx").path
+    a = evaluate_retrieval(student, tiny_world / "test", device="cpu", workers=0, progress=False)
+    b = evaluate_retrieval(path, tiny_world / "test", device="cpu", workers=0, progress=False)
+    assert a.metrics["i2i_map@10"] == pytest.approx(b.metrics["i2i_map@10"], abs=1e-6) and a.n_images == b.n_images
+    with pytest.raises(ClipkdError, match="text tower"):
+        evaluate_retrieval(path, tiny_world / "test", captions=tiny_world / "test" / "captions_en.csv", device="cpu")

@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     _trainer_flags(p)
 
     p = sub.add_parser("eval-retrieval", help="text<->image recall and image->image R@K / mAP@K / P@10")
-    p.add_argument("--model", required=True, help="CLIP spec or clip-train run folder")
+    p.add_argument("--model", required=True, help="CLIP spec or clip-train run folder; or an image model (student, "
+                   "exported .onnx) for image->image metrics")
     p.add_argument("--images", required=True, help="image folder (first folder of a path = its label for "
                    "image->image), or a Chinese-CLIP {split}_imgs.tsv")
     p.add_argument("--captions", help="CSV path,caption or Chinese-CLIP JSONL: adds text<->image recall")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..data.captions import CaptionSource, load_caption_source
 from ..data.encode import encode_dataset
@@ -139,6 +140,24 @@ def resolve_model(model: str | Path) -> str:
     return str(model)
 
 
+class _ImageModel:
+    """A student (``student.pt``, run folder or exported ``.onnx``) with the image half of the teacher interface."""
+
+    def __init__(self, model: str | Path, device: str) -> None:
+        from ..students.model import load_student, student_transform
+        from ..teachers.base import resolve_device
+
+        self.device = resolve_device(device)
+        self.student = load_student(model).to(self.device)
+        if self.student.cfg.kind != "embedding":
+            raise ClipkdError(f"{model} is a classifier (the supervised baseline); retrieval needs embeddings")
+        self.preprocess = student_transform(self.student.cfg)
+
+    @torch.no_grad()
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.student(x.to(self.device)).float(), dim=-1).cpu()
+
+
 def evaluate_retrieval(
     model: str | Path,
     images: str | Path,
@@ -158,10 +177,18 @@ def evaluate_retrieval(
     product ids). ``grid``: a PNG of a few queries and their top-10 results. ``out``: write the result
     JSON there, and the grid beside it (same name, ``.png``) unless ``grid`` names another file.
     """
-    from ..teachers import load_teacher
+    from ..students.model import is_student
 
-    spec = resolve_model(model)
-    clip = load_teacher(spec, device=device)
+    if is_student(model):  # a distilled student or an exported image tower (.onnx): image→image only
+        if captions is not None:
+            raise ClipkdError(f"{model} is an image model without a text tower: text↔image recall needs a CLIP; "
+                              "drop --captions for image→image metrics")
+        spec, clip = str(model), _ImageModel(model, device)
+    else:
+        from ..teachers import load_teacher
+
+        spec = resolve_model(model)
+        clip = load_teacher(spec, device=device)
     if captions is not None:
         source = load_caption_source(images, captions)
     else:
