@@ -230,3 +230,22 @@ def test_eval_retrieval_of_an_exported_image_tower(runs, tiny_world, tmp_path):
     assert a.metrics["i2i_map@10"] == pytest.approx(b.metrics["i2i_map@10"], abs=1e-6) and a.n_images == b.n_images
     with pytest.raises(ClipkdError, match="text tower"):
         evaluate_retrieval(path, tiny_world / "test", captions=tiny_world / "test" / "captions_en.csv", device="cpu")
+
+
+def test_qat_fine_tune_writes_an_int8_onnx_that_evaluates(runs, tiny_world, tmp_path):
+    root, student, _ = runs
+    cfg = clipkd.TrainConfig(student="resnet10t", epochs=1, batch_size=8, workers=0, image_size=32,
+                             init=str(student), qat=True, lr=2e-4)
+    r = clipkd.distill(tiny_world / "train", tmp_path / "qat", cfg, store=root / "store", text=root / "text.npz",
+                       split=tiny_world / "split.json", device="cpu", progress=False)
+    assert r.path.name == "student.int8.onnx" and not (r.out / "student.pt").exists()
+    meta = read_metadata(r.path)
+    assert meta["precision"] == "int8" and meta["quantization"]["method"] == "qat"
+    ops = {n.op_type for n in onnx.load(str(r.path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "BatchNormalization" not in ops  # folded
+    assert json.loads((r.out / "run.json").read_text())["qat"]["min_cosine_onnx_vs_pytorch"] >= 0.999
+    a, b = _eval(student, tiny_world, root), _eval(r.path, tiny_world, root)
+    assert abs(a.top1 - b.top1) <= 0.15, (a, b)
+    with pytest.raises(ClipkdError, match="--init"):
+        clipkd.distill(tiny_world / "train", tmp_path / "bad", replace(cfg, init=""), store=root / "store",
+                       device="cpu", progress=False)

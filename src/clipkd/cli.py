@@ -86,6 +86,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    "e.g. with --sparsity)")
     p.add_argument("--sparsity", choices=["2:4"], help="prune to NVIDIA's 2:4 structured pattern when training "
                    "starts and keep it (fine-tune a dense student with --init)")
+    p.add_argument("--qat", action="store_true", default=None, help="quantization-aware fine-tuning of --init for "
+                   "INT8; writes student.int8.onnx (for when `export --int8` loses too much)")
     p.add_argument("--workers", type=_workers, help="data-loader processes (default: one per core, max 8)")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--split", help="split file; train only on the classes it marks seen")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch import nn
 
 from ..data.loader import load_rgb
 from ..errors import ClipkdError, first_line
-from ..students.onnx import META_KEY, ONNX_FORMAT
+from ..students.onnx import save_onnx_atomic, set_metadata, student_metadata
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +72,7 @@ def _source(model: str | Path) -> tuple[nn.Module, dict[str, Any], Any]:
             raise ClipkdError(f"{model} is already an ONNX export; export the student.pt it came from")
         student = load_student(model).float().eval()
         cfg = student.cfg
-        meta = {"kind": cfg.kind, "arch": cfg.arch, "out_dim": cfg.out_dim, "teacher": cfg.teacher,
-                "classnames": list(cfg.classnames), "preprocess": cfg.preprocess.to_dict(),
-                "source": str(Path(model).resolve())}
+        meta = student_metadata(cfg, str(Path(model).resolve()))
         from ..students.sparsity import PATTERN, sparsity_report
 
         if sparsity_report(student)["two_four"]:
@@ -165,32 +162,9 @@ def _write_onnx(module: nn.Module, example: torch.Tensor, out: Path, meta: dict[
                               dynamo=False)
             meta["exporter"] = "torchscript"
         m = onnx.load(str(raw))
-        _set_metadata(m, meta)
+        set_metadata(m, meta)
         onnx.checker.check_model(m, full_check=True)
-        _save_atomic(m, out)
-
-
-def _set_metadata(m: Any, meta: dict[str, Any]) -> None:
-    for p in list(m.metadata_props):
-        if p.key == META_KEY:
-            m.metadata_props.remove(p)
-    entry = m.metadata_props.add()
-    entry.key, entry.value = META_KEY, json.dumps({"format": ONNX_FORMAT, **meta})
-    m.producer_name = "clipkd"
-
-
-def _save_atomic(m: Any, out: Path) -> None:
-    import onnx
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        onnx.save(m, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        save_onnx_atomic(m, out)
 
 
 def _parity(path: Path, reference: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:

@@ -38,7 +38,7 @@ def quantize_int8(fp32: Path, out: Path, calib: torch.Tensor, meta: dict[str, An
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from .onnx import _save_atomic, _set_metadata
+    from ..students.onnx import save_onnx_atomic, set_metadata
 
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
@@ -51,8 +51,8 @@ def quantize_int8(fp32: Path, out: Path, calib: torch.Tensor, meta: dict[str, An
                                           "entropy": CalibrationMethod.Entropy,
                                           "percentile": CalibrationMethod.Percentile}[method])
         m = onnx.load(str(q))
-        _set_metadata(m, {**meta, "precision": "int8", "quantization": {"method": "static", "format": "QDQ",
+        set_metadata(m, {**meta, "precision": "int8", "quantization": {"method": "static", "format": "QDQ",
                                                                         "per_channel": True, "calibrate": method,
                                                                         "calibration_images": len(calib)}})
-        _save_atomic(m, out)
+        save_onnx_atomic(m, out)
     return {"calibration_images": len(calib)}

@@ -10,6 +10,8 @@ preprocessing (size, mean, std, interpolation, resize mode, crop) — a consumer
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,37 @@ from .model import StudentConfig
 
 ONNX_FORMAT = "clipkd-onnx/1"
 META_KEY = "clipkd"
+
+
+def set_metadata(m: Any, meta: dict[str, Any]) -> None:
+    """Write clipkd's description (``meta``) into an ``onnx.ModelProto``'s metadata."""
+    for p in list(m.metadata_props):
+        if p.key == META_KEY:
+            m.metadata_props.remove(p)
+    entry = m.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps({"format": ONNX_FORMAT, **meta})
+    m.producer_name = "clipkd"
+
+
+def save_onnx_atomic(m: Any, out: Path) -> None:
+    """``onnx.save`` to a temp file beside ``out``, then rename it over ``out``."""
+    import onnx
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        onnx.save(m, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def student_metadata(cfg: StudentConfig, source: str) -> dict[str, Any]:
+    """What an export of a student records: output kind and size, architecture, teacher, classes, preprocessing."""
+    return {"kind": cfg.kind, "arch": cfg.arch, "out_dim": cfg.out_dim, "teacher": cfg.teacher,
+            "classnames": list(cfg.classnames), "preprocess": cfg.preprocess.to_dict(), "source": source}
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

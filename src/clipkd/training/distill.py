@@ -64,6 +64,7 @@ class TrainConfig(TrainerSettings):
     pretrained: bool | str = False  # True: timm's hub weights; a path: a local weights file
     init: str = ""  # a trained clipkd student (run folder or student.pt) to start from: fine-tuning, e.g. to 2:4
     sparsity: str = ""  # "2:4": prune to NVIDIA's 2:4 pattern when training starts and keep it while training
+    qat: bool = False  # quantization-aware fine-tuning of --init; the run's product is student.int8.onnx
     workers: int | None = None
     seed: int = 0
 
@@ -126,6 +127,10 @@ def _fit_and_save(build: Callable[[], Built], out: Path, cfg: TrainConfig, devic
             extra.append(TwoFourSparsity())
         if cfg.init:
             _load_init(module, cfg.init)
+        if cfg.qat:
+            from ..students.quantize import prepare_qat
+
+            module.student = prepare_qat(module.student)
         trainer = fit(module, loader, out, cfg.epochs, device=device, settings=cfg, progress=progress,
                       callbacks=extra)
         skipped = skipped_images(trainer, loader)
@@ -137,7 +142,10 @@ def _fit_and_save(build: Callable[[], Built], out: Path, cfg: TrainConfig, devic
             from ..students.sparsity import sparsity_report
 
             info["sparsity"] = sparsity_report(module.student)
-        path = save_student(out / "student.pt", module.student.cpu(), extra=info)
+        if cfg.qat:
+            path, info["qat"] = _export_qat(module, dataset, out)
+        else:
+            path = save_student(out / "student.pt", module.student.cpu(), extra=info)
         write_json(out / "run.json", {**info, "student": asdict(module.student.cfg)})
     return TrainResult(out, path, train_images=n - len(skipped), skipped_images=len(skipped))
 
@@ -147,6 +155,10 @@ def check_init_and_sparsity(cfg: TrainConfig, arch: str, out_dim: int | None, ki
     ``sparsity``."""
     if cfg.sparsity not in ("", "2:4"):
         raise ClipkdError(f"--sparsity takes 2:4 (NVIDIA's structured pattern), got '{cfg.sparsity}'")
+    if cfg.qat and not cfg.init:
+        raise ClipkdError("--qat fine-tunes a trained student for INT8: give --init RUN (the student to quantize)")
+    if cfg.qat and cfg.sparsity:
+        raise ClipkdError("--qat with --sparsity: fine-tune to 2:4 first, then --qat --init that run")
     if not cfg.init:
         return
     from ..students.model import is_student, load_student
@@ -157,6 +169,24 @@ def check_init_and_sparsity(cfg: TrainConfig, arch: str, out_dim: int | None, ki
     if c.arch != arch or c.kind != kind or (out_dim is not None and c.out_dim != out_dim):
         raise ClipkdError(f"--init {cfg.init} is a {c.kind} {c.arch} with {c.out_dim} outputs; this run trains a "
                           f"{kind} {arch}" + (f" with {out_dim} outputs" if out_dim is not None else ""))
+
+
+def _export_qat(module: StudentModule, dataset: ImageDataset, out: Path) -> tuple[Path, dict[str, Any]]:
+    """The QAT run's product: ``student.int8.onnx``, checked against its PyTorch graph on training images."""
+    from ..students.onnx import student_metadata
+    from ..students.quantize import export_qat_onnx
+
+    images = []
+    for i in range(min(len(dataset), 64)):
+        item = dataset[i]["image"]
+        if item is not None:
+            images.append(item[0] if isinstance(item, tuple) else item)
+        if len(images) == 8:
+            break
+    path = out / "student.int8.onnx"
+    lo = export_qat_onnx(module.student, path, student_metadata(module.student.cfg, str(out.resolve())),
+                         check=torch.stack(images) if images else None)
+    return path, {"onnx": str(path), "min_cosine_onnx_vs_pytorch": lo}
 
 
 def _load_init(module: StudentModule, init: str) -> None:
