@@ -30,24 +30,29 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     "embed_label": ({"terms": {"embed": 1.0, "label": 1.0}, "mix": "none"}, {}, False),
     "embed_vocab": ({"terms": {"embed": 1.0, "vocab": 1.0}, "mix": "none"}, {}, False),
     "embed_relation": ({"terms": {"embed": 1.0, "relation": 1.0}, "mix": "none"}, {}, False),
-    "embed_mixup": ({"terms": {"embed": 1.0}, "mix": "mixup"}, {}, True),
-    "cutmix_batch": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_mode": "batch"}, {}, True),
-    "cutmix_fm_half": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5}, {}, True),
-    "vocab_cutmix_fm": ({"terms": {"embed": 1.0, "vocab": 1.0}, "mix": "cutmix"}, {}, True),
-    "cutmix_fm_full": ({"terms": {"embed": 1.0}, "mix": "cutmix"}, {}, True),  # the baseline's epochs, ~1.3x compute
+    "embed_mixup": ({"terms": {"embed": 1.0}, "views": 0, "mix": "mixup"}, {}, True),
+    "cutmix_batch": ({"terms": {"embed": 1.0}, "views": 0, "mix": "cutmix", "mix_mode": "batch"}, {}, True),
+    "cutmix_fm_half": ({"terms": {"embed": 1.0}, "views": 0, "mix": "cutmix", "mix_prob": 0.5}, {}, True),
+    "vocab_cutmix_fm": ({"terms": {"embed": 1.0, "vocab": 1.0}, "views": 0, "mix": "cutmix"}, {}, True),
+    # the same at the baseline's epochs (~1.3x compute)
+    "cutmix_fm_full": ({"terms": {"embed": 1.0}, "views": 0, "mix": "cutmix"}, {}, True),
     # clipkd's method: per-image CutMix, every image through the online teacher, for as many epochs as the
     # baseline's training compute affords (+20 % at most; teacher forwards counted)
-    "cutmix_fm": ({"terms": {"embed": 1.0}, "mix": "cutmix", "epochs": "matched"}, {}, True),
+    "cutmix_fm": ({"terms": {"embed": 1.0}, "views": 0, "mix": "cutmix", "epochs": "matched"}, {}, True),
     # the same views drawn once (the image, then flipped and CutMix views), each embedded once by the teacher into a
     # multi-view store, then as many epochs (one view per image each) as the compute budget affords
     "cutmix_views4": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 4, "epochs": "matched"}, {}, True),
     "cutmix_views8": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 8, "epochs": "matched"}, {}, True),
+    # clipkd's method: the baseline's epochs, and as many stored views per image as the rest of the +20 % budget
+    # affords (teacher forwards counted)
+    "cutmix_fm_views": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "matched"}, {}, True),
     # half the images mixed; the store serves the plain ones, the teacher embeds only the mixed ones (no flips: a
     # store holds unflipped images)
-    "cutmix_fm_store": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5, "augment": "none"}, {}, "both"),
+    "cutmix_fm_store": ({"terms": {"embed": 1.0}, "views": 0, "mix": "cutmix", "mix_prob": 0.5, "augment": "none"},
+                        {}, "both"),
     # the same share mixed, all online, no flips: what the flips themselves contribute
-    "cutmix_fm_half_noflip": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5, "augment": "none"}, {},
-                              True),
+    "cutmix_fm_half_noflip": ({"terms": {"embed": 1.0}, "views": 0, "mix": "cutmix", "mix_prob": 0.5,
+                               "augment": "none"}, {}, True),
 }
 
 # world -> (teacher epochs, teacher batch, student epochs)
@@ -101,8 +106,10 @@ def evaluate(model: str, p: dict, device: str) -> dict:
 def run_method(world: str, method: str, seed: int, p: dict, device: str) -> dict:
     overrides, kwargs, online = METHODS[method]
     overrides = {k: v for k, v in overrides.items() if k != "epochs"}
-    cfg = clipkd.TrainConfig(student="resnet10t", epochs=method_epochs(method, p, WORLDS[world][2]), batch_size=64,
-                             lr=2e-3, seed=seed, **overrides)
+    epochs = method_epochs(method, p, WORLDS[world][2])
+    if overrides.get("views"):
+        overrides["views"] = method_views(method, p, epochs)
+    cfg = clipkd.TrainConfig(student="resnet10t", epochs=epochs, batch_size=64, lr=2e-3, seed=seed, **overrides)
     out = p["base"] / "students" / f"{method}-s{seed}"
     src = ({"teacher": p["spec"], "store": p["store"]} if online == "both" else
            {"teacher": p["spec"]} if online else {"store": p["store"]})
@@ -145,12 +152,23 @@ def _cost(method: str, p: dict, epochs: int) -> float:
     fs, ft = _flops(p)
     overrides, _, online = METHODS[method]
     if overrides.get("views"):  # a multi-view store: the teacher embeds each view once
-        return overrides["views"] * ft + 3 * epochs * fs
+        return method_views(method, p, epochs) * ft + 3 * epochs * fs
     if not online:
         return ft + 3 * epochs * fs
     mixed = overrides.get("mix_prob", 1.0) if overrides.get("mix_mode", "elem") == "elem" else 1.0
     teacher = ft + mixed * epochs * ft if online == "both" else epochs * ft
     return teacher + 3 * epochs * fs
+
+
+def method_views(method: str, p: dict, epochs: int) -> int:
+    """A method's views per image; for ``"views": "matched"`` the most that keep ``epochs`` within 1.2× embed's
+    compute (at the world's baseline epochs)."""
+    views = METHODS[method][0].get("views", 0)
+    if views != "matched":
+        return views
+    fs, ft = _flops(p)
+    budget = 1.2 * _cost("embed", p, epochs) * (1 + 1e-9)
+    return max(1, int((budget - 3 * epochs * fs) // ft))
 
 
 def method_epochs(method: str, p: dict, base: int) -> int:

@@ -118,13 +118,16 @@ def digits(tmp_path_factory):
 
 
 def test_cutmix_function_matching_beats_the_seed_baseline_on_unseen_digits(digits):
-    """clipkd's default with an online teacher (CutMix function matching) against the seed's embedding loss."""
+    """clipkd's default with a teacher (CutMix function matching from a multi-view store) against the seed's
+    embedding loss."""
     w, spec, root = digits
     cfg = clipkd.TrainConfig(student="resnet10t", epochs=6, batch_size=64, lr=2e-3, workers=0)
     kw = {"text": root / "text.npz", "split": w / "split.json", "device": "cpu", "progress": False}
     embed = clipkd.distill(w / "train", root / "embed", cfg, store=root / "store", **kw)
-    method = clipkd.distill(w / "train", root / "cutmix", cfg, teacher=spec, **kw)  # mix=auto → cutmix
-    assert json.loads((root / "cutmix" / "run.json").read_text())["train"]["mix"] == "cutmix"
+    method = clipkd.distill(w / "train", root / "cutmix", cfg, teacher=spec, **kw)  # mix, views = auto
+    run = json.loads((root / "cutmix" / "run.json").read_text())
+    assert run["train"]["mix"] == "cutmix" and run["train"]["views"] == 4 and run["targets"] == "views"
+    assert run["teacher_images"] == 4 * run["train_images"]  # each view embedded once, not once per epoch
     ev = {n: clipkd.evaluate(str(r.path), w / "test", text=root / "text.npz", split=w / "split.json", device="cpu",
                              workers=0, progress=False) for n, r in (("embed", embed), ("cutmix", method))}
     teacher = clipkd.evaluate(spec, w / "test", text=root / "text.npz", split=w / "split.json", device="cpu",

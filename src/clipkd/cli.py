@@ -107,6 +107,15 @@ def _recipe(cls, a: argparse.Namespace, **extra):
     return cls.from_file(config, **overrides)
 
 
+def _views(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0 or auto, got '{text}'") from None
+
+
 def _train_config(a: argparse.Namespace):
     from .students.losses import DISTILL_TERMS
     from .training.distill import TrainConfig
@@ -233,9 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mix-prob", type=float, help="fraction of images (or batches) mixed (default 1)")
     p.add_argument("--mix-mode", choices=["elem", "batch"], help="elem (default): a CutMix box and ratio per image; "
                    "batch: one per batch")
-    p.add_argument("--views", type=int, help="K > 0: draw K views per image (the image, then K-1 flipped and mixed "
+    p.add_argument("--views", type=_views, help="K > 0: draw K views per image (the image, then K-1 flipped and mixed "
                    "ones), embed each once with --teacher into OUT/views, train on one view per image per epoch "
-                   "(clipkd's GZSL method at store cost); 0 (default): mix online")
+                   "(clipkd's GZSL method at store cost); 0: mix online every epoch; auto (default): 4 with --teacher "
+                   "alone")
     p.add_argument("--extra-images", help="an unlabelled image pool (folder or list) trained on with teacher "
                    "targets only")
     p.add_argument("--extra-store", help="the pool's embed-images store (with --store)")

@@ -31,6 +31,9 @@ from .trainer import TrainerSettings, check_logger, check_train_config, fit, ski
 log = logging.getLogger(__name__)
 
 
+AUTO_VIEWS = 4  # views per image of clipkd's GZSL method by default (the image + 3 flipped CutMix composites)
+
+
 @dataclass
 class TrainConfig(TrainerSettings):
     """A student-training recipe as data (JSON-able; ``--config FILE`` loads one, flags override it).
@@ -53,7 +56,8 @@ class TrainConfig(TrainerSettings):
     mix_alpha: float = 1.0
     mix_prob: float = 1.0  # fraction of batches (mix_mode batch) or of images (elem) mixed; the rest stay plain
     mix_mode: str = "elem"  # elem: a ratio and box per image (clipkd's method); batch: one per batch (timm's default)
-    views: int = 0  # K > 0: K views per image (plain + K-1 flipped/mixed), embedded once by the teacher
+    views: int | str = "auto"  # K > 0: K views per image (the image + K-1 flipped/mixed), each embedded once by the
+    # teacher, then trained on; 0: mix online every epoch; auto: 4 when the teacher alone gives mixed targets
     epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
@@ -245,13 +249,19 @@ def distill(
         raise ClipkdError(f"--mix-mode must be batch or elem, got '{cfg.mix_mode}'")
     if not 0.0 <= cfg.mix_prob <= 1.0:
         raise ClipkdError(f"--mix-prob must be in [0, 1], got {cfg.mix_prob}")
-    if cfg.views < 0:
-        raise ClipkdError(f"--views must be ≥ 0 (0: no stored views), got {cfg.views}")
+    if cfg.views == "auto":
+        online_mix = (teacher is not None and store is None and extra_images is None and cfg.mix != "none"
+                      and cfg.mix_mode == "elem")
+        cfg = replace(cfg, views=AUTO_VIEWS if online_mix else 0)
+    if not isinstance(cfg.views, int) or cfg.views < 0:
+        raise ClipkdError(f"--views must be an integer ≥ 0 (0: mix online), or auto; got {cfg.views!r}")
     if cfg.views and teacher is None:
         raise ClipkdError("--views needs --teacher SPEC: it embeds each view once, before training")
     if cfg.views and (store is not None or extra_images is not None):
         raise ClipkdError("--views builds its own store of views (OUT/views) over the training images; drop "
                           "--store and --extra-images")
+    if cfg.views and cfg.mix_mode != "elem":
+        raise ClipkdError("--views draws a box per view (--mix-mode elem); --mix-mode batch mixes online (--views 0)")
     if cfg.views and cfg.augment not in ("none", "flip"):
         raise ClipkdError(f"--views draws flips itself (--augment flip or none), not '{cfg.augment}'")
     if cfg.mix != "none" and teacher is None:
