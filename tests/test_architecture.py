@@ -338,3 +338,18 @@ def test_pretrained_student_from_a_local_weights_file(tmp_path):
     torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "other.pth")
     with pytest.raises(ClipkdError, match="do not fit timm 'resnet10t'"):
         Student(StudentConfig("resnet10t", 8, pretrained=str(tmp_path / "other.pth")))
+    # weights laid out by another codebase (other names, same network): convert-weights maps them by order and shape
+    from clipkd.students.model import convert_weights
+
+    foreign = {f"net.{i}.{k.split('.')[-1]}": v for i, (k, v) in enumerate(ref.state_dict().items())}
+    torch.save({"state_dict": foreign}, tmp_path / "foreign.pth")
+    r = convert_weights("resnet10t", tmp_path / "foreign.pth", tmp_path / "timm.pth")
+    assert r["tensors"] == len([k for k in ref.state_dict() if not k.endswith("num_batches_tracked")])
+    s = Student(StudentConfig("resnet10t", 8, image_size=32, pretrained=str(tmp_path / "timm.pth")))
+    assert torch.equal(s.backbone.layer4[0].conv2.weight, ref.layer4[0].conv2.weight)
+    with pytest.raises(ClipkdError, match="not the same network"):
+        convert_weights("resnet18", tmp_path / "foreign.pth", tmp_path / "x.pth")
+    shuffled = dict(reversed(list(foreign.items())))
+    torch.save(shuffled, tmp_path / "shuffled.pth")
+    with pytest.raises(ClipkdError, match="shapes differ"):
+        convert_weights("resnet10t", tmp_path / "shuffled.pth", tmp_path / "x.pth")

@@ -355,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_count, default=8000, help="default 8000")
     p.add_argument("--no-batch", action="store_true", help="one forward pass per query (no dynamic batching)")
 
+    p = sub.add_parser("convert-weights", help="ImageNet weights laid out by another codebase -> timm's names (for "
+                       "--pretrained FILE)")
+    p.add_argument("--arch", required=True, help="the timm architecture the weights are for (e.g. efficientnet_lite0)")
+    p.add_argument("--weights", required=True, help="the weights file (.pth state dict)")
+    p.add_argument("--out", required=True, help="output .pth under timm's parameter names")
+
     p = sub.add_parser("export", help="a model as a self-describing ONNX file (fp32 or INT8) or TensorRT engine")
     p.add_argument("--model", required=True, help="student run folder / student.pt, clip-train run, or teacher spec "
                    "(its image tower)")
@@ -559,6 +565,15 @@ def _predict(a: argparse.Namespace) -> None:
             print(f"{r.file}: skipped ({r.error})")
         else:
             print(f"{r.file}: " + ", ".join(f"{c} {p:.3f}" for c, p in r.top))
+
+
+@command("convert-weights")
+def _convert_weights(a: argparse.Namespace) -> None:
+    from .students.model import convert_weights
+
+    r = convert_weights(a.arch, a.weights, a.out)
+    print(f"{r['out']}: {r['tensors']} tensors of {r['source']} under timm '{r['arch']}' names; use --pretrained "
+          f"{r['out']}")
 
 
 @command("export")

