@@ -40,7 +40,7 @@ def make_gallery(root: Path, n: int, dim: int, student: Path) -> Path:
     from clipkd.search.index import index_store
     from clipkd.store import EmbeddingStore, ShardWriter, new_manifest
 
-    out = root / f"gallery-{n}-auto"
+    out = root / f"gallery-{n}-{Path(student).stem}"
     if (out / "index.json").is_file():
         return out
     enc = load_encoder(student, device="cpu")
@@ -149,24 +149,33 @@ def main() -> None:
     index = make_gallery(root, a.gallery, 512, student)
     jpegs = sorted(make_jpegs(root / "queries", 64).rglob("*.jpg"))
     files = [p.read_bytes() for p in jpegs]
+    exported = root / "student-int8.onnx"  # the deployed student: ONNX Runtime, INT8 (static PTQ on the queries)
+    if not exported.is_file():
+        from clipkd.export import export_model
+
+        export_model(student, exported, images=root / "queries", int8=True, calib=root / "queries")
     rows = []
-    for batch in (True, False):
-        r = serve_and_load(index, files, batch, a.single, a.concurrent)
+    for model, idx, batch in (("PyTorch fp32", index, True), ("PyTorch fp32", index, False),
+                              ("ONNX INT8", make_gallery(root, a.gallery, 512, exported), True)):
+        r = serve_and_load(idx, files, batch, a.single, a.concurrent)
         for name, m in (("1 client", r["one"]), ("16 clients", r["many"])):
-            rows.append({"service": "batched" if batch else "one forward per query", "load": name,
+            rows.append({"student": model, "service": "batched" if batch else "one forward per query", "load": name,
                          "p50 ms": f"{m['p50']:.1f}", "p99 ms": f"{m['p99']:.1f}", "queries/s": f"{m['qps']:.1f}",
                          "failed": f"{m['failed']} / {m['n']}"})
-        if batch:
+        if model == "ONNX INT8":
+            onnx_ratio = r["many"]["qps"] / r["one"]["qps"]
+        elif batch:
             ratio, batched = r["many"]["qps"] / r["one"]["qps"], r["many"]["qps"]
         else:
             single = r["many"]["qps"]
         print(rows[-2:], flush=True)
-    body = table(rows, ["service", "load", "p50 ms", "p99 ms", "queries/s", "failed"])
+    body = table(rows, ["student", "service", "load", "p50 ms", "p99 ms", "queries/s", "failed"])
     kind = json.loads((index / "index.json").read_text())["kind"]
     body += (f"\n\nGallery {a.gallery:,} images ({kind} index, as `index build` chooses it), resnet18 student at "
              f"224 px, real JPEG queries (500×375) uploaded over loopback HTTP; k = 10. Throughput with 16 clients / "
              f"one client (batched service): **{ratio:.2f}×**; batched / one forward per query, 16 clients: "
-             f"**{batched / single:.2f}×**.\n\n")
+             f"**{batched / single:.2f}×**; the exported INT8 student, 16 clients / one client: "
+             f"**{onnx_ratio:.2f}×**.\n\n")
     body += table(compare_indexes(index), ["index", "params", "build s", "search ms/query", "recall@10 vs exact"])
     body += f"\n\nOne query at a time over the same {a.gallery:,} vectors (512-d); recall@10 against exact search.\n"
     report(f"Search service ({machine()})", body, Path(a.out))
