@@ -57,6 +57,12 @@ def test_cli_eval_and_predict(demo_run, capsys, tmp_path):
     assert len(lines) == 2 and lines[0].count(",") == 2 and "skipped" in lines[1]
     probs = [float(p.rsplit(" ", 1)[1]) for p in lines[0].split(": ", 1)[1].split(", ")]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    # a clip-train run folder is a model too (its run.json names the spec)
+    spec = json.loads((out / "teacher" / "run.json").read_text())["spec"]
+    kw = dict(text=out / "text_embeddings.npz", split=world / "split.json", device="cpu", progress=False)
+    from clipkd.evaluation.zeroshot import evaluate
+
+    assert evaluate(str(out / "teacher"), world / "test", **kw).H == evaluate(spec, world / "test", **kw).H
 
 
 def _one_line_error(capsys, argv, needle):

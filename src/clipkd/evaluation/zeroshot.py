@@ -95,7 +95,8 @@ class Scorer:
 
 def load_scorer(model: str, classnames: Sequence[str] | None = None, text: str | Path | None = None,
                 templates: str = "simple", device: str | None = "auto", precision: str = "auto") -> Scorer:
-    """A scorer for a teacher spec (``open_clip:...``) or a student run folder / ``student.pt``.
+    """A scorer for a teacher spec (``open_clip:...``), a ``clip-train`` run folder, or a student (run folder,
+    ``student.pt`` or exported ``.onnx``).
 
     Embedding models score by cosine similarity with ``text`` embeddings (a teacher without
     ``text`` embeds ``classnames`` with ``templates`` itself); classifier students use their head.
@@ -147,8 +148,9 @@ def load_scorer(model: str, classnames: Sequence[str] | None = None, text: str |
         temperature = text_emb.logit_scale
     else:
         from ..teachers import load_teacher
+        from .retrieval import resolve_model
 
-        teacher = load_teacher(str(model), device=str(dev), precision=precision)
+        teacher = load_teacher(resolve_model(model), device=str(dev), precision=precision)  # a spec or clip-train run
         if text_emb is None:
             text_emb = embed_prompts(teacher, build_prompts(classnames, load_templates(templates)))
         elif text_emb.teacher != teacher.identity:
