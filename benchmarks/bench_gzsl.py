@@ -254,6 +254,8 @@ def main() -> None:
             row["share of teacher H"] = f"{100 * share:.0f} %"
             row["train s"] = f"{statistics.mean(r['train_s'] for r in runs):.0f}"
             row["compute vs embed"] = f"{compute_vs_embed(method, p, WORLDS[world][2]):.2f}×"
+            for r in runs:
+                r["compute_vs_embed"] = round(compute_vs_embed(method, p, WORLDS[world][2]), 3)
             rows.append(row)
             print(row, flush=True)
     out = Path(a.out)
