@@ -23,6 +23,7 @@ from common import report, table
 import clipkd
 from clipkd.data.digits import TEMPLATES, DigitsConfig, make_digits_world
 from clipkd.demo import DEMO_TEMPLATES
+from clipkd.training.runs import recipe_differences
 
 # method name -> (TrainConfig overrides, distill keyword arguments, targets: False store, True online, "both")
 METHODS: dict[str, tuple[dict, dict, bool | str]] = {
@@ -137,7 +138,7 @@ def run_method(world: str, method: str, seed: int, p: dict, device: str) -> dict
     if "seconds" in kept and "recipe" not in kept:  # timed by an earlier version of this script: a finished run
         kept["recipe"] = recipe
         timing.write_text(json.dumps(kept))
-    if kept.get("recipe") != recipe:  # this run trained now (new, or replaced a run of another recipe)
+    if "recipe" not in kept or recipe_differences(kept["recipe"], recipe):  # trained now (new, or replaced a run)
         timing.write_text(json.dumps({"seconds": seconds, "recipe": recipe}))
     return evaluate(str(r.path), p, device) | {"train_s": json.loads(timing.read_text())["seconds"]}
 

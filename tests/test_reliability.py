@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from clipkd.cli import main
@@ -133,6 +134,16 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(tmp_path, tiny_wo
     before = first.path.stat().st_mtime_ns
     again = distill(tiny_world / "train", out, SMALL, **kw)  # same recipe: resumes the finished run
     assert again.path == first.path
+    # a run recorded by an older clipkd, before a setting existed: still resumed while the new setting is off
+    recipe = json.loads((out / "recipe.json").read_text())
+    for new_setting in ("qat", "sparsity", "init"):
+        del recipe["settings"][new_setting]
+    (out / "recipe.json").write_text(json.dumps(recipe))
+    steps = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    distill(tiny_world / "train", out, SMALL, **kw)  # resumed (finished: no step trained), not refused or retrained
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
+    with pytest.raises(ClipkdError, match=r"settings.sparsity: None → '2:4'"):
+        distill(tiny_world / "train", out, TrainConfig(**{**SMALL.__dict__, "sparsity": "2:4"}), **kw)
     other = TrainConfig(**{**SMALL.__dict__, "lr": 5e-3})
     with pytest.raises(ClipkdError, match=r"other settings \(settings.lr: 0.001 → 0.005"):
         distill(tiny_world / "train", out, other, **kw)

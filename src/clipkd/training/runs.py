@@ -88,13 +88,20 @@ def check_run(out: str | Path, recipe: dict[str, Any], overwrite: bool | str = F
         raise
 
 
+def recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """How ``new`` differs from a recorded recipe. A setting the older recipe does not have (added by a newer
+    clipkd) is no difference while it is off (false, 0, empty or None): upgrading clipkd keeps runs resumable."""
+    settings = {k: v for k, v in new.get("settings", {}).items() if k in old.get("settings", {}) or v}
+    return _differences(old, {**new, "settings": settings})
+
+
 def _matches(out: Path, recipe: dict[str, Any]) -> bool:
     old_file = out / RECIPE
     if old_file.is_file():
         old = read_json(old_file, "run recipe")
-        if old == recipe:
+        diff = [] if old == recipe else recipe_differences(old, recipe)
+        if not diff:
             return (out / "checkpoints" / "last.ckpt").is_file()
-        diff = _differences(old, recipe)
         raise ClipkdError(f"{out} holds a run with other settings ({'; '.join(diff[:4])}"
                           f"{'; …' if len(diff) > 4 else ''}); use another --out, or --overwrite to replace it")
     legacy = out / "run.json"
