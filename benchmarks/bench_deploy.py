@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/deploy.md")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if not (a.demo_run / "results.json").is_file():
+    if not (a.demo_run / "students" / "embed" / "student.pt").is_file():
         raise SystemExit(f"{a.demo_run} is not a finished demo run: run `make demo` first")
     calib = a.calib or a.demo_run / "world" / "train"
     with tempfile.TemporaryDirectory() as tmp:
