@@ -137,9 +137,11 @@ def _fit_and_save(build: Callable[[], Built], out: Path, cfg: TrainConfig, devic
             module.student = prepare_qat(module.student)
         trainer = fit(module, loader, out, cfg.epochs, device=device, settings=cfg, progress=progress,
                       callbacks=extra)
-        skipped = skipped_images(trainer, loader)
-        info = {"train": asdict(cfg), **info, "train_images": n - len(skipped),
-                "skipped_images": len(skipped), "skipped": skipped[:1000]}
+        during = skipped_images(trainer, loader)
+        skipped = info.pop("skipped_before", []) + during  # undecodable before training (views) or by the loader
+        trained = n - len(during)
+        info = {"train": asdict(cfg), **info, "train_images": trained, "skipped_images": len(skipped),
+                "skipped": skipped[:1000]}
         # teacher forwards: online (this process), or the views it embedded; 0 from a store
         info["teacher_images"] = info.get("teacher_images", 0) + module.teacher_images
         if cfg.sparsity:
@@ -151,7 +153,7 @@ def _fit_and_save(build: Callable[[], Built], out: Path, cfg: TrainConfig, devic
         else:
             path = save_student(out / "student.pt", module.student.cpu(), extra=info)
         write_json(out / "run.json", {**info, "student": asdict(module.student.cfg)})
-    return TrainResult(out, path, train_images=n - len(skipped), skipped_images=len(skipped))
+    return TrainResult(out, path, train_images=trained, skipped_images=len(skipped))
 
 
 def check_init_and_sparsity(cfg: TrainConfig, arch: str, out_dim: int | None, kind: str) -> None:
@@ -376,7 +378,11 @@ def distill(
             groups[i // cfg.views].append(row)
         dataset = ImageDataset(data.root, [keys[i] for i in kept], transform,
                                labels=[labels[i // cfg.views] for i in kept], opener=plan.opener(data.root))
-        views_info = {**info, "views": len(kept), "teacher_images": len(kept)}
+        lost = [paths[i] for i, g in enumerate(groups) if not g]  # undecodable: none of its views could be made
+        if len(kept) < len(keys) - len(lost) * cfg.views:
+            log.warning("%d views of other images were left out: their partner image could not be decoded",
+                        len(keys) - len(kept) - len(lost) * cfg.views)
+        views_info = {**info, "views": len(kept), "teacher_images": len(kept), "skipped_before": lost}
         return module(found.targets, None), dataset, views_info, ViewSampler(groups, cfg.seed)
 
     return _fit_and_save(build, out, cfg, device, progress, recipe, overwrite)
