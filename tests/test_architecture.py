@@ -54,8 +54,7 @@ def test_a_registered_part_reaches_the_cli_and_the_projection_rule(extra_parts):
     from clipkd.students.model import StudentConfig
     from clipkd.training.modules import StudentModule
 
-    m = StudentModule(StudentConfig("resnet10t", 4, image_size=32), torch.tensor([0]), terms={"twice_embed": 1.0},
-                      targets=torch.zeros(2, 4))
+    m = StudentModule(StudentConfig("resnet10t", 4, image_size=32), torch.tensor([0]), terms={"twice_embed": 1.0})
     assert m.needs == {"target"}
 
 

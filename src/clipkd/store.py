@@ -9,7 +9,14 @@ Layout of a store folder::
 
 A shard is written (atomically) before the manifest names it, so a killed run loses at most the
 shard it was filling; re-running the same command embeds only images no finished shard holds.
-One process writes a store at a time (a lock; a second writer gets a one-line error).
+One command writes a store at a time (a lock; a second one gets a one-line error), except the ranks of one
+job (``torchrun``/``srun``, see :mod:`clipkd.distributed`): each rank embeds the images a hash of their key gives
+it and merges its shards into the manifest under a short lock, re-reading it first and dropping any row another
+writer added meanwhile, so ranks may finish in any order, and a job killed part-way may be re-run with another
+number of ranks, without a lost or duplicated row.
+
+Reading is memory-mapped: :class:`TargetRows` reads the rows a trainer asks for from the shards on demand, so
+a store far larger than memory can feed training, and each loader worker or rank maps the files itself.
 
 Rows are keyed by relative path, so a store also records each file's size: a store used with another
 folder whose files share the relative names (``train/`` vs ``test/``) is refused. Sizes, not content
@@ -19,26 +26,91 @@ a plain copy of the folder changes.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 from tqdm import tqdm
 
 from .data.encode import iter_encoded
 from .data.folders import list_images
 from .data.loader import ImageDataset
+from .distributed import my_share, ranks
 from .errors import ClipkdError
-from .fileio import exclusive, read_json, write_json, write_npy, write_text
+from .fileio import check_out_dir, exclusive, read_json, write_json, write_npy, write_text
 
 STORE_FORMAT = "clipkd-store/1"
+MERGE_LOCK = ".clipkd.manifest.lock"
 log = logging.getLogger(__name__)
+
+
+class TargetRows:
+    """Chosen rows of one or more stores, read on demand from their memory-mapped shards.
+
+    ``rows[i]`` is the ``i``-th row; an integer index gives a (D,) float16 tensor, an array or tensor of indices
+    a (n, D) one. Nothing is loaded up front: memory stays flat however large the store, and the object pickles
+    without its maps (each loader worker and each rank maps the files itself).
+    """
+
+    def __init__(self, files: Sequence[tuple[str, int]], dim: int, rows: np.ndarray) -> None:
+        self.files = [(str(f), int(n)) for f, n in files]
+        self.dim = int(dim)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum([n for _, n in self.files])]).astype(np.int64)
+        self._maps: dict[int, np.ndarray] = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.rows), self.dim)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": {}}
+
+    def _map(self, shard: int) -> np.ndarray:
+        if shard not in self._maps:
+            self._maps[shard] = np.load(self.files[shard][0], mmap_mode="r")
+        return self._maps[shard]
+
+    def _row(self, g: int) -> np.ndarray:
+        shard = bisect.bisect_right(self.starts, g) - 1
+        return self._map(shard)[g - int(self.starts[shard])]
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        if isinstance(index, (int, np.integer)):
+            return torch.from_numpy(np.array(self._row(int(self.rows[index])), dtype=np.float16))
+        idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
+        out = np.empty((len(idx), self.dim), np.float16)
+        for j, g in enumerate(self.rows[idx].tolist()):
+            out[j] = self._row(g)
+        return torch.from_numpy(out)
+
+    def numpy(self) -> np.ndarray:
+        """Every chosen row as one (n, D) float16 array (loads them: for small selections)."""
+        return self[np.arange(len(self))].numpy()
+
+    @staticmethod
+    def cat(parts: Sequence[TargetRows]) -> TargetRows:
+        """The rows of ``parts``, one after the other."""
+        files: list[tuple[str, int]] = []
+        rows = []
+        for p in parts:
+            if p.dim != parts[0].dim:
+                raise ClipkdError(f"cannot join stores of {parts[0].dim}-d and {p.dim}-d embeddings")
+            rows.append(p.rows + sum(n for _, n in files))
+            files += p.files
+        return TargetRows(files, parts[0].dim, np.concatenate(rows) if rows else np.zeros(0, np.int64))
 
 
 @dataclass
@@ -48,7 +120,7 @@ class StoreTargets:
     ``dropped``: the images the store recorded as undecodable when it was built (left out, counted).
     """
 
-    targets: torch.Tensor  # (len(keep), D) float16
+    targets: TargetRows  # (len(keep), D) float16, read on demand
     keep: np.ndarray
     dropped: list[str]
 
@@ -93,19 +165,25 @@ class EmbeddingStore:
             self._paths = paths
         return self._paths
 
+    def _shards(self) -> list[np.ndarray]:
+        """Every shard memory-mapped, each checked against the manifest."""
+        parts = []
+        for shard in self.manifest["shards"]:
+            try:
+                arr = np.load(self.root / shard["file"], mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise ClipkdError(f"store {self.root}: cannot read {shard['file']}: {e}") from None
+            if arr.shape != (shard["count"], self.embed_dim):
+                raise ClipkdError(f"store {self.root}: {shard['file']} has shape {arr.shape}, "
+                                  f"expected ({shard['count']}, {self.embed_dim})")
+            parts.append(arr)
+        return parts
+
     def embeddings(self) -> np.ndarray:
-        """All rows as one (N, D) float16 array."""
+        """All rows as one (N, D) float16 array, in memory (an index needs them all; trainers read
+        :meth:`rows_of` on demand instead)."""
         if self._emb is None:
-            parts = []
-            for shard in self.manifest["shards"]:
-                try:
-                    arr = np.load(self.root / shard["file"], mmap_mode="r")
-                except (OSError, ValueError) as e:
-                    raise ClipkdError(f"store {self.root}: cannot read {shard['file']}: {e}") from None
-                if arr.shape != (shard["count"], self.embed_dim):
-                    raise ClipkdError(f"store {self.root}: {shard['file']} has shape {arr.shape}, "
-                                      f"expected ({shard['count']}, {self.embed_dim})")
-                parts.append(arr)
+            parts = self._shards()
             self._emb = np.concatenate(parts) if parts else np.zeros((0, self.embed_dim), np.float16)
         return self._emb
 
@@ -182,8 +260,13 @@ class EmbeddingStore:
             log.warning("%d of %d %s could not be decoded when the store was built; left out", len(missing),
                         len(paths), what)
         keep = np.flatnonzero(rows >= 0)
-        emb = torch.from_numpy(np.asarray(self.embeddings()[rows[keep]], dtype=np.float16))
-        return StoreTargets(emb, keep, [paths[i] for i in missing])
+        return StoreTargets(self.rows_of(rows[keep]), keep, [paths[i] for i in missing])
+
+    def rows_of(self, rows: np.ndarray) -> TargetRows:
+        """Store rows ``rows``, read on demand from the memory-mapped shards."""
+        self._shards()
+        files = [(str((self.root / s["file"]).resolve()), s["count"]) for s in self.manifest["shards"]]
+        return TargetRows(files, self.embed_dim, rows)
 
     def check_teacher(self, identity: str, hint: str = "") -> None:
         """Refuse to mix embeddings of two teachers."""
@@ -201,11 +284,18 @@ def new_manifest(info: dict[str, Any], images_root: Path, shard_size: int) -> di
 
 
 class ShardWriter:
-    """Appends rows to a store: buffers up to ``shard_size`` rows, then writes the shard atomically and
-    only then the manifest naming it (so a killed job loses at most the shard in progress)."""
+    """Appends rows to a store: buffers up to ``shard_size`` rows, then writes the shard atomically and only then
+    the manifest naming it (so a killed job loses at most the shard in progress).
 
-    def __init__(self, out: Path, manifest: dict[str, Any], shard_size: int) -> None:
+    The manifest is merged, not overwritten: under a short lock (``.clipkd.manifest.lock``) the writer re-reads
+    it, drops the rows another writer (a rank of the same job) has added meanwhile, names its shard after the
+    shards listed and writes the manifest back. ``done``: the paths the manifest held when the writer started.
+    """
+
+    def __init__(self, out: Path, manifest: dict[str, Any], shard_size: int, done: set[str] | None = None) -> None:
         self.out, self.manifest, self.shard_size = out, manifest, shard_size
+        self.done = set(done or ())
+        self.seen = {s["file"] for s in manifest["shards"]}
         self.emb: list[np.ndarray] = []
         self.paths: list[str] = []
         self.sizes: list[int] = []
@@ -230,24 +320,55 @@ class ShardWriter:
         if len(self.paths) + len(self.skipped) >= self.shard_size:
             self.flush()
 
-    def flush(self) -> None:
-        if not (self.paths or self.skipped):
+    def _current(self) -> dict[str, Any]:
+        """The manifest on disk (another writer may have extended it), or ours while none is written."""
+        path = self.out / "manifest.json"
+        if not path.is_file():
+            return self.manifest
+        m = read_json(path, "store manifest")
+        if m.get("teacher") != self.manifest["teacher"] or m.get("embed_dim") != self.manifest["embed_dim"]:
+            raise ClipkdError(f"store {self.out} was started by another teacher ({m.get('teacher')}) meanwhile")
+        for root in self.manifest.get("images_roots", []):
+            if root not in m.setdefault("images_roots", []):
+                m["images_roots"].append(root)
+        for shard in m["shards"]:  # rows other writers added since we last looked
+            if shard["file"] not in self.seen:
+                self.seen.add(shard["file"])
+                self.done.update((self.out / shard["paths"]).read_text(encoding="utf-8").splitlines())
+        self.done.update(s["path"] for s in m["skipped"])
+        return m
+
+    def flush(self, final: bool = False) -> None:
+        """Write the buffered rows as a shard and merge it into the manifest; ``final``: also write the manifest of
+        a store that got no row (so it can be opened)."""
+        if not (self.paths or self.skipped or (final and not (self.out / "manifest.json").is_file())):
             return
-        m = self.manifest
-        name = f"shard-{len(m['shards']):05d}"
-        emb = np.concatenate(self.emb) if self.emb else np.zeros((0, m["embed_dim"]), np.float16)
-        write_text(self.out / f"{name}.txt", "".join(p + "\n" for p in self.paths))
-        write_npy(self.out / f"{name}.npy", emb)
-        write_npy(self.out / f"{name}.size.npy", np.asarray(self.sizes, dtype=np.int64))
-        m["shards"].append({"file": f"{name}.npy", "paths": f"{name}.txt", "sizes": f"{name}.size.npy",
-                            "count": len(self.paths)})
-        m["count"] += len(self.paths)
-        m["skipped"].extend(self.skipped)
-        m["skipped_count"] = len(m["skipped"])
-        now = time.perf_counter()
-        m["seconds"] = round(m["seconds"] + now - self.t0, 3)
-        self.t0 = now
-        write_json(self.out / "manifest.json", m)
+        emb = np.concatenate(self.emb) if self.emb else np.zeros((0, self.manifest["embed_dim"]), np.float16)
+        with FileLock(self.out / MERGE_LOCK):
+            m = self._current()
+            fresh = [i for i, p in enumerate(self.paths) if p not in self.done]
+            if len(fresh) < len(self.paths):
+                log.info("%d row(s) were embedded by another writer meanwhile; dropped", len(self.paths) - len(fresh))
+            paths, sizes, emb = [self.paths[i] for i in fresh], [self.sizes[i] for i in fresh], emb[fresh]
+            skipped = [s for s in self.skipped if s["path"] not in self.done]
+            if paths or skipped:
+                name = f"shard-{len(m['shards']):05d}"  # unlisted: at most the leftover of a killed writer
+                write_text(self.out / f"{name}.txt", "".join(p + "\n" for p in paths))
+                write_npy(self.out / f"{name}.npy", emb)
+                write_npy(self.out / f"{name}.size.npy", np.asarray(sizes, dtype=np.int64))
+                m["shards"].append({"file": f"{name}.npy", "paths": f"{name}.txt", "sizes": f"{name}.size.npy",
+                                    "count": len(paths)})
+                self.seen.add(f"{name}.npy")
+                m["count"] += len(paths)
+                m["skipped"].extend(skipped)
+                m["skipped_count"] = len(m["skipped"])
+            now = time.perf_counter()
+            m["seconds"] = round(m["seconds"] + now - self.t0, 3)
+            self.t0 = now
+            write_json(self.out / "manifest.json", m)
+            self.done.update(paths)
+            self.done.update(s["path"] for s in skipped)
+        self.manifest = m
         self.emb, self.paths, self.sizes, self.skipped = [], [], [], []
 
 
@@ -314,27 +435,31 @@ def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path
     if batch_size < 1 or shard_size < 1 or (workers is not None and workers < 0):
         raise ClipkdError(f"batch size and shard size must be ≥ 1 and workers ≥ 0 (got {batch_size}, {shard_size}, "
                           f"{workers})")
-    with exclusive(out, "embedding store"):
+    r = ranks()
+    # the ranks of one job share the store (their shards are merged under the manifest lock); other jobs wait
+    with exclusive(out, "embedding store") if not r.distributed else nullcontext(check_out_dir(out, "store")):
         manifest, done = _open_for_append(teacher.describe(), root, out, shard_size, files)
-        pending = [f for f in files if f not in done]
+        pending = my_share([f for f in files if f not in done], r)
         if max_images is not None:
             pending = pending[:max_images]
+        writer = ShardWriter(out, manifest, shard_size, done)
         if not pending:
+            writer.flush(final=True)
             return EmbeddingStore(out)
 
         if compile:
             teacher.compile_image_tower(batch_size)
         draft = max(manifest["preprocess"].get("size") or [0]) or None
         dataset = ImageDataset(root, pending, teacher.preprocess, draft_size=draft, opener=opener)
-        writer = ShardWriter(out, manifest, shard_size)
-        for b in iter_encoded(teacher.encode_image, dataset, batch_size, workers, progress, desc="embed-images"):
+        desc = f"embed-images [rank {r.rank}/{r.world}]" if r.distributed else "embed-images"
+        for b in iter_encoded(teacher.encode_image, dataset, batch_size, workers, progress, desc=desc):
             for idx, err in b.skipped:
                 writer.skip(pending[idx], err)
             if b.outputs is not None:
                 done_now = [pending[i] for i in b.index]
                 sizes = [-1] * len(done_now) if opener is not None else [_file_size(root / p) for p in done_now]
                 writer.add(b.outputs.numpy(), done_now, sizes)
-        writer.flush()
+        writer.flush(final=True)
         if writer.skipped_count:
             log.warning("%d image(s) could not be decoded and were skipped; listed in %s", writer.skipped_count,
                         out / "manifest.json")
@@ -375,7 +500,7 @@ def import_npy_folder(npy_dir: str | Path, images: str | Path, out: str | Path, 
     info = {"teacher": teacher, "embed_dim": int(first.size), "preprocess": preprocess or {}}
     with exclusive(out, "embedding store"):
         manifest, done = _open_for_append(info, images, out, shard_size, have)
-        writer = ShardWriter(out, manifest, shard_size)
+        writer = ShardWriter(out, manifest, shard_size, done)
         for f in tqdm([f for f in have if f not in done], desc="import .npy", unit="file", disable=not progress):
             try:
                 v = np.load(npy_dir / _npy_name(f, flat)).astype(np.float32).reshape(-1)
@@ -385,7 +510,7 @@ def import_npy_folder(npy_dir: str | Path, images: str | Path, out: str | Path, 
                 writer.skip(f, f"{type(e).__name__}: {e}")
                 continue
             writer.add((v / max(float(np.linalg.norm(v)), 1e-12))[None], [f], [_file_size(images / f)])
-        writer.flush()
+        writer.flush(final=True)
     if len(have) < len(files):
         log.warning("%d of %d images have no .npy in %s, e.g. %s", len(files) - len(have), len(files), npy_dir,
                     [f for f in files if f not in set(have)][:3])

@@ -187,10 +187,11 @@ class CaptionDataset(ImageDataset):
     """
 
     def __init__(self, source: CaptionSource | str | Path, captions: dict[str, list[str]] | None,
-                 transform: Callable, tokenizer: Callable[[list[str]], Any], batch: int = 4096) -> None:
+                 transform: Callable, tokenizer: Callable[[list[str]], Any], batch: int = 4096,
+                 targets: Any = None) -> None:
         if not isinstance(source, CaptionSource):
             source = CaptionSource(Path(source), captions or {})
-        super().__init__(source.root, sorted(source.pairs), transform, opener=source.opener)
+        super().__init__(source.root, sorted(source.pairs), transform, opener=source.opener, targets=targets)
         self.unique = sorted({c for caps in source.pairs.values() for c in caps})
         pos = {c: i for i, c in enumerate(self.unique)}
         self.tokens = torch.cat([tokenizer(self.unique[i : i + batch]) for i in range(0, len(self.unique), batch)])

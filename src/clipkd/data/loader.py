@@ -62,7 +62,9 @@ class ImageDataset(Dataset):
     image, e.g. the student's and the teacher's preprocessing). A file that cannot be decoded
     yields ``image=None`` and its error text instead of raising, so one bad file among millions
     is skipped and counted rather than ending the job. ``opener`` replaces file reading for images
-    that are not files (e.g. base64 rows of a Chinese-CLIP TSV, keyed by id in ``paths``).
+    that are not files (e.g. base64 rows of a Chinese-CLIP TSV, keyed by id in ``paths``). ``targets``: rows
+    indexed like ``paths`` (e.g. a store's :class:`~clipkd.store.TargetRows`, read on demand); each item then
+    carries its row as ``"target"``, so a trainer never holds every target in memory or on its device.
     """
 
     def __init__(
@@ -73,8 +75,10 @@ class ImageDataset(Dataset):
         labels: Sequence[int] | None = None,
         draft_size: int | None = None,
         opener: Callable[[str], Image.Image] | None = None,
+        targets: Any = None,
     ) -> None:
         self.root = Path(root)
+        self.targets = targets
         self.opener = opener
         self.paths = list(paths)
         self.transform = transform
@@ -95,7 +99,10 @@ class ImageDataset(Dataset):
             error = ""
         except Exception as e:  # noqa: BLE001 - any decode failure is a skip, reported by name
             image, error = None, f"{type(e).__name__}: {e}"
-        return {"index": index, "image": image, "label": label, "error": error}
+        item = {"index": index, "image": image, "label": label, "error": error}
+        if self.targets is not None:
+            item["target"] = self.targets[index]
+        return item
 
 
 def collate_skip(items: list[dict[str, Any]]) -> dict[str, Any]:

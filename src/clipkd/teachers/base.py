@@ -20,7 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """``None``/``"auto"`` → CUDA when available, else CPU; an unavailable CUDA request is an error."""
+    """``None``/``"auto"`` → CUDA when available, else CPU; an unavailable CUDA request is an error. In a job of
+    several ranks, ``auto``/``cuda`` is the rank's own GPU (``cuda:LOCAL_RANK``)."""
+    from ..distributed import local_device
+
+    device = local_device(device)
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)

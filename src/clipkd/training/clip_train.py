@@ -132,7 +132,7 @@ def clip_train(
         if len(found.keep) < len(paths):
             source = replace(source, pairs={paths[i]: source.pairs[paths[i]] for i in found.keep.tolist()})
         targets = found.targets
-    dataset = CaptionDataset(source, None, transform, student.tokenizer)
+    dataset = CaptionDataset(source, None, transform, student.tokenizer, targets=targets)
     if t is not None and needs_text:
         teacher_text = t.encode_text(dataset.unique).half()
     teacher_dim = t.embed_dim if t is not None else (int(targets.shape[1]) if targets is not None else 0)
@@ -149,7 +149,7 @@ def clip_train(
     module = ClipModule(student, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
                         kd_loss=cfg.kd_loss if distilling else None, kd_weight=cfg.kd_weight,
                         teacher=t if online else None, teacher_dim=teacher_dim,
-                        teacher_scale=t.logit_scale if t is not None else 100.0, targets=targets,
+                        teacher_scale=t.logit_scale if t is not None else 100.0,
                         teacher_text=teacher_text, freeze_image=cfg.freeze_image, freeze_text=cfg.freeze_text,
                         val_texts=val_texts, val_owner=val_owner, val_labels=val_labels)
     with claim_run(out, recipe, overwrite):

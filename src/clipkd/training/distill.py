@@ -21,7 +21,7 @@ from ..data.views import ViewSampler, make_view_plan
 from ..errors import ClipkdError
 from ..fileio import write_json
 from ..prompts import TextEmbeddings
-from ..store import EmbeddingStore, embed_views
+from ..store import EmbeddingStore, TargetRows, embed_views
 from ..students.losses import EMBEDDING_LOSSES, check_terms, term_needs
 from ..students.model import StudentConfig, augment_ops, check_student_arch, save_student, student_transform
 from .modules import StudentModule
@@ -308,7 +308,7 @@ def distill(
             got = EmbeddingStore(extra_store).targets(extra.paths, teacher=identity, what="pool images",
                                                       root=extra.root)
             extra_paths = [str(extra.root / extra.paths[i]) for i in got.keep.tolist()]
-            targets = torch.cat([targets, got.targets])
+            targets = TargetRows.cat([targets, got.targets])
     if teacher is not None:
         from ..teachers import load_teacher
 
@@ -356,16 +356,17 @@ def distill(
                                               "store" if store else "online"),
             "extra_images": len(paths) - len(data.paths)}
 
-    def module(targets: torch.Tensor | None, teacher: Any) -> StudentModule:
+    def module(teacher: Any) -> StudentModule:
         return StudentModule(scfg, label_map, terms=terms, distance=cfg.loss, text=text_seen,
-                             logit_scale=scale, targets=targets, teacher=teacher, lr=cfg.lr,
+                             logit_scale=scale, teacher=teacher, lr=cfg.lr,
                              weight_decay=cfg.weight_decay, warmup=cfg.warmup, vocab=words,
                              vocab_scale=cfg.vocab_scale or scale, mix="none" if cfg.views else cfg.mix,
                              mix_alpha=cfg.mix_alpha, mix_prob=cfg.mix_prob, mix_mode=cfg.mix_mode)
 
     def build() -> Built:
-        if not cfg.views:  # rows of `targets` follow `paths`, so the dataset index is the target row
-            return module(targets, online), ImageDataset(data.root, paths, transform, labels=labels), info, None
+        if not cfg.views:  # rows of `targets` follow `paths`: each item reads its own row
+            dataset = ImageDataset(data.root, paths, transform, labels=labels, targets=targets)
+            return module(online), dataset, info, None
         plan = make_view_plan(paths, cfg.views, cfg.mix, cfg.mix_alpha, cfg.mix_prob, flip=cfg.augment == "flip",
                               seed=cfg.seed)
         st = embed_views(online, data.root, plan, out / "views", batch_size=cfg.batch_size, workers=cfg.workers,
@@ -376,14 +377,14 @@ def distill(
         groups: list[list[int]] = [[] for _ in paths]
         for row, i in enumerate(kept):
             groups[i // cfg.views].append(row)
-        dataset = ImageDataset(data.root, [keys[i] for i in kept], transform,
-                               labels=[labels[i // cfg.views] for i in kept], opener=plan.opener(data.root))
+        dataset = ImageDataset(data.root, [keys[i] for i in kept], transform, labels=[labels[i // cfg.views]
+                               for i in kept], opener=plan.opener(data.root), targets=found.targets)
         lost = [paths[i] for i, g in enumerate(groups) if not g]  # undecodable: none of its views could be made
         if len(kept) < len(keys) - len(lost) * cfg.views:
             log.warning("%d views of other images were left out: their partner image could not be decoded",
                         len(keys) - len(kept) - len(lost) * cfg.views)
         views_info = {**info, "views": len(kept), "teacher_images": len(kept), "skipped_before": lost}
-        return module(found.targets, None), dataset, views_info, ViewSampler(groups, cfg.seed)
+        return module(None), dataset, views_info, ViewSampler(groups, cfg.seed)
 
     return _fit_and_save(build, out, cfg, device, progress, recipe, overwrite)
 

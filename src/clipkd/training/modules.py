@@ -38,7 +38,7 @@ class StudentModule(OptimMixin, L.LightningModule):
     ``kind="embedding"``: the weighted sum of the registered distillation ``terms`` (name → weight;
     see :data:`~clipkd.students.losses.DISTILL_TERMS`), e.g. ``embed`` (embedding ``distance`` to the
     teacher's target) and ``label`` (cross entropy over the seen classes' ``text`` embeddings). Targets
-    come from ``targets`` (rows indexed by the dataset index — the store path) or from ``teacher`` run on
+    come from the batch (``batch["target"]``: store rows the data set reads on demand) or from ``teacher`` run on
     the batch's second view (the online path); with both, the store gives the targets of the images left plain
     and the teacher embeds only the mixed ones (``teacher_images`` counts its forwards).
     ``kind="classifier"``: plain cross entropy on the class head (the normal baseline).
@@ -53,7 +53,6 @@ class StudentModule(OptimMixin, L.LightningModule):
         distance: str = "mse",
         text: torch.Tensor | None = None,
         logit_scale: float = 100.0,
-        targets: torch.Tensor | None = None,
         teacher: Any = None,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
@@ -77,7 +76,6 @@ class StudentModule(OptimMixin, L.LightningModule):
         self.teacher_images = 0
         self.register_buffer("label_map", label_map.long(), persistent=False)
         self.register_buffer("text", text.float() if text is not None else None, persistent=False)
-        self.register_buffer("targets", targets if targets is not None else None, persistent=False)
         self.register_buffer("vocab", vocab.float() if vocab is not None else None, persistent=False)
 
     def training_step(self, batch: dict[str, Any], _: int) -> torch.Tensor | None:
@@ -102,7 +100,7 @@ class StudentModule(OptimMixin, L.LightningModule):
             x = TermInputs(out, labels=labels, text=self.text, logit_scale=self.logit_scale, distance=self.distance,
                            vocab=self.vocab, vocab_scale=self.vocab_scale)
             if "target" in self.needs:
-                x.target = self._targets(images, batch["index"], mixed)
+                x.target = self._targets(images, batch.get("target"), mixed)
             total = out.new_zeros(())
             for name, weight in self.terms.items():
                 logs[f"loss/{name}"] = DISTILL_TERMS.get(name)(x)
@@ -111,15 +109,15 @@ class StudentModule(OptimMixin, L.LightningModule):
         self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(student_x))
         return total
 
-    def _targets(self, images: Any, index: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
-        """Teacher embeddings of this batch's images: from the store, from the online teacher, or both (the store
-        for plain images, the teacher only for mixed ones)."""
+    def _targets(self, images: Any, stored: torch.Tensor | None, mixed: torch.Tensor) -> torch.Tensor:
+        """Teacher embeddings of this batch's images: from the store (``stored``, the batch's rows), from the online
+        teacher, or both (the store for plain images, the teacher only for mixed ones)."""
         if self.teacher is None:
-            return self.targets[index].float()
-        if self.targets is None:
-            self.teacher_images += len(index)
+            return stored.float()
+        if stored is None:
+            self.teacher_images += len(mixed)
             return self.teacher.encode_image(images[1])
-        target = self.targets[index].float()
+        target = stored.float()
         if mixed.any():
             self.teacher_images += int(mixed.sum())
             target[mixed] = self.teacher.encode_image(images[1][mixed]).to(target.dtype)
@@ -181,8 +179,8 @@ class ClipModule(OptimMixin, L.LightningModule):
     """A CLIP model trained with open_clip's ``ClipLoss``, plus ``kd_weight`` × a distillation loss.
 
     ``clip``: the trainable model behind the teacher interface (open_clip or Chinese-CLIP).
-    Distillation targets: ``teacher`` run online on the batch's second view, or ``targets`` (teacher
-    image embeddings, rows indexed by the dataset index — the store path). The ``affinity`` loss
+    Distillation targets: ``teacher`` run online on the batch's second view, or the batch's store rows
+    (``batch["target"]``, read on demand by the data set). The ``affinity`` loss
     also needs ``teacher_text`` (teacher embeddings of the distinct captions, by caption id).
     When ``cosine``/``mse`` compare embeddings of different sizes, a learned linear projection
     maps the student's image embedding into the teacher's space (used only for the loss).
@@ -200,7 +198,6 @@ class ClipModule(OptimMixin, L.LightningModule):
         teacher: Any = None,
         teacher_dim: int = 0,
         teacher_scale: float = 100.0,
-        targets: torch.Tensor | None = None,
         teacher_text: torch.Tensor | None = None,
         freeze_image: bool = False,
         freeze_text: bool = False,
@@ -215,7 +212,6 @@ class ClipModule(OptimMixin, L.LightningModule):
         self.clip_loss = ClipLoss()
         self.lr, self.weight_decay, self.warmup = lr, weight_decay, warmup
         self.kd_loss, self.kd_weight, self.teacher, self.teacher_scale = kd_loss, kd_weight, teacher, teacher_scale
-        self.register_buffer("targets", targets, persistent=False)
         self.register_buffer("teacher_text", teacher_text, persistent=False)
         self.proj = None
         if kd_loss and kd_needs_projection(kd_loss) and teacher_dim and teacher_dim != clip.embed_dim:
@@ -249,7 +245,7 @@ class ClipModule(OptimMixin, L.LightningModule):
             if self.teacher is not None:
                 t_img = self.teacher.encode_image(images[1])
             else:
-                t_img = self.targets[batch["index"]].float()
+                t_img = batch["target"].float()
             t_txt = self.teacher_text[batch["caption_id"]].float() if self.teacher_text is not None else None
             s_kd = self.proj(s_img) if self.proj is not None else s_img
             logs[f"loss/kd_{self.kd_loss}"] = kd_loss(self.kd_loss, s_kd, t_img, s_txt, t_txt, scale,

@@ -1,0 +1,111 @@
+"""Ranks of a job launched by ``torchrun`` or SLURM (``srun``): who am I, and how ranks share work.
+
+clipkd never launches processes itself. A command started as N ranks (``torchrun --nproc-per-node N`` or
+``srun --ntasks N``) reads its rank from the launcher's environment: training hands the ranks to Lightning's
+DDP (which reads the same variables), and ``embed-images`` splits the images between ranks by a hash of each
+image's key, so the split does not depend on when a rank starts or how many images were already done.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a job: global ``rank`` of ``world`` ranks, ``local`` rank on its machine."""
+
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def zero(self) -> bool:
+        """Whether this is rank 0 (the rank that writes a run's files)."""
+        return self.rank == 0
+
+
+def ranks() -> Ranks:
+    """The ranks the launcher set: ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) or SLURM with more than
+    one task (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``); a plain process is rank 0 of 1."""
+    env = os.environ
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return Ranks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return Ranks(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return Ranks()
+
+
+def owner(key: str, world: int) -> int:
+    """The rank that handles ``key`` among ``world`` ranks: a stable hash (CRC-32 of the UTF-8 key) modulo
+    ``world``, the same in every process and every run."""
+    return zlib.crc32(key.encode("utf-8")) % world
+
+
+def my_share(keys: Sequence[str], r: Ranks | None = None) -> list[str]:
+    """The keys this rank handles (all of them in a plain process)."""
+    r = r or ranks()
+    if not r.distributed:
+        return list(keys)
+    return [k for k in keys if owner(k, r.world) == r.rank]
+
+
+def local_device(device: str | None) -> str | None:
+    """``auto``/``cuda`` on rank with local rank L → ``cuda:L`` (one GPU per rank); anything else unchanged."""
+    r = ranks()
+    if r.distributed and device in (None, "auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{r.local % torch.cuda.device_count()}"
+    return device
+
+
+def init_process_group() -> bool:
+    """Join the job's process group from the launcher's environment (gloo on CPU, NCCL with GPUs), if the job has
+    several ranks and the group is not up yet; Lightning's DDP reuses it. Returns whether a group is up."""
+    import torch.distributed as dist
+
+    r = ranks()
+    if not r.distributed or not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return True
+    env = os.environ
+    if "MASTER_ADDR" not in env:  # SLURM: Lightning's SLURMEnvironment derives these; rank 0's host otherwise
+        raise RuntimeError("MASTER_ADDR is not set: launch with torchrun, or export MASTER_ADDR/MASTER_PORT under srun")
+    env.setdefault("MASTER_PORT", "29500")
+    env.setdefault("RANK", str(r.rank))
+    env.setdefault("WORLD_SIZE", str(r.world))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(r.local % torch.cuda.device_count())
+    dist.init_process_group(backend, timeout=timedelta(hours=2))
+    return True
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in a plain process)."""
+    import torch.distributed as dist
+
+    if init_process_group():
+        dist.barrier()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a plain process)."""
+    import torch.distributed as dist
+
+    if not init_process_group():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
