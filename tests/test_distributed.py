@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -138,3 +140,128 @@ def test_fake_teacher_store_rows_follow_the_hash_split(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     st = embed_images(FakeTeacher(), imgs, tmp_path / "s", workers=0, progress=False)
     assert len(st) == 30 and len(set(st.paths)) == 30
+
+
+# --- training under DDP: torchrun, 2 CPU processes, gloo ----------------------------------------------------------
+
+def _contrastive_rank(rank: int, img: torch.Tensor, txt: torch.Tensor, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from clipkd.training.modules import contrastive_loss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    b = len(img) // 2
+    mine_i = img[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+    mine_t = txt[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+    loss_fn = contrastive_loss(rank, 2)
+    logits, _ = loss_fn.get_logits(mine_i, mine_t, torch.tensor(10.0))
+    loss = loss_fn(mine_i, mine_t, torch.tensor(10.0))
+    loss.backward()
+    torch.save({"shape": tuple(logits.shape), "loss": loss.item(), "grad": mine_i.grad}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_rank_contrastive_loss_scores_the_global_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from clipkd.training.modules import contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_contrastive_rank, args=(img, txt, port, str(tmp_path)), nprocs=2)
+    r = [torch.load(tmp_path / f"rank{k}.pt") for k in range(2)]
+    assert r[0]["shape"] == r[1]["shape"] == (4, 8)  # each rank's 4 images against all 2 × 4 texts
+    whole_i = img.clone().requires_grad_(True)
+    whole = contrastive_loss()(whole_i, txt, torch.tensor(10.0))
+    whole.backward()
+    assert abs((r[0]["loss"] + r[1]["loss"]) / 2 - whole.item()) < 1e-5  # the mean over ranks = the global loss
+    # DDP averages gradients over ranks: each rank's share of (its own) image gradients, halved, is the global one
+    assert torch.allclose(torch.cat([r[0]["grad"], r[1]["grad"]]) / 2, whole_i.grad, atol=1e-6)
+
+
+def _torchrun(n: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
+            str(_free_port()), "-m", "clipkd.cli", *args]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _last_epoch_loss(run) -> float:
+    import csv
+
+    rows = [r for r in csv.DictReader((run / "logs" / "metrics.csv").open()) if r.get("loss/total_epoch")]
+    return float(rows[-1]["loss/total_epoch"])
+
+
+@pytest.fixture(scope="module")
+def ddp_world(tmp_path_factory, micro_spec):
+    from clipkd.data.synth import WorldConfig, synthesize
+
+    root = tmp_path_factory.mktemp("ddp")
+    cfg = WorldConfig(n_shapes=4, n_colours=4, unseen_per_shape=1, train_per_class=6, val_per_class=2,
+                      test_per_class=3, image_size=24)
+    w = synthesize(root / "world", cfg, workers=1)
+    subprocess.run(_embed_cmd(micro_spec, w / "train", root / "store"), check=True, capture_output=True,
+                   env=_env())
+    return w, root / "store"
+
+
+def test_two_process_distill_reaches_the_one_process_loss(tmp_path, ddp_world):
+    w, store = ddp_world
+    common = ["distill", "--store", str(store), "--images", str(w / "train"), "--split", str(w / "split.json"),
+              "--student", "resnet10t", "--epochs", "3", "--image-size", "32", "--workers", "0", "--device", "cpu",
+              "--seed", "0", "--lr", "3e-3"]
+    one = subprocess.run([*CLI, *common, "--out", str(tmp_path / "one"), "--batch-size", "16"], capture_output=True,
+                         text=True, env=_env())
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(_torchrun(2, *common, "--out", str(tmp_path / "two"), "--batch-size", "8", "--devices", "2"),
+                         capture_output=True, text=True, env=_env())
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("student ->") == 1  # rank 0 reports and writes; rank 1 only trains
+    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert run["train_images"] == json.loads((tmp_path / "one" / "run.json").read_text())["train_images"]
+    a, b = _last_epoch_loss(tmp_path / "one"), _last_epoch_loss(tmp_path / "two")
+    first = float(next(r for r in __import__("csv").DictReader((tmp_path / "one" / "logs" / "metrics.csv").open())
+                       if r.get("loss/total_epoch"))["loss/total_epoch"])
+    assert b < first / 2 and abs(a - b) < 0.25 * a, (a, b, first)  # same global batch: the same descent
+
+
+def test_two_process_clip_train_gathers_validation_and_writes_once(tmp_path, ddp_world, micro_spec):
+    w, store = ddp_world
+    r = subprocess.run(_torchrun(2, "clip-train", "--model", "open_clip:clipkd-micro", "--images", str(w / "train"),
+                                 "--captions", str(w / "train" / "captions_en.csv"), "--val-images", str(w / "val"),
+                                 "--val-captions", str(w / "val" / "captions_en.csv"), "--out", str(tmp_path / "ct"),
+                                 "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+                                 "--devices", "2", "--teacher", micro_spec),
+                       capture_output=True, text=True, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("model:") == 1
+    run = json.loads((tmp_path / "ct" / "run.json").read_text())
+    assert run["best"]["score"] is not None and run["images"] == 96
+
+
+def test_a_job_whose_ranks_do_not_match_its_devices_is_refused_before_work(tmp_path, ddp_world, monkeypatch, capsys):
+    from clipkd.cli import main
+
+    w, store = ddp_world
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc = main(["distill", "--store", str(store), "--images", str(w / "train"), "--out", str(tmp_path / "x"),
+               "--student", "resnet10t", "--device", "cpu"])
+    assert rc == 2 and "runs 2 ranks but asks for 1 device(s) × 1 node(s)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

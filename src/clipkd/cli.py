@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -680,7 +681,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     configure_logging(args.quiet, args.verbose)
+    from .distributed import ranks
+
     try:
+        if not ranks().zero:  # in a job of several ranks, rank 0 reports; the others' errors still reach stderr
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                return run(args)
         return run(args)
     except Interrupted as e:
         print(f"clipkd {args.command}: {e}", file=sys.stderr)

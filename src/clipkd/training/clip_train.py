@@ -12,6 +12,7 @@ import torch
 
 from ..data.captions import CaptionDataset, check_tokenizer_reads, load_caption_source
 from ..data.loader import ImageDataset, make_loader
+from ..distributed import ranks
 from ..errors import ClipkdError
 from ..fileio import write_json
 from ..students.losses import kd_needs_text
@@ -155,12 +156,15 @@ def clip_train(
     with claim_run(out, recipe, overwrite):
         trainer = fit(module, loader, out, cfg.epochs, val=val, monitor=monitor, device=device, settings=cfg,
                       accumulate=cfg.accumulate, progress=progress)
+        skipped = skipped_images(trainer, loader)
+        if not ranks().zero:  # rank 0 writes the run's files
+            return TrainResult(out, out, spec="", train_images=len(dataset) - len(skipped),
+                               skipped_images=len(skipped))
         best = out / "checkpoints" / "best.ckpt"
         if monitor and best.is_file():
             module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
         module.cpu()
         spec = student.save(out)
-        skipped = skipped_images(trainer, loader)
         info: dict[str, Any] = {
             "train": asdict(cfg), "spec": spec, "images": len(dataset) - len(skipped),
             "distillation": {"teacher": t.identity if t is not None else None, "store": str(store) if store else None,

@@ -18,6 +18,7 @@ from ..data.loader import ImageDataset, make_loader
 from ..data.preprocess import PreprocessConfig
 from ..data.splits import load_split
 from ..data.views import ViewSampler, make_view_plan
+from ..distributed import barrier, gather_objects, ranks
 from ..errors import ClipkdError
 from ..fileio import write_json
 from ..prompts import TextEmbeddings
@@ -142,8 +143,11 @@ def _fit_and_save(build: Callable[[], Built], out: Path, cfg: TrainConfig, devic
         trained = n - len(during)
         info = {"train": asdict(cfg), **info, "train_images": trained, "skipped_images": len(skipped),
                 "skipped": skipped[:1000]}
-        # teacher forwards: online (this process), or the views it embedded; 0 from a store
-        info["teacher_images"] = info.get("teacher_images", 0) + module.teacher_images
+        # teacher forwards: online (every rank's), or the views it embedded; 0 from a store
+        info["teacher_images"] = info.get("teacher_images", 0) + sum(gather_objects(module.teacher_images))
+        path = out / ("student.int8.onnx" if cfg.qat else "student.pt")
+        if not ranks().zero:  # rank 0 writes the run's files
+            return TrainResult(out, path, train_images=trained, skipped_images=len(skipped))
         if cfg.sparsity:
             from ..students.sparsity import sparsity_report
 
@@ -369,8 +373,10 @@ def distill(
             return module(online), dataset, info, None
         plan = make_view_plan(paths, cfg.views, cfg.mix, cfg.mix_alpha, cfg.mix_prob, flip=cfg.augment == "flip",
                               seed=cfg.seed)
-        st = embed_views(online, data.root, plan, out / "views", batch_size=cfg.batch_size, workers=cfg.workers,
-                         progress=progress)
+        embed_views(online, data.root, plan, out / "views", batch_size=cfg.batch_size, workers=cfg.workers,
+                    progress=progress)  # each rank of a job embeds its share
+        barrier()
+        st = EmbeddingStore(out / "views")
         keys = plan.keys()
         found = st.targets(keys, teacher=identity, what="views")
         kept = found.keep.tolist()

@@ -106,7 +106,8 @@ class StudentModule(OptimMixin, L.LightningModule):
                 logs[f"loss/{name}"] = DISTILL_TERMS.get(name)(x)
                 total = total + weight * logs[f"loss/{name}"]
         logs["loss/total"] = total
-        self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(student_x))
+        self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(student_x),
+                      sync_dist=self.trainer.world_size > 1)  # the mean over every rank's images
         return total
 
     def _targets(self, images: Any, stored: torch.Tensor | None, mixed: torch.Tensor) -> torch.Tensor:
@@ -175,6 +176,16 @@ def mix_views(views: tuple[torch.Tensor, ...], how: str, alpha: float = 1.0, per
     return tuple(out)
 
 
+def contrastive_loss(rank: int = 0, world: int = 1) -> torch.nn.Module:
+    """open_clip's ``ClipLoss`` for rank ``rank`` of ``world``: across ranks, local loss over features gathered with
+    their gradients (each rank's images against every rank's texts), so the contrastive batch is the global one."""
+    from open_clip import ClipLoss
+
+    if world == 1:
+        return ClipLoss()
+    return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+
+
 class ClipModule(OptimMixin, L.LightningModule):
     """A CLIP model trained with open_clip's ``ClipLoss``, plus ``kd_weight`` × a distillation loss.
 
@@ -206,10 +217,8 @@ class ClipModule(OptimMixin, L.LightningModule):
         val_labels: list[int] | None = None,
     ) -> None:
         super().__init__()
-        from open_clip import ClipLoss
-
         self.clip, self.model = clip, clip.model
-        self.clip_loss = ClipLoss()
+        self.clip_loss = contrastive_loss()
         self.lr, self.weight_decay, self.warmup = lr, weight_decay, warmup
         self.kd_loss, self.kd_weight, self.teacher, self.teacher_scale = kd_loss, kd_weight, teacher, teacher_scale
         self.register_buffer("teacher_text", teacher_text, persistent=False)
@@ -224,6 +233,13 @@ class ClipModule(OptimMixin, L.LightningModule):
                 p.requires_grad_(False)
         self.val_texts, self.val_owner, self.val_labels = val_texts, val_owner, val_labels
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def setup(self, stage: str) -> None:
+        """Across ranks, the contrastive batch is the global batch: as open_clip trains, each rank scores its own
+        images against every rank's texts (and its texts against every rank's images), features gathered with
+        their gradients."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            self.clip_loss = contrastive_loss(self.trainer.global_rank, self.trainer.world_size)
 
     def on_train_epoch_start(self) -> None:
         if self.freeze_image:  # frozen towers keep their normalisation statistics
@@ -252,7 +268,8 @@ class ClipModule(OptimMixin, L.LightningModule):
                                                       self.teacher_scale)
             total = total + self.kd_weight * logs[f"loss/kd_{self.kd_loss}"]
         logs["loss/total"] = total
-        self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
+        self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x),
+                      sync_dist=self.trainer.world_size > 1)
         self.log("logit_scale", scale.detach(), on_step=True, on_epoch=False, batch_size=len(x))
         return total
 
@@ -266,13 +283,18 @@ class ClipModule(OptimMixin, L.LightningModule):
                               batch["index"].cpu()))
 
     def on_validation_epoch_end(self) -> None:
+        from ..distributed import gather_objects
         from ..evaluation.retrieval import image_image_metrics, text_image_recall
 
-        if not self._val:
+        parts = [p for rank in gather_objects(self._val) for p in rank] if self.trainer.world_size > 1 else self._val
+        self._val = []
+        if not parts:
             return
-        emb = torch.cat([e for e, _ in self._val])
-        index = torch.cat([i for _, i in self._val]).tolist()
-        self._val.clear()
+        emb = torch.cat([e for e, _ in parts])
+        index = torch.cat([i for _, i in parts]).tolist()
+        first = {i: j for j, i in reversed(list(enumerate(index)))}  # a distributed sampler pads with repeats
+        rows = sorted(first.values())
+        emb, index = emb[rows], [index[j] for j in rows]
         pos = {i: j for j, i in enumerate(index)}
         logs: dict[str, float] = {}
         if self.val_texts is not None:

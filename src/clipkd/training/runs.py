@@ -18,6 +18,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from ..distributed import barrier, ranks
 from ..errors import ClipkdError
 from ..fileio import check_out_dir, exclusive, read_json, write_json
 
@@ -76,8 +77,9 @@ def check_run(out: str | Path, recipe: dict[str, Any], overwrite: bool | str = F
     out = Path(out)
     if out.exists():
         check_out_dir(out, "run folder")
-        with exclusive(out, "run folder"):  # in use by another process: say so now, not after loading a teacher
-            pass
+        if ranks().zero:  # ranks of one job share the folder; rank 0 holds it
+            with exclusive(out, "run folder"):  # in use by another process: say so now, not after loading a teacher
+                pass
     if overwrite is True or not out.is_dir():
         return False
     try:
@@ -122,8 +124,13 @@ def _matches(out: Path, recipe: dict[str, Any]) -> bool:
 def claim_run(out: str | Path, recipe: dict[str, Any], overwrite: bool | str = False) -> Iterator[bool]:
     """Hold ``out`` for this run (a lock; a second process gets a one-line error), check the recipe again under
     the lock, clear an old run when ``overwrite`` (or, with ``"changed"``, when its recipe differs), write
-    ``recipe.json``; yields whether the run resumes."""
+    ``recipe.json``; yields whether the run resumes. In a job of several ranks rank 0 does this and holds the
+    folder; the other ranks wait for it, then train beside it (Lightning's DDP) and write nothing."""
     out = Path(out)
+    if not ranks().zero:
+        barrier()  # rank 0 has claimed the folder
+        yield _matches(out, recipe)
+        return
     with exclusive(out, "run folder"):
         if overwrite == "changed":
             try:
@@ -135,6 +142,7 @@ def claim_run(out: str | Path, recipe: dict[str, Any], overwrite: bool | str = F
             _clear(out)
         resuming = _matches(out, recipe)
         write_json(out / RECIPE, recipe)
+        barrier()
         yield resuming
 
 

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
+from ..distributed import gather_objects, ranks
 from ..errors import ClipkdError, Interrupted, first_line
 from .recipe import Recipe
 
@@ -29,8 +30,8 @@ log = logging.getLogger(__name__)
 class TrainerSettings(Recipe):
     """Where and how a run trains (Lightning's trainer configuration), shared by every training recipe.
 
-    ``devices``: how many devices (or ``"auto"``); ``num_nodes``/``strategy``: as Lightning takes them
-    (``auto`` = single device, ``ddp`` for several); ``precision``: ``auto`` (fp16 mixed on GPU, fp32 on
+    ``devices``: how many devices per machine (or ``"auto"``); ``num_nodes``/``strategy``: as Lightning takes them
+    (``auto`` = one device, ``ddp`` for several); ``precision``: ``auto`` (fp16 mixed on GPU, fp32 on
     CPU), ``fp32``, ``fp16``, ``bf16``; ``logger``: ``csv`` (always written; the training-curve PNG reads it),
     ``tensorboard`` or ``wandb`` in addition.
     """
@@ -87,6 +88,24 @@ def accelerator_and_devices(device: str, devices: int | str = 1) -> tuple[str, A
     raise ClipkdError(f"unknown --device '{device}' (auto, cpu, cuda, cuda:N)")
 
 
+def check_ranks(settings: Any) -> None:
+    """A job launched as N ranks (``torchrun``, ``srun``) must ask for N devices in all (``--devices`` ×
+    ``--num-nodes``): Lightning would otherwise train each rank alone or wait for ranks that never come."""
+    devices = getattr(settings, "devices", 1)
+    nodes = getattr(settings, "num_nodes", 1) or 1
+    r = ranks()
+    if r.distributed and isinstance(devices, int) and devices * nodes != r.world:
+        raise ClipkdError(f"this job runs {r.world} ranks but asks for {devices} device(s) × {nodes} node(s); "
+                          f"pass --devices D --num-nodes M with D × M = {r.world}")
+
+
+def lightning_strategy(settings: TrainerSettings) -> str:
+    """``auto`` → ``ddp`` when the run spans several devices, machines or ranks."""
+    devices = settings.devices if isinstance(settings.devices, int) else 1
+    several = devices > 1 or settings.num_nodes > 1 or ranks().distributed
+    return "ddp" if settings.strategy == "auto" and several else settings.strategy
+
+
 def lightning_precision(precision: str, accelerator: str) -> str:
     """clipkd precision names → Lightning's; CPU always trains in fp32."""
     if accelerator == "cpu" or precision in ("fp32", "32"):
@@ -124,6 +143,7 @@ def check_train_config(cfg: Any) -> None:
     if getattr(cfg, "weight_decay", 0) < 0:
         raise ClipkdError(f"--weight-decay must be ≥ 0, got {cfg.weight_decay!r}")
     check_logger(getattr(cfg, "logger", "csv"))
+    check_ranks(cfg)
 
 
 class EpochThroughput(Callback):
@@ -150,7 +170,7 @@ class EpochThroughput(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.images:
             self.last = self.images / (time.perf_counter() - self.t0)
-            module.log("img_per_s", self.last, on_epoch=True)
+            module.log("img_per_s", self.last, on_epoch=True, sync_dist=trainer.world_size > 1, reduce_fx="sum")
 
 
 class SkippedImages(Callback):
@@ -234,7 +254,7 @@ def fit(
         accelerator=accelerator,
         devices=devices,
         num_nodes=settings.num_nodes,
-        strategy=settings.strategy,
+        strategy=lightning_strategy(settings),
         precision=lightning_precision(settings.precision, accelerator),
         accumulate_grad_batches=accumulate,
         callbacks=callbacks,
@@ -256,6 +276,7 @@ def fit(
         warnings.filterwarnings("ignore", message=".*Experiment logs directory.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*")
+        warnings.filterwarnings("ignore", message=".*distributed.nn.functional.all_gather is deprecated.*")
         try:
             trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt)
         except SIGTERMException:
@@ -264,12 +285,16 @@ def fit(
         except SystemExit as e:  # Lightning turns Ctrl+C into sys.exit(1)
             raise Interrupted("interrupted; re-run the same command to resume from the last finished epoch",
                               exit_code=130) from e
+    if trainer.world_size > 1:  # each rank saw its share of the data
+        skipped.index = set().union(*gather_objects(sorted(skipped.index)))
     names = skipped.names(train.dataset)
     if names:
         log.warning("%d training image(s) could not be decoded and were skipped, e.g. %s", len(names), names[:5])
     if skipped.trained == 0 and (ckpt is None or trainer.global_step == 0):
         raise ClipkdError(f"no training step ran ({len(names)} of {len(train.dataset)} images could not be decoded"
                           f"{', e.g. ' + str(names[:3]) if names else ''}); no model was written")
+    if not trainer.is_global_zero:
+        return trainer
     from ..evaluation.plots import plot_training_curves
 
     plot_training_curves(sorted((out / "logs").glob("metrics*.csv")), out / "training_curves.png")
