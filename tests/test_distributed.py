@@ -265,3 +265,110 @@ def test_a_job_whose_ranks_do_not_match_its_devices_is_refused_before_work(tmp_p
                "--student", "resnet10t", "--device", "cpu"])
     assert rc == 2 and "runs 2 ranks but asks for 1 device(s) × 1 node(s)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# --- WebDataset shards -------------------------------------------------------------------------------------------
+
+def _write_shards(folder, out, per_shard: int = 20, captions: dict | None = None) -> dict[str, str]:
+    """The ImageFolder ``folder`` as WebDataset shards ``out/shard-N.tar`` (image, .json class, .txt captions), as
+    img2dataset or webdataset's TarWriter lay them out; returns sample name → original path."""
+    import io
+    import tarfile
+
+    from clipkd.data.folders import clean_classname, list_images
+
+    out.mkdir(parents=True, exist_ok=True)
+    files, names = list_images(folder), {}
+    for s in range(0, len(files), per_shard):
+        shard = f"shard-{s // per_shard:03d}.tar"
+        with tarfile.open(out / shard, "w") as tar:
+            for i, rel in enumerate(files[s:s + per_shard], s):
+                key = f"{i:06d}"
+                members = {f"{key}{(folder / rel).suffix}": (folder / rel).read_bytes(),
+                           f"{key}.json": json.dumps({"class": clean_classname(rel.split("/")[0])}).encode()}
+                if captions and rel in captions:
+                    members[f"{key}.txt"] = "\n".join(captions[rel]).encode()
+                for name, data in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                names[f"{shard}/{key}"] = rel
+    return names
+
+
+def test_shards_give_the_store_and_the_eval_numbers_the_folder_gives(tmp_path, tiny_world, micro_spec):
+    from clipkd.data.captions import read_captions
+    from clipkd.evaluation.zeroshot import evaluate
+    from clipkd.prompts import build_prompts, embed_prompts, load_classnames
+    from clipkd.teachers import load_teacher
+
+    test = tiny_world / "test"
+    names = _write_shards(test, tmp_path / "wds", per_shard=7)
+    last = len(list((tmp_path / "wds").iterdir())) - 1
+    pattern = str(tmp_path / "wds") + f"/shard-{{000..{last:03d}}}.tar"
+    teacher = FakeTeacher()
+    a = embed_images(teacher, test, tmp_path / "a", workers=0, progress=False)
+    b = embed_images(teacher, pattern, tmp_path / "b", workers=0, progress=False)
+    assert sorted(b.paths) == sorted(names) and len(b) == len(a)
+    ea, eb = a.embeddings(), b.embeddings()
+    for key, row in zip(b.paths, eb, strict=True):
+        assert (row == ea[a.rows([names[key]])[0]]).all()
+    t = load_teacher(micro_spec, device="cpu")
+    text = embed_prompts(t, build_prompts(load_classnames(tiny_world / "train"), ["a photo of a {}."]))
+    text.save(tmp_path / "text.npz")
+    kw = dict(text=tmp_path / "text.npz", split=tiny_world / "split.json", device="cpu", progress=False, workers=0)
+    r_folder, r_shards = evaluate(micro_spec, test, **kw), evaluate(micro_spec, pattern, **kw)
+    assert (r_shards.S, r_shards.U, r_shards.H) == (r_folder.S, r_folder.U, r_folder.H)
+    # captions ride along as .txt members: a caption source for clip-train / eval-retrieval
+    caps, _ = read_captions(tiny_world / "train" / "captions_en.csv", tiny_world / "train")
+    names = _write_shards(tiny_world / "train", tmp_path / "wds-train", per_shard=50, captions=caps)
+    from clipkd.data.captions import load_caption_source
+
+    src = load_caption_source(str(tmp_path / "wds-train" / "shard-{000..001}.tar"), None)
+    assert len(src.pairs) == len(names) and all(src.pairs[k] == caps[names[k]] for k in names)
+
+
+def test_a_corrupt_sample_is_skipped_and_counted_and_a_cut_shard_keeps_its_whole_samples(tmp_path, tiny_world):
+    import io
+    import tarfile
+
+    names = _write_shards(tiny_world / "test", tmp_path / "wds", per_shard=100)
+    shard = tmp_path / "wds" / "shard-000.tar"
+    bad = tmp_path / "wds" / "shard-001.tar"
+    with tarfile.open(bad, "w") as tar:
+        for name, data in (("bad.png", b"not an image at all"), ("bad.json", b'{"class": "x"}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    st = embed_images(FakeTeacher(), str(tmp_path / "wds" / "shard-{000..001}.tar"), tmp_path / "s", workers=0,
+                      progress=False)
+    assert len(st) == len(names) and st.manifest["skipped_count"] == 1
+    assert st.manifest["skipped"][0]["path"] == "shard-001.tar/bad"
+    cut = tmp_path / "cut" / "cut.tar"
+    cut.parent.mkdir()
+    data = shard.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])  # cut mid-member
+    from clipkd.data.tars import read_shards
+
+    samples = read_shards(cut)
+    assert 0 < len(samples.keys) < len(names) and samples.damaged == [str(cut.resolve())]
+    st = embed_images(FakeTeacher(), cut, tmp_path / "s2", workers=0, progress=False)
+    assert len(st) + st.manifest["skipped_count"] == len(samples.keys)
+
+
+def test_distill_and_eval_retrieval_read_shards(tmp_path, tiny_world, capsys):
+    from clipkd.cli import main
+
+    _write_shards(tiny_world / "train", tmp_path / "wds", per_shard=40)
+    pattern = str(tmp_path / "wds" / "shard-{000..002}.tar")
+    store = embed_images(FakeTeacher(), pattern, tmp_path / "store", workers=0, progress=False)
+    from clipkd.training.distill import TrainConfig, distill
+
+    cfg = TrainConfig(student="resnet10t", epochs=1, batch_size=8, image_size=32, workers=0)
+    r = distill(pattern, tmp_path / "student", cfg, store=store.root, split=tiny_world / "split.json", device="cpu",
+                progress=False)
+    assert r.train_images > 0 and (tmp_path / "student" / "student.pt").is_file()
+    assert main(["eval-retrieval", "--model", str(tmp_path / "student"), "--images", pattern, "--device", "cpu",
+                 "--workers", "0", "--out", str(tmp_path / "ret.json")]) == 0
+    ret = json.loads((tmp_path / "ret.json").read_text())
+    assert ret["n_labels"] == 16 and "i2i_map@10" in ret  # labels from the samples' .json, not shards

@@ -153,10 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_workers, default=2)
 
     p = sub.add_parser("clip-train", help="train / fine-tune a CLIP (ClipLoss), optionally distilling a teacher CLIP")
-    p.add_argument("--images", required=True, help="image root the caption paths are relative to, or a "
-                   "Chinese-CLIP {split}_imgs.tsv")
-    p.add_argument("--captions", required=True, help="CSV with columns path,caption, or a Chinese-CLIP "
-                   "{split}_texts.jsonl")
+    p.add_argument("--images", required=True, help="image root the caption paths are relative to, a "
+                   "Chinese-CLIP {split}_imgs.tsv, or WebDataset shards ('shards/{00000..00099}.tar')")
+    p.add_argument("--captions", help="CSV with columns path,caption, or a Chinese-CLIP {split}_texts.jsonl "
+                   "(not needed for WebDataset shards: their .txt members)")
     p.add_argument("--out", required=True, help="run folder; writes the weights and run.json; re-running resumes")
     p.add_argument("--config", help="recipe JSON with any ClipTrainConfig fields; flags given here override it")
     p.add_argument("--model", help="student spec: open_clip:ARCH[@TAG|@FILE] or cn_clip:ARCH[@FILE|@random]; a "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -53,12 +53,13 @@ def owner(key: str, world: int) -> int:
     return zlib.crc32(key.encode("utf-8")) % world
 
 
-def my_share(keys: Sequence[str], r: Ranks | None = None) -> list[str]:
-    """The keys this rank handles (all of them in a plain process)."""
+def my_share(keys: Sequence[str], r: Ranks | None = None, group: Callable[[str], str] | None = None) -> list[str]:
+    """The keys this rank handles (all of them in a plain process); ``group(key)``: split by that instead of the key
+    (e.g. a sample's tar shard, so that each rank reads whole shards)."""
     r = r or ranks()
     if not r.distributed:
         return list(keys)
-    return [k for k in keys if owner(k, r.world) == r.rank]
+    return [k for k in keys if owner(group(k) if group else k, r.world) == r.rank]
 
 
 def local_device(device: str | None) -> str | None:

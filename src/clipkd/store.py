@@ -413,6 +413,12 @@ def embed_images(
     ``torch.compile`` (checked against eager on the first batch; off by default: on a 2-core CPU it
     measured between -6 % and +3 % end to end, see benchmarks/bench_embed.py).
     """
+    from .data.tars import is_tar_source, read_shards
+
+    if is_tar_source(images):  # WebDataset shards: rows keyed <shard>/<sample key>; each rank reads its own shards
+        samples = read_shards(images)
+        return embed_paths(teacher, samples.root, samples.keys, out, batch_size, workers, shard_size, progress,
+                           max_images, compile, group=samples.shard_of)
     images, out = Path(images), Path(out)
     if images.is_file():  # a path,label list (e.g. from `clipkd dataset xlsa17`): its paths key the store
         from .data.datasets import read_image_list
@@ -426,11 +432,12 @@ def embed_images(
 
 def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path, batch_size: int = 64,
                 workers: int | None = None, shard_size: int = 8192, progress: bool = True,
-                max_images: int | None = None, compile: bool = False, opener=None) -> EmbeddingStore:
+                max_images: int | None = None, compile: bool = False, opener=None, group=None) -> EmbeddingStore:
     """Embed the images ``root/f`` for ``f`` in ``files`` into the store at ``out``: the work behind
     :func:`embed_images`, for callers that choose the files themselves (the search index keys rows by absolute
     path, with ``root="/"``). ``opener(key)``: decodes images that are not files (rows of a Chinese-CLIP TSV;
-    their recorded size is -1)."""
+    their recorded size is -1). ``group(key)``: what ranks split by (default: the key; a tar sample's shard, so
+    that each rank reads its own shards)."""
     root, out = Path(root), Path(out)
     if batch_size < 1 or shard_size < 1 or (workers is not None and workers < 0):
         raise ClipkdError(f"batch size and shard size must be ≥ 1 and workers ≥ 0 (got {batch_size}, {shard_size}, "
@@ -439,7 +446,7 @@ def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path
     # the ranks of one job share the store (their shards are merged under the manifest lock); other jobs wait
     with exclusive(out, "embedding store") if not r.distributed else nullcontext(check_out_dir(out, "store")):
         manifest, done = _open_for_append(teacher.describe(), root, out, shard_size, files)
-        pending = my_share([f for f in files if f not in done], r)
+        pending = my_share([f for f in files if f not in done], r, group)
         if max_images is not None:
             pending = pending[:max_images]
         writer = ShardWriter(out, manifest, shard_size, done)
@@ -457,7 +464,8 @@ def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path
                 writer.skip(pending[idx], err)
             if b.outputs is not None:
                 done_now = [pending[i] for i in b.index]
-                sizes = [-1] * len(done_now) if opener is not None else [_file_size(root / p) for p in done_now]
+                not_files = opener is not None or group is not None  # TSV rows, tar samples: no size to record
+                sizes = [-1] * len(done_now) if not_files else [_file_size(root / p) for p in done_now]
                 writer.add(b.outputs.numpy(), done_now, sizes)
         writer.flush(final=True)
         if writer.skipped_count:

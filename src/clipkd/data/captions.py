@@ -123,6 +123,7 @@ class CaptionSource:
     pairs: dict[str, list[str]]
     missing: list[str] = field(default_factory=list)
     tsv: TsvImages | None = None
+    labels: dict[str, str] | None = None  # WebDataset samples' labels, where the shards carry them
 
     @property
     def opener(self) -> Callable[[str], Image.Image] | None:
@@ -132,9 +133,20 @@ class CaptionSource:
         return [c for caps in self.pairs.values() for c in caps]
 
 
-def load_caption_source(images: str | Path, captions: str | Path) -> CaptionSource:
-    """``images``: an image folder with ``captions`` a ``path,caption`` CSV, or a ``*_imgs.tsv`` with a
-    ``*_texts.jsonl``. Captions naming a missing image are left out, counted and reported."""
+def load_caption_source(images: str | Path, captions: str | Path | None) -> CaptionSource:
+    """``images``: an image folder with ``captions`` a ``path,caption`` CSV, a ``*_imgs.tsv`` with a
+    ``*_texts.jsonl``, or WebDataset shards (captions: their ``.txt`` members; ``captions`` unused). Captions
+    naming a missing image are left out, counted and reported."""
+    from .tars import is_tar_source, read_shards
+
+    if is_tar_source(images):
+        samples = read_shards(images)
+        if not samples.captions:
+            raise ClipkdError(f"no sample of {images} has a caption (.txt member)")
+        labels = {k: str(v) for k, v in samples.labels.items()}
+        return CaptionSource(samples.root, samples.captions, labels=labels or None)
+    if captions is None:
+        raise ClipkdError("--captions is needed unless --images are WebDataset shards with .txt captions")
     images = Path(images)
     if images.suffix == ".tsv" or str(captions).endswith(".jsonl"):
         tsv = TsvImages(images)

@@ -89,7 +89,12 @@ def write_image_list(path: str | Path, data: LabelledImages, indices: Sequence[i
 
 
 def load_labelled(images: str | Path, root: str | Path | None = None) -> LabelledImages:
-    """Labelled images from an ImageFolder (ImageNet wnid folders get readable names) or a list file."""
+    """Labelled images from an ImageFolder (ImageNet wnid folders get readable names), a list file, or WebDataset
+    shards whose samples carry a label (:func:`~clipkd.data.tars.labelled_shards`)."""
+    from .tars import is_tar_source, labelled_shards
+
+    if is_tar_source(images):
+        return labelled_shards(images)
     images = Path(images)
     if images.is_file():
         return read_image_list(images, root)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -12,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
+
+from .tars import read_member, tar_member_path
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -44,11 +47,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
-    """Open an image file as 8-bit RGB (:func:`to_rgb`); for JPEGs, ``draft_size`` lets the decoder skip
-    detail we resize away."""
+    """Open an image file, or a sample of a WebDataset shard (``.../shard.tar/key``), as 8-bit RGB
+    (:func:`to_rgb`); for JPEGs, ``draft_size`` lets the decoder skip detail we resize away."""
+    member = tar_member_path(path) if ".tar/" in str(path) else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(path)
+        img = Image.open(io.BytesIO(read_member(*member)) if member is not None else path)
         if draft_size and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         img.load()

@@ -24,6 +24,7 @@ from ..data.captions import CaptionSource, load_caption_source
 from ..data.encode import encode_dataset
 from ..data.folders import list_images
 from ..data.loader import ImageDataset, load_rgb
+from ..data.tars import is_tar_source, read_shards
 from ..errors import ClipkdError
 from ..fileio import read_json, write_json
 
@@ -191,6 +192,10 @@ def evaluate_retrieval(
         clip = load_teacher(spec, device=device)
     if captions is not None:
         source = load_caption_source(images, captions)
+    elif is_tar_source(images):  # WebDataset shards: image→image over their labels
+        samples = read_shards(images)
+        source = CaptionSource(samples.root, {k: [] for k in samples.keys},
+                               labels={k: str(v) for k, v in samples.labels.items()})
     else:
         root = Path(images)
         if not root.is_dir():
@@ -212,7 +217,13 @@ def evaluate_retrieval(
         txt = clip.encode_text(texts)
         result.n_texts = len(texts)
         result.metrics.update(text_image_recall(emb, txt, owner))
-    labelled = labels_from_paths(paths) if source.tsv is None else None
+    if source.labels is not None:  # labels the samples carry
+        names = sorted({source.labels[p] for p in paths if p in source.labels})
+        pos = {n: i for i, n in enumerate(names)}
+        labelled = (np.array([pos.get(source.labels.get(p), -1) for p in paths]), names) \
+            if all(p in source.labels for p in paths) else None
+    else:
+        labelled = labels_from_paths(paths) if source.tsv is None else None
     if labelled is not None:
         labels, names = labelled
         rng = np.random.default_rng(0)

@@ -96,9 +96,14 @@ def _seen_images(images: str | Path, split_path: str | Path | None) -> tuple[Lab
 
 
 def load_labelled_or_plain(images: str | Path) -> LabelledImages:
-    """An unlabelled pool: a folder of images (any layout) or an image list; labels are ignored."""
+    """An unlabelled pool: a folder of images (any layout), an image list or WebDataset shards; labels are
+    ignored."""
     from ..data.folders import list_images
+    from ..data.tars import is_tar_source, read_shards
 
+    if is_tar_source(images):
+        samples = read_shards(images)
+        return LabelledImages(samples.root, samples.keys, [], [])
     p = Path(images)
     if p.is_file():
         return load_labelled(p)

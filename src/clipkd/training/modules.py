@@ -21,6 +21,12 @@ class OptimMixin:
     weight_decay: float
     warmup: float
 
+    @property
+    def several_ranks(self) -> bool:
+        """Whether the module trains under a trainer with more than one rank (logged means are then synced)."""
+        trainer = getattr(self, "_trainer", None)
+        return trainer is not None and trainer.world_size > 1
+
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
@@ -107,7 +113,7 @@ class StudentModule(OptimMixin, L.LightningModule):
                 total = total + weight * logs[f"loss/{name}"]
         logs["loss/total"] = total
         self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(student_x),
-                      sync_dist=self.trainer.world_size > 1)  # the mean over every rank's images
+                      sync_dist=self.several_ranks)  # the mean over every rank's images
         return total
 
     def _targets(self, images: Any, stored: torch.Tensor | None, mixed: torch.Tensor) -> torch.Tensor:
@@ -238,7 +244,7 @@ class ClipModule(OptimMixin, L.LightningModule):
         """Across ranks, the contrastive batch is the global batch: as open_clip trains, each rank scores its own
         images against every rank's texts (and its texts against every rank's images), features gathered with
         their gradients."""
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if self.several_ranks:
             self.clip_loss = contrastive_loss(self.trainer.global_rank, self.trainer.world_size)
 
     def on_train_epoch_start(self) -> None:
@@ -269,7 +275,7 @@ class ClipModule(OptimMixin, L.LightningModule):
             total = total + self.kd_weight * logs[f"loss/kd_{self.kd_loss}"]
         logs["loss/total"] = total
         self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x),
-                      sync_dist=self.trainer.world_size > 1)
+                      sync_dist=self.several_ranks)
         self.log("logit_scale", scale.detach(), on_step=True, on_epoch=False, batch_size=len(x))
         return total
 
@@ -286,7 +292,7 @@ class ClipModule(OptimMixin, L.LightningModule):
         from ..distributed import gather_objects
         from ..evaluation.retrieval import image_image_metrics, text_image_recall
 
-        parts = [p for rank in gather_objects(self._val) for p in rank] if self.trainer.world_size > 1 else self._val
+        parts = [p for rank in gather_objects(self._val) for p in rank] if self.several_ranks else self._val
         self._val = []
         if not parts:
             return
