@@ -1,7 +1,10 @@
-"""Peak memory of ``clipkd embed-images`` on 1k vs 20k images: the store streams shards to disk, so
-the peak resident memory (process and loader workers together) must not grow with the image count.
+"""Peak memory of ``clipkd embed-images`` and of ``clipkd distill --store`` on 20k vs 200k images: the store
+streams shards to disk, and training reads each image's target row from the memory-mapped shards when the loader
+asks for it, so the peak resident memory (process and loader workers together) must stay flat as the collection
+grows. The distillation store is synthetic (random 512-d rows, a ViT-B/32 teacher's size, keyed by the real
+images), so the targets a trainer would otherwise hold (N × 512 fp16: 205 MB at 200k) are visible.
 
-    python benchmarks/bench_memory.py [--small 1000] [--large 20000]
+    python benchmarks/bench_memory.py [--small 20000] [--large 200000]
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ def peak_rss(cmd: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--small", type=int, default=1000)
-    ap.add_argument("--large", type=int, default=20000)
+    ap.add_argument("--small", type=int, default=20000)
+    ap.add_argument("--large", type=int, default=200000)
     ap.add_argument("--teacher", default="open_clip:clipkd-tiny@random")
     ap.add_argument("--data", default="benchmarks/.data/small-jpegs")
     ap.add_argument("--out", default="benchmarks/results/memory.md")
@@ -57,20 +60,49 @@ def main() -> None:
     clipkd = str(Path(sys.executable).with_name("clipkd"))
     tmp = Path(tempfile.mkdtemp(prefix="clipkd-bench-"))
     rows = []
+    key = "peak RSS MiB (process + workers)"
     try:
         for n in (a.small, a.large):
             root = make_jpegs(Path(a.data) / f"n{n}", n, size=(96, 72))
             peak, secs = peak_rss([clipkd, "embed-images", "--teacher", a.teacher, "--images", str(root),
                                    "--out", str(tmp / f"store{n}"), "--device", "cpu"])
-            rows.append({"images": n, "peak RSS MiB (process + workers)": peak, "seconds": secs})
+            rows.append({"command": "embed-images", "images": n, key: peak, "seconds": secs})
+            store = synthetic_store(root, tmp / f"store512-{n}")
+            peak, secs = peak_rss([clipkd, "distill", "--store", str(store), "--images", str(root), "--out",
+                                   str(tmp / f"run{n}"), "--student", "resnet10t", "--image-size", "32", "--epochs",
+                                   "1", "--batch-size", "256", "--device", "cpu"])
+            rows.append({"command": "distill --store (512-d)", "images": n, key: peak, "seconds": secs})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    growth = rows[1]["peak RSS MiB (process + workers)"] / rows[0]["peak RSS MiB (process + workers)"] - 1
-    body = (f"Teacher `{a.teacher}`, 96×72 JPEGs, default shard size 8192.\n\n"
-            + table(rows, ["images", "peak RSS MiB (process + workers)", "seconds"])
-            + f"\n\nPeak memory change from {a.small} to {a.large} images: {100 * growth:+.1f}%.")
-    report("Memory of embed-images", body, Path(a.out))
+    lines = []
+    for cmd in ("embed-images", "distill --store (512-d)"):
+        small, large = (r[key] for r in rows if r["command"] == cmd)
+        lines.append(f"- `{cmd}`: peak memory {100 * (large / small - 1):+.1f}% from {a.small:,} to {a.large:,} images")
+    body = (f"Teacher `{a.teacher}` for embed-images (default shard size 8192), 96×72 JPEGs; distill: resnet10t at "
+            "32 px, 1 epoch, batch 256, default loader workers, from a synthetic 512-d store of the same images.\n\n"
+            + table(rows, ["command", "images", key, "seconds"]) + "\n\n" + "\n".join(lines))
+    report("Memory of embed-images and distill", body, Path(a.out))
 
+
+def synthetic_store(root: Path, out: Path, dim: int = 512) -> Path:
+    """A store of random unit rows for every image under ``root`` (written in shards like a real one)."""
+    import numpy as np
+
+    from clipkd.data.folders import list_images
+    from clipkd.data.preprocess import PreprocessConfig
+    from clipkd.store import ShardWriter, new_manifest
+
+    files = list_images(root)
+    info = {"teacher": f"synthetic:random-{dim}", "embed_dim": dim, "preprocess": PreprocessConfig().to_dict()}
+    writer = ShardWriter(out, new_manifest(info, root, 8192), 8192)
+    rng = np.random.default_rng(0)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(0, len(files), 8192):
+        part = files[i:i + 8192]
+        v = rng.standard_normal((len(part), dim)).astype(np.float32)
+        writer.add(v / np.linalg.norm(v, axis=1, keepdims=True), part, [(root / f).stat().st_size for f in part])
+    writer.flush(final=True)
+    return out
 
 if __name__ == "__main__":
     main()

@@ -356,10 +356,12 @@ def test_a_corrupt_sample_is_skipped_and_counted_and_a_cut_shard_keeps_its_whole
     assert len(st) + st.manifest["skipped_count"] == len(samples.keys)
 
 
-def test_distill_and_eval_retrieval_read_shards(tmp_path, tiny_world, capsys):
+def test_distill_clip_train_and_eval_retrieval_read_shards(tmp_path, tiny_world, capsys):
     from clipkd.cli import main
+    from clipkd.data.captions import read_captions
 
-    _write_shards(tiny_world / "train", tmp_path / "wds", per_shard=40)
+    caps, _ = read_captions(tiny_world / "train" / "captions_en.csv", tiny_world / "train")
+    _write_shards(tiny_world / "train", tmp_path / "wds", per_shard=40, captions=caps)
     pattern = str(tmp_path / "wds" / "shard-{000..002}.tar")
     store = embed_images(FakeTeacher(), pattern, tmp_path / "store", workers=0, progress=False)
     from clipkd.training.distill import TrainConfig, distill
@@ -372,3 +374,6 @@ def test_distill_and_eval_retrieval_read_shards(tmp_path, tiny_world, capsys):
                  "--workers", "0", "--out", str(tmp_path / "ret.json")]) == 0
     ret = json.loads((tmp_path / "ret.json").read_text())
     assert ret["n_labels"] == 16 and "i2i_map@10" in ret  # labels from the samples' .json, not shards
+    assert main(["clip-train", "--model", "open_clip:clipkd-micro", "--images", pattern, "--out", str(tmp_path / "ct"),
+                 "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu"]) == 0  # .txt captions
+    assert json.loads((tmp_path / "ct" / "run.json").read_text())["images"] == 96

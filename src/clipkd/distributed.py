@@ -81,8 +81,16 @@ def init_process_group() -> bool:
     if dist.is_initialized():
         return True
     env = os.environ
-    if "MASTER_ADDR" not in env:  # SLURM: Lightning's SLURMEnvironment derives these; rank 0's host otherwise
-        raise RuntimeError("MASTER_ADDR is not set: launch with torchrun, or export MASTER_ADDR/MASTER_PORT under srun")
+    if "MASTER_ADDR" not in env:  # srun: the address and port Lightning's SLURM environment derives from the job
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        if not SLURMEnvironment.detect():
+            from .errors import ClipkdError
+
+            raise ClipkdError("MASTER_ADDR is not set: launch the ranks with torchrun or srun, or export "
+                              "MASTER_ADDR and MASTER_PORT")
+        slurm = SLURMEnvironment()
+        env["MASTER_ADDR"], env["MASTER_PORT"] = slurm.main_address, str(slurm.main_port)
     env.setdefault("MASTER_PORT", "29500")
     env.setdefault("RANK", str(r.rank))
     env.setdefault("WORLD_SIZE", str(r.world))
