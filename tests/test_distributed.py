@@ -377,3 +377,72 @@ def test_distill_clip_train_and_eval_retrieval_read_shards(tmp_path, tiny_world,
     assert main(["clip-train", "--model", "open_clip:clipkd-micro", "--images", pattern, "--out", str(tmp_path / "ct"),
                  "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu"]) == 0  # .txt captions
     assert json.loads((tmp_path / "ct" / "run.json").read_text())["images"] == 96
+
+
+# --- download (img2dataset) -------------------------------------------------------------------------------------
+
+def test_download_saves_shards_counts_failures_and_resumes(tmp_path):
+    pytest.importorskip("img2dataset")
+    import functools
+    import http.server
+    import threading
+
+    from PIL import Image
+
+    site = tmp_path / "site"
+    site.mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(site / f"{i}.jpg")
+    (site / "page.jpg").write_text("<html>not an image</html>")
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path.startswith("/slow"):
+                time.sleep(4)
+            return super().do_GET()
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    urls = tmp_path / "urls.csv"
+    rows = [(f"{base}/{i}.jpg", f"picture {i}") for i in range(3)] + [
+        (f"{base}/missing.jpg", "gone"), (f"{base}/page.jpg", "not an image"), (f"{base}/slow/3.jpg", "slow")]
+    urls.write_text("url,caption\n" + "".join(f"{u},{c}\n" for u, c in rows))
+    cmd = [*CLI, "download", "--urls", str(urls), "--out", str(tmp_path / "out"), "--caption-col", "caption",
+           "--image-size", "32", "--per-shard", "3", "--timeout", "1", "--threads", "4"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "downloaded 3 of 6 image(s) into 2 shard(s)" in r.stdout, r.stdout
+        report = json.loads((tmp_path / "out" / "_clipkd" / "download.json").read_text())
+        assert report["failed_to_download"] == 2 and report["failed_to_resize"] == 1
+        assert any("404" in m for m in report["errors"]) and any("timed out" in m for m in report["errors"])
+        first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.tar")}
+        again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+        assert again.returncode == 0 and "downloaded 3 of 6" in again.stdout
+        assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.tar")} == first  # kept, not redone
+    finally:
+        server.shutdown()
+    st = embed_images(FakeTeacher(), report["images"], tmp_path / "store", workers=0, progress=False)
+    assert len(st) == 3  # the shards feed --images directly
+    from clipkd.data.captions import load_caption_source
+
+    assert sorted(c[0] for c in load_caption_source(report["images"], None).pairs.values()) == [
+        "picture 0", "picture 1", "picture 2"]
+
+
+def test_download_input_errors_are_one_line(tmp_path, capsys):
+    from clipkd.cli import main
+
+    (tmp_path / "u.csv").write_text("link,caption\nhttp://x/1.jpg,a\n")
+    for argv, needle in ((["--urls", str(tmp_path / "none.csv")], "URL list not found"),
+                         (["--urls", str(tmp_path / "u.csv")], "has no column 'url'"),
+                         (["--urls", str(tmp_path / "u.xlsx")], "URL list not found")):
+        assert main(["download", *argv, "--out", str(tmp_path / "o")]) == 2
+        assert needle in capsys.readouterr().err
+    (tmp_path / "u.xlsx").write_text("x")
+    assert main(["download", "--urls", str(tmp_path / "u.xlsx"), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown format '.xlsx'" in capsys.readouterr().err

@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed-images", help="teacher image embeddings of a folder -> resumable sharded store")
     p.add_argument("--teacher", required=True, help="teacher spec")
-    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively), image list, or "
+                   "WebDataset shards ('shards/{00000..00099}.tar')")
     p.add_argument("--out", required=True, help="store folder; re-running resumes and adds new images")
     p.add_argument("--batch-size", type=_count, default=64)
     p.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
@@ -219,6 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the image tower (checked against eager on the first batch)")
     _device_flags(p)
+
+    p = sub.add_parser("download", help="images from a URL list into WebDataset shards (img2dataset), for --images")
+    p.add_argument("--urls", required=True, help="URL list: .txt (one per line), .csv/.tsv/.parquet/.json with a url "
+                   "column")
+    p.add_argument("--out", required=True, help="shard folder; re-running resumes (finished shards are kept)")
+    p.add_argument("--image-size", type=_count, default=256, help="resize to this size (default 256)")
+    p.add_argument("--resize-mode", default="border", help="border, keep_ratio, keep_ratio_largest, center_crop, no")
+    p.add_argument("--url-col", default="url")
+    p.add_argument("--caption-col", help="column saved as each sample's .txt caption")
+    p.add_argument("--per-shard", type=_count, default=10000, help="samples per tar shard (default 10000)")
+    p.add_argument("--processes", type=_count, default=1)
+    p.add_argument("--threads", type=_count, default=32, help="download threads per process (default 32)")
+    p.add_argument("--timeout", type=_count, default=10, help="seconds per request (default 10)")
+    p.add_argument("--retries", type=int, default=0)
 
     p = sub.add_parser("distill", help="train a timm student to mimic the teacher's image embeddings")
     p.add_argument("--images", required=True, help="ImageFolder of training images")
@@ -510,6 +525,19 @@ def _embed_images(a: argparse.Namespace) -> None:
     m = store.manifest
     print(f"store {a.out}: {m['count']} embeddings in {len(m['shards'])} shard(s), {m['skipped_count']} file(s) "
           "skipped")
+
+
+@command("download")
+def _download(a: argparse.Namespace) -> None:
+    from .data.download import download
+
+    r = download(a.urls, a.out, image_size=a.image_size, resize_mode=a.resize_mode, url_col=a.url_col,
+                 caption_col=a.caption_col, per_shard=a.per_shard, processes=a.processes, threads=a.threads,
+                 timeout=a.timeout, retries=a.retries)
+    failed = ", ".join(f"{n} {m}" for m, n in sorted(r.errors.items(), key=lambda kv: -kv[1])[:5])
+    print(f"downloaded {r.successes} of {r.urls} image(s) into {len(r.shards)} shard(s)"
+          + (f"; failed: {failed}" if failed else ""))
+    print(f"--images '{r.pattern}'")
 
 
 @command("distill")
