@@ -93,6 +93,15 @@ class ClipModel:
             return torch.autocast("cuda", dtype=dtype)
         return contextlib.nullcontext()
 
+    def to_device(self, device: torch.device | str) -> ClipModel:
+        """Move the model to ``device`` (a trainer's rank puts its online teacher beside its student)."""
+        device = torch.device(device)
+        if device != self.device:
+            self.model.to(device)
+            self.device = device
+            self._compiled = None
+        return self
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Backend hook: raw (unnormalised) image features of a preprocessed batch on ``device``."""
         raise NotImplementedError

@@ -21,6 +21,12 @@ class OptimMixin:
     weight_decay: float
     warmup: float
 
+    def on_fit_start(self) -> None:
+        """Each rank's online teacher runs on that rank's device, beside its student."""
+        teacher = getattr(self, "teacher", None)
+        if teacher is not None and hasattr(teacher, "to_device"):
+            teacher.to_device(self.device)
+
     @property
     def several_ranks(self) -> bool:
         """Whether the module trains under a trainer with more than one rank (logged means are then synced)."""
