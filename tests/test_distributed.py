@@ -241,18 +241,25 @@ def test_two_process_distill_reaches_the_one_process_loss(tmp_path, ddp_world):
     assert b < first / 2 and abs(a - b) < 0.25 * a, (a, b, first)  # same global batch: the same descent
 
 
-def test_two_process_clip_train_gathers_validation_and_writes_once(tmp_path, ddp_world, micro_spec):
+def test_two_process_clip_train_matches_one_process_gathers_validation_and_writes_once(tmp_path, ddp_world,
+                                                                                       micro_spec):
     w, store = ddp_world
-    r = subprocess.run(_torchrun(2, "clip-train", "--model", "open_clip:clipkd-micro", "--images", str(w / "train"),
-                                 "--captions", str(w / "train" / "captions_en.csv"), "--val-images", str(w / "val"),
-                                 "--val-captions", str(w / "val" / "captions_en.csv"), "--out", str(tmp_path / "ct"),
-                                 "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu",
-                                 "--devices", "2", "--teacher", micro_spec),
+    common = ["clip-train", "--model", "open_clip:clipkd-micro", "--images", str(w / "train"), "--captions",
+              str(w / "train" / "captions_en.csv"), "--val-images", str(w / "val"), "--val-captions",
+              str(w / "val" / "captions_en.csv"), "--epochs", "2", "--workers", "0", "--device", "cpu",
+              "--teacher", micro_spec, "--seed", "0"]
+    one = subprocess.run([*CLI, *common, "--out", str(tmp_path / "one"), "--batch-size", "16"], capture_output=True,
+                         text=True, env=_env())
+    assert one.returncode == 0, one.stderr[-2000:]
+    r = subprocess.run(_torchrun(2, *common, "--out", str(tmp_path / "ct"), "--batch-size", "8", "--devices", "2"),
                        capture_output=True, text=True, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("model:") == 1
     run = json.loads((tmp_path / "ct" / "run.json").read_text())
     assert run["best"]["score"] is not None and run["images"] == 96
+    # the contrastive batch is the global one: 16 pairs per step either way, so the losses agree
+    a, b = _last_epoch_loss(tmp_path / "one"), _last_epoch_loss(tmp_path / "ct")
+    assert abs(a - b) < 0.1 * a, (a, b)
 
 
 def test_a_job_whose_ranks_do_not_match_its_devices_is_refused_before_work(tmp_path, ddp_world, monkeypatch, capsys):
