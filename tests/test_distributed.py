@@ -453,3 +453,22 @@ def test_download_input_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "u.xlsx").write_text("x")
     assert main(["download", "--urls", str(tmp_path / "u.xlsx"), "--out", str(tmp_path / "o")]) == 2
     assert "unknown format '.xlsx'" in capsys.readouterr().err
+
+
+def test_two_rank_index_build_over_shards_holds_every_sample_once(tmp_path, tiny_world, micro_spec):
+    pytest.importorskip("faiss")
+    from clipkd.search.index import SearchIndex
+
+    names = _write_shards(tiny_world / "test", tmp_path / "wds", per_shard=10)
+    last = len(list((tmp_path / "wds").glob("*.tar"))) - 1
+    pattern = str(tmp_path / "wds") + f"/shard-{{000..{last:03d}}}.tar"
+    r = subprocess.run(_torchrun(2, "index", "build", "--model", micro_spec, "--images", pattern, "--out",
+                                 str(tmp_path / "idx"), "--device", "cpu", "--workers", "0"),
+                       capture_output=True, text=True, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    idx = SearchIndex(tmp_path / "idx")
+    assert len(idx) == len(names) and len(set(idx.paths)) == len(names)
+    idx.load_encoder(device="cpu")
+    first = sorted(idx.paths)[0]  # a sample inside a shard is a query image like any file
+    hits = idx.search(image=first, k=1)
+    assert hits[0]["path"] == first and hits[0]["score"] > 0.99

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 from ..data.datasets import read_image_list
 from ..data.folders import clean_classname, list_images
 from ..data.loader import load_rgb
+from ..distributed import barrier, ranks
 from ..errors import ClipkdError
 from ..fileio import atomic_write, exclusive, read_json, write_json, write_npy, write_text
 from ..store import EmbeddingStore, embed_paths
@@ -73,7 +75,14 @@ class TsvOpener:
 
 
 def read_source(images: str | Path) -> Source:
-    """A folder (class sub-folders give labels), a ``path,label`` image list, or a Chinese-CLIP ``*_imgs.tsv``."""
+    """A folder (class sub-folders give labels), a ``path,label`` image list, a Chinese-CLIP ``*_imgs.tsv``, or
+    WebDataset shards (labels: the samples' ``.cls``/``.json``)."""
+    from ..data.tars import is_tar_source, read_shards
+
+    if is_tar_source(images):
+        samples = read_shards(images)
+        paths = [str(samples.root / k) for k in samples.keys]
+        return Source(paths, {str(samples.root / k): str(v) for k, v in samples.labels.items()})
     images = Path(images)
     if images.suffix.lower() == ".tsv" and images.is_file() and not _has_header(images):
         from ..data.captions import TsvImages
@@ -335,7 +344,8 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
     out = Path(out)
     _choose_kind(kind, 0)
     source = read_source(images)
-    with exclusive(out, "search index"):
+    r = ranks()  # ranks of one job (torchrun/srun) embed their shares; rank 0 holds the folder and writes the index
+    with exclusive(out, "search index") if r.zero else nullcontext():
         existing = read_json(out / "index.json", "index description") if (out / "index.json").is_file() else None
         here = str(Path(images).resolve())
         if existing is not None and not add and here not in existing.get("sources", []):
@@ -347,9 +357,14 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
                               "use another --out")
         store = embed_paths(enc, "/", source.paths, out / "store", batch_size, workers, progress=progress,
                             opener=source.opener)
-        _append_labels(out, source)
-        sources = [*(existing or {}).get("sources", []), here]
-        _write_faiss(out, store, kind, _describe(model, text_model, enc, sources))
+        if r.distributed:
+            barrier()  # every rank's rows are in the store
+            store = EmbeddingStore(out / "store")
+        if r.zero:
+            _append_labels(out, source)
+            sources = [*(existing or {}).get("sources", []), here]
+            _write_faiss(out, store, kind, _describe(model, text_model, enc, sources))
+    barrier()  # rank 0 has written the index
     index = SearchIndex(out)
     index.encoder = enc
     return index
