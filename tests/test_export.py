@@ -249,3 +249,43 @@ def test_qat_fine_tune_writes_an_int8_onnx_that_evaluates(runs, tiny_world, tmp_
     with pytest.raises(ClipkdError, match="--init"):
         clipkd.distill(tiny_world / "train", tmp_path / "bad", replace(cfg, init=""), store=root / "store",
                        device="cpu", progress=False)
+
+
+def test_text_tower_export_serves_embed_text_and_student_text_search(tiny_world, tmp_path, capsys):
+    from clipkd.search.index import build_index
+    from clipkd.students.onnx import OnnxTextTower
+    from clipkd.teachers import load_clip, load_teacher
+
+    spec = load_clip("open_clip:clipkd-micro").save(tmp_path / "clip")
+    assert main(["export", "--model", spec, "--tower", "text", "--out", str(tmp_path / "text.onnx")]) == 0
+    assert "cosine to PyTorch on 16 sample texts min 1.0000" in capsys.readouterr().out
+    meta = read_metadata(tmp_path / "text.onnx")
+    assert meta["kind"] == "text_embedding" and meta["tokenizer"] == {"backend": "open_clip", "model": "clipkd-micro",
+                                                                      "context_length": 24}
+    clip = load_teacher(spec, device="cpu")
+    tower = OnnxTextTower(tmp_path / "text.onnx")
+    texts = ["a red circle", "a photo of a blue square", "一个绿色的三角形"]
+    assert torch.nn.functional.cosine_similarity(tower.encode_text(texts), clip.encode_text(texts)).min() > 0.9999
+    classes = tiny_world / "train"
+    a = clipkd.embed_text(spec, classes=classes, templates="simple", device="cpu")
+    b = clipkd.embed_text(str(tmp_path / "text.onnx"), classes=classes, templates="simple", device="cpu")
+    assert a.teacher == b.teacher and np.allclose(a.embeddings, b.embeddings, atol=1e-4)
+    b.save(tmp_path / "t.npz")
+    # a deployed student + the exported text tower: text search with no PyTorch CLIP
+    store = clipkd.embed_images(clip, tiny_world / "train", tmp_path / "store", progress=False, workers=0)
+    cfg = clipkd.TrainConfig(student="resnet10t", epochs=1, batch_size=8, workers=0, image_size=32)
+    student = clipkd.distill(tiny_world / "train", tmp_path / "student", cfg, store=store.root,
+                             split=tiny_world / "split.json", device="cpu", progress=False)
+    onnx_student = export_model(student.out, tmp_path / "s.onnx").path
+    index = build_index(onnx_student, tiny_world / "val", tmp_path / "index", text_model=tmp_path / "text.onnx",
+                        device="cpu", workers=0, progress=False)
+    hits = index.search(text="a red circle", k=3)
+    ref = build_index(onnx_student, tiny_world / "val", tmp_path / "index-pt", text_model=spec, device="cpu",
+                      workers=0, progress=False).search(text="a red circle", k=3)
+    assert [h["path"] for h in hits] == [h["path"] for h in ref]
+    for argv, needle in ((["export", "--model", str(student.out), "--tower", "text", "--out", str(tmp_path / "x.onnx")],
+                          "has no text tower"),
+                         (["eval", "--model", str(tmp_path / "text.onnx"), "--images", str(tiny_world / "test"),
+                           "--text", str(tmp_path / "t.npz"), "--device", "cpu"], "exported text tower")):
+        assert main(argv) == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()

@@ -388,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="INT8 post-training static quantization (QDQ, per-channel)")
     p.add_argument("--calib", help="calibration images for --int8 (folder or list; at least 16)")
     p.add_argument("--calib-count", type=_count, default=128, help="calibration images used (default 128)")
+    p.add_argument("--tower", default="image", choices=["image", "text"],
+                   help="text: a CLIP's text tower (open_clip models; embed-text and --text-model take the file)")
 
     p = sub.add_parser("select", help="a CLIP-filtered training list: top images per class prompt from an "
                        "indexed pool")
@@ -610,9 +612,10 @@ def _export(a: argparse.Namespace) -> None:
     from .export import export_model
 
     r = export_model(a.model, a.out, format=a.format, images=a.images, samples=a.samples, int8=a.int8, calib=a.calib,
-                     calib_count=a.calib_count)
+                     calib_count=a.calib_count, tower=a.tower)
     print(f"{r.path} ({r.format}, {r.metadata.get('precision', '')}, {r.size_bytes / 1e6:.1f} MB): cosine to "
-          f"PyTorch on {r.samples} sample images min {r.min_cosine:.6f}, mean {r.mean_cosine:.6f}")
+          f"PyTorch on {r.samples} sample {'texts' if a.tower == 'text' else 'images'} min {r.min_cosine:.6f}, "
+          f"mean {r.mean_cosine:.6f}")
 
 
 @command("dataset")

@@ -167,7 +167,7 @@ def embed_text(teacher: Any, prompts: str | Path | dict[str, list[str]] | None =
                precision: str = "auto") -> TextEmbeddings:
     """One text embedding per class from ``prompts`` (a file or a dict) or from ``classes`` + ``templates``.
 
-    ``teacher``: a spec (loaded frozen on ``device``) or an already loaded model.
+    ``teacher``: a spec (loaded frozen on ``device``), an exported text tower (``.onnx``), or a loaded model.
     """
     if (prompts is None) == (classes is None):
         raise ClipkdError("give exactly one of prompts or classes")
@@ -175,7 +175,11 @@ def embed_text(teacher: Any, prompts: str | Path | dict[str, list[str]] | None =
         prompts = build_prompts(load_classnames(classes), load_templates(templates))
     elif not isinstance(prompts, dict):
         prompts = read_prompts(prompts)
-    if isinstance(teacher, str):
+    if isinstance(teacher, (str, Path)) and str(teacher).endswith(".onnx"):  # an exported text tower
+        from .students.onnx import OnnxTextTower
+
+        teacher = OnnxTextTower(teacher, device)
+    elif isinstance(teacher, str):
         from .teachers import load_teacher
 
         teacher = load_teacher(teacher, device, precision)

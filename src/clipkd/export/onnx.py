@@ -2,7 +2,10 @@
 
 The ONNX file has one input ``image`` (float32, ``(batch, 3, H, W)``, dynamic batch) and one output (``embedding``
 or ``logits``), a fixed opset (:data:`OPSET`), and clipkd's metadata (:mod:`clipkd.students.onnx`): output kind,
-teacher identity, class names, preprocessing. Export ends with ``onnx.checker`` and a parity check on real sample
+teacher identity, class names, preprocessing. A CLIP's text tower (``tower="text"``) exports the same way with
+input ``tokens`` (int64, ``(batch, context)``) and output ``text_embedding``; its metadata names the tokenizer, which
+the consumer rebuilds (open_clip's tokenizers ship with open_clip), so text travels without PyTorch weights.
+Export ends with ``onnx.checker`` and a parity check on real sample
 images against the PyTorch model (fp32: cosine ≥ :data:`PARITY_MIN` on every sample, else an error and no file).
 ``int8=True`` then quantizes it (ONNX Runtime static quantization, QDQ, per-channel weights) with calibration
 images; its parity is reported, its accuracy is what ``clipkd eval`` of the file measures.
@@ -61,6 +64,51 @@ class _ImageTower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.clip.image_features(x)
+
+
+class _TextTower(nn.Module):
+    """A CLIP's text tower as a module: token ids → raw text features (``ClipModel.text_features``)."""
+
+    def __init__(self, clip: Any) -> None:
+        super().__init__()
+        self.clip = clip
+        self.inner = clip.model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.clip.text_features(tokens)
+
+
+# parity samples for a text tower when the user gives none: prompts of the kinds clipkd embeds
+SAMPLE_TEXTS = ("a photo of a dog.", "a photo of a red circle.", "a blurry photo of a handwritten 7.",
+                "an origami crane.", "a close-up photo of a sneaker.", "a cat sitting on a laptop keyboard",
+                "two people riding bicycles in the rain", "a bowl of ramen with an egg", "a red car.",
+                "the number four, drawn in green ink.", "a picture of a mountain lake at sunrise", "a tabby cat.",
+                "an x-ray of a hand", "a satellite image of farmland", "a drawing of a yo-yo.", "一只猫的照片")
+
+
+def _text_source(model: str | Path) -> tuple[nn.Module, dict[str, Any], Any]:
+    """A CLIP's text tower, its metadata, and its tokenizer."""
+    from ..evaluation.retrieval import resolve_model
+    from ..students.model import is_student
+    from ..teachers import load_teacher
+
+    if is_student(model):
+        raise ClipkdError(f"{model} is a distilled student: it has no text tower; export its teacher's with "
+                          "--tower text (a student's space is its teacher's)")
+    try:
+        clip = load_teacher(resolve_model(model), device="cpu", precision="fp32")
+    except ClipkdError as e:
+        raise ClipkdError(f"cannot export '{model}': not a clip-train run or teacher spec ({e})") from None
+    clip.require_text("a text tower to export")
+    if not clip.identity.startswith("open_clip:") or not hasattr(clip, "model_name"):
+        raise ClipkdError(f"--tower text exports open_clip models (their tokenizer is rebuilt from open_clip's); "
+                          f"{clip.identity}'s tokenizer cannot travel with the ONNX file")
+    context = int(clip.tokenizer(["x"]).shape[1])
+    meta = {"kind": "text_embedding", "arch": clip.identity.split("@")[0], "out_dim": clip.embed_dim,
+            "teacher": clip.identity, "classnames": [], "preprocess": None, "logit_scale": clip.logit_scale,
+            "tokenizer": {"backend": "open_clip", "model": clip.model_name, "context_length": context},
+            "source": str(model)}
+    return _TextTower(clip).eval(), meta, clip.tokenizer
 
 
 def _source(model: str | Path) -> tuple[nn.Module, dict[str, Any], Any]:
@@ -147,18 +195,19 @@ def _write_onnx(module: nn.Module, example: torch.Tensor, out: Path, meta: dict[
     """torch.onnx (the dynamo exporter; the TorchScript one when it fails) → ``out``, with the metadata."""
     import onnx
 
-    output = "logits" if meta["kind"] == "classifier" else "embedding"
+    output = {"classifier": "logits", "text_embedding": "text_embedding"}.get(meta["kind"], "embedding")
+    name = meta.get("input", "image")
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
         try:
-            torch.onnx.export(module, (example,), str(raw), input_names=["image"], output_names=[output],
+            torch.onnx.export(module, (example,), str(raw), input_names=[name], output_names=[output],
                               dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), opset_version=OPSET,
                               dynamo=True, external_data=False, verbose=False)
             meta["exporter"] = "dynamo"
         except Exception as e:  # noqa: BLE001 - fall back to the TorchScript exporter, which covers more modules
             log.info("dynamo export failed (%s); using the TorchScript exporter", first_line(e))
-            torch.onnx.export(module, (example,), str(raw), input_names=["image"], output_names=[output],
-                              dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}}, opset_version=OPSET,
+            torch.onnx.export(module, (example,), str(raw), input_names=[name], output_names=[output],
+                              dynamic_axes={name: {0: "batch"}, output: {0: "batch"}}, opset_version=OPSET,
                               dynamo=False)
             meta["exporter"] = "torchscript"
         m = onnx.load(str(raw))
@@ -168,17 +217,22 @@ def _write_onnx(module: nn.Module, example: torch.Tensor, out: Path, meta: dict[
 
 
 def _parity(path: Path, reference: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
-    from ..students.onnx import OnnxStudent
+    import numpy as np
+    import onnxruntime as ort
 
-    got = OnnxStudent(path, "cpu")(x).float()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = x.numpy() if x.dtype == torch.int64 else np.ascontiguousarray(x.float().numpy())
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: feed})[0]).float()
     cos = torch.nn.functional.cosine_similarity(got, reference.float(), dim=-1)
     return float(cos.min()), float(cos.mean())
 
 
 def export_model(model: str | Path, out: str | Path, format: str = "onnx", images: str | Path | None = None,
                  samples: int = 16, int8: bool = False, calib: str | Path | None = None, calib_count: int = 128,
-                 fp16: bool = True) -> ExportResult:
+                 fp16: bool = True, tower: str = "image") -> ExportResult:
     """Export ``model`` (a distilled or supervised student, a clip-train run, a teacher spec) to ``out``.
+
+    ``tower="text"``: a CLIP's text tower instead (open_clip models; parity on :data:`SAMPLE_TEXTS`), fp32 ONNX.
 
     ``images``: sample images for the parity check (default: a student run's training images).
     ``int8``: post-training static quantization with ``calib`` images (at least :data:`MIN_CALIBRATION`).
@@ -198,6 +252,12 @@ def export_model(model: str | Path, out: str | Path, format: str = "onnx", image
         raise ClipkdError(f"--out {out} is a folder; give a file name")
     if samples < 1:
         raise ClipkdError(f"--samples must be ≥ 1, got {samples}")
+    if tower not in ("image", "text"):
+        raise ClipkdError(f"unknown --tower '{tower}' (image, text)")
+    if tower == "text":
+        if format != "onnx" or int8:
+            raise ClipkdError("--tower text exports fp32 ONNX (no --int8, no TensorRT: text runs once per query)")
+        return _export_text(model, out)
     calib_files: list[Path] = []
     if int8:
         if calib is None:
@@ -245,6 +305,24 @@ def export_model(model: str | Path, out: str | Path, format: str = "onnx", image
         final = build_engine(onnx_out, out, fp16=fp16, int8=int8, meta=read_meta(onnx_out))  # keeps its ONNX
     return ExportResult(final, format, read_meta(onnx_out) if final == onnx_out else meta, len(x), lo, mean,
                         final.stat().st_size, extra)
+
+
+def _export_text(model: str | Path, out: Path) -> ExportResult:
+    """The text tower of ``model`` → ``out`` (ONNX), checked against PyTorch on :data:`SAMPLE_TEXTS`."""
+    module, meta, tokenizer = _text_source(model)
+    tokens = tokenizer(list(SAMPLE_TEXTS)).long()
+    with torch.no_grad():
+        reference = module(tokens).float()
+    meta.update(precision="fp32", opset=OPSET, input="tokens", input_shape=["batch", int(tokens.shape[1])])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_onnx(module, tokens[:2], out, meta)
+    lo, mean = _parity(out, reference, tokens)
+    try:
+        _check_parity(lo, model)
+    except ClipkdError:
+        out.unlink(missing_ok=True)
+        raise
+    return ExportResult(out, "onnx", read_meta(out), len(tokens), lo, mean, out.stat().st_size)
 
 
 def _check_parity(lo: float, model: Any) -> None:

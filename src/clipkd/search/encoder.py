@@ -82,7 +82,12 @@ def load_encoder(model: str | Path, text_model: str | Path | None = None, device
         pt = Path(model) / "student.pt" if Path(model).is_dir() else Path(model)
         text = None
         if text_model is not None:
-            text = load_teacher(resolve_model(text_model), device=str(dev), precision=precision)
+            if str(text_model).endswith(".onnx"):  # the teacher's text tower, exported
+                from ..students.onnx import OnnxTextTower
+
+                text = OnnxTextTower(text_model, dev)
+            else:
+                text = load_teacher(resolve_model(text_model), device=str(dev), precision=precision)
             if text.identity != cfg.teacher:
                 raise ClipkdError(f"--text-model {text_model} is '{text.identity}', but the student was distilled from "
                                   f"'{cfg.teacher}': its text would land in another space")
