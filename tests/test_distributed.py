@@ -112,7 +112,7 @@ def test_two_ranks_make_the_store_one_rank_makes(tmp_path, micro_spec):
 
 
 def test_a_killed_rank_is_completed_by_a_rerun_with_another_rank_count(tmp_path, micro_spec):
-    imgs = _folder(tmp_path / "imgs", n=120)
+    imgs = _folder(tmp_path / "imgs", n=300)  # ~100 per rank in shards of 2: time to kill one mid-way
     store = tmp_path / "store"
     cmd = _embed_cmd(micro_spec, imgs, store, "--shard-size", "2", "--batch-size", "2")
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_rank_env(1, 3))
@@ -124,11 +124,11 @@ def test_a_killed_rank_is_completed_by_a_rerun_with_another_rank_count(tmp_path,
         time.sleep(0.02)
     assert p.wait() == -signal.SIGKILL, "rank 1 finished before it could be killed"
     partial = len(EmbeddingStore(store))
-    assert 4 <= partial < 40
+    assert 4 <= partial < 100
     subprocess.run(cmd, check=True, capture_output=True, env=_rank_env(0, 3))  # rank 0 of 3 did its part
     subprocess.run(cmd, check=True, capture_output=True, env=_env())  # then one process finishes the job
     st = EmbeddingStore(store)
-    assert len(st) == 120 and sorted(st.paths) == sorted(set(st.paths)) and st.embeddings().shape == (120, 64)
+    assert len(st) == 300 and sorted(st.paths) == sorted(set(st.paths)) and st.embeddings().shape == (300, 64)
 
 
 def test_fake_teacher_store_rows_follow_the_hash_split(tmp_path, monkeypatch):
