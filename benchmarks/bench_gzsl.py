@@ -51,6 +51,9 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     # per image (fewer where the baseline's epochs leave no budget for 4), then as many epochs as the +20 % budget
     # affords (at least the baseline's; teacher forwards counted)
     "cutmix_fm": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "epochs": "matched"}, {}, True),
+    # the same with the seed's label term on the unmixed views (a mixed view is of no single class)
+    "cutmix_fm_label": ({"terms": {"embed": 1.0, "label": 1.0}, "mix": "cutmix", "views": "auto",
+                         "epochs": "matched"}, {}, True),
     # the same with the vocabulary term (KL to the teacher's softmax over every class name, seen and unseen)
     "cutmix_fm_vocab": ({"terms": {"embed": 1.0, "vocab": 1.0}, "mix": "cutmix", "views": "auto", "epochs": "matched"},
                         {}, True),
@@ -161,7 +164,7 @@ def unseen_pool(p: dict) -> Path:
     from clipkd.data.datasets import load_labelled, write_image_list
     from clipkd.data.splits import load_split
 
-    out = p["base"] / "unseen_pool.csv"
+    out = p["world"] / "train" / "unseen_pool.csv"  # beside the images: list paths are relative to the list
     if not out.is_file():
         data = load_labelled(p["world"] / "train")
         unseen = set(load_split(p["world"] / "split.json", data.classnames, data.aliases).unseen)

@@ -126,3 +126,39 @@ def test_distill_from_views_trains_on_stored_views(tiny_world, fake_teacher, tmp
                            device="cpu", progress=False)
     with pytest.raises(ClipkdError, match="needs --teacher"):
         clipkd.distill(tiny_world / "train", tmp_path / "bad", cfg, store=r.out / "views", device="cpu")
+
+
+def test_label_term_with_views_trains_on_the_unmixed_views_only(tiny_world, fake_teacher, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import torch
+
+    import clipkd
+    import clipkd.teachers
+    import clipkd.teachers.factory
+    from clipkd.training import modules
+
+    monkeypatch.setattr(clipkd.teachers.factory, "check_teacher_spec", lambda spec: None)
+    monkeypatch.setattr(clipkd.teachers, "load_teacher", lambda spec, **kw: fake_teacher)
+    text = clipkd.embed_prompts(fake_teacher, {c: [c] for c in clipkd.load_classnames(tiny_world / "train")})
+    text.save(tmp_path / "text.npz")
+    seen_labels = []
+    real = modules.StudentModule.training_step
+
+    def spy(self, batch, idx):
+        seen_labels.append(self.label_map[batch["label"]].clone())
+        return real(self, batch, idx)
+
+    monkeypatch.setattr(modules.StudentModule, "training_step", spy)
+    cfg = clipkd.TrainConfig(student="resnet10t", epochs=2, batch_size=8, workers=0, views=3, image_size=16,
+                             terms={"embed": 1.0, "label": 1.0}, mix="cutmix")
+    r = clipkd.distill(tiny_world / "train", tmp_path / "run", cfg, teacher="fake", text=tmp_path / "text.npz",
+                       split=tiny_world / "split.json", device="cpu", progress=False)
+    labels = torch.cat(seen_labels)
+    assert (labels == -100).any() and (labels >= 0).any()  # mixed views unlabelled, plain views labelled
+    plan = json.loads((r.out / "views" / "views.json").read_text())
+    share_plain = sum(p < 0 for row in plan["partner"] for p in row) / sum(len(row) for row in plan["partner"])
+    assert abs(float((labels >= 0).float().mean()) - share_plain) < 0.25
+    with pytest.raises(ClipkdError, match="use --views"):  # online mixing has no unmixed image to label
+        clipkd.distill(tiny_world / "train", tmp_path / "bad", replace(cfg, views=0), teacher="fake",
+                       text=tmp_path / "text.npz", device="cpu", progress=False)

@@ -280,8 +280,9 @@ def distill(
     if store is not None and teacher is not None and cfg.mix == "none":
         raise ClipkdError("--store with --teacher means: the teacher embeds only the mixed images; with --mix none "
                           "give only one of them")
-    if cfg.mix != "none" and "text" in needs:
-        raise ClipkdError("--mix trains on teacher targets of mixed images; drop the label term (use vocab)")
+    if cfg.mix != "none" and "text" in needs and not cfg.views:
+        raise ClipkdError("--mix online trains on teacher targets of mixed images; drop the label term (use vocab), "
+                          "or use --views (the label term then trains on the unmixed views)")
     if extra_images is not None and store is not None and extra_store is None:
         raise ClipkdError("--extra-images with --store needs --extra-store (the pool's embed-images store)")
     check_train_config(cfg)
@@ -365,8 +366,8 @@ def distill(
                                               "store" if store else "online"),
             "extra_images": len(paths) - len(data.paths)}
 
-    def module(teacher: Any) -> StudentModule:
-        return StudentModule(scfg, label_map, terms=terms, distance=cfg.loss, text=text_seen,
+    def module(teacher: Any, labels_to: torch.Tensor = label_map) -> StudentModule:
+        return StudentModule(scfg, labels_to, terms=terms, distance=cfg.loss, text=text_seen,
                              logit_scale=scale, teacher=teacher, lr=cfg.lr,
                              weight_decay=cfg.weight_decay, warmup=cfg.warmup, vocab=words,
                              vocab_scale=cfg.vocab_scale or scale, mix="none" if cfg.views else cfg.mix,
@@ -388,14 +389,20 @@ def distill(
         groups: list[list[int]] = [[] for _ in paths]
         for row, i in enumerate(kept):
             groups[i // cfg.views].append(row)
-        dataset = ImageDataset(data.root, [keys[i] for i in kept], transform, labels=[labels[i // cfg.views]
-                               for i in kept], opener=plan.opener(data.root), targets=found.targets)
+        # a mixed view is no longer of its image's class: its label is ignored (-100); the label term, if any,
+        # trains on the unmixed views
+        unlabelled = len(data.classnames)
+        view_labels = [labels[i // cfg.views] if plan.partner[i // cfg.views][i % cfg.views] < 0 else unlabelled
+                       for i in kept]
+        dataset = ImageDataset(data.root, [keys[i] for i in kept], transform, labels=view_labels,
+                               opener=plan.opener(data.root), targets=found.targets)
         lost = [paths[i] for i, g in enumerate(groups) if not g]  # undecodable: none of its views could be made
         if len(kept) < len(keys) - len(lost) * cfg.views:
             log.warning("%d views of other images were left out: their partner image could not be decoded",
                         len(keys) - len(kept) - len(lost) * cfg.views)
         views_info = {**info, "views": len(kept), "teacher_images": len(kept), "skipped_before": lost}
-        return module(None), dataset, views_info, ViewSampler(groups, cfg.seed)
+        return module(None, torch.cat([label_map, torch.tensor([-100])])), dataset, views_info, \
+            ViewSampler(groups, cfg.seed)
 
     return _fit_and_save(build, out, cfg, device, progress, recipe, overwrite)
 
