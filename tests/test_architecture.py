@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -289,18 +290,20 @@ def test_distill_refuses_bad_gzsl_combinations(tiny_world, fake_teacher, tmp_pat
         clipkd.distill(tiny_world / "train", tmp_path / "r", cfg, store=store.root, extra_images=tiny_world / "val")
 
 
-def test_extra_image_pool_trains_with_teacher_targets_only(tiny_world, fake_teacher, tmp_path):
+def test_extra_image_pool_trains_with_teacher_targets_only(tiny_world, fake_teacher, tmp_path, monkeypatch):
     store = clipkd.embed_images(fake_teacher, tiny_world / "train", tmp_path / "store", progress=False)
     pool = clipkd.embed_images(fake_teacher, tiny_world / "val", tmp_path / "pool", progress=False)
     text = clipkd.embed_prompts(fake_teacher, {c: [c] for c in clipkd.load_classnames(tiny_world / "train")})
     text.save(tmp_path / "text.npz")
     cfg = clipkd.TrainConfig(student="resnet10t", epochs=1, batch_size=8, workers=0,
                              terms={"embed": 1.0, "label": 1.0, "vocab": 1.0})
+    monkeypatch.chdir(tiny_world.parent)  # the pool given relative to the working directory, as on a command line
     r = clipkd.distill(tiny_world / "train", tmp_path / "run", cfg, store=store.root, text=tmp_path / "text.npz",
-                       split=tiny_world / "split.json", extra_images=tiny_world / "val", extra_store=pool.root,
-                       device="cpu", progress=False)
+                       split=tiny_world / "split.json", extra_images=Path(tiny_world.name) / "val",
+                       extra_store=pool.root, device="cpu", progress=False)
     run = json.loads((r.out / "run.json").read_text())
     assert run["extra_images"] == len(pool) and run["train_images"] == r.train_images
+    assert run["skipped_images"] == 0  # every pool image was read (a relative pool path once lost them all)
     header = (r.out / "logs" / "metrics.csv").read_text().splitlines()[0]
     assert "loss/vocab_epoch" in header and "loss/label_epoch" in header
 

@@ -317,7 +317,7 @@ def distill(
             extra = load_labelled_or_plain(extra_images)
             got = EmbeddingStore(extra_store).targets(extra.paths, teacher=identity, what="pool images",
                                                       root=extra.root)
-            extra_paths = [str(extra.root / extra.paths[i]) for i in got.keep.tolist()]
+            extra_paths = [str((extra.root / extra.paths[i]).resolve()) for i in got.keep.tolist()]
             targets = TargetRows.cat([targets, got.targets])
     if teacher is not None:
         from ..teachers import load_teacher
@@ -328,7 +328,7 @@ def distill(
         identity, dim, pre = online.identity, online.embed_dim, online.preprocess_cfg
         if extra_images is not None and store is None:
             extra = load_labelled_or_plain(extra_images)
-            extra_paths = [str(extra.root / p) for p in extra.paths]
+            extra_paths = [str((extra.root / p).resolve()) for p in extra.paths]
     if text_emb is not None and text_emb.teacher != identity:
         raise ClipkdError(f"text embeddings {text} come from teacher '{text_emb.teacher}', but the image "
                           f"targets from '{identity}'")
