@@ -142,12 +142,20 @@ def test_label_term_with_views_trains_on_the_unmixed_views_only(tiny_world, fake
     monkeypatch.setattr(clipkd.teachers, "load_teacher", lambda spec, **kw: fake_teacher)
     text = clipkd.embed_prompts(fake_teacher, {c: [c] for c in clipkd.load_classnames(tiny_world / "train")})
     text.save(tmp_path / "text.npz")
-    seen_labels = []
+    seen_labels, wrong = [], []
     real = modules.StudentModule.training_step
 
     def spy(self, batch, idx):
         seen_labels.append(self.label_map[batch["label"]].clone())
+        ds = self.trainer.train_dataloader.dataset
+        for i, y in zip(batch["index"].tolist(), batch["label"].tolist(), strict=True):
+            if self.label_map[y] >= 0 and not ds.paths[i].startswith(folders[y] + "/"):
+                wrong.append((ds.paths[i], folders[y]))  # a labelled view must be of its label's class
         return real(self, batch, idx)
+
+    from clipkd.data.folders import scan_image_folder
+
+    folders = scan_image_folder(tiny_world / "train").folders
 
     monkeypatch.setattr(modules.StudentModule, "training_step", spy)
     cfg = clipkd.TrainConfig(student="resnet10t", epochs=2, batch_size=8, workers=0, views=3, image_size=16,
@@ -156,6 +164,7 @@ def test_label_term_with_views_trains_on_the_unmixed_views_only(tiny_world, fake
                        split=tiny_world / "split.json", device="cpu", progress=False)
     labels = torch.cat(seen_labels)
     assert (labels == -100).any() and (labels >= 0).any()  # mixed views unlabelled, plain views labelled
+    assert not wrong, wrong[:3]
     plan = json.loads((r.out / "views" / "views.json").read_text())
     share_plain = sum(p < 0 for row in plan["partner"] for p in row) / sum(len(row) for row in plan["partner"])
     assert abs(float((labels >= 0).float().mean()) - share_plain) < 0.25
