@@ -39,13 +39,15 @@ def tree_rss_mb(pid: int) -> float:
 def peak_rss(cmd: list[str]) -> tuple[float, float]:
     """Peak tree RSS (MiB, sampled every 20 ms) and wall seconds of a command."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0.0
-    while proc.poll() is None:
-        peak = max(peak, tree_rss_mb(proc.pid))
-        time.sleep(0.02)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-2000:]}")
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: progress bars would fill a pipe and stall the child
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, tree_rss_mb(proc.pid))
+            time.sleep(0.02)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{err.read().decode()[-2000:]}")
     return peak, time.perf_counter() - t
 
 
