@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,8 +166,6 @@ def _contrastive_rank(rank: int, img: torch.Tensor, txt: torch.Tensor, port: int
 
 
 def test_two_rank_contrastive_loss_scores_the_global_batch(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
     from clipkd.training.modules import contrastive_loss
@@ -174,10 +173,7 @@ def test_two_rank_contrastive_loss_scores_the_global_batch(tmp_path):
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_contrastive_rank, args=(img, txt, port, str(tmp_path)), nprocs=2)
+    mp.spawn(_contrastive_rank, args=(img, txt, _free_port(), str(tmp_path)), nprocs=2)
     r = [torch.load(tmp_path / f"rank{k}.pt") for k in range(2)]
     assert r[0]["shape"] == r[1]["shape"] == (4, 8)  # each rank's 4 images against all 2 × 4 texts
     whole_i = img.clone().requires_grad_(True)
@@ -201,11 +197,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _last_epoch_loss(run) -> float:
+def _epoch_losses(run) -> list[float]:
     import csv
 
-    rows = [r for r in csv.DictReader((run / "logs" / "metrics.csv").open()) if r.get("loss/total_epoch")]
-    return float(rows[-1]["loss/total_epoch"])
+    rows = csv.DictReader((run / "logs" / "metrics.csv").open())
+    return [float(r["loss/total_epoch"]) for r in rows if r.get("loss/total_epoch")]
+
+
+def _one_and_two_processes(tmp_path, common: list[str]) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """``common`` run as 1 process at batch 16 and as 2 torchrun ranks at batch 8 each (the same global batch)."""
+    one = subprocess.run([*CLI, *common, "--out", str(tmp_path / "one"), "--batch-size", "16"], capture_output=True,
+                         text=True, env=_env())
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(_torchrun(2, *common, "--out", str(tmp_path / "two"), "--batch-size", "8", "--devices", "2"),
+                         capture_output=True, text=True, env=_env())
+    assert two.returncode == 0, two.stderr[-3000:]
+    return tmp_path / "one", tmp_path / "two", two
 
 
 @pytest.fixture(scope="module")
@@ -226,18 +233,11 @@ def test_two_process_distill_reaches_the_one_process_loss(tmp_path, ddp_world):
     common = ["distill", "--store", str(store), "--images", str(w / "train"), "--split", str(w / "split.json"),
               "--student", "resnet10t", "--epochs", "3", "--image-size", "32", "--workers", "0", "--device", "cpu",
               "--seed", "0", "--lr", "3e-3"]
-    one = subprocess.run([*CLI, *common, "--out", str(tmp_path / "one"), "--batch-size", "16"], capture_output=True,
-                         text=True, env=_env())
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(_torchrun(2, *common, "--out", str(tmp_path / "two"), "--batch-size", "8", "--devices", "2"),
-                         capture_output=True, text=True, env=_env())
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count("student ->") == 1  # rank 0 reports and writes; rank 1 only trains
-    run = json.loads((tmp_path / "two" / "run.json").read_text())
-    assert run["train_images"] == json.loads((tmp_path / "one" / "run.json").read_text())["train_images"]
-    a, b = _last_epoch_loss(tmp_path / "one"), _last_epoch_loss(tmp_path / "two")
-    first = float(next(r for r in __import__("csv").DictReader((tmp_path / "one" / "logs" / "metrics.csv").open())
-                       if r.get("loss/total_epoch"))["loss/total_epoch"])
+    one, two, proc = _one_and_two_processes(tmp_path, common)
+    assert proc.stdout.count("student ->") == 1  # rank 0 reports and writes; rank 1 only trains
+    run = json.loads((two / "run.json").read_text())
+    assert run["train_images"] == json.loads((one / "run.json").read_text())["train_images"]
+    first, a, b = _epoch_losses(one)[0], _epoch_losses(one)[-1], _epoch_losses(two)[-1]
     assert b < first / 2 and abs(a - b) < 0.25 * a, (a, b, first)  # same global batch: the same descent
 
 
@@ -248,17 +248,12 @@ def test_two_process_clip_train_matches_one_process_gathers_validation_and_write
               str(w / "train" / "captions_en.csv"), "--val-images", str(w / "val"), "--val-captions",
               str(w / "val" / "captions_en.csv"), "--epochs", "2", "--workers", "0", "--device", "cpu",
               "--teacher", micro_spec, "--seed", "0"]
-    one = subprocess.run([*CLI, *common, "--out", str(tmp_path / "one"), "--batch-size", "16"], capture_output=True,
-                         text=True, env=_env())
-    assert one.returncode == 0, one.stderr[-2000:]
-    r = subprocess.run(_torchrun(2, *common, "--out", str(tmp_path / "ct"), "--batch-size", "8", "--devices", "2"),
-                       capture_output=True, text=True, env=_env())
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("model:") == 1
-    run = json.loads((tmp_path / "ct" / "run.json").read_text())
+    one, two, proc = _one_and_two_processes(tmp_path, common)
+    assert proc.stdout.count("model:") == 1
+    run = json.loads((two / "run.json").read_text())
     assert run["best"]["score"] is not None and run["images"] == 96
     # the contrastive batch is the global one: 16 pairs per step either way, so the losses agree
-    a, b = _last_epoch_loss(tmp_path / "one"), _last_epoch_loss(tmp_path / "ct")
+    a, b = _epoch_losses(one)[-1], _epoch_losses(two)[-1]
     assert abs(a - b) < 0.1 * a, (a, b)
 
 
