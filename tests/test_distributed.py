@@ -467,3 +467,14 @@ def test_two_rank_index_build_over_shards_holds_every_sample_once(tmp_path, tiny
     first = sorted(idx.paths)[0]  # a sample inside a shard is a query image like any file
     hits = idx.search(image=first, k=1)
     assert hits[0]["path"] == first and hits[0]["score"] > 0.99
+
+
+def test_missing_shards_are_refused_before_the_teacher_loads(tmp_path, monkeypatch, capsys):
+    import clipkd.teachers
+    from clipkd.cli import main
+
+    monkeypatch.setattr(clipkd.teachers, "load_teacher", lambda *a, **k: pytest.fail("teacher loaded"))
+    pattern = str(tmp_path / "shards") + "/{000..002}.tar"
+    assert main(["embed-images", "--teacher", "open_clip:x@random", "--images", pattern, "--out",
+                 str(tmp_path / "s")]) == 2
+    assert "3 of the 3 tar shard(s)" in capsys.readouterr().err

@@ -522,6 +522,12 @@ def _embed_images(a: argparse.Namespace) -> None:
     from .teachers import load_teacher
 
     check_out_dir(a.out, "embedding store")  # before loading the teacher
+    from .data.tars import expand_shards, is_tar_source
+
+    if is_tar_source(a.images):
+        expand_shards(a.images)  # every shard there
+    elif not Path(a.images).exists():
+        raise ClipkdError(f"images not found: {a.images} (a folder, an image list, or WebDataset shards)")
     store = embed_images(load_teacher(a.teacher, a.device, a.precision or "auto"), a.images, a.out,
                          batch_size=a.batch_size, workers=a.workers, shard_size=a.shard_size, compile=a.compile)
     m = store.manifest
