@@ -26,6 +26,7 @@ from ..errors import ClipkdError
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
 CAPTION_EXTS = ("txt", "caption")
 _INDEX: dict[str, dict[str, tuple[int, int]]] = {}  # shard path → key → (offset, size) of its image, per process
+_SHARDS: set[str] = set()  # shard paths already seen to be files, per process
 
 
 def is_tar_source(images: str | Path) -> bool:
@@ -154,19 +155,21 @@ def tar_member_path(path: str | Path) -> tuple[Path, str] | None:
     s = str(path)
     at = s.find(".tar/")
     while at >= 0:
-        shard = Path(s[: at + 4])
-        if shard.is_file():
-            return shard, s[at + 5:]
+        prefix = s[: at + 4]
+        if prefix in _SHARDS or Path(prefix).is_file():  # a stat once per shard and process, not per sample
+            _SHARDS.add(prefix)
+            return Path(prefix), s[at + 5:]
         at = s.find(".tar/", at + 1)
     return None
 
 
 def read_member(shard: Path, key: str) -> bytes:
     """The image bytes of sample ``key`` of ``shard`` (a missing sample raises ``FileNotFoundError``)."""
-    shard = shard.resolve()
-    index = _INDEX.get(str(shard))
+    index = _INDEX.get(str(shard))  # sample paths are built from the resolved shard root: found without a syscall
     if index is None:
-        index, _ = _scan(shard)
+        shard = shard.resolve()
+        index = _INDEX.get(str(shard)) or _scan(shard)[0]
+        _INDEX[str(shard)] = index
     if key not in index:
         raise FileNotFoundError(f"no image for sample '{key}' in {shard}")
     offset, size = index[key]
