@@ -57,6 +57,16 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     # the same with the vocabulary term (KL to the teacher's softmax over every class name, seen and unseen)
     "cutmix_fm_vocab": ({"terms": {"embed": 1.0, "vocab": 1.0}, "mix": "cutmix", "views": "auto", "epochs": "matched"},
                         {}, True),
+    # half the non-first views mixed, the others only flipped; with and without the label term on the unmixed views
+    "cutmix_fm_half_views": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5, "views": "auto",
+                              "epochs": "matched"}, {}, True),
+    "cutmix_fm_half_label": ({"terms": {"embed": 1.0, "label": 1.0}, "mix": "cutmix", "mix_prob": 0.5,
+                              "views": "auto", "epochs": "matched"}, {}, True),
+    "cutmix_fm_label_low": ({"terms": {"embed": 1.0, "label": 0.2}, "mix": "cutmix", "views": "auto",
+                             "epochs": "matched"}, {}, True),
+    # the method with half the mixed views recoloured (a random hue rotation; the teacher embeds the recoloured view)
+    "cutmix_fm_hue": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "view_hue": 0.5,
+                       "epochs": "matched"}, {}, True),
     # an unlabelled pool (the first seed's step 1 sources one by searching a web collection for every class name,
     # unseen ones included): the unseen classes' training images, unlabelled, with the teacher's targets from the
     # store — transductive GZSL; the test images stay unseen. Costs one more student pass per pool image per epoch.

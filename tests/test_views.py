@@ -64,6 +64,24 @@ def test_flip_mirrors_the_image(tmp_path):
     assert (view[:, -1] == 255).all() and (view[:, 0] == 0).all()
 
 
+def test_hue_views_rotate_colours_and_leave_the_rest_of_the_plan_as_it_was(tmp_path):
+    images = [f"c/{i}.png" for i in range(40)]
+    plain, hued = make_view_plan(images, 4, seed=2), make_view_plan(images, 4, seed=2, hue_prob=0.5)
+    assert (plain.partner, plain.flips, plain.box) == (hued.partner, hued.flips, hued.box)  # hue drawn last
+    h = np.array(hued.hue)
+    assert (h[:, 0] == 0).all() and (np.abs(h) <= 0.5).all() and 0.3 < (h[:, 1:] != 0).mean() < 0.7
+    assert plain.hue == [] and plain.settings() != hued.settings()
+    _solid(tmp_path / "a.png", (220, 30, 30))  # red
+    _solid(tmp_path / "b.png", (0, 0, 100))
+    plan = make_view_plan(["a.png", "b.png"], 2, mix="none", seed=0, hue_prob=1.0)
+    plan.flips[0][1], plan.hue[0][1] = [False, False], 1 / 3  # a third of a turn: red -> green
+    r, g, b = np.asarray(plan.compose(tmp_path, "a.png#view=1"))[0, 0].astype(int)
+    assert g > 200 and r < 60 and b < 60
+    assert (np.asarray(plan.compose(tmp_path, "a.png#view=0")) == (220, 30, 30)).all()
+    with pytest.raises(ClipkdError, match="--view-hue"):
+        make_view_plan(images, 3, hue_prob=1.5)
+
+
 def test_sampler_draws_one_view_per_image_per_epoch():
     groups = [[0, 1, 2], [3, 4, 5], [6], [7, 8, 9]]
     s = ViewSampler(groups, seed=1)
@@ -118,7 +136,8 @@ def test_distill_from_views_trains_on_stored_views(tiny_world, fake_teacher, tmp
 
     ckpt = torch.load(r.out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 * (n // 8)  # an epoch is one view of each image, not all n×K views
-    for bad, match in ((dict(views=-1), "--views must be"), (dict(views=2, augment="crop"), "draws flips")):
+    for bad, match in ((dict(views=-1), "--views must be"), (dict(views=2, augment="crop"), "draws flips"),
+                       (dict(views=0, view_hue=0.5), "needs --views"), (dict(view_hue=2.0), "--view-hue must")):
         from dataclasses import replace
 
         with pytest.raises(ClipkdError, match=match):

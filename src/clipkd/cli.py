@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from .errors import ClipkdError, Interrupted
 
@@ -108,13 +109,22 @@ def _recipe(cls, a: argparse.Namespace, **extra):
     return cls.from_file(config, **overrides)
 
 
-def _views(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0 or auto, got '{text}'") from None
+def _or_auto(convert: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    """An argparse type: ``auto``, or ``convert(text)`` (an error naming ``what`` otherwise)."""
+
+    def parse(text: str) -> Any:
+        if text == "auto":
+            return text
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} or auto, got '{text}'") from None
+
+    return parse
+
+
+_views = _or_auto(int, "an integer ≥ 0")
+_share_or_auto = _or_auto(float, "a number in [0, 1]")
 
 
 def _train_config(a: argparse.Namespace):
@@ -263,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "ones), embed each once with --teacher into OUT/views, train on one view per image per epoch "
                    "(clipkd's GZSL method at store cost); 0: mix online every epoch; auto (default): 4 with --teacher "
                    "alone")
+    p.add_argument("--view-hue", type=_share_or_auto, help="share of the views after the first whose hues are rotated "
+                   "by a random fraction of a turn (the teacher embeds the recoloured picture); auto (default): "
+                   "clipkd's default with --views, 0 without")
     p.add_argument("--extra-images", help="an unlabelled image pool (folder or list) trained on with teacher "
                    "targets only")
     p.add_argument("--extra-store", help="the pool's embed-images store (with --store)")

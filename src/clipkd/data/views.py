@@ -3,7 +3,9 @@ embeds every view once and a student trains on them for many epochs (MobileCLIP'
 
 A view of image ``a`` is ``a`` (flipped or not), optionally mixed with a partner image ``b`` (flipped or not)
 from the same training set: CutMix pastes the box ``(y0, y1, x0, x1)`` (fractions of ``a``'s size) of ``b``
-resized to ``a``'s size; mixup blends ``λ·a + (1-λ)·b``. The view's key, ``a#view=k``, names its row in the
+resized to ``a``'s size; mixup blends ``λ·a + (1-λ)·b``; then, optionally, its hues are rotated by ``h`` of a
+turn (torchvision's ``adjust_hue``): a red shape becomes a green or blue one, and the teacher says what it is.
+The view's key, ``a#view=k``, names its row in the
 store; the plan (``views.json`` in the store folder) holds every view's parameters, drawn once from a seed.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ SEP = "#view="
 class ViewPlan:
     """Every view's parameters: ``images[i]`` has views ``0..views-1``; view ``(i, k)`` flips ``a`` when
     ``flip[i][k][0]``, and when ``partner[i][k] >= 0`` mixes in image ``partner[i][k]`` (flipped when
-    ``flip[i][k][1]``) by ``box[i][k]`` (cutmix) or ``lam[i][k]`` (mixup)."""
+    ``flip[i][k][1]``) by ``box[i][k]`` (cutmix) or ``lam[i][k]`` (mixup); then rotates its hues by ``hue[i][k]``
+    (a fraction of a turn in [-0.5, 0.5]; 0 or no ``hue`` list: unchanged)."""
 
     images: list[str]
     views: int
@@ -45,6 +48,8 @@ class ViewPlan:
     flips: list[list[list[bool]]]
     box: list[list[list[float]]]
     lam: list[list[float]]
+    hue_prob: float = 0.0
+    hue: list[list[float]] = field(default_factory=list)
 
     def key(self, i: int, k: int) -> str:
         return f"{self.images[i]}{SEP}{k}"
@@ -55,7 +60,7 @@ class ViewPlan:
 
     def settings(self) -> dict[str, Any]:
         return {"views": self.views, "mix": self.mix, "alpha": self.alpha, "prob": self.prob, "flip": self.flip,
-                "seed": self.seed}
+                "seed": self.seed, "hue_prob": self.hue_prob}
 
     def compose(self, root: str | Path, key: str, draft_size: int | None = None) -> Image.Image:
         """The picture of view ``key`` from the image files under ``root``."""
@@ -67,20 +72,24 @@ class ViewPlan:
         if fa:
             a = ImageOps.mirror(a)
         j = self.partner[i][k]
-        if j < 0:
-            return a
-        b = load_rgb(root / self.images[j], draft_size)
-        if fb:
-            b = ImageOps.mirror(b)
-        if b.size != a.size:
-            b = b.resize(a.size, Image.Resampling.BICUBIC)
-        if self.mix == "mixup":
-            return Image.blend(b, a, self.lam[i][k])
-        w, h = a.size
-        y0, y1, x0, x1 = self.box[i][k]
-        px = (round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h))
-        if px[2] > px[0] and px[3] > px[1]:
-            a.paste(b.crop(px), px[:2])
+        if j >= 0:
+            b = load_rgb(root / self.images[j], draft_size)
+            if fb:
+                b = ImageOps.mirror(b)
+            if b.size != a.size:
+                b = b.resize(a.size, Image.Resampling.BICUBIC)
+            if self.mix == "mixup":
+                a = Image.blend(b, a, self.lam[i][k])
+            else:
+                w, h = a.size
+                y0, y1, x0, x1 = self.box[i][k]
+                px = (round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h))
+                if px[2] > px[0] and px[3] > px[1]:
+                    a.paste(b.crop(px), px[:2])
+        if self.hue and self.hue[i][k]:
+            from torchvision.transforms.functional import adjust_hue
+
+            a = adjust_hue(a, self.hue[i][k])
         return a
 
     def opener(self, root: str | Path, draft_size: int | None = None):
@@ -112,15 +121,18 @@ class _Opener:  # a class, not a closure: DataLoader workers pickle it
 
 
 def make_view_plan(images: Sequence[str], views: int, mix: str = "cutmix", alpha: float = 1.0, prob: float = 1.0,
-                   flip: bool = True, seed: int = 0) -> ViewPlan:
+                   flip: bool = True, seed: int = 0, hue_prob: float = 0.0) -> ViewPlan:
     """Draw ``views`` views per image: view 0 is the image itself; each other view flips it with probability 1/2
     (when ``flip``) and, with probability ``prob``, mixes in a random other image of ``images`` (also flipped at
     random) with ``λ ~ Beta(alpha, alpha)``; a CutMix box has area ``1-λ`` and a uniform centre, clipped to the
-    image, as timm's per-image CutMix draws it."""
+    image, as timm's per-image CutMix draws it. With probability ``hue_prob`` a view's hues are then rotated by a
+    uniform fraction of a turn in [-0.5, 0.5] (drawn after the rest: plans without hue are as before)."""
     if views < 1:
         raise ClipkdError(f"--views must be ≥ 1, got {views}")
     if mix not in ("none", "cutmix", "mixup"):
         raise ClipkdError(f"unknown mix '{mix}' for views (none, cutmix, mixup)")
+    if not 0.0 <= hue_prob <= 1.0:
+        raise ClipkdError(f"--view-hue must be in [0, 1], got {hue_prob}")
     if len(images) < 2 and mix != "none" and views > 1:
         raise ClipkdError("mixed views need at least 2 training images")
     rng = np.random.default_rng(seed)
@@ -143,8 +155,12 @@ def make_view_plan(images: Sequence[str], views: int, mix: str = "cutmix", alpha
             cy, cx = rng.random((n, m)), rng.random((n, m))
             box[:, 1:] = np.stack([np.clip(cy - cut / 2, 0, 1), np.clip(cy + cut / 2, 0, 1),
                                    np.clip(cx - cut / 2, 0, 1), np.clip(cx + cut / 2, 0, 1)], -1)
+    hue = np.zeros((n, views))
+    if views > 1 and hue_prob > 0:
+        hue[:, 1:] = np.where(rng.random((n, views - 1)) < hue_prob, rng.uniform(-0.5, 0.5, (n, views - 1)), 0.0)
     return ViewPlan(list(images), views, mix, float(alpha), float(prob), bool(flip), int(seed), partner.tolist(),
-                    flips.tolist(), np.round(box, 6).tolist(), np.round(lam, 6).tolist())
+                    flips.tolist(), np.round(box, 6).tolist(), np.round(lam, 6).tolist(), float(hue_prob),
+                    np.round(hue, 6).tolist() if hue_prob > 0 else [])
 
 
 class ViewSampler(Sampler[int]):

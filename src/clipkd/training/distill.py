@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 
 AUTO_VIEWS = 4  # views per image of clipkd's GZSL method by default (the image + 3 flipped CutMix composites)
+AUTO_HUE = 0.0  # share of those views whose colours are rotated (the teacher names the recoloured picture)
 
 
 @dataclass
@@ -59,6 +60,8 @@ class TrainConfig(TrainerSettings):
     mix_mode: str = "elem"  # elem: a ratio and box per image (clipkd's method); batch: one per batch (timm's default)
     views: int | str = "auto"  # K > 0: K views per image (the image + K-1 flipped/mixed), each embedded once by the
     # teacher, then trained on; 0: mix online every epoch; auto: 4 when the teacher alone gives mixed targets
+    view_hue: float | str = "auto"  # share of views (after the first) whose hues are rotated at random; auto: AUTO_HUE
+    # with views, 0 without
     epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
@@ -266,6 +269,12 @@ def distill(
         cfg = replace(cfg, views=AUTO_VIEWS if online_mix else 0)
     if not isinstance(cfg.views, int) or cfg.views < 0:
         raise ClipkdError(f"--views must be an integer ≥ 0 (0: mix online), or auto; got {cfg.views!r}")
+    if cfg.view_hue == "auto":
+        cfg = replace(cfg, view_hue=AUTO_HUE if cfg.views else 0.0)
+    if isinstance(cfg.view_hue, str) or not 0.0 <= cfg.view_hue <= 1.0:
+        raise ClipkdError(f"--view-hue must be in [0, 1], or auto; got {cfg.view_hue!r}")
+    if cfg.view_hue and not cfg.views:
+        raise ClipkdError("--view-hue recolours stored views: it needs --views K (K ≥ 2)")
     if cfg.views and teacher is None:
         raise ClipkdError("--views needs --teacher SPEC: it embeds each view once, before training")
     if cfg.views and (store is not None or extra_images is not None):
@@ -378,7 +387,7 @@ def distill(
             dataset = ImageDataset(data.root, paths, transform, labels=labels, targets=targets)
             return module(online), dataset, info, None
         plan = make_view_plan(paths, cfg.views, cfg.mix, cfg.mix_alpha, cfg.mix_prob, flip=cfg.augment == "flip",
-                              seed=cfg.seed)
+                              seed=cfg.seed, hue_prob=float(cfg.view_hue))
         embed_views(online, data.root, plan, out / "views", batch_size=cfg.batch_size, workers=cfg.workers,
                     progress=progress)  # each rank of a job embeds its share
         barrier()
