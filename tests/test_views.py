@@ -132,6 +132,8 @@ def test_distill_from_views_trains_on_stored_views(tiny_world, fake_teacher, tmp
     n = r.train_images
     assert run["targets"] == "views" and run["train"]["mix"] == "cutmix"
     assert run["teacher_images"] == 3 * n == fake_teacher.calls == len(EmbeddingStore(r.out / "views"))
+    plan = ViewPlan.load(r.out / "views" / "views.json")  # by default half the mixed views are recoloured
+    assert run["train"]["view_hue"] == plan.hue_prob == 0.5 and any(h for row in plan.hue for h in row[1:])
     import torch
 
     ckpt = torch.load(r.out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

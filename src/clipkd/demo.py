@@ -140,7 +140,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, device: str = "
                              device=device, overwrite=OWN).path
         _step(f"student '{name}' trained", t0)
     # clipkd's GZSL method: the same student and epochs, on stored views (the image and flipped CutMix composites,
-    # each embedded once by the teacher); as many views as keep it within +20 % of embed's compute on this world
+    # half of them recoloured, each embedded once by the teacher); as many views as keep it within +20 % of embed's
+    # compute on this world
     runs[METHOD] = distill(world / "train", out / "students" / METHOD, replace(cfg.student, terms={"embed": 1.0},
                            mix="cutmix", views=cfg.views), teacher=spec, text=text, split=split, device=device,
                            overwrite=OWN).path
