@@ -46,7 +46,8 @@ class TrainConfig(TrainerSettings):
     structure); ``loss``: the embedding distance the ``embed`` term uses; ``mix``: mixup / cutmix of the
     training images, with the (online) teacher's embedding of each mixed image as its target — clipkd's GZSL
     method ("CutMix function matching": every image its own CutMix box and ratio, ``mix_mode="elem"``), on by
-    default (``auto``) whenever the teacher runs online.
+    default (``auto``) whenever the teacher runs online; ``views``: that many views per image drawn once and
+    embedded once by the teacher (a multi-view store), ``view_hue`` of the views after the first recoloured.
     """
 
     student: str = "resnet18"
