@@ -57,6 +57,11 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     # the same without recolouring (clipkd's method before 2026-11-30's second session)
     "cutmix_fm_nohue": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "view_hue": 0.0,
                          "epochs": "matched"}, {}, True),
+    # the method with a quarter / all of the views after the first recoloured (the default: half)
+    "cutmix_fm_hue25": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "view_hue": 0.25,
+                         "epochs": "matched"}, {}, True),
+    "cutmix_fm_hue100": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "view_hue": 1.0,
+                          "epochs": "matched"}, {}, True),
     # variants without recolouring: the seed's label term on the unmixed views (a mixed view is of no single class),
     # at weight 1 and 0.2; half the views after the first mixed (the others only flipped), without and with the label
     # term; the vocabulary term (KL to the teacher's softmax over every class name, seen and unseen)
