@@ -478,3 +478,19 @@ def test_missing_shards_are_refused_before_the_teacher_loads(tmp_path, monkeypat
     assert main(["embed-images", "--teacher", "open_clip:x@random", "--images", pattern, "--out",
                  str(tmp_path / "s")]) == 2
     assert "3 of the 3 tar shard(s)" in capsys.readouterr().err
+
+
+def test_dataset_paths_are_packed_not_python_strings(tmp_path):
+    """A data set's paths live in two numpy arrays (forked loader workers share them instead of copying a page per
+    path touched), and still read back as the same strings, by index, slice or iteration, pickled or not."""
+    from clipkd.data.loader import ImageDataset, PackedStrings
+
+    paths = [f"class_{i % 7}/img_{i}.jpg" for i in range(5000)] + ["日本/写真.png", ""]
+    ds = ImageDataset(tmp_path, paths, transform=lambda im: im, labels=[i % 7 for i in range(len(paths))])
+    assert isinstance(ds.paths, PackedStrings) and len(ds) == len(paths)
+    assert list(ds.paths) == paths and ds.paths[-2] == "日本/写真.png" and ds.paths[10:13] == paths[10:13]
+    assert pickle.loads(pickle.dumps(ds.paths))[4321] == paths[4321]
+    assert ds[3]["label"] == 3 and isinstance(ds[3]["label"], int) and ds[3]["error"]  # a missing file: skipped
+    assert sum(a.nbytes for a in (ds.paths._bytes, ds.paths._offsets)) < 2 * sum(len(p.encode()) for p in paths)
+    with pytest.raises(IndexError):
+        ds.paths[len(paths)]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import io
+import operator
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,35 @@ def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
     return to_rgb(img)
 
 
+class PackedStrings(Sequence[str]):
+    """A read-only list of strings kept as two numpy arrays (UTF-8 bytes and offsets), not as Python objects.
+
+    DataLoader workers are forked from the process that holds a data set's paths; reading a Python ``str`` changes
+    its reference count, which copies the memory page it sits on into the worker, so a list of a million paths ends up
+    copied once per worker. Numpy buffers are only read, and stay shared.
+    """
+
+    def __init__(self, items: Iterable[str]) -> None:
+        encoded = [s.encode("utf-8", "surrogateescape") for s in items]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
+        self._bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index):  # int -> str; slice -> list[str]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = operator.index(index)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {index} out of range for {n} strings")
+        return self._bytes[self._offsets[i]:self._offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
+
+
 class ImageDataset(Dataset):
     """Images under ``root`` by relative path; item = ``{"index", "image", "label", "error"}``.
 
@@ -84,16 +114,16 @@ class ImageDataset(Dataset):
         self.root = Path(root)
         self.targets = targets
         self.opener = opener
-        self.paths = list(paths)
+        self.paths = paths if isinstance(paths, PackedStrings) else PackedStrings(paths)  # shared by forked workers
         self.transform = transform
-        self.labels = list(labels) if labels is not None else None
+        self.labels = np.asarray(labels, dtype=np.int64) if labels is not None else None
         self.draft_size = draft_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        label = self.labels[index] if self.labels is not None else -1
+        label = int(self.labels[index]) if self.labels is not None else -1
         try:
             if self.opener is not None:
                 img = self.opener(self.paths[index])
