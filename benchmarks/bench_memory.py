@@ -21,14 +21,17 @@ from common import make_jpegs, report, table
 
 
 def tree_rss_mb(pid: int, field: str = "VmRSS") -> float:
-    """Resident memory of a process and all its descendants, MiB (from /proc). ``VmRSS``: everything resident,
-    file-backed pages of memory-mapped files included (page cache the kernel can drop); ``RssAnon``: the
-    anonymous memory the processes allocated, what memory pressure is made of."""
+    """Memory of a process and all its descendants, MiB (from /proc). ``VmRSS``: everything resident, file-backed
+    pages of memory-mapped files included (page cache the kernel can drop); ``RssAnon``: the anonymous memory each
+    process maps, so a page a forked loader worker still shares with its parent counts once per process;
+    ``Pss_Anon`` (from ``smaps_rollup``): the same pages, each split among the processes sharing it — what the
+    job really holds."""
+    name = "smaps_rollup" if field.startswith("Pss") else "status"
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            for line in Path(f"/proc/{p}/{name}").read_text().splitlines():
                 if line.startswith(field + ":"):
                     total += int(line.split()[1])
             for task in Path(f"/proc/{p}/task").iterdir():
@@ -38,20 +41,23 @@ def tree_rss_mb(pid: int, field: str = "VmRSS") -> float:
     return total / 1024
 
 
-def peak_rss(cmd: list[str]) -> tuple[float, float, float]:
-    """Peak tree RSS and peak tree anonymous memory (MiB, sampled every 20 ms), and wall seconds of a command."""
+FIELDS = ("VmRSS", "RssAnon", "Pss_Anon")
+
+
+def peak_rss(cmd: list[str]) -> tuple[dict[str, float], float]:
+    """Peak tree memory (MiB, sampled every 20 ms) for each of :data:`FIELDS`, and wall seconds of a command."""
     t = time.perf_counter()
     with tempfile.TemporaryFile() as err:  # a file, not a pipe: progress bars would fill a pipe and stall the child
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        peak = anon = 0.0
+        peak = dict.fromkeys(FIELDS, 0.0)
         while proc.poll() is None:
-            peak = max(peak, tree_rss_mb(proc.pid))
-            anon = max(anon, tree_rss_mb(proc.pid, "RssAnon"))
+            for f in FIELDS:
+                peak[f] = max(peak[f], tree_rss_mb(proc.pid, f))
             time.sleep(0.02)
         if proc.returncode != 0:
             err.seek(0)
             raise SystemExit(f"{' '.join(cmd)} failed:\n{err.read().decode()[-2000:]}")
-    return peak, anon, time.perf_counter() - t
+    return peak, time.perf_counter() - t
 
 
 def main() -> None:
@@ -65,34 +71,39 @@ def main() -> None:
     clipkd = str(Path(sys.executable).with_name("clipkd"))
     tmp = Path(tempfile.mkdtemp(prefix="clipkd-bench-"))
     rows = []
-    key = "peak RSS MiB (process + workers)"
-    anon_key = "peak anonymous MiB"
+    cols = {"VmRSS": "peak RSS MiB", "RssAnon": "peak anonymous MiB (per process)",
+            "Pss_Anon": "peak anonymous MiB (shared pages split)"}
     try:
         for n in (a.small, a.large):
             root = make_jpegs(Path(a.data) / f"n{n}", n, size=(96, 72))
-            peak, anon, secs = peak_rss([clipkd, "embed-images", "--teacher", a.teacher, "--images", str(root),
-                                         "--out", str(tmp / f"store{n}"), "--device", "cpu"])
-            rows.append({"command": "embed-images", "images": n, key: peak, anon_key: anon, "seconds": secs})
+            peak, secs = peak_rss([clipkd, "embed-images", "--teacher", a.teacher, "--images", str(root),
+                                   "--out", str(tmp / f"store{n}"), "--device", "cpu"])
+            rows.append({"command": "embed-images", "images": n, **{cols[f]: peak[f] for f in FIELDS},
+                         "seconds": secs})
             store = synthetic_store(root, tmp / f"store512-{n}")
-            peak, anon, secs = peak_rss([clipkd, "distill", "--store", str(store), "--images", str(root), "--out",
-                                         str(tmp / f"run{n}"), "--student", "resnet10t", "--image-size", "32",
-                                         "--epochs", "1", "--batch-size", "256", "--device", "cpu"])
-            rows.append({"command": "distill --store (512-d)", "images": n, key: peak, anon_key: anon,
+            peak, secs = peak_rss([clipkd, "distill", "--store", str(store), "--images", str(root), "--out",
+                                   str(tmp / f"run{n}"), "--student", "resnet10t", "--image-size", "32",
+                                   "--epochs", "1", "--batch-size", "256", "--device", "cpu"])
+            rows.append({"command": "distill --store (512-d)", "images": n, **{cols[f]: peak[f] for f in FIELDS},
                          "seconds": secs})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     lines = []
     for cmd in ("embed-images", "distill --store (512-d)"):
-        small, large = (r[key] for r in rows if r["command"] == cmd)
-        a_small, a_large = (r[anon_key] for r in rows if r["command"] == cmd)
-        lines.append(f"- `{cmd}`: peak RSS {100 * (large / small - 1):+.1f}% ({large - small:+,.0f} MiB), "
-                     f"anonymous memory {100 * (a_large / a_small - 1):+.1f}% ({a_large - a_small:+,.0f} MiB) from "
-                     f"{a.small:,} to {a.large:,} images")
+        growth = []
+        for f in FIELDS:
+            small, large = (r[cols[f]] for r in rows if r["command"] == cmd)
+            growth.append(f"{cols[f].removeprefix('peak ').removesuffix(' MiB')} {100 * (large / small - 1):+.1f}% "
+                          f"({large - small:+,.0f} MiB)")
+        lines.append(f"- `{cmd}` from {a.small:,} to {a.large:,} images: " + "; ".join(growth))
     body = (f"Teacher `{a.teacher}` for embed-images (default shard size 8192), 96×72 JPEGs; distill: resnet10t at "
-            "32 px, 1 epoch, batch 256, default loader workers, from a synthetic 512-d store of the same images.\n\n"
-            + table(rows, ["command", "images", key, anon_key, "seconds"]) + "\n\n" + "\n".join(lines)
+            "32 px, 1 epoch, batch 256, default loader workers, from a synthetic 512-d store of the same images. "
+            "Memory of the process and its loader workers together.\n\n"
+            + table(rows, ["command", "images", *cols.values(), "seconds"]) + "\n\n" + "\n".join(lines)
             + "\n\nRSS counts the pages of memory-mapped store shards a process has read (page cache the kernel "
-              "can drop under pressure); anonymous memory is what the processes allocated.")
+              "can drop under pressure). Anonymous memory is what the processes allocated: summed per process, a "
+              "page a loader worker still shares with the parent it was forked from counts once in each; with "
+              "shared pages split among their sharers (PSS), each counts once.")
     report("Memory of embed-images and distill", body, Path(a.out))
 
 

@@ -174,3 +174,27 @@ def test_lists_drive_embed_distill_and_eval(tiny_world, fake_teacher, tmp_path):
     r = evaluate(str(run.path), tiny_world / "test", text=tmp_path / "text.npz", split=tiny_world / "split.json",
                  device="cpu", progress=False)
     assert 0 <= r.H <= 1
+
+
+def test_list_images_walks_folders_symlinks_and_loops(tmp_path):
+    """Sorted POSIX paths of image files by extension (any case), through nested and symlinked folders (each once,
+    a symlink loop ends), without broken links, other files or directories named like images."""
+    import os
+
+    from clipkd.data.folders import list_images
+
+    root = tmp_path / "imgs"
+    for rel in ("b/2.JPG", "b/sub/3.png", "a/1.jpg", ".hidden/4.webp", "top.jpeg", "notes.txt", "a/x.tif"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    (root / "dir.jpg").mkdir()  # a folder named like an image is walked, not listed
+    (root / "dir.jpg" / "5.png").write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "6.jpg").write_bytes(b"x")
+    os.symlink(outside, root / "linked")
+    os.symlink(root, root / "b" / "loop")  # a cycle: must end
+    os.symlink(root / "missing.jpg", root / "broken.jpg")
+    got = list_images(root)
+    assert got == sorted(["b/2.JPG", "b/sub/3.png", "a/1.jpg", ".hidden/4.webp", "top.jpeg", "a/x.tif",
+                          "dir.jpg/5.png", "linked/6.jpg"]), got

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +35,23 @@ def list_images(root: str | Path) -> list[str]:
     """
     root = Path(root)
     _require_dir(root)
-    files = sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
+    # directory entries, not Path objects: no stat per file (the entry's type says it is one) and no object per file
+    # beyond its name, so a million-image folder lists in seconds; symlinked folders are followed, each once
+    files: list[str] = []
+    st = root.stat()
+    todo, seen = [(str(root), "")], {(st.st_dev, st.st_ino)}
+    while todo:
+        folder, prefix = todo.pop()
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.is_dir():
+                    st = e.stat()  # one stat per folder, none per file
+                    if (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        todo.append((e.path, f"{prefix}{e.name}/"))
+                elif e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                    files.append(prefix + e.name)
+    files.sort()
     if not files:
         raise ClipkdError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     return files
