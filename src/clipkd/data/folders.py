@@ -35,25 +35,31 @@ def list_images(root: str | Path) -> list[str]:
     """
     root = Path(root)
     _require_dir(root)
-    # directory entries, not Path objects: no stat per file (the entry's type says it is one) and no object per file
-    # beyond its name, so a million-image folder lists in seconds; symlinked folders are followed, each once
+    files = _walk_images(root)
+    if not files:
+        raise ClipkdError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    return files
+
+
+def _walk_images(root: Path, prefix: str = "") -> list[str]:
+    """Sorted ``prefix + path`` of every image file under ``root``, from directory entries rather than Path objects:
+    no stat per file (the entry's type says it is one) and no object per file beyond its name, so a million-image
+    folder lists in seconds. Symlinked folders are followed, each folder once (a symlink loop ends)."""
     files: list[str] = []
     st = root.stat()
-    todo, seen = [(str(root), "")], {(st.st_dev, st.st_ino)}
+    todo, seen = [(str(root), prefix)], {(st.st_dev, st.st_ino)}
     while todo:
-        folder, prefix = todo.pop()
+        folder, pre = todo.pop()
         with os.scandir(folder) as entries:
             for e in entries:
                 if e.is_dir():
                     st = e.stat()  # one stat per folder, none per file
                     if (st.st_dev, st.st_ino) not in seen:
                         seen.add((st.st_dev, st.st_ino))
-                        todo.append((e.path, f"{prefix}{e.name}/"))
+                        todo.append((e.path, f"{pre}{e.name}/"))
                 elif e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
-                    files.append(prefix + e.name)
+                    files.append(pre + e.name)
     files.sort()
-    if not files:
-        raise ClipkdError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     return files
 
 
@@ -92,10 +98,9 @@ def scan_image_folder(root: str | Path) -> LabelledImages:
         raise ClipkdError(f"class folders in {root} clean to the same name: {sorted(dupes)[:5]}")
     paths, labels = [], []
     for y, folder in enumerate(folders):
-        for rel in (p for p in sorted((root / folder).rglob("*")) if p.is_file()):
-            if rel.suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(rel.relative_to(root).as_posix())
-                labels.append(y)
+        found = _walk_images(root / folder, f"{folder}/")
+        paths += found
+        labels += [y] * len(found)
     if not paths:
         raise ClipkdError(f"no image files found in the class folders of {root}")
     return LabelledImages(root, paths, labels, classnames, folders)
