@@ -149,7 +149,9 @@ def test_distill_from_views_trains_on_stored_views(tiny_world, fake_teacher, tmp
         clipkd.distill(tiny_world / "train", tmp_path / "bad", cfg, store=r.out / "views", device="cpu")
 
 
-def test_label_term_with_views_trains_on_the_unmixed_views_only(tiny_world, fake_teacher, tmp_path, monkeypatch):
+def test_label_term_with_views_trains_on_the_views_that_keep_their_class(tiny_world, fake_teacher, tmp_path,
+                                                                         monkeypatch):
+    """Mixed and recoloured views are of no class the label names: only plain (or merely flipped) views are labelled."""
     from dataclasses import replace
 
     import torch
@@ -163,15 +165,17 @@ def test_label_term_with_views_trains_on_the_unmixed_views_only(tiny_world, fake
     monkeypatch.setattr(clipkd.teachers, "load_teacher", lambda spec, **kw: fake_teacher)
     text = clipkd.embed_prompts(fake_teacher, {c: [c] for c in clipkd.load_classnames(tiny_world / "train")})
     text.save(tmp_path / "text.npz")
-    seen_labels, wrong = [], []
+    seen_labels, wrong, labelled_keys = [], [], []
     real = modules.StudentModule.training_step
 
     def spy(self, batch, idx):
         seen_labels.append(self.label_map[batch["label"]].clone())
         ds = self.trainer.train_dataloader.dataset
         for i, y in zip(batch["index"].tolist(), batch["label"].tolist(), strict=True):
-            if self.label_map[y] >= 0 and not ds.paths[i].startswith(folders[y] + "/"):
-                wrong.append((ds.paths[i], folders[y]))  # a labelled view must be of its label's class
+            if self.label_map[y] >= 0:
+                labelled_keys.append(ds.paths[i])
+                if not ds.paths[i].startswith(folders[y] + "/"):
+                    wrong.append((ds.paths[i], folders[y]))  # a labelled view must be of its label's class
         return real(self, batch, idx)
 
     from clipkd.data.folders import scan_image_folder
@@ -179,16 +183,20 @@ def test_label_term_with_views_trains_on_the_unmixed_views_only(tiny_world, fake
     folders = scan_image_folder(tiny_world / "train").folders
 
     monkeypatch.setattr(modules.StudentModule, "training_step", spy)
-    cfg = clipkd.TrainConfig(student="resnet10t", epochs=2, batch_size=8, workers=0, views=3, image_size=16,
-                             terms={"embed": 1.0, "label": 1.0}, mix="cutmix")
+    cfg = clipkd.TrainConfig(student="resnet10t", epochs=3, batch_size=8, workers=0, views=4, image_size=16,
+                             terms={"embed": 1.0, "label": 1.0}, mix="cutmix", mix_prob=0.5)  # hue: auto, 0.5
     r = clipkd.distill(tiny_world / "train", tmp_path / "run", cfg, teacher="fake", text=tmp_path / "text.npz",
                        split=tiny_world / "split.json", device="cpu", progress=False)
     labels = torch.cat(seen_labels)
-    assert (labels == -100).any() and (labels >= 0).any()  # mixed views unlabelled, plain views labelled
+    assert (labels == -100).any() and (labels >= 0).any()  # mixed/recoloured views unlabelled, plain views labelled
     assert not wrong, wrong[:3]
-    plan = json.loads((r.out / "views" / "views.json").read_text())
-    share_plain = sum(p < 0 for row in plan["partner"] for p in row) / sum(len(row) for row in plan["partner"])
-    assert abs(float((labels >= 0).float().mean()) - share_plain) < 0.25
+    plan = ViewPlan.load(r.out / "views" / "views.json")
+    pos = {p: i for i, p in enumerate(plan.images)}
+    views = [(pos[k.rpartition("#view=")[0]], int(k.rpartition("#view=")[2])) for k in labelled_keys]
+    assert all(plan.keeps_label(i, k) for i, k in views)  # never a labelled recoloured or mixed view
+    assert any(plan.partner[i][k] < 0 and plan.hue[i][k] for i in range(len(plan.images)) for k in range(4))
+    keep = [plan.keeps_label(i, k) for i in range(len(plan.images)) for k in range(plan.views)]
+    assert abs(float((labels >= 0).float().mean()) - sum(keep) / len(keep)) < 0.25
     with pytest.raises(ClipkdError, match="use --views"):  # online mixing has no unmixed image to label
         clipkd.distill(tiny_world / "train", tmp_path / "bad", replace(cfg, views=0), teacher="fake",
                        text=tmp_path / "text.npz", device="cpu", progress=False)

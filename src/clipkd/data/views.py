@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Sampler
+from torchvision.transforms.functional import adjust_hue
 
 from ..errors import ClipkdError
 from ..fileio import read_json, write_json
@@ -50,6 +51,10 @@ class ViewPlan:
     lam: list[list[float]]
     hue_prob: float = 0.0
     hue: list[list[float]] = field(default_factory=list)
+
+    def keeps_label(self, i: int, k: int) -> bool:
+        """Whether view ``(i, k)`` still shows image ``i``'s class: neither mixed nor recoloured (a flip keeps it)."""
+        return self.partner[i][k] < 0 and not (self.hue and self.hue[i][k])
 
     def key(self, i: int, k: int) -> str:
         return f"{self.images[i]}{SEP}{k}"
@@ -87,8 +92,6 @@ class ViewPlan:
                 if px[2] > px[0] and px[3] > px[1]:
                     a.paste(b.crop(px), px[:2])
         if self.hue and self.hue[i][k]:
-            from torchvision.transforms.functional import adjust_hue
-
             a = adjust_hue(a, self.hue[i][k])
         return a
 

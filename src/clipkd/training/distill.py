@@ -292,7 +292,7 @@ def distill(
                           "give only one of them")
     if cfg.mix != "none" and "text" in needs and not cfg.views:
         raise ClipkdError("--mix online trains on teacher targets of mixed images; drop the label term (use vocab), "
-                          "or use --views (the label term then trains on the unmixed views)")
+                          "or use --views (the label term then trains on the views neither mixed nor recoloured)")
     if extra_images is not None and store is not None and extra_store is None:
         raise ClipkdError("--extra-images with --store needs --extra-store (the pool's embed-images store)")
     check_train_config(cfg)
@@ -399,10 +399,10 @@ def distill(
         groups: list[list[int]] = [[] for _ in paths]
         for row, i in enumerate(kept):
             groups[i // cfg.views].append(row)
-        # a mixed view is no longer of its image's class: its label is ignored (-100); the label term, if any,
-        # trains on the unmixed views
+        # a mixed or recoloured view is no longer of its image's class: its label is ignored (-100); the label term,
+        # if any, trains on the views that keep it
         unlabelled = len(data.classnames)
-        view_labels = [labels[i // cfg.views] if plan.partner[i // cfg.views][i % cfg.views] < 0 else unlabelled
+        view_labels = [labels[i // cfg.views] if plan.keeps_label(i // cfg.views, i % cfg.views) else unlabelled
                        for i in kept]
         dataset = ImageDataset(data.root, [keys[i] for i in kept], transform, labels=view_labels,
                                opener=plan.opener(data.root), targets=found.targets)
