@@ -176,7 +176,7 @@ def test_lists_drive_embed_distill_and_eval(tiny_world, fake_teacher, tmp_path):
     assert 0 <= r.H <= 1
 
 
-def test_list_images_walks_folders_symlinks_and_loops(tmp_path):
+def test_list_images_walks_folders_symlinks_and_loops(tmp_path, monkeypatch):
     """Sorted POSIX paths of image files by extension (any case), through nested and symlinked folders (each once,
     a symlink loop ends), without broken links, other files or directories named like images."""
     import os
@@ -198,3 +198,15 @@ def test_list_images_walks_folders_symlinks_and_loops(tmp_path):
     got = list_images(root)
     assert got == sorted(["b/2.JPG", "b/sub/3.png", "a/1.jpg", ".hidden/4.webp", "top.jpeg", "a/x.tif",
                           "dir.jpg/5.png", "linked/6.jpg"]), got
+    real_scandir = os.scandir
+
+    def denied(path):  # as a folder without read permission behaves for a non-root user
+        if str(path).endswith("/a"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    import clipkd.data.folders as folders
+
+    monkeypatch.setattr(folders.os, "scandir", denied)
+    with pytest.raises(ClipkdError, match="cannot read folder .*/a: Permission denied"):
+        list_images(root)  # an unreadable folder is an error, not images silently left out

@@ -50,7 +50,11 @@ def _walk_images(root: Path, prefix: str = "") -> list[str]:
     todo, seen = [(str(root), prefix)], {(st.st_dev, st.st_ino)}
     while todo:
         folder, pre = todo.pop()
-        with os.scandir(folder) as entries:
+        try:
+            entries = os.scandir(folder)
+        except OSError as e:  # a folder the listing cannot read would silently drop its images
+            raise ClipkdError(f"cannot read folder {folder}: {e.strerror or e}") from None
+        with entries:
             for e in entries:
                 if e.is_dir():
                     st = e.stat()  # one stat per folder, none per file
