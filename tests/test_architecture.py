@@ -97,6 +97,23 @@ def test_public_api_is_flat_lazy_and_complete():
         clipkd.no_such_thing  # noqa: B018
 
 
+def test_cli_handlers_use_only_the_public_api():
+    """Every name a command's handler imports is one of ``clipkd``'s public names: the CLI is a thin layer over the
+    API, and a Python caller can do whatever a command does."""
+    import ast
+
+    tree = ast.parse((Path(clipkd.__file__).parent / "cli.py").read_text(encoding="utf-8"))
+    handlers, private = 0, []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and any(isinstance(d, ast.Call) and getattr(d.func, "id", "") ==
+                                                     "command" for d in node.decorator_list):
+            handlers += 1
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.ImportFrom):
+                    private += [f"{node.name}: {a.name}" for a in sub.names if a.name not in clipkd.__all__]
+    assert handlers >= 20 and private == []
+
+
 def test_every_cli_command_has_a_handler():
     from clipkd.cli import COMMANDS
 

@@ -70,8 +70,8 @@ def test_interrupted_build_resumes_and_other_model_is_refused(tiny_world, teache
                 progress=False)  # a build killed after two finished shards
     done = len(EmbeddingStore(tmp_path / "ix" / "store"))
     calls = []
-    real = enc.image_fn
-    enc.image_fn = lambda x: calls.append(len(x)) or real(x)
+    real = enc.forward
+    enc.forward = lambda x: calls.append(len(x)) or real(x)
     ix = build_index(teacher_spec, tiny_world / "val", tmp_path / "ix", encoder=enc, workers=0, progress=False)
     assert len(ix) == len(src.paths) and sum(calls) == len(src.paths) - done
     from clipkd.teachers import load_clip

@@ -32,23 +32,36 @@ _API: dict[str, str] = {
     # data
     "PreprocessConfig": ".data.preprocess", "LabelledImages": ".data.folders", "load_labelled": ".data.datasets",
     "Split": ".data.splits", "load_split": ".data.splits", "WorldConfig": ".data.synth", "synthesize": ".data.synth",
-    "encode_dataset": ".data.encode", "iter_encoded": ".data.encode",
+    "encode_dataset": ".data.encode", "iter_encoded": ".data.encode", "ImageSource": ".data.sources",
+    "open_source": ".data.sources", "read_image_list": ".data.datasets", "write_image_list": ".data.datasets",
+    "write_xlsa17": ".data.datasets", "write_coop_split": ".data.datasets", "DigitsConfig": ".data.digits",
+    "make_digits_world": ".data.digits", "download": ".data.download", "load_rgb": ".data.loader",
     # teachers and trainable CLIPs
     "ClipModel": ".teachers", "load_teacher": ".teachers", "load_clip": ".teachers",
     # prompts and text embeddings
     "build_prompts": ".prompts", "load_templates": ".prompts", "load_classnames": ".prompts",
-    "embed_prompts": ".prompts", "embed_text": ".prompts", "TextEmbeddings": ".prompts",
+    "embed_prompts": ".prompts", "embed_text": ".prompts", "TextEmbeddings": ".prompts", "write_prompts": ".prompts",
+    "import_seed_text": ".prompts",
     # the embedding store
-    "EmbeddingStore": ".store", "embed_images": ".store",
+    "EmbeddingStore": ".store", "embed_images": ".store", "import_npy_folder": ".store", "export_npy_folder": ".store",
     # students and training
     "Student": ".students.model", "StudentConfig": ".students.model", "load_student": ".students.model",
+    "convert_weights": ".students.model", "model_spec": ".training.clip_train",
     "TrainConfig": ".training.distill", "TrainResult": ".training.distill", "distill": ".training.distill",
     "train_supervised": ".training.distill", "ClipTrainConfig": ".training.clip_train",
     "clip_train": ".training.clip_train", "TrainerSettings": ".training.trainer",
     # evaluation
     "evaluate": ".evaluation.zeroshot", "EvalResult": ".evaluation.zeroshot", "predict": ".evaluation.zeroshot",
     "Prediction": ".evaluation.zeroshot", "evaluate_retrieval": ".evaluation.retrieval",
-    "RetrievalResult": ".evaluation.retrieval",
+    "RetrievalResult": ".evaluation.retrieval", "predict_video": ".evaluation.zeroshot",
+    "plot_search_grid": ".evaluation.plots",
+    # the model layer: every kind of model behind one pair of loaders
+    "ImageModel": ".models", "load_image_model": ".models", "load_text_model": ".models", "with_text": ".models",
+    # export, search and serving
+    "export_model": ".export.onnx", "ExportResult": ".export.onnx", "SearchIndex": ".search.index",
+    "build_index": ".search.index", "add_to_index": ".search.index", "remove_from_index": ".search.index",
+    "select_images": ".search.select", "serve": ".search.service",
+    "check_out_dir": ".fileio",
     "run_demo": ".demo",
 }
 

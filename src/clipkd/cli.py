@@ -533,17 +533,10 @@ def _embed_text(a: argparse.Namespace) -> None:
 def _embed_images(a: argparse.Namespace) -> None:
     from .fileio import check_out_dir
     from .store import embed_images
-    from .teachers import load_teacher
 
-    check_out_dir(a.out, "embedding store")  # before loading the teacher
-    from .data.tars import expand_shards, is_tar_source
-
-    if is_tar_source(a.images):
-        expand_shards(a.images)  # every shard there
-    elif not Path(a.images).exists():
-        raise ClipkdError(f"images not found: {a.images} (a folder, an image list, or WebDataset shards)")
-    store = embed_images(load_teacher(a.teacher, a.device, a.precision or "auto"), a.images, a.out,
-                         batch_size=a.batch_size, workers=a.workers, shard_size=a.shard_size, compile=a.compile)
+    check_out_dir(a.out, "embedding store")  # before loading the teacher (which loads once the images are found)
+    store = embed_images(a.teacher, a.images, a.out, batch_size=a.batch_size, workers=a.workers,
+                         shard_size=a.shard_size, compile=a.compile, device=a.device, precision=a.precision or "auto")
     m = store.manifest
     print(f"store {a.out}: {m['count']} embeddings in {len(m['shards'])} shard(s), {m['skipped_count']} file(s) "
           "skipped")
@@ -640,7 +633,7 @@ def _export(a: argparse.Namespace) -> None:
 
 @command("dataset")
 def _dataset(a: argparse.Namespace) -> None:
-    from .data import datasets
+    from .data.datasets import write_coop_split, write_xlsa17
 
     if a.dataset == "digits":
         from .data.digits import DigitsConfig, make_digits_world
@@ -648,10 +641,10 @@ def _dataset(a: argparse.Namespace) -> None:
         cfg = DigitsConfig(kind=a.kind, image_size=a.image_size, unseen=a.unseen, seed=a.seed)
         print(f"{a.kind} world in {make_digits_world(a.out, cfg)}")
     elif a.dataset == "xlsa17":
-        counts = datasets.write_xlsa17(a.splits, a.images, a.out)
+        counts = write_xlsa17(a.splits, a.images, a.out)
         print(f"{a.out}: " + ", ".join(f"{k}.csv {v} images" for k, v in counts.items()) + ", split.json")
     else:
-        split = datasets.write_coop_split(a.images, a.out)
+        split = write_coop_split(a.images, a.out)
         print(f"{len(split.seen)} base (seen) and {len(split.unseen)} new (unseen) classes -> {a.out}")
 
 
@@ -725,6 +718,28 @@ class _Format(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
         return msg if record.levelno < logging.WARNING else f"clipkd: {record.levelname.lower()}: {msg}"
+
+
+def cli_reference(width: int = 100) -> str:
+    """``docs/cli.md``: every command's ``--help`` (sub-commands included), at a fixed width, generated from the
+    parser so that it cannot drift from it (a test compares the file with this)."""
+    import argparse as ap
+
+    def walk(parser: ap.ArgumentParser, path: list[str]) -> list[tuple[list[str], ap.ArgumentParser]]:
+        out = [(path, parser)]
+        for action in parser._actions:
+            if isinstance(action, ap._SubParsersAction):
+                for name, child in action.choices.items():
+                    out += walk(child, [*path, name])
+        return out
+
+    parts = ["# CLI reference\n", "Generated from the parser: `python -c 'from clipkd.cli import cli_reference; "
+             "print(cli_reference(), end=\"\")' > docs/cli.md` (a test fails when this page is stale).\n"]
+    for path, parser in walk(build_parser(), []):
+        parser.formatter_class = lambda prog: ap.HelpFormatter(prog, width=width)
+        parser.prog = " ".join(["clipkd", *path])
+        parts.append(f"## `{parser.prog}`\n\n```text\n{parser.format_help().rstrip()}\n```\n")
+    return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

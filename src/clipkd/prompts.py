@@ -175,14 +175,9 @@ def embed_text(teacher: Any, prompts: str | Path | dict[str, list[str]] | None =
         prompts = build_prompts(load_classnames(classes), load_templates(templates))
     elif not isinstance(prompts, dict):
         prompts = read_prompts(prompts)
-    if isinstance(teacher, (str, Path)) and str(teacher).endswith(".onnx"):  # an exported text tower
-        from .students.onnx import OnnxTextTower
+    from .teachers import load_text_model
 
-        teacher = OnnxTextTower(teacher, device)
-    elif isinstance(teacher, str):
-        from .teachers import load_teacher
-
-        teacher = load_teacher(teacher, device, precision)
+    teacher = load_text_model(teacher, device, precision)  # a spec, a clip-train run, an exported text tower
     teacher.require_text("class text embeddings")
     return embed_prompts(teacher, prompts)
 

@@ -404,30 +404,29 @@ def embed_images(
     progress: bool = True,
     max_images: int | None = None,
     compile: bool = False,
+    device: str | None = "auto",
+    precision: str = "auto",
 ) -> EmbeddingStore:
-    """Embed every image under ``images`` (a folder, or a ``path,label`` list) into the store at ``out`` (resuming).
+    """Embed every image of ``images`` (a folder, a ``path,label`` list, WebDataset shards or a Chinese-CLIP TSV:
+    :func:`~clipkd.data.sources.open_source`) into the store at ``out`` (resuming).
 
     Images already in a finished shard (or recorded as skipped) are not recomputed; files that
     cannot be decoded are skipped and listed in the manifest. ``max_images`` stops after that
     many new images (used to test resumption). ``compile`` runs the image tower through
     ``torch.compile`` (checked against eager on the first batch; off by default: on a 2-core CPU it
-    measured between -6 % and +3 % end to end, see benchmarks/bench_embed.py).
+    measured between -6 % and +3 % end to end, see benchmarks/bench_embed.py). ``teacher``: a loaded model, or a
+    spec / ``clip-train`` run folder loaded on ``device`` once the images are found.
     """
-    from .data.tars import is_tar_source, read_shards
+    from .data.sources import open_source
 
-    if is_tar_source(images):  # WebDataset shards: rows keyed <shard>/<sample key>; each rank reads its own shards
-        samples = read_shards(images)
-        return embed_paths(teacher, samples.root, samples.keys, out, batch_size, workers, shard_size, progress,
-                           max_images, compile, group=samples.shard_of)
-    images, out = Path(images), Path(out)
-    if images.is_file():  # a path,label list (e.g. from `clipkd dataset xlsa17`): its paths key the store
-        from .data.datasets import read_image_list
+    src = open_source(images)  # shards: rows keyed <shard>/<sample key>, each rank reading its own shards
+    if isinstance(teacher, (str, Path)):
+        from .teachers import load_teacher
 
-        listed = read_image_list(images)
-        images, files = listed.root, list(dict.fromkeys(listed.paths))
-    else:
-        files = list_images(images)
-    return embed_paths(teacher, images, files, out, batch_size, workers, shard_size, progress, max_images, compile)
+        teacher = load_teacher(teacher, device, precision)
+    keys = list(dict.fromkeys(src.keys)) if src.kind == "list" else src.keys  # a list's paths key the store
+    return embed_paths(teacher, src.root, keys, out, batch_size, workers, shard_size, progress, max_images, compile,
+                       opener=src.opener, group=src.group)
 
 
 def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path, batch_size: int = 64,

@@ -18,15 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.captions import CaptionSource, load_caption_source
 from ..data.encode import encode_dataset
-from ..data.folders import list_images
 from ..data.loader import ImageDataset, load_rgb
-from ..data.tars import is_tar_source, read_shards
+from ..data.sources import open_source
 from ..errors import ClipkdError
-from ..fileio import read_json, write_json
+from ..fileio import write_json
+from ..teachers import resolve_model  # noqa: F401 - its old home; the model layer's now
 
 KS = (1, 5, 10)
 log = logging.getLogger(__name__)
@@ -127,38 +126,6 @@ def labels_from_paths(paths: Sequence[str]) -> tuple[list[int], list[str]] | Non
     return [pos[f] for f in first], names
 
 
-def resolve_model(model: str | Path) -> str:
-    """A model spec, or a ``clip-train`` run folder (its ``run.json`` names the spec of the trained model)."""
-    p = Path(model)
-    if p.is_dir():
-        if not (p / "run.json").is_file():
-            raise ClipkdError(f"{p} is not a clip-train run folder (no run.json)")
-        info = read_json(p / "run.json", "clip-train run")
-        spec = info.get("spec") or info.get("teacher_spec")  # teacher_spec: run folders of clipkd 0.1
-        if not spec:
-            raise ClipkdError(f"{p / 'run.json'} names no model spec")
-        return spec
-    return str(model)
-
-
-class _ImageModel:
-    """A student (``student.pt``, run folder or exported ``.onnx``) with the image half of the teacher interface."""
-
-    def __init__(self, model: str | Path, device: str) -> None:
-        from ..students.model import load_student, student_transform
-        from ..teachers.base import resolve_device
-
-        self.device = resolve_device(device)
-        self.student = load_student(model).to(self.device)
-        if self.student.cfg.kind != "embedding":
-            raise ClipkdError(f"{model} is a classifier (the supervised baseline); retrieval needs embeddings")
-        self.preprocess = student_transform(self.student.cfg)
-
-    @torch.no_grad()
-    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.student(x.to(self.device)).float(), dim=-1).cpu()
-
-
 def evaluate_retrieval(
     model: str | Path,
     images: str | Path,
@@ -178,29 +145,24 @@ def evaluate_retrieval(
     product ids). ``grid``: a PNG of a few queries and their top-10 results. ``out``: write the result
     JSON there, and the grid beside it (same name, ``.png``) unless ``grid`` names another file.
     """
-    from ..students.model import is_student
+    from ..models import load_image_model
 
-    if is_student(model):  # a distilled student or an exported image tower (.onnx): image→image only
-        if captions is not None:
-            raise ClipkdError(f"{model} is an image model without a text tower: text↔image recall needs a CLIP; "
-                              "drop --captions for image→image metrics")
-        spec, clip = str(model), _ImageModel(model, device)
-    else:
-        from ..teachers import load_teacher
-
-        spec = resolve_model(model)
-        clip = load_teacher(spec, device=device)
+    clip = load_image_model(model, device)
+    if clip.kind == "classifier":
+        raise ClipkdError(f"{model} is a classifier (the supervised baseline); retrieval needs embeddings")
+    if captions is not None and not clip.has_text:  # a distilled student or an exported image tower
+        raise ClipkdError(f"{model} is an image model without a text tower: text↔image recall needs a CLIP; "
+                          "drop --captions for image→image metrics")
+    spec = clip.spec
     if captions is not None:
         source = load_caption_source(images, captions)
-    elif is_tar_source(images):  # WebDataset shards: image→image over their labels
-        samples = read_shards(images)
-        source = CaptionSource(samples.root, {k: [] for k in samples.keys},
-                               labels={k: str(v) for k, v in samples.labels.items()})
-    else:
-        root = Path(images)
-        if not root.is_dir():
-            raise ClipkdError(f"image folder not found: {root}")
-        source = CaptionSource(root, {p: [] for p in list_images(root)})
+    else:  # image→image over the labels the source carries (a folder's: the first folder of each path)
+        src = open_source(images)
+        if src.kind == "tsv":
+            raise ClipkdError(f"{images} is a Chinese-CLIP TSV: its images carry no labels for image→image metrics; "
+                              "give its texts with --captions for text↔image recall")
+        source = CaptionSource(src.root, {k: [] for k in src.keys},
+                               labels=src.label_of() if src.kind != "folder" else None)
     dataset = ImageDataset(source.root, sorted(source.pairs), clip.preprocess, opener=source.opener)
     enc = encode_dataset(clip.encode_image, dataset, batch_size, workers, progress, desc="embed images")
     emb, skipped = enc.outputs, enc.skipped

@@ -18,7 +18,6 @@ from ..data.loader import ImageDataset, load_rgb
 from ..data.splits import load_split
 from ..errors import ClipkdError
 from ..prompts import TextEmbeddings, build_prompts, embed_prompts, load_templates
-from ..teachers.base import resolve_device
 from . import metrics
 
 
@@ -102,62 +101,55 @@ def load_scorer(model: str, classnames: Sequence[str] | None = None, text: str |
     ``text`` embeds ``classnames`` with ``templates`` itself); classifier students use their head.
     Scores cover ``classnames`` (default: those of ``text``).
     """
+    from ..models import is_student, load_image_model
+
     text_emb = TextEmbeddings.load(text) if text else None
-    dev = resolve_device(device)
-    student = None
-    from ..students.model import is_student
-
-    if is_student(model):
-        from ..students.model import load_student, student_transform
-
-        student = load_student(model).to(dev)
+    if classnames is None and text_emb is None and not is_student(model):  # before the teacher loads
+        raise ClipkdError("need --text (class text embeddings) or class names (--classes)")
+    m = load_image_model(model, device, precision)
+    dev = m.device
     if classnames is None:
         if text_emb is not None:
             classnames = text_emb.classnames
-        elif student is not None and student.cfg.kind == "classifier":
-            classnames = student.cfg.classnames
+        elif m.kind == "classifier":
+            classnames = m.classnames
         else:
             raise ClipkdError("need --text (class text embeddings) or class names (--classes)")
     classnames = list(classnames)
-    if student is not None:
-        cfg = student.cfg
-        preprocess = student_transform(cfg)
-        if cfg.kind == "classifier":
-            pos = {c: i for i, c in enumerate(classnames)}
-            extra = [c for c in cfg.classnames if c not in pos]
-            if extra:
-                raise ClipkdError(f"classifier classes {extra[:5]} are not among the evaluated classes")
-            cols = torch.tensor([pos[c] for c in cfg.classnames], device=dev)
+    if m.kind == "classifier":
+        pos = {c: i for i, c in enumerate(classnames)}
+        extra = [c for c in m.classnames if c not in pos]
+        if extra:
+            raise ClipkdError(f"classifier classes {extra[:5]} are not among the evaluated classes")
+        cols = torch.tensor([pos[c] for c in m.classnames], device=dev)
 
-            def forward(x: torch.Tensor) -> torch.Tensor:
-                logits = student(x).float()
-                full = logits.new_full((len(x), len(classnames)), float("-inf"))
-                return full.index_copy_(1, cols, logits)
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            logits = m.forward(x).float()
+            full = logits.new_full((len(x), len(classnames)), float("-inf"))
+            return full.index_copy_(1, cols, logits)
 
-            return Scorer(str(model), classnames, preprocess, dev, forward, 1.0)
+        return Scorer(str(model), classnames, m.preprocess, dev, forward, 1.0)
+    if m.kind == "student":
         if text_emb is None:
             raise ClipkdError(f"student {model} classifies through text embeddings: pass --text "
                               "(made by `clipkd embed-text` with its teacher)")
-        if text_emb.teacher != cfg.teacher:
-            raise ClipkdError(f"student {model} was distilled from '{cfg.teacher}' but the text embeddings "
+        if text_emb.teacher != m.space:
+            raise ClipkdError(f"student {model} was distilled from '{m.space}' but the text embeddings "
                               f"{text} come from '{text_emb.teacher}'")
-        if text_emb.embeddings.shape[1] != cfg.out_dim:
-            raise ClipkdError(f"student embedding size {cfg.out_dim} != text embedding size "
+        if text_emb.embeddings.shape[1] != m.embed_dim:
+            raise ClipkdError(f"student embedding size {m.embed_dim} != text embedding size "
                               f"{text_emb.embeddings.shape[1]}")
-        encode = lambda x: F.normalize(student(x).float(), dim=-1)  # noqa: E731
+        encode = lambda x: F.normalize(m.forward(x).float(), dim=-1)  # noqa: E731
         temperature = text_emb.logit_scale
-    else:
-        from ..teachers import load_teacher
-        from .retrieval import resolve_model
-
-        teacher = load_teacher(resolve_model(model), device=str(dev), precision=precision)  # a spec or clip-train run
+    else:  # a teacher spec or a clip-train run
+        teacher = m.clip
         if text_emb is None:
             text_emb = embed_prompts(teacher, build_prompts(classnames, load_templates(templates)))
         elif text_emb.teacher != teacher.identity:
             raise ClipkdError(f"text embeddings {text} come from '{text_emb.teacher}', not from '{teacher.identity}'")
-        preprocess, encode, temperature = teacher.preprocess, teacher.encode_image, teacher.logit_scale
+        encode, temperature = teacher.encode_image, teacher.logit_scale
     weights = torch.from_numpy(text_emb.select(classnames).embeddings).to(dev)
-    return Scorer(str(model), classnames, preprocess, dev, lambda x: encode(x) @ weights.T, temperature)
+    return Scorer(str(model), classnames, m.preprocess, dev, lambda x: encode(x) @ weights.T, temperature)
 
 
 def score_folder(scorer: Scorer, data: LabelledImages, batch_size: int = 128, workers: int | None = None,

@@ -88,15 +88,13 @@ SAMPLE_TEXTS = ("a photo of a dog.", "a photo of a red circle.", "a blurry photo
 
 def _text_source(model: str | Path) -> tuple[nn.Module, dict[str, Any], Any]:
     """A CLIP's text tower, its metadata, and its tokenizer."""
-    from ..evaluation.retrieval import resolve_model
-    from ..students.model import is_student
-    from ..teachers import load_teacher
+    from ..models import is_student, load_image_model
 
     if is_student(model):
         raise ClipkdError(f"{model} is a distilled student: it has no text tower; export its teacher's with "
                           "--tower text (a student's space is its teacher's)")
     try:
-        clip = load_teacher(resolve_model(model), device="cpu", precision="fp32")
+        clip = load_image_model(model, device="cpu", precision="fp32").clip
     except ClipkdError as e:
         raise ClipkdError(f"cannot export '{model}': not a clip-train run or teacher spec ({e})") from None
     clip.require_text("a text tower to export")
@@ -113,27 +111,26 @@ def _text_source(model: str | Path) -> tuple[nn.Module, dict[str, Any], Any]:
 
 def _source(model: str | Path) -> tuple[nn.Module, dict[str, Any], Any]:
     """The PyTorch module to export, its metadata, and its image transform."""
-    from ..students.model import is_student, load_student, student_transform
+    from ..models import is_student, load_image_model
 
-    if is_student(model):
-        if Path(model).suffix == ".onnx":
-            raise ClipkdError(f"{model} is already an ONNX export; export the student.pt it came from")
-        student = load_student(model).float().eval()
-        cfg = student.cfg
-        meta = student_metadata(cfg, str(Path(model).resolve()))
+    if is_student(model) and Path(model).suffix == ".onnx":
+        raise ClipkdError(f"{model} is already an ONNX export; export the student.pt it came from")
+    try:
+        m = load_image_model(model, device="cpu", precision="fp32")
+    except ClipkdError as e:
+        if is_student(model):
+            raise
+        raise ClipkdError(f"cannot export '{model}': not a clipkd student, clip-train run or teacher spec ({e})") \
+            from None
+    if m.student is not None:
+        student = m.student.float().eval()
+        meta = student_metadata(student.cfg, str(Path(model).resolve()))
         from ..students.sparsity import PATTERN, sparsity_report
 
         if sparsity_report(student)["two_four"]:
             meta["sparsity"] = PATTERN  # TensorRT builds such a model with its sparse tactics
-        return student, meta, student_transform(cfg)
-    from ..evaluation.retrieval import resolve_model
-    from ..teachers import load_teacher
-
-    try:
-        clip = load_teacher(resolve_model(model), device="cpu", precision="fp32")
-    except ClipkdError as e:
-        raise ClipkdError(f"cannot export '{model}': not a clipkd student, clip-train run or teacher spec ({e})") \
-            from None
+        return student, meta, m.preprocess
+    clip = m.clip
     tower = _ImageTower(clip).eval()
     meta = {"kind": "embedding", "arch": clip.identity.split("@")[0], "out_dim": clip.embed_dim,
             "teacher": clip.identity, "classnames": [], "preprocess": clip.preprocess_cfg.to_dict(),
@@ -142,20 +139,15 @@ def _source(model: str | Path) -> tuple[nn.Module, dict[str, Any], Any]:
 
 
 def sample_images(images: str | Path, limit: int) -> list[Path]:
-    """Up to ``limit`` image files from a folder (any layout) or an image list, in a fixed order."""
-    from ..data.datasets import read_image_list
-    from ..data.folders import list_images
+    """Up to ``limit`` images of a folder (any layout), an image list or WebDataset shards, in a fixed order."""
+    from ..data.sources import open_source
 
-    p = Path(images)
-    if p.is_file():
-        listed = read_image_list(p)
-        files = [listed.root / f for f in listed.paths]
-    elif p.is_dir():
-        files = [p / f for f in list_images(p)]
-    else:
-        raise ClipkdError(f"sample images not found: {p}")
-    if not files:
-        raise ClipkdError(f"no images under {p}")
+    src = open_source(images, "sample images")
+    if src.kind == "tsv":
+        raise ClipkdError(f"sample images must be files or shard samples, not rows of a Chinese-CLIP TSV ({images})")
+    if not src.keys:
+        raise ClipkdError(f"no images under {images}")
+    files = [src.root / k for k in src.keys]
     step = max(1, len(files) // limit)
     return files[::step][:limit]
 

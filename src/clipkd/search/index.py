@@ -27,8 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.datasets import read_image_list
-from ..data.folders import clean_classname, list_images
 from ..data.loader import load_rgb
 from ..distributed import barrier, ranks
 from ..errors import ClipkdError
@@ -76,36 +74,18 @@ class TsvOpener:
 
 def read_source(images: str | Path) -> Source:
     """A folder (class sub-folders give labels), a ``path,label`` image list, a Chinese-CLIP ``*_imgs.tsv``, or
-    WebDataset shards (labels: the samples' ``.cls``/``.json``)."""
-    from ..data.tars import is_tar_source, read_shards
+    WebDataset shards (labels: the samples' ``.cls``/``.json``), keyed by absolute path."""
+    from ..data.sources import open_source
 
-    if is_tar_source(images):
-        samples = read_shards(images)
-        paths = [str(samples.root / k) for k in samples.keys]
-        return Source(paths, {str(samples.root / k): str(v) for k, v in samples.labels.items()})
-    images = Path(images)
-    if images.suffix.lower() == ".tsv" and images.is_file() and not _has_header(images):
-        from ..data.captions import TsvImages
-
-        tsv = TsvImages(images)
-        root = str(images.resolve())
-        return Source([f"{root}#{i}" for i in tsv.offsets], {}, TsvOpener())
-    if images.is_file():
-        listed = read_image_list(images)
-        paths = [str((listed.root / p).resolve()) for p in listed.paths]
-        return Source(paths, {p: listed.classnames[y] for p, y in zip(paths, listed.labels, strict=True)})
-    rel = list_images(images)
-    root = images.resolve()
-    paths = [str(root / r) for r in rel]
-    labels = {p: clean_classname(r.split("/", 1)[0]) for p, r in zip(paths, rel, strict=True) if "/" in r}
-    return Source(paths, labels)
-
-
-def _has_header(path: Path) -> bool:
-    """An image list (``path<TAB>label`` header) rather than a Chinese-CLIP TSV (``id<TAB>base64`` rows)."""
-    with path.open("rb") as f:
-        first = f.readline(4096)
-    return first.split(b"\t")[0].strip().lower() == b"path"
+    src = open_source(images)
+    if src.kind == "tsv":
+        root = str((src.root / Path(images).name).resolve())
+        return Source([f"{root}#{i}" for i in src.keys], {}, TsvOpener())
+    root = src.root.resolve()
+    # a list's paths may climb out of its folder: each is resolved; folders and shards are keyed under their root
+    paths = [str((root / k).resolve()) if src.kind == "list" else str(root / k) for k in src.keys]
+    labels = src.labels or [None] * len(paths)
+    return Source(paths, {p: lab for p, lab in zip(paths, labels, strict=True) if lab is not None})
 
 
 def is_tsv_key(path: str) -> bool:

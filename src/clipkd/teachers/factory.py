@@ -7,6 +7,8 @@ gradients) and :func:`load_clip` a CLIP ready to be trained by ``clip-train``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from ..errors import ClipkdError
 from ..registry import Registry
@@ -61,16 +63,53 @@ def _build(spec: str, device: str | None, precision: str) -> ClipModel:
     return BACKENDS.get(backend)(rest, dev, resolve_precision(precision, dev))
 
 
-def load_teacher(spec: str, device: str | None = "auto", precision: str = "auto") -> ClipModel:
-    """A frozen CLIP encoder from a spec such as ``open_clip:ViT-B-32@laion2b_s34b_b79k`` (eval mode, no grads).
+def resolve_model(model: str | Path) -> str:
+    """A model spec, or a ``clip-train`` run folder (its ``run.json`` names the spec of the trained model)."""
+    from ..fileio import read_json
+
+    p = Path(model)
+    if p.is_dir():
+        if not (p / "run.json").is_file():
+            raise ClipkdError(f"{p} is not a clip-train run folder (no run.json)")
+        info = read_json(p / "run.json", "clip-train run")
+        spec = info.get("spec") or info.get("teacher_spec")  # teacher_spec: run folders of clipkd 0.1
+        if not spec:
+            raise ClipkdError(f"{p / 'run.json'} names no model spec")
+        return spec
+    return str(model)
+
+
+def load_teacher(spec: str | Path, device: str | None = "auto", precision: str = "auto") -> ClipModel:
+    """A frozen CLIP encoder from a spec such as ``open_clip:ViT-B-32@laion2b_s34b_b79k`` or a ``clip-train`` run
+    folder (eval mode, no grads).
 
     ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...; ``precision``: ``auto`` (fp16 on GPU,
     fp32 on CPU), ``fp32``, ``fp16`` or ``bf16`` (GPU autocast only). A spec that names no weights is
     refused (:func:`check_teacher_spec`); ``@random`` asks for random weights explicitly.
     """
+    spec = resolve_model(spec)
     check_teacher_spec(spec)
     model = _build(spec, device, precision)
     model.model.eval().requires_grad_(False)
+    return model
+
+
+def load_text_model(model: Any, device: str | None = "auto", precision: str = "auto") -> Any:
+    """Whatever clipkd can embed text with: a teacher spec, a ``clip-train`` run folder, an exported text tower
+    (``.onnx``, run by ONNX Runtime), or an already loaded model (returned as it is). The result has
+    ``identity``, ``logit_scale``, ``require_text`` and ``encode_text``; a model without a text tower is refused."""
+    if isinstance(model, (str, Path)):
+        p = Path(model)
+        if p.suffix == ".onnx":
+            from .onnx_text import OnnxTextTower
+
+            model = OnnxTextTower(p, device)
+        elif (p.is_file() and p.suffix in (".pt", ".pth")) or (p.is_dir() and (p / "student.pt").is_file()):
+            raise ClipkdError(f"{model} is a distilled student: it has no text tower; use its teacher for text "
+                              "(a student lives in its teacher's space)")
+        else:
+            model = load_teacher(model, device, precision)
+    model.require_text("text embeddings")
     return model
 
 

@@ -19,7 +19,7 @@ from ..students.losses import kd_needs_text
 from .distill import TrainResult
 from .modules import ClipModule
 from .runs import check_run, claim_run, run_recipe
-from .trainer import TrainerSettings, check_train_config, fit, skipped_images
+from .trainer import TrainerSettings, check_train_config, fit, seed_all, skipped_images
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def clip_train(
                         val_images=val_images, val_captions=val_captions)
     check_run(out, recipe, overwrite)
     source = load_caption_source(images, captions)
-    torch.manual_seed(cfg.seed)
+    seed_all(cfg.seed)
     student = load_clip(cfg.model)
     student.require_text("a contrastive loss")
     check_tokenizer_reads(student, source.captions(), "student model")

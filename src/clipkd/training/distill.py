@@ -27,7 +27,7 @@ from ..students.losses import EMBEDDING_LOSSES, check_terms, term_needs
 from ..students.model import StudentConfig, augment_ops, check_student_arch, save_student, student_transform
 from .modules import StudentModule
 from .runs import check_run, claim_run, run_recipe
-from .trainer import TrainerSettings, check_logger, check_train_config, fit, skipped_images
+from .trainer import TrainerSettings, check_logger, check_train_config, fit, seed_all, skipped_images
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +102,10 @@ def _seen_images(images: str | Path, split_path: str | Path | None) -> tuple[Lab
 def load_labelled_or_plain(images: str | Path) -> LabelledImages:
     """An unlabelled pool: a folder of images (any layout), an image list or WebDataset shards; labels are
     ignored."""
-    from ..data.folders import list_images
-    from ..data.tars import is_tar_source, read_shards
+    from ..data.sources import open_source
 
-    if is_tar_source(images):
-        samples = read_shards(images)
-        return LabelledImages(samples.root, samples.keys, [], [])
-    p = Path(images)
-    if p.is_file():
-        return load_labelled(p)
-    return LabelledImages(p, list_images(p), [], [])
+    src = open_source(images, "pool images")
+    return LabelledImages(src.root, src.keys, [], [])
 
 
 def _label_map(classnames: list[str], trained: list[str]) -> torch.Tensor:
@@ -305,7 +299,7 @@ def distill(
                         vocab=vocab, extra_images=extra_images, extra_store=extra_store)
     check_run(out, recipe, overwrite)
     data, seen = _seen_images(images, split)
-    torch.manual_seed(cfg.seed)
+    seed_all(cfg.seed)
 
     text_emb = TextEmbeddings.load(text) if text else None
     if needs & {"text", "vocab"} and text_emb is None:
@@ -435,7 +429,7 @@ def train_supervised(
     check_run(out, recipe, overwrite)
     data, seen = _seen_images(images, split)
     check_init_and_sparsity(cfg, cfg.student, len(seen), "classifier")
-    torch.manual_seed(cfg.seed)
+    seed_all(cfg.seed)
     scfg = StudentConfig(arch=cfg.student, out_dim=len(seen), kind="classifier",
                          image_size=cfg.image_size or 224, classnames=seen, pretrained=cfg.pretrained)
     module = StudentModule(scfg, _label_map(data.classnames, seen), lr=cfg.lr, weight_decay=cfg.weight_decay,

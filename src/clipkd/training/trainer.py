@@ -43,6 +43,15 @@ class TrainerSettings(Recipe):
     logger: str = "csv"
 
 
+def seed_all(seed: int) -> None:
+    """Seed torch's and Python's generators: a run with ``workers=0`` draws its captions (``random.choice``) in this
+    process, where Python's generator would otherwise be seeded from the clock (DataLoader workers seed their own)."""
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def check_logger(name: str) -> None:
     """Refuse an unknown logger, or one whose package is not installed, before any work starts."""
     if name not in LOGGERS:

@@ -1,0 +1,151 @@
+"""One model layer: every kind of model clipkd embeds images or text with, behind one pair of loaders.
+
+``load_image_model(x)`` takes a teacher spec (``open_clip:...``), a ``clip-train`` run folder, a distilled student
+(run folder, ``student.pt``) or an exported image tower (``.onnx``) and returns an :class:`ImageModel`: identity,
+embedding size, preprocessing, ``encode_image``. ``load_text_model(x)`` takes a spec, a run folder or an exported
+text tower and returns a text model (``identity``, ``logit_scale``, ``encode_text``). Evaluation, prediction, the
+search index and service, export and ``embed-text`` all load through here, so a new kind of model is one branch in
+this file (a new CLIP backend is one module in ``teachers/``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .data.preprocess import PreprocessConfig
+from .errors import ClipkdError
+from .teachers import load_teacher, load_text_model, resolve_device, resolve_model
+
+__all__ = ["ImageEncoder", "ImageModel", "TextEncoder", "is_student", "load_image_model", "load_text_model",
+           "resolve_model", "with_text"]
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """What every image model offers: its identity, embedding size, preprocessing and a batch encoder."""
+
+    identity: str
+    embed_dim: int
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    preprocess_cfg: PreprocessConfig
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """What every text model offers (a CLIP teacher, a fine-tuned CLIP, an exported text tower)."""
+
+    identity: str
+    logit_scale: float
+
+    def require_text(self, why: str = ...) -> None: ...
+
+    def encode_text(self, texts: Sequence[str], batch_size: int = ...) -> torch.Tensor: ...
+
+
+def is_student(model: str | Path) -> bool:
+    """A student run folder, ``student.pt`` or an exported ``.onnx`` image tower (anything else: a CLIP spec or a
+    ``clip-train`` run)."""
+    from .students.model import is_student as _is_student
+
+    return _is_student(model)
+
+
+@dataclass
+class ImageModel:
+    """Images → unit vectors (or, for a classifier student, logits), with the identity that names them.
+
+    ``kind``: ``clip`` (a teacher or fine-tuned CLIP: ``clip`` is set and is also its text tower), ``student``
+    (an embedding student in its teacher's space: ``space`` is that teacher's identity) or ``classifier`` (the
+    supervised baseline: ``classnames`` are its outputs). ``student`` / ``clip``: the loaded network, for the
+    consumers that need more than ``encode_image`` (export, a classifier's head).
+    """
+
+    identity: str
+    embed_dim: int
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    preprocess_cfg: PreprocessConfig
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
+    kind: str = "clip"  # clip | student | classifier
+    space: str = ""  # the identity of the embedding space (a student's teacher; a CLIP's own identity)
+    source: str = ""  # what the user named
+    spec: str = ""  # what loads it again: a CLIP's spec (a clip-train run's, resolved), a student's path
+    text: Any = None  # a text model in the same space (None: image queries only)
+    student: Any = None
+    clip: Any = None
+    classnames: list[str] = field(default_factory=list)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised fp32 embeddings of a preprocessed batch (on CPU)."""
+        return F.normalize(self.forward(images.to(self.device)).float(), dim=-1).cpu()
+
+    @property
+    def has_text(self) -> bool:
+        return self.text is not None and bool(getattr(self.text, "has_text", True))
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text embeddings in the image space; a one-line error when there is no text tower."""
+        if not self.has_text:
+            hint = (" (a distilled student: pass --text-model with its teacher's spec)" if self.kind == "student"
+                    else "")
+            raise ClipkdError(f"{self.identity} has no text tower for text queries{hint}")
+        return self.text.encode_text(list(texts))
+
+    @property
+    def logit_scale(self) -> float:
+        return float(getattr(self.text, "logit_scale", 100.0))
+
+    def describe(self) -> dict[str, Any]:
+        """What an index records about the model (the store's ``teacher`` field holds the identity)."""
+        return {"teacher": self.identity, "embed_dim": self.embed_dim, "preprocess": self.preprocess_cfg.to_dict()}
+
+
+def _student_model(model: str | Path, dev: torch.device) -> ImageModel:
+    from .students.model import load_student, student_transform
+    from .teachers.base import file_fingerprint
+
+    student = load_student(model).to(dev)
+    cfg = student.cfg
+    pt = Path(model) / "student.pt" if Path(model).is_dir() else Path(model)
+    return ImageModel(f"student:{cfg.arch}@{pt.name}#{file_fingerprint(pt)}", cfg.out_dim, student_transform(cfg),
+                      cfg.preprocess, student, dev, kind="student" if cfg.kind == "embedding" else "classifier",
+                      space=cfg.teacher, source=str(model), spec=str(model), student=student,
+                      classnames=list(cfg.classnames))
+
+
+def load_image_model(model: str | Path, device: str | None = "auto", precision: str = "auto") -> ImageModel:
+    """An :class:`ImageModel` for a teacher spec, a ``clip-train`` run folder, a distilled student (run folder or
+    ``student.pt``) or an exported image tower (``.onnx``). A CLIP brings its own text tower (``.text``)."""
+    dev = resolve_device(device)
+    if is_student(model):
+        return _student_model(model, dev)
+    spec = resolve_model(model)
+    clip = load_teacher(spec, device=str(dev), precision=precision)
+    return ImageModel(clip.identity, clip.embed_dim, clip.preprocess, clip.preprocess_cfg, clip.encode_image, dev,
+                      kind="clip", space=clip.identity, source=str(model), spec=spec,
+                      text=clip if clip.has_text else None, clip=clip)
+
+
+def with_text(image: ImageModel, text_model: Any, device: str | None = "auto", precision: str = "auto") -> ImageModel:
+    """``image`` with ``text_model``'s text tower for text queries: only for a student, and only when the text model
+    is the teacher whose space the student was distilled into."""
+    if text_model is None:
+        return image
+    if image.kind == "clip":
+        raise ClipkdError(f"{image.source} is a CLIP with its own text tower; --text-model is for distilled students")
+    text = load_text_model(text_model, device, precision)
+    if text.identity != image.space:
+        raise ClipkdError(f"--text-model {text_model} is '{text.identity}', but the student was distilled from "
+                          f"'{image.space}': its text would land in another space")
+    image.text = text
+    return image

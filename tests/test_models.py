@@ -1,0 +1,147 @@
+"""The model layer and the image source: every kind of model through one pair of loaders, every input format through
+one opener, and a guard that keeps the dispatch in those two rooms."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clipkd.data.sources import open_source
+from clipkd.errors import ClipkdError
+from clipkd.models import ImageEncoder, TextEncoder, load_image_model, load_text_model, with_text
+from tests.conftest import write_image
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "clipkd"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A saved clipkd-micro CLIP (spec and a clip-train-style run folder), an embedding student of its space and a
+    classifier student (random weights, saved as users' files are), the student exported to ONNX, and the CLIP's
+    text tower exported."""
+    from clipkd.export.onnx import export_model
+    from clipkd.students.model import Student, StudentConfig, save_student
+    from clipkd.teachers import load_clip
+
+    root = tmp_path_factory.mktemp("models")
+    spec = load_clip("open_clip:clipkd-micro").save(root / "clip")
+    run = root / "clip-run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"spec": spec}))
+    torch.manual_seed(0)
+    clip = load_image_model(spec, device="cpu")
+    emb = Student(StudentConfig("resnet10t", clip.embed_dim, image_size=32, teacher=clip.identity))
+    save_student(root / "student" / "student.pt", emb)
+    cls = Student(StudentConfig("resnet10t", 3, kind="classifier", image_size=32, classnames=["a", "b", "c"]))
+    save_student(root / "classifier.pt", cls)
+    imgs = root / "imgs"
+    for i in range(4):
+        write_image(imgs / f"x{i}.png", colour=(60 * i, 20, 200 - 40 * i))
+    onnx = export_model(root / "student", root / "student.onnx", images=imgs, samples=4).path
+    text = export_model(spec, root / "text.onnx", tower="text").path
+    return {"spec": spec, "run": run, "student": root / "student", "pt": root / "student" / "student.pt",
+            "classifier": root / "classifier.pt", "onnx": onnx, "text": text, "imgs": imgs}
+
+
+def test_every_model_kind_loads_as_one_image_encoder(models):
+    x = torch.rand(2, 3, 32, 32)
+    seen = {}
+    for name in ("spec", "run", "student", "pt", "onnx", "classifier"):
+        m = load_image_model(models[name], device="cpu")
+        assert isinstance(m, ImageEncoder)
+        seen[name] = m
+        size = m.preprocess_cfg.side
+        e = m.encode_image(torch.rand(2, 3, size, size) if m.kind == "clip" else x)
+        assert e.shape == (2, m.embed_dim)
+        assert torch.allclose(e.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert seen["spec"].kind == seen["run"].kind == "clip" and seen["spec"].identity == seen["run"].identity
+    assert seen["spec"].has_text and seen["spec"].space == seen["spec"].identity
+    assert seen["student"].kind == seen["pt"].kind == seen["onnx"].kind == "student"
+    assert seen["student"].identity == seen["pt"].identity  # a run folder names its student.pt
+    assert seen["student"].space == seen["onnx"].space == seen["spec"].identity and not seen["student"].has_text
+    assert seen["classifier"].kind == "classifier" and seen["classifier"].classnames == ["a", "b", "c"]
+    # the ONNX student computes what its PyTorch original does
+    a, b = seen["pt"].encode_image(x), seen["onnx"].encode_image(x)
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.999
+
+
+def test_every_text_model_kind_embeds_alike_and_a_student_has_none(models):
+    texts = ["a red circle", "一个绿色的三角形"]
+    embs = []
+    for name in ("spec", "run", "text"):
+        t = load_text_model(models[name], device="cpu")
+        assert isinstance(t, TextEncoder)
+        embs.append(t.encode_text(texts))
+    for e in embs[1:]:
+        assert np.allclose(e.numpy(), embs[0].numpy(), atol=1e-4)
+    for bad in ("student", "pt"):
+        with pytest.raises(ClipkdError, match="is a distilled student: it has no text tower"):
+            load_text_model(models[bad], device="cpu")
+    with pytest.raises(ClipkdError, match="not an exported open_clip text tower"):
+        load_text_model(models["onnx"], device="cpu")
+
+
+def test_a_student_takes_only_its_own_teachers_text(models, tmp_path):
+    from clipkd.teachers import load_clip
+
+    s = with_text(load_image_model(models["onnx"], device="cpu"), models["text"], device="cpu")
+    assert s.has_text and s.encode_text(["a red circle"]).shape == (1, s.embed_dim)
+    other = load_clip("open_clip:clipkd-micro").save(tmp_path / "other")  # another random init: another space
+    with pytest.raises(ClipkdError, match="its text would land in another space"):
+        with_text(load_image_model(models["pt"], device="cpu"), other, device="cpu")
+    with pytest.raises(ClipkdError, match="a CLIP with its own text tower"):
+        with_text(load_image_model(models["spec"], device="cpu"), models["text"], device="cpu")
+
+
+def test_open_source_reads_every_input_format(tmp_path, tiny_world):
+    from clipkd.data.folders import clean_classname
+
+    folder = open_source(tiny_world / "train")
+    assert folder.kind == "folder" and len(folder) > 0 and all("/" in k for k in folder.keys)
+    assert folder.labels == [clean_classname(k.split("/")[0]) for k in folder.keys]
+    rows = [f"{tiny_world / 'train' / k},{lab}" for k, lab in zip(folder.keys[:5], folder.labels, strict=False)]
+    (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    listed = open_source(tmp_path / "list.csv")
+    assert listed.kind == "list" and len(listed) == 5 and listed.labels == folder.labels[:5]
+    assert all((listed.root / k).is_file() for k in listed.keys)
+    import base64
+    import io
+
+    from PIL import Image
+
+    rows = []
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(buf, format="JPEG")
+        rows.append(f"{1000 + i}\t{base64.b64encode(buf.getvalue()).decode()}\n")
+    (tmp_path / "valid_imgs.tsv").write_text("".join(rows))
+    tsv = open_source(tmp_path / "valid_imgs.tsv")
+    assert tsv.kind == "tsv" and tsv.keys == ["1000", "1001", "1002"] and tsv.opener("1002").size == (8, 8)
+    with pytest.raises(ClipkdError, match=r"pool images not found: .*nowhere \(give a folder"):
+        open_source(tmp_path / "nowhere", "pool images")
+
+
+def test_model_dispatch_and_source_resolution_live_in_one_room_each():
+    """Who decides "student or CLIP?" and "folder, list, shards or TSV?": only the model layer, the students and
+    teachers rooms (for the first) and the data room (for the second). A new copy elsewhere fails here."""
+    rules = {
+        r"\bload_student\(": ("models.py", "students/", "training/distill.py"),  # distill: --init from a student
+        r"\bOnnxTextTower\(": ("teachers/",),
+        r"\bis_tar_source\(|\bread_shards\(|\bread_image_list\(|\bis_cnclip_tsv\(": ("data/",),
+        r"\bresolve_model\(": ("teachers/", "models.py"),
+    }
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        text = path.read_text(encoding="utf-8")
+        for pattern, allowed in rules.items():
+            calls = [m for m in re.finditer(pattern, text)
+                     if not text[max(0, m.start() - 4):m.start()].endswith("def ")]
+            if calls and not rel.startswith(allowed):
+                offenders.append(f"{rel}: {pattern}")
+    assert offenders == []
