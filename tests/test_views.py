@@ -145,8 +145,75 @@ def test_distill_from_views_trains_on_stored_views(tiny_world, fake_teacher, tmp
         with pytest.raises(ClipkdError, match=match):
             clipkd.distill(tiny_world / "train", tmp_path / "bad", replace(cfg, **bad), teacher="fake",
                            device="cpu", progress=False)
-    with pytest.raises(ClipkdError, match="needs --teacher"):
-        clipkd.distill(tiny_world / "train", tmp_path / "bad", cfg, store=r.out / "views", device="cpu")
+    # a run's own views folder is a store of views like any other: another student trains from it, teacher-free
+    again = clipkd.distill(tiny_world / "train", tmp_path / "again", replace(cfg, views="auto", epochs=1),
+                           store=r.out / "views", split=tiny_world / "split.json", device="cpu", progress=False)
+    assert json.loads((again.out / "run.json").read_text())["teacher_images"] == 0
+    assert fake_teacher.calls == 3 * n
+
+
+def test_one_store_of_views_feeds_two_students(tiny_world, fake_teacher, tmp_path, monkeypatch, capsys):
+    """embed-images --views K --split: the teacher embeds K views of each seen image once; two students of other
+    architectures train from that store with no teacher, on clipkd's method."""
+    import clipkd
+    import clipkd.teachers
+    from clipkd.cli import main
+
+    monkeypatch.setattr(clipkd.teachers, "load_teacher", lambda spec, *a, **kw: fake_teacher)
+    split = tiny_world / "split.json"
+    assert main(["embed-images", "--teacher", "fake:t@v1", "--images", str(tiny_world / "train"), "--out",
+                 str(tmp_path / "views"), "--views", "3", "--split", str(split), "--workers", "0"]) == 0
+    assert "(3 views of each image)" in capsys.readouterr().out
+    plan = ViewPlan.load(tmp_path / "views" / "views.json")
+    seen = set(clipkd.load_split(split).seen)
+    from clipkd.data.folders import clean_classname
+
+    assert plan.images and all(clean_classname(p.split("/")[0]) in seen for p in plan.images)
+    assert plan.views == 3 and plan.hue_prob == 0.5 and fake_teacher.calls == 3 * len(plan.images)
+    calls = fake_teacher.calls
+    runs = {}
+    for arch in ("resnet10t", "test_resnet"):
+        cfg = clipkd.TrainConfig(student=arch, epochs=1, batch_size=8, workers=0, image_size=16)
+        r = clipkd.distill(tiny_world / "train", tmp_path / arch, cfg, store=tmp_path / "views", split=split,
+                           device="cpu", progress=False)
+        runs[arch] = json.loads((r.out / "run.json").read_text())
+    for run in runs.values():
+        assert run["targets"] == "views" and run["teacher_images"] == 0 and run["views"] == 3 * len(plan.images)
+        assert run["train"]["views"] == 3 and run["train"]["view_hue"] == 0.5 and run["train"]["mix"] == "cutmix"
+    assert fake_teacher.calls == calls  # the students paid nothing for the teacher
+    from dataclasses import replace
+
+    cfg = clipkd.TrainConfig(student="resnet10t", epochs=1, batch_size=8, workers=0, image_size=16)
+    for bad, kw, match in ((dict(views=2), {}, "holds 3 for views"), ({}, {"teacher": "fake"}, "drop --teacher"),
+                           (dict(view_hue=0.0), {}, "holds 0.5 for view_hue")):
+        with pytest.raises(ClipkdError, match=match):
+            clipkd.distill(tiny_world / "train", tmp_path / "bad", replace(cfg, **bad), store=tmp_path / "views",
+                           split=split, device="cpu", progress=False, **kw)
+    with pytest.raises(ClipkdError, match="a split limits the images that get views"):
+        clipkd.embed_images(fake_teacher, tiny_world / "train", tmp_path / "x", split=split)
+
+
+def test_a_view_never_shows_an_image_the_student_must_not_see(tiny_world, fake_teacher, tmp_path):
+    """A store of views over every class (no split at embedding time) feeds a run on the seen classes: views whose
+    CutMix partner is of an unseen class are left out, the rest kept."""
+    import clipkd
+    from clipkd.data.datasets import seen_images
+    from clipkd.training.distill import store_views, view_set
+
+    clipkd.embed_images(fake_teacher, tiny_world / "train", tmp_path / "views", views=4, workers=0, progress=False)
+    plan = store_views(tmp_path / "views")
+    data, seen = seen_images(tiny_world / "train", tiny_world / "split.json")
+    assert len(data.paths) < len(plan.images)  # the store holds unseen-class images too
+    vs = view_set(plan, EmbeddingStore(tmp_path / "views"), list(data.paths), list(data.labels), fake_teacher.identity,
+                  len(data.classnames))
+    allowed, pos = set(data.paths), {p: i for i, p in enumerate(plan.images)}
+    for key in vs.keys:
+        image, _, k = key.rpartition("#view=")
+        assert image in allowed
+        j = plan.partner[pos[image]][int(k)]
+        assert j < 0 or plan.images[j] in allowed, key
+    assert len(data.paths) <= len(vs.keys) < 4 * len(data.paths)  # every image itself; mixed views with unseen left out
+    assert all(len(g) >= 1 for g in vs.groups)
 
 
 def test_label_term_with_views_trains_on_the_views_that_keep_their_class(tiny_world, fake_teacher, tmp_path,

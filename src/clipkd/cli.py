@@ -229,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=_count, default=8192, help="images per shard (default 8192)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the image tower (checked against eager on the first batch)")
+    p.add_argument("--views", type=_count, default=1, help="K > 1: a multi-view store (clipkd's GZSL method for every "
+                   "student trained from it): each image and K-1 flipped / CutMix views of it, each embedded once")
+    p.add_argument("--view-hue", type=_share_or_auto, default="auto", help="share of the views after the first whose "
+                   "hues are rotated (default auto: 0.5 with --views)")
+    p.add_argument("--view-mix", default="cutmix", choices=["cutmix", "mixup", "none"],
+                   help="how a view mixes in its partner image (default cutmix)")
+    p.add_argument("--split", help="split file: only the seen classes' images get views (a view and its partner are "
+                   "both seen)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the views' draw (default 0)")
     _device_flags(p)
 
     p = sub.add_parser("download", help="images from a URL list into WebDataset shards (img2dataset), for --images")
@@ -536,9 +545,12 @@ def _embed_images(a: argparse.Namespace) -> None:
 
     check_out_dir(a.out, "embedding store")  # before loading the teacher (which loads once the images are found)
     store = embed_images(a.teacher, a.images, a.out, batch_size=a.batch_size, workers=a.workers,
-                         shard_size=a.shard_size, compile=a.compile, device=a.device, precision=a.precision or "auto")
+                         shard_size=a.shard_size, compile=a.compile, device=a.device, precision=a.precision or "auto",
+                         views=a.views, view_hue=a.view_hue, view_mix=a.view_mix,
+                         split=a.split, seed=a.seed)
     m = store.manifest
-    print(f"store {a.out}: {m['count']} embeddings in {len(m['shards'])} shard(s), {m['skipped_count']} file(s) "
+    what = f" ({a.views} views of each image)" if a.views > 1 else ""
+    print(f"store {a.out}: {m['count']} embeddings{what} in {len(m['shards'])} shard(s), {m['skipped_count']} file(s) "
           "skipped")
 
 

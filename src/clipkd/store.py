@@ -406,6 +406,11 @@ def embed_images(
     compile: bool = False,
     device: str | None = "auto",
     precision: str = "auto",
+    views: int = 1,
+    view_hue: float | str = "auto",
+    view_mix: str = "cutmix",
+    split: str | Path | None = None,
+    seed: int = 0,
 ) -> EmbeddingStore:
     """Embed every image of ``images`` (a folder, a ``path,label`` list, WebDataset shards or a Chinese-CLIP TSV:
     :func:`~clipkd.data.sources.open_source`) into the store at ``out`` (resuming).
@@ -416,17 +421,50 @@ def embed_images(
     ``torch.compile`` (checked against eager on the first batch; off by default: on a 2-core CPU it
     measured between -6 % and +3 % end to end, see benchmarks/bench_embed.py). ``teacher``: a loaded model, or a
     spec / ``clip-train`` run folder loaded on ``device`` once the images are found.
+
+    ``views`` > 1: a **multi-view store** (clipkd's GZSL method, for every student that trains from it): each image
+    and ``views``-1 views of it — flipped, mixed with a partner image by ``view_mix`` (CutMix by default), a share
+    ``view_hue`` of them recoloured (``auto``: 0.5) — drawn once from ``seed``
+    (:func:`~clipkd.data.views.make_view_plan`) and embedded once. With ``split``, only the seen classes' images get
+    views, so a view and its partner are both of seen classes.
     """
     from .data.sources import open_source
 
     src = open_source(images)  # shards: rows keyed <shard>/<sample key>, each rank reading its own shards
+    if split is not None and views == 1:
+        raise ClipkdError("a split limits the images that get views (views ≥ 2); a plain store embeds every image")
+    plan = _view_plan(src, images, views, view_hue, view_mix, split, seed) if views != 1 else None
     if isinstance(teacher, (str, Path)):
         from .teachers import load_teacher
 
         teacher = load_teacher(teacher, device, precision)
+    if plan is not None:
+        return embed_views(teacher, src.root, plan, out, batch_size, workers, progress, max_images)
     keys = list(dict.fromkeys(src.keys)) if src.kind == "list" else src.keys  # a list's paths key the store
     return embed_paths(teacher, src.root, keys, out, batch_size, workers, shard_size, progress, max_images, compile,
                        opener=src.opener, group=src.group)
+
+
+def _view_plan(src, images, views: int, view_hue: float | str, mix: str, split, seed: int):
+    """The checked plan of a multi-view store, before any teacher loads (errors name the API's fields)."""
+    from .data.views import make_view_plan
+
+    if not isinstance(views, int) or isinstance(views, bool) or views < 1:
+        raise ClipkdError(f"views must be an integer ≥ 1 (1: the images only), got {views!r}")
+    if view_hue == "auto":
+        view_hue = 0.5 if views > 1 else 0.0
+    if isinstance(view_hue, str) or not 0.0 <= float(view_hue) <= 1.0:
+        raise ClipkdError(f"view_hue must be in [0, 1], or auto; got {view_hue!r}")
+    if src.kind == "tsv":
+        raise ClipkdError(f"{images} is a Chinese-CLIP TSV: views are composed from image files or shard samples")
+    if split is not None:
+        from .data.datasets import seen_images
+
+        data, _ = seen_images(images, split)
+        keys = list(dict.fromkeys(data.paths))
+    else:
+        keys = list(dict.fromkeys(src.keys))
+    return make_view_plan(keys, views, mix, flip=True, seed=seed, hue_prob=float(view_hue))
 
 
 def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path, batch_size: int = 64,

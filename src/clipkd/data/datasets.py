@@ -106,6 +106,18 @@ def load_labelled(images: str | Path, root: str | Path | None = None) -> Labelle
     return data
 
 
+def seen_images(images: str | Path, split: str | Path | None) -> tuple[LabelledImages, list[str]]:
+    """The labelled images of ``images`` whose class the ``split`` file marks seen (all of them without a split),
+    and the seen class names."""
+    from .splits import load_split
+
+    data = load_labelled(images)
+    if split is None:
+        return data, list(data.classnames)
+    seen = list(load_split(split, data.classnames, data.aliases, seen_only=True).seen)
+    return data.subset(set(seen)), seen
+
+
 def coop_base_to_new(classnames: Sequence[str]) -> Split:
     """CoOp's base-to-new split: classes in sorted label order, the first ceil(n/2) are base (seen)."""
     ordered = list(classnames)

@@ -12,12 +12,11 @@ import numpy as np
 import torch
 from torchvision import transforms as T
 
-from ..data.datasets import load_labelled
+from ..data.datasets import seen_images
 from ..data.folders import LabelledImages
 from ..data.loader import ImageDataset, make_loader
 from ..data.preprocess import PreprocessConfig
-from ..data.splits import load_split
-from ..data.views import ViewSampler, make_view_plan
+from ..data.views import ViewPlan, ViewSampler, make_view_plan
 from ..distributed import barrier, gather_objects, ranks
 from ..errors import ClipkdError
 from ..fileio import write_json
@@ -90,13 +89,81 @@ class TrainResult:
     best: dict[str, Any] | None = None
 
 
-def _seen_images(images: str | Path, split_path: str | Path | None) -> tuple[LabelledImages, list[str]]:
-    data = load_labelled(images)
-    if split_path is None:
-        return data, list(data.classnames)
-    split = load_split(split_path, data.classnames, data.aliases, seen_only=True)
-    seen = list(split.seen)
-    return data.subset(set(seen)), seen
+def store_views(store: str | Path | None) -> ViewPlan | None:
+    """The view plan of a store of views (``embed-images --views``), or None for a store of plain images."""
+    if store is None or not (Path(store) / "views.json").is_file():
+        return None
+    return ViewPlan.load(Path(store) / "views.json")
+
+
+def _follow_store_views(cfg: TrainConfig, plan: ViewPlan, store: str | Path, teacher: str | None,
+                        extra_images: str | Path | None) -> TrainConfig:
+    """A run from a store of views takes its views, mix and hue from the store's plan: ``auto`` settings follow it,
+    a setting that contradicts it is refused (the targets were embedded for the plan's views, not others)."""
+    if teacher is not None:
+        raise ClipkdError(f"store {store} holds the teacher's embedding of every view; drop --teacher")
+    if extra_images is not None:
+        raise ClipkdError(f"store {store} is a store of views; embed the pool's images into it (embed-images --views "
+                          "over the training images and the pool) instead of --extra-images")
+    for name, mine, theirs in (("views", cfg.views, plan.views), ("view_hue", cfg.view_hue, plan.hue_prob),
+                               ("mix", cfg.mix, plan.mix)):
+        if mine != "auto" and mine != theirs:
+            raise ClipkdError(f"store {store} holds {theirs!r} for {name} (embed-images --views); got {mine!r}: drop "
+                              "it or embed another store")
+    return replace(cfg, views=plan.views, view_hue=plan.hue_prob, mix=plan.mix, mix_alpha=plan.alpha,
+                   mix_prob=plan.prob)
+
+
+@dataclass
+class ViewSet:
+    """The views a run trains on: their store keys, labels (the unlabelled index where a view no longer shows its
+    image's class), teacher targets, the dataset rows of each image's views, and the images none of whose views
+    could be made."""
+
+    keys: list[str]
+    labels: list[int]
+    targets: TargetRows
+    groups: list[list[int]]
+    lost: list[str]
+
+
+def view_set(plan: ViewPlan, store: EmbeddingStore, paths: list[str], labels: list[int], identity: str,
+             unlabelled: int) -> ViewSet:
+    """The views of ``paths`` (each a training image of ``plan``) that show only training images: a view whose
+    CutMix partner is not among ``paths`` (say, of an unseen class) is left out, so the student never sees it."""
+    pos = plan._index()
+    missing = [p for p in paths if p not in pos]
+    if missing:
+        raise ClipkdError(f"store {store.root} has no views of {len(missing)} of the {len(paths)} training images "
+                          f"(e.g. {missing[:3]}); embed them with embed-images --views (was it built from another "
+                          "folder?)")
+    allowed = set(paths)
+    keys, owner, keeps = [], [], []
+    for i, p in enumerate(paths):
+        pi = pos[p]
+        for k in range(plan.views):
+            j = plan.partner[pi][k]
+            if j >= 0 and plan.images[j] not in allowed:
+                continue
+            keys.append(plan.key(pi, k))
+            owner.append(i)
+            keeps.append(plan.keeps_label(pi, k))
+    if len(keys) < len(paths) * plan.views:
+        log.info("%d of %d views left out: their partner image is not a training image", len(paths) * plan.views -
+                 len(keys), len(paths) * plan.views)
+    found = store.targets(keys, teacher=identity, what="views")
+    kept = found.keep.tolist()
+    groups: list[list[int]] = [[] for _ in paths]
+    for row, n in enumerate(kept):
+        groups[owner[n]].append(row)
+    lost = [paths[i] for i, g in enumerate(groups) if not g]  # undecodable: none of its views could be made
+    others = sum(1 for n in range(len(keys)) if groups[owner[n]]) - len(kept)
+    if others:
+        log.warning("%d views of other images were left out: their partner image could not be decoded", others)
+    # a mixed or recoloured view is no longer of its image's class: its label is ignored; the label term, if any,
+    # trains on the views that keep it
+    view_labels = [labels[owner[n]] if keeps[n] else unlabelled for n in kept]
+    return ViewSet([keys[n] for n in kept], view_labels, found.targets, groups, lost)
 
 
 def load_labelled_or_plain(images: str | Path) -> LabelledImages:
@@ -247,6 +314,9 @@ def distill(
                           "(the store for plain images, the teacher only for mixed ones)")
     if cfg.mix not in ("auto", "none", "mixup", "cutmix"):
         raise ClipkdError(f"unknown mix '{cfg.mix}' (auto, none, mixup, cutmix)")
+    stored = store_views(store)  # a store of views (embed-images --views): clipkd's method from the store
+    if stored is not None:
+        cfg = _follow_store_views(cfg, stored, store, teacher, extra_images)
     if cfg.mix == "auto":
         cfg = replace(cfg, mix="cutmix" if teacher is not None and "text" not in term_needs(cfg.terms) else "none")
         if cfg.mix == "none" and teacher is None:
@@ -270,16 +340,17 @@ def distill(
         raise ClipkdError(f"--view-hue must be in [0, 1], or auto; got {cfg.view_hue!r}")
     if cfg.view_hue and not cfg.views:
         raise ClipkdError("--view-hue recolours stored views: it needs --views K (K ≥ 2)")
-    if cfg.views and teacher is None:
-        raise ClipkdError("--views needs --teacher SPEC: it embeds each view once, before training")
-    if cfg.views and (store is not None or extra_images is not None):
+    if cfg.views and teacher is None and stored is None:
+        raise ClipkdError("--views needs --teacher SPEC (it embeds each view once, before training), or a store of "
+                          "views (embed-images --views K)")
+    if cfg.views and stored is None and (store is not None or extra_images is not None):
         raise ClipkdError("--views builds its own store of views (OUT/views) over the training images; drop "
                           "--store and --extra-images")
     if cfg.views and cfg.mix_mode != "elem":
         raise ClipkdError("--views draws a box per view (--mix-mode elem); --mix-mode batch mixes online (--views 0)")
     if cfg.views and cfg.augment not in ("none", "flip"):
         raise ClipkdError(f"--views draws flips itself (--augment flip or none), not '{cfg.augment}'")
-    if cfg.mix != "none" and teacher is None:
+    if cfg.mix != "none" and teacher is None and stored is None:
         raise ClipkdError("--mix needs the teacher's embedding of each mixed image: use --teacher SPEC (online)")
     if store is not None and teacher is not None and cfg.mix == "none":
         raise ClipkdError("--store with --teacher means: the teacher embeds only the mixed images; with --mix none "
@@ -298,7 +369,7 @@ def distill(
     recipe = run_recipe("distill", cfg, images=images, store=store, teacher=teacher, text=text, split=split,
                         vocab=vocab, extra_images=extra_images, extra_store=extra_store)
     check_run(out, recipe, overwrite)
-    data, seen = _seen_images(images, split)
+    data, seen = seen_images(images, split)
     seed_all(cfg.seed)
 
     text_emb = TextEmbeddings.load(text) if text else None
@@ -308,7 +379,10 @@ def distill(
     vocab_emb = TextEmbeddings.load(vocab) if vocab else None
 
     targets = online = None
-    if store is not None:
+    if stored is not None:
+        st = EmbeddingStore(store)
+        identity, dim, pre = st.teacher, st.embed_dim, PreprocessConfig.from_dict(st.manifest["preprocess"])
+    elif store is not None:
         st = EmbeddingStore(store)
         identity, dim, pre = st.teacher, st.embed_dim, PreprocessConfig.from_dict(st.manifest["preprocess"])
         found = st.targets(data.paths, root=data.root)
@@ -381,32 +455,22 @@ def distill(
         if not cfg.views:  # rows of `targets` follow `paths`: each item reads its own row
             dataset = ImageDataset(data.root, paths, transform, labels=labels, targets=targets)
             return module(online), dataset, info, None
-        plan = make_view_plan(paths, cfg.views, cfg.mix, cfg.mix_alpha, cfg.mix_prob, flip=cfg.augment == "flip",
-                              seed=cfg.seed, hue_prob=float(cfg.view_hue))
-        embed_views(online, data.root, plan, out / "views", batch_size=cfg.batch_size, workers=cfg.workers,
-                    progress=progress)  # each rank of a job embeds its share
-        barrier()
-        st = EmbeddingStore(out / "views")
-        keys = plan.keys()
-        found = st.targets(keys, teacher=identity, what="views")
-        kept = found.keep.tolist()
-        groups: list[list[int]] = [[] for _ in paths]
-        for row, i in enumerate(kept):
-            groups[i // cfg.views].append(row)
-        # a mixed or recoloured view is no longer of its image's class: its label is ignored (-100); the label term,
-        # if any, trains on the views that keep it
-        unlabelled = len(data.classnames)
-        view_labels = [labels[i // cfg.views] if plan.keeps_label(i // cfg.views, i % cfg.views) else unlabelled
-                       for i in kept]
-        dataset = ImageDataset(data.root, [keys[i] for i in kept], transform, labels=view_labels,
-                               opener=plan.opener(data.root), targets=found.targets)
-        lost = [paths[i] for i, g in enumerate(groups) if not g]  # undecodable: none of its views could be made
-        if len(kept) < len(keys) - len(lost) * cfg.views:
-            log.warning("%d views of other images were left out: their partner image could not be decoded",
-                        len(keys) - len(kept) - len(lost) * cfg.views)
-        views_info = {**info, "views": len(kept), "teacher_images": len(kept), "skipped_before": lost}
+        if stored is None:  # the teacher embeds the views once, into OUT/views
+            plan = make_view_plan(paths, cfg.views, cfg.mix, cfg.mix_alpha, cfg.mix_prob, flip=cfg.augment == "flip",
+                                  seed=cfg.seed, hue_prob=float(cfg.view_hue))
+            embed_views(online, data.root, plan, out / "views", batch_size=cfg.batch_size, workers=cfg.workers,
+                        progress=progress)  # each rank of a job embeds its share
+            barrier()
+            views_store, teacher_cost = EmbeddingStore(out / "views"), True
+        else:
+            plan, views_store, teacher_cost = stored, EmbeddingStore(store), False
+        vs = view_set(plan, views_store, paths, labels, identity, len(data.classnames))
+        dataset = ImageDataset(data.root, vs.keys, transform, labels=vs.labels, opener=plan.opener(data.root),
+                               targets=vs.targets)
+        views_info = {**info, "views": len(vs.keys), "teacher_images": len(vs.keys) if teacher_cost else 0,
+                      "skipped_before": vs.lost}
         return module(None, torch.cat([label_map, torch.tensor([-100])])), dataset, views_info, \
-            ViewSampler(groups, cfg.seed)
+            ViewSampler(vs.groups, cfg.seed)
 
     return _fit_and_save(build, out, cfg, device, progress, recipe, overwrite)
 
@@ -427,7 +491,7 @@ def train_supervised(
     check_student_arch(cfg.student)
     recipe = run_recipe("train-supervised", cfg, images=images, split=split)
     check_run(out, recipe, overwrite)
-    data, seen = _seen_images(images, split)
+    data, seen = seen_images(images, split)
     check_init_and_sparsity(cfg, cfg.student, len(seen), "classifier")
     seed_all(cfg.seed)
     scfg = StudentConfig(arch=cfg.student, out_dim=len(seen), kind="classifier",
