@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="image folder (first folder of a path = its label for "
                    "image->image), or a Chinese-CLIP {split}_imgs.tsv")
     p.add_argument("--captions", help="CSV path,caption or Chinese-CLIP JSONL: adds text<->image recall")
+    p.add_argument("--text-model", help="for a distilled student: its teacher (spec, clip-train run or exported text "
+                   "tower), whose text tower queries the student's images")
     p.add_argument("--max-queries", type=_count, default=5000, help="image->image queries sampled (default 5000)")
     p.add_argument("--batch-size", type=_count, default=128)
     p.add_argument("--workers", type=_workers)
@@ -517,7 +519,7 @@ def _eval_retrieval(a: argparse.Namespace) -> None:
     from .evaluation.retrieval import evaluate_retrieval
 
     r = evaluate_retrieval(a.model, a.images, a.captions, batch_size=a.batch_size, workers=a.workers,
-                           device=a.device, max_queries=a.max_queries, out=a.out)
+                           device=a.device, max_queries=a.max_queries, out=a.out, text_model=a.text_model)
     print(json.dumps(r.to_dict(), indent=2))
 
 

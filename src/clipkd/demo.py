@@ -57,6 +57,11 @@ class RetrievalDemoConfig:
 
     student: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig.shipped("demo-retrieval-student"))
     images_per_class: int = 40  # the fine-tuning set: a small captioned subset of the teacher's world
+    # a timm student distilled with clipkd's method from a store of views over the uncaptioned collection (every
+    # train image), searched with the teacher's text tower: the same image tower as the micro CLIP's
+    distilled: TrainConfig = field(default_factory=lambda: replace(TrainConfig.shipped("demo-student"),
+                                                                   student="test_resnet"))
+    views: int = 4
 
 
 QUICK = DemoConfig(
@@ -72,6 +77,8 @@ QUICK = DemoConfig(
 QUICK_RETRIEVAL = RetrievalDemoConfig(
     student=ClipTrainConfig(model="open_clip:clipkd-micro", epochs=1, batch_size=32, lr=2e-3, kd_weight=2.0),
     images_per_class=12,
+    distilled=TrainConfig(student="test_resnet", epochs=1, batch_size=32, lr=3e-3),
+    views=2,
 )
 
 
@@ -211,20 +218,23 @@ def _subset_captions(captions: Path, per_class: int, out: Path) -> Path:
     return out
 
 
-def _cost(spec: str) -> dict[str, float]:
-    """Image-tower size, FLOPs per image and CPU batch-1 latency (median of 20) of a CLIP."""
+def _cost(model: str | Path) -> dict[str, float]:
+    """Image-tower size, FLOPs per image and CPU batch-1 latency (median of 20) of a CLIP or a student."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    clip = load_teacher(spec, device="cpu")
-    x = torch.randn(1, 3, *clip.preprocess_cfg.size)
+    from .models import load_image_model
+
+    m = load_image_model(model, device="cpu")
+    x = torch.randn(1, 3, *m.preprocess_cfg.size)
     with FlopCounterMode(display=False) as fc:
-        clip.encode_image(x)
+        m.encode_image(x)
     times = []
     for _ in range(25):
         t = time.perf_counter()
-        clip.encode_image(x)
+        m.encode_image(x)
         times.append(time.perf_counter() - t)
-    return {"image_params_m": round(sum(p.numel() for p in clip.model.visual.parameters()) / 1e6, 3),
+    tower = m.student if m.student is not None else m.clip.model.visual
+    return {"image_params_m": round(sum(p.numel() for p in tower.parameters()) / 1e6, 3),
             "image_mflops": round(fc.get_total_flops() / 1e6, 2),
             "cpu_ms_per_image": round(1000 * sorted(times[5:])[len(times[5:]) // 2], 2)}
 
@@ -252,22 +262,39 @@ def run_retrieval_demo(out: Path, cfg: DemoConfig, rcfg: RetrievalDemoConfig, de
         specs[name] = clip_train(world / "train", captions, out / "students" / name, scfg, device=device,
                                  overwrite=OWN, **kw, **val).spec
         _step(f"retrieval student '{name}' trained", t0)
+    # clipkd's method for search: the teacher embeds views of the uncaptioned collection once; a timm student
+    # learns them (no captions, no labels) and searches with the teacher's text tower
+    views = embed_images(spec, world / "train", (Path(shared) if shared else out) / f"store-views{rcfg.views}",
+                         device=device, views=rcfg.views)
+    distilled = distill(world / "train", out / "students" / "distilled", rcfg.distilled, store=views.root,
+                        device=device, overwrite=OWN)
+    specs["distilled"] = str(distilled.out)
+    runs["distilled"] = {}
+    _step("distilled search student trained", t0)
     evals = {}
     for name, model in specs.items():
         evals[name] = evaluate_retrieval(model, world / "test", world / "test" / "captions_en.csv", device=device,
-                                         out=out / "eval" / f"{name}.json").to_dict()
+                                         out=out / "eval" / f"{name}.json",
+                                         text_model=spec if name == "distilled" else None).to_dict()
     _step("retrieval evaluation done", t0)
     pick = lambda r: {k: r[k] for k in RETRIEVAL_KEYS}  # noqa: E731
     results = {
         "teacher": pick(evals["teacher"]) | {"spec": spec, "cost": _cost(spec)},
         "students": {n: pick(evals[n]) for n in runs},
         "student_cost": _cost(specs["no_kd"]),
+        "distilled_cost": _cost(specs["distilled"]),
+        # student image passes in training (epochs × images); the distilled student's targets: one teacher pass
+        # per stored view, made once for any number of students
+        "compute": {"clip_students": {"student_images": rcfg.student.epochs * len(_caption_paths(captions))},
+                    "distilled": {"student_images": rcfg.distilled.epochs * distilled.train_images,
+                                  "teacher_images": len(views)}},
         "seconds": round(time.perf_counter() - t0, 1),
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads()},
         "config": json.loads(json.dumps({"retrieval": asdict(rcfg), "world": asdict(cfg.world)}, default=str)),
     }
     best = max(runs, key=lambda n: evals[n]["i2i_map@10"])
-    results["index"] = _search_index(specs[best], best, world / "test", out / "index", device)
+    results["index"] = _search_index(specs[best], best, world / "test", out / "index", device,
+                                     text_model=spec if best == "distilled" else None)
     write_json(out / "results.json", results)
     table = retrieval_table(results)
     plot_results_bars({"teacher": evals["teacher"], **{n: evals[n] for n in runs}}, out / "retrieval_bars.png",
@@ -282,15 +309,24 @@ def run_retrieval_demo(out: Path, cfg: DemoConfig, rcfg: RetrievalDemoConfig, de
     return results
 
 
-def _search_index(spec: str, name: str, images: Path, out: Path, device: str) -> dict[str, Any]:
-    """The demo's last step: a search index of ``images`` embedded by the best retrieval student."""
-    from .search.index import build_index
+def _caption_paths(captions: Path) -> set[str]:
+    import csv
 
-    if (out / "index.json").is_file() and read_json(out / "index.json", "index").get("model") != spec:
+    with captions.open(newline="", encoding="utf-8") as f:
+        return {row["path"] for row in csv.DictReader(f)}
+
+
+def _search_index(spec: str, name: str, images: Path, out: Path, device: str,
+                  text_model: str | None = None) -> dict[str, Any]:
+    """The demo's last step: a search index of ``images`` embedded by the best retrieval student (a distilled
+    student searches text with its teacher's text tower)."""
+    from .search.index import _model_ref, build_index
+
+    if (out / "index.json").is_file() and read_json(out / "index.json", "index").get("model") != _model_ref(spec):
         import shutil
 
         shutil.rmtree(out)  # the demo's own folder: a better student this time replaces the old index
-    index = build_index(spec, images, out, device=device, progress=False)
+    index = build_index(spec, images, out, device=device, progress=False, text_model=text_model)
     return {"path": str(out), "student": name, "images": len(index), "kind": index.info["kind"]}
 
 

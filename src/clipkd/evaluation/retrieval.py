@@ -137,22 +137,25 @@ def evaluate_retrieval(
     grid: str | Path | None = None,
     progress: bool = True,
     out: str | Path | None = None,
+    text_model: str | Path | None = None,
 ) -> RetrievalResult:
-    """Retrieval metrics of a CLIP model (spec or clip-train run folder) on ``images``.
+    """Retrieval metrics of a model on ``images``: a CLIP (spec or clip-train run folder), or a distilled student
+    (run folder, ``student.pt``, ``.onnx``) — with ``text_model`` (its teacher, or the teacher's exported text tower)
+    for text queries, as a search index uses it.
 
     With ``captions`` (CSV or Chinese-CLIP JSONL): text↔image recall over the captioned images.
     Image→image metrics need labels: the first folder of each image path (ImageFolder classes or
     product ids). ``grid``: a PNG of a few queries and their top-10 results. ``out``: write the result
     JSON there, and the grid beside it (same name, ``.png``) unless ``grid`` names another file.
     """
-    from ..models import load_image_model
+    from ..models import load_image_model, with_text
 
-    clip = load_image_model(model, device)
+    clip = with_text(load_image_model(model, device), text_model, device)
     if clip.kind == "classifier":
         raise ClipkdError(f"{model} is a classifier (the supervised baseline); retrieval needs embeddings")
     if captions is not None and not clip.has_text:  # a distilled student or an exported image tower
-        raise ClipkdError(f"{model} is an image model without a text tower: text↔image recall needs a CLIP; "
-                          "drop --captions for image→image metrics")
+        raise ClipkdError(f"{model} is an image model without a text tower: text↔image recall needs a CLIP, or its "
+                          "teacher's text tower (--text-model); drop --captions for image→image metrics")
     spec = clip.spec
     if captions is not None:
         source = load_caption_source(images, captions)
