@@ -189,3 +189,48 @@ def test_bad_inputs_are_clear(tiny_world, store, tmp_path, capsys):
     assert "none of the images named" in capsys.readouterr().err
     with pytest.raises(ClipkdError, match="has no model"):
         load_teacher("open_clip:no-such-net@random", device="cpu")
+
+
+def test_clip_train_learns_from_stored_views_and_uncaptioned_images(tiny_world, tmp_path, monkeypatch):
+    """A store of views over the whole folder: a captioned subset trains the contrastive and distillation terms,
+    its other views and the uncaptioned rest (--extra-images) the distillation term alone, one view per image per
+    epoch."""
+    from clipkd.data.views import ViewPlan
+    from clipkd.training import modules
+
+    torch.manual_seed(0)
+    teacher = load_teacher(TEACHER, device="cpu")
+    views = embed_images(teacher, tiny_world / "train", tmp_path / "views", views=3, progress=False, workers=0)
+    plan = ViewPlan.load(views.root / "views.json")
+    caps = _subset(tiny_world / "train", tmp_path / "caps.csv", 20)
+    seen = []
+    real = modules.ClipModule.training_step
+
+    def spy(self, batch, idx):
+        seen.append((batch["captioned"].clone(), batch["caption_id"].clone(), len(batch["image"])))
+        return real(self, batch, idx)
+
+    monkeypatch.setattr(modules.ClipModule, "training_step", spy)
+    cfg = ClipTrainConfig(model="open_clip:clipkd-micro", epochs=1, batch_size=16, kd_loss="mse", workers=0)
+    r = clip_train(tiny_world / "train", caps, tmp_path / "run", cfg, store=views.root,
+                   extra_images=tiny_world / "train", device="cpu", progress=False)
+    captioned = torch.cat([c for c, _, _ in seen])
+    ids = torch.cat([i for _, i, _ in seen])
+    n_images = len(plan.images)
+    # an epoch: each captioned image once, one other view of each, one view of each uncaptioned image (the
+    # sampler's groups), cut to whole batches
+    assert len(captioned) == (20 + 20 + (n_images - 20)) // 16 * 16
+    assert captioned.sum() > 0 and (~captioned).sum() > captioned.sum()
+    assert (ids[~captioned] == -1).all() and (ids[captioned] >= 0).all()
+    assert r.train_images > 0 and load_teacher(r.spec, device="cpu").embed_dim == 64
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["distillation"]["source"] == "store"
+    for kw, match in (({"store": None, "teacher": None}, "give --store"),
+                      ({"extra_images": tiny_world / "val"}, "are composed under --images"),):
+        with pytest.raises(ClipkdError, match=match):
+            clip_train(tiny_world / "train", caps, tmp_path / "bad", cfg, **{"store": views.root,
+                       "extra_images": tiny_world / "train", **kw}, device="cpu", progress=False)
+    bad = ClipTrainConfig(model="open_clip:clipkd-micro", epochs=1, batch_size=16, kd_loss="affinity", workers=0)
+    with pytest.raises(ClipkdError, match="images without captions need an image-embedding loss"):
+        clip_train(tiny_world / "train", caps, tmp_path / "bad", bad, store=views.root, teacher=TEACHER,
+                   extra_images=tiny_world / "train", device="cpu", progress=False)

@@ -174,7 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", help="open_clip tag or checkpoint file to start from (same as MODEL@...)")
     kd = p.add_argument_group("distillation (on when --teacher or --store is given)")
     kd.add_argument("--teacher", help="teacher spec, run online each batch (and embeds captions for affinity)")
-    kd.add_argument("--store", help="teacher image embeddings of --images from embed-images (computed once)")
+    kd.add_argument("--store", help="teacher image embeddings of --images from embed-images (computed once); a store "
+                    "of views (embed-images --views K) adds each image's stored views to the distillation term")
+    kd.add_argument("--extra-images", help="images without captions (e.g. the gallery you will search) trained with "
+                    "the distillation term alone; targets from --store or --extra-store")
+    kd.add_argument("--extra-store", help="the teacher's store of --extra-images (default: --store)")
     kd.add_argument("--kd-loss", choices=KD_LOSSES.names(), help="; ".join(
         f"{n}: {KD_LOSSES.entry(n).help}" for n in KD_LOSSES) + " (default cosine)")
     kd.add_argument("--kd-weight", type=float, help="weight of the distillation loss (default 0.5)")
@@ -509,7 +513,8 @@ def _clip_train(a: argparse.Namespace) -> None:
 
     extra = {"model": model_spec(a.model or ClipTrainConfig.model, a.pretrained)} if a.model or a.pretrained else {}
     cfg = _recipe(ClipTrainConfig, a, **extra)
-    r = clip_train(a.images, a.captions, a.out, cfg, teacher=a.teacher, store=a.store, val_images=a.val_images,
+    r = clip_train(a.images, a.captions, a.out, cfg, teacher=a.teacher, store=a.store, extra_images=a.extra_images,
+                   extra_store=a.extra_store, val_images=a.val_images,
                    val_captions=a.val_captions, device=a.device, overwrite=a.overwrite)
     print(f"model: {r.spec}")
 

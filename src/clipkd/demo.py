@@ -18,12 +18,14 @@ from typing import Any
 
 import torch
 
+from .data.captions import subset_captions
 from .data.synth import WorldConfig, synthesize
 from .errors import ClipkdError
 from .evaluation.plots import plot_results_bars
 from .evaluation.report import markdown_table, plot_all_curves
 from .evaluation.zeroshot import evaluate
 from .fileio import read_json, write_json, write_text
+from .models import image_cost
 from .prompts import build_prompts, embed_prompts, load_classnames
 from .store import embed_images
 from .teachers import load_teacher
@@ -199,46 +201,6 @@ def _report(results: dict[str, Any], table: str) -> str:
     )
 
 
-def _subset_captions(captions: Path, per_class: int, out: Path) -> Path:
-    """The first ``per_class`` images of each class folder, with all their captions."""
-    import csv
-    import io
-
-    kept: dict[str, set[str]] = {}
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "caption"])
-    with captions.open(newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            have = kept.setdefault(row["path"].split("/")[0], set())
-            if row["path"] in have or len(have) < per_class:
-                have.add(row["path"])
-                writer.writerow([row["path"], row["caption"]])
-    write_text(out, buf.getvalue())
-    return out
-
-
-def _cost(model: str | Path) -> dict[str, float]:
-    """Image-tower size, FLOPs per image and CPU batch-1 latency (median of 20) of a CLIP or a student."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .models import load_image_model
-
-    m = load_image_model(model, device="cpu")
-    x = torch.randn(1, 3, *m.preprocess_cfg.size)
-    with FlopCounterMode(display=False) as fc:
-        m.encode_image(x)
-    times = []
-    for _ in range(25):
-        t = time.perf_counter()
-        m.encode_image(x)
-        times.append(time.perf_counter() - t)
-    tower = m.student if m.student is not None else m.clip.model.visual
-    return {"image_params_m": round(sum(p.numel() for p in tower.parameters()) / 1e6, 3),
-            "image_mflops": round(fc.get_total_flops() / 1e6, 2),
-            "cpu_ms_per_image": round(1000 * sorted(times[5:])[len(times[5:]) // 2], 2)}
-
-
 RETRIEVAL_KEYS = ("i2i_map@10", "i2i_r@1", "i2i_p@10", "t2i_r@1", "i2t_r@1", "mean_recall")
 
 
@@ -251,7 +213,7 @@ def run_retrieval_demo(out: Path, cfg: DemoConfig, rcfg: RetrievalDemoConfig, de
     t0 = time.perf_counter()
     torch.manual_seed(0)
     world, spec, store = _world_teacher_store(Path(shared) if shared else out, cfg, device, t0)
-    captions = _subset_captions(world / "train" / "captions_en.csv", rcfg.images_per_class,
+    captions = subset_captions(world / "train" / "captions_en.csv", rcfg.images_per_class,
                                 out / "finetune_captions.csv")
     val = {"val_images": world / "val", "val_captions": world / "val" / "captions_en.csv"}
     runs = {"no_kd": {}, "cosine": {"store": store}, "mse": {"store": store},
@@ -279,10 +241,10 @@ def run_retrieval_demo(out: Path, cfg: DemoConfig, rcfg: RetrievalDemoConfig, de
     _step("retrieval evaluation done", t0)
     pick = lambda r: {k: r[k] for k in RETRIEVAL_KEYS}  # noqa: E731
     results = {
-        "teacher": pick(evals["teacher"]) | {"spec": spec, "cost": _cost(spec)},
+        "teacher": pick(evals["teacher"]) | {"spec": spec, "cost": image_cost(spec)},
         "students": {n: pick(evals[n]) for n in runs},
-        "student_cost": _cost(specs["no_kd"]),
-        "distilled_cost": _cost(specs["distilled"]),
+        "student_cost": image_cost(specs["no_kd"]),
+        "distilled_cost": image_cost(specs["distilled"]),
         # student image passes in training (epochs × images); the distilled student's targets: one teacher pass
         # per stored view, made once for any number of students
         "compute": {"clip_students": {"student_images": rcfg.student.epochs * len(_caption_paths(captions))},

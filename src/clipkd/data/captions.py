@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,22 +195,53 @@ class CaptionDataset(ImageDataset):
     """Images with one randomly chosen caption per visit (``item["text"]``: its tokens;
     ``item["caption_id"]``: its row in :attr:`unique`).
 
-    Distinct captions are tokenised once, up front, in batches; workers only index the result.
+    Distinct captions are tokenised once, up front, in batches; workers only index the result. ``kd_keys``: more
+    items without a caption (stored views, uncaptioned images), after the captioned ones, trained with the
+    distillation term alone: their ``caption_id`` is -1, their tokens zeros, their ``captioned`` false.
+    ``opener``: decodes every key (default: the source's, for TSV rows).
     """
 
     def __init__(self, source: CaptionSource | str | Path, captions: dict[str, list[str]] | None,
                  transform: Callable, tokenizer: Callable[[list[str]], Any], batch: int = 4096,
-                 targets: Any = None) -> None:
+                 targets: Any = None, kd_keys: Sequence[str] = (), opener: Callable[[str], Any] | None = None) -> None:
         if not isinstance(source, CaptionSource):
             source = CaptionSource(Path(source), captions or {})
-        super().__init__(source.root, sorted(source.pairs), transform, opener=source.opener, targets=targets)
+        captioned = sorted(source.pairs)
+        super().__init__(source.root, captioned + list(kd_keys), transform, opener=opener or source.opener,
+                         targets=targets)
+        self.n_captioned = len(captioned)
         self.unique = sorted({c for caps in source.pairs.values() for c in caps})
         pos = {c: i for i, c in enumerate(self.unique)}
         self.tokens = torch.cat([tokenizer(self.unique[i : i + batch]) for i in range(0, len(self.unique), batch)])
-        self.caption_ids = [[pos[c] for c in source.pairs[p]] for p in self.paths]
+        self.caption_ids = [[pos[c] for c in source.pairs[p]] for p in captioned]
+        self.mixed = bool(kd_keys)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = super().__getitem__(index)
-        cid = random.choice(self.caption_ids[index])
-        item["text"], item["caption_id"] = self.tokens[cid], torch.tensor(cid)
+        if index < self.n_captioned:
+            cid = random.choice(self.caption_ids[index])
+            item["text"], item["caption_id"] = self.tokens[cid], torch.tensor(cid)
+        else:
+            item["text"], item["caption_id"] = torch.zeros_like(self.tokens[0]), torch.tensor(-1)
+        if self.mixed:
+            item["captioned"] = torch.tensor(index < self.n_captioned)
         return item
+
+
+def subset_captions(captions: Path, per_class: int, out: Path) -> Path:
+    """A ``path,caption`` CSV of the first ``per_class`` images of each class folder of ``captions``, with all their
+    captions (a captioned fine-tuning set cut from a larger one)."""
+    from ..fileio import write_text
+
+    kept: dict[str, set[str]] = {}
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "caption"])
+    with captions.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            have = kept.setdefault(row["path"].split("/")[0], set())
+            if row["path"] in have or len(have) < per_class:
+                have.add(row["path"])
+                writer.writerow([row["path"], row["caption"]])
+    write_text(out, buf.getvalue())
+    return out

@@ -123,6 +123,19 @@ class _Opener:  # a class, not a closure: DataLoader workers pickle it
         return self.plan.compose(self.root, key, self.draft_size)
 
 
+class ViewOrFileOpener:
+    """``key → PIL image``: a view key (``path#view=k``) composed by ``plan``, any other key read as a file under
+    ``root`` (an absolute key as it is): one loader over captioned images, their stored views and other images."""
+
+    def __init__(self, plan: ViewPlan | None, root: str | Path, draft_size: int | None = None) -> None:
+        self.plan, self.root, self.draft_size = plan, Path(root), draft_size
+
+    def __call__(self, key: str) -> Image.Image:
+        if self.plan is not None and SEP in key:
+            return self.plan.compose(self.root, key, self.draft_size)
+        return load_rgb(self.root / key, self.draft_size)
+
+
 def make_view_plan(images: Sequence[str], views: int, mix: str = "cutmix", alpha: float = 1.0, prob: float = 1.0,
                    flip: bool = True, seed: int = 0, hue_prob: float = 0.0) -> ViewPlan:
     """Draw ``views`` views per image: view 0 is the image itself; each other view flips it with probability 1/2

@@ -4,7 +4,7 @@ optionally plus a distillation loss from a larger teacher CLIP (the second seed'
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from ..distributed import ranks
 from ..errors import ClipkdError
 from ..fileio import write_json
 from ..students.losses import kd_needs_text
-from .distill import TrainResult
+from .distill import TrainResult, store_views
 from .modules import ClipModule
 from .runs import check_run, claim_run, run_recipe
 from .trainer import TrainerSettings, check_train_config, fit, seed_all, skipped_images
@@ -68,6 +68,71 @@ def _val_data(clip: Any, images: str | Path, captions: str | Path, batch_size: i
     return loader, clip.tokenizer(texts), owner, (labelled[0] if labelled else None)
 
 
+@dataclass
+class KdItems:
+    """Items trained with the distillation term alone: their keys (views ``path#view=k``, or image paths), their
+    teacher targets, the key groups one of which is drawn per epoch, and the view plan that composes them."""
+
+    keys: list[str] = field(default_factory=list)
+    targets: Any = None
+    groups: list[list[int]] = field(default_factory=list)
+    plan: Any = None
+
+    def add(self, other: KdItems) -> KdItems:
+        from ..store import TargetRows
+
+        if self.plan is not None and other.plan is not None and (other.plan.settings(), other.plan.images) != (
+                self.plan.settings(), self.plan.images):
+            raise ClipkdError("the captioned images' views and the extra images' views come from two stores of "
+                              "views; embed both into one (embed-images --views over the folder holding both)")
+        off = len(self.keys)
+        return KdItems(self.keys + other.keys,
+                       other.targets if self.targets is None else TargetRows.cat([self.targets, other.targets]),
+                       self.groups + [[off + i for i in g] for g in other.groups], self.plan or other.plan)
+
+
+def view_items(plan: Any, store: Any, images: list[str], identity: str | None, first: int = 0) -> KdItems:
+    """Views ``first..K-1`` of each of ``images`` (keys of ``plan``) with their stored targets, one group per
+    image."""
+    pos = plan._index()
+    missing = [p for p in images if p not in pos]
+    if missing:
+        raise ClipkdError(f"store {store.root} has no views of {len(missing)} of {len(images)} images (e.g. "
+                          f"{missing[:3]}); embed them with embed-images --views")
+    keys = [plan.key(pos[p], k) for p in images for k in range(first, plan.views)]
+    owner = [i for i in range(len(images)) for _ in range(first, plan.views)]
+    found = store.targets(keys, teacher=identity, what="views")
+    kept = found.keep.tolist()
+    groups: list[list[int]] = [[] for _ in images]
+    for row, n in enumerate(kept):
+        groups[owner[n]].append(row)
+    return KdItems([keys[n] for n in kept], found.targets, [g for g in groups if g], plan)
+
+
+def extra_items(extra_images: str | Path, store: str | Path, source: Any, identity: str | None) -> KdItems:
+    """The uncaptioned images of ``extra_images`` (those not among the captioned ones) with their teacher targets
+    from ``store``: every stored view of each when it is a store of views, else the image itself."""
+    from ..data.sources import open_source
+    from ..store import EmbeddingStore
+
+    src = open_source(extra_images, "extra images")
+    same_root = src.root.resolve() == Path(source.root).resolve()
+    have = set(source.pairs) if same_root else set()
+    images = [k for k in dict.fromkeys(src.keys) if k not in have]
+    if not images:
+        raise ClipkdError(f"every image of {extra_images} is captioned: nothing for --extra-images to add")
+    st = EmbeddingStore(store)
+    plan = store_views(store)
+    if plan is not None:
+        if not same_root:
+            raise ClipkdError(f"the views of {extra_images} are composed under --images ({source.root}); keep the "
+                              "extra images in that folder, or give --extra-store a store of their plain images")
+        return view_items(plan, st, images, identity)
+    found = st.targets(images, teacher=identity, what="extra images", root=src.root)
+    keys = [images[i] if same_root else str((src.root / images[i]).resolve()) for i in found.keep.tolist()]
+    return KdItems(keys, found.targets, [[i] for i in range(len(keys))])
+
+
 def clip_train(
     images: str | Path,
     captions: str | Path,
@@ -80,8 +145,17 @@ def clip_train(
     device: str = "auto",
     progress: bool = True,
     overwrite: bool | str = False,
+    extra_images: str | Path | None = None,
+    extra_store: str | Path | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` on captioned images; the result's ``spec`` loads the trained model.
+
+    **Views and uncaptioned images** (the second seed's setting: a captioned fine-tuning set and a large collection
+    to search): with ``store`` a store of views (``embed-images --views``) over ``images``, each captioned image
+    trains the contrastive and distillation terms on itself and the distillation term alone on one of its stored
+    views per epoch; ``extra_images`` (a folder, list or shards without captions — e.g. the gallery to be searched)
+    train the distillation term alone, one view (or the image) each per epoch, with targets from ``extra_store``
+    (default: ``store``, when the images lie under ``images``).
 
     Distillation is on when ``teacher`` (run online, once per batch) or ``store`` (teacher image
     embeddings computed once by ``embed-images``) is given; the ``affinity`` loss also needs
@@ -102,8 +176,15 @@ def clip_train(
                           "tower embeds the captions once; image embeddings may still come from --store)")
     if cfg.freeze_image and cfg.freeze_text:
         raise ClipkdError("freezing both towers leaves nothing to train")
+    if extra_images is not None and store is None and extra_store is None:
+        raise ClipkdError("--extra-images are trained on the teacher's embeddings alone: give --store (a store over "
+                          "--images that holds them) or --extra-store (theirs)")
+    if extra_images is not None and cfg.kd_loss and kd_needs_text(cfg.kd_loss):
+        raise ClipkdError(f"the {cfg.kd_loss} loss compares image–text similarities; images without captions need an "
+                          "image-embedding loss (--kd-loss mse or cosine)")
     recipe = run_recipe("clip-train", cfg, images=images, captions=captions, teacher=teacher, store=store,
-                        val_images=val_images, val_captions=val_captions)
+                        val_images=val_images, val_captions=val_captions,
+                        **({"extra_images": extra_images, "extra_store": extra_store} if extra_images else {}))
     check_run(out, recipe, overwrite)
     source = load_caption_source(images, captions)
     seed_all(cfg.seed)
@@ -122,22 +203,49 @@ def clip_train(
             return _s(img), _t(img)
 
     targets = teacher_text = None
+    kd = KdItems()
     if store is not None:
         from ..store import EmbeddingStore
 
         if source.tsv is not None:
             raise ClipkdError("an embedding store is built from an image folder; with TSV images use --teacher")
         paths = sorted(source.pairs)
-        found = EmbeddingStore(store).targets(paths, t.identity if t is not None else None, "captioned images",
-                                              root=source.root)
+        stored = store_views(store)
+        identity = t.identity if t is not None else None
+        found = EmbeddingStore(store).targets([stored.key(stored._index()[p], 0) if stored and p in stored._index()
+                                               else p for p in paths], identity, "captioned images",
+                                              root=None if stored else source.root)
         if len(found.keep) < len(paths):
             source = replace(source, pairs={paths[i]: source.pairs[paths[i]] for i in found.keep.tolist()})
         targets = found.targets
-    dataset = CaptionDataset(source, None, transform, student.tokenizer, targets=targets)
+        if stored is not None:  # the captioned images' other views: the distillation term alone
+            kd = kd.add(view_items(stored, EmbeddingStore(store), sorted(source.pairs), identity, first=1))
+    if extra_images is not None:
+        kd = kd.add(extra_items(extra_images, extra_store or store, source, t.identity if t is not None else None))
+    if kd.keys and (ranks().world > 1 or cfg.devices not in (1, "1") or cfg.num_nodes > 1):
+        raise ClipkdError("stored views and --extra-images train on one process for now (the contrastive batch of "
+                          "several ranks must be the same size on each)")
+    if kd.keys:
+        from ..data.views import ViewOrFileOpener
+        from ..store import TargetRows
+
+        targets = TargetRows.cat([targets, kd.targets])
+        opener = ViewOrFileOpener(kd.plan, source.root)
+    dataset = CaptionDataset(source, None, transform, student.tokenizer, targets=targets, kd_keys=kd.keys,
+                             opener=opener if kd.keys else None)
     if t is not None and needs_text:
         teacher_text = t.encode_text(dataset.unique).half()
     teacher_dim = t.embed_dim if t is not None else (int(targets.shape[1]) if targets is not None else 0)
-    loader = make_loader(dataset, cfg.batch_size, shuffle=True, workers=cfg.workers, drop_last=True, seed=cfg.seed)
+    sampler = None
+    if kd.keys:  # every captioned image once an epoch, and one view of each other image (or of its own views)
+        from ..data.views import ViewSampler
+
+        n = dataset.n_captioned
+        sampler = ViewSampler([[i] for i in range(n)] + [[n + j for j in g] for g in kd.groups], cfg.seed)
+        log.info("%d captioned images and %d views / uncaptioned images (%d groups) for the distillation term",
+                 n, len(kd.keys), len(kd.groups))
+    loader = make_loader(dataset, cfg.batch_size, shuffle=True, workers=cfg.workers, drop_last=True, seed=cfg.seed,
+                         sampler=sampler)
     if len(loader) == 0:
         raise ClipkdError(f"{len(dataset)} captioned images is fewer than one batch of {cfg.batch_size}")
 

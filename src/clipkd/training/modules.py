@@ -265,17 +265,28 @@ class ClipModule(OptimMixin, L.LightningModule):
         images = batch["image"]
         x = images[0] if isinstance(images, tuple) else images
         s_img = self.clip.image_features(x)
-        s_txt = self.clip.text_features(batch["text"])
+        # stored views and uncaptioned images (``captioned`` false) train the distillation term alone
+        cap = batch.get("captioned")
+        rows = cap.bool() if cap is not None and not bool(cap.all()) else None
+        s_cap = s_img if rows is None else s_img[rows]
+        s_txt = self.clip.text_features(batch["text"] if rows is None else batch["text"][rows])
         scale = self.model.logit_scale.exp()
-        logs = {"loss/clip": self.clip_loss(F.normalize(s_img, dim=-1), F.normalize(s_txt, dim=-1), scale)}
+        logs = {"loss/clip": self.clip_loss(F.normalize(s_cap, dim=-1), F.normalize(s_txt, dim=-1), scale)
+                if len(s_cap) > 1 else s_img.sum() * 0}
         total = logs["loss/clip"]
         if self.kd_loss:
             if self.teacher is not None:
                 t_img = self.teacher.encode_image(images[1])
             else:
                 t_img = batch["target"].float()
-            t_txt = self.teacher_text[batch["caption_id"]].float() if self.teacher_text is not None else None
             s_kd = self.proj(s_img) if self.proj is not None else s_img
+            if self.teacher_text is not None:  # image–text losses: the captioned rows only
+                ids = batch["caption_id"] if rows is None else batch["caption_id"][rows]
+                t_txt = self.teacher_text[ids].float()
+                if rows is not None:
+                    s_kd, t_img = s_kd[rows], t_img[rows]
+            else:
+                t_txt = None
             logs[f"loss/kd_{self.kd_loss}"] = kd_loss(self.kd_loss, s_kd, t_img, s_txt, t_txt, scale,
                                                       self.teacher_scale)
             total = total + self.kd_weight * logs[f"loss/kd_{self.kd_loss}"]

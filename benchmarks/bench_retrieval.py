@@ -1,0 +1,175 @@
+"""Retrieval students × worlds: which student to ship for image search, and how close it gets to its teacher.
+
+For each world (the demo world, both digit worlds; relevant = same class) a teacher CLIP trained on every captioned
+image stands in for a large pretrained one, and students are measured on the test split:
+
+- ``no_kd``: a micro CLIP (``clipkd-micro``) fine-tuned with the contrastive loss on a captioned subset,
+- ``mse``: the same plus CLIP-KD's feature distillation from the teacher's store (the demo's best KD until now),
+- ``distilled_plain``: a timm ``test_resnet`` (the micro CLIP's image tower) distilled on the teacher's embeddings
+  of the whole uncaptioned collection (every train image, one view each), searched with the teacher's text tower,
+- ``distilled``: the same student on clipkd's method: a store of 4 views per image (flipped / CutMix / recoloured),
+  embedded once by the teacher.
+
+Columns: i2i mAP@10 / R@1 / P@10, t2i and i2t R@1, the share of the teacher's i2i mAP@10 and t2i R@1, the image
+tower's MFLOPs and batch-1 CPU latency (and the teacher's over the student's), training compute relative to
+``no_kd`` (student image passes plus the teacher passes that made the targets, FLOP-weighted), wall time.
+``make bench-retrieval`` writes ``results/retrieval.md`` / ``.json`` / ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from bench_gzsl import prepare
+from common import report, table
+
+import clipkd
+from clipkd.data.captions import subset_captions
+
+KEYS = ("i2i_map@10", "i2i_r@1", "i2i_p@10", "t2i_r@1", "i2t_r@1")
+# world -> (captioned images per class, clip-train epochs, distill epochs)
+WORLDS = {"digits": (25, 30, 10), "digits-colour": (8, 30, 10), "demo": (40, 15, 3)}
+METHODS = ("no_kd", "mse", "distilled_plain", "distilled")
+STUDENT = "test_resnet"
+
+
+def run_method(world: str, method: str, seed: int, p: dict, root: Path, device: str) -> dict:
+    """Train (or reuse) one student and measure it; returns metrics, cost and compute."""
+    w, spec = p["world"], p["spec"]
+    per_class, clip_epochs, distill_epochs = WORLDS[world]
+    out = root / world / f"{method}-s{seed}"
+    t0 = time.perf_counter()
+    if method in ("no_kd", "mse"):
+        caps = subset_captions(w / "train" / "captions_en.csv", per_class, root / world / "captions.csv")
+        cfg = clipkd.ClipTrainConfig(model="open_clip:clipkd-micro", epochs=clip_epochs, batch_size=64, lr=2e-3,
+                                     kd_weight=2.0, kd_loss="mse", seed=seed)
+        kw = {"store": p["store"]} if method == "mse" else {}
+        r = clipkd.clip_train(w / "train", caps, out, cfg, device=device, overwrite="changed",
+                              val_images=w / "val", val_captions=w / "val" / "captions_en.csv", **kw)
+        model, text_model = r.spec, None
+        with caps.open(newline="", encoding="utf-8") as f:
+            images = {row["path"] for row in csv.DictReader(f)}
+        compute = {"student_images": clip_epochs * len(images), "teacher_images": 0}
+    else:
+        views = 4 if method == "distilled" else 1
+        base = p.get("demo_run") or p["base"]  # the retrieval demo's store of views, when it has made one
+        store = p["store"] if views == 1 else clipkd.embed_images(spec, w / "train", base / f"store-views{views}",
+                                                                  device=device, views=views).root
+        cfg = replace(clipkd.TrainConfig(student=STUDENT, epochs=distill_epochs, batch_size=64, lr=2e-3), seed=seed)
+        r = clipkd.distill(w / "train", out, cfg, store=store, device=device, overwrite="changed", progress=False)
+        model, text_model = str(r.out), spec
+        compute = {"student_images": distill_epochs * r.train_images,
+                   "teacher_images": len(clipkd.EmbeddingStore(store))}
+    train_s = time.perf_counter() - t0
+    m = clipkd.evaluate_retrieval(model, w / "test", w / "test" / "captions_en.csv", device=device,
+                                  text_model=text_model, progress=False, out=out / "retrieval.json").to_dict()
+    return {**{k: m[k] for k in KEYS}, "model": model, "compute": compute, "train_s": round(train_s, 1)}
+
+
+def flops_weighted(compute: dict, student_mflops: float, teacher_mflops: float) -> float:
+    """Training FLOPs: 3 forwards' worth per student image pass (forward + backward), 1 per teacher pass."""
+    return 3 * compute["student_images"] * student_mflops + compute["teacher_images"] * teacher_mflops
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--gzsl-root", default=".data/gzsl", help="worlds, teachers and stores (shared with bench_gzsl)")
+    ap.add_argument("--root", default=".data/retrieval", help="students (reused)")
+    ap.add_argument("--demo-run", type=Path, help="reuse this clipkd demo folder for the demo world (../runs/demo)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="results/retrieval.md")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    rows, raw = [], {}
+    for world in a.worlds:
+        p = prepare(world, Path(a.gzsl_root), a.device, a.demo_run)
+        if world == "demo" and a.demo_run is not None:
+            p["demo_run"] = a.demo_run
+        t0 = time.perf_counter()
+        teacher = clipkd.evaluate_retrieval(p["spec"], p["world"] / "test", p["world"] / "test" / "captions_en.csv",
+                                            device=a.device, progress=False).to_dict()
+        tcost = clipkd.image_cost(p["spec"])
+        raw[world] = {"teacher": {**{k: teacher[k] for k in KEYS}, "cost": tcost,
+                                  "eval_s": round(time.perf_counter() - t0, 1)}}
+        rows.append({"world": world, "model": "teacher", **{k: f"{teacher[k]:.3f}" for k in KEYS},
+                     "share i2i": "100 %", "share t2i": "100 %", "MFLOPs": tcost["image_mflops"],
+                     "ms/img": tcost["cpu_ms_per_image"], "speed-up": "1.0×"})
+        base = None
+        for method in a.methods:
+            runs = [run_method(world, method, s, p, Path(a.root), a.device) for s in a.seeds]
+            cost = clipkd.image_cost(runs[0]["model"])
+            for r in runs:
+                r["cost"] = cost
+                r["train_flops"] = flops_weighted(r["compute"], cost["image_mflops"], tcost["image_mflops"])
+            raw[world][method] = runs
+            if method == "no_kd":
+                base = statistics.mean(r["train_flops"] for r in runs)
+            row = {"world": world, "model": method}
+            for k in KEYS:
+                vals = [r[k] for r in runs]
+                row[k] = f"{statistics.mean(vals):.3f}" + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else "")
+            row["share i2i"] = f"{100 * statistics.mean(r['i2i_map@10'] for r in runs) / teacher['i2i_map@10']:.0f} %"
+            t2i = statistics.mean(r["t2i_r@1"] for r in runs)
+            row["share t2i"] = f"{100 * t2i / max(teacher['t2i_r@1'], 1e-9):.0f} %"
+            row["MFLOPs"] = cost["image_mflops"]
+            row["ms/img"] = cost["cpu_ms_per_image"]
+            row["speed-up"] = f"{tcost['cpu_ms_per_image'] / cost['cpu_ms_per_image']:.1f}×"
+            if base:
+                row["compute vs no_kd"] = f"{statistics.mean(r['train_flops'] for r in runs) / base:.2f}×"
+            row["train s"] = f"{statistics.mean(r['train_s'] for r in runs):.0f}"
+            rows.append(row)
+            print(row, flush=True)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=2))
+    cols = ["world", "model", *KEYS, "share i2i", "share t2i", "MFLOPs", "ms/img", "speed-up", "compute vs no_kd",
+            "train s"]
+    body = table(rows, cols)
+    body += (f"\n\nSeeds {a.seeds} (mean ± standard deviation where more than one). Test split; relevant = same "
+             "class. CLIP students: clipkd-micro, captioned subset per class "
+             + ", ".join(f"{w} {v[0]}" for w, v in WORLDS.items()) + f", batch 64, lr 2e-3. Distilled: timm "
+             f"{STUDENT}, the whole train split without captions, batch 64, lr 2e-3, text queries through the "
+             "teacher's text tower. ms/img: batch-1 CPU latency (median of 20); speed-up: the teacher's over the "
+             "student's. Compute vs no_kd: training FLOPs (3 per student image pass, 1 per teacher pass that made "
+             "a target, the store's one-off pass included) over no_kd's. train s: wall time (noisy: shared cores).\n")
+    report("Retrieval students × worlds", body, out)
+    plot(raw, out.with_suffix(".png"))
+
+
+def plot(raw: dict, path: Path) -> None:
+    """One panel per world: each model's i2i mAP@10 (bars) with the teacher's as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(raw), figsize=(4.2 * len(raw), 3.6), squeeze=False)
+    for ax, (world, res) in zip(axes[0], raw.items(), strict=True):
+        names = [n for n in res if n != "teacher"]
+        vals = [statistics.mean(r["i2i_map@10"] for r in res[n]) for n in names]
+        ax.bar(names, vals, color=["#999", "#79c", "#e94", "#d52"][: len(names)])
+        ax.axhline(res["teacher"]["i2i_map@10"], color="k", ls="--", lw=1, label="teacher")
+        for i, v in enumerate(vals):
+            ax.text(i, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(world)
+        ax.set_ylabel("i2i mAP@10")
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
