@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick test test-slow lint clean bench bench-gzsl
+.PHONY: demo demo-quick test test-slow lint clean bench bench-gzsl bench-retrieval
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -51,3 +51,9 @@ bench-gzsl: $(STAMP)
 	  --all-seeds-for embed embed_label embed_pool cutmix_views_budget cutmix_views8 cutmix_fm_nohue cutmix_fm \
 	  --methods $(GZSL_METHODS) --demo-methods embed embed_label cutmix_fm_nohue cutmix_fm \
 	  $(if $(wildcard runs/demo/results.json),--demo-run ../runs/demo) --out results/gzsl.md
+
+# Retrieval students x worlds: which student to ship for image search (digits, digits-colour and the demo world; the
+# demo world reuses runs/demo and the retrieval demo's store of views when make demo has run). SEEDS="0 1 2" for spread.
+bench-retrieval: $(STAMP)
+	cd benchmarks && ../$(BIN)/python bench_retrieval.py --seeds $(or $(SEEDS),0) \
+	  $(if $(wildcard runs/demo/results.json),--demo-run ../runs/demo) --out results/retrieval.md

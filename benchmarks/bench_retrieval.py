@@ -5,6 +5,8 @@ image stands in for a large pretrained one, and students are measured on the tes
 
 - ``no_kd``: a micro CLIP (``clipkd-micro``) fine-tuned with the contrastive loss on a captioned subset,
 - ``mse``: the same plus CLIP-KD's feature distillation from the teacher's store (the demo's best KD until now),
+- ``mse_views_extra``: the same micro CLIP, its KD term also on the captioned images' stored views and on the whole
+  uncaptioned collection (``clip-train --store VIEWS --extra-images``): clip-train's new recipe,
 - ``distilled_plain``: a timm ``test_resnet`` (the micro CLIP's image tower) distilled on the teacher's embeddings
   of the whole uncaptioned collection (every train image, one view each), searched with the teacher's text tower,
 - ``distilled``: the same student on clipkd's method: a store of 4 views per image (flipped / CutMix / recoloured),
@@ -36,8 +38,15 @@ from clipkd.data.captions import subset_captions
 KEYS = ("i2i_map@10", "i2i_r@1", "i2i_p@10", "t2i_r@1", "i2t_r@1")
 # world -> (captioned images per class, clip-train epochs, distill epochs)
 WORLDS = {"digits": (25, 30, 10), "digits-colour": (8, 30, 10), "demo": (40, 15, 3)}
-METHODS = ("no_kd", "mse", "distilled_plain", "distilled")
+METHODS = ("no_kd", "mse", "mse_views_extra", "distilled_plain", "distilled")
 STUDENT = "test_resnet"
+
+
+def views_store(p: dict, world: str, device: str, views: int) -> Path:
+    """The teacher's store of ``views`` views of every train image (the retrieval demo's, when it made one)."""
+    base = p.get("demo_run") or p["base"]
+    return clipkd.embed_images(p["spec"], p["world"] / "train", base / f"store-views{views}", device=device,
+                               views=views).root
 
 
 def run_method(world: str, method: str, seed: int, p: dict, root: Path, device: str) -> dict:
@@ -46,22 +55,26 @@ def run_method(world: str, method: str, seed: int, p: dict, root: Path, device: 
     per_class, clip_epochs, distill_epochs = WORLDS[world]
     out = root / world / f"{method}-s{seed}"
     t0 = time.perf_counter()
-    if method in ("no_kd", "mse"):
+    if method in ("no_kd", "mse", "mse_views_extra"):
         caps = subset_captions(w / "train" / "captions_en.csv", per_class, root / world / "captions.csv")
         cfg = clipkd.ClipTrainConfig(model="open_clip:clipkd-micro", epochs=clip_epochs, batch_size=64, lr=2e-3,
                                      kd_weight=2.0, kd_loss="mse", seed=seed)
         kw = {"store": p["store"]} if method == "mse" else {}
+        if method == "mse_views_extra":
+            kw = {"store": views_store(p, world, device, 4), "extra_images": w / "train"}
         r = clipkd.clip_train(w / "train", caps, out, cfg, device=device, overwrite="changed",
                               val_images=w / "val", val_captions=w / "val" / "captions_en.csv", **kw)
         model, text_model = r.spec, None
         with caps.open(newline="", encoding="utf-8") as f:
             images = {row["path"] for row in csv.DictReader(f)}
-        compute = {"student_images": clip_epochs * len(images), "teacher_images": 0}
+        n = len(images) * (2 if method == "mse_views_extra" else 1)  # + one view per captioned image
+        if method == "mse_views_extra":
+            n += len(clipkd.open_source(w / "train")) - len(images)
+        compute = {"student_images": clip_epochs * n,
+                   "teacher_images": len(clipkd.EmbeddingStore(kw["store"])) if kw else 0}
     else:
         views = 4 if method == "distilled" else 1
-        base = p.get("demo_run") or p["base"]  # the retrieval demo's store of views, when it has made one
-        store = p["store"] if views == 1 else clipkd.embed_images(spec, w / "train", base / f"store-views{views}",
-                                                                  device=device, views=views).root
+        store = p["store"] if views == 1 else views_store(p, world, device, views)
         cfg = replace(clipkd.TrainConfig(student=STUDENT, epochs=distill_epochs, batch_size=64, lr=2e-3), seed=seed)
         r = clipkd.distill(w / "train", out, cfg, store=store, device=device, overwrite="changed", progress=False)
         model, text_model = str(r.out), spec

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +90,44 @@ def write_image(path, size=(20, 20), colour=(200, 10, 10)) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((*size, 3), colour, np.uint8)).save(path)
+
+
+CLI = [sys.executable, "-m", "clipkd.cli"]  # the command line, as a subprocess runs it
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a ``clipkd`` subprocess: this checkout's sources first, one thread per process."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+
+
+def image_folder(root: Path, n: int = 12, seed: int = 0) -> Path:
+    """``n`` small random images of varying sizes in two class folders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16 + i % 3, 20, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
+    return root
+
+
+def write_cnclip(tmp_path, world, bad_id="broken"):
+    """A Chinese-CLIP test_imgs.tsv / test_texts.jsonl pair of six world images, one broken row and one caption
+    naming a missing id."""
+    import base64
+    import json
+
+    imgs = sorted((world / "test").rglob("*.png"))[:6]
+    tsv, jsonl = tmp_path / "test_imgs.tsv", tmp_path / "test_texts.jsonl"
+    with tsv.open("w") as f:
+        for i, p in enumerate(imgs):
+            f.write(f"{1000 + i}\t{base64.b64encode(p.read_bytes()).decode()}\n")
+        f.write(f"{bad_id}\tnot-base64-@@@\n")
+    with jsonl.open("w", encoding="utf-8") as f:
+        for i, p in enumerate(imgs):
+            f.write(json.dumps({"text_id": i, "text": f"一个{p.parent.name}", "image_ids": [1000 + i]},
+                               ensure_ascii=False) + "\n")
+        f.write(json.dumps({"text_id": 99, "text": "坏图", "image_ids": [bad_id]}, ensure_ascii=False) + "\n")
+        f.write(json.dumps({"text_id": 100, "text": "不存在", "image_ids": [424242]}, ensure_ascii=False) + "\n")
+    return tsv, jsonl

@@ -114,6 +114,16 @@ def test_cli_handlers_use_only_the_public_api():
     assert handlers >= 20 and private == []
 
 
+def test_no_test_module_imports_another():
+    """Shared test helpers live in conftest.py, so each module runs alone and none depends on another's internals."""
+    bad = []
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip().startswith(("from .test_", "from tests.test_", "import tests.test_")):
+                bad.append(f"{path.name}: {line.strip()}")
+    assert bad == []
+
+
 def test_every_cli_command_has_a_handler():
     from clipkd.cli import COMMANDS
 

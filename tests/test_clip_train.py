@@ -1,6 +1,5 @@
 """CLIP fine-tuning with distillation, Chinese-CLIP (format, checkpoints, Chinese captions), eval-retrieval."""
 
-import base64
 import csv
 import json
 
@@ -14,6 +13,8 @@ from clipkd.errors import ClipkdError
 from clipkd.store import embed_images
 from clipkd.teachers import load_clip, load_teacher
 from clipkd.training.clip_train import ClipTrainConfig, clip_train
+
+from .conftest import write_cnclip
 
 TEACHER = "open_clip:clipkd-tiny@random"
 
@@ -83,24 +84,8 @@ def test_freeze_keeps_tower_fixed_and_online_teacher(tiny_world, tmp_path):
             assert torch.equal(p, frozen[n]), n
 
 
-def _write_cnclip(tmp_path, world, bad_id="broken"):
-    imgs = sorted((world / "test").rglob("*.png"))[:6]
-    tsv, jsonl = tmp_path / "test_imgs.tsv", tmp_path / "test_texts.jsonl"
-    with tsv.open("w") as f:
-        for i, p in enumerate(imgs):
-            f.write(f"{1000 + i}\t{base64.b64encode(p.read_bytes()).decode()}\n")
-        f.write(f"{bad_id}\tnot-base64-@@@\n")
-    with jsonl.open("w", encoding="utf-8") as f:
-        for i, p in enumerate(imgs):
-            f.write(json.dumps({"text_id": i, "text": f"一个{p.parent.name}", "image_ids": [1000 + i]},
-                               ensure_ascii=False) + "\n")
-        f.write(json.dumps({"text_id": 99, "text": "坏图", "image_ids": [bad_id]}, ensure_ascii=False) + "\n")
-        f.write(json.dumps({"text_id": 100, "text": "不存在", "image_ids": [424242]}, ensure_ascii=False) + "\n")
-    return tsv, jsonl
-
-
 def test_cnclip_tsv_jsonl_reader(tiny_world, tmp_path, caplog):
-    tsv, jsonl = _write_cnclip(tmp_path, tiny_world)
+    tsv, jsonl = write_cnclip(tmp_path, tiny_world)
     source = load_caption_source(tsv, jsonl)
     assert "1 image id(s)" in caplog.text  # 424242 is not in the TSV: left out and reported
     assert source.missing == ["424242"] and len(source.pairs) == 7

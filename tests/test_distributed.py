@@ -17,8 +17,9 @@ import torch
 from clipkd.distributed import my_share, owner, ranks
 from clipkd.store import EmbeddingStore, ShardWriter, TargetRows, embed_images, new_manifest
 
-from .conftest import FakeTeacher
-from .test_reliability import CLI, _env, _folder
+from .conftest import CLI, FakeTeacher
+from .conftest import cli_env as _env
+from .conftest import image_folder as _folder
 
 
 def test_ranks_come_from_torchrun_or_slurm(monkeypatch):

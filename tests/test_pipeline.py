@@ -126,10 +126,17 @@ def test_quick_retrieval_demo_reuses_world_and_teacher(demo_run, tmp_path, caplo
         r = run_demo(tmp_path / "retrieval", quick=True, device="cpu", task="retrieval", shared=out)
     assert "reusing the trained demo teacher" in caplog.text
     saved = json.loads((tmp_path / "retrieval" / "results.json").read_text())
-    assert set(saved["students"]) == {"no_kd", "cosine", "mse", "affinity"}
+    assert set(saved["students"]) == {"no_kd", "cosine", "mse", "affinity", "distilled"}
     for row in [saved["teacher"], *saved["students"].values()]:
         assert 0.0 <= row["i2i_map@10"] <= 1.0 and 0.0 <= row["t2i_r@1"] <= 1.0
     assert saved["student_cost"]["image_mflops"] < saved["teacher"]["cost"]["image_mflops"]
+    # the distilled search student: the micro CLIP's image tower, trained from a store of views with no teacher
+    # pass of its own, text queries through the teacher's text tower (t2i measured, so it has one)
+    assert saved["distilled_cost"]["image_mflops"] < saved["teacher"]["cost"]["image_mflops"]
+    assert saved["compute"]["distilled"]["teacher_images"] == 2 * len(list((out / "world" / "train").rglob("*.png")))
+    run = json.loads((tmp_path / "retrieval" / "students" / "distilled" / "run.json").read_text())
+    assert run["targets"] == "views" and run["teacher_images"] == 0
+    assert saved["index"]["student"] in saved["students"]
     assert r["students"]["cosine"] == saved["students"]["cosine"]
     for f in ("report.md", "retrieval_bars.png", "eval/teacher.png", "students/mse/open_clip_model.pt"):
         assert (tmp_path / "retrieval" / f).is_file(), f

@@ -24,23 +24,11 @@ from clipkd.fileio import exclusive
 from clipkd.store import EmbeddingStore, embed_images
 from clipkd.training.distill import TrainConfig, distill, train_supervised
 
-from .conftest import FakeTeacher, write_image
+from .conftest import CLI, FakeTeacher, write_image
+from .conftest import cli_env as _env
+from .conftest import image_folder as _folder
 
-CLI = [sys.executable, "-m", "clipkd.cli"]
 SMALL = TrainConfig(student="resnet10t", epochs=1, batch_size=8, lr=1e-3, image_size=32, workers=0)
-
-
-def _env() -> dict[str, str]:
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-
-
-def _folder(root: Path, n: int = 12, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (16 + i % 3, 20, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
-    return root
 
 
 def _exit_code(args: list[str]) -> int:

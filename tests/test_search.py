@@ -230,9 +230,9 @@ def test_chinese_clip_index_over_a_tsv_with_chinese_text(tiny_world, tmp_path):
 
     from clipkd.teachers import load_clip
 
-    from .test_clip_train import _write_cnclip
+    from .conftest import write_cnclip
 
-    tsv, _ = _write_cnclip(tmp_path, tiny_world)
+    tsv, _ = write_cnclip(tmp_path, tiny_world)
     torch.manual_seed(0)
     spec = load_clip("cn_clip:RN50@random").save(tmp_path / "cn")
     ix = build_index(spec, tsv, tmp_path / "ix", device="cpu", workers=0, progress=False)
