@@ -133,6 +133,40 @@ def extra_items(extra_images: str | Path, store: str | Path, source: Any, identi
     return KdItems(keys, found.targets, [[i] for i in range(len(keys))])
 
 
+def store_targets(source: Any, store: str | Path | None, extra_images: str | Path | None,
+                  extra_store: str | Path | None, identity: str | None, cfg: ClipTrainConfig
+                  ) -> tuple[Any, Any, KdItems, Any]:
+    """The stored teacher targets of a ``clip-train`` run: the captioned images' (their view 0 in a store of views;
+    those the store could not decode left out of ``source``), the items for the distillation term alone (the
+    captioned images' other views, the extra images), and the opener that decodes them all."""
+    from ..store import EmbeddingStore, TargetRows
+
+    targets, kd, opener = None, KdItems(), None
+    if store is not None:
+        if source.tsv is not None:
+            raise ClipkdError("an embedding store is built from an image folder; with TSV images use --teacher")
+        paths = sorted(source.pairs)
+        stored = store_views(store)
+        keys = [stored.key(stored._index()[p], 0) if stored and p in stored._index() else p for p in paths]
+        found = EmbeddingStore(store).targets(keys, identity, "captioned images", root=None if stored else source.root)
+        if len(found.keep) < len(paths):
+            source = replace(source, pairs={paths[i]: source.pairs[paths[i]] for i in found.keep.tolist()})
+        targets = found.targets
+        if stored is not None:  # the captioned images' other views: the distillation term alone
+            kd = kd.add(view_items(stored, EmbeddingStore(store), sorted(source.pairs), identity, first=1))
+    if extra_images is not None:
+        kd = kd.add(extra_items(extra_images, extra_store or store, source, identity))
+    if kd.keys and (ranks().world > 1 or cfg.devices not in (1, "1") or cfg.num_nodes > 1):
+        raise ClipkdError("stored views and --extra-images train on one process for now (the contrastive batch of "
+                          "several ranks must be the same size on each)")
+    if kd.keys:
+        from ..data.views import ViewOrFileOpener
+
+        targets = TargetRows.cat([targets, kd.targets])
+        opener = ViewOrFileOpener(kd.plan, source.root)
+    return source, targets, kd, opener
+
+
 def clip_train(
     images: str | Path,
     captions: str | Path,
@@ -202,37 +236,11 @@ def clip_train(
         def transform(img, _s=transform, _t=t.preprocess):  # noqa: E306
             return _s(img), _t(img)
 
-    targets = teacher_text = None
-    kd = KdItems()
-    if store is not None:
-        from ..store import EmbeddingStore
-
-        if source.tsv is not None:
-            raise ClipkdError("an embedding store is built from an image folder; with TSV images use --teacher")
-        paths = sorted(source.pairs)
-        stored = store_views(store)
-        identity = t.identity if t is not None else None
-        found = EmbeddingStore(store).targets([stored.key(stored._index()[p], 0) if stored and p in stored._index()
-                                               else p for p in paths], identity, "captioned images",
-                                              root=None if stored else source.root)
-        if len(found.keep) < len(paths):
-            source = replace(source, pairs={paths[i]: source.pairs[paths[i]] for i in found.keep.tolist()})
-        targets = found.targets
-        if stored is not None:  # the captioned images' other views: the distillation term alone
-            kd = kd.add(view_items(stored, EmbeddingStore(store), sorted(source.pairs), identity, first=1))
-    if extra_images is not None:
-        kd = kd.add(extra_items(extra_images, extra_store or store, source, t.identity if t is not None else None))
-    if kd.keys and (ranks().world > 1 or cfg.devices not in (1, "1") or cfg.num_nodes > 1):
-        raise ClipkdError("stored views and --extra-images train on one process for now (the contrastive batch of "
-                          "several ranks must be the same size on each)")
-    if kd.keys:
-        from ..data.views import ViewOrFileOpener
-        from ..store import TargetRows
-
-        targets = TargetRows.cat([targets, kd.targets])
-        opener = ViewOrFileOpener(kd.plan, source.root)
+    teacher_text = None
+    source, targets, kd, opener = store_targets(source, store, extra_images, extra_store,
+                                                t.identity if t is not None else None, cfg)
     dataset = CaptionDataset(source, None, transform, student.tokenizer, targets=targets, kd_keys=kd.keys,
-                             opener=opener if kd.keys else None)
+                             opener=opener)
     if t is not None and needs_text:
         teacher_text = t.encode_text(dataset.unique).half()
     teacher_dim = t.embed_dim if t is not None else (int(targets.shape[1]) if targets is not None else 0)

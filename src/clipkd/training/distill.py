@@ -276,35 +276,12 @@ def _load_init(module: StudentModule, init: str) -> None:
     module.student.load_state_dict(load_student(init).state_dict())
 
 
-def distill(
-    images: str | Path,
-    out: str | Path,
-    cfg: TrainConfig,
-    store: str | Path | None = None,
-    teacher: str | None = None,
-    text: str | Path | None = None,
-    split: str | Path | None = None,
-    device: str = "auto",
-    progress: bool = True,
-    vocab: str | Path | None = None,
-    extra_images: str | Path | None = None,
-    extra_store: str | Path | None = None,
-    overwrite: bool | str = False,
-) -> TrainResult:
-    """Train an embedding student on the seen classes of ``images``.
-
-    Targets come from ``store`` (computed once by ``embed-images``) or from ``teacher`` run online
-    on the same augmented view the student sees. ``text`` (the teacher's class text embeddings, every
-    class, seen and unseen) is needed by terms that use it (``label``, ``vocab``) and supplies the default
-    logit scale. ``vocab``: more text embeddings (e.g. generic nouns, from ``embed-text``) that widen the
-    ``vocab`` term's vocabulary. ``extra_images``: an unlabelled pool (folder or list) trained on with
-    teacher targets only — from ``extra_store`` (its embed-images store), or online with ``teacher``.
-    With both ``store`` and ``teacher`` (and mixing on), the store gives the targets of the images left plain and
-    the teacher embeds only the mixed ones: ``mix_prob`` of the teacher cost of a fully online run.
-    ``out`` resumes a killed run of the same recipe; a run of another recipe there is refused unless
-    ``overwrite`` (see :mod:`clipkd.training.runs`).
-    """
-    out = Path(out)
+def resolve_distill(cfg: TrainConfig, store: str | Path | None = None, teacher: str | None = None,
+                    extra_images: str | Path | None = None, extra_store: str | Path | None = None
+                    ) -> tuple[TrainConfig, dict[str, float], set[str], ViewPlan | None]:
+    """The first stage of :func:`distill`, before any image or model loads: check the recipe against its inputs
+    and settle every ``auto`` field. Returns the resolved config, its distillation terms and what they need, and
+    the view plan when ``store`` is a store of views. Unit-testable without images."""
     EMBEDDING_LOSSES.entry(cfg.loss)
     terms = check_terms(cfg.terms)
     needs = term_needs(terms)
@@ -366,6 +343,39 @@ def distill(
         from ..teachers.factory import check_teacher_spec
 
         check_teacher_spec(teacher)
+    return cfg, terms, needs, stored
+
+
+def distill(
+    images: str | Path,
+    out: str | Path,
+    cfg: TrainConfig,
+    store: str | Path | None = None,
+    teacher: str | None = None,
+    text: str | Path | None = None,
+    split: str | Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    vocab: str | Path | None = None,
+    extra_images: str | Path | None = None,
+    extra_store: str | Path | None = None,
+    overwrite: bool | str = False,
+) -> TrainResult:
+    """Train an embedding student on the seen classes of ``images``.
+
+    Targets come from ``store`` (computed once by ``embed-images``) or from ``teacher`` run online
+    on the same augmented view the student sees. ``text`` (the teacher's class text embeddings, every
+    class, seen and unseen) is needed by terms that use it (``label``, ``vocab``) and supplies the default
+    logit scale. ``vocab``: more text embeddings (e.g. generic nouns, from ``embed-text``) that widen the
+    ``vocab`` term's vocabulary. ``extra_images``: an unlabelled pool (folder or list) trained on with
+    teacher targets only — from ``extra_store`` (its embed-images store), or online with ``teacher``.
+    With both ``store`` and ``teacher`` (and mixing on), the store gives the targets of the images left plain and
+    the teacher embeds only the mixed ones: ``mix_prob`` of the teacher cost of a fully online run.
+    ``out`` resumes a killed run of the same recipe; a run of another recipe there is refused unless
+    ``overwrite`` (see :mod:`clipkd.training.runs`).
+    """
+    out = Path(out)
+    cfg, terms, needs, stored = resolve_distill(cfg, store, teacher, extra_images, extra_store)
     recipe = run_recipe("distill", cfg, images=images, store=store, teacher=teacher, text=text, split=split,
                         vocab=vocab, extra_images=extra_images, extra_store=extra_store)
     check_run(out, recipe, overwrite)
