@@ -347,3 +347,26 @@ def test_exclusive_lock_is_reentrant_across_sequential_uses(tmp_path):
         pass
     with exclusive(tmp_path / "x"):
         pass
+
+
+def test_written_files_follow_the_umask(tmp_path, fake_teacher):
+    """Atomic writes used to leave every file 0600 (``mkstemp``'s mode) whatever the umask: a serving user or group
+    could not read the store, index or model. Files now get the mode a plain ``open`` would."""
+    import stat
+
+    from clipkd.fileio import write_json
+    from clipkd.store import embed_images
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+        embed_images(fake_teacher, _folder(tmp_path / "imgs", n=4), tmp_path / "store", workers=0, progress=False)
+        modes = {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "store").iterdir()
+                 if f.is_file() and not f.name.startswith(".")}
+        assert modes == {0o644}, modes
+        os.umask(0o027)
+        write_json(tmp_path / "b.json", {"x": 1})
+        assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o640
+    finally:
+        os.umask(old)

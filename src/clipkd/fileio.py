@@ -13,11 +13,20 @@ from typing import Any
 import numpy as np
 
 
+def file_mode() -> int:
+    """The mode a plainly created file gets under this process's umask (``tempfile.mkstemp`` makes 0600 files, so
+    an atomic write sets this instead: a serving user or group reads what the umask lets it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Call ``write(fileobj)`` on a temp file next to ``path`` and rename it over ``path``."""
+    """Call ``write(fileobj)`` on a temp file next to ``path`` and rename it over ``path`` (with the umask's mode)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, file_mode())
     try:
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as f:

@@ -31,7 +31,10 @@ def save_onnx_atomic(m: Any, out: Path) -> None:
     """``onnx.save`` to a temp file beside ``out``, then rename it over ``out``."""
     import onnx
 
+    from .fileio import file_mode
+
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.fchmod(fd, file_mode())
     os.close(fd)
     try:
         onnx.save(m, tmp)
