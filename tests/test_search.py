@@ -98,6 +98,12 @@ def test_add_and_remove(tiny_world, teacher_spec, tmp_path):
     assert len(after) == len(grown) - 1 and gone not in {after.paths[r] for r in after.rows}
     with pytest.raises(ClipkdError, match="not in index"):
         remove_from_index(tmp_path / "ix", [str(tmp_path / "nope.png")])
+    # a refused removal (it would empty the index) changes nothing, so the next add applies nothing of it
+    removed_before = (tmp_path / "ix" / "removed.txt").read_text()
+    with pytest.raises(ClipkdError, match="would be empty"):
+        remove_from_index(tmp_path / "ix", list(after.paths))
+    assert (tmp_path / "ix" / "removed.txt").read_text() == removed_before
+    assert len(SearchIndex(tmp_path / "ix")) == len(after)
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])

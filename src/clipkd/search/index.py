@@ -391,6 +391,17 @@ def remove_from_index(index_dir: str | Path, paths: Sequence[str]) -> int:
     with exclusive(root, "search index"):
         removed = _read_removed(root)
         new = wanted - removed
+        if all(p in removed or p in wanted for p in index.store.paths):  # refused before anything is written
+            raise ClipkdError(f"index {root} would be empty: removing these would leave no image in it; nothing "
+                              "was removed")
+        before = (root / "removed.txt").read_text(encoding="utf-8") if (root / "removed.txt").is_file() else None
         write_text(root / "removed.txt", "".join(f"{p}\n" for p in sorted(removed | wanted)))
-        _write_faiss(root, index.store, index.info.get("requested_kind", index.info["kind"]), index.info)
+        try:
+            _write_faiss(root, index.store, index.info.get("requested_kind", index.info["kind"]), index.info)
+        except BaseException:  # a removal that did not finish changes nothing: the next add must not apply it
+            if before is None:
+                (root / "removed.txt").unlink(missing_ok=True)
+            else:
+                write_text(root / "removed.txt", before)
+            raise
     return len(new)
