@@ -145,3 +145,20 @@ def test_model_dispatch_and_source_resolution_live_in_one_room_each():
             if calls and not rel.startswith(allowed):
                 offenders.append(f"{rel}: {pattern}")
     assert offenders == []
+
+
+def test_a_copied_clip_train_run_loads_its_own_weights(models, tmp_path):
+    """run.json names the weights by absolute path; a copy of the folder must evaluate the copy, not the original."""
+    import shutil
+
+    from clipkd.teachers import load_clip, resolve_model
+
+    spec = load_clip("open_clip:clipkd-micro").save(tmp_path / "orig")
+    (tmp_path / "orig" / "run.json").write_text(json.dumps({"spec": spec}))
+    shutil.copytree(tmp_path / "orig", tmp_path / "copy")
+    assert resolve_model(tmp_path / "copy") == spec.replace(str(tmp_path / "orig"), str((tmp_path / "copy").resolve()))
+    x = torch.rand(1, 3, 32, 32)
+    before = load_image_model(tmp_path / "copy", device="cpu").encode_image(x)
+    load_clip("open_clip:clipkd-micro").save(tmp_path / "orig")  # the original overwritten by other weights
+    after = load_image_model(tmp_path / "copy", device="cpu").encode_image(x)
+    assert torch.allclose(before, after)

@@ -75,8 +75,17 @@ def resolve_model(model: str | Path) -> str:
         spec = info.get("spec") or info.get("teacher_spec")  # teacher_spec: run folders of clipkd 0.1
         if not spec:
             raise ClipkdError(f"{p / 'run.json'} names no model spec")
-        return spec
+        return _own_weights(spec, p)
     return str(model)
+
+
+def _own_weights(spec: str, run: Path) -> str:
+    """A run folder's spec names its weights by absolute path; a copied or moved folder loads the weights file it
+    holds itself (same name), not the original's."""
+    head, sep, weights = spec.rpartition("@")
+    if sep and weights and Path(weights).is_absolute() and (run / Path(weights).name).is_file():
+        return f"{head}@{(run / Path(weights).name).resolve()}"
+    return spec
 
 
 def load_teacher(spec: str | Path, device: str | None = "auto", precision: str = "auto") -> ClipModel:
