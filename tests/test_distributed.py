@@ -495,3 +495,22 @@ def test_dataset_paths_are_packed_not_python_strings(tmp_path):
     assert sum(a.nbytes for a in (ds.paths._bytes, ds.paths._offsets)) < 2 * sum(len(p.encode()) for p in paths)
     with pytest.raises(IndexError):
         ds.paths[len(paths)]
+
+
+def test_a_lone_rank_says_it_embedded_its_share_only(tmp_path, monkeypatch, caplog):
+    """Launcher variables left over in a shell (RANK=0 WORLD_SIZE=2, or SLURM_NTASKS=2 in salloc) made embed-images
+    embed half the images with exit code 0 and no word; the rank now says how much of the store is there."""
+    imgs = _folder(tmp_path / "imgs", n=20)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    with caplog.at_level("WARNING", logger="clipkd"):
+        st = embed_images(FakeTeacher(), imgs, tmp_path / "s", workers=0, progress=False)
+    assert 0 < len(st) < 20
+    assert "rank 0 of 2" in caplog.text and f"holds {len(st)} of 20 images" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    with caplog.at_level("WARNING", logger="clipkd"):
+        assert len(embed_images(FakeTeacher(), imgs, tmp_path / "s", workers=0, progress=False)) == 20
+    assert "embedded its share only" not in caplog.text  # the last rank completes the store

@@ -489,6 +489,7 @@ def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path
         writer = ShardWriter(out, manifest, shard_size, done)
         if not pending:
             writer.flush(final=True)
+            _warn_share_only(r, out, len(files))
             return EmbeddingStore(out)
 
         if compile:
@@ -508,7 +509,21 @@ def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path
         if writer.skipped_count:
             log.warning("%d image(s) could not be decoded and were skipped; listed in %s", writer.skipped_count,
                         out / "manifest.json")
+        _warn_share_only(r, out, len(files))
         return EmbeddingStore(out)
+
+
+def _warn_share_only(r, out: Path, total: int) -> None:
+    """A rank embeds its share only; when launcher variables (``RANK``/``WORLD_SIZE``, ``SLURM_NTASKS``) are left
+    over in a shell, that is half a store with exit code 0 — so say how much of the store is there and why."""
+    if not r.distributed:
+        return
+    st = EmbeddingStore(out)
+    have = len(st) + int(st.manifest.get("skipped_count", 0))
+    if have < total:
+        log.warning("this process is rank %d of %d (from RANK/WORLD_SIZE or SLURM_* in the environment) and embedded "
+                    "its share only: the store holds %d of %d images until every rank has run; unset those variables "
+                    "to embed everything in one process", r.rank, r.world, have, total)
 
 
 # --- the seed's layout: one .npy per image (NVIDIA clip-distillation, the first seed) ---
