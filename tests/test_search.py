@@ -159,6 +159,18 @@ def test_service_bad_inputs_are_4xx_and_it_keeps_serving(client, tiny_world):
         (client.get("/images/..%2F..%2Fetc%2Fpasswd"), 404),
         (client.get("/images/-1"), 404),
         (client.post("/knn-service", json={"image_url": "http://example.com/x.jpg"}), 400),
+        # once 500s: an overflowing count, a body nested past the parser's depth, a Unicode digit as an id
+        (client.post("/knn-service", content=b'{"text": "a", "num_images": 1e400}',
+                     headers={"content-type": "application/json"}), 400),
+        (client.post("/search", content=b"[" * 200_000 + b"]" * 200_000, headers={"content-type": "application/json"}),
+         400),
+        (client.post("/knn-service", content=b"[" * 200_000 + b"]" * 200_000,
+                     headers={"content-type": "application/json"}), 400),
+        (client.get("/images/%C2%B2"), 404),
+        # once taken as 1 or silently ignored
+        (client.post("/search", json={"text": "a", "k": True}), 400),
+        (client.post("/search", json={"text": "a", "k": 1.7}), 400),
+        (client.post("/knn-service", json={"text": "a", "modality": "text"}), 400),
     ]
     for r, status in cases:
         assert r.status_code == status, (r.status_code, r.text)
@@ -183,6 +195,10 @@ def test_knn_service_speaks_clip_retrievals_protocol(client, tiny_world):
     emb = client.post("/knn-service", json={"embedding_input": [0.1] * dim, "num_images": 2})
     assert len(emb.json()) == 2
     assert client.get("/indices-list").json() == ["ix"]
+    # the first seed's documented search asks for 5000 (num_result_ids 10000): answered with what the index has
+    many = client.post("/knn-service", json={"text": "a red circle", "num_images": 5000, "num_result_ids": 10000})
+    assert many.status_code == 200 and len(many.json()) == len(SearchIndex(client.app.state.service.index.root))
+    assert all(-1.0 <= r["similarity"] <= 1.0 for r in many.json())
 
 
 def test_batcher_runs_concurrent_queries_as_one_batch(index):

@@ -160,7 +160,8 @@ class SearchIndex:
             if r < 0:
                 continue
             path = self.paths[r]
-            out.append({"id": int(r), "path": path, "score": round(float(s), 6), "label": self.labels.get(path)})
+            score = min(1.0, max(-1.0, float(s)))  # a cosine: fp16 rows and FAISS rounding can pass 1 by 1e-5
+            out.append({"id": int(r), "path": path, "score": round(score, 6), "label": self.labels.get(path)})
         return out
 
     def vector(self, row: int) -> np.ndarray:

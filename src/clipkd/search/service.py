@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 MAX_UPLOAD = 20 << 20  # bytes of one uploaded image
 MAX_PIXELS = 40_000_000  # pixels of one query image (decompression bombs are refused before decoding)
 MAX_K = 100
+MAX_KNN = 10_000  # results one /knn-service answer holds at most (clip-retrieval clients ask for thousands)
 PAGE = Path(__file__).with_name("page.html")
 
 
@@ -114,14 +115,19 @@ class SearchService:
         self.batcher = Batcher(index) if batch else None
         self.text_lock = threading.Lock()
 
-    def check_k(self, k: Any) -> int:
+    def check_k(self, k: Any, limit: int | None = None, cap: bool = False) -> int:
+        """A result count: a whole number (``true``, ``1.7``, ``1e400`` and text are refused) from 1 to ``limit``
+        (default ``max_k``); with ``cap``, a larger one is answered with what there is, as clip-retrieval does."""
+        limit = self.max_k if limit is None else limit
+        if isinstance(k, bool) or (isinstance(k, float) and not (np.isfinite(k) and k.is_integer())):
+            raise QueryError(400, f"k must be a whole number, got {str(k)[:40]}")
         try:
             k = int(k)
-        except (TypeError, ValueError):
-            raise QueryError(400, f"k must be a whole number, got {k!r}") from None
-        if not 1 <= k <= self.max_k:
-            raise QueryError(400, f"k must be between 1 and {self.max_k}, got {k}")
-        return k
+        except (TypeError, ValueError, OverflowError):
+            raise QueryError(400, f"k must be a whole number, got {str(k)[:40]}") from None
+        if k < 1 or (k > limit and not cap):
+            raise QueryError(400, f"k must be between 1 and {limit}, got {k}")
+        return min(k, limit, max(1, len(self.index))) if cap else k
 
     def by_image(self, img: Image.Image, k: int) -> list[dict[str, Any]]:
         x = self.index.encoder.preprocess(img)
@@ -176,7 +182,7 @@ class SearchService:
 
     def image_row(self, row: str) -> int:
         """An indexed row by its id; 404 for anything else (never a path from the client)."""
-        if not row.isdigit() or not 0 <= int(row) < len(self.index.paths):
+        if not (row.isascii() and row.isdigit()) or not 0 <= int(row) < len(self.index.paths):
             raise QueryError(404, "no such image")
         if self.index.paths[int(row)] in self.index.removed:
             raise QueryError(404, "no such image")
@@ -257,7 +263,7 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
 
             try:
                 data = json.loads(body or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 raise QueryError(400, "the body is neither multipart nor JSON") from None
             results, k = await run_in_threadpool(svc.by_json, data)
         for r in results:
@@ -296,13 +302,13 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
 
         try:
             body = json.loads(await _read_limited(request) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise QueryError(400, "the body must be JSON") from None
         if not isinstance(body, dict):
             raise QueryError(400, "the body must be a JSON object")
-        k = svc.check_k(body.get("num_images", body.get("num_result_ids", 40)))
-        if body.get("modality", "image") not in ("image", "text"):
-            raise QueryError(400, "modality must be image or text")
+        k = svc.check_k(body.get("num_images", body.get("num_result_ids", 40)), MAX_KNN, cap=True)
+        if body.get("modality", "image") != "image":  # clip-retrieval's text modality searches caption embeddings
+            raise QueryError(400, "this index holds image embeddings only: modality must be image")
         if body.get("text"):
             results = await run_in_threadpool(svc.by_text, body["text"], k)
         elif body.get("image"):
