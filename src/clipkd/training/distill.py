@@ -346,6 +346,59 @@ def resolve_distill(cfg: TrainConfig, store: str | Path | None = None, teacher: 
     return cfg, terms, needs, stored
 
 
+@dataclass
+class TargetSources:
+    """Where a distill run's targets come from: the training images left once the store's undecodable ones are out,
+    the store rows (plain images, then the pool), the online teacher, the pool's absolute paths, and the teacher's
+    identity, embedding size and preprocessing."""
+
+    data: LabelledImages
+    targets: TargetRows | None
+    online: Any
+    extra_paths: list[str]
+    identity: str
+    dim: int
+    preprocess: PreprocessConfig
+
+
+def target_sources(data: LabelledImages, store: str | Path | None, stored: ViewPlan | None, teacher: str | None,
+                   extra_images: str | Path | None, extra_store: str | Path | None, device: str,
+                   precision: str) -> TargetSources:
+    """The build stage's first step: open the store (plain or of views), load the online teacher, look up the
+    training images' and the pool's stored targets."""
+    targets = online = None
+    extra_paths: list[str] = []
+    if stored is not None:
+        st = EmbeddingStore(store)
+        identity, dim, pre = st.teacher, st.embed_dim, PreprocessConfig.from_dict(st.manifest["preprocess"])
+    elif store is not None:
+        st = EmbeddingStore(store)
+        identity, dim, pre = st.teacher, st.embed_dim, PreprocessConfig.from_dict(st.manifest["preprocess"])
+        found = st.targets(data.paths, root=data.root)
+        if len(found.keep) < len(data.paths):
+            keep = found.keep.tolist()
+            data = LabelledImages(data.root, [data.paths[i] for i in keep], [data.labels[i] for i in keep],
+                                  data.classnames, data.folders)
+        targets = found.targets
+        if extra_images is not None:
+            extra = load_labelled_or_plain(extra_images)
+            got = EmbeddingStore(extra_store).targets(extra.paths, teacher=identity, what="pool images",
+                                                      root=extra.root)
+            extra_paths = [str((extra.root / extra.paths[i]).resolve()) for i in got.keep.tolist()]
+            targets = TargetRows.cat([targets, got.targets])
+    if teacher is not None:
+        from ..teachers import load_teacher
+
+        online = load_teacher(teacher, device=device, precision=precision)
+        if store is not None:
+            st.check_teacher(online.identity, hint="the store's targets and the online ones must be one teacher's")
+        identity, dim, pre = online.identity, online.embed_dim, online.preprocess_cfg
+        if extra_images is not None and store is None:
+            extra = load_labelled_or_plain(extra_images)
+            extra_paths = [str((extra.root / p).resolve()) for p in extra.paths]
+    return TargetSources(data, targets, online, extra_paths, identity, dim, pre)
+
+
 def distill(
     images: str | Path,
     out: str | Path,
@@ -388,35 +441,9 @@ def distill(
                           "need --text (the teacher's class text embeddings)")
     vocab_emb = TextEmbeddings.load(vocab) if vocab else None
 
-    targets = online = None
-    if stored is not None:
-        st = EmbeddingStore(store)
-        identity, dim, pre = st.teacher, st.embed_dim, PreprocessConfig.from_dict(st.manifest["preprocess"])
-    elif store is not None:
-        st = EmbeddingStore(store)
-        identity, dim, pre = st.teacher, st.embed_dim, PreprocessConfig.from_dict(st.manifest["preprocess"])
-        found = st.targets(data.paths, root=data.root)
-        if len(found.keep) < len(data.paths):
-            keep = found.keep.tolist()
-            data = LabelledImages(data.root, [data.paths[i] for i in keep], [data.labels[i] for i in keep],
-                                  data.classnames, data.folders)
-        targets = found.targets
-        if extra_images is not None:
-            extra = load_labelled_or_plain(extra_images)
-            got = EmbeddingStore(extra_store).targets(extra.paths, teacher=identity, what="pool images",
-                                                      root=extra.root)
-            extra_paths = [str((extra.root / extra.paths[i]).resolve()) for i in got.keep.tolist()]
-            targets = TargetRows.cat([targets, got.targets])
-    if teacher is not None:
-        from ..teachers import load_teacher
-
-        online = load_teacher(teacher, device=device, precision=cfg.precision)
-        if store is not None:
-            st.check_teacher(online.identity, hint="the store's targets and the online ones must be one teacher's")
-        identity, dim, pre = online.identity, online.embed_dim, online.preprocess_cfg
-        if extra_images is not None and store is None:
-            extra = load_labelled_or_plain(extra_images)
-            extra_paths = [str((extra.root / p).resolve()) for p in extra.paths]
+    src = target_sources(data, store, stored, teacher, extra_images, extra_store, device, cfg.precision)
+    data, targets, online, extra_paths = src.data, src.targets, src.online, src.extra_paths
+    identity, dim, pre = src.identity, src.dim, src.preprocess
     if text_emb is not None and text_emb.teacher != identity:
         raise ClipkdError(f"text embeddings {text} come from teacher '{text_emb.teacher}', but the image "
                           f"targets from '{identity}'")
