@@ -61,8 +61,9 @@ class RetrievalDemoConfig:
     images_per_class: int = 40  # the fine-tuning set: a small captioned subset of the teacher's world
     # a timm student distilled with clipkd's method from a store of views over the uncaptioned collection (every
     # train image), searched with the teacher's text tower: the same image tower as the micro CLIP's
+    # 5 epochs: 97 % of the teacher's i2i mAP@10 (3 epochs: 85 %, 10: 99.7 %; measured 2026-12-01)
     distilled: TrainConfig = field(default_factory=lambda: replace(TrainConfig.shipped("demo-student"),
-                                                                   student="test_resnet"))
+                                                                   student="test_resnet", epochs=5))
     views: int = 4
 
 
@@ -282,12 +283,14 @@ def _search_index(spec: str, name: str, images: Path, out: Path, device: str,
                   text_model: str | None = None) -> dict[str, Any]:
     """The demo's last step: a search index of ``images`` embedded by the best retrieval student (a distilled
     student searches text with its teacher's text tower)."""
-    from .search.index import _model_ref, build_index
+    from .models import load_image_model
+    from .search.index import build_index
 
-    if (out / "index.json").is_file() and read_json(out / "index.json", "index").get("model") != _model_ref(spec):
+    if (out / "index.json").is_file() and read_json(out / "index.json", "index").get("identity") != \
+            load_image_model(spec, device="cpu").identity:
         import shutil
 
-        shutil.rmtree(out)  # the demo's own folder: a better student this time replaces the old index
+        shutil.rmtree(out)  # the demo's own folder: another (or a retrained) best student replaces the old index
     index = build_index(spec, images, out, device=device, progress=False, text_model=text_model)
     return {"path": str(out), "student": name, "images": len(index), "kind": index.info["kind"]}
 
