@@ -175,7 +175,7 @@ def test_search_student_from_a_store_of_views_searches_like_its_teacher(digits):
     w, spec, root = digits
     views = clipkd.embed_images(spec, w / "train", root / "views", views=4, device="cpu", workers=0, progress=False)
     caps = subset_captions(w / "train" / "captions_en.csv", 10, root / "captions-10.csv")
-    cfg = clipkd.ClipTrainConfig(model="open_clip:clipkd-micro", epochs=10, batch_size=32, lr=2e-3, kd_loss="mse",
+    cfg = clipkd.ClipTrainConfig(model="open_clip:clipkd-micro", epochs=15, batch_size=32, lr=2e-3, kd_loss="mse",
                                  kd_weight=2.0, workers=0)
     maps = {}
     for name, kw in (("no_kd", {}), ("mse", {"store": root / "store"})):
@@ -183,12 +183,12 @@ def test_search_student_from_a_store_of_views_searches_like_its_teacher(digits):
         maps[name] = clipkd.evaluate_retrieval(r.spec, w / "test", device="cpu", workers=0,
                                                progress=False).metrics["i2i_map@10"]
     student = clipkd.distill(w / "train", root / "search-student",
-                             clipkd.TrainConfig(student="test_resnet", epochs=4, batch_size=64, lr=2e-3, workers=0),
+                             clipkd.TrainConfig(student="test_resnet", epochs=6, batch_size=64, lr=2e-3, workers=0),
                              store=views.root, device="cpu", progress=False)
     maps["views"] = clipkd.evaluate_retrieval(student.out, w / "test", device="cpu", workers=0,
                                               progress=False).metrics["i2i_map@10"]
     maps["teacher"] = clipkd.evaluate_retrieval(spec, w / "test", device="cpu", workers=0,
                                                 progress=False).metrics["i2i_map@10"]
-    # measured (2026-12-01, 15 CLIP / 6 student epochs): no_kd 0.641, mse 0.699, views 0.962, teacher 0.988
+    # measured (2026-12-01): no_kd 0.641, mse 0.699, views 0.962, teacher 0.988 (4 student epochs: views 0.911)
     assert maps["views"] > maps["mse"] + 0.1 and maps["views"] > maps["no_kd"] + 0.15, maps
     assert maps["views"] >= 0.93 * maps["teacher"], maps

@@ -162,3 +162,17 @@ def test_a_copied_clip_train_run_loads_its_own_weights(models, tmp_path):
     load_clip("open_clip:clipkd-micro").save(tmp_path / "orig")  # the original overwritten by other weights
     after = load_image_model(tmp_path / "copy", device="cpu").encode_image(x)
     assert torch.allclose(before, after)
+
+
+def test_the_api_chains_through_what_each_step_returns(tmp_path):
+    """A training result, a store or a path: each step takes what the previous one returned."""
+    from clipkd.fileio import ref
+    from clipkd.store import EmbeddingStore
+    from clipkd.training.distill import TrainResult
+
+    clip_run = TrainResult(tmp_path / "clip", tmp_path / "clip" / "w.pt", spec="open_clip:clipkd-micro@/x/w.pt")
+    student_run = TrainResult(tmp_path / "student", tmp_path / "student" / "student.pt")
+    assert ref(clip_run) == "open_clip:clipkd-micro@/x/w.pt" and ref(student_run) == tmp_path / "student"
+    store = EmbeddingStore.__new__(EmbeddingStore)
+    store.root = tmp_path / "store"
+    assert ref(store) == tmp_path / "store" and ref("open_clip:a@b") == "open_clip:a@b" and ref(None) is None

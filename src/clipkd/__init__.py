@@ -9,8 +9,10 @@ evaluation); every ``clipkd`` command is one call of it::
     text = clipkd.embed_text(teacher, classes="data/train")                   # TextEmbeddings
     store = clipkd.embed_images(teacher, "data/train", "runs/store")         # EmbeddingStore
     run = clipkd.distill("data/train", "runs/student", clipkd.TrainConfig(student="resnet18"),
-                         store="runs/store", text=text_file, split="split.json")  # TrainResult
-    result = clipkd.evaluate(run.path, "data/test", text=text_file, split="split.json")  # EvalResult
+                         store=store, text=text_file, split="split.json")  # TrainResult
+    result = clipkd.evaluate(run, "data/test", text=text_file, split="split.json")  # EvalResult
+
+Each step takes what the previous one returned (a store, a training result) as well as paths and specs.
 
 Names are imported on first use, so ``import clipkd`` stays cheap.
 """

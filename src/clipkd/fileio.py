@@ -21,6 +21,21 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
+def ref(x: Any) -> Any:
+    """What a step returned, as the next step takes it: a training result → the spec that loads it (a CLIP) or its
+    run folder (a student); a store → its folder; a path or spec as it is. The API chains through this."""
+    if x is None or isinstance(x, (str, Path)):
+        return x
+    spec = getattr(x, "spec", None)
+    if isinstance(spec, str) and spec:
+        return spec
+    for name in ("out", "root"):
+        value = getattr(x, name, None)
+        if isinstance(value, (str, Path)):
+            return value
+    return x
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Call ``write(fileobj)`` on a temp file next to ``path`` and rename it over ``path`` (with the umask's mode)."""
     path = Path(path)

@@ -126,6 +126,9 @@ def _student_model(model: str | Path, dev: torch.device) -> ImageModel:
 def load_image_model(model: str | Path, device: str | None = "auto", precision: str = "auto") -> ImageModel:
     """An :class:`ImageModel` for a teacher spec, a ``clip-train`` run folder, a distilled student (run folder or
     ``student.pt``) or an exported image tower (``.onnx``). A CLIP brings its own text tower (``.text``)."""
+    from .fileio import ref
+
+    model = ref(model)
     dev = resolve_device(device)
     if is_student(model):
         return _student_model(model, dev)

@@ -184,6 +184,9 @@ def evaluate(
     seen–unseen curve and its area (AUSUC). Accuracies are fractions in [0, 1]. ``out``: also write
     the result JSON there (and the seen–unseen curve PNG beside it).
     """
+    from ..fileio import ref
+
+    model = ref(model)
     data = load_labelled(images)
     classnames = TextEmbeddings.load(text).classnames if text else list(data.classnames)
     sp = load_split(split, classnames, data.aliases) if split is not None else None  # fail before any scoring

@@ -96,7 +96,9 @@ def load_teacher(spec: str | Path, device: str | None = "auto", precision: str =
     fp32 on CPU), ``fp32``, ``fp16`` or ``bf16`` (GPU autocast only). A spec that names no weights is
     refused (:func:`check_teacher_spec`); ``@random`` asks for random weights explicitly.
     """
-    spec = resolve_model(spec)
+    from ..fileio import ref
+
+    spec = resolve_model(ref(spec))
     check_teacher_spec(spec)
     model = _build(spec, device, precision)
     model.model.eval().requires_grad_(False)

@@ -14,7 +14,7 @@ from ..data.captions import CaptionDataset, check_tokenizer_reads, load_caption_
 from ..data.loader import ImageDataset, make_loader
 from ..distributed import ranks
 from ..errors import ClipkdError
-from ..fileio import write_json
+from ..fileio import ref, write_json
 from ..students.losses import kd_needs_text
 from .distill import TrainResult, store_views
 from .modules import ClipModule
@@ -201,7 +201,7 @@ def clip_train(
     """
     from ..teachers import load_clip, load_teacher
 
-    out = Path(out)
+    out, store, extra_store, teacher = Path(out), ref(store), ref(extra_store), ref(teacher)
     distilling = teacher is not None or store is not None
     needs_text = distilling and kd_needs_text(cfg.kd_loss)
     check_train_config(cfg)

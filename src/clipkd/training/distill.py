@@ -19,7 +19,7 @@ from ..data.preprocess import PreprocessConfig
 from ..data.views import ViewPlan, ViewSampler, make_view_plan
 from ..distributed import barrier, gather_objects, ranks
 from ..errors import ClipkdError
-from ..fileio import write_json
+from ..fileio import ref, write_json
 from ..prompts import TextEmbeddings
 from ..store import EmbeddingStore, TargetRows, embed_views
 from ..students.losses import EMBEDDING_LOSSES, check_terms, term_needs
@@ -427,7 +427,7 @@ def distill(
     ``out`` resumes a killed run of the same recipe; a run of another recipe there is refused unless
     ``overwrite`` (see :mod:`clipkd.training.runs`).
     """
-    out = Path(out)
+    out, store, extra_store = Path(out), ref(store), ref(extra_store)
     cfg, terms, needs, stored = resolve_distill(cfg, store, teacher, extra_images, extra_store)
     recipe = run_recipe("distill", cfg, images=images, store=store, teacher=teacher, text=text, split=split,
                         vocab=vocab, extra_images=extra_images, extra_store=extra_store)
