@@ -265,5 +265,27 @@ def test_chinese_clip_index_over_a_tsv_with_chinese_text(tiny_world, tmp_path):
     assert first.size[0] > 0
     client = TestClient(create_app(SearchIndex(tmp_path / "ix")))
     r = client.get(f"/images/{hits[0]['id']}")
-    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"  # a TSV row, re-encoded
     assert client.post("/search", json={"text": "一只蓝色的星星", "k": 2}).json()["results"][0]["id"] >= 0
+
+
+def test_every_stored_image_is_served_as_jpeg_or_png(teacher_spec, tmp_path):
+    """The seed's downloader (and most clients) save only JPEG and PNG; WebP, BMP, GIF and TIFF files were sent as
+    they are and dropped there."""
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from clipkd.search.service import create_app
+
+    for i, fmt in enumerate(("webp", "bmp", "gif", "tiff", "png", "jpeg")):
+        (tmp_path / "imgs").mkdir(exist_ok=True)
+        Image.new("RGB", (20, 16), (40 * i, 100, 200)).save(tmp_path / "imgs" / f"x{i}.{fmt}")
+    ix = build_index(teacher_spec, tmp_path / "imgs", tmp_path / "ix", device="cpu", workers=0, progress=False)
+    client = TestClient(create_app(SearchIndex(ix.root)))
+    for row, path in enumerate(ix.paths):
+        r = client.get(f"/images/{row}")
+        kind = r.headers["content-type"]
+        assert r.status_code == 200 and kind in ("image/jpeg", "image/png"), (path, kind)
+        assert Image.open(io.BytesIO(r.content)).format == kind.split("/")[1].upper(), path
+        assert Image.open(io.BytesIO(r.content)).size == (20, 16)

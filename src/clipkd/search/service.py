@@ -272,20 +272,24 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
 
     @app.get("/images/{row}")
     def image(row: str, thumb: int = 0) -> Response:
-        """An indexed image by id (``?thumb=1``: a JPEG at most 256 px; TSV rows are served as JPEG)."""
+        """An indexed image by id, always as JPEG or PNG (what clients and the seed's downloader save): JPEG and PNG
+        files as they are, other formats (WebP, BMP, GIF, TIFF, TSV rows) re-encoded as PNG; ``?thumb=1``: a JPEG
+        at most 256 px."""
         r = svc.image_row(row)
         path = Path(index.paths[r])
-        if not thumb and path.is_file():
-            return FileResponse(path)
+        if not thumb and path.is_file() and path.suffix.lower() in (".jpg", ".jpeg", ".png"):
+            return FileResponse(path, media_type="image/png" if path.suffix.lower() == ".png" else "image/jpeg")
         try:
             img = index.open_image(r)
         except Exception:  # noqa: BLE001 - gone or undecodable since it was indexed
             raise QueryError(404, "image cannot be decoded") from None
+        buf = io.BytesIO()
         if thumb:
             img.thumbnail((256, 256))
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=85)
-        return Response(buf.getvalue(), media_type="image/jpeg")
+            img.save(buf, "JPEG", quality=85)
+            return Response(buf.getvalue(), media_type="image/jpeg")
+        img.save(buf, "PNG")
+        return Response(buf.getvalue(), media_type="image/png")
 
     @app.get("/indices-list")
     def indices_list() -> list[str]:
