@@ -370,3 +370,19 @@ def test_written_files_follow_the_umask(tmp_path, fake_teacher):
         assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o640
     finally:
         os.umask(old)
+
+
+def test_predict_fails_when_no_file_could_be_read(tmp_path, capsys):
+    """predict exited 0 when every file failed; one readable file among bad ones is still a success."""
+    from clipkd.teachers import load_clip
+
+    spec = load_clip("open_clip:clipkd-micro").save(tmp_path / "clip")
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    args = ["predict", "--model", spec, "--classes", str(tmp_path / "classes.txt"), "--device", "cpu"]
+    assert main([*args, str(tmp_path / "bad.jpg"), str(tmp_path / "missing.png")]) == 2
+    assert "none of the 2 file(s) could be read" in capsys.readouterr().err
+    write_image(tmp_path / "ok.png")
+    assert main([*args, str(tmp_path / "bad.jpg"), str(tmp_path / "ok.png")]) == 0
+    out = capsys.readouterr().out
+    assert "bad.jpg: skipped" in out and "ok.png: " in out

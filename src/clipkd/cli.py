@@ -623,11 +623,15 @@ def _predict(a: argparse.Namespace) -> None:
         return
     if not a.files:
         raise ClipkdError("give image files to predict, or --video FILE|CAMERA_INDEX")
+    failed = 0
     for r in predict(a.model, a.files, text=a.text, classnames=classes, topk=a.topk, device=a.device):
         if r.error:
+            failed += 1
             print(f"{r.file}: skipped ({r.error})")
         else:
             print(f"{r.file}: " + ", ".join(f"{c} {p:.3f}" for c, p in r.top))
+    if failed == len(a.files):  # nothing predicted is not a success
+        raise ClipkdError(f"none of the {failed} file(s) could be read as an image")
 
 
 @command("convert-weights")
