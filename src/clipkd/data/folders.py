@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,3 +109,13 @@ def scan_image_folder(root: str | Path) -> LabelledImages:
     if not paths:
         raise ClipkdError(f"no image files found in the class folders of {root}")
     return LabelledImages(root, paths, labels, classnames, folders)
+
+
+def labels_from_paths(paths: Sequence[str]) -> tuple[list[int], list[str]] | None:
+    """Labels from the first folder of each relative path (class or product-id folders), if every path has one."""
+    first = [Path(p).parts[0] if len(Path(p).parts) > 1 else None for p in paths]
+    if any(f is None for f in first):
+        return None
+    names = sorted(set(first))
+    pos = {n: i for i, n in enumerate(names)}
+    return [pos[f] for f in first], names

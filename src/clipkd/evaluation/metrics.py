@@ -7,9 +7,13 @@ of seen and unseen classes respectively, predicting over all classes; H = 2SU / 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from ..errors import ClipkdError
 
 
 def per_class_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
@@ -114,3 +118,66 @@ def choose_gamma(scores: np.ndarray, labels: np.ndarray, seen: np.ndarray) -> fl
         return float(finite[-1] + 1.0)
     hi = gammas[i + 1] if i + 1 < len(gammas) - 1 else gammas[i] + 1.0
     return float((gammas[i] + hi) / 2)
+
+
+# --- retrieval metrics (a leaf: the trainers' validation uses them too) ---
+
+KS = (1, 5, 10)
+
+
+def _topk(sim: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Indices of the ``k`` largest entries per row (ties: lower index first), in row chunks."""
+    k = min(k, sim.shape[1])
+    return torch.cat([sim[i : i + chunk].topk(k, dim=1, sorted=True).indices for i in range(0, len(sim), chunk)])
+
+
+def text_image_recall(img: torch.Tensor, txt: torch.Tensor, txt_to_img: Sequence[int],
+                      ks: Sequence[int] = KS) -> dict[str, float]:
+    """``t2i_r@K``, ``i2t_r@K`` and ``mean_recall`` for L2-normalised image and text embeddings."""
+    owner = torch.as_tensor(np.asarray(txt_to_img), dtype=torch.long)
+    sim = txt.float() @ img.float().T  # texts × images
+    top = _topk(sim, max(ks))
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"t2i_r@{k}"] = float((top[:, :k] == owner[:, None]).any(1).float().mean())
+    top_t = _topk(sim.T, max(ks))  # images × texts
+    hit_owner = owner[top_t]  # the image each retrieved text belongs to
+    for k in ks:
+        mine = hit_owner[:, :k] == torch.arange(len(img))[:, None]
+        out[f"i2t_r@{k}"] = float(mine.any(1).float().mean())
+    out["mean_recall"] = float(np.mean([out[f"{d}_r@{k}"] for d in ("t2i", "i2t") for k in ks]))
+    return out
+
+
+def image_image_metrics(emb: torch.Tensor, labels: Sequence[int], ks: Sequence[int] = KS, map_k: int = 10,
+                        queries: Sequence[int] | None = None) -> dict[str, float]:
+    """Leave-one-out image→image retrieval over ``emb`` (each query excluded from its own results).
+
+    Returns ``i2i_r@K``, ``i2i_map@{map_k}`` and ``i2i_p@10``. Queries without any other image
+    of their label are left out of the averages (their count is ``i2i_queries_without_match``).
+    """
+    labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    q = torch.arange(len(emb)) if queries is None else torch.as_tensor(np.asarray(queries), dtype=torch.long)
+    n_rel = torch.bincount(labels_t)[labels_t[q]] - 1
+    keep = n_rel > 0
+    q, n_rel = q[keep], n_rel[keep]
+    if len(q) == 0:
+        raise ClipkdError("image→image retrieval needs at least two images of some label")
+    depth = max(max(ks), map_k, 10)
+    rel_rows = []
+    for i in range(0, len(q), 1024):
+        qi = q[i : i + 1024]
+        sim = emb[qi].float() @ emb.float().T
+        sim[torch.arange(len(qi)), qi] = float("-inf")
+        top = sim.topk(min(depth, len(emb) - 1), dim=1).indices
+        rel_rows.append(labels_t[top] == labels_t[qi][:, None])
+    rel = torch.cat(rel_rows).float()
+    out = {f"i2i_r@{k}": float(rel[:, :k].amax(1).mean()) for k in ks}
+    rk = rel[:, :map_k]
+    precision_at = rk.cumsum(1) / torch.arange(1, rk.shape[1] + 1)
+    ap = (precision_at * rk).sum(1) / torch.clamp(n_rel, max=map_k).float()
+    out[f"i2i_map@{map_k}"] = float(ap.mean())
+    out["i2i_p@10"] = float(rel[:, :10].sum(1).div(10).mean())
+    out["i2i_queries"] = int(len(q))
+    out["i2i_queries_without_match"] = int((~keep).sum())
+    return out

@@ -55,7 +55,7 @@ def model_spec(model: str, pretrained: str | None = None) -> str:
 
 
 def _val_data(clip: Any, images: str | Path, captions: str | Path, batch_size: int, workers: int | None):
-    from ..evaluation.retrieval import labels_from_paths
+    from ..data.folders import labels_from_paths
 
     source = load_caption_source(images, captions)
     dataset = ImageDataset(source.root, sorted(source.pairs), clip.preprocess, opener=source.opener)

@@ -307,7 +307,7 @@ class ClipModule(OptimMixin, L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         from ..distributed import gather_objects
-        from ..evaluation.retrieval import image_image_metrics, text_image_recall
+        from ..evaluation.metrics import image_image_metrics, text_image_recall
 
         parts = [p for rank in gather_objects(self._val) for p in rank] if self.several_ranks else self._val
         self._val = []
