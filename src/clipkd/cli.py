@@ -16,13 +16,19 @@ from typing import Any
 from .errors import ClipkdError, Interrupted
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
+ARGUMENTS: dict[str, Callable[[Any], None]] = {}
+# the order of ``clipkd --help``: the pipeline's
+COMMAND_ORDER = ("synth", "clip-train", "eval-retrieval", "prompts", "embed-text", "embed-images", "download",
+                 "distill", "train-supervised", "eval", "predict", "dataset", "store-import", "store-export",
+                 "import-text", "index", "search", "serve", "convert-weights", "export", "select", "demo")
 
 
-def command(name: str) -> Callable:
-    """Register ``fn(args)`` as the handler of sub-command ``name`` (a thin mapping onto one API call)."""
+def command(name: str, arguments: Callable[[Any], None]) -> Callable:
+    """Register sub-command ``name``: ``arguments(subparsers)`` declares its flags, the decorated ``fn(args)`` is its
+    handler (a thin mapping onto one API call); the two sit side by side in this file."""
 
     def wrap(fn: Callable[[argparse.Namespace], int | None]) -> Callable:
-        COMMANDS[name] = fn
+        COMMANDS[name], ARGUMENTS[name] = fn, arguments
         return fn
 
     return wrap
@@ -142,14 +148,137 @@ def _train_config(a: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .students.losses import DISTILL_TERMS, EMBEDDING_LOSSES, KD_LOSSES
-
+    """The ``clipkd`` parser: the global flags, then each registered command's own declaration (``@command``)."""
+    missing = set(COMMANDS) ^ set(COMMAND_ORDER)
+    if missing:  # a command registered but not ordered, or ordered but not registered
+        raise RuntimeError(f"COMMAND_ORDER and the registered commands differ: {sorted(missing)}")
     parser = argparse.ArgumentParser(prog="clipkd", description="Distill CLIP teachers into small, fast students.")
     parser.add_argument("--version", action="version", version=f"clipkd {__import__('clipkd').__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors (no progress notes)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    for name in COMMAND_ORDER:
+        ARGUMENTS[name](sub)
+    return parser
+
+
+def _args_index(sub: Any) -> None:
+    p = sub.add_parser("index", help="a FAISS search index over an image collection (build, add, remove)")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    q = isub.add_parser("build", help="embed images with a model into a new (or resumed) index")
+    q.add_argument("--model", required=True, help="clip-train run folder, distilled student (run folder or "
+                   "student.pt), or teacher spec")
+    q.add_argument("--images", required=True, help="image folder (class sub-folders become labels), path,label list, "
+                   "or Chinese-CLIP *_imgs.tsv")
+    q.add_argument("--out", required=True, help="index folder; re-running resumes an interrupted build")
+    q.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"],
+                   help="auto (default): exact up to 30k images, HNSW above; its recall@10 is measured and shown")
+    q.add_argument("--text-model", help="for a student: its teacher (spec or clip-train run), for text queries")
+    q.add_argument("--batch-size", type=_count, default=64, help="images per forward pass (default 64)")
+    q.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
+    _device_flags(q)
+    q = isub.add_parser("add", help="embed more images into an index (with the model that built it)")
+    q.add_argument("--index", required=True)
+    q.add_argument("--images", required=True, help="image folder, path,label list or Chinese-CLIP *_imgs.tsv")
+    q.add_argument("--batch-size", type=_count, default=64, help="images per forward pass (default 64)")
+    q.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
+    _device_flags(q)
+    q = isub.add_parser("remove", help="drop images from an index")
+    q.add_argument("--index", required=True)
+    q.add_argument("paths", nargs="+", help="image paths as indexed (absolute, or relative to here)")
+
+
+@command("index", _args_index)
+def _index(a: argparse.Namespace) -> None:
+    from .search.index import add_to_index, build_index, remove_from_index
+
+    if a.index_command == "remove":
+        n = remove_from_index(a.index, a.paths)
+        print(f"removed {n} image(s) from {a.index}")
+        return
+    if a.index_command == "build":
+        idx = build_index(a.model, a.images, a.out, a.kind, a.text_model, a.device, a.batch_size, a.workers,
+                          precision=a.precision or "auto")
+    else:
+        idx = add_to_index(a.index, a.images, a.device, a.batch_size, a.workers, precision=a.precision or "auto")
+    i = idx.info
+    print(f"index {idx.root}: {i['rows']} images ({i['skipped']} skipped), {i['kind']}, recall@10 vs exact "
+          f"{i['recall@10']:.3f}, model {i['identity']}")
+
+
+def _args_search(sub: Any) -> None:
+    p = sub.add_parser("search", help="top-k images of an index for an image or a text query (+ a PNG grid)")
+    p.add_argument("--index", required=True)
+    qq = p.add_mutually_exclusive_group(required=True)
+    qq.add_argument("--image", help="query image file")
+    qq.add_argument("--text", help="query text (the model's text tower, or a student's teacher's)")
+    p.add_argument("--k", type=_count, default=10, help="results (default 10)")
+    p.add_argument("--out", help="write a PNG grid (query, then its results) here")
+    p.add_argument("--text-model", help="for a student index built without one: its teacher, for --text")
+    _device_flags(p)
+
+
+@command("search", _args_search)
+def _search(a: argparse.Namespace) -> None:
+    from .data.loader import load_rgb
+    from .search.index import SearchIndex
+
+    idx = SearchIndex(a.index)
+    idx.load_encoder(text_model=a.text_model, device=a.device, precision=a.precision or "auto")
+    hits = idx.search(image=a.image, text=a.text, k=a.k)
+    for rank, h in enumerate(hits, 1):
+        print(f"{rank:3d}  {h['score']:.4f}  {h['path']}" + (f"  [{h['label']}]" if h["label"] else ""))
+    if a.out:
+        from .evaluation.plots import plot_search_grid
+
+        query = load_rgb(a.image) if a.image else None
+        rows = {h["path"]: h["id"] for h in hits}
+        grid = plot_search_grid(query, a.text or a.image, hits, lambda p: idx.open_image(rows[p]), a.out)
+        print(f"grid -> {grid}")
+
+
+def _args_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="an HTTP search service and web page over an index (FastAPI + uvicorn)")
+    p.add_argument("--index", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_count, default=8000, help="default 8000")
+    p.add_argument("--no-batch", action="store_true", help="one forward pass per query (no dynamic batching)")
+
+
+@command("serve", _args_serve)
+def _serve(a: argparse.Namespace) -> None:
+    from .search.service import serve
+
+    serve(a.index, a.host, a.port, batch=not a.no_batch)
+
+
+def _args_select(sub: Any) -> None:
+    p = sub.add_parser("select", help="a CLIP-filtered training list: top images per class prompt from an "
+                       "indexed pool")
+    p.add_argument("--index", required=True, help="index of the unlabelled pool")
+    p.add_argument("--prompts", required=True, help="prompts.json (from `clipkd prompts`)")
+    p.add_argument("--per-class", type=_count, default=100, help="images per class (default 100)")
+    p.add_argument("--min-similarity", type=float, default=-1.0, help="cosine a chosen image must reach (default: "
+                   "none; look at `clipkd search --text` scores of your model to pick one)")
+    p.add_argument("--duplicate", type=float, default=0.98, help="cosine above which an image is a near-copy of "
+                   "one already chosen (default 0.98)")
+    p.add_argument("--text-model", help="for a student index built without one: its teacher")
+    p.add_argument("--out", required=True, help="path,label,similarity CSV (distill and embed-images read it)")
+    _device_flags(p)
+
+
+@command("select", _args_select)
+def _select(a: argparse.Namespace) -> None:
+    from .search.select import select_images
+
+    sel = select_images(a.index, a.prompts, a.out, a.per_class, a.min_similarity, a.duplicate, a.text_model,
+                        a.device, a.precision or "auto")
+    total = sum(len(v) for v in sel.chosen.values())
+    print(f"{total} images for {len(sel.chosen)} classes -> {sel.out}")
+
+
+def _args_synth(sub: Any) -> None:
     p = sub.add_parser("synth", help="generate the demo world (coloured shapes, captions, seen/unseen split)")
     p.add_argument("--out", required=True, help="folder to write (reused when already complete)")
     p.add_argument("--seed", type=int, default=0)
@@ -161,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=int, default=30)
     p.add_argument("--unseen-per-shape", type=int, default=2, help="unseen colours per shape (default 2)")
     p.add_argument("--workers", type=_workers, default=2)
+
+
+@command("synth", _args_synth)
+def _synth(a: argparse.Namespace) -> None:
+    from .data.synth import WorldConfig, synthesize
+
+    cfg = WorldConfig(seed=a.seed, n_shapes=a.shapes, n_colours=a.colours, image_size=a.image_size,
+                      train_per_class=a.train_per_class, val_per_class=a.val_per_class,
+                      test_per_class=a.test_per_class, unseen_per_shape=a.unseen_per_shape)
+    print(f"demo world in {synthesize(a.out, cfg, workers=a.workers)}")
+
+
+def _args_clip_train(sub: Any) -> None:
+    from .students.losses import KD_LOSSES
 
     p = sub.add_parser("clip-train", help="train / fine-tune a CLIP (ClipLoss), optionally distilling a teacher CLIP")
     p.add_argument("--images", required=True, help="image root the caption paths are relative to, a "
@@ -196,6 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     _trainer_flags(p)
 
+
+@command("clip-train", _args_clip_train)
+def _clip_train(a: argparse.Namespace) -> None:
+    from .training.clip_train import ClipTrainConfig, clip_train, model_spec
+
+    extra = {"model": model_spec(a.model or ClipTrainConfig.model, a.pretrained)} if a.model or a.pretrained else {}
+    cfg = _recipe(ClipTrainConfig, a, **extra)
+    r = clip_train(a.images, a.captions, a.out, cfg, teacher=a.teacher, store=a.store, extra_images=a.extra_images,
+                   extra_store=a.extra_store, val_images=a.val_images,
+                   val_captions=a.val_captions, device=a.device, overwrite=a.overwrite)
+    print(f"model: {r.spec}")
+
+
+def _args_eval_retrieval(sub: Any) -> None:
     p = sub.add_parser("eval-retrieval", help="text<->image recall and image->image R@K / mAP@K / P@10")
     p.add_argument("--model", required=True, help="CLIP spec or clip-train run folder; or an image model (student, "
                    "exported .onnx) for image->image metrics")
@@ -210,12 +367,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results JSON; a PNG grid of queries and top-10 results is written beside it")
     p.add_argument("--device", default="auto")
 
+
+@command("eval-retrieval", _args_eval_retrieval)
+def _eval_retrieval(a: argparse.Namespace) -> None:
+    from .evaluation.retrieval import evaluate_retrieval
+
+    r = evaluate_retrieval(a.model, a.images, a.captions, batch_size=a.batch_size, workers=a.workers,
+                           device=a.device, max_queries=a.max_queries, out=a.out, text_model=a.text_model)
+    print(json.dumps(r.to_dict(), indent=2))
+
+
+def _args_prompts(sub: Any) -> None:
     p = sub.add_parser("prompts", help="class names + templates -> prompts file")
     p.add_argument("--classes", required=True, help="ImageFolder (class = sub-folder) or text file, one class per line")
     p.add_argument("--templates", default="openai",
                    help="openai (open_clip's 80), simple (7), none, or a file of '{}' templates (default openai)")
     p.add_argument("--out", required=True, help=".json ({class: [prompts]}) or .txt (seed style, one per class)")
 
+
+@command("prompts", _args_prompts)
+def _prompts(a: argparse.Namespace) -> None:
+    from .prompts import build_prompts, load_classnames, load_templates, write_prompts
+
+    prompts = build_prompts(load_classnames(a.classes), load_templates(a.templates))
+    print(f"{sum(map(len, prompts.values()))} prompts for {len(prompts)} classes -> {write_prompts(a.out, prompts)}")
+
+
+def _args_embed_text(sub: Any) -> None:
     p = sub.add_parser("embed-text", help="prompts -> one normalised, template-averaged text embedding per class")
     p.add_argument("--teacher", required=True, help="teacher spec, e.g. open_clip:ViT-B-32@laion2b_s34b_b79k")
     src = p.add_mutually_exclusive_group(required=True)
@@ -225,6 +403,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz")
     _device_flags(p)
 
+
+@command("embed-text", _args_embed_text)
+def _embed_text(a: argparse.Namespace) -> None:
+    from .prompts import embed_text
+
+    emb = embed_text(a.teacher, prompts=a.prompts, classes=a.classes, templates=a.templates, device=a.device,
+                     precision=a.precision or "auto")
+    print(f"{len(emb.classnames)} class embeddings ({emb.embeddings.shape[1]}-d) -> {emb.save(a.out)}")
+
+
+def _args_embed_images(sub: Any) -> None:
     p = sub.add_parser("embed-images", help="teacher image embeddings of a folder -> resumable sharded store")
     p.add_argument("--teacher", required=True, help="teacher spec")
     p.add_argument("--images", required=True, help="folder of images (searched recursively), image list, or "
@@ -246,6 +435,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the views' draw (default 0)")
     _device_flags(p)
 
+
+@command("embed-images", _args_embed_images)
+def _embed_images(a: argparse.Namespace) -> None:
+    from .fileio import check_out_dir
+    from .store import embed_images
+
+    check_out_dir(a.out, "embedding store")  # before loading the teacher (which loads once the images are found)
+    store = embed_images(a.teacher, a.images, a.out, batch_size=a.batch_size, workers=a.workers,
+                         shard_size=a.shard_size, compile=a.compile, device=a.device, precision=a.precision or "auto",
+                         views=a.views, view_hue=a.view_hue, view_mix=a.view_mix,
+                         split=a.split, seed=a.seed)
+    m = store.manifest
+    what = f" ({a.views} views of each image)" if a.views > 1 else ""
+    print(f"store {a.out}: {m['count']} embeddings{what} in {len(m['shards'])} shard(s), {m['skipped_count']} file(s) "
+          "skipped")
+
+
+def _args_download(sub: Any) -> None:
     p = sub.add_parser("download", help="images from a URL list into WebDataset shards (img2dataset), for --images")
     p.add_argument("--urls", required=True, help="URL list: .txt (one per line), .csv/.tsv/.parquet/.json with a url "
                    "column")
@@ -260,6 +467,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_count, default=32, help="download threads per process (default 32)")
     p.add_argument("--timeout", type=_count, default=10, help="seconds per request (default 10)")
     p.add_argument("--retries", type=int, default=0, help="retries per failed URL (default 0)")
+
+
+@command("download", _args_download)
+def _download(a: argparse.Namespace) -> None:
+    from .data.download import download
+
+    r = download(a.urls, a.out, image_size=a.image_size, resize_mode=a.resize_mode, url_col=a.url_col,
+                 caption_col=a.caption_col, per_shard=a.per_shard, processes=a.processes, threads=a.threads,
+                 timeout=a.timeout, retries=a.retries)
+    failed = ", ".join(f"{n} {m}" for m, n in sorted(r.errors.items(), key=lambda kv: -kv[1])[:5])
+    print(f"downloaded {r.successes} of {r.urls} image(s) into {len(r.shards)} shard(s)"
+          + (f"; failed: {failed}" if failed else ""))
+    print(f"--images '{r.pattern}'")
+
+
+def _args_distill(sub: Any) -> None:
+    from .students.losses import DISTILL_TERMS, EMBEDDING_LOSSES
 
     p = sub.add_parser("distill", help="train a timm student to mimic the teacher's image embeddings")
     p.add_argument("--images", required=True, help="ImageFolder of training images")
@@ -296,10 +520,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-store", help="the pool's embed-images store (with --store)")
     _train_flags(p)
 
+
+@command("distill", _args_distill)
+def _distill(a: argparse.Namespace) -> None:
+    from .training.distill import distill
+
+    r = distill(a.images, a.out, _train_config(a), store=a.store, teacher=a.teacher, text=a.text, split=a.split,
+                device=a.device, vocab=a.vocab, extra_images=a.extra_images, extra_store=a.extra_store,
+                overwrite=a.overwrite)
+    print(f"student -> {r.path}")
+
+
+def _args_train_supervised(sub: Any) -> None:
     p = sub.add_parser("train-supervised", help="the normal-training baseline: class head on seen classes")
     p.add_argument("--images", required=True, help="ImageFolder of training images")
     _train_flags(p)
 
+
+@command("train-supervised", _args_train_supervised)
+def _train_supervised(a: argparse.Namespace) -> None:
+    from .training.distill import train_supervised
+
+    r = train_supervised(a.images, a.out, _train_config(a), split=a.split, device=a.device, overwrite=a.overwrite)
+    print(f"baseline -> {r.path}")
+
+
+def _args_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="zero-shot / generalized zero-shot accuracy of a teacher or student")
     p.add_argument("--model", required=True, help="teacher spec or student run folder / student.pt")
     p.add_argument("--images", required=True, help="labelled ImageFolder (test split)")
@@ -312,6 +558,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the results JSON here (and the seen-unseen curve PNG beside it)")
     p.add_argument("--device", default="auto")
 
+
+@command("eval", _args_eval)
+def _eval(a: argparse.Namespace) -> None:
+    from .evaluation.zeroshot import evaluate
+
+    r = evaluate(a.model, a.images, text=a.text, split=a.split, val=a.val, templates=a.templates,
+                 batch_size=a.batch_size, workers=a.workers, device=a.device, out=a.out)
+    print(json.dumps(r.to_dict(curve=False), indent=2))
+
+
+def _args_predict(sub: Any) -> None:
     p = sub.add_parser("predict", help="top-k classes with probabilities for image files")
     p.add_argument("--model", required=True, help="teacher spec or student run folder / student.pt")
     p.add_argument("--text", help="class text embeddings (embedding models)")
@@ -323,285 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=_count, help="with --video: stop after this many predicted frames")
     p.add_argument("files", nargs="*", help="image files")
 
-    p = sub.add_parser("dataset", help="real datasets -> clipkd inputs (image lists, split files)")
-    dsub = p.add_subparsers(dest="dataset", required=True, metavar="KIND")
-    q = dsub.add_parser("xlsa17", help="AwA2/CUB/SUN/aPY proposed splits (att_splits.mat + res101.mat)")
-    q.add_argument("--splits", required=True, help="folder with att_splits.mat and res101.mat (e.g. xlsa17/data/CUB)")
-    q.add_argument("--images", required=True, help="your copy of the dataset's images (the authors' absolute "
-                   "paths are re-rooted onto it)")
-    q.add_argument("--out", required=True, help="folder for trainval/test_seen/test_unseen/test .csv, split.json")
-    q = dsub.add_parser("digits", help="real-image GZSL worlds from scikit-learn's handwritten digits (offline)")
-    q.add_argument("--kind", default="digits", choices=["digits", "digits-colour"],
-                   help="digits: 10 classes, --unseen held out; digits-colour: 40 ink×digit classes, one ink per "
-                   "digit held out (default digits)")
-    q.add_argument("--unseen", type=int, default=3, help="unseen digits (kind digits; default 3)")
-    q.add_argument("--image-size", type=int, default=32)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--out", required=True, help="world folder: train/ val/ test/ with captions_en.csv, split.json")
-    q = dsub.add_parser("coop", help="CoOp base-to-new split: sorted classes, first ceil(n/2) are base (seen)")
-    q.add_argument("--images", required=True, help="ImageFolder, image list, or class-name file")
-    q.add_argument("--out", required=True, help="split .json")
 
-    p = sub.add_parser("store-import", help="a seed-style folder of one .npy per image -> embedding store")
-    p.add_argument("--npy", required=True, help="folder of <image name>.npy (or <relative path>.npy) files")
-    p.add_argument("--images", required=True, help="the images they belong to (folder)")
-    p.add_argument("--teacher", required=True, help="the teacher that made them (its spec), recorded as identity")
-    p.add_argument("--out", required=True, help="store folder")
-
-    p = sub.add_parser("store-export", help="embedding store -> seed-style folder of one .npy per image")
-    p.add_argument("--store", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--mirror", action="store_true", help="<relative path>.npy instead of <image name>.npy")
-
-    p = sub.add_parser("import-text", help="seed-style text_prompts.txt + (C, D) .npy -> text embeddings .npz")
-    p.add_argument("--prompts", required=True, help="text_prompts.txt, one prompt per class per line")
-    p.add_argument("--embeddings", required=True, help=".npy with one row per line of --prompts")
-    p.add_argument("--teacher", required=True, help="the teacher that made them (its spec), recorded as identity")
-    p.add_argument("--logit-scale", type=float, default=100.0)
-    p.add_argument("--out", required=True, help="output .npz")
-
-    p = sub.add_parser("index", help="a FAISS search index over an image collection (build, add, remove)")
-    isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
-    q = isub.add_parser("build", help="embed images with a model into a new (or resumed) index")
-    q.add_argument("--model", required=True, help="clip-train run folder, distilled student (run folder or "
-                   "student.pt), or teacher spec")
-    q.add_argument("--images", required=True, help="image folder (class sub-folders become labels), path,label list, "
-                   "or Chinese-CLIP *_imgs.tsv")
-    q.add_argument("--out", required=True, help="index folder; re-running resumes an interrupted build")
-    q.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"],
-                   help="auto (default): exact up to 30k images, HNSW above; its recall@10 is measured and shown")
-    q.add_argument("--text-model", help="for a student: its teacher (spec or clip-train run), for text queries")
-    q.add_argument("--batch-size", type=_count, default=64, help="images per forward pass (default 64)")
-    q.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
-    _device_flags(q)
-    q = isub.add_parser("add", help="embed more images into an index (with the model that built it)")
-    q.add_argument("--index", required=True)
-    q.add_argument("--images", required=True, help="image folder, path,label list or Chinese-CLIP *_imgs.tsv")
-    q.add_argument("--batch-size", type=_count, default=64, help="images per forward pass (default 64)")
-    q.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
-    _device_flags(q)
-    q = isub.add_parser("remove", help="drop images from an index")
-    q.add_argument("--index", required=True)
-    q.add_argument("paths", nargs="+", help="image paths as indexed (absolute, or relative to here)")
-
-    p = sub.add_parser("search", help="top-k images of an index for an image or a text query (+ a PNG grid)")
-    p.add_argument("--index", required=True)
-    qq = p.add_mutually_exclusive_group(required=True)
-    qq.add_argument("--image", help="query image file")
-    qq.add_argument("--text", help="query text (the model's text tower, or a student's teacher's)")
-    p.add_argument("--k", type=_count, default=10, help="results (default 10)")
-    p.add_argument("--out", help="write a PNG grid (query, then its results) here")
-    p.add_argument("--text-model", help="for a student index built without one: its teacher, for --text")
-    _device_flags(p)
-
-    p = sub.add_parser("serve", help="an HTTP search service and web page over an index (FastAPI + uvicorn)")
-    p.add_argument("--index", required=True)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_count, default=8000, help="default 8000")
-    p.add_argument("--no-batch", action="store_true", help="one forward pass per query (no dynamic batching)")
-
-    p = sub.add_parser("convert-weights", help="ImageNet weights laid out by another codebase -> timm's names (for "
-                       "--pretrained FILE)")
-    p.add_argument("--arch", required=True, help="the timm architecture the weights are for (e.g. efficientnet_lite0)")
-    p.add_argument("--weights", required=True, help="the weights file (.pth state dict)")
-    p.add_argument("--out", required=True, help="output .pth under timm's parameter names")
-
-    p = sub.add_parser("export", help="a model as a self-describing ONNX file (fp32 or INT8) or TensorRT engine")
-    p.add_argument("--model", required=True, help="student run folder / student.pt, clip-train run, or teacher spec "
-                   "(its image tower)")
-    p.add_argument("--format", default="onnx", help="onnx (default) or tensorrt (needs a CUDA GPU and tensorrt)")
-    p.add_argument("--out", required=True, help="output file (.onnx; .engine for tensorrt)")
-    p.add_argument("--images", help="sample images for the parity check against PyTorch (default: the student run's "
-                   "training images)")
-    p.add_argument("--samples", type=_count, default=16, help="parity samples (default 16)")
-    p.add_argument("--int8", action="store_true", help="INT8 post-training static quantization (QDQ, per-channel)")
-    p.add_argument("--calib", help="calibration images for --int8 (folder or list; at least 16)")
-    p.add_argument("--calib-count", type=_count, default=128, help="calibration images used (default 128)")
-    p.add_argument("--tower", default="image", choices=["image", "text"],
-                   help="text: a CLIP's text tower (open_clip models; embed-text and --text-model take the file)")
-
-    p = sub.add_parser("select", help="a CLIP-filtered training list: top images per class prompt from an "
-                       "indexed pool")
-    p.add_argument("--index", required=True, help="index of the unlabelled pool")
-    p.add_argument("--prompts", required=True, help="prompts.json (from `clipkd prompts`)")
-    p.add_argument("--per-class", type=_count, default=100, help="images per class (default 100)")
-    p.add_argument("--min-similarity", type=float, default=-1.0, help="cosine a chosen image must reach (default: "
-                   "none; look at `clipkd search --text` scores of your model to pick one)")
-    p.add_argument("--duplicate", type=float, default=0.98, help="cosine above which an image is a near-copy of "
-                   "one already chosen (default 0.98)")
-    p.add_argument("--text-model", help="for a student index built without one: its teacher")
-    p.add_argument("--out", required=True, help="path,label,similarity CSV (distill and embed-images read it)")
-    _device_flags(p)
-
-    p = sub.add_parser("demo", help="the whole pipeline in the demo world, with a results table")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a small world and short training (about a minute)")
-    p.add_argument("--task", default="zeroshot", choices=["zeroshot", "retrieval"],
-                   help="zeroshot: the first workflow (GZSL); retrieval: CLIP fine-tuning with distillation")
-    p.add_argument("--shared", help="reuse the world, teacher and store of this folder (e.g. runs/demo)")
-    p.add_argument("--device", default="auto")
-    return parser
-
-
-@command("index")
-def _index(a: argparse.Namespace) -> None:
-    from .search.index import add_to_index, build_index, remove_from_index
-
-    if a.index_command == "remove":
-        n = remove_from_index(a.index, a.paths)
-        print(f"removed {n} image(s) from {a.index}")
-        return
-    if a.index_command == "build":
-        idx = build_index(a.model, a.images, a.out, a.kind, a.text_model, a.device, a.batch_size, a.workers,
-                          precision=a.precision or "auto")
-    else:
-        idx = add_to_index(a.index, a.images, a.device, a.batch_size, a.workers, precision=a.precision or "auto")
-    i = idx.info
-    print(f"index {idx.root}: {i['rows']} images ({i['skipped']} skipped), {i['kind']}, recall@10 vs exact "
-          f"{i['recall@10']:.3f}, model {i['identity']}")
-
-
-@command("search")
-def _search(a: argparse.Namespace) -> None:
-    from .data.loader import load_rgb
-    from .search.index import SearchIndex
-
-    idx = SearchIndex(a.index)
-    idx.load_encoder(text_model=a.text_model, device=a.device, precision=a.precision or "auto")
-    hits = idx.search(image=a.image, text=a.text, k=a.k)
-    for rank, h in enumerate(hits, 1):
-        print(f"{rank:3d}  {h['score']:.4f}  {h['path']}" + (f"  [{h['label']}]" if h["label"] else ""))
-    if a.out:
-        from .evaluation.plots import plot_search_grid
-
-        query = load_rgb(a.image) if a.image else None
-        rows = {h["path"]: h["id"] for h in hits}
-        grid = plot_search_grid(query, a.text or a.image, hits, lambda p: idx.open_image(rows[p]), a.out)
-        print(f"grid -> {grid}")
-
-
-@command("serve")
-def _serve(a: argparse.Namespace) -> None:
-    from .search.service import serve
-
-    serve(a.index, a.host, a.port, batch=not a.no_batch)
-
-
-@command("select")
-def _select(a: argparse.Namespace) -> None:
-    from .search.select import select_images
-
-    sel = select_images(a.index, a.prompts, a.out, a.per_class, a.min_similarity, a.duplicate, a.text_model,
-                        a.device, a.precision or "auto")
-    total = sum(len(v) for v in sel.chosen.values())
-    print(f"{total} images for {len(sel.chosen)} classes -> {sel.out}")
-
-
-@command("synth")
-def _synth(a: argparse.Namespace) -> None:
-    from .data.synth import WorldConfig, synthesize
-
-    cfg = WorldConfig(seed=a.seed, n_shapes=a.shapes, n_colours=a.colours, image_size=a.image_size,
-                      train_per_class=a.train_per_class, val_per_class=a.val_per_class,
-                      test_per_class=a.test_per_class, unseen_per_shape=a.unseen_per_shape)
-    print(f"demo world in {synthesize(a.out, cfg, workers=a.workers)}")
-
-
-@command("clip-train")
-def _clip_train(a: argparse.Namespace) -> None:
-    from .training.clip_train import ClipTrainConfig, clip_train, model_spec
-
-    extra = {"model": model_spec(a.model or ClipTrainConfig.model, a.pretrained)} if a.model or a.pretrained else {}
-    cfg = _recipe(ClipTrainConfig, a, **extra)
-    r = clip_train(a.images, a.captions, a.out, cfg, teacher=a.teacher, store=a.store, extra_images=a.extra_images,
-                   extra_store=a.extra_store, val_images=a.val_images,
-                   val_captions=a.val_captions, device=a.device, overwrite=a.overwrite)
-    print(f"model: {r.spec}")
-
-
-@command("eval-retrieval")
-def _eval_retrieval(a: argparse.Namespace) -> None:
-    from .evaluation.retrieval import evaluate_retrieval
-
-    r = evaluate_retrieval(a.model, a.images, a.captions, batch_size=a.batch_size, workers=a.workers,
-                           device=a.device, max_queries=a.max_queries, out=a.out, text_model=a.text_model)
-    print(json.dumps(r.to_dict(), indent=2))
-
-
-@command("prompts")
-def _prompts(a: argparse.Namespace) -> None:
-    from .prompts import build_prompts, load_classnames, load_templates, write_prompts
-
-    prompts = build_prompts(load_classnames(a.classes), load_templates(a.templates))
-    print(f"{sum(map(len, prompts.values()))} prompts for {len(prompts)} classes -> {write_prompts(a.out, prompts)}")
-
-
-@command("embed-text")
-def _embed_text(a: argparse.Namespace) -> None:
-    from .prompts import embed_text
-
-    emb = embed_text(a.teacher, prompts=a.prompts, classes=a.classes, templates=a.templates, device=a.device,
-                     precision=a.precision or "auto")
-    print(f"{len(emb.classnames)} class embeddings ({emb.embeddings.shape[1]}-d) -> {emb.save(a.out)}")
-
-
-@command("embed-images")
-def _embed_images(a: argparse.Namespace) -> None:
-    from .fileio import check_out_dir
-    from .store import embed_images
-
-    check_out_dir(a.out, "embedding store")  # before loading the teacher (which loads once the images are found)
-    store = embed_images(a.teacher, a.images, a.out, batch_size=a.batch_size, workers=a.workers,
-                         shard_size=a.shard_size, compile=a.compile, device=a.device, precision=a.precision or "auto",
-                         views=a.views, view_hue=a.view_hue, view_mix=a.view_mix,
-                         split=a.split, seed=a.seed)
-    m = store.manifest
-    what = f" ({a.views} views of each image)" if a.views > 1 else ""
-    print(f"store {a.out}: {m['count']} embeddings{what} in {len(m['shards'])} shard(s), {m['skipped_count']} file(s) "
-          "skipped")
-
-
-@command("download")
-def _download(a: argparse.Namespace) -> None:
-    from .data.download import download
-
-    r = download(a.urls, a.out, image_size=a.image_size, resize_mode=a.resize_mode, url_col=a.url_col,
-                 caption_col=a.caption_col, per_shard=a.per_shard, processes=a.processes, threads=a.threads,
-                 timeout=a.timeout, retries=a.retries)
-    failed = ", ".join(f"{n} {m}" for m, n in sorted(r.errors.items(), key=lambda kv: -kv[1])[:5])
-    print(f"downloaded {r.successes} of {r.urls} image(s) into {len(r.shards)} shard(s)"
-          + (f"; failed: {failed}" if failed else ""))
-    print(f"--images '{r.pattern}'")
-
-
-@command("distill")
-def _distill(a: argparse.Namespace) -> None:
-    from .training.distill import distill
-
-    r = distill(a.images, a.out, _train_config(a), store=a.store, teacher=a.teacher, text=a.text, split=a.split,
-                device=a.device, vocab=a.vocab, extra_images=a.extra_images, extra_store=a.extra_store,
-                overwrite=a.overwrite)
-    print(f"student -> {r.path}")
-
-
-@command("train-supervised")
-def _train_supervised(a: argparse.Namespace) -> None:
-    from .training.distill import train_supervised
-
-    r = train_supervised(a.images, a.out, _train_config(a), split=a.split, device=a.device, overwrite=a.overwrite)
-    print(f"baseline -> {r.path}")
-
-
-@command("eval")
-def _eval(a: argparse.Namespace) -> None:
-    from .evaluation.zeroshot import evaluate
-
-    r = evaluate(a.model, a.images, text=a.text, split=a.split, val=a.val, templates=a.templates,
-                 batch_size=a.batch_size, workers=a.workers, device=a.device, out=a.out)
-    print(json.dumps(r.to_dict(curve=False), indent=2))
-
-
-@command("predict")
+@command("predict", _args_predict)
 def _predict(a: argparse.Namespace) -> None:
     from .evaluation.zeroshot import predict
     from .prompts import load_classnames
@@ -634,7 +614,15 @@ def _predict(a: argparse.Namespace) -> None:
         raise ClipkdError(f"none of the {failed} file(s) could be read as an image")
 
 
-@command("convert-weights")
+def _args_convert_weights(sub: Any) -> None:
+    p = sub.add_parser("convert-weights", help="ImageNet weights laid out by another codebase -> timm's names (for "
+                       "--pretrained FILE)")
+    p.add_argument("--arch", required=True, help="the timm architecture the weights are for (e.g. efficientnet_lite0)")
+    p.add_argument("--weights", required=True, help="the weights file (.pth state dict)")
+    p.add_argument("--out", required=True, help="output .pth under timm's parameter names")
+
+
+@command("convert-weights", _args_convert_weights)
 def _convert_weights(a: argparse.Namespace) -> None:
     from .students.model import convert_weights
 
@@ -643,7 +631,23 @@ def _convert_weights(a: argparse.Namespace) -> None:
           f"{r['out']}")
 
 
-@command("export")
+def _args_export(sub: Any) -> None:
+    p = sub.add_parser("export", help="a model as a self-describing ONNX file (fp32 or INT8) or TensorRT engine")
+    p.add_argument("--model", required=True, help="student run folder / student.pt, clip-train run, or teacher spec "
+                   "(its image tower)")
+    p.add_argument("--format", default="onnx", help="onnx (default) or tensorrt (needs a CUDA GPU and tensorrt)")
+    p.add_argument("--out", required=True, help="output file (.onnx; .engine for tensorrt)")
+    p.add_argument("--images", help="sample images for the parity check against PyTorch (default: the student run's "
+                   "training images)")
+    p.add_argument("--samples", type=_count, default=16, help="parity samples (default 16)")
+    p.add_argument("--int8", action="store_true", help="INT8 post-training static quantization (QDQ, per-channel)")
+    p.add_argument("--calib", help="calibration images for --int8 (folder or list; at least 16)")
+    p.add_argument("--calib-count", type=_count, default=128, help="calibration images used (default 128)")
+    p.add_argument("--tower", default="image", choices=["image", "text"],
+                   help="text: a CLIP's text tower (open_clip models; embed-text and --text-model take the file)")
+
+
+@command("export", _args_export)
 def _export(a: argparse.Namespace) -> None:
     from .export import export_model
 
@@ -654,7 +658,28 @@ def _export(a: argparse.Namespace) -> None:
           f"mean {r.mean_cosine:.6f}")
 
 
-@command("dataset")
+def _args_dataset(sub: Any) -> None:
+    p = sub.add_parser("dataset", help="real datasets -> clipkd inputs (image lists, split files)")
+    dsub = p.add_subparsers(dest="dataset", required=True, metavar="KIND")
+    q = dsub.add_parser("xlsa17", help="AwA2/CUB/SUN/aPY proposed splits (att_splits.mat + res101.mat)")
+    q.add_argument("--splits", required=True, help="folder with att_splits.mat and res101.mat (e.g. xlsa17/data/CUB)")
+    q.add_argument("--images", required=True, help="your copy of the dataset's images (the authors' absolute "
+                   "paths are re-rooted onto it)")
+    q.add_argument("--out", required=True, help="folder for trainval/test_seen/test_unseen/test .csv, split.json")
+    q = dsub.add_parser("digits", help="real-image GZSL worlds from scikit-learn's handwritten digits (offline)")
+    q.add_argument("--kind", default="digits", choices=["digits", "digits-colour"],
+                   help="digits: 10 classes, --unseen held out; digits-colour: 40 ink×digit classes, one ink per "
+                   "digit held out (default digits)")
+    q.add_argument("--unseen", type=int, default=3, help="unseen digits (kind digits; default 3)")
+    q.add_argument("--image-size", type=int, default=32)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, help="world folder: train/ val/ test/ with captions_en.csv, split.json")
+    q = dsub.add_parser("coop", help="CoOp base-to-new split: sorted classes, first ceil(n/2) are base (seen)")
+    q.add_argument("--images", required=True, help="ImageFolder, image list, or class-name file")
+    q.add_argument("--out", required=True, help="split .json")
+
+
+@command("dataset", _args_dataset)
 def _dataset(a: argparse.Namespace) -> None:
     from .data.datasets import write_coop_split, write_xlsa17
 
@@ -671,7 +696,15 @@ def _dataset(a: argparse.Namespace) -> None:
         print(f"{len(split.seen)} base (seen) and {len(split.unseen)} new (unseen) classes -> {a.out}")
 
 
-@command("store-import")
+def _args_store_import(sub: Any) -> None:
+    p = sub.add_parser("store-import", help="a seed-style folder of one .npy per image -> embedding store")
+    p.add_argument("--npy", required=True, help="folder of <image name>.npy (or <relative path>.npy) files")
+    p.add_argument("--images", required=True, help="the images they belong to (folder)")
+    p.add_argument("--teacher", required=True, help="the teacher that made them (its spec), recorded as identity")
+    p.add_argument("--out", required=True, help="store folder")
+
+
+@command("store-import", _args_store_import)
 def _store_import(a: argparse.Namespace) -> None:
     from .store import import_npy_folder
 
@@ -679,14 +712,30 @@ def _store_import(a: argparse.Namespace) -> None:
     print(f"store {a.out}: {len(st)} embeddings ({st.embed_dim}-d), {st.manifest['skipped_count']} skipped")
 
 
-@command("store-export")
+def _args_store_export(sub: Any) -> None:
+    p = sub.add_parser("store-export", help="embedding store -> seed-style folder of one .npy per image")
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--mirror", action="store_true", help="<relative path>.npy instead of <image name>.npy")
+
+
+@command("store-export", _args_store_export)
 def _store_export(a: argparse.Namespace) -> None:
     from .store import export_npy_folder
 
     print(f"{export_npy_folder(a.store, a.out, flat=not a.mirror)} .npy files -> {a.out}")
 
 
-@command("import-text")
+def _args_import_text(sub: Any) -> None:
+    p = sub.add_parser("import-text", help="seed-style text_prompts.txt + (C, D) .npy -> text embeddings .npz")
+    p.add_argument("--prompts", required=True, help="text_prompts.txt, one prompt per class per line")
+    p.add_argument("--embeddings", required=True, help=".npy with one row per line of --prompts")
+    p.add_argument("--teacher", required=True, help="the teacher that made them (its spec), recorded as identity")
+    p.add_argument("--logit-scale", type=float, default=100.0)
+    p.add_argument("--out", required=True, help="output .npz")
+
+
+@command("import-text", _args_import_text)
 def _import_text(a: argparse.Namespace) -> None:
     from .prompts import import_seed_text
 
@@ -694,7 +743,17 @@ def _import_text(a: argparse.Namespace) -> None:
     print(f"{len(emb.classnames)} class embeddings -> {emb.save(a.out)}")
 
 
-@command("demo")
+def _args_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline in the demo world, with a results table")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a small world and short training (about a minute)")
+    p.add_argument("--task", default="zeroshot", choices=["zeroshot", "retrieval"],
+                   help="zeroshot: the first workflow (GZSL); retrieval: CLIP fine-tuning with distillation")
+    p.add_argument("--shared", help="reuse the world, teacher and store of this folder (e.g. runs/demo)")
+    p.add_argument("--device", default="auto")
+
+
+@command("demo", _args_demo)
 def _demo(a: argparse.Namespace) -> None:
     from .demo import run_demo
 
