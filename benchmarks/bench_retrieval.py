@@ -37,7 +37,7 @@ from clipkd.data.captions import subset_captions
 
 KEYS = ("i2i_map@10", "i2i_r@1", "i2i_p@10", "t2i_r@1", "i2t_r@1")
 # world -> (captioned images per class, clip-train epochs, distill epochs)
-WORLDS = {"digits": (25, 30, 10), "digits-colour": (8, 30, 10), "demo": (40, 15, 5)}
+WORLDS = {"digits": (25, 30, 30), "digits-colour": (8, 30, 30), "demo": (40, 15, 5)}
 METHODS = ("no_kd", "mse", "mse_views_extra", "distilled_plain", "distilled")
 STUDENT = "test_resnet"
 
