@@ -123,7 +123,8 @@ def main() -> None:
                                   "eval_s": round(time.perf_counter() - t0, 1)}}
         rows.append({"world": world, "model": "teacher", **{k: f"{teacher[k]:.3f}" for k in KEYS},
                      "share i2i": "100 %", "share t2i": "100 %", "MFLOPs": tcost["image_mflops"],
-                     "ms/img": tcost["cpu_ms_per_image"], "speed-up": "1.0×"})
+                     "ms/img": tcost["cpu_ms_per_image"], "speed-up": "1.0×",
+                     "ms/img b64": tcost["cpu_ms_per_image_b64"], "speed-up b64": "1.0×"})
         base = None
         for method in a.methods:
             runs = [run_method(world, method, s, p, Path(a.root), a.device) for s in a.seeds]
@@ -144,6 +145,8 @@ def main() -> None:
             row["MFLOPs"] = cost["image_mflops"]
             row["ms/img"] = cost["cpu_ms_per_image"]
             row["speed-up"] = f"{tcost['cpu_ms_per_image'] / cost['cpu_ms_per_image']:.1f}×"
+            row["ms/img b64"] = cost["cpu_ms_per_image_b64"]
+            row["speed-up b64"] = f"{tcost['cpu_ms_per_image_b64'] / cost['cpu_ms_per_image_b64']:.1f}×"
             if base:
                 row["compute vs no_kd"] = f"{statistics.mean(r['train_flops'] for r in runs) / base:.2f}×"
             times = [r["train_s"] for r in runs if r["train_s"] is not None]
@@ -153,16 +156,19 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(raw, indent=2))
-    cols = ["world", "model", *KEYS, "share i2i", "share t2i", "MFLOPs", "ms/img", "speed-up", "compute vs no_kd",
-            "train s"]
+    cols = ["world", "model", *KEYS, "share i2i", "share t2i", "MFLOPs", "ms/img", "speed-up", "ms/img b64",
+            "speed-up b64", "compute vs no_kd", "train s"]
     body = table(rows, cols)
     body += (f"\n\nSeeds {a.seeds} (mean ± standard deviation where more than one). Test split; relevant = same "
              "class. CLIP students: clipkd-micro, captioned subset per class "
              + ", ".join(f"{w} {v[0]}" for w, v in WORLDS.items()) + f", batch 64, lr 2e-3. Distilled: timm "
              f"{STUDENT}, the whole train split without captions, batch 64, lr 2e-3, text queries through the "
-             "teacher's text tower. ms/img: batch-1 CPU latency (median of 20); speed-up: the teacher's over the "
-             "student's. Compute vs no_kd: training FLOPs (3 per student image pass, 1 per teacher pass that made "
-             "a target, the store's one-off pass included) over no_kd's. train s: wall time (noisy: shared cores).\n")
+             "teacher's text tower. ms/img: batch-1 CPU latency (median of 200); b64: CPU time per image at "
+             "batch 64 (throughput); speed-up: the teacher's over the student's. Compute vs no_kd: training FLOPs "
+             "(3 per student image pass, 1 per teacher pass that made a target, the store's one-off pass included) "
+             "over no_kd's. Distill epochs per world: " + ", ".join(f"{w} {v[2]}" for w, v in WORLDS.items())
+             + "; CLIP epochs: " + ", ".join(f"{w} {v[1]}" for w, v in WORLDS.items()) + ". train s: wall time "
+             "(a run reused from an earlier pass shows only its resume; noisy).\n")
     report("Retrieval students × worlds", body, out)
     plot(raw, out.with_suffix(".png"))
 
@@ -178,7 +184,7 @@ def plot(raw: dict, path: Path) -> None:
     for ax, (world, res) in zip(axes[0], raw.items(), strict=True):
         names = [n for n in res if n != "teacher"]
         vals = [statistics.mean(r["i2i_map@10"] for r in res[n]) for n in names]
-        ax.bar(names, vals, color=["#999", "#79c", "#e94", "#d52"][: len(names)])
+        ax.bar(names, vals, color=["#999", "#79c", "#e94", "#d52", "#a31"][: len(names)])
         ax.axhline(res["teacher"]["i2i_map@10"], color="k", ls="--", lw=1, label="teacher")
         for i, v in enumerate(vals):
             ax.text(i, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)

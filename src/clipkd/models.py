@@ -154,9 +154,9 @@ def with_text(image: ImageModel, text_model: Any, device: str | None = "auto", p
     return image
 
 
-def image_cost(model: str | Path) -> dict[str, float]:
-    """Image-tower size (M parameters), FLOPs per image and CPU batch-1 latency (ms, median of 20 after 5 warm-up
-    runs) of any image model, measured on this machine's CPU."""
+def image_cost(model: str | Path, repeats: int = 200) -> dict[str, float]:
+    """Image-tower size (M parameters), FLOPs per image, and CPU time per image at batch 1 (latency: median of
+    ``repeats`` after 20 warm-up runs) and at batch 64 (throughput: median of 10), measured on this machine."""
     import time
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -165,12 +165,19 @@ def image_cost(model: str | Path) -> dict[str, float]:
     x = torch.randn(1, 3, *m.preprocess_cfg.size)
     with FlopCounterMode(display=False) as fc:
         m.encode_image(x)
-    times = []
-    for _ in range(25):
-        t = time.perf_counter()
-        m.encode_image(x)
-        times.append(time.perf_counter() - t)
+
+    def median_ms(batch: torch.Tensor, n: int, warm: int) -> float:
+        for _ in range(warm):
+            m.encode_image(batch)
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            m.encode_image(batch)
+            times.append(time.perf_counter() - t)
+        return 1000 * sorted(times)[len(times) // 2] / len(batch)
+
     tower = m.student if m.student is not None else m.clip.model.visual
     return {"image_params_m": round(sum(p.numel() for p in tower.parameters()) / 1e6, 3),
             "image_mflops": round(fc.get_total_flops() / 1e6, 2),
-            "cpu_ms_per_image": round(1000 * sorted(times[5:])[len(times[5:]) // 2], 2)}
+            "cpu_ms_per_image": round(median_ms(x, repeats, 20), 3),
+            "cpu_ms_per_image_b64": round(median_ms(x.expand(64, -1, -1, -1).contiguous(), 10, 2), 4)}
