@@ -441,7 +441,11 @@ def test_download_input_errors_are_one_line(tmp_path, capsys):
     from clipkd.cli import main
 
     (tmp_path / "u.csv").write_text("link,caption\nhttp://x/1.jpg,a\n")
+    (tmp_path / "local.csv").write_text("url,caption\nhttp://x/1.jpg,a\nfile:///etc/passwd,b\n")
+    (tmp_path / "local.txt").write_text("https://x/1.jpg\nFILE:///etc/hostname\n")
     for argv, needle in ((["--urls", str(tmp_path / "none.csv")], "URL list not found"),
+                         (["--urls", str(tmp_path / "local.csv")], "1 URL(s) of"),
+                         (["--urls", str(tmp_path / "local.txt")], "fetches only http:// and https://"),
                          (["--urls", str(tmp_path / "u.csv")], "has no column 'url'"),
                          (["--urls", str(tmp_path / "u.xlsx")], "URL list not found")):
         assert main(["download", *argv, "--out", str(tmp_path / "o")]) == 2

@@ -81,6 +81,30 @@ def _check_urls(urls: Path, url_col: str, caption_col: str | None) -> str:
     return fmt
 
 
+def _read_urls(urls: Path, fmt: str, url_col: str) -> list[str]:
+    """Every URL of the list (its ``url_col`` for tables)."""
+    if fmt == "txt":
+        return [line.strip() for line in urls.open(encoding="utf-8") if line.strip()]
+    if fmt in ("csv", "tsv"):
+        with urls.open(encoding="utf-8", newline="") as f:
+            return [str(r.get(url_col) or "") for r in csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")]
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return [str(u) for u in pq.read_table(urls, columns=[url_col]).column(0).to_pylist()]
+    rows = json.loads(urls.read_text(encoding="utf-8"))
+    return [str(r.get(url_col) or "") for r in rows if isinstance(r, dict)]
+
+
+def _check_schemes(urls: Path, fmt: str, url_col: str) -> None:
+    """Only ``http``/``https`` URLs are fetched: a ``file://`` (or ``ftp://``, ``data:``) entry of an untrusted list
+    would read this machine's files or other services into the shards."""
+    bad = [u for u in _read_urls(urls, fmt, url_col) if u.split("://", 1)[0].lower() not in ("http", "https")]
+    if bad:
+        raise ClipkdError(f"{len(bad)} URL(s) of {urls} are not http(s), e.g. {bad[:2]}: clipkd download fetches "
+                          "only http:// and https:// URLs")
+
+
 def download(urls: str | Path, out: str | Path, image_size: int = 256, resize_mode: str = "border",
              url_col: str = "url", caption_col: str | None = None, per_shard: int = 10000, processes: int = 1,
              threads: int = 32, timeout: int = 10, retries: int = 0) -> DownloadReport:
@@ -90,6 +114,7 @@ def download(urls: str | Path, out: str | Path, image_size: int = 256, resize_mo
     saved no image at all is an error. The summary is also written to ``out/_clipkd/download.json``."""
     urls, out = Path(urls), Path(out)
     fmt = _check_urls(urls, url_col, caption_col)
+    _check_schemes(urls, fmt, url_col)
     if resize_mode not in RESIZE_MODES:
         raise ClipkdError(f"unknown --resize-mode '{resize_mode}' (choose from {', '.join(RESIZE_MODES)})")
     for name, value in (("image-size", image_size), ("per-shard", per_shard), ("processes", processes),
