@@ -191,6 +191,19 @@ def test_one_store_of_views_feeds_two_students(tiny_world, fake_teacher, tmp_pat
                            split=split, device="cpu", progress=False, **kw)
     with pytest.raises(ClipkdError, match="a split limits the images that get views"):
         clipkd.embed_images(fake_teacher, tiny_world / "train", tmp_path / "x", split=split)
+    with pytest.raises(ClipkdError, match="view_hue recolours views"):
+        clipkd.embed_images(fake_teacher, tiny_world / "train", tmp_path / "x", view_hue=0.5)
+    # the same names in another folder (other pictures): refused, not trained on the old targets
+    import shutil
+
+    shutil.copytree(tiny_world / "train", tmp_path / "other")
+    changed = sorted(plan.images)[0]
+    _solid(tmp_path / "other" / changed, (1, 2, 3), size=(40, 40))
+    with pytest.raises(ClipkdError, match="are not the files the store of views"):
+        clipkd.distill(tmp_path / "other", tmp_path / "moved", cfg, store=tmp_path / "views", split=split,
+                       device="cpu", progress=False)
+    with pytest.raises(ClipkdError, match="are not the files the store of views"):  # nor resumed over them
+        clipkd.embed_images(fake_teacher, tmp_path / "other", tmp_path / "views", views=3, split=split, workers=0)
 
 
 def test_a_view_never_shows_an_image_the_student_must_not_see(tiny_world, fake_teacher, tmp_path):

@@ -433,6 +433,8 @@ def embed_images(
     src = open_source(images)  # shards: rows keyed <shard>/<sample key>, each rank reading its own shards
     if split is not None and views == 1:
         raise ClipkdError("a split limits the images that get views (views ≥ 2); a plain store embeds every image")
+    if views == 1 and view_hue not in ("auto", None) and float(view_hue) != 0.0:
+        raise ClipkdError("view_hue recolours views: it needs views ≥ 2 (a plain store embeds the images as they are)")
     plan = _view_plan(src, images, views, view_hue, view_mix, split, seed) if views != 1 else None
     if isinstance(teacher, (str, Path)):
         from .teachers import load_teacher
@@ -605,10 +607,12 @@ def embed_views(teacher, root: str | Path, plan, out: str | Path, batch_size: in
         if old.settings() != plan.settings() or old.images != plan.images:
             raise ClipkdError(f"{out} holds the views of another plan ({old.settings()}, {len(old.images)} images; "
                               f"now {plan.settings()}, {len(plan.images)} images); use another folder")
+        old.check_files(root, old.images, f"store of views {out}")  # resuming over other files would mix them
     elif (out / "manifest.json").exists():
         raise ClipkdError(f"{out} is a store of plain images, not of views; use another folder")
     else:
         out.mkdir(parents=True, exist_ok=True)
+        plan.record_sizes(root)
         plan.save(saved)
     return embed_paths(teacher, root, plan.keys(), out, batch_size, workers, progress=progress,
                        max_images=max_images, opener=plan.opener(root))

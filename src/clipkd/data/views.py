@@ -51,6 +51,41 @@ class ViewPlan:
     lam: list[list[float]]
     hue_prob: float = 0.0
     hue: list[list[float]] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # byte size of each image when embedded (-1: not a file)
+
+    def record_sizes(self, root: str | Path) -> None:
+        """Remember each image's byte size under ``root``, so the store is tied to these files (not to names)."""
+        import os
+
+        def size(p: str) -> int:
+            try:
+                return os.stat(Path(root) / p).st_size
+            except OSError:
+                return -1
+
+        self.sizes = [size(p) for p in self.images]
+
+    def check_files(self, root: str | Path, images: Sequence[str], what: str = "store of views") -> None:
+        """Refuse when ``root/images`` are not the files whose views were embedded (compared by byte size, as a
+        store of plain images is): views composed from other pictures would pair with the old targets."""
+        import os
+
+        if not self.sizes:
+            return  # a plan written before sizes were recorded
+        pos, bad = self._index(), []
+        for p in images:
+            want = self.sizes[pos[p]] if p in pos else -1
+            if want < 0:
+                continue
+            try:
+                now = os.stat(Path(root) / p).st_size
+            except OSError:
+                now = -1
+            if now != want:
+                bad.append(p)
+        if bad:
+            raise ClipkdError(f"{len(bad)} of the {len(images)} images under {root} are not the files the {what} "
+                              f"was embedded from (other sizes), e.g. {bad[:3]}; embed these images into a new store")
 
     def keeps_label(self, i: int, k: int) -> bool:
         """Whether view ``(i, k)`` still shows image ``i``'s class: neither mixed nor recoloured (a flip keeps it)."""

@@ -16,7 +16,7 @@ from ..distributed import ranks
 from ..errors import ClipkdError
 from ..fileio import ref, write_json
 from ..students.losses import kd_needs_text
-from .distill import TrainResult, store_views
+from .distill import TrainResult, store_views, view_set
 from .modules import ClipModule
 from .runs import check_run, claim_run, run_recipe
 from .trainer import TrainerSettings, check_train_config, fit, seed_all, skipped_images
@@ -91,22 +91,13 @@ class KdItems:
                        self.groups + [[off + i for i in g] for g in other.groups], self.plan or other.plan)
 
 
-def view_items(plan: Any, store: Any, images: list[str], identity: str | None, first: int = 0) -> KdItems:
-    """Views ``first..K-1`` of each of ``images`` (keys of ``plan``) with their stored targets, one group per
-    image."""
-    pos = plan._index()
-    missing = [p for p in images if p not in pos]
-    if missing:
-        raise ClipkdError(f"store {store.root} has no views of {len(missing)} of {len(images)} images (e.g. "
-                          f"{missing[:3]}); embed them with embed-images --views")
-    keys = [plan.key(pos[p], k) for p in images for k in range(first, plan.views)]
-    owner = [i for i in range(len(images)) for _ in range(first, plan.views)]
-    found = store.targets(keys, teacher=identity, what="views")
-    kept = found.keep.tolist()
-    groups: list[list[int]] = [[] for _ in images]
-    for row, n in enumerate(kept):
-        groups[owner[n]].append(row)
-    return KdItems([keys[n] for n in kept], found.targets, [g for g in groups if g], plan)
+def view_items(plan: Any, store: Any, images: list[str], identity: str | None, root: str | Path,
+               first: int = 0) -> KdItems:
+    """Views ``first..K-1`` of each of ``images`` (keys of ``plan``, files under ``root``) with their stored targets,
+    one group per image; any image of the plan may be a partner (a collection to search has no unseen class)."""
+    vs = view_set(plan, store, images, [0] * len(images), identity, 0, root=root, first=first,
+                  partners=set(plan.images))
+    return KdItems(vs.keys, vs.targets, [g for g in vs.groups if g], plan)
 
 
 def extra_items(extra_images: str | Path, store: str | Path, source: Any, identity: str | None) -> KdItems:
@@ -127,7 +118,7 @@ def extra_items(extra_images: str | Path, store: str | Path, source: Any, identi
         if not same_root:
             raise ClipkdError(f"the views of {extra_images} are composed under --images ({source.root}); keep the "
                               "extra images in that folder, or give --extra-store a store of their plain images")
-        return view_items(plan, st, images, identity)
+        return view_items(plan, st, images, identity, source.root)
     found = st.targets(images, teacher=identity, what="extra images", root=src.root)
     keys = [images[i] if same_root else str((src.root / images[i]).resolve()) for i in found.keep.tolist()]
     return KdItems(keys, found.targets, [[i] for i in range(len(keys))])
@@ -153,7 +144,8 @@ def store_targets(source: Any, store: str | Path | None, extra_images: str | Pat
             source = replace(source, pairs={paths[i]: source.pairs[paths[i]] for i in found.keep.tolist()})
         targets = found.targets
         if stored is not None:  # the captioned images' other views: the distillation term alone
-            kd = kd.add(view_items(stored, EmbeddingStore(store), sorted(source.pairs), identity, first=1))
+            kd = kd.add(view_items(stored, EmbeddingStore(store), sorted(source.pairs), identity, source.root,
+                                   first=1))
     if extra_images is not None:
         kd = kd.add(extra_items(extra_images, extra_store or store, source, identity))
     if kd.keys and (ranks().world > 1 or cfg.devices not in (1, "1") or cfg.num_nodes > 1):

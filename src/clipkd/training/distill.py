@@ -127,30 +127,36 @@ class ViewSet:
     lost: list[str]
 
 
-def view_set(plan: ViewPlan, store: EmbeddingStore, paths: list[str], labels: list[int], identity: str,
-             unlabelled: int) -> ViewSet:
+def view_set(plan: ViewPlan, store: EmbeddingStore, paths: list[str], labels: list[int], identity: str | None,
+             unlabelled: int, root: str | Path | None = None, first: int = 0,
+             partners: set[str] | None = None) -> ViewSet:
     """The views of ``paths`` (each a training image of ``plan``) that show only training images: a view whose
-    CutMix partner is not among ``paths`` (say, of an unseen class) is left out, so the student never sees it."""
+    CutMix partner is not among ``paths`` (say, of an unseen class) is left out, so the student never sees it.
+    ``root``: where ``paths`` are now; they must be the files whose views the store holds. ``first``: the first
+    view index taken (1: the views other than the image itself); ``partners``: the images a partner may be
+    (default: ``paths``)."""
     pos = plan._index()
     missing = [p for p in paths if p not in pos]
     if missing:
         raise ClipkdError(f"store {store.root} has no views of {len(missing)} of the {len(paths)} training images "
                           f"(e.g. {missing[:3]}); embed them with embed-images --views (was it built from another "
                           "folder?)")
-    allowed = set(paths)
+    if root is not None:
+        plan.check_files(root, paths, f"store of views {store.root}")
+    allowed = set(paths) if partners is None else partners
     keys, owner, keeps = [], [], []
     for i, p in enumerate(paths):
         pi = pos[p]
-        for k in range(plan.views):
+        for k in range(first, plan.views):
             j = plan.partner[pi][k]
             if j >= 0 and plan.images[j] not in allowed:
                 continue
             keys.append(plan.key(pi, k))
             owner.append(i)
             keeps.append(plan.keeps_label(pi, k))
-    if len(keys) < len(paths) * plan.views:
-        log.info("%d of %d views left out: their partner image is not a training image", len(paths) * plan.views -
-                 len(keys), len(paths) * plan.views)
+    total = len(paths) * (plan.views - first)
+    if len(keys) < total:
+        log.info("%d of %d views left out: their partner image is not a training image", total - len(keys), total)
     found = store.targets(keys, teacher=identity, what="views")
     kept = found.keep.tolist()
     groups: list[list[int]] = [[] for _ in paths]
@@ -501,7 +507,7 @@ def distill(
             views_store, teacher_cost = EmbeddingStore(out / "views"), True
         else:
             plan, views_store, teacher_cost = stored, EmbeddingStore(store), False
-        vs = view_set(plan, views_store, paths, labels, identity, len(data.classnames))
+        vs = view_set(plan, views_store, paths, labels, identity, len(data.classnames), root=data.root)
         dataset = ImageDataset(data.root, vs.keys, transform, labels=vs.labels, opener=plan.opener(data.root),
                                targets=vs.targets)
         views_info = {**info, "views": len(vs.keys), "teacher_images": len(vs.keys) if teacher_cost else 0,
