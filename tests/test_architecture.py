@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import inspect
 import json
 import logging
 import subprocess
@@ -124,6 +126,69 @@ def test_no_test_module_imports_another():
     assert bad == []
 
 
+def test_cli_flags_pass_only_what_the_user_gave():
+    """No flag restates an API default: a flag not given is absent from the parsed namespace (the API's own default
+    holds), and each help text's "default N" is read from the API's signature."""
+    from clipkd.cli import _kwargs
+    from clipkd.store import embed_images
+
+    parser = build_parser()
+    a = parser.parse_args(["embed-images", "--teacher", "t", "--images", "i", "--out", "o", "--seed", "3"])
+    assert _kwargs(embed_images, a) == {"teacher": "t", "images": "i", "out": "o", "seed": 3}
+    a = parser.parse_args(["distill", "--images", "i", "--out", "o"])
+    assert {k for k in vars(a) if k not in ("command", "quiet", "verbose")} == {"images", "out"}
+    restated = []
+
+    def walk(p):
+        for action in p._actions:
+            if hasattr(action, "choices") and isinstance(action.choices, dict) and action.option_strings == []:
+                for child in action.choices.values():
+                    walk(child)
+            elif action.option_strings and not action.required and action.dest != "help":
+                if action.default is not argparse.SUPPRESS:
+                    restated.append(f"{p.prog} {action.option_strings[0]}={action.default!r}")
+
+    for child in next(a for a in parser._actions if a.dest == "command").choices.values():
+        walk(child)
+    assert restated == []
+    help_text = parser._subparsers._group_actions[0].choices["embed-images"].format_help()
+    assert f"default {inspect.signature(embed_images).parameters['shard_size'].default}" in help_text
+
+
+def test_library_errors_name_fields_and_the_cli_shows_flags(tmp_path):
+    """A Python caller is told about the arguments it passed (`` `samples` ``), a command-line user about the flags
+    (``--samples``); a field without a flag (a recipe key) keeps its name. No library message names a flag of the
+    caller's own command."""
+    import ast
+    import re
+
+    from clipkd.cli import as_flags
+
+    flags = {"batch_size": "--batch-size", "teacher": "--teacher"}
+    assert as_flags("`batch_size` must be ≥ 1; give `teacher`=SPEC; `warmup` too", flags) == \
+        "--batch-size must be ≥ 1; give --teacher SPEC; `warmup` too"
+    with pytest.raises(ClipkdError, match="`samples` must be ≥ 1"):
+        clipkd.export_model("x", tmp_path / "m.onnx", samples=0)
+    r = subprocess.run([sys.executable, "-m", "clipkd.cli", "export", "--model", "x", "--out",
+                        str(tmp_path / "m.txt")], capture_output=True, text=True)
+    assert r.returncode == 2 and "error: --out of an ONNX export must end in .onnx" in r.stderr, r.stderr
+    other_command = (r"(embed-images|index build|export|eval|clip-train|embed-text|clipkd [a-z-]+|modelscope download|"
+                     r"huggingface-cli download)(\s+\S+){0,3}\s+$")
+    named = []
+    for path in (Path(clipkd.__file__).parent).rglob("*.py"):
+        if path.name == "cli.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("ClipkdError", "Interrupted"):
+                parts = [s for s in ast.walk(node) if isinstance(s, ast.Constant) and isinstance(s.value, str)]
+                text = " ".join(s.value for s in sorted(parts, key=lambda s: (s.lineno, s.col_offset)))
+                for m in re.finditer(r"(?<![\w`-])--[a-z][a-z-]*", text):
+                    if not re.search(other_command, text[: m.start()]):
+                        named.append(f"{path.name}:{node.lineno}: {m.group(0)}")
+    assert named == []
+
+
 def test_every_cli_command_has_a_handler():
     from clipkd.cli import COMMANDS
 
@@ -187,7 +252,7 @@ def test_cuda_index_is_kept(monkeypatch):
     assert accelerator_and_devices("cpu") == ("cpu", 1)
     with pytest.raises(ClipkdError, match="cuda:N"):
         accelerator_and_devices("cuda:x")
-    with pytest.raises(ClipkdError, match="--devices must be"):
+    with pytest.raises(ClipkdError, match="`devices` must be"):
         accelerator_and_devices("cpu", "abc")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ClipkdError, match="CUDA is not available"):
@@ -306,15 +371,47 @@ def test_distill_refuses_bad_gzsl_combinations(tiny_world, fake_teacher, tmp_pat
     cfg = clipkd.TrainConfig(student="resnet10t", epochs=1, batch_size=8, workers=0)
     from dataclasses import replace
 
-    with pytest.raises(ClipkdError, match="--mix needs the teacher"):
+    with pytest.raises(ClipkdError, match="`mix` needs the teacher"):
         clipkd.distill(tiny_world / "train", tmp_path / "r", replace(cfg, mix="cutmix"), store=store.root)
-    with pytest.raises(ClipkdError, match="need --text"):
+    with pytest.raises(ClipkdError, match="need `text`"):
         clipkd.distill(tiny_world / "train", tmp_path / "r", replace(cfg, terms={"embed": 1, "vocab": 1}),
                        store=store.root)
-    with pytest.raises(ClipkdError, match="--mix-alpha"):
+    with pytest.raises(ClipkdError, match="`mix_alpha`"):
         clipkd.distill(tiny_world / "train", tmp_path / "r", replace(cfg, mix_alpha=0.0), store=store.root)
-    with pytest.raises(ClipkdError, match="--extra-store"):
+    with pytest.raises(ClipkdError, match="`extra_store`"):
         clipkd.distill(tiny_world / "train", tmp_path / "r", cfg, store=store.root, extra_images=tiny_world / "val")
+
+
+def test_distill_resolves_its_plan_before_any_image_or_model(tmp_path):
+    """``resolve_distill`` settles every ``auto`` field from the recipe and the inputs' names alone (no file here
+    exists): clipkd's method (4 views, half recoloured) with an online teacher alone, no mixing from a store."""
+    from clipkd.training.distill import DistillPlan, resolve_distill
+
+    cfg = clipkd.TrainConfig(student="resnet10t")
+    online = resolve_distill(cfg, teacher="open_clip:ViT-B-32@random")
+    assert isinstance(online, DistillPlan) and online.stored is None
+    assert (online.cfg.mix, online.cfg.views, online.cfg.view_hue) == ("cutmix", 4, 0.5)
+    stored = resolve_distill(cfg, store=tmp_path / "no-store")
+    assert (stored.cfg.mix, stored.cfg.views, stored.cfg.view_hue) == ("none", 0, 0.0)
+    assert stored.needs == {"target"}
+    with pytest.raises(ClipkdError, match="`views` needs `teacher`=SPEC"):
+        resolve_distill(clipkd.TrainConfig(views=4), store=tmp_path / "no-store")
+
+
+def test_clip_train_resolves_its_plan_before_any_image_or_model(tmp_path):
+    """``resolve_clip_train`` is the pure first stage: it decides and checks from the recipe and the inputs' names
+    alone (nothing here exists on disk), with errors naming fields."""
+    from clipkd.training.clip_train import ClipTrainConfig, resolve_clip_train
+
+    plan = resolve_clip_train(ClipTrainConfig(), store=tmp_path / "no-store")
+    assert plan.distilling and not plan.needs_text
+    assert not resolve_clip_train(ClipTrainConfig()).distilling
+    with pytest.raises(ClipkdError, match="pass `teacher`=SPEC"):
+        resolve_clip_train(ClipTrainConfig(kd_loss="affinity"), store=tmp_path / "no-store")
+    with pytest.raises(ClipkdError, match="`extra_images` are trained on the teacher's embeddings alone"):
+        resolve_clip_train(ClipTrainConfig(), teacher="open_clip:x", extra_images=tmp_path / "pool")
+    with pytest.raises(ClipkdError, match="`epochs` must be an integer ≥ 1"):
+        resolve_clip_train(ClipTrainConfig(epochs=0))
 
 
 def test_extra_image_pool_trains_with_teacher_targets_only(tiny_world, fake_teacher, tmp_path, monkeypatch):
@@ -348,7 +445,7 @@ def test_digits_worlds_are_real_gzsl_worlds(tmp_path):
     assert len(clipkd.load_labelled(w / "train").paths) + len(data.paths) + len(
         clipkd.load_labelled(w / "val").paths) == 1797
     assert "a handwritten red seven." in (w / "train" / "captions_en.csv").read_text()
-    with pytest.raises(ClipkdError, match="--unseen"):
+    with pytest.raises(ClipkdError, match="`unseen`"):
         make_digits_world(tmp_path / "e", DigitsConfig(unseen=10))
 
 
@@ -382,3 +479,37 @@ def test_pretrained_student_from_a_local_weights_file(tmp_path):
     torch.save(shuffled, tmp_path / "shuffled.pth")
     with pytest.raises(ClipkdError, match="shapes differ"):
         convert_weights("resnet10t", tmp_path / "shuffled.pth", tmp_path / "x.pth")
+
+
+def test_no_import_cycle_between_rooms_even_inside_functions():
+    """Imports between clipkd's modules, module-level and inside functions alike, form no cycle across rooms (a
+    package registering its own backends may import itself; ``clipkd/__init__``'s lazy API is not an edge)."""
+    import ast
+
+    root = Path(clipkd.__file__).parent
+    mods = {}
+    for p in root.rglob("*.py"):
+        parts = p.relative_to(root.parent).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = pkg.split(".")[: len(pkg.split(".")) - max(0, node.level - 1)] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                for c in [target] + [f"{target}.{a.name}" for a in node.names]:
+                    if c in mods and c not in (m, "clipkd"):
+                        graph[m].add(c)
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for w in graph[todo.pop()] - seen:
+                seen.add(w)
+                todo.append(w)
+        return seen
+
+    room = lambda m: m.split(".")[1] if m.count(".") >= 2 or (mods[m].name == "__init__.py") else m  # noqa: E731
+    cycles = sorted({f"{a} <-> {b}" for a in graph for b in reach(a) if a < b and a in reach(b) and room(a) != room(b)})
+    assert cycles == []

@@ -210,8 +210,8 @@ def test_clip_train_learns_from_stored_views_and_uncaptioned_images(tiny_world, 
     assert r.train_images > 0 and load_teacher(r.spec, device="cpu").embed_dim == 64
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["distillation"]["source"] == "store"
-    for kw, match in (({"store": None, "teacher": None}, "give --store"),
-                      ({"extra_images": tiny_world / "val"}, "are composed under --images"),):
+    for kw, match in (({"store": None, "teacher": None}, "give `store`"),
+                      ({"extra_images": tiny_world / "val"}, "are composed under `images`"),):
         with pytest.raises(ClipkdError, match=match):
             clip_train(tiny_world / "train", caps, tmp_path / "bad", cfg, **{"store": views.root,
                        "extra_images": tiny_world / "train", **kw}, device="cpu", progress=False)

@@ -194,7 +194,7 @@ def test_every_image_mode_decodes_like_its_8bit_reference(tmp_path):
 # --- 5. untrained models ---------------------------------------------------------------------------------------------
 
 def test_zero_step_training_is_an_error(tmp_path, tiny_world):
-    with pytest.raises(ClipkdError, match="--epochs must be an integer ≥ 1"):
+    with pytest.raises(ClipkdError, match="`epochs` must be an integer ≥ 1"):
         train_supervised(tiny_world / "train", tmp_path / "a", TrainConfig(**{**SMALL.__dict__, "epochs": 0}),
                          device="cpu", progress=False)
     broken = tmp_path / "broken"

@@ -30,7 +30,7 @@ def test_plan_is_seeded_and_well_formed():
     assert (box >= 0).all() and (box <= 1).all() and (box[..., 0] <= box[..., 1]).all()
     half = np.array(make_view_plan(images, 5, prob=0.5, seed=0).partner)[:, 1:]
     assert 0.3 < (half >= 0).mean() < 0.7
-    with pytest.raises(ClipkdError, match="--views"):
+    with pytest.raises(ClipkdError, match="`views`"):
         make_view_plan(images, 0)
 
 
@@ -78,7 +78,7 @@ def test_hue_views_rotate_colours_and_leave_the_rest_of_the_plan_as_it_was(tmp_p
     r, g, b = np.asarray(plan.compose(tmp_path, "a.png#view=1"))[0, 0].astype(int)
     assert g > 200 and r < 60 and b < 60
     assert (np.asarray(plan.compose(tmp_path, "a.png#view=0")) == (220, 30, 30)).all()
-    with pytest.raises(ClipkdError, match="--view-hue"):
+    with pytest.raises(ClipkdError, match="`view_hue`"):
         make_view_plan(images, 3, hue_prob=1.5)
 
 
@@ -138,8 +138,8 @@ def test_distill_from_views_trains_on_stored_views(tiny_world, fake_teacher, tmp
 
     ckpt = torch.load(r.out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 * (n // 8)  # an epoch is one view of each image, not all n×K views
-    for bad, match in ((dict(views=-1), "--views must be"), (dict(views=2, augment="crop"), "draws flips"),
-                       (dict(views=0, view_hue=0.5), "needs --views"), (dict(view_hue=2.0), "--view-hue must")):
+    for bad, match in ((dict(views=-1), "`views` must be"), (dict(views=2, augment="crop"), "draws flips"),
+                       (dict(views=0, view_hue=0.5), "needs `views`"), (dict(view_hue=2.0), "`view_hue` must")):
         from dataclasses import replace
 
         with pytest.raises(ClipkdError, match=match):
@@ -184,14 +184,14 @@ def test_one_store_of_views_feeds_two_students(tiny_world, fake_teacher, tmp_pat
     from dataclasses import replace
 
     cfg = clipkd.TrainConfig(student="resnet10t", epochs=1, batch_size=8, workers=0, image_size=16)
-    for bad, kw, match in ((dict(views=2), {}, "holds 3 for views"), ({}, {"teacher": "fake"}, "drop --teacher"),
+    for bad, kw, match in ((dict(views=2), {}, "holds 3 for views"), ({}, {"teacher": "fake"}, "drop `teacher`"),
                            (dict(view_hue=0.0), {}, "holds 0.5 for view_hue")):
         with pytest.raises(ClipkdError, match=match):
             clipkd.distill(tiny_world / "train", tmp_path / "bad", replace(cfg, **bad), store=tmp_path / "views",
                            split=split, device="cpu", progress=False, **kw)
-    with pytest.raises(ClipkdError, match="a split limits the images that get views"):
+    with pytest.raises(ClipkdError, match="a `split` limits the images that get views"):
         clipkd.embed_images(fake_teacher, tiny_world / "train", tmp_path / "x", split=split)
-    with pytest.raises(ClipkdError, match="view_hue recolours views"):
+    with pytest.raises(ClipkdError, match="`view_hue` recolours views"):
         clipkd.embed_images(fake_teacher, tiny_world / "train", tmp_path / "x", view_hue=0.5)
     # the same names in another folder (other pictures): refused, not trained on the old targets
     import shutil
@@ -277,6 +277,6 @@ def test_label_term_with_views_trains_on_the_views_that_keep_their_class(tiny_wo
     assert any(plan.partner[i][k] < 0 and plan.hue[i][k] for i in range(len(plan.images)) for k in range(4))
     keep = [plan.keeps_label(i, k) for i in range(len(plan.images)) for k in range(plan.views)]
     assert abs(float((labels >= 0).float().mean()) - sum(keep) / len(keep)) < 0.25
-    with pytest.raises(ClipkdError, match="use --views"):  # online mixing has no unmixed image to label
+    with pytest.raises(ClipkdError, match="use `views`"):  # online mixing has no unmixed image to label
         clipkd.distill(tiny_world / "train", tmp_path / "bad", replace(cfg, views=0), teacher="fake",
                        text=tmp_path / "text.npz", device="cpu", progress=False)

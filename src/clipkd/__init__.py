@@ -41,7 +41,7 @@ _API: dict[str, str] = {
     # teachers and trainable CLIPs
     "ClipModel": ".teachers", "load_teacher": ".teachers", "load_clip": ".teachers",
     # prompts and text embeddings
-    "build_prompts": ".prompts", "load_templates": ".prompts", "load_classnames": ".prompts",
+    "build_prompts": ".prompts", "load_templates": ".prompts", "load_classnames": ".data.datasets",
     "embed_prompts": ".prompts", "embed_text": ".prompts", "TextEmbeddings": ".prompts", "write_prompts": ".prompts",
     "import_seed_text": ".prompts",
     # the embedding store

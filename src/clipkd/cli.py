@@ -34,8 +34,36 @@ def command(name: str, arguments: Callable[[Any], None]) -> Callable:
     return wrap
 
 
+def _default(fn: Callable, name: str) -> Any:
+    """The API's default of parameter (or dataclass field) ``name`` of ``fn``: help texts show it, flags never restate
+    it (a flag the user did not give is not passed at all)."""
+    import inspect
+
+    return inspect.signature(fn).parameters[name].default
+
+
+def _kwargs(fn: Callable, a: argparse.Namespace, **fixed: Any) -> dict[str, Any]:
+    """The flags the user gave that are parameters of ``fn``, as keywords (plus ``fixed``): what was not given is
+    left to ``fn``'s own default."""
+    import inspect
+
+    names = inspect.signature(fn).parameters
+    return {k: v for k, v in vars(a).items() if k in names} | fixed
+
+
+def _given_only(parser: argparse.ArgumentParser) -> None:
+    """Every optional flag of ``parser`` and its sub-parsers is absent from the namespace unless given
+    (``argparse.SUPPRESS``), so that the API's defaults hold, stated once."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _given_only(child)
+        elif action.option_strings and not action.required and action.dest not in ("help", "version"):
+            action.default = argparse.SUPPRESS
+
+
 def _device_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--device", help="auto (GPU if present), cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto = fp16 autocast on GPU, fp32 on CPU (half precision is refused on CPU)")
 
@@ -87,14 +115,14 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
     p.add_argument("--image-size", type=int, help="student input size (default: the teacher's)")
     p.add_argument("--augment", choices=["none", "flip", "crop"], help=f"default {d.augment}")
-    p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="FILE",
+    p.add_argument("--pretrained", nargs="?", const=True, metavar="FILE",
                    help="start from ImageNet weights: timm's hub weights, or a local weights file for the "
                    "architecture (.pth/.safetensors; works offline)")
     p.add_argument("--init", help="a trained clipkd student (run folder or student.pt) to start from (fine-tuning, "
                    "e.g. with --sparsity)")
     p.add_argument("--sparsity", choices=["2:4"], help="prune to NVIDIA's 2:4 structured pattern when training "
                    "starts and keep it (fine-tune a dense student with --init)")
-    p.add_argument("--qat", action="store_true", default=None, help="quantization-aware fine-tuning of --init for "
+    p.add_argument("--qat", action="store_true", help="quantization-aware fine-tuning of --init for "
                    "INT8; writes student.int8.onnx (for when `export --int8` loses too much)")
     p.add_argument("--workers", type=_workers, help="data-loader processes (default: one per core, max 8)")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
@@ -109,7 +137,7 @@ def _recipe(cls, a: argparse.Namespace, **extra):
 
     names = {f.name for f in fields(cls)}
     overrides = {k: v for k, v in vars(a).items() if k in names} | extra
-    config = a.config
+    config = getattr(a, "config", None)
     if config and not Path(config).exists() and (RECIPES / f"{config}.json").is_file():
         return cls.shipped(config, **overrides)
     return cls.from_file(config, **overrides)
@@ -160,10 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in COMMAND_ORDER:
         ARGUMENTS[name](sub)
+    for child in sub.choices.values():
+        _given_only(child)
     return parser
 
 
 def _args_index(sub: Any) -> None:
+    from .search.index import build_index
+
+    batch = f"images per forward pass (default {_default(build_index, 'batch_size')})"
     p = sub.add_parser("index", help="a FAISS search index over an image collection (build, add, remove)")
     isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
     q = isub.add_parser("build", help="embed images with a model into a new (or resumed) index")
@@ -172,16 +205,16 @@ def _args_index(sub: Any) -> None:
     q.add_argument("--images", required=True, help="image folder (class sub-folders become labels), path,label list, "
                    "or Chinese-CLIP *_imgs.tsv")
     q.add_argument("--out", required=True, help="index folder; re-running resumes an interrupted build")
-    q.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"],
+    q.add_argument("--kind", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"],
                    help="auto (default): exact up to 30k images, HNSW above; its recall@10 is measured and shown")
     q.add_argument("--text-model", help="for a student: its teacher (spec or clip-train run), for text queries")
-    q.add_argument("--batch-size", type=_count, default=64, help="images per forward pass (default 64)")
+    q.add_argument("--batch-size", type=_count, help=batch)
     q.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
     _device_flags(q)
     q = isub.add_parser("add", help="embed more images into an index (with the model that built it)")
     q.add_argument("--index", required=True)
     q.add_argument("--images", required=True, help="image folder, path,label list or Chinese-CLIP *_imgs.tsv")
-    q.add_argument("--batch-size", type=_count, default=64, help="images per forward pass (default 64)")
+    q.add_argument("--batch-size", type=_count, help=batch)
     q.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
     _device_flags(q)
     q = isub.add_parser("remove", help="drop images from an index")
@@ -194,26 +227,27 @@ def _index(a: argparse.Namespace) -> None:
     from .search.index import add_to_index, build_index, remove_from_index
 
     if a.index_command == "remove":
-        n = remove_from_index(a.index, a.paths)
+        n = remove_from_index(index_dir=a.index, paths=a.paths)
         print(f"removed {n} image(s) from {a.index}")
         return
     if a.index_command == "build":
-        idx = build_index(a.model, a.images, a.out, a.kind, a.text_model, a.device, a.batch_size, a.workers,
-                          precision=a.precision or "auto")
+        idx = build_index(**_kwargs(build_index, a))
     else:
-        idx = add_to_index(a.index, a.images, a.device, a.batch_size, a.workers, precision=a.precision or "auto")
+        idx = add_to_index(**_kwargs(add_to_index, a, index_dir=a.index))
     i = idx.info
     print(f"index {idx.root}: {i['rows']} images ({i['skipped']} skipped), {i['kind']}, recall@10 vs exact "
           f"{i['recall@10']:.3f}, model {i['identity']}")
 
 
 def _args_search(sub: Any) -> None:
+    from .search.index import SearchIndex
+
     p = sub.add_parser("search", help="top-k images of an index for an image or a text query (+ a PNG grid)")
     p.add_argument("--index", required=True)
     qq = p.add_mutually_exclusive_group(required=True)
     qq.add_argument("--image", help="query image file")
     qq.add_argument("--text", help="query text (the model's text tower, or a student's teacher's)")
-    p.add_argument("--k", type=_count, default=10, help="results (default 10)")
+    p.add_argument("--k", type=_count, help=f"results (default {_default(SearchIndex.search, 'k')})")
     p.add_argument("--out", help="write a PNG grid (query, then its results) here")
     p.add_argument("--text-model", help="for a student index built without one: its teacher, for --text")
     _device_flags(p)
@@ -221,28 +255,24 @@ def _args_search(sub: Any) -> None:
 
 @command("search", _args_search)
 def _search(a: argparse.Namespace) -> None:
-    from .data.loader import load_rgb
     from .search.index import SearchIndex
 
     idx = SearchIndex(a.index)
-    idx.load_encoder(text_model=a.text_model, device=a.device, precision=a.precision or "auto")
-    hits = idx.search(image=a.image, text=a.text, k=a.k)
+    idx.load_encoder(**_kwargs(idx.load_encoder, a))
+    hits = idx.search(**_kwargs(idx.search, a))
     for rank, h in enumerate(hits, 1):
         print(f"{rank:3d}  {h['score']:.4f}  {h['path']}" + (f"  [{h['label']}]" if h["label"] else ""))
-    if a.out:
-        from .evaluation.plots import plot_search_grid
-
-        query = load_rgb(a.image) if a.image else None
-        rows = {h["path"]: h["id"] for h in hits}
-        grid = plot_search_grid(query, a.text or a.image, hits, lambda p: idx.open_image(rows[p]), a.out)
-        print(f"grid -> {grid}")
+    if getattr(a, "out", None):
+        print(f"grid -> {idx.save_grid(hits, **_kwargs(idx.save_grid, a))}")
 
 
 def _args_serve(sub: Any) -> None:
+    from .search.service import serve
+
     p = sub.add_parser("serve", help="an HTTP search service and web page over an index (FastAPI + uvicorn)")
     p.add_argument("--index", required=True)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_count, default=8000, help="default 8000")
+    p.add_argument("--host", help=f"address to listen on (default {_default(serve, 'host')}: this machine only)")
+    p.add_argument("--port", type=_count, help=f"default {_default(serve, 'port')}")
     p.add_argument("--no-batch", action="store_true", help="one forward pass per query (no dynamic batching)")
 
 
@@ -250,19 +280,22 @@ def _args_serve(sub: Any) -> None:
 def _serve(a: argparse.Namespace) -> None:
     from .search.service import serve
 
-    serve(a.index, a.host, a.port, batch=not a.no_batch)
+    serve(**_kwargs(serve, a, index_dir=a.index, batch=not getattr(a, "no_batch", False)))
 
 
 def _args_select(sub: Any) -> None:
+    from .search.select import select_images
+
+    d = lambda name: _default(select_images, name)  # noqa: E731
     p = sub.add_parser("select", help="a CLIP-filtered training list: top images per class prompt from an "
                        "indexed pool")
     p.add_argument("--index", required=True, help="index of the unlabelled pool")
     p.add_argument("--prompts", required=True, help="prompts.json (from `clipkd prompts`)")
-    p.add_argument("--per-class", type=_count, default=100, help="images per class (default 100)")
-    p.add_argument("--min-similarity", type=float, default=-1.0, help="cosine a chosen image must reach (default: "
-                   "none; look at `clipkd search --text` scores of your model to pick one)")
-    p.add_argument("--duplicate", type=float, default=0.98, help="cosine above which an image is a near-copy of "
-                   "one already chosen (default 0.98)")
+    p.add_argument("--per-class", type=_count, help=f"images per class (default {d('per_class')})")
+    p.add_argument("--min-similarity", type=float, help="cosine a chosen image must reach (default: none; look at "
+                   "`clipkd search --text` scores of your model to pick one)")
+    p.add_argument("--duplicate", type=float, help="cosine above which an image is a near-copy of one already chosen "
+                   f"(default {d('duplicate')})")
     p.add_argument("--text-model", help="for a student index built without one: its teacher")
     p.add_argument("--out", required=True, help="path,label,similarity CSV (distill and embed-images read it)")
     _device_flags(p)
@@ -272,34 +305,35 @@ def _args_select(sub: Any) -> None:
 def _select(a: argparse.Namespace) -> None:
     from .search.select import select_images
 
-    sel = select_images(a.index, a.prompts, a.out, a.per_class, a.min_similarity, a.duplicate, a.text_model,
-                        a.device, a.precision or "auto")
+    sel = select_images(**_kwargs(select_images, a, index_dir=a.index))
     total = sum(len(v) for v in sel.chosen.values())
     print(f"{total} images for {len(sel.chosen)} classes -> {sel.out}")
 
 
 def _args_synth(sub: Any) -> None:
+    from .data.synth import WorldConfig, synthesize
+
+    d = lambda name: f"default {_default(WorldConfig, name)}"  # noqa: E731
     p = sub.add_parser("synth", help="generate the demo world (coloured shapes, captions, seen/unseen split)")
     p.add_argument("--out", required=True, help="folder to write (reused when already complete)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shapes", type=int, default=8, help="number of shapes (max 10, default 8)")
-    p.add_argument("--colours", type=int, default=8, help="number of colours (max 10, default 8)")
-    p.add_argument("--image-size", type=int, default=32, help="pixels (default 32)")
-    p.add_argument("--train-per-class", type=int, default=100)
-    p.add_argument("--val-per-class", type=int, default=10)
-    p.add_argument("--test-per-class", type=int, default=30)
-    p.add_argument("--unseen-per-shape", type=int, default=2, help="unseen colours per shape (default 2)")
-    p.add_argument("--workers", type=_workers, default=2)
+    p.add_argument("--seed", type=int, help=d("seed"))
+    p.add_argument("--shapes", type=int, dest="n_shapes", metavar="N",
+                   help=f"number of shapes (max 10, {d('n_shapes')})")
+    p.add_argument("--colours", type=int, dest="n_colours", metavar="N",
+                   help=f"number of colours (max 10, {d('n_colours')})")
+    p.add_argument("--image-size", type=int, help=f"pixels ({d('image_size')})")
+    p.add_argument("--train-per-class", type=int, help=d("train_per_class"))
+    p.add_argument("--val-per-class", type=int, help=d("val_per_class"))
+    p.add_argument("--test-per-class", type=int, help=d("test_per_class"))
+    p.add_argument("--unseen-per-shape", type=int, help=f"unseen colours per shape ({d('unseen_per_shape')})")
+    p.add_argument("--workers", type=_workers, help=f"default {_default(synthesize, 'workers')}")
 
 
 @command("synth", _args_synth)
 def _synth(a: argparse.Namespace) -> None:
     from .data.synth import WorldConfig, synthesize
 
-    cfg = WorldConfig(seed=a.seed, n_shapes=a.shapes, n_colours=a.colours, image_size=a.image_size,
-                      train_per_class=a.train_per_class, val_per_class=a.val_per_class,
-                      test_per_class=a.test_per_class, unseen_per_shape=a.unseen_per_shape)
-    print(f"demo world in {synthesize(a.out, cfg, workers=a.workers)}")
+    print(f"demo world in {synthesize(**_kwargs(synthesize, a, cfg=WorldConfig(**_kwargs(WorldConfig, a))))}")
 
 
 def _args_clip_train(sub: Any) -> None:
@@ -333,8 +367,8 @@ def _args_clip_train(sub: Any) -> None:
     p.add_argument("--warmup", type=float, help="warmup: fraction of all steps (<1) or a number of steps")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--accumulate", type=_count, help="gradient accumulation: batches per optimizer step")
-    p.add_argument("--freeze-image", action="store_true", default=None, help="train the text tower only")
-    p.add_argument("--freeze-text", action="store_true", default=None, help="train the image tower only")
+    p.add_argument("--freeze-image", action="store_true", help="train the text tower only")
+    p.add_argument("--freeze-text", action="store_true", help="train the image tower only")
     p.add_argument("--workers", type=_workers)
     p.add_argument("--seed", type=int)
     _trainer_flags(p)
@@ -344,15 +378,16 @@ def _args_clip_train(sub: Any) -> None:
 def _clip_train(a: argparse.Namespace) -> None:
     from .training.clip_train import ClipTrainConfig, clip_train, model_spec
 
-    extra = {"model": model_spec(a.model or ClipTrainConfig.model, a.pretrained)} if a.model or a.pretrained else {}
-    cfg = _recipe(ClipTrainConfig, a, **extra)
-    r = clip_train(a.images, a.captions, a.out, cfg, teacher=a.teacher, store=a.store, extra_images=a.extra_images,
-                   extra_store=a.extra_store, val_images=a.val_images,
-                   val_captions=a.val_captions, device=a.device, overwrite=a.overwrite)
+    model, pretrained = getattr(a, "model", None), getattr(a, "pretrained", None)
+    extra = {"model": model_spec(model or ClipTrainConfig.model, pretrained)} if model or pretrained else {}
+    r = clip_train(**_kwargs(clip_train, a, captions=getattr(a, "captions", None), cfg=_recipe(ClipTrainConfig, a,
+                                                                                            **extra)))
     print(f"model: {r.spec}")
 
 
 def _args_eval_retrieval(sub: Any) -> None:
+    from .evaluation.retrieval import evaluate_retrieval
+
     p = sub.add_parser("eval-retrieval", help="text<->image recall and image->image R@K / mAP@K / P@10")
     p.add_argument("--model", required=True, help="CLIP spec or clip-train run folder; or an image model (student, "
                    "exported .onnx) for image->image metrics")
@@ -361,45 +396,51 @@ def _args_eval_retrieval(sub: Any) -> None:
     p.add_argument("--captions", help="CSV path,caption or Chinese-CLIP JSONL: adds text<->image recall")
     p.add_argument("--text-model", help="for a distilled student: its teacher (spec, clip-train run or exported text "
                    "tower), whose text tower queries the student's images")
-    p.add_argument("--max-queries", type=_count, default=5000, help="image->image queries sampled (default 5000)")
-    p.add_argument("--batch-size", type=_count, default=128)
+    p.add_argument("--max-queries", type=_count, help="image->image queries sampled (default "
+                   f"{_default(evaluate_retrieval, 'max_queries')})")
+    p.add_argument("--batch-size", type=_count, help=f"default {_default(evaluate_retrieval, 'batch_size')}")
     p.add_argument("--workers", type=_workers)
     p.add_argument("--out", help="results JSON; a PNG grid of queries and top-10 results is written beside it")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device")
 
 
 @command("eval-retrieval", _args_eval_retrieval)
 def _eval_retrieval(a: argparse.Namespace) -> None:
     from .evaluation.retrieval import evaluate_retrieval
 
-    r = evaluate_retrieval(a.model, a.images, a.captions, batch_size=a.batch_size, workers=a.workers,
-                           device=a.device, max_queries=a.max_queries, out=a.out, text_model=a.text_model)
+    r = evaluate_retrieval(**_kwargs(evaluate_retrieval, a))
     print(json.dumps(r.to_dict(), indent=2))
 
 
 def _args_prompts(sub: Any) -> None:
+    from .prompts import embed_text
+
     p = sub.add_parser("prompts", help="class names + templates -> prompts file")
     p.add_argument("--classes", required=True, help="ImageFolder (class = sub-folder) or text file, one class per line")
-    p.add_argument("--templates", default="openai",
-                   help="openai (open_clip's 80), simple (7), none, or a file of '{}' templates (default openai)")
+    p.add_argument("--templates", help="openai (open_clip's 80), simple (7), none, or a file of '{}' templates "
+                   f"(default {_default(embed_text, 'templates')})")
     p.add_argument("--out", required=True, help=".json ({class: [prompts]}) or .txt (seed style, one per class)")
 
 
 @command("prompts", _args_prompts)
 def _prompts(a: argparse.Namespace) -> None:
-    from .prompts import build_prompts, load_classnames, load_templates, write_prompts
+    from .prompts import build_prompts, embed_text, load_classnames, load_templates, write_prompts
 
-    prompts = build_prompts(load_classnames(a.classes), load_templates(a.templates))
+    prompts = build_prompts(load_classnames(a.classes), load_templates(getattr(a, "templates",
+                                                                             _default(embed_text, "templates"))))
     print(f"{sum(map(len, prompts.values()))} prompts for {len(prompts)} classes -> {write_prompts(a.out, prompts)}")
 
 
 def _args_embed_text(sub: Any) -> None:
+    from .prompts import embed_text
+
     p = sub.add_parser("embed-text", help="prompts -> one normalised, template-averaged text embedding per class")
     p.add_argument("--teacher", required=True, help="teacher spec, e.g. open_clip:ViT-B-32@laion2b_s34b_b79k")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help="prompts .json or a seed-style text_prompts.txt")
     src.add_argument("--classes", help="ImageFolder or class-name file (prompts built with --templates)")
-    p.add_argument("--templates", default="openai", help="with --classes: openai, simple, none or a file")
+    p.add_argument("--templates", help="with --classes: openai, simple, none or a file (default "
+                   f"{_default(embed_text, 'templates')})")
     p.add_argument("--out", required=True, help="output .npz")
     _device_flags(p)
 
@@ -408,74 +449,73 @@ def _args_embed_text(sub: Any) -> None:
 def _embed_text(a: argparse.Namespace) -> None:
     from .prompts import embed_text
 
-    emb = embed_text(a.teacher, prompts=a.prompts, classes=a.classes, templates=a.templates, device=a.device,
-                     precision=a.precision or "auto")
+    emb = embed_text(**_kwargs(embed_text, a))
     print(f"{len(emb.classnames)} class embeddings ({emb.embeddings.shape[1]}-d) -> {emb.save(a.out)}")
 
 
 def _args_embed_images(sub: Any) -> None:
+    from .store import embed_images
+
+    d = lambda name: f"default {_default(embed_images, name)}"  # noqa: E731
     p = sub.add_parser("embed-images", help="teacher image embeddings of a folder -> resumable sharded store")
     p.add_argument("--teacher", required=True, help="teacher spec")
     p.add_argument("--images", required=True, help="folder of images (searched recursively), image list, or "
                    "WebDataset shards ('shards/{00000..00099}.tar')")
     p.add_argument("--out", required=True, help="store folder; re-running resumes and adds new images")
-    p.add_argument("--batch-size", type=_count, default=64)
+    p.add_argument("--batch-size", type=_count, help=d("batch_size"))
     p.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
-    p.add_argument("--shard-size", type=_count, default=8192, help="images per shard (default 8192)")
+    p.add_argument("--shard-size", type=_count, help=f"images per shard ({d('shard_size')})")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the image tower (checked against eager on the first batch)")
-    p.add_argument("--views", type=_count, default=1, help="K > 1: a multi-view store (clipkd's GZSL method for every "
+    p.add_argument("--views", type=_count, help="K > 1: a multi-view store (clipkd's GZSL method for every "
                    "student trained from it): each image and K-1 flipped / CutMix views of it, each embedded once")
-    p.add_argument("--view-hue", type=_share_or_auto, default="auto", help="share of the views after the first whose "
-                   "hues are rotated (default auto: 0.5 with --views)")
-    p.add_argument("--view-mix", default="cutmix", choices=["cutmix", "mixup", "none"],
-                   help="how a view mixes in its partner image (default cutmix)")
+    p.add_argument("--view-hue", type=_share_or_auto, help="share of the views after the first whose hues are rotated "
+                   f"({d('view_hue')}: 0.5 with --views)")
+    p.add_argument("--view-mix", choices=["cutmix", "mixup", "none"],
+                   help=f"how a view mixes in its partner image ({d('view_mix')})")
     p.add_argument("--split", help="split file: only the seen classes' images get views (a view and its partner are "
                    "both seen)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the views' draw (default 0)")
+    p.add_argument("--seed", type=int, help=f"seed of the views' draw ({d('seed')})")
     _device_flags(p)
 
 
 @command("embed-images", _args_embed_images)
 def _embed_images(a: argparse.Namespace) -> None:
-    from .fileio import check_out_dir
     from .store import embed_images
 
-    check_out_dir(a.out, "embedding store")  # before loading the teacher (which loads once the images are found)
-    store = embed_images(a.teacher, a.images, a.out, batch_size=a.batch_size, workers=a.workers,
-                         shard_size=a.shard_size, compile=a.compile, device=a.device, precision=a.precision or "auto",
-                         views=a.views, view_hue=a.view_hue, view_mix=a.view_mix,
-                         split=a.split, seed=a.seed)
+    store = embed_images(**_kwargs(embed_images, a))
     m = store.manifest
-    what = f" ({a.views} views of each image)" if a.views > 1 else ""
+    views = getattr(a, "views", 1)
+    what = f" ({views} views of each image)" if views > 1 else ""
     print(f"store {a.out}: {m['count']} embeddings{what} in {len(m['shards'])} shard(s), {m['skipped_count']} file(s) "
           "skipped")
 
 
 def _args_download(sub: Any) -> None:
+    from .data.download import download
+
+    d = lambda name: f"default {_default(download, name)}"  # noqa: E731
     p = sub.add_parser("download", help="images from a URL list into WebDataset shards (img2dataset), for --images")
     p.add_argument("--urls", required=True, help="URL list: .txt (one per line), .csv/.tsv/.parquet/.json with a url "
                    "column")
     p.add_argument("--out", required=True, help="shard folder; re-running resumes (finished shards are kept)")
-    p.add_argument("--image-size", type=_count, default=256, help="resize to this size (default 256)")
-    p.add_argument("--resize-mode", default="border",
-                   help="border (pad to a square, default), keep_ratio, keep_ratio_largest, center_crop, no (as is)")
-    p.add_argument("--url-col", default="url", help="column of the URLs in csv/tsv/parquet/json lists (default url)")
+    p.add_argument("--image-size", type=_count, help=f"resize to this size ({d('image_size')})")
+    p.add_argument("--resize-mode", help="border (pad to a square), keep_ratio, keep_ratio_largest, center_crop, no "
+                   f"(as is); {d('resize_mode')}")
+    p.add_argument("--url-col", help=f"column of the URLs in csv/tsv/parquet/json lists ({d('url_col')})")
     p.add_argument("--caption-col", help="column saved as each sample's .txt caption")
-    p.add_argument("--per-shard", type=_count, default=10000, help="samples per tar shard (default 10000)")
-    p.add_argument("--processes", type=_count, default=1, help="download processes (default 1)")
-    p.add_argument("--threads", type=_count, default=32, help="download threads per process (default 32)")
-    p.add_argument("--timeout", type=_count, default=10, help="seconds per request (default 10)")
-    p.add_argument("--retries", type=int, default=0, help="retries per failed URL (default 0)")
+    p.add_argument("--per-shard", type=_count, help=f"samples per tar shard ({d('per_shard')})")
+    p.add_argument("--processes", type=_count, help=f"download processes ({d('processes')})")
+    p.add_argument("--threads", type=_count, help=f"download threads per process ({d('threads')})")
+    p.add_argument("--timeout", type=_count, help=f"seconds per request ({d('timeout')})")
+    p.add_argument("--retries", type=int, help=f"retries per failed URL ({d('retries')})")
 
 
 @command("download", _args_download)
 def _download(a: argparse.Namespace) -> None:
     from .data.download import download
 
-    r = download(a.urls, a.out, image_size=a.image_size, resize_mode=a.resize_mode, url_col=a.url_col,
-                 caption_col=a.caption_col, per_shard=a.per_shard, processes=a.processes, threads=a.threads,
-                 timeout=a.timeout, retries=a.retries)
+    r = download(**_kwargs(download, a))
     failed = ", ".join(f"{n} {m}" for m, n in sorted(r.errors.items(), key=lambda kv: -kv[1])[:5])
     print(f"downloaded {r.successes} of {r.urls} image(s) into {len(r.shards)} shard(s)"
           + (f"; failed: {failed}" if failed else ""))
@@ -525,9 +565,7 @@ def _args_distill(sub: Any) -> None:
 def _distill(a: argparse.Namespace) -> None:
     from .training.distill import distill
 
-    r = distill(a.images, a.out, _train_config(a), store=a.store, teacher=a.teacher, text=a.text, split=a.split,
-                device=a.device, vocab=a.vocab, extra_images=a.extra_images, extra_store=a.extra_store,
-                overwrite=a.overwrite)
+    r = distill(**_kwargs(distill, a, cfg=_train_config(a)))
     print(f"student -> {r.path}")
 
 
@@ -541,42 +579,47 @@ def _args_train_supervised(sub: Any) -> None:
 def _train_supervised(a: argparse.Namespace) -> None:
     from .training.distill import train_supervised
 
-    r = train_supervised(a.images, a.out, _train_config(a), split=a.split, device=a.device, overwrite=a.overwrite)
+    r = train_supervised(**_kwargs(train_supervised, a, cfg=_train_config(a)))
     print(f"baseline -> {r.path}")
 
 
 def _args_eval(sub: Any) -> None:
+    from .evaluation.zeroshot import evaluate
+
     p = sub.add_parser("eval", help="zero-shot / generalized zero-shot accuracy of a teacher or student")
     p.add_argument("--model", required=True, help="teacher spec or student run folder / student.pt")
     p.add_argument("--images", required=True, help="labelled ImageFolder (test split)")
     p.add_argument("--text", help="class text embeddings (required for embedding students)")
     p.add_argument("--split", help="split file -> GZSL S, U, H, calibrated stacking, AUSUC")
     p.add_argument("--val", help="labelled folder to choose the calibration gamma on")
-    p.add_argument("--templates", default="simple", help="templates when a teacher embeds class names itself")
-    p.add_argument("--batch-size", type=_count, default=128)
+    p.add_argument("--templates", help="templates when a teacher embeds class names itself (default "
+                   f"{_default(evaluate, 'templates')})")
+    p.add_argument("--batch-size", type=_count, help=f"default {_default(evaluate, 'batch_size')}")
     p.add_argument("--workers", type=_workers)
     p.add_argument("--out", help="write the results JSON here (and the seen-unseen curve PNG beside it)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device")
 
 
 @command("eval", _args_eval)
 def _eval(a: argparse.Namespace) -> None:
     from .evaluation.zeroshot import evaluate
 
-    r = evaluate(a.model, a.images, text=a.text, split=a.split, val=a.val, templates=a.templates,
-                 batch_size=a.batch_size, workers=a.workers, device=a.device, out=a.out)
+    r = evaluate(**_kwargs(evaluate, a))
     print(json.dumps(r.to_dict(curve=False), indent=2))
 
 
 def _args_predict(sub: Any) -> None:
+    from .evaluation.zeroshot import predict, predict_video
+
     p = sub.add_parser("predict", help="top-k classes with probabilities for image files")
     p.add_argument("--model", required=True, help="teacher spec or student run folder / student.pt")
     p.add_argument("--text", help="class text embeddings (embedding models)")
     p.add_argument("--classes", help="class-name file or folder (teachers without --text)")
-    p.add_argument("--topk", type=_count, default=5)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--topk", type=_count, help=f"default {_default(predict, 'topk')}")
+    p.add_argument("--device")
     p.add_argument("--video", help="a video file, or a camera index (0, 1, ...): top-k per frame with frames/s")
-    p.add_argument("--every", type=_count, default=1, help="with --video: every N-th frame (default 1)")
+    p.add_argument("--every", type=_count, help="with --video: every N-th frame (default "
+                   f"{_default(predict_video, 'every')})")
     p.add_argument("--max-frames", type=_count, help="with --video: stop after this many predicted frames")
     p.add_argument("files", nargs="*", help="image files")
 
@@ -586,15 +629,14 @@ def _predict(a: argparse.Namespace) -> None:
     from .evaluation.zeroshot import predict
     from .prompts import load_classnames
 
-    classes = load_classnames(a.classes) if a.classes else None
-    if a.video is not None:
+    classes = load_classnames(a.classes) if getattr(a, "classes", None) else None
+    if getattr(a, "video", None) is not None:
         if a.files:
             raise ClipkdError("give image files or --video, not both")
         from .evaluation.zeroshot import predict_video
 
         n, fps = 0, 0.0
-        for f in predict_video(a.model, a.video, text=a.text, classnames=classes, topk=a.topk, device=a.device,
-                               every=a.every, max_frames=a.max_frames):
+        for f in predict_video(**_kwargs(predict_video, a, source=a.video, classnames=classes)):
             n, fps = n + 1, f.fps
             print(f"frame {f.frame}: " + ", ".join(f"{c} {p:.3f}" for c, p in f.top) + f"  ({f.fps:.1f} frames/s)")
         if n == 0:
@@ -604,7 +646,7 @@ def _predict(a: argparse.Namespace) -> None:
     if not a.files:
         raise ClipkdError("give image files to predict, or --video FILE|CAMERA_INDEX")
     failed = 0
-    for r in predict(a.model, a.files, text=a.text, classnames=classes, topk=a.topk, device=a.device):
+    for r in predict(**_kwargs(predict, a, classnames=classes)):
         if r.error:
             failed += 1
             print(f"{r.file}: skipped ({r.error})")
@@ -632,33 +674,40 @@ def _convert_weights(a: argparse.Namespace) -> None:
 
 
 def _args_export(sub: Any) -> None:
+    from .export import export_model
+
+    d = lambda name: f"default {_default(export_model, name)}"  # noqa: E731
     p = sub.add_parser("export", help="a model as a self-describing ONNX file (fp32 or INT8) or TensorRT engine")
     p.add_argument("--model", required=True, help="student run folder / student.pt, clip-train run, or teacher spec "
                    "(its image tower)")
-    p.add_argument("--format", default="onnx", help="onnx (default) or tensorrt (needs a CUDA GPU and tensorrt)")
+    p.add_argument("--format", help=f"onnx or tensorrt (needs a CUDA GPU and tensorrt); {d('format')}")
     p.add_argument("--out", required=True, help="output file (.onnx; .engine for tensorrt)")
     p.add_argument("--images", help="sample images for the parity check against PyTorch (default: the student run's "
                    "training images)")
-    p.add_argument("--samples", type=_count, default=16, help="parity samples (default 16)")
+    p.add_argument("--samples", type=_count, help=f"parity samples ({d('samples')})")
     p.add_argument("--int8", action="store_true", help="INT8 post-training static quantization (QDQ, per-channel)")
     p.add_argument("--calib", help="calibration images for --int8 (folder or list; at least 16)")
-    p.add_argument("--calib-count", type=_count, default=128, help="calibration images used (default 128)")
-    p.add_argument("--tower", default="image", choices=["image", "text"],
-                   help="text: a CLIP's text tower (open_clip models; embed-text and --text-model take the file)")
+    p.add_argument("--calib-count", type=_count, help=f"calibration images used ({d('calib_count')})")
+    p.add_argument("--tower", choices=["image", "text"],
+                   help=f"{d('tower')}; text: a CLIP's text tower (open_clip models; embed-text and --text-model "
+                   "take the file)")
 
 
 @command("export", _args_export)
 def _export(a: argparse.Namespace) -> None:
     from .export import export_model
 
-    r = export_model(a.model, a.out, format=a.format, images=a.images, samples=a.samples, int8=a.int8, calib=a.calib,
-                     calib_count=a.calib_count, tower=a.tower)
+    r = export_model(**_kwargs(export_model, a))
+    texts = getattr(a, "tower", "image") == "text"
     print(f"{r.path} ({r.format}, {r.metadata.get('precision', '')}, {r.size_bytes / 1e6:.1f} MB): cosine to "
-          f"PyTorch on {r.samples} sample {'texts' if a.tower == 'text' else 'images'} min {r.min_cosine:.6f}, "
+          f"PyTorch on {r.samples} sample {'texts' if texts else 'images'} min {r.min_cosine:.6f}, "
           f"mean {r.mean_cosine:.6f}")
 
 
 def _args_dataset(sub: Any) -> None:
+    from .data.digits import DigitsConfig
+
+    d = lambda name: f"default {_default(DigitsConfig, name)}"  # noqa: E731
     p = sub.add_parser("dataset", help="real datasets -> clipkd inputs (image lists, split files)")
     dsub = p.add_subparsers(dest="dataset", required=True, metavar="KIND")
     q = dsub.add_parser("xlsa17", help="AwA2/CUB/SUN/aPY proposed splits (att_splits.mat + res101.mat)")
@@ -667,12 +716,12 @@ def _args_dataset(sub: Any) -> None:
                    "paths are re-rooted onto it)")
     q.add_argument("--out", required=True, help="folder for trainval/test_seen/test_unseen/test .csv, split.json")
     q = dsub.add_parser("digits", help="real-image GZSL worlds from scikit-learn's handwritten digits (offline)")
-    q.add_argument("--kind", default="digits", choices=["digits", "digits-colour"],
+    q.add_argument("--kind", choices=["digits", "digits-colour"],
                    help="digits: 10 classes, --unseen held out; digits-colour: 40 ink×digit classes, one ink per "
-                   "digit held out (default digits)")
-    q.add_argument("--unseen", type=int, default=3, help="unseen digits (kind digits; default 3)")
-    q.add_argument("--image-size", type=int, default=32)
-    q.add_argument("--seed", type=int, default=0)
+                   f"digit held out ({d('kind')})")
+    q.add_argument("--unseen", type=int, help=f"unseen digits (kind digits; {d('unseen')})")
+    q.add_argument("--image-size", type=int, help=d("image_size"))
+    q.add_argument("--seed", type=int, help=d("seed"))
     q.add_argument("--out", required=True, help="world folder: train/ val/ test/ with captions_en.csv, split.json")
     q = dsub.add_parser("coop", help="CoOp base-to-new split: sorted classes, first ceil(n/2) are base (seen)")
     q.add_argument("--images", required=True, help="ImageFolder, image list, or class-name file")
@@ -686,8 +735,8 @@ def _dataset(a: argparse.Namespace) -> None:
     if a.dataset == "digits":
         from .data.digits import DigitsConfig, make_digits_world
 
-        cfg = DigitsConfig(kind=a.kind, image_size=a.image_size, unseen=a.unseen, seed=a.seed)
-        print(f"{a.kind} world in {make_digits_world(a.out, cfg)}")
+        cfg = DigitsConfig(**_kwargs(DigitsConfig, a))
+        print(f"{cfg.kind} world in {make_digits_world(a.out, cfg)}")
     elif a.dataset == "xlsa17":
         counts = write_xlsa17(a.splits, a.images, a.out)
         print(f"{a.out}: " + ", ".join(f"{k}.csv {v} images" for k, v in counts.items()) + ", split.json")
@@ -723,15 +772,17 @@ def _args_store_export(sub: Any) -> None:
 def _store_export(a: argparse.Namespace) -> None:
     from .store import export_npy_folder
 
-    print(f"{export_npy_folder(a.store, a.out, flat=not a.mirror)} .npy files -> {a.out}")
+    print(f"{export_npy_folder(a.store, a.out, flat=not getattr(a, 'mirror', False))} .npy files -> {a.out}")
 
 
 def _args_import_text(sub: Any) -> None:
+    from .prompts import import_seed_text
+
     p = sub.add_parser("import-text", help="seed-style text_prompts.txt + (C, D) .npy -> text embeddings .npz")
     p.add_argument("--prompts", required=True, help="text_prompts.txt, one prompt per class per line")
     p.add_argument("--embeddings", required=True, help=".npy with one row per line of --prompts")
     p.add_argument("--teacher", required=True, help="the teacher that made them (its spec), recorded as identity")
-    p.add_argument("--logit-scale", type=float, default=100.0)
+    p.add_argument("--logit-scale", type=float, help=f"default {_default(import_seed_text, 'logit_scale')}")
     p.add_argument("--out", required=True, help="output .npz")
 
 
@@ -739,25 +790,27 @@ def _args_import_text(sub: Any) -> None:
 def _import_text(a: argparse.Namespace) -> None:
     from .prompts import import_seed_text
 
-    emb = import_seed_text(a.prompts, a.embeddings, a.teacher, a.logit_scale)
+    emb = import_seed_text(**_kwargs(import_seed_text, a, prompts_txt=a.prompts, embeddings_npy=a.embeddings))
     print(f"{len(emb.classnames)} class embeddings -> {emb.save(a.out)}")
 
 
 def _args_demo(sub: Any) -> None:
+    from .demo import run_demo
+
     p = sub.add_parser("demo", help="the whole pipeline in the demo world, with a results table")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--out", help=f"output folder (default {_default(run_demo, 'out')})")
     p.add_argument("--quick", action="store_true", help="a small world and short training (about a minute)")
-    p.add_argument("--task", default="zeroshot", choices=["zeroshot", "retrieval"],
-                   help="zeroshot: the first workflow (GZSL); retrieval: CLIP fine-tuning with distillation")
+    p.add_argument("--task", choices=["zeroshot", "retrieval"], help="zeroshot: the first workflow (GZSL); "
+                   f"retrieval: CLIP fine-tuning with distillation (default {_default(run_demo, 'task')})")
     p.add_argument("--shared", help="reuse the world, teacher and store of this folder (e.g. runs/demo)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device")
 
 
 @command("demo", _args_demo)
 def _demo(a: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(Path(a.out), quick=a.quick, device=a.device, task=a.task, shared=a.shared)
+    run_demo(**_kwargs(run_demo, a))
 
 
 def run(a: argparse.Namespace) -> int:
@@ -796,9 +849,39 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
+# the flags of the command being run, by field name (set by main): library messages name fields, the CLI shows flags
+_FLAGS: dict[str, str] = {}
+
+
+def flags_of(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Field name → long flag of ``parser`` and its sub-parsers (``batch_size`` → ``--batch-size``)."""
+    out: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                out |= flags_of(child)
+        elif action.option_strings and action.dest not in ("help", "version"):
+            out.setdefault(action.dest, max(action.option_strings, key=len))
+    return out
+
+
+def as_flags(message: str, flags: dict[str, str]) -> str:
+    """A library message as the command line says it: each field named `` `name` `` becomes its flag and
+    `` `name`=value `` becomes ``--flag value``; a field with no flag (a recipe key) keeps its name."""
+    import re
+
+    def sub(m: re.Match) -> str:
+        flag = flags.get(m.group(1))
+        if flag is None:
+            return m.group(0)
+        return flag + (f" {m.group(2)}" if m.group(2) is not None else "")
+
+    return re.sub(r"`(\w+)`(?:=(\S+))?", sub, message)
+
+
 class _Format(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        msg = record.getMessage()
+        msg = as_flags(record.getMessage(), _FLAGS)
         return msg if record.levelno < logging.WARNING else f"clipkd: {record.levelname.lower()}: {msg}"
 
 
@@ -827,7 +910,11 @@ def cli_reference(width: int = 100) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``clipkd`` console script; user errors print one line and exit 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _FLAGS.clear()
+    _FLAGS.update(flags_of(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+                           .choices[args.command]))
     configure_logging(args.quiet, args.verbose)
     from .distributed import ranks
 
@@ -837,10 +924,10 @@ def main(argv: list[str] | None = None) -> int:
                 return run(args)
         return run(args)
     except Interrupted as e:
-        print(f"clipkd {args.command}: {e}", file=sys.stderr)
+        print(f"clipkd {args.command}: {as_flags(str(e), _FLAGS)}", file=sys.stderr)
         return e.exit_code
     except ClipkdError as e:
-        print(f"clipkd {args.command}: error: {e}", file=sys.stderr)
+        print(f"clipkd {args.command}: error: {as_flags(str(e), _FLAGS)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)

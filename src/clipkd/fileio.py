@@ -99,6 +99,25 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
 LOCK_NAME = ".clipkd.lock"
 
 
+def check_can_create(path: str | Path, what: str = "output folder") -> Path:
+    """A one-line error, before any work and without creating anything, when ``path`` could not become a folder:
+    it is a file, or the nearest folder that exists above it is not writable."""
+    from .errors import ClipkdError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ClipkdError(f"{what} {path} exists and is not a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ClipkdError(f"cannot create {what} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ClipkdError(f"{what} {path} is not writable" if parent == path else
+                          f"cannot create {what} {path}: {parent} is not writable")
+    return path
+
+
 def check_out_dir(path: str | Path, what: str = "output folder") -> Path:
     """Create ``path`` as a folder, or raise a one-line error if it is a file or cannot be written."""
     from .errors import ClipkdError

@@ -96,7 +96,7 @@ class ImageModel:
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised text embeddings in the image space; a one-line error when there is no text tower."""
         if not self.has_text:
-            hint = (" (a distilled student: pass --text-model with its teacher's spec)" if self.kind == "student"
+            hint = (" (a distilled student: pass `text_model` with its teacher's spec)" if self.kind == "student"
                     else "")
             raise ClipkdError(f"{self.identity} has no text tower for text queries{hint}")
         return self.text.encode_text(list(texts))
@@ -145,10 +145,10 @@ def with_text(image: ImageModel, text_model: Any, device: str | None = "auto", p
     if text_model is None:
         return image
     if image.kind == "clip":
-        raise ClipkdError(f"{image.source} is a CLIP with its own text tower; --text-model is for distilled students")
+        raise ClipkdError(f"{image.source} is a CLIP with its own text tower; `text_model` is for distilled students")
     text = load_text_model(text_model, device, precision)
     if text.identity != image.space:
-        raise ClipkdError(f"--text-model {text_model} is '{text.identity}', but the student was distilled from "
+        raise ClipkdError(f"`text_model`={text_model} is '{text.identity}', but the student was distilled from "
                           f"'{image.space}': its text would land in another space")
     image.text = text
     return image

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.datasets import load_classnames  # noqa: F401  (clipkd.prompts.load_classnames, as before)
 from .data.folders import clean_classname
 from .errors import ClipkdError
 from .fileio import read_json, write_json, write_npz
@@ -41,22 +42,6 @@ def load_templates(spec: str) -> list[str]:
     if not lines or bad:
         raise ClipkdError(f"template file {spec}: every line needs a '{{}}' placeholder (bad: {bad[:3]})")
     return [ln.replace("{c}", "{}") for ln in lines]
-
-
-def load_classnames(source: str | Path) -> list[str]:
-    """Class names from an ImageFolder (sub-folder names cleaned; ImageNet wnids → readable names),
-    a ``path,label`` image list (``.csv``/``.tsv``), or a text file (one name per line)."""
-    source = Path(source)
-    if source.is_dir() or source.suffix.lower() in (".csv", ".tsv"):
-        from .data.datasets import load_labelled
-
-        return load_labelled(source).classnames
-    if source.is_file():
-        names = [ln.strip() for ln in source.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        if not names:
-            raise ClipkdError(f"class-name file {source} is empty")
-        return names
-    raise ClipkdError(f"class names: no such folder or file: {source}")
 
 
 def build_prompts(classnames: Sequence[str], templates: Sequence[str]) -> dict[str, list[str]]:

@@ -46,7 +46,7 @@ from .data.folders import list_images
 from .data.loader import ImageDataset
 from .distributed import my_share, ranks
 from .errors import ClipkdError
-from .fileio import check_out_dir, exclusive, read_json, write_json, write_npy, write_text
+from .fileio import check_can_create, check_out_dir, exclusive, read_json, write_json, write_npy, write_text
 
 STORE_FORMAT = "clipkd-store/1"
 MERGE_LOCK = ".clipkd.manifest.lock"
@@ -210,7 +210,7 @@ class EmbeddingStore:
         if not known.all() and Path(self.manifest.get("images_root", "")) != root.resolve():
             raise ClipkdError(f"store {self.root} was built from {self.manifest.get('images_root')} by an older "
                               f"clipkd that did not record file sizes, so it cannot be checked against {root}; "
-                              "re-run embed-images into a new --out")
+                              "re-run embed-images into a new `out`")
         bad = []
         for i, size in zip(have[known].tolist(), recorded[known].tolist(), strict=True):
             if size < 0:  # not a file (a TSV row): nothing to compare
@@ -226,7 +226,7 @@ class EmbeddingStore:
                 f"store {self.root} holds embeddings of other files: {len(bad)} of the {len(have)} images under "
                 f"{root} it has rows for differ in size from the files it embedded (from "
                 f"{self.manifest.get('images_root')}), e.g. {bad[:3]}; use the store of these images, or "
-                "embed-images them into a new --out")
+                "embed-images them into a new `out`")
 
     def rows(self, paths: Sequence[str]) -> np.ndarray:
         """Row numbers of ``paths``; -1 where the store has no embedding for a path."""
@@ -384,7 +384,7 @@ def _open_for_append(info: dict[str, Any], images: Path, out: Path, shard_size: 
     and the paths already done (embedded or skipped)."""
     if (out / "manifest.json").exists():
         store = EmbeddingStore(out)
-        store.check_teacher(info["teacher"], hint="use another --out folder")
+        store.check_teacher(info["teacher"], hint="use another `out` folder")
         store.check_files(images, files, store.rows(files))
         root = str(images.resolve())
         roots = store.manifest.setdefault("images_roots", [store.manifest.get("images_root", root)])
@@ -432,10 +432,13 @@ def embed_images(
 
     src = open_source(images)  # shards: rows keyed <shard>/<sample key>, each rank reading its own shards
     if split is not None and views == 1:
-        raise ClipkdError("a split limits the images that get views (views ≥ 2); a plain store embeds every image")
+        raise ClipkdError("a `split` limits the images that get views (`views` ≥ 2); a plain store embeds every "
+                          "image")
     if views == 1 and view_hue not in ("auto", None) and float(view_hue) != 0.0:
-        raise ClipkdError("view_hue recolours views: it needs views ≥ 2 (a plain store embeds the images as they are)")
+        raise ClipkdError("`view_hue` recolours views: it needs `views` ≥ 2 (a plain store embeds the images as they "
+                          "are)")
     plan = _view_plan(src, images, views, view_hue, view_mix, split, seed) if views != 1 else None
+    check_can_create(out, "embedding store")  # before a teacher loads (nothing is created until the work starts)
     if isinstance(teacher, (str, Path)):
         from .teachers import load_teacher
 
@@ -452,11 +455,11 @@ def _view_plan(src, images, views: int, view_hue: float | str, mix: str, split, 
     from .data.views import make_view_plan
 
     if not isinstance(views, int) or isinstance(views, bool) or views < 1:
-        raise ClipkdError(f"views must be an integer ≥ 1 (1: the images only), got {views!r}")
+        raise ClipkdError(f"`views` must be an integer ≥ 1 (1: the images only), got {views!r}")
     if view_hue == "auto":
         view_hue = 0.5 if views > 1 else 0.0
     if isinstance(view_hue, str) or not 0.0 <= float(view_hue) <= 1.0:
-        raise ClipkdError(f"view_hue must be in [0, 1], or auto; got {view_hue!r}")
+        raise ClipkdError(f"`view_hue` must be in [0, 1], or auto; got {view_hue!r}")
     if src.kind == "tsv":
         raise ClipkdError(f"{images} is a Chinese-CLIP TSV: views are composed from image files or shard samples")
     if split is not None:
@@ -586,7 +589,7 @@ def export_npy_folder(store: str | Path, out: str | Path, flat: bool = True) -> 
     names = [_npy_name(p, flat) for p in st.paths]
     if flat and len(set(names)) < len(names):
         raise ClipkdError(f"store {store} has images with the same file name in different folders; "
-                          "export with the mirrored layout (--mirror)")
+                          "export with the mirrored layout (`mirror`)")
     emb = st.embeddings()
     for name, row in zip(names, emb, strict=True):
         write_npy(out / name, np.asarray(row, dtype=np.float32))

@@ -146,7 +146,7 @@ def load_caption_source(images: str | Path, captions: str | Path | None) -> Capt
         labels = {k: str(v) for k, v in samples.labels.items()}
         return CaptionSource(samples.root, samples.captions, labels=labels or None)
     if captions is None:
-        raise ClipkdError("--captions is needed unless --images are WebDataset shards with .txt captions")
+        raise ClipkdError("`captions` is needed unless `images` are WebDataset shards with .txt captions")
     images = Path(images)
     if images.suffix == ".tsv" or str(captions).endswith(".jsonl"):
         tsv = TsvImages(images)

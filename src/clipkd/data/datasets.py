@@ -229,8 +229,20 @@ def write_xlsa17(split_dir: str | Path, image_root: str | Path, out: str | Path)
 
 def write_coop_split(images: str | Path, out: str | Path) -> Split:
     """CoOp's base-to-new split of the classes of ``images`` (folder, list or class-name file) → ``out`` (JSON)."""
-    from ..prompts import load_classnames
-
     split = coop_base_to_new(load_classnames(images))
     write_split(out, split)
     return split
+
+
+def load_classnames(source: str | Path) -> list[str]:
+    """Class names from an ImageFolder (sub-folder names cleaned; ImageNet wnids → readable names),
+    a ``path,label`` image list (``.csv``/``.tsv``), or a text file (one name per line)."""
+    source = Path(source)
+    if source.is_dir() or source.suffix.lower() in (".csv", ".tsv"):
+        return load_labelled(source).classnames
+    if source.is_file():
+        names = [ln.strip() for ln in source.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not names:
+            raise ClipkdError(f"class-name file {source} is empty")
+        return names
+    raise ClipkdError(f"class names: no such folder or file: {source}")

@@ -63,7 +63,7 @@ def make_digits_world(out: str | Path, cfg: DigitsConfig = DigitsConfig()) -> Pa
     if cfg.kind not in WORLDS:
         raise ClipkdError(f"unknown digits world '{cfg.kind}' (choose {', '.join(WORLDS)})")
     if not 1 <= cfg.unseen <= 9:
-        raise ClipkdError(f"--unseen must be between 1 and 9 digits, got {cfg.unseen}")
+        raise ClipkdError(f"`unseen` must be between 1 and 9 digits, got {cfg.unseen}")
     out = Path(out)
     if (out / "world.json").is_file() and read_json(out / "world.json").get("config") == asdict(cfg):
         return out

@@ -116,11 +116,11 @@ def download(urls: str | Path, out: str | Path, image_size: int = 256, resize_mo
     fmt = _check_urls(urls, url_col, caption_col)
     _check_schemes(urls, fmt, url_col)
     if resize_mode not in RESIZE_MODES:
-        raise ClipkdError(f"unknown --resize-mode '{resize_mode}' (choose from {', '.join(RESIZE_MODES)})")
-    for name, value in (("image-size", image_size), ("per-shard", per_shard), ("processes", processes),
+        raise ClipkdError(f"unknown `resize_mode` '{resize_mode}' (choose from {', '.join(RESIZE_MODES)})")
+    for name, value in (("image_size", image_size), ("per_shard", per_shard), ("processes", processes),
                         ("threads", threads), ("timeout", timeout)):
         if value < 1:
-            raise ClipkdError(f"--{name} must be ≥ 1, got {value}")
+            raise ClipkdError(f"`{name}` must be ≥ 1, got {value}")
     check_out_dir(out, "download folder")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no update check over the network on import
     try:

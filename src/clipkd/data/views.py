@@ -179,11 +179,11 @@ def make_view_plan(images: Sequence[str], views: int, mix: str = "cutmix", alpha
     image, as timm's per-image CutMix draws it. With probability ``hue_prob`` a view's hues are then rotated by a
     uniform fraction of a turn in [-0.5, 0.5] (drawn after the rest: plans without hue are as before)."""
     if views < 1:
-        raise ClipkdError(f"--views must be ≥ 1, got {views}")
+        raise ClipkdError(f"`views` must be ≥ 1, got {views}")
     if mix not in ("none", "cutmix", "mixup"):
         raise ClipkdError(f"unknown mix '{mix}' for views (none, cutmix, mixup)")
     if not 0.0 <= hue_prob <= 1.0:
-        raise ClipkdError(f"--view-hue must be in [0, 1], got {hue_prob}")
+        raise ClipkdError(f"`view_hue` must be in [0, 1], got {hue_prob}")
     if len(images) < 2 and mix != "none" and views > 1:
         raise ClipkdError("mixed views need at least 2 training images")
     rng = np.random.default_rng(seed)

@@ -86,7 +86,7 @@ def evaluate_retrieval(
         raise ClipkdError(f"{model} is a classifier (the supervised baseline); retrieval needs embeddings")
     if captions is not None and not clip.has_text:  # a distilled student or an exported image tower
         raise ClipkdError(f"{model} is an image model without a text tower: text↔image recall needs a CLIP, or its "
-                          "teacher's text tower (--text-model); drop --captions for image→image metrics")
+                          "teacher's text tower (`text_model`); drop `captions` for image→image metrics")
     spec = clip.spec
     if captions is not None:
         source = load_caption_source(images, captions)
@@ -94,7 +94,7 @@ def evaluate_retrieval(
         src = open_source(images)
         if src.kind == "tsv":
             raise ClipkdError(f"{images} is a Chinese-CLIP TSV: its images carry no labels for image→image metrics; "
-                              "give its texts with --captions for text↔image recall")
+                              "give its texts with `captions` for text↔image recall")
         source = CaptionSource(src.root, {k: [] for k in src.keys},
                                labels=src.label_of() if src.kind != "folder" else None)
     dataset = ImageDataset(source.root, sorted(source.pairs), clip.preprocess, opener=source.opener)

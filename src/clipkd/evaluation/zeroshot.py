@@ -105,7 +105,7 @@ def load_scorer(model: str, classnames: Sequence[str] | None = None, text: str |
 
     text_emb = TextEmbeddings.load(text) if text else None
     if classnames is None and text_emb is None and not is_student(model):  # before the teacher loads
-        raise ClipkdError("need --text (class text embeddings) or class names (--classes)")
+        raise ClipkdError("need `text` (class text embeddings) or class names (`classes`)")
     m = load_image_model(model, device, precision)
     dev = m.device
     if classnames is None:
@@ -114,7 +114,7 @@ def load_scorer(model: str, classnames: Sequence[str] | None = None, text: str |
         elif m.kind == "classifier":
             classnames = m.classnames
         else:
-            raise ClipkdError("need --text (class text embeddings) or class names (--classes)")
+            raise ClipkdError("need `text` (class text embeddings) or class names (`classes`)")
     classnames = list(classnames)
     if m.kind == "classifier":
         pos = {c: i for i, c in enumerate(classnames)}
@@ -131,7 +131,7 @@ def load_scorer(model: str, classnames: Sequence[str] | None = None, text: str |
         return Scorer(str(model), classnames, m.preprocess, dev, forward, 1.0)
     if m.kind == "student":
         if text_emb is None:
-            raise ClipkdError(f"student {model} classifies through text embeddings: pass --text "
+            raise ClipkdError(f"student {model} classifies through text embeddings: pass `text` "
                               "(made by `clipkd embed-text` with its teacher)")
         if text_emb.teacher != m.space:
             raise ClipkdError(f"student {model} was distilled from '{m.space}' but the text embeddings "
@@ -247,7 +247,7 @@ def open_video(source: str | int):
     try:
         import cv2
     except ImportError:
-        raise ClipkdError("--video needs OpenCV: pip install opencv-python-headless") from None
+        raise ClipkdError("`video` needs OpenCV: pip install opencv-python-headless") from None
     if isinstance(source, str) and source.isdigit():
         source = int(source)
     if isinstance(source, str) and not Path(source).is_file():
@@ -268,7 +268,7 @@ def predict_video(model: str, source: str | int, text: str | Path | None = None,
     from PIL import Image
 
     if every < 1:
-        raise ClipkdError(f"--every must be ≥ 1, got {every}")
+        raise ClipkdError(f"`every` must be ≥ 1, got {every}")
     scorer = load_scorer(model, classnames, text, device=device)
     cap = open_video(source)
     import cv2

@@ -92,14 +92,14 @@ def _text_source(model: str | Path) -> tuple[nn.Module, dict[str, Any], Any]:
 
     if is_student(model):
         raise ClipkdError(f"{model} is a distilled student: it has no text tower; export its teacher's with "
-                          "--tower text (a student's space is its teacher's)")
+                          "`tower`=text (a student's space is its teacher's)")
     try:
         clip = load_image_model(model, device="cpu", precision="fp32").clip
     except ClipkdError as e:
         raise ClipkdError(f"cannot export '{model}': not a clip-train run or teacher spec ({e})") from None
     clip.require_text("a text tower to export")
     if not clip.identity.startswith("open_clip:") or not hasattr(clip, "model_name"):
-        raise ClipkdError(f"--tower text exports open_clip models (their tokenizer is rebuilt from open_clip's); "
+        raise ClipkdError(f"`tower`=text exports open_clip models (their tokenizer is rebuilt from open_clip's); "
                           f"{clip.identity}'s tokenizer cannot travel with the ONNX file")
     context = int(clip.tokenizer(["x"]).shape[1])
     meta = {"kind": "text_embedding", "arch": clip.identity.split("@")[0], "out_dim": clip.embed_dim,
@@ -239,28 +239,28 @@ def export_model(model: str | Path, out: str | Path, format: str = "onnx", image
 
         check_tensorrt()
     if format == "onnx" and out.suffix != ".onnx":
-        raise ClipkdError(f"--out of an ONNX export must end in .onnx, got {out}")
+        raise ClipkdError(f"`out` of an ONNX export must end in .onnx, got {out}")
     if out.is_dir():
-        raise ClipkdError(f"--out {out} is a folder; give a file name")
+        raise ClipkdError(f"`out`={out} is a folder; give a file name")
     if samples < 1:
-        raise ClipkdError(f"--samples must be ≥ 1, got {samples}")
+        raise ClipkdError(f"`samples` must be ≥ 1, got {samples}")
     if tower not in ("image", "text"):
-        raise ClipkdError(f"unknown --tower '{tower}' (image, text)")
+        raise ClipkdError(f"unknown `tower` '{tower}' (image, text)")
     if tower == "text":
         if format != "onnx" or int8:
-            raise ClipkdError("--tower text exports fp32 ONNX (no --int8, no TensorRT: text runs once per query)")
+            raise ClipkdError("`tower`=text exports fp32 ONNX (no `int8`, no TensorRT: text runs once per query)")
         return _export_text(model, out)
     calib_files: list[Path] = []
     if int8:
         if calib is None:
-            raise ClipkdError("--int8 needs --calib DIR (calibration images, e.g. a few hundred training images)")
+            raise ClipkdError("`int8` needs `calib`=DIR (calibration images, e.g. a few hundred training images)")
         calib_files = sample_images(calib, calib_count)
         if len(calib_files) < MIN_CALIBRATION:
-            raise ClipkdError(f"--calib {calib} has {len(calib_files)} images; INT8 calibration needs at least "
+            raise ClipkdError(f"`calib`={calib} has {len(calib_files)} images; INT8 calibration needs at least "
                               f"{MIN_CALIBRATION}")
     images = images if images is not None else _default_images(model)
     if images is None:
-        raise ClipkdError("give --images (sample images for the parity check against PyTorch)")
+        raise ClipkdError("give `images` (sample images for the parity check against PyTorch)")
     module, meta, transform = _source(model)
     x = _batch(sample_images(images, samples), transform)
     with torch.no_grad():

@@ -24,7 +24,7 @@ def check_tensorrt() -> None:
     except ImportError:
         missing.append("the tensorrt package (pip install tensorrt)")
     if missing:
-        raise ClipkdError(f"--format tensorrt needs {' and '.join(missing)}; --format onnx works here")
+        raise ClipkdError(f"`format`=tensorrt needs {' and '.join(missing)}; `format`=onnx works here")
 
 
 def build_engine(onnx_path: Path, out: Path, fp16: bool = True, int8: bool = False, meta: dict[str, Any] | None = None,

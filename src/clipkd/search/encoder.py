@@ -25,7 +25,7 @@ def load_encoder(model: str | Path, text_model: str | Path | None = None, device
     its space — refused unless its identity is the one the student was distilled from.
     """
     if text_model is not None and not is_student(model):
-        raise ClipkdError(f"{model} is a CLIP with its own text tower; --text-model is for distilled students")
+        raise ClipkdError(f"{model} is a CLIP with its own text tower; `text_model` is for distilled students")
     enc = load_image_model(model, device, precision)
     if enc.kind == "classifier":
         raise ClipkdError(f"{model} is a classifier (the supervised baseline); search needs an embedding student")

@@ -208,6 +208,15 @@ class SearchIndex:
         scores, rows = self.search_vectors(q, k)
         return self.hits(scores[0], rows[0])
 
+    def save_grid(self, hits: Sequence[dict[str, Any]], out: str | Path, image: str | Path | None = None,
+                  text: str | None = None) -> Path:
+        """A PNG of a query (``image`` file, or ``text`` as a title) followed by its ``hits`` from :meth:`search`."""
+        from ..evaluation.plots import plot_search_grid
+
+        rows = {h["path"]: h["id"] for h in hits}
+        return plot_search_grid(load_rgb(image) if image else None, text or str(image), hits,
+                                lambda p: self.open_image(rows[p]), out)
+
 
 def _read_labels(path: Path) -> dict[str, str]:
     if not path.is_file():
@@ -260,7 +269,7 @@ def make_faiss(vectors: np.ndarray, kind: str, seed: int = 0) -> tuple[Any, dict
             m = next(m for m in (64, 32, 16, 8, 4, 2, 1) if d % m == 0 and m <= d)
             index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
         if n < (256 if kind == "ivfpq" else nlist):
-            raise ClipkdError(f"{n} images are too few for a {kind} index; use --kind flat")
+            raise ClipkdError(f"{n} images are too few for a {kind} index; use `kind`=flat")
         rng = np.random.default_rng(seed)
         train = vectors[rng.choice(n, min(n, 100_000), replace=False)]
         index.train(train)
@@ -331,11 +340,11 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
         here = str(Path(images).resolve())
         if existing is not None and not add and here not in existing.get("sources", []):
             raise ClipkdError(f"{out} holds an index of {existing.get('sources')}, not of {here}; add images with "
-                              "`clipkd index add`, or build into another --out")
+                              "`clipkd index add`, or build into another `out`")
         enc = encoder or load_encoder(model, text_model, device, precision)
         if existing is not None and existing.get("identity") != enc.identity:
             raise ClipkdError(f"{out} holds an index built by '{existing.get('identity')}', not '{enc.identity}'; "
-                              "use another --out")
+                              "use another `out`")
         store = embed_paths(enc, "/", source.paths, out / "store", batch_size, workers, progress=progress,
                             opener=source.opener)
         if r.distributed:

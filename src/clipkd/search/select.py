@@ -41,14 +41,14 @@ def select_images(index_dir: str | Path, prompts: str | Path | dict[str, list[st
     ``text_model``: a distilled student index's teacher.
     """
     if per_class < 1:
-        raise ClipkdError(f"--per-class must be ≥ 1, got {per_class}")
+        raise ClipkdError(f"`per_class` must be ≥ 1, got {per_class}")
     index = SearchIndex(index_dir)
     prompts = prompts if isinstance(prompts, dict) else read_prompts(prompts)
     if not prompts:
         raise ClipkdError("no class prompts given")
     enc = index.load_encoder(text_model=text_model, device=device, precision=precision)
     if not enc.has_text:
-        raise ClipkdError(f"{index.identity} has no text tower; select needs one (--text-model for a student index)")
+        raise ClipkdError(f"{index.identity} has no text tower; select needs one (`text_model` for a student index)")
     text = embed_prompts(enc, prompts)
     emb = index.store.embeddings()
     k = min(len(index), per_class * 4 + 16)
@@ -66,7 +66,7 @@ def select_images(index_dir: str | Path, prompts: str | Path | dict[str, list[st
     out = write_text(out, buf.getvalue())
     short = {c: len(v) for c, v in chosen.items() if len(v) < per_class}
     if short:
-        log.warning("%d class(es) got fewer than %d images (raise the pool or lower --min-similarity), e.g. %s",
+        log.warning("%d class(es) got fewer than %d images (raise the pool or lower `min_similarity`), e.g. %s",
                     len(short), per_class, dict(list(short.items())[:3]))
     return Selection(chosen, short, Path(out))
 

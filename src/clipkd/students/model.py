@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -11,35 +11,11 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-from ..data.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
 from ..errors import ClipkdError, first_line
 from ..fileio import write_torch
+from .config import StudentConfig
 
 STUDENT_FORMAT = "clipkd-student/1"
-
-
-@dataclass
-class StudentConfig:
-    """Everything needed to rebuild a student: backbone, output, preprocessing, provenance.
-
-    ``kind`` is ``embedding`` (output lives in the teacher's space; classify through text
-    embeddings) or ``classifier`` (output = logits over ``classnames``; the normal baseline).
-    """
-
-    arch: str
-    out_dim: int
-    kind: str = "embedding"
-    image_size: int = 224
-    mean: tuple[float, ...] = CLIP_MEAN
-    std: tuple[float, ...] = CLIP_STD
-    classnames: list[str] = field(default_factory=list)
-    teacher: str = ""
-    pretrained: bool | str = False  # True: timm's hub weights; a path: a local weights file for this architecture
-
-    @property
-    def preprocess(self) -> PreprocessConfig:
-        """The student's preprocessing: bicubic shortest-side resize, center crop, normalise."""
-        return PreprocessConfig(size=(self.image_size, self.image_size), mean=tuple(self.mean), std=tuple(self.std))
 
 
 class Student(nn.Module):
@@ -67,7 +43,7 @@ class Student(nn.Module):
             raise ClipkdError(f"cannot build timm model '{cfg.arch}': {first_line(e)}") from None
         except OSError as e:  # pretrained weights unreachable offline
             raise ClipkdError(f"timm '{cfg.arch}': pretrained weights not available offline ({e}); "
-                              "drop --pretrained or pre-download them into the HF cache") from None
+                              "drop `pretrained` or pre-download them into the HF cache") from None
         self.head = nn.Linear(self.backbone.num_features, cfg.out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,11 +86,11 @@ def check_student_arch(arch: str) -> None:
     if arch.startswith(("hf-hub:", "hf_hub:")) or timm.is_model(arch):
         return
     if arch.endswith((".pt", ".pth", ".ckpt", ".safetensors")) or Path(arch).exists():
-        raise ClipkdError(f"--student takes a timm architecture name (e.g. resnet18), not a file ('{arch}'); start "
-                          "from weights with --pretrained FILE, or evaluate a trained student with eval --model")
+        raise ClipkdError(f"`student` takes a timm architecture name (e.g. resnet18), not a file ('{arch}'); start "
+                          "from weights with `pretrained`=FILE, or evaluate a trained student with eval --model")
     if ":" in arch:
-        raise ClipkdError(f"--student takes a timm architecture name (e.g. resnet18), not a CLIP spec ('{arch}'); "
-                          "a CLIP teacher goes to --teacher, a smaller CLIP to train to clip-train --model")
+        raise ClipkdError(f"`student` takes a timm architecture name (e.g. resnet18), not a CLIP spec ('{arch}'); "
+                          "a CLIP teacher goes to `teacher`, a smaller CLIP to train to clip-train --model")
     raise ClipkdError(f"timm has no model '{arch}' (see timm.list_models())")
 
 

@@ -21,7 +21,7 @@ from ..data.preprocess import PreprocessConfig
 from ..errors import ClipkdError, first_line
 from ..onnxfile import META_KEY, ONNX_FORMAT, onnx_providers, read_metadata, save_onnx_atomic, set_metadata
 from ..teachers.onnx_text import OnnxTextTower
-from .model import StudentConfig
+from .config import StudentConfig
 
 __all__ = ["META_KEY", "ONNX_FORMAT", "OnnxConfig", "OnnxStudent", "OnnxTextTower", "load_onnx_student",
            "onnx_providers", "read_metadata", "save_onnx_atomic", "set_metadata", "student_metadata"]

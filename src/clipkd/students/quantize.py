@@ -61,7 +61,7 @@ def prepare_qat(student: Student) -> QatStudent:
         net = prepare_qat_fx(fused.train(), QConfigMapping().set_global(_qconfig()), (example,))
         net(example)
     except Exception as e:  # noqa: BLE001 - tracing failures come in many types
-        raise ClipkdError(f"--qat: timm '{cfg.arch}' cannot be prepared for quantization-aware training "
+        raise ClipkdError(f"`qat`: timm '{cfg.arch}' cannot be prepared for quantization-aware training "
                           f"(torch.fx tracing failed: {first_line(e, 160)}); use PTQ: clipkd export --int8") from None
     return QatStudent(cfg, net)
 

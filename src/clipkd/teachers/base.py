@@ -29,7 +29,7 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ClipkdError(f"--device {device} requested but CUDA is not available on this machine")
+        raise ClipkdError(f"`device`={device} requested but CUDA is not available on this machine")
     return dev
 
 

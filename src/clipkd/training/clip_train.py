@@ -49,7 +49,7 @@ def model_spec(model: str, pretrained: str | None = None) -> str:
         model = f"open_clip:{model}"
     if pretrained:
         if "@" in model:
-            raise ClipkdError(f"model '{model}' already names its weights; drop --pretrained")
+            raise ClipkdError(f"model '{model}' already names its weights; drop `pretrained`")
         model = f"{model}@{pretrained}"
     return model
 
@@ -111,13 +111,13 @@ def extra_items(extra_images: str | Path, store: str | Path, source: Any, identi
     have = set(source.pairs) if same_root else set()
     images = [k for k in dict.fromkeys(src.keys) if k not in have]
     if not images:
-        raise ClipkdError(f"every image of {extra_images} is captioned: nothing for --extra-images to add")
+        raise ClipkdError(f"every image of {extra_images} is captioned: nothing for `extra_images` to add")
     st = EmbeddingStore(store)
     plan = store_views(store)
     if plan is not None:
         if not same_root:
-            raise ClipkdError(f"the views of {extra_images} are composed under --images ({source.root}); keep the "
-                              "extra images in that folder, or give --extra-store a store of their plain images")
+            raise ClipkdError(f"the views of {extra_images} are composed under `images` ({source.root}); keep the "
+                              "extra images in that folder, or give `extra_store` a store of their plain images")
         return view_items(plan, st, images, identity, source.root)
     found = st.targets(images, teacher=identity, what="extra images", root=src.root)
     keys = [images[i] if same_root else str((src.root / images[i]).resolve()) for i in found.keep.tolist()]
@@ -135,7 +135,7 @@ def store_targets(source: Any, store: str | Path | None, extra_images: str | Pat
     targets, kd, opener = None, KdItems(), None
     if store is not None:
         if source.tsv is not None:
-            raise ClipkdError("an embedding store is built from an image folder; with TSV images use --teacher")
+            raise ClipkdError("an embedding store is built from an image folder; with TSV images use `teacher`")
         paths = sorted(source.pairs)
         stored = store_views(store)
         keys = [stored.key(stored._index()[p], 0) if stored and p in stored._index() else p for p in paths]
@@ -149,7 +149,7 @@ def store_targets(source: Any, store: str | Path | None, extra_images: str | Pat
     if extra_images is not None:
         kd = kd.add(extra_items(extra_images, extra_store or store, source, identity))
     if kd.keys and (ranks().world > 1 or cfg.devices not in (1, "1") or cfg.num_nodes > 1):
-        raise ClipkdError("stored views and --extra-images train on one process for now (the contrastive batch of "
+        raise ClipkdError("stored views and `extra_images` train on one process for now (the contrastive batch of "
                           "several ranks must be the same size on each)")
     if kd.keys:
         from ..data.views import ViewOrFileOpener
@@ -191,27 +191,74 @@ def clip_train(
     ``cn_clip_model.pt``); ``out/run.json`` records the recipe and the spec. ``out`` resumes a killed run of
     the same recipe; another recipe there is refused unless ``overwrite``.
     """
-    from ..teachers import load_clip, load_teacher
-
     out, store, extra_store, teacher = Path(out), ref(store), ref(extra_store), ref(teacher)
-    distilling = teacher is not None or store is not None
-    needs_text = distilling and kd_needs_text(cfg.kd_loss)
-    check_train_config(cfg)
-    if needs_text and teacher is None:
-        raise ClipkdError(f"the {cfg.kd_loss} loss compares image–text similarities: pass --teacher SPEC (its text "
-                          "tower embeds the captions once; image embeddings may still come from --store)")
-    if cfg.freeze_image and cfg.freeze_text:
-        raise ClipkdError("freezing both towers leaves nothing to train")
-    if extra_images is not None and store is None and extra_store is None:
-        raise ClipkdError("--extra-images are trained on the teacher's embeddings alone: give --store (a store over "
-                          "--images that holds them) or --extra-store (theirs)")
-    if extra_images is not None and cfg.kd_loss and kd_needs_text(cfg.kd_loss):
-        raise ClipkdError(f"the {cfg.kd_loss} loss compares image–text similarities; images without captions need an "
-                          "image-embedding loss (--kd-loss mse or cosine)")
+    plan = resolve_clip_train(cfg, teacher=teacher, store=store, extra_images=extra_images, extra_store=extra_store)
     recipe = run_recipe("clip-train", cfg, images=images, captions=captions, teacher=teacher, store=store,
                         val_images=val_images, val_captions=val_captions,
                         **({"extra_images": extra_images, "extra_store": extra_store} if extra_images else {}))
     check_run(out, recipe, overwrite)
+    run = build_clip_run(plan, images, captions, teacher=teacher, store=store, extra_images=extra_images,
+                         extra_store=extra_store, val_images=val_images, val_captions=val_captions, device=device)
+    with claim_run(out, recipe, overwrite):
+        trainer = fit(run.module, run.loader, out, cfg.epochs, val=run.val, monitor=run.monitor, device=device,
+                      settings=cfg, accumulate=cfg.accumulate, progress=progress)
+        return _save_clip_run(plan, run, trainer, out, store)
+
+
+@dataclass
+class ClipPlan:
+    """A checked ``clip-train`` plan, before any image or model loads: the recipe, whether it distils, and whether
+    its distillation loss compares image–text similarities (the teacher's text tower embeds the captions)."""
+
+    cfg: ClipTrainConfig
+    distilling: bool
+    needs_text: bool
+
+
+def resolve_clip_train(cfg: ClipTrainConfig, teacher: str | None = None, store: str | Path | None = None,
+                       extra_images: str | Path | None = None, extra_store: str | Path | None = None) -> ClipPlan:
+    """Every check of a ``clip-train`` call that needs no image or model: one-line errors naming the fields."""
+    distilling = teacher is not None or store is not None
+    needs_text = distilling and kd_needs_text(cfg.kd_loss)
+    check_train_config(cfg)
+    if needs_text and teacher is None:
+        raise ClipkdError(f"the {cfg.kd_loss} loss compares image–text similarities: pass `teacher`=SPEC (its text "
+                          "tower embeds the captions once; image embeddings may still come from `store`)")
+    if cfg.freeze_image and cfg.freeze_text:
+        raise ClipkdError("freezing both towers leaves nothing to train")
+    if extra_images is not None and store is None and extra_store is None:
+        raise ClipkdError("`extra_images` are trained on the teacher's embeddings alone: give `store` (a store over "
+                          "`images` that holds them) or `extra_store` (theirs)")
+    if extra_images is not None and cfg.kd_loss and kd_needs_text(cfg.kd_loss):
+        raise ClipkdError(f"the {cfg.kd_loss} loss compares image–text similarities; images without captions need an "
+                          "image-embedding loss (`kd_loss`=mse or cosine)")
+    return ClipPlan(cfg, distilling, needs_text)
+
+
+@dataclass
+class ClipRun:
+    """A ``clip-train`` run's parts: the CLIP being trained, its teacher (when run online or for text), the data
+    and its loader, the Lightning module, and the validation data with the metric that picks the best epoch."""
+
+    student: Any
+    teacher: Any
+    online: bool
+    dataset: CaptionDataset
+    loader: Any
+    module: ClipModule
+    val: Any = None
+    monitor: str | None = None
+
+
+def build_clip_run(plan: ClipPlan, images: str | Path, captions: str | Path | None, teacher: str | None = None,
+                   store: str | Path | None = None, extra_images: str | Path | None = None,
+                   extra_store: str | Path | None = None, val_images: str | Path | None = None,
+                   val_captions: str | Path | None = None, device: str = "auto") -> ClipRun:
+    """Load the captions, the CLIP to train and the teacher; gather the teacher targets (store or online); build
+    the data set, its loader and the module."""
+    from ..teachers import load_clip, load_teacher
+
+    cfg, needs_text = plan.cfg, plan.needs_text
     source = load_caption_source(images, captions)
     seed_all(cfg.seed)
     student = load_clip(cfg.model)
@@ -228,13 +275,11 @@ def clip_train(
         def transform(img, _s=transform, _t=t.preprocess):  # noqa: E306
             return _s(img), _t(img)
 
-    teacher_text = None
     source, targets, kd, opener = store_targets(source, store, extra_images, extra_store,
                                                 t.identity if t is not None else None, cfg)
     dataset = CaptionDataset(source, None, transform, student.tokenizer, targets=targets, kd_keys=kd.keys,
                              opener=opener)
-    if t is not None and needs_text:
-        teacher_text = t.encode_text(dataset.unique).half()
+    teacher_text = t.encode_text(dataset.unique).half() if t is not None and needs_text else None
     teacher_dim = t.embed_dim if t is not None else (int(targets.shape[1]) if targets is not None else 0)
     sampler = None
     if kd.keys:  # every captioned image once an epoch, and one view of each other image (or of its own views)
@@ -256,35 +301,39 @@ def clip_train(
                                                           cfg.workers)
         monitor = "val/i2i_map@10" if val_labels is not None else "val/mean_recall"
     module = ClipModule(student, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
-                        kd_loss=cfg.kd_loss if distilling else None, kd_weight=cfg.kd_weight,
+                        kd_loss=cfg.kd_loss if plan.distilling else None, kd_weight=cfg.kd_weight,
                         teacher=t if online else None, teacher_dim=teacher_dim,
                         teacher_scale=t.logit_scale if t is not None else 100.0,
                         teacher_text=teacher_text, freeze_image=cfg.freeze_image, freeze_text=cfg.freeze_text,
                         val_texts=val_texts, val_owner=val_owner, val_labels=val_labels)
-    with claim_run(out, recipe, overwrite):
-        trainer = fit(module, loader, out, cfg.epochs, val=val, monitor=monitor, device=device, settings=cfg,
-                      accumulate=cfg.accumulate, progress=progress)
-        skipped = skipped_images(trainer, loader)
-        if not ranks().zero:  # rank 0 writes the run's files
-            return TrainResult(out, out, spec="", train_images=len(dataset) - len(skipped),
-                               skipped_images=len(skipped))
-        best = out / "checkpoints" / "best.ckpt"
-        if monitor and best.is_file():
-            module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
-        module.cpu()
-        spec = student.save(out)
-        info: dict[str, Any] = {
-            "train": asdict(cfg), "spec": spec, "images": len(dataset) - len(skipped),
-            "distillation": {"teacher": t.identity if t is not None else None, "store": str(store) if store else None,
-                             "source": "online" if online else ("store" if store else None),
-                             "loss": cfg.kd_loss if distilling else None,
-                             "weight": cfg.kd_weight if distilling else 0, "projection": module.proj is not None},
-            "skipped_images": len(skipped), "skipped": skipped[:1000],
-        }
-        if monitor:
-            cb = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == monitor]
-            info["best"] = {"monitor": monitor, "score": float(cb[0].best_model_score) if cb and
-                            cb[0].best_model_score is not None else None}
-        write_json(out / "run.json", info)
+    return ClipRun(student, t, online, dataset, loader, module, val, monitor)
+
+
+def _save_clip_run(plan: ClipPlan, run: ClipRun, trainer: Any, out: Path, store: str | Path | None) -> TrainResult:
+    """After ``fit``: the best epoch's weights (with validation data) in the backend's own format, and ``run.json``
+    (rank 0 writes; the other ranks only report)."""
+    cfg, t, distilling = plan.cfg, run.teacher, plan.distilling
+    skipped = skipped_images(trainer, run.loader)
+    trained = len(run.dataset) - len(skipped)
+    if not ranks().zero:  # rank 0 writes the run's files
+        return TrainResult(out, out, spec="", train_images=trained, skipped_images=len(skipped))
+    best = out / "checkpoints" / "best.ckpt"
+    if run.monitor and best.is_file():
+        run.module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+    run.module.cpu()
+    spec = run.student.save(out)
+    info: dict[str, Any] = {
+        "train": asdict(cfg), "spec": spec, "images": trained,
+        "distillation": {"teacher": t.identity if t is not None else None, "store": str(store) if store else None,
+                         "source": "online" if run.online else ("store" if store else None),
+                         "loss": cfg.kd_loss if distilling else None,
+                         "weight": cfg.kd_weight if distilling else 0, "projection": run.module.proj is not None},
+        "skipped_images": len(skipped), "skipped": skipped[:1000],
+    }
+    if run.monitor:
+        cb = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == run.monitor]
+        info["best"] = {"monitor": run.monitor, "score": float(cb[0].best_model_score) if cb and
+                        cb[0].best_model_score is not None else None}
+    write_json(out / "run.json", info)
     return TrainResult(out, Path(spec.split("@", 1)[1]) if "@" in spec else Path(spec.split(":", 1)[1]), spec=spec,
-                       train_images=len(dataset) - len(skipped), skipped_images=len(skipped), best=info.get("best"))
+                       train_images=trained, skipped_images=len(skipped), best=info.get("best"))

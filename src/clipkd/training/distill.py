@@ -101,10 +101,10 @@ def _follow_store_views(cfg: TrainConfig, plan: ViewPlan, store: str | Path, tea
     """A run from a store of views takes its views, mix and hue from the store's plan: ``auto`` settings follow it,
     a setting that contradicts it is refused (the targets were embedded for the plan's views, not others)."""
     if teacher is not None:
-        raise ClipkdError(f"store {store} holds the teacher's embedding of every view; drop --teacher")
+        raise ClipkdError(f"store {store} holds the teacher's embedding of every view; drop `teacher`")
     if extra_images is not None:
         raise ClipkdError(f"store {store} is a store of views; embed the pool's images into it (embed-images --views "
-                          "over the training images and the pool) instead of --extra-images")
+                          "over the training images and the pool) instead of `extra_images`")
     for name, mine, theirs in (("views", cfg.views, plan.views), ("view_hue", cfg.view_hue, plan.hue_prob),
                                ("mix", cfg.mix, plan.mix)):
         if mine != "auto" and mine != theirs:
@@ -186,7 +186,30 @@ def _label_map(classnames: list[str], trained: list[str]) -> torch.Tensor:
     return torch.tensor([pos.get(c, -100) for c in classnames], dtype=torch.long)
 
 
-Built = tuple[StudentModule, ImageDataset, dict[str, Any], Any]  # module, dataset, run info, sampler (or None)
+@dataclass
+class RunInfo:
+    """What a student run records beside its weights (``run.json``, ``student.pt``) about what it trained on."""
+
+    seen_classes: list[str]
+    targets: str | None = None  # views | store+online | store | online (None: the supervised baseline)
+    extra_images: int | None = None  # pool images trained on teacher targets alone
+    views: int | None = None  # stored views trained on (runs on views)
+    teacher_images: int = 0  # teacher forwards before training (the views it embedded); online ones are added after
+    skipped_before: list[str] = field(default_factory=list)  # undecodable before training (a view's image)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "skipped_before"}
+
+
+@dataclass
+class Built:
+    """A run's parts, built under its folder's lock: the module, the data set, what to record, the sampler (None:
+    shuffle the data set)."""
+
+    module: StudentModule
+    dataset: ImageDataset
+    info: RunInfo
+    sampler: Any = None
 
 
 def _fit_and_save(build: Callable[[], Built], out: Path, cfg: TrainConfig, device: str, progress: bool,
@@ -195,7 +218,8 @@ def _fit_and_save(build: Callable[[], Built], out: Path, cfg: TrainConfig, devic
     writes into the folder happens there, under its lock), the one loader and training loop, ``student.pt`` +
     ``run.json``."""
     with claim_run(out, recipe, overwrite):
-        module, dataset, info, sampler = build()
+        built = build()
+        module, dataset, sampler = built.module, built.dataset, built.sampler
         loader = make_loader(dataset, cfg.batch_size, shuffle=sampler is None, workers=cfg.workers, drop_last=True,
                              seed=cfg.seed, sampler=sampler)
         n = len(sampler) if sampler is not None else len(dataset)
@@ -215,12 +239,12 @@ def _fit_and_save(build: Callable[[], Built], out: Path, cfg: TrainConfig, devic
         trainer = fit(module, loader, out, cfg.epochs, device=device, settings=cfg, progress=progress,
                       callbacks=extra)
         during = skipped_images(trainer, loader)
-        skipped = info.pop("skipped_before", []) + during  # undecodable before training (views) or by the loader
+        skipped = built.info.skipped_before + during  # undecodable before training (views) or by the loader
         trained = n - len(during)
-        info = {"train": asdict(cfg), **info, "train_images": trained, "skipped_images": len(skipped),
+        info = {"train": asdict(cfg), **built.info.to_dict(), "train_images": trained, "skipped_images": len(skipped),
                 "skipped": skipped[:1000]}
         # teacher forwards: online (every rank's), or the views it embedded; 0 from a store
-        info["teacher_images"] = info.get("teacher_images", 0) + sum(gather_objects(module.teacher_images))
+        info["teacher_images"] = built.info.teacher_images + sum(gather_objects(module.teacher_images))
         path = out / ("student.int8.onnx" if cfg.qat else "student.pt")
         if not ranks().zero:  # rank 0 writes the run's files
             return TrainResult(out, path, train_images=trained, skipped_images=len(skipped))
@@ -240,20 +264,20 @@ def check_init_and_sparsity(cfg: TrainConfig, arch: str, out_dim: int | None, ki
     """One-line errors, before any work, for ``init`` (a student of this architecture, output and kind) and
     ``sparsity``."""
     if cfg.sparsity not in ("", "2:4"):
-        raise ClipkdError(f"--sparsity takes 2:4 (NVIDIA's structured pattern), got '{cfg.sparsity}'")
+        raise ClipkdError(f"`sparsity` takes 2:4 (NVIDIA's structured pattern), got '{cfg.sparsity}'")
     if cfg.qat and not cfg.init:
-        raise ClipkdError("--qat fine-tunes a trained student for INT8: give --init RUN (the student to quantize)")
+        raise ClipkdError("`qat` fine-tunes a trained student for INT8: give `init`=RUN (the student to quantize)")
     if cfg.qat and cfg.sparsity:
-        raise ClipkdError("--qat with --sparsity: fine-tune to 2:4 first, then --qat --init that run")
+        raise ClipkdError("`qat` with `sparsity`: fine-tune to 2:4 first, then `qat` `init` that run")
     if not cfg.init:
         return
     from ..students.model import is_student, load_student
 
     if not is_student(cfg.init) or Path(cfg.init).suffix == ".onnx":
-        raise ClipkdError(f"--init takes a trained clipkd student (run folder or student.pt), not '{cfg.init}'")
+        raise ClipkdError(f"`init` takes a trained clipkd student (run folder or student.pt), not '{cfg.init}'")
     c = load_student(cfg.init).cfg
     if c.arch != arch or c.kind != kind or (out_dim is not None and c.out_dim != out_dim):
-        raise ClipkdError(f"--init {cfg.init} is a {c.kind} {c.arch} with {c.out_dim} outputs; this run trains a "
+        raise ClipkdError(f"`init`={cfg.init} is a {c.kind} {c.arch} with {c.out_dim} outputs; this run trains a "
                           f"{kind} {arch}" + (f" with {out_dim} outputs" if out_dim is not None else ""))
 
 
@@ -282,18 +306,27 @@ def _load_init(module: StudentModule, init: str) -> None:
     module.student.load_state_dict(load_student(init).state_dict())
 
 
+@dataclass
+class DistillPlan:
+    """A checked ``distill`` plan: the config with every ``auto`` field settled, its distillation terms and what
+    they need (``target``, ``text``, ``vocab``), and the view plan when the store is a store of views."""
+
+    cfg: TrainConfig
+    terms: dict[str, float]
+    needs: set[str]
+    stored: ViewPlan | None = None
+
+
 def resolve_distill(cfg: TrainConfig, store: str | Path | None = None, teacher: str | None = None,
-                    extra_images: str | Path | None = None, extra_store: str | Path | None = None
-                    ) -> tuple[TrainConfig, dict[str, float], set[str], ViewPlan | None]:
+                    extra_images: str | Path | None = None, extra_store: str | Path | None = None) -> DistillPlan:
     """The first stage of :func:`distill`, before any image or model loads: check the recipe against its inputs
-    and settle every ``auto`` field. Returns the resolved config, its distillation terms and what they need, and
-    the view plan when ``store`` is a store of views. Unit-testable without images."""
+    and settle every ``auto`` field (errors name the fields). Unit-testable without images."""
     EMBEDDING_LOSSES.entry(cfg.loss)
     terms = check_terms(cfg.terms)
     needs = term_needs(terms)
     check_logger(cfg.logger)
     if store is None and teacher is None:
-        raise ClipkdError("give a target source: --store STORE (precomputed), --teacher SPEC (online), or both "
+        raise ClipkdError("give a target source: `store`=STORE (precomputed), `teacher`=SPEC (online), or both "
                           "(the store for plain images, the teacher only for mixed ones)")
     if cfg.mix not in ("auto", "none", "mixup", "cutmix"):
         raise ClipkdError(f"unknown mix '{cfg.mix}' (auto, none, mixup, cutmix)")
@@ -304,52 +337,52 @@ def resolve_distill(cfg: TrainConfig, store: str | Path | None = None, teacher: 
         cfg = replace(cfg, mix="cutmix" if teacher is not None and "text" not in term_needs(cfg.terms) else "none")
         if cfg.mix == "none" and teacher is None:
             log.debug("distilling from a store: no mixing (CutMix function matching, clipkd's GZSL method, needs "
-                     "--teacher to embed each mixed image)")
+                     "`teacher` to embed each mixed image)")
     if cfg.mix_alpha <= 0:
-        raise ClipkdError(f"--mix-alpha must be > 0, got {cfg.mix_alpha}")
+        raise ClipkdError(f"`mix_alpha` must be > 0, got {cfg.mix_alpha}")
     if cfg.mix_mode not in ("batch", "elem"):
-        raise ClipkdError(f"--mix-mode must be batch or elem, got '{cfg.mix_mode}'")
+        raise ClipkdError(f"`mix_mode` must be batch or elem, got '{cfg.mix_mode}'")
     if not 0.0 <= cfg.mix_prob <= 1.0:
-        raise ClipkdError(f"--mix-prob must be in [0, 1], got {cfg.mix_prob}")
+        raise ClipkdError(f"`mix_prob` must be in [0, 1], got {cfg.mix_prob}")
     if cfg.views == "auto":
         online_mix = (teacher is not None and store is None and extra_images is None and cfg.mix != "none"
                       and cfg.mix_mode == "elem")
         cfg = replace(cfg, views=AUTO_VIEWS if online_mix else 0)
     if not isinstance(cfg.views, int) or cfg.views < 0:
-        raise ClipkdError(f"--views must be an integer ≥ 0 (0: mix online), or auto; got {cfg.views!r}")
+        raise ClipkdError(f"`views` must be an integer ≥ 0 (0: mix online), or auto; got {cfg.views!r}")
     if cfg.view_hue == "auto":
         cfg = replace(cfg, view_hue=AUTO_HUE if cfg.views else 0.0)
     if isinstance(cfg.view_hue, str) or not 0.0 <= cfg.view_hue <= 1.0:
-        raise ClipkdError(f"--view-hue must be in [0, 1], or auto; got {cfg.view_hue!r}")
+        raise ClipkdError(f"`view_hue` must be in [0, 1], or auto; got {cfg.view_hue!r}")
     if cfg.view_hue and not cfg.views:
-        raise ClipkdError("--view-hue recolours stored views: it needs --views K (K ≥ 2)")
+        raise ClipkdError("`view_hue` recolours stored views: it needs `views`=K (K ≥ 2)")
     if cfg.views and teacher is None and stored is None:
-        raise ClipkdError("--views needs --teacher SPEC (it embeds each view once, before training), or a store of "
+        raise ClipkdError("`views` needs `teacher`=SPEC (it embeds each view once, before training), or a store of "
                           "views (embed-images --views K)")
     if cfg.views and stored is None and (store is not None or extra_images is not None):
-        raise ClipkdError("--views builds its own store of views (OUT/views) over the training images; drop "
-                          "--store and --extra-images")
+        raise ClipkdError("`views` builds its own store of views (OUT/views) over the training images; drop "
+                          "`store` and `extra_images`")
     if cfg.views and cfg.mix_mode != "elem":
-        raise ClipkdError("--views draws a box per view (--mix-mode elem); --mix-mode batch mixes online (--views 0)")
+        raise ClipkdError("`views` draws a box per view (`mix_mode`=elem); `mix_mode`=batch mixes online (`views`=0)")
     if cfg.views and cfg.augment not in ("none", "flip"):
-        raise ClipkdError(f"--views draws flips itself (--augment flip or none), not '{cfg.augment}'")
+        raise ClipkdError(f"`views` draws flips itself (`augment` flip or none), not '{cfg.augment}'")
     if cfg.mix != "none" and teacher is None and stored is None:
-        raise ClipkdError("--mix needs the teacher's embedding of each mixed image: use --teacher SPEC (online)")
+        raise ClipkdError("`mix` needs the teacher's embedding of each mixed image: use `teacher`=SPEC (online)")
     if store is not None and teacher is not None and cfg.mix == "none":
-        raise ClipkdError("--store with --teacher means: the teacher embeds only the mixed images; with --mix none "
+        raise ClipkdError("`store` with `teacher` means: the teacher embeds only the mixed images; with `mix`=none "
                           "give only one of them")
     if cfg.mix != "none" and "text" in needs and not cfg.views:
-        raise ClipkdError("--mix online trains on teacher targets of mixed images; drop the label term (use vocab), "
-                          "or use --views (the label term then trains on the views neither mixed nor recoloured)")
+        raise ClipkdError("`mix`=online trains on teacher targets of mixed images; drop the label term (use vocab), "
+                          "or use `views` (the label term then trains on the views neither mixed nor recoloured)")
     if extra_images is not None and store is not None and extra_store is None:
-        raise ClipkdError("--extra-images with --store needs --extra-store (the pool's embed-images store)")
+        raise ClipkdError("`extra_images` with `store` needs `extra_store` (the pool's embed-images store)")
     check_train_config(cfg)
     check_student_arch(cfg.student)
     if teacher is not None:
         from ..teachers.factory import check_teacher_spec
 
         check_teacher_spec(teacher)
-    return cfg, terms, needs, stored
+    return DistillPlan(cfg, terms, needs, stored)
 
 
 @dataclass
@@ -434,22 +467,63 @@ def distill(
     ``overwrite`` (see :mod:`clipkd.training.runs`).
     """
     out, store, extra_store = Path(out), ref(store), ref(extra_store)
-    cfg, terms, needs, stored = resolve_distill(cfg, store, teacher, extra_images, extra_store)
-    recipe = run_recipe("distill", cfg, images=images, store=store, teacher=teacher, text=text, split=split,
+    plan = resolve_distill(cfg, store=store, teacher=teacher, extra_images=extra_images, extra_store=extra_store)
+    recipe = run_recipe("distill", plan.cfg, images=images, store=store, teacher=teacher, text=text, split=split,
                         vocab=vocab, extra_images=extra_images, extra_store=extra_store)
     check_run(out, recipe, overwrite)
+    parts = prepare_distill(plan, images, store=store, teacher=teacher, text=text, split=split, vocab=vocab,
+                            extra_images=extra_images, extra_store=extra_store, device=device)
+    return _fit_and_save(lambda: build_distill(parts, out, store, progress), out, plan.cfg, device, progress, recipe,
+                         overwrite)
+
+
+@dataclass
+class DistillParts:
+    """What a ``distill`` run trains on, loaded and checked before its folder is taken: the training images and
+    their seen classes, where the targets come from, the student's description and input transform, the text
+    tensors of the terms that use them, and the items (images, then the pool) with their labels."""
+
+    plan: DistillPlan
+    data: LabelledImages
+    src: TargetSources
+    scfg: StudentConfig
+    transform: Callable
+    text_seen: torch.Tensor | None
+    scale: float
+    words: torch.Tensor | None
+    paths: list[str]
+    labels: list[int]
+    label_map: torch.Tensor
+    info: RunInfo
+
+    def module(self, teacher: Any, labels_to: torch.Tensor | None = None) -> StudentModule:
+        """The Lightning module of this run (``teacher``: the online one, or None when every target is stored)."""
+        cfg = self.plan.cfg
+        return StudentModule(self.scfg, self.label_map if labels_to is None else labels_to, terms=self.plan.terms,
+                             distance=cfg.loss, text=self.text_seen, logit_scale=self.scale, teacher=teacher,
+                             lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, vocab=self.words,
+                             vocab_scale=cfg.vocab_scale or self.scale, mix="none" if cfg.views else cfg.mix,
+                             mix_alpha=cfg.mix_alpha, mix_prob=cfg.mix_prob, mix_mode=cfg.mix_mode)
+
+
+def prepare_distill(plan: DistillPlan, images: str | Path, store: str | Path | None = None,
+                    teacher: str | None = None, text: str | Path | None = None, split: str | Path | None = None,
+                    vocab: str | Path | None = None, extra_images: str | Path | None = None,
+                    extra_store: str | Path | None = None, device: str = "auto") -> DistillParts:
+    """The build stage's loading half: the seen images, the text embeddings, the target sources (store, online
+    teacher, pool), every check that ties them to one teacher, and the student's description."""
+    cfg, terms, needs = plan.cfg, plan.terms, plan.needs
     data, seen = seen_images(images, split)
     seed_all(cfg.seed)
 
     text_emb = TextEmbeddings.load(text) if text else None
     if needs & {"text", "vocab"} and text_emb is None:
         raise ClipkdError(f"the distillation term(s) {sorted(n for n in terms if n not in ('embed', 'relation'))} "
-                          "need --text (the teacher's class text embeddings)")
+                          "need `text` (the teacher's class text embeddings)")
     vocab_emb = TextEmbeddings.load(vocab) if vocab else None
 
-    src = target_sources(data, store, stored, teacher, extra_images, extra_store, device, cfg.precision)
-    data, targets, online, extra_paths = src.data, src.targets, src.online, src.extra_paths
-    identity, dim, pre = src.identity, src.dim, src.preprocess
+    src = target_sources(data, store, plan.stored, teacher, extra_images, extra_store, device, cfg.precision)
+    data, online, identity, dim, pre = src.data, src.online, src.identity, src.dim, src.preprocess
     if text_emb is not None and text_emb.teacher != identity:
         raise ClipkdError(f"text embeddings {text} come from teacher '{text_emb.teacher}', but the image "
                           f"targets from '{identity}'")
@@ -480,42 +554,39 @@ def distill(
     paths, labels = list(data.paths), list(data.labels)
     label_map = _label_map(data.classnames, seen)
     if extra_images is not None:  # unlabelled pool: absolute paths, a label position mapped to -100
-        paths += extra_paths
-        labels += [len(data.classnames)] * len(extra_paths)
+        paths += src.extra_paths
+        labels += [len(data.classnames)] * len(src.extra_paths)
         label_map = torch.cat([label_map, torch.tensor([-100])])
-    info = {"seen_classes": seen, "targets": ("views" if cfg.views else "store+online" if store and teacher else
-                                              "store" if store else "online"),
-            "extra_images": len(paths) - len(data.paths)}
+    info = RunInfo(seen, targets="views" if cfg.views else "store+online" if store and teacher else
+                   "store" if store else "online", extra_images=len(paths) - len(data.paths))
+    return DistillParts(plan, data, src, scfg, transform, text_seen, scale, words, paths, labels, label_map, info)
 
-    def module(teacher: Any, labels_to: torch.Tensor = label_map) -> StudentModule:
-        return StudentModule(scfg, labels_to, terms=terms, distance=cfg.loss, text=text_seen,
-                             logit_scale=scale, teacher=teacher, lr=cfg.lr,
-                             weight_decay=cfg.weight_decay, warmup=cfg.warmup, vocab=words,
-                             vocab_scale=cfg.vocab_scale or scale, mix="none" if cfg.views else cfg.mix,
-                             mix_alpha=cfg.mix_alpha, mix_prob=cfg.mix_prob, mix_mode=cfg.mix_mode)
 
-    def build() -> Built:
-        if not cfg.views:  # rows of `targets` follow `paths`: each item reads its own row
-            dataset = ImageDataset(data.root, paths, transform, labels=labels, targets=targets)
-            return module(online), dataset, info, None
-        if stored is None:  # the teacher embeds the views once, into OUT/views
-            plan = make_view_plan(paths, cfg.views, cfg.mix, cfg.mix_alpha, cfg.mix_prob, flip=cfg.augment == "flip",
-                                  seed=cfg.seed, hue_prob=float(cfg.view_hue))
-            embed_views(online, data.root, plan, out / "views", batch_size=cfg.batch_size, workers=cfg.workers,
-                        progress=progress)  # each rank of a job embeds its share
-            barrier()
-            views_store, teacher_cost = EmbeddingStore(out / "views"), True
-        else:
-            plan, views_store, teacher_cost = stored, EmbeddingStore(store), False
-        vs = view_set(plan, views_store, paths, labels, identity, len(data.classnames), root=data.root)
-        dataset = ImageDataset(data.root, vs.keys, transform, labels=vs.labels, opener=plan.opener(data.root),
-                               targets=vs.targets)
-        views_info = {**info, "views": len(vs.keys), "teacher_images": len(vs.keys) if teacher_cost else 0,
-                      "skipped_before": vs.lost}
-        return module(None, torch.cat([label_map, torch.tensor([-100])])), dataset, views_info, \
-            ViewSampler(vs.groups, cfg.seed)
-
-    return _fit_and_save(build, out, cfg, device, progress, recipe, overwrite)
+def build_distill(parts: DistillParts, out: Path, store: str | Path | None, progress: bool = True) -> Built:
+    """The build stage's writing half, under the run folder's lock: the data set (for a run on views, the teacher
+    first embeds each view once into ``out/views`` unless the store holds them) and the module."""
+    cfg, data, online = parts.plan.cfg, parts.data, parts.src.online
+    if not cfg.views:  # rows of the targets follow the paths: each item reads its own row
+        dataset = ImageDataset(data.root, parts.paths, parts.transform, labels=parts.labels,
+                               targets=parts.src.targets)
+        return Built(parts.module(online), dataset, parts.info)
+    if parts.plan.stored is None:  # the teacher embeds the views once, into OUT/views
+        plan = make_view_plan(parts.paths, cfg.views, cfg.mix, cfg.mix_alpha, cfg.mix_prob,
+                              flip=cfg.augment == "flip", seed=cfg.seed, hue_prob=float(cfg.view_hue))
+        embed_views(online, data.root, plan, out / "views", batch_size=cfg.batch_size, workers=cfg.workers,
+                    progress=progress)  # each rank of a job embeds its share
+        barrier()
+        views_store, teacher_cost = EmbeddingStore(out / "views"), True
+    else:
+        plan, views_store, teacher_cost = parts.plan.stored, EmbeddingStore(store), False
+    vs = view_set(plan, views_store, parts.paths, parts.labels, parts.src.identity, len(data.classnames),
+                  root=data.root)
+    dataset = ImageDataset(data.root, vs.keys, parts.transform, labels=vs.labels, opener=plan.opener(data.root),
+                           targets=vs.targets)
+    info = replace(parts.info, views=len(vs.keys), teacher_images=len(vs.keys) if teacher_cost else 0,
+                   skipped_before=list(vs.lost))
+    return Built(parts.module(None, torch.cat([parts.label_map, torch.tensor([-100])])), dataset, info,
+                 ViewSampler(vs.groups, cfg.seed))
 
 
 def train_supervised(
@@ -542,5 +613,5 @@ def train_supervised(
     module = StudentModule(scfg, _label_map(data.classnames, seen), lr=cfg.lr, weight_decay=cfg.weight_decay,
                            warmup=cfg.warmup)
     dataset = ImageDataset(data.root, data.paths, student_transform(scfg, cfg.augment), labels=data.labels)
-    return _fit_and_save(lambda: (module, dataset, {"seen_classes": seen}, None), out, cfg, device, progress,
-                         recipe, overwrite)
+    return _fit_and_save(lambda: Built(module, dataset, RunInfo(seen)), out, cfg, device, progress, recipe,
+                         overwrite)

@@ -105,7 +105,7 @@ def _matches(out: Path, recipe: dict[str, Any]) -> bool:
         if not diff:
             return (out / "checkpoints" / "last.ckpt").is_file()
         raise ClipkdError(f"{out} holds a run with other settings ({'; '.join(diff[:4])}"
-                          f"{'; …' if len(diff) > 4 else ''}); use another --out, or --overwrite to replace it")
+                          f"{'; …' if len(diff) > 4 else ''}); use another `out`, or `overwrite` to replace it")
     legacy = out / "run.json"
     if legacy.is_file():  # a run of clipkd before recipe.json: its run.json has the settings, not the inputs
         train = read_json(legacy, "run record").get("train")
@@ -115,8 +115,8 @@ def _matches(out: Path, recipe: dict[str, Any]) -> bool:
                         "settings alone", out)
             return (out / "checkpoints" / "last.ckpt").is_file()
     if any((out / name).exists() for name in ("checkpoints", "run.json", "student.pt")):
-        raise ClipkdError(f"{out} holds a run with other settings, or one that recorded none; use another --out, "
-                          "or --overwrite to replace it")
+        raise ClipkdError(f"{out} holds a run with other settings, or one that recorded none; use another `out`, "
+                          "or `overwrite` to replace it")
     return False
 
 

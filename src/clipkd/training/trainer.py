@@ -57,9 +57,9 @@ def check_logger(name: str) -> None:
     if name not in LOGGERS:
         raise ClipkdError(f"unknown logger '{name}' (choose from {', '.join(LOGGERS)})")
     if name == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
-        raise ClipkdError("--logger tensorboard needs TensorBoard: pip install tensorboard (or tensorboardX)")
+        raise ClipkdError("`logger`=tensorboard needs TensorBoard: pip install tensorboard (or tensorboardX)")
     if name == "wandb" and importlib.util.find_spec("wandb") is None:
-        raise ClipkdError("--logger wandb needs Weights & Biases: pip install wandb")
+        raise ClipkdError("`logger`=wandb needs Weights & Biases: pip install wandb")
 
 
 def make_loggers(out: Path, name: str) -> list:
@@ -80,9 +80,9 @@ def make_loggers(out: Path, name: str) -> list:
 def accelerator_and_devices(device: str, devices: int | str = 1) -> tuple[str, Any]:
     """``--device`` and ``devices`` → Lightning's (accelerator, devices): ``cuda:N`` keeps its index."""
     if not (devices == "auto" or (isinstance(devices, int) and devices >= 1)):
-        raise ClipkdError(f"--devices must be a number >= 1 or 'auto', got '{devices}'")
+        raise ClipkdError(f"`devices` must be a number >= 1 or 'auto', got '{devices}'")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ClipkdError(f"--device {device} requested but CUDA is not available on this machine")
+        raise ClipkdError(f"`device`={device} requested but CUDA is not available on this machine")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -90,11 +90,11 @@ def accelerator_and_devices(device: str, devices: int | str = 1) -> tuple[str, A
     if device.startswith("cuda:"):
         index = device.split(":", 1)[1]
         if not index.isdigit():
-            raise ClipkdError(f"--device {device}: expected cuda:N with N a GPU number")
+            raise ClipkdError(f"`device`={device}: expected cuda:N with N a GPU number")
         return "gpu", [int(index)]
     if device == "cuda":
         return "gpu", devices
-    raise ClipkdError(f"unknown --device '{device}' (auto, cpu, cuda, cuda:N)")
+    raise ClipkdError(f"unknown `device` '{device}' (auto, cpu, cuda, cuda:N)")
 
 
 def check_ranks(settings: Any) -> None:
@@ -105,7 +105,7 @@ def check_ranks(settings: Any) -> None:
     r = ranks()
     if r.distributed and isinstance(devices, int) and devices * nodes != r.world:
         raise ClipkdError(f"this job runs {r.world} ranks but asks for {devices} device(s) × {nodes} node(s); "
-                          f"pass --devices D --num-nodes M with D × M = {r.world}")
+                          f"pass `devices`=D `num_nodes`=M with D × M = {r.world}")
 
 
 def lightning_strategy(settings: TrainerSettings) -> str:
@@ -141,16 +141,16 @@ def check_train_config(cfg: Any) -> None:
     for name, low in (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("num_nodes", 1)):
         value = getattr(cfg, name, None)
         if value is not None and (not isinstance(value, int) or value < low):
-            raise ClipkdError(f"--{name.replace('_', '-')} must be an integer ≥ {low}, got {value!r}")
+            raise ClipkdError(f"`{name}` must be an integer ≥ {low}, got {value!r}")
     workers = getattr(cfg, "workers", None)
     if workers is not None and (not isinstance(workers, int) or workers < 0):
-        raise ClipkdError(f"--workers must be an integer ≥ 0, got {workers!r}")
+        raise ClipkdError(f"`workers` must be an integer ≥ 0, got {workers!r}")
     for name in ("lr",):
         value = getattr(cfg, name, None)
         if value is not None and not value > 0:
-            raise ClipkdError(f"--{name} must be > 0, got {value!r}")
+            raise ClipkdError(f"`{name}` must be > 0, got {value!r}")
     if getattr(cfg, "weight_decay", 0) < 0:
-        raise ClipkdError(f"--weight-decay must be ≥ 0, got {cfg.weight_decay!r}")
+        raise ClipkdError(f"`weight_decay` must be ≥ 0, got {cfg.weight_decay!r}")
     check_logger(getattr(cfg, "logger", "csv"))
     check_ranks(cfg)
 
@@ -243,7 +243,7 @@ def fit(
     Images the loader could not decode are counted and named (:func:`skipped_images`).
     """
     if epochs < 1:
-        raise ClipkdError(f"--epochs must be at least 1, got {epochs}")
+        raise ClipkdError(f"`epochs` must be at least 1, got {epochs}")
     out = Path(out).resolve()  # checkpoints record absolute paths: the run folder works from any directory
     settings = settings or TrainerSettings()
     accelerator, devices = accelerator_and_devices(device, settings.devices)
@@ -320,7 +320,7 @@ def _check_checkpoint(path: Path) -> None:
             z.getinfo(next(n for n in z.namelist() if n.endswith("data.pkl")))
     except (zipfile.BadZipFile, StopIteration, OSError) as e:
         raise ClipkdError(f"resume checkpoint {path} is damaged ({first_line(e)}); delete it to start the run over, "
-                          "or re-run with --overwrite") from None
+                          "or re-run with `overwrite`") from None
 
 
 def _keep_previous_logs(logs: Path, resuming: bool) -> None:
