@@ -47,12 +47,13 @@ def server(tiny_world, tmp_path_factory):
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", index
     srv.should_exit = True
     thread.join(timeout=10)
 
 
 def test_upload_see_results_click_one_see_its_results(server, tiny_world, tmp_path):
+    server, index = server
     query = sorted((tiny_world / "test").rglob("*.png"))[5]
     shot = Path(os.environ.get("CLIPKD_SCREENSHOT") or tmp_path / "search-page.png")
     with playwright.sync_playwright() as p:
@@ -64,7 +65,9 @@ def test_upload_see_results_click_one_see_its_results(server, tiny_world, tmp_pa
         page.set_input_files("[data-testid=file]", str(query))
         page.wait_for_function("document.querySelectorAll('[data-testid=hit]').length === 6")
         first = page.locator("[data-testid=hit]").first
-        assert first.get_attribute("title").startswith(str(query.resolve()))  # the query image itself comes first
+        # the query image itself comes first (shown by its label and id: the page never sees the server's paths)
+        assert first.get_attribute("data-id") == str(index.paths.index(str(query.resolve())))
+        assert str(tiny_world) not in page.content()
         page.wait_for_function("[...document.images].every((i) => i.complete && i.naturalWidth > 0)")
         target = page.locator("[data-testid=hit]").nth(2)
         clicked = target.get_attribute("data-id")

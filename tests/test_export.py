@@ -92,6 +92,33 @@ def test_classifier_and_clip_tower_exports(runs, tiny_world, tmp_path):
                           atol=1e-4)
 
 
+def test_an_open_clip_vit_tower_exports_with_a_dynamic_batch_fp32_and_int8(tiny_world, tmp_path):
+    """The seed's teachers are open_clip ViTs: their exported image tower takes a batch of 1 and of 3 (a batch of one
+    as the export's example used to fix the axis at 1, and the 16-sample parity check then failed in ONNX
+    Runtime), in fp32 and INT8. A ViT as small as open_clip builds, so that the test is quick."""
+    import onnxruntime as ort
+    import open_clip
+
+    cfg = {"embed_dim": 32,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "test-vit-micro.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "cfg")
+    spec = "open_clip:test-vit-micro@random"
+    fp32 = export_model(spec, tmp_path / "vit.onnx", images=tiny_world / "val", samples=3)
+    int8 = export_model(spec, tmp_path / "vit8.onnx", images=tiny_world / "val", samples=3, int8=True,
+                        calib=tiny_world / "train", calib_count=32)
+    assert fp32.min_cosine > 0.9999 and int8.min_cosine > 0.9 and read_metadata(int8.path)["precision"] == "int8"
+    for r in (fp32, int8):
+        session = ort.InferenceSession(str(r.path), providers=["CPUExecutionProvider"])
+        dim = session.get_inputs()[0].shape[0]
+        assert isinstance(dim, str), dim  # symbolic, not a number
+        for batch in (1, 3):
+            out = session.run(None, {"image": np.random.default_rng(batch).random((batch, 3, 32, 32), np.float32)})
+            assert out[0].shape == (batch, 32)
+
+
 def _one_line(capsys, argv, match):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

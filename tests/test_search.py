@@ -126,7 +126,8 @@ def test_service_search_paths(client, index, tiny_world):
     r = client.post("/search", files={"image": ("q.png", img_path.read_bytes(), "image/png")}, data={"k": "5"})
     assert r.status_code == 200, r.text
     res = r.json()["results"]
-    assert len(res) == 5 and res[0]["path"] == str(img_path.resolve()) and res[0]["url"] == f"/images/{res[0]['id']}"
+    assert len(res) == 5 and res[0]["url"] == f"/images/{res[0]['id']}"
+    assert "path" not in res[0] and index.paths[res[0]["id"]] == str(img_path.resolve())  # ids, not server paths
     by_id = client.post("/search", json={"id": res[1]["id"], "k": 3}).json()["results"]
     assert by_id[0]["id"] == res[1]["id"]
     assert len(client.post("/search", json={"text": "a blue square", "k": 7}).json()["results"]) == 7
@@ -185,20 +186,92 @@ def test_knn_service_speaks_clip_retrievals_protocol(client, tiny_world):
     body = {"image": base64.b64encode(img.read_bytes()).decode(), "modality": "image", "num_images": 4,
             "indice_name": "ix", "num_result_ids": 4, "use_mclip": False, "deduplicate": True,
             "use_safety_model": False, "use_violence_detector": False, "aesthetic_score": "", "aesthetic_weight": ""}
+    body["deduplicate"] = False
     res = client.post("/knn-service", json=body).json()
-    assert len(res) == 4 and set(res[0]) >= {"url", "id", "similarity", "caption"}
-    assert res[0]["url"].endswith(f"/images/{res[0]['id']}") and res[0]["path"] == str(img.resolve())
-    assert client.get(res[0]["url"].split("testserver")[1]).status_code == 200
-    text = client.post("/knn-service", json={"text": "a green triangle", "modality": "image", "num_images": 3})
+    assert len(res) == 4 and set(res[0]) == {"url", "id", "similarity", "caption"}  # no server path
+    # URLs start with the public URL (create_app's default, `serve --public-url`), never with the request's Host
+    assert res[0]["url"] == f"http://127.0.0.1:8000/images/{res[0]['id']}"
+    spoofed = client.post("/knn-service", json=body, headers={"Host": "evil.example"}).json()
+    assert [r["url"] for r in spoofed] == [r["url"] for r in res]
+    got = client.get(res[0]["url"].removeprefix("http://127.0.0.1:8000"))
+    assert got.status_code == 200 and got.content == img.read_bytes()
+    text = client.post("/knn-service", json={"text": "a green triangle", "modality": "image", "num_images": 3,
+                                             "deduplicate": False})
     assert len(text.json()) == 3
     dim = len(SearchIndex(client.app.state.service.index.root).vector(0))
-    emb = client.post("/knn-service", json={"embedding_input": [0.1] * dim, "num_images": 2})
+    emb = client.post("/knn-service", json={"embedding_input": [0.1] * dim, "num_images": 2, "deduplicate": False})
     assert len(emb.json()) == 2
     assert client.get("/indices-list").json() == ["ix"]
     # the first seed's documented search asks for 5000 (num_result_ids 10000): answered with what the index has
-    many = client.post("/knn-service", json={"text": "a red circle", "num_images": 5000, "num_result_ids": 10000})
+    many = client.post("/knn-service", json={"text": "a red circle", "num_images": 5000, "num_result_ids": 10000,
+                                             "deduplicate": False})
     assert many.status_code == 200 and len(many.json()) == len(SearchIndex(client.app.state.service.index.root))
     assert all(-1.0 <= r["similarity"] <= 1.0 for r in many.json())
+
+
+def test_knn_service_honours_or_reports_every_clip_retrieval_field(client):
+    """deduplicate (ClipClient's default true) drops results within cosine 0.94 of a better one, as clip-retrieval
+    does; use_mclip is refused; the safety, violence and aesthetic fields and another indice_name (ClipClient and the
+    seed's search script send them by default) are accepted and named in a header, never silently ignored."""
+    ix = SearchIndex(client.app.state.service.index.root)
+    query = {"text": "a red circle", "num_images": 10000, "num_result_ids": 10000}
+    every = client.post("/knn-service", json=query | {"deduplicate": False}).json()
+    r = client.post("/knn-service", json=query | {"use_safety_model": True, "use_violence_detector": True,
+                                                    "aesthetic_score": "9", "aesthetic_weight": "0.5"})
+    kept = r.json()
+    assert r.status_code == 200 and 0 < len(kept) <= len(every)
+    assert r.headers["x-clipkd-not-computed"] == "use_safety_model,use_violence_detector,aesthetic_score"
+    assert "x-clipkd-not-computed" not in client.post("/knn-service", json=query).headers
+    unit = {h["id"]: ix.vector(h["id"]) / np.linalg.norm(ix.vector(h["id"])) for h in every}
+    kept_ids = [h["id"] for h in kept]
+    assert kept_ids == [h["id"] for h in every if h["id"] in set(kept_ids)]  # ranking order kept
+    for a in kept_ids:  # no two kept results are near-copies
+        assert all(float(unit[a] @ unit[b]) < 0.94 for b in kept_ids if b != a)
+    for h in every:  # every dropped result is a near-copy of a better-ranked kept one
+        if h["id"] not in kept_ids:
+            better = kept_ids[: [e["id"] for e in every].index(h["id"])]
+            assert max(float(unit[h["id"]] @ unit[b]) for b in better if b in unit) >= 0.94
+    assert len(client.post("/knn-service", json={"text": "a red circle", "num_images": 2}).json()) <= 2
+    # the seed's search script sends indice_name laion5B-L-14 by default: answered from the one index, and reported
+    seed = client.post("/knn-service", json={"text": "a red circle", "indice_name": "laion5B-L-14"})
+    assert seed.status_code == 200 and seed.json() and seed.headers["x-clipkd-not-computed"] == "indice_name"
+    assert seed.headers["x-clipkd-index"] == ix.root.name
+    for bad in ({"use_mclip": True}, {"deduplicate": "yes"}):
+        r = client.post("/knn-service", json={"text": "a red circle"} | bad)
+        assert r.status_code == 400 and isinstance(r.json()["detail"], str), bad
+
+
+def test_the_seeds_search_and_download_scripts_get_savable_images(client):
+    """A replay of the first seed's step 1 (written from NVIDIA clip-distillation's search_clip_images.py and
+    download_images.py, not vendored): the search posts its default body, keeps ``item['url']`` of each item, and the
+    downloader saves only JPEG and PNG answers. Pointed at clipkd serve, every URL comes back and is saved."""
+    body = {"text": "a red circle", "image": None, "image_url": None, "embedding_input": None, "modality": "image",
+            "num_images": 40, "indice_name": "laion5B-L-14", "num_result_ids": 3000, "use_mclip": False,
+            "deduplicate": True, "use_safety_model": True, "use_violence_detector": True, "aesthetic_score": "",
+            "aesthetic_weight": "0.5"}
+    response = client.post("/knn-service", json=body)
+    urls = [item["url"] for item in response.json() if "url" in item]  # the script's own parsing
+    assert response.status_code == 200 and urls
+    saved = 0
+    for url in urls:  # the downloader: requests.get(url), then the content type decides the extension
+        r = client.get(url)
+        ext = {"image/jpeg": ".jpg", "image/png": ".png"}.get(r.headers.get("content-type", ""))
+        if r.status_code == 200 and ext:
+            Image.open(io.BytesIO(r.content)).verify()
+            saved += 1
+    assert saved == len(urls)
+
+
+def test_show_paths_gives_paths_relative_to_the_collection(index, tiny_world):
+    from fastapi.testclient import TestClient
+
+    c = TestClient(create_app(SearchIndex(index.root), show_paths=True, public_url="https://search.example/"))
+    res = c.post("/knn-service", json={"text": "a red circle", "num_images": 3, "deduplicate": False}).json()
+    root = (tiny_world / "test").resolve()
+    assert all(not r["path"].startswith("/") and (root / r["path"]).is_file() for r in res)
+    assert res[0]["url"] == f"https://search.example/images/{res[0]['id']}"
+    assert all("path" in r and not r["path"].startswith("/")
+               for r in c.post("/search", json={"text": "a red circle", "k": 2}).json()["results"])
 
 
 def test_batcher_runs_concurrent_queries_as_one_batch(index):

@@ -274,6 +274,11 @@ def _args_serve(sub: Any) -> None:
     p.add_argument("--host", help=f"address to listen on (default {_default(serve, 'host')}: this machine only)")
     p.add_argument("--port", type=_count, help=f"default {_default(serve, 'port')}")
     p.add_argument("--no-batch", action="store_true", help="one forward pass per query (no dynamic batching)")
+    p.add_argument("--public-url", help="where clients reach this server (e.g. https://search.example.org behind a "
+                   "proxy): the base of every result URL, never the request's Host header (default: the listening "
+                   "address)")
+    p.add_argument("--show-paths", action="store_true", help="add each result's path relative to the collection's "
+                   "root (by default answers carry ids and URLs, never the server's file paths)")
 
 
 @command("serve", _args_serve)

@@ -32,6 +32,10 @@ MAX_UPLOAD = 20 << 20  # bytes of one uploaded image
 MAX_PIXELS = 40_000_000  # pixels of one query image (decompression bombs are refused before decoding)
 MAX_K = 100
 MAX_KNN = 10_000  # results one /knn-service answer holds at most (clip-retrieval clients ask for thousands)
+DEDUP_COSINE = 0.94  # clip-retrieval's deduplicate: results at least this close to a better one are dropped
+# clip-retrieval fields this server does not compute: accepted and reported (a response header and a log line),
+# as clip-retrieval's own back end does when it has no safety, violence or aesthetic model loaded
+NOT_COMPUTED = ("use_safety_model", "use_violence_detector", "aesthetic_score")
 PAGE = Path(__file__).with_name("page.html")
 
 
@@ -106,14 +110,45 @@ class Batcher:
 
 
 class SearchService:
-    """The request handling behind the app, independent of FastAPI (and unit-testable without it)."""
+    """The request handling behind the app, independent of FastAPI (and unit-testable without it).
 
-    def __init__(self, index: SearchIndex, max_k: int = MAX_K, batch: bool = True) -> None:
+    Answers never carry the server's file paths: an image is its ``id`` and a ``url`` built from ``public_url``
+    (never from the request's ``Host``); ``show_paths`` adds each image's path relative to the collection's root
+    (an operator's choice)."""
+
+    def __init__(self, index: SearchIndex, max_k: int = MAX_K, batch: bool = True,
+                 public_url: str = "http://127.0.0.1:8000", show_paths: bool = False) -> None:
         if index.encoder is None:
             index.load_encoder()
         self.index, self.max_k = index, max_k
         self.batcher = Batcher(index) if batch else None
         self.text_lock = threading.Lock()
+        self.public_url = public_url.rstrip("/")
+        self.show_paths = show_paths
+        self.root = _common_root(index.paths) if show_paths else ""
+        self.reported = False  # the not-computed clip-retrieval fields were logged once
+
+    def public(self, hit: dict[str, Any], absolute: bool = False) -> dict[str, Any]:
+        """A result as a client sees it: ``id``, ``score``, ``label``, ``url`` (and the relative path if shown)."""
+        url = f"/images/{hit['id']}"
+        out = {"id": hit["id"], "score": hit["score"], "label": hit["label"],
+               "url": self.public_url + url if absolute else url}
+        if self.show_paths:
+            out["path"] = _relative(hit["path"], self.root)
+        return out
+
+    def dedupe(self, hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """clip-retrieval's ``deduplicate``: drop each result whose stored embedding has a cosine of at least
+        :data:`DEDUP_COSINE` with a better-ranked one that was kept."""
+        kept: list[dict[str, Any]] = []
+        vectors: list[np.ndarray] = []
+        for h in hits:
+            v = self.index.vector(h["id"])
+            v = v / max(float(np.linalg.norm(v)), 1e-12)
+            if not vectors or float(np.max(np.stack(vectors) @ v)) < DEDUP_COSINE:
+                kept.append(h)
+                vectors.append(v)
+        return kept
 
     def check_k(self, k: Any, limit: int | None = None, cap: bool = False) -> int:
         """A result count: a whole number (``true``, ``1.7``, ``1e400`` and text are refused) from 1 to ``limit``
@@ -201,8 +236,45 @@ def b64decode(data: Any) -> bytes:
     return raw
 
 
-def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int = MAX_K):
-    """The FastAPI app serving ``index`` (loaded with the model that built it)."""
+def _common_root(paths: list[str]) -> str:
+    import os
+
+    files = [p.split("#", 1)[0] for p in paths]  # a TSV row's key is FILE#ROW
+    if not files:
+        return ""
+    root = os.path.commonpath(files)
+    return os.path.dirname(root) if len(set(files)) == 1 else root
+
+
+def _relative(path: str, root: str) -> str:
+    import os
+
+    file, sep, row = path.partition("#")
+    return os.path.relpath(file, root) + sep + row if root else path
+
+
+def knn_fields(body: dict[str, Any], index_name: str) -> dict[str, Any]:
+    """The clip-retrieval fields of a ``/knn-service`` body this server honours, checked: ``modality`` (image),
+    ``use_mclip`` (no), ``deduplicate``; those it does not compute, and an ``indice_name`` other than the one index
+    it serves (clients such as the seed's search script send ``laion5B-L-14`` by default), reported."""
+    if body.get("modality", "image") != "image":  # clip-retrieval's text modality searches caption embeddings
+        raise QueryError(400, "this index holds image embeddings only: modality must be image")
+    if body.get("use_mclip") not in (None, False):
+        raise QueryError(400, "use_mclip: this server has no multilingual CLIP text encoder; use_mclip must be false")
+    dedup = body.get("deduplicate", True)
+    if not isinstance(dedup, bool):
+        raise QueryError(400, "deduplicate must be true or false")
+    ignored = [f for f in NOT_COMPUTED if body.get(f) not in (None, False, "", 0)]
+    name = body.get("indice_name")
+    if name not in (None, "", index_name):
+        ignored.append("indice_name")
+    return {"deduplicate": dedup, "ignored": ignored}
+
+
+def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int = MAX_K,
+               public_url: str = "http://127.0.0.1:8000", show_paths: bool = False):
+    """The FastAPI app serving ``index`` (loaded with the model that built it); result URLs start with
+    ``public_url`` (the address clients reach the server at), never with what a request's ``Host`` says."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -211,7 +283,7 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
 
     if not isinstance(index, SearchIndex):
         index = SearchIndex(index)
-    svc = SearchService(index, max_k=max_k, batch=batch)
+    svc = SearchService(index, max_k=max_k, batch=batch, public_url=public_url, show_paths=show_paths)
     app = FastAPI(title="clipkd search", version="1",
                   description=f"Image search over {len(index)} images embedded by {index.identity}.")
     app.state.service = svc
@@ -266,9 +338,7 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 raise QueryError(400, "the body is neither multipart nor JSON") from None
             results, k = await run_in_threadpool(svc.by_json, data)
-        for r in results:
-            r["url"] = f"/images/{r['id']}"
-        return JSONResponse({"results": results, "k": k})
+        return JSONResponse({"results": [svc.public(r) for r in results], "k": k})
 
     @app.get("/images/{row}")
     def image(row: str, thumb: int = 0) -> Response:
@@ -299,7 +369,10 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
     @app.post("/knn-service")
     async def knn_service(request: Request) -> JSONResponse:
         """clip-retrieval's protocol: ``{text | image (base64) | embedding_input, modality, num_images, ...}``
-        → ``[{url, id, similarity, caption}]`` (``url`` absolute, pointing at ``/images/{id}``)."""
+        → ``[{url, id, similarity, caption}]`` (``url`` absolute, pointing at ``/images/{id}``). ``num_result_ids``
+        candidates are fetched (at least ``num_images``), ``deduplicate`` (default true) drops near-copies as
+        clip-retrieval does, then ``num_images`` are returned; safety, violence and aesthetic fields are accepted
+        and named in the ``X-Clipkd-Not-Computed`` header (no such model here)."""
         import json
 
         from starlette.concurrency import run_in_threadpool
@@ -310,9 +383,9 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
             raise QueryError(400, "the body must be JSON") from None
         if not isinstance(body, dict):
             raise QueryError(400, "the body must be a JSON object")
-        k = svc.check_k(body.get("num_images", body.get("num_result_ids", 40)), MAX_KNN, cap=True)
-        if body.get("modality", "image") != "image":  # clip-retrieval's text modality searches caption embeddings
-            raise QueryError(400, "this index holds image embeddings only: modality must be image")
+        want = svc.check_k(body.get("num_images", 40), MAX_KNN, cap=True)
+        k = max(want, svc.check_k(body.get("num_result_ids", want), MAX_KNN, cap=True))  # candidates, then dedupe
+        fields = knn_fields(body, index.root.name)
         if body.get("text"):
             results = await run_in_threadpool(svc.by_text, body["text"], k)
         elif body.get("image"):
@@ -323,9 +396,23 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
             raise QueryError(400, "image_url is not fetched by this server; send the image as base64 'image'")
         else:
             raise QueryError(400, "give text, image (base64) or embedding_input")
-        base = str(request.base_url).rstrip("/")
-        return JSONResponse([{"url": f"{base}/images/{r['id']}", "id": r["id"], "similarity": r["score"],
-                              "caption": r["label"], "path": r["path"]} for r in results])
+        if fields["deduplicate"]:
+            results = svc.dedupe(results)
+        answer = []
+        for r in results[:want]:
+            p = svc.public(r, absolute=True)
+            answer.append({"url": p["url"], "id": r["id"], "similarity": r["score"], "caption": r["label"]}
+                          | ({"path": p["path"]} if "path" in p else {}))
+        headers = {"X-Clipkd-Index": index.root.name}
+        if fields["ignored"]:
+            headers["X-Clipkd-Not-Computed"] = ",".join(fields["ignored"])
+            if not svc.reported:
+                svc.reported = True
+                log.warning("clip-retrieval fields %s are not honoured by this server (no safety, violence or "
+                            "aesthetic model; one index, %r, whatever indice_name says): results come unfiltered "
+                            "from it (reported in the X-Clipkd-Not-Computed header)", fields["ignored"],
+                            index.root.name)
+        return JSONResponse(answer, headers=headers)
 
     return app
 
@@ -348,12 +435,20 @@ async def _parse_form(body: bytes, ctype: str) -> dict[str, Any]:
     return out
 
 
-def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batch: bool = True) -> None:
-    """Run the app with uvicorn until interrupted."""
+def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batch: bool = True,
+          public_url: str | None = None, show_paths: bool = False) -> None:
+    """Run the app with uvicorn until interrupted. ``public_url``: where clients reach it, for the result URLs
+    (default: the listening address; this machine's name when listening on every interface)."""
     try:
         import uvicorn
     except ImportError:
         raise ClipkdError("serving needs uvicorn: pip install 'clipkd[search]'") from None
-    app = create_app(index_dir, batch=batch)
+    if public_url is None:
+        import socket
+
+        public_url = f"http://{socket.gethostname() if host in ('0.0.0.0', '::', '') else host}:{port}"
+    elif not public_url.startswith(("http://", "https://")):
+        raise ClipkdError(f"`public_url` must start with http:// or https://, got {public_url!r}")
+    app = create_app(index_dir, batch=batch, public_url=public_url, show_paths=show_paths)
     log.info("serving %s on http://%s:%d (web page at /, API docs at /docs)", index_dir, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")
