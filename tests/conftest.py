@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -31,9 +32,15 @@ def _no_network(monkeypatch):
             raise NetworkBlocked(f"test tried to reach the network: {address}")
         return real_connect(self, address)
 
+    real_getaddrinfo = socket.getaddrinfo
+
+    def resolve(host, *a, **k):
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise NetworkBlocked(f"test tried to resolve {host}")
+        return real_getaddrinfo(host, *a, **k)
+
     monkeypatch.setattr(socket.socket, "connect", guarded)
-    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(
-        NetworkBlocked(f"test tried to resolve {a[0]}")))
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
 
 
 class FakeTeacher:
@@ -131,3 +138,28 @@ def write_cnclip(tmp_path, world, bad_id="broken"):
         f.write(json.dumps({"text_id": 99, "text": "坏图", "image_ids": [bad_id]}, ensure_ascii=False) + "\n")
         f.write(json.dumps({"text_id": 100, "text": "不存在", "image_ids": [424242]}, ensure_ascii=False) + "\n")
     return tsv, jsonl
+
+
+@contextlib.contextmanager
+def serve_on_loopback(app):
+    """``app`` served by uvicorn in a thread on a free loopback port; yields its base URL, stops it after."""
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

@@ -8,29 +8,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import serve_on_loopback
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = os.environ.get("CLIPKD_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium executable (apt install chromium)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tiny_world, tmp_path_factory):
-    import uvicorn
-
     from clipkd.search.index import build_index
     from clipkd.search.service import create_app
     from clipkd.teachers import load_clip
@@ -39,17 +31,8 @@ def server(tiny_world, tmp_path_factory):
     base = tmp_path_factory.mktemp("browser")
     spec = load_clip("open_clip:clipkd-micro").save(base / "teacher")
     index = build_index(spec, tiny_world / "test", base / "ix", device="cpu", workers=0, progress=False)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(index), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    yield f"http://127.0.0.1:{port}", index
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_on_loopback(create_app(index)) as url:
+        yield url, index
 
 
 def test_upload_see_results_click_one_see_its_results(server, tiny_world, tmp_path):

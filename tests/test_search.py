@@ -362,3 +362,82 @@ def test_every_stored_image_is_served_as_jpeg_or_png(teacher_spec, tmp_path):
         assert r.status_code == 200 and kind in ("image/jpeg", "image/png"), (path, kind)
         assert Image.open(io.BytesIO(r.content)).format == kind.split("/")[1].upper(), path
         assert Image.open(io.BytesIO(r.content)).size == (20, 16)
+
+
+# --- no 5xx from any request: property-based fuzzing of every route over loopback HTTP (bounded in count and time)
+
+@pytest.fixture(scope="module")
+def live(index):
+    """The app served by uvicorn on loopback (the real HTTP stack, not the in-process test client)."""
+    import httpx
+
+    from tests.conftest import serve_on_loopback
+
+    with serve_on_loopback(create_app(SearchIndex(index.root))) as url, httpx.Client(base_url=url, timeout=30) as c:
+        yield c
+
+
+def _fuzz_values():
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers(-(10**30), 10**30) | st.floats(allow_nan=True)
+               | st.text(max_size=30) | st.sampled_from(["1e400", "-0", "²", "NaN", "", "a red circle"]))
+    return st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
+                                                                                       max_size=4), max_leaves=12)
+
+
+FIELDS = ["text", "image", "id", "k", "num_images", "num_result_ids", "embedding_input", "modality", "deduplicate",
+          "indice_name", "use_mclip", "use_safety_model", "image_url", "aesthetic_score"]
+
+
+def _check(live, r) -> None:
+    assert r.status_code < 500, (r.status_code, r.request.method, str(r.request.url)[:200], r.text[:300])
+    if r.status_code >= 400 and r.headers.get("content-type", "").startswith("application/json"):
+        detail = r.json().get("detail")
+        assert detail is None or "object at 0x" not in str(detail)  # no object reprs
+
+
+def test_fuzzed_json_bodies_never_get_a_5xx(live):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    body = st.dictionaries(st.sampled_from(FIELDS), _fuzz_values(), max_size=5) | _fuzz_values()
+
+    @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(route=st.sampled_from(["/search", "/knn-service"]), body=body)
+    def one(route, body):
+        import json
+
+        _check(live, live.post(route, content=json.dumps(body, allow_nan=True), headers={
+            "content-type": "application/json"}))
+
+    one()
+    assert live.get("/health").json()["status"] == "ok"
+
+
+def test_fuzzed_raw_bodies_paths_queries_and_headers_never_get_a_5xx(live):
+    from urllib.parse import quote
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    header_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
+
+    @settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(raw=st.binary(max_size=300), ctype=st.sampled_from(["application/json", "multipart/form-data",
+                                                               "multipart/form-data; boundary=x", "text/plain", ""]),
+           route=st.sampled_from(["/search", "/knn-service"]))
+    def bodies(raw, ctype, route):
+        _check(live, live.post(route, content=raw, headers={"content-type": ctype} if ctype else {}))
+
+    @settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(row=st.text(max_size=12), thumb=st.text(max_size=6), host=header_text, extra=header_text)
+    def gets(row, thumb, host, extra):
+        headers = {"host": host.strip() or "x", "x-anything": extra.strip()}  # what HTTP allows in a value
+        for path in (f"/images/{quote(row, safe='')}?thumb={quote(thumb, safe='')}", f"/health?{quote(extra)}",
+                     "/indices-list", f"/{quote(row, safe='')}"):
+            _check(live, live.get(path, headers=headers))
+
+    bodies()
+    gets()
+    assert live.get("/health").json()["status"] == "ok"
