@@ -386,3 +386,67 @@ def test_predict_fails_when_no_file_could_be_read(tmp_path, capsys):
     assert main([*args, str(tmp_path / "bad.jpg"), str(tmp_path / "ok.png")]) == 0
     out = capsys.readouterr().out
     assert "bad.jpg: skipped" in out and "ok.png: " in out
+
+
+@pytest.mark.parametrize("damage", ["paths gone", "sizes gone", "rows truncated"])
+def test_a_damaged_store_is_one_line_and_embed_images_repairs_it(tmp_path, damage):
+    """A store with a shard's file gone or truncated used to end in a traceback, and ``embed-images`` over it
+    reported the full count and repaired nothing. Readers now name the shard in one line; re-running the
+    embed-images drops the damaged shard and embeds its images again, to the same embeddings."""
+    images = _folder(tmp_path / "imgs", n=12)
+    st = embed_images(FakeTeacher(), images, tmp_path / "store", batch_size=4, shard_size=4, workers=0, progress=False)
+    before = dict(zip(st.paths, st.embeddings().astype(np.float32), strict=True))
+    shard = tmp_path / "store" / "shard-00001"
+    if damage == "paths gone":
+        Path(f"{shard}.txt").unlink()
+    elif damage == "sizes gone":
+        Path(f"{shard}.size.npy").unlink()
+    else:
+        Path(f"{shard}.npy").write_bytes(Path(f"{shard}.npy").read_bytes()[:100])
+    damaged = EmbeddingStore(tmp_path / "store")
+    with pytest.raises(ClipkdError, match="is damaged: shard shard-00001.*re-run the embed-images"):
+        damaged.targets(scan_image_folder(images).paths, root=images)
+    again = embed_images(FakeTeacher(), images, tmp_path / "store", batch_size=4, shard_size=4, workers=0,
+                         progress=False)
+    assert len(again) == 12 and "shard-00001.npy" not in [s["file"] for s in again.manifest["shards"]]
+    after = dict(zip(again.paths, again.embeddings().astype(np.float32), strict=True))
+    assert sorted(after) == sorted(before) and all(np.allclose(after[p], before[p], atol=1e-3) for p in before)
+    assert len(again.targets(scan_image_folder(images).paths, root=images).keep) == 12
+
+
+def test_damaged_index_files_are_one_line_errors(tmp_path, tiny_world, capsys):
+    """faiss.npy or rows.npy truncated or gone, ``kind`` edited, the ``model`` key removed: one line naming the
+    index and the command that rebuilds it, not a traceback."""
+    import shutil
+
+    from clipkd.search.index import build_index
+    from clipkd.teachers import load_clip
+
+    torch.manual_seed(0)
+    spec = load_clip("open_clip:clipkd-micro").save(tmp_path / "teacher")
+    good = build_index(spec, tiny_world / "val", tmp_path / "ix", device="cpu", workers=0, progress=False).root
+
+    def damaged(name, edit):
+        ix = tmp_path / name
+        shutil.copytree(good, ix)
+        edit(ix)
+        return ix
+
+    def edit_json(key, value):
+        def edit(ix):
+            info = json.loads((ix / "index.json").read_text())
+            info.pop(key) if value is None else info.update({key: value})
+            (ix / "index.json").write_text(json.dumps(info))
+        return edit
+
+    cases = {
+        "faiss truncated": damaged("a", lambda ix: (ix / "faiss.npy").write_bytes((ix / "faiss.npy").read_bytes()[:9])),
+        "rows gone": damaged("b", lambda ix: (ix / "rows.npy").unlink()),
+        "kind edited": damaged("c", edit_json("kind", "hnsw")),
+        "kind unknown": damaged("d", edit_json("kind", "bogus")),
+        "model removed": damaged("e", edit_json("model", None)),
+    }
+    for what, ix in cases.items():
+        assert main(["search", "--index", str(ix), "--text", "a red circle"]) == 2, what
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"index {ix} is damaged" in err and "clipkd index build" in err, (what, err)

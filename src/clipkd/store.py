@@ -45,7 +45,7 @@ from .data.encode import iter_encoded
 from .data.folders import list_images
 from .data.loader import ImageDataset
 from .distributed import my_share, ranks
-from .errors import ClipkdError
+from .errors import ClipkdError, first_line
 from .fileio import check_can_create, check_out_dir, exclusive, read_json, write_json, write_npy, write_text
 
 STORE_FORMAT = "clipkd-store/1"
@@ -151,13 +151,56 @@ class EmbeddingStore:
     def __len__(self) -> int:
         return int(self.manifest["count"])
 
+    def damaged(self, shard: dict[str, Any]) -> str | None:
+        """Why one shard of the manifest cannot be read (a file gone, truncated or of the wrong shape), or None."""
+        try:
+            lines = (self.root / shard["paths"]).read_text(encoding="utf-8").splitlines()
+            arr = np.load(self.root / shard["file"], mmap_mode="r")
+            sizes = np.load(self.root / shard["sizes"]) if "sizes" in shard else None
+        except (OSError, ValueError, EOFError, UnicodeDecodeError) as e:
+            return first_line(e, 160)
+        if len(lines) != shard["count"] or arr.shape != (shard["count"], self.embed_dim) or (
+                sizes is not None and len(sizes) != shard["count"]):
+            return f"{shard['file']} and its lists disagree with the manifest's {shard['count']} rows"
+        return None
+
+    def _damage_error(self, shard: dict[str, Any], why: str) -> ClipkdError:
+        return ClipkdError(f"store {self.root} is damaged: shard {Path(shard['file']).stem}: {why}; re-run the "
+                           "embed-images that made it (same teacher, same images, same `out`) to embed that shard's "
+                           "images again")
+
+    def repair(self) -> int:
+        """Drop the damaged shards from the manifest (under its lock), so that the next embedding pass embeds their
+        images again; returns how many rows went with them."""
+        with FileLock(self.root / MERGE_LOCK):
+            self.manifest = read_json(self.root / "manifest.json", "store manifest")
+            bad = [(s, why) for s in self.manifest["shards"] if (why := self.damaged(s)) is not None]
+            if not bad:
+                return 0
+            lost = sum(s["count"] for s, _ in bad)
+            for s, why in bad:
+                log.warning("store %s: %s is damaged (%s): its %d image(s) are embedded again", self.root, s["file"],
+                            why, s["count"])
+            self.manifest["shards"] = [s for s in self.manifest["shards"] if all(s is not b for b, _ in bad)]
+            self.manifest["count"] -= lost
+            write_json(self.root / "manifest.json", self.manifest)
+            for s, _ in bad:  # what is left of them, no longer listed
+                for key in ("file", "paths", "sizes"):
+                    if key in s:
+                        (self.root / s[key]).unlink(missing_ok=True)
+        self._paths = self._index = self._emb = None
+        return lost
+
     @property
     def paths(self) -> list[str]:
         """Relative image paths, in row order."""
         if self._paths is None:
             paths: list[str] = []
             for shard in self.manifest["shards"]:
-                lines = (self.root / shard["paths"]).read_text(encoding="utf-8").splitlines()
+                try:
+                    lines = (self.root / shard["paths"]).read_text(encoding="utf-8").splitlines()
+                except (OSError, UnicodeDecodeError) as e:
+                    raise self._damage_error(shard, first_line(e, 160)) from None
                 if len(lines) != shard["count"]:
                     raise ClipkdError(f"store {self.root}: {shard['paths']} lists {len(lines)} paths, "
                                       f"manifest says {shard['count']}")
@@ -171,8 +214,8 @@ class EmbeddingStore:
         for shard in self.manifest["shards"]:
             try:
                 arr = np.load(self.root / shard["file"], mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise ClipkdError(f"store {self.root}: cannot read {shard['file']}: {e}") from None
+            except (OSError, ValueError, EOFError) as e:
+                raise self._damage_error(shard, first_line(e, 160)) from None
             if arr.shape != (shard["count"], self.embed_dim):
                 raise ClipkdError(f"store {self.root}: {shard['file']} has shape {arr.shape}, "
                                   f"expected ({shard['count']}, {self.embed_dim})")
@@ -192,7 +235,10 @@ class EmbeddingStore:
         parts = []
         for shard in self.manifest["shards"]:
             if "sizes" in shard:
-                parts.append(np.load(self.root / shard["sizes"]).astype(np.int64))
+                try:
+                    parts.append(np.load(self.root / shard["sizes"]).astype(np.int64))
+                except (OSError, ValueError, EOFError) as e:
+                    raise self._damage_error(shard, first_line(e, 160)) from None
             else:
                 parts.append(np.full(shard["count"], -2, np.int64))
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
@@ -352,7 +398,9 @@ class ShardWriter:
             paths, sizes, emb = [self.paths[i] for i in fresh], [self.sizes[i] for i in fresh], emb[fresh]
             skipped = [s for s in self.skipped if s["path"] not in self.done]
             if paths or skipped:
-                name = f"shard-{len(m['shards']):05d}"  # unlisted: at most the leftover of a killed writer
+                # after the highest listed shard (a repaired store has gaps); an unlisted file there is at most the
+                # leftover of a killed writer
+                name = f"shard-{1 + max((_shard_number(s['file']) for s in m['shards']), default=-1):05d}"
                 write_text(self.out / f"{name}.txt", "".join(p + "\n" for p in paths))
                 write_npy(self.out / f"{name}.npy", emb)
                 write_npy(self.out / f"{name}.size.npy", np.asarray(sizes, dtype=np.int64))
@@ -372,6 +420,11 @@ class ShardWriter:
         self.emb, self.paths, self.sizes, self.skipped = [], [], [], []
 
 
+def _shard_number(name: str) -> int:
+    digits = "".join(c for c in Path(name).name.split(".")[0] if c.isdigit())
+    return int(digits) if digits else -1
+
+
 def _file_size(path: Path) -> int:
     try:
         return os.stat(path).st_size
@@ -385,6 +438,7 @@ def _open_for_append(info: dict[str, Any], images: Path, out: Path, shard_size: 
     if (out / "manifest.json").exists():
         store = EmbeddingStore(out)
         store.check_teacher(info["teacher"], hint="use another `out` folder")
+        store.repair()  # a damaged shard's images are embedded again
         store.check_files(images, files, store.rows(files))
         root = str(images.resolve())
         roots = store.manifest.setdefault("images_roots", [store.manifest.get("images_root", root)])

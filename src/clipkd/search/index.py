@@ -29,7 +29,7 @@ import torch
 
 from ..data.loader import load_rgb
 from ..distributed import barrier, ranks
-from ..errors import ClipkdError
+from ..errors import ClipkdError, first_line
 from ..fileio import atomic_write, exclusive, read_json, write_json, write_npy, write_text
 from ..store import EmbeddingStore, embed_paths
 from .encoder import Encoder, is_student, load_encoder
@@ -110,17 +110,30 @@ class SearchIndex:
         if not (self.root / "index.json").is_file():
             raise ClipkdError(f"not a search index (no index.json): {self.root}; build one with `clipkd index build`")
         self.info: dict[str, Any] = read_json(self.root / "index.json", "index description")
-        if self.info.get("format") != INDEX_FORMAT:
+        if not isinstance(self.info, dict) or self.info.get("format") != INDEX_FORMAT:
             raise ClipkdError(f"{self.root / 'index.json'} is not a {INDEX_FORMAT} description")
+        rebuild = "re-run the `clipkd index build` that made it (its stored embeddings are reused)"
+        missing = [k for k in ("identity", "model", "embed_dim", "kind") if k not in self.info]
+        if missing:
+            raise ClipkdError(f"index {self.root} is damaged: index.json lacks {missing}; {rebuild}")
+        if self.info["kind"] not in KINDS or self.info["kind"] == "auto":
+            raise ClipkdError(f"index {self.root} is damaged: index.json names kind {self.info['kind']!r}; {rebuild}")
         self.store = EmbeddingStore(self.root / "store")
         self.paths = self.store.paths
-        self.rows = np.load(self.root / "rows.npy")
-        self.index = _faiss().deserialize_index(np.load(self.root / "faiss.npy"))
+        try:
+            self.rows = np.load(self.root / "rows.npy")
+            self.index = _faiss().deserialize_index(np.load(self.root / "faiss.npy"))
+        except (OSError, ValueError, EOFError, RuntimeError) as e:
+            raise ClipkdError(f"index {self.root} is damaged ({first_line(e, 120)}); {rebuild}") from None
         if self.index.ntotal != len(self.rows):
             raise ClipkdError(f"index {self.root}: FAISS holds {self.index.ntotal} rows, rows.npy {len(self.rows)}; "
-                              "re-run `clipkd index build` to rebuild it")
+                              f"{rebuild}")
         self.labels = _read_labels(self.root / "labels.tsv")
-        self._set_search_params()
+        try:
+            self._set_search_params()
+        except AttributeError:
+            raise ClipkdError(f"index {self.root} is damaged: index.json says kind {self.info['kind']!r} but "
+                              f"faiss.npy holds a {type(self.index).__name__}; {rebuild}") from None
         self.encoder: Encoder | None = None
 
     @property
