@@ -303,6 +303,15 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_world, capsys):
          "cannot read student checkpoint"),
         (["eval", "--model", str(tmp_path / "empty.pt"), "--images", str(tiny_world / "test"), "--device", "cpu"],
          "cannot read student checkpoint"),
+        # outputs through a file, before any model loads (they used to end in a traceback after the work)
+        (["eval", "--model", spec, "--images", str(tiny_world / "test"), "--out", str(tmp_path / "a_file" / "r.json"),
+          "--device", "cpu"], "a_file exists and is not a folder"),
+        (["embed-text", "--teacher", spec, "--classes", str(tiny_world / "train"), "--out",
+          str(tmp_path / "a_file" / "t.npz"), "--device", "cpu"], "a_file exists and is not a folder"),
+        (["export", "--model", spec, "--out", str(tmp_path / "a_file" / "m.onnx")],
+         "a_file exists and is not a folder"),
+        (["embed-images", "--teacher", spec, "--images", str(tmp_path / "shards" / "{000..002.tar"), "--out",
+          str(tmp_path / "s2")], "unbalanced braces"),
     ]
     for args, message in cases:
         assert _exit_code(args) == 2, args
@@ -323,9 +332,16 @@ def test_truncated_resume_checkpoint_is_a_one_line_error(tmp_path, tiny_world):
     kw = {"split": tiny_world / "split.json", "device": "cpu", "progress": False}
     train_supervised(tiny_world / "train", out, SMALL, **kw)
     ckpt = out / "checkpoints" / "last.ckpt"
-    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    good = ckpt.read_bytes()
+    ckpt.write_bytes(good[: len(good) // 2])
     with pytest.raises(ClipkdError, match="resume checkpoint .* is damaged"):
         train_supervised(tiny_world / "train", out, SMALL, **kw)
+    # corrupted mid-file (the zip's directory intact): found by the members' CRCs, not by torch.load's traceback
+    middle = len(good) // 2
+    ckpt.write_bytes(good[:middle] + bytes(b ^ 0xFF for b in good[middle : middle + 64]) + good[middle + 64 :])
+    with pytest.raises(ClipkdError, match="resume checkpoint .* is damaged"):
+        train_supervised(tiny_world / "train", out, SMALL, **kw)
+    assert not list((out / "checkpoints").glob(".*partial"))  # checkpoints are written whole, then renamed
 
 
 def test_clip_train_run_folder_works_from_another_directory(tmp_path, tiny_world, monkeypatch):
@@ -450,3 +466,29 @@ def test_damaged_index_files_are_one_line_errors(tmp_path, tiny_world, capsys):
         assert main(["search", "--index", str(ix), "--text", "a red circle"]) == 2, what
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and f"index {ix} is damaged" in err and "clipkd index build" in err, (what, err)
+
+
+def test_sigterm_during_embed_images_says_so_and_the_rerun_finishes(tmp_path):
+    """A SIGTERM used to end embed-images with exit 143 and nothing printed: now one line says what happened, the
+    finished shards are kept, and the same command finishes the store."""
+    from clipkd.teachers import load_clip
+
+    torch.manual_seed(0)
+    spec = load_clip("open_clip:clipkd-micro").save(tmp_path / "teacher")
+    images = tmp_path / "imgs" / "a"
+    images.mkdir(parents=True)
+    for i in range(2000):  # about 2 s of embedding at batch 1: the signal comes after the first shard
+        Image.new("RGB", (8, 8), (i % 256, i // 256, 0)).save(images / f"{i:04d}.png")
+    out = tmp_path / "store"
+    cmd = [*CLI, "embed-images", "--teacher", spec, "--images", str(images.parent), "--out", str(out),
+           "--batch-size", "1", "--shard-size", "20", "--workers", "0", "--device", "cpu"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 120
+    while not (out / "manifest.json").is_file() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and "interrupted (SIGTERM); re-run the same command to resume" in err, err[-800:]
+    assert 0 < len(EmbeddingStore(out)) < 2000  # the finished shards are kept
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert r.returncode == 0 and len(EmbeddingStore(out)) == 2000, r.stderr[-800:]

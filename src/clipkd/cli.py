@@ -455,7 +455,7 @@ def _embed_text(a: argparse.Namespace) -> None:
     from .prompts import embed_text
 
     emb = embed_text(**_kwargs(embed_text, a))
-    print(f"{len(emb.classnames)} class embeddings ({emb.embeddings.shape[1]}-d) -> {emb.save(a.out)}")
+    print(f"{len(emb.classnames)} class embeddings ({emb.embeddings.shape[1]}-d) -> {a.out}")
 
 
 def _args_embed_images(sub: Any) -> None:
@@ -912,8 +912,19 @@ def cli_reference(width: int = 100) -> str:
     return "\n".join(parts)
 
 
+# commands whose work is not a Lightning fit (which turns SIGTERM into a resumable stop itself): a SIGTERM there
+# stops the work with one line and exit 143, finished shards kept
+NOT_TRAINING = frozenset(COMMAND_ORDER) - {"clip-train", "distill", "train-supervised", "demo", "serve"}
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise Interrupted("interrupted (SIGTERM); re-run the same command to resume (finished shards are kept)",
+                      exit_code=143)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``clipkd`` console script; user errors print one line and exit 2."""
+    """Entry point of the ``clipkd`` console script; user errors print one line and exit 2; what the machine refuses
+    (a full disk, a read-only folder) one line and exit 1 (``-v`` shows the traceback)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -922,6 +933,11 @@ def main(argv: list[str] | None = None) -> int:
                            .choices[args.command]))
     configure_logging(args.quiet, args.verbose)
     from .distributed import ranks
+
+    if args.command in NOT_TRAINING:
+        import signal
+
+        signal.signal(signal.SIGTERM, _sigterm)
 
     try:
         if not ranks().zero:  # in a job of several ranks, rank 0 reports; the others' errors still reach stderr
@@ -937,6 +953,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:
+        if args.verbose or e.errno is None:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"clipkd {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -118,6 +118,18 @@ def check_can_create(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
+def check_out_file(path: str | Path, what: str = "output file") -> Path:
+    """A one-line error, before any work, when a file could not be written at ``path``: it is a folder, or its
+    folder could not be created (a file in the way, no permission)."""
+    from .errors import ClipkdError
+
+    path = Path(path)
+    if path.is_dir():
+        raise ClipkdError(f"{what} {path} is a folder; give a file name")
+    check_can_create(path.parent, f"the folder of {what} {path}:")
+    return path
+
+
 def check_out_dir(path: str | Path, what: str = "output folder") -> Path:
     """Create ``path`` as a folder, or raise a one-line error if it is a file or cannot be written."""
     from .errors import ClipkdError

@@ -149,13 +149,18 @@ def embed_prompts(teacher, prompts: dict[str, list[str]]) -> TextEmbeddings:
 
 def embed_text(teacher: Any, prompts: str | Path | dict[str, list[str]] | None = None,
                classes: str | Path | None = None, templates: str = "openai", device: str = "auto",
-               precision: str = "auto") -> TextEmbeddings:
+               precision: str = "auto", out: str | Path | None = None) -> TextEmbeddings:
     """One text embedding per class from ``prompts`` (a file or a dict) or from ``classes`` + ``templates``.
 
     ``teacher``: a spec (loaded frozen on ``device``), an exported text tower (``.onnx``), or a loaded model.
+    ``out``: also save them there (``.npz``; checked before any model loads).
     """
     if (prompts is None) == (classes is None):
-        raise ClipkdError("give exactly one of prompts or classes")
+        raise ClipkdError("give exactly one of `prompts` or `classes`")
+    if out is not None:
+        from .fileio import check_out_file
+
+        check_out_file(out, "text embeddings")
     if prompts is None:
         prompts = build_prompts(load_classnames(classes), load_templates(templates))
     elif not isinstance(prompts, dict):
@@ -164,7 +169,10 @@ def embed_text(teacher: Any, prompts: str | Path | dict[str, list[str]] | None =
 
     teacher = load_text_model(teacher, device, precision)  # a spec, a clip-train run, an exported text tower
     teacher.require_text("class text embeddings")
-    return embed_prompts(teacher, prompts)
+    emb = embed_prompts(teacher, prompts)
+    if out is not None:
+        emb.save(out)
+    return emb
 
 
 def import_seed_text(prompts_txt: str | Path, embeddings_npy: str | Path, teacher: str,

@@ -37,9 +37,12 @@ def is_tar_source(images: str | Path) -> bool:
 
 def expand_shards(pattern: str | Path) -> list[Path]:
     """The shard files of a path or brace pattern (``a/{000..009}.tar``), each checked to exist."""
-    from braceexpand import braceexpand
+    from braceexpand import UnbalancedBracesError, braceexpand
 
-    shards = [Path(p) for p in braceexpand(str(pattern))]
+    try:
+        shards = [Path(p) for p in braceexpand(str(pattern))]
+    except UnbalancedBracesError:
+        raise ClipkdError(f"shard pattern {pattern}: unbalanced braces (e.g. 'shards/{{00000..00099}}.tar')") from None
     missing = [str(p) for p in shards if not p.is_file()]
     if missing:
         raise ClipkdError(f"{len(missing)} of the {len(shards)} tar shard(s) of {pattern} not found, e.g. "

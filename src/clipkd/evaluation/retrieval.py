@@ -23,7 +23,7 @@ from ..data.folders import labels_from_paths  # noqa: F401 - its old home
 from ..data.loader import ImageDataset, load_rgb
 from ..data.sources import open_source
 from ..errors import ClipkdError
-from ..fileio import write_json
+from ..fileio import check_out_file, write_json
 from ..teachers import resolve_model  # noqa: F401 - its old home; the model layer's now
 from .metrics import KS, image_image_metrics, text_image_recall  # noqa: F401 - re-exported
 
@@ -81,6 +81,8 @@ def evaluate_retrieval(
     """
     from ..models import load_image_model, with_text
 
+    if out is not None:
+        check_out_file(out, "results file")
     clip = with_text(load_image_model(model, device), text_model, device)
     if clip.kind == "classifier":
         raise ClipkdError(f"{model} is a classifier (the supervised baseline); retrieval needs embeddings")

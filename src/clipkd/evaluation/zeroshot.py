@@ -184,9 +184,11 @@ def evaluate(
     seen–unseen curve and its area (AUSUC). Accuracies are fractions in [0, 1]. ``out``: also write
     the result JSON there (and the seen–unseen curve PNG beside it).
     """
-    from ..fileio import ref
+    from ..fileio import check_out_file, ref
 
     model = ref(model)
+    if out is not None:
+        check_out_file(out, "results file")
     data = load_labelled(images)
     classnames = TextEmbeddings.load(text).classnames if text else list(data.classnames)
     sp = load_split(split, classnames, data.aliases) if split is not None else None  # fail before any scoring

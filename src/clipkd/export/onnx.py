@@ -25,6 +25,7 @@ from torch import nn
 
 from ..data.loader import load_rgb
 from ..errors import ClipkdError, first_line
+from ..fileio import check_out_file
 from ..students.onnx import save_onnx_atomic, set_metadata, student_metadata
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ def _write_onnx(module: nn.Module, example: torch.Tensor, out: Path, meta: dict[
     name = meta.get("input", "image")
     # an example batch of one lets the exporter specialise the batch axis to 1 (open_clip's ViTs): trace with two
     example = example[:2] if len(example) >= 2 else torch.cat([example, example])
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix="clipkd-export-") as tmp:  # not beside `out`: a kill leaves no litter
         raw = Path(tmp) / "raw.onnx"
         try:
             torch.onnx.export(module, (example,), str(raw), input_names=[name], output_names=[output],
@@ -253,6 +254,7 @@ def export_model(model: str | Path, out: str | Path, format: str = "onnx", image
         raise ClipkdError(f"`out` of an ONNX export must end in .onnx, got {out}")
     if out.is_dir():
         raise ClipkdError(f"`out`={out} is a folder; give a file name")
+    check_out_file(out, "export")
     if samples < 1:
         raise ClipkdError(f"`samples` must be ≥ 1, got {samples}")
     if tower not in ("image", "text"):
@@ -280,7 +282,7 @@ def export_model(model: str | Path, out: str | Path, format: str = "onnx", image
     onnx_out = out if format == "onnx" else out.with_suffix(".onnx")
     meta.update(precision="fp32", opset=OPSET, input="image", input_shape=["batch", *x.shape[1:]])
     if int8:  # the fp32 model is an intermediate: written beside the output, replaced by the INT8 one
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        with tempfile.TemporaryDirectory(prefix="clipkd-export-") as tmp:
             fp32 = Path(tmp) / "fp32.onnx"
             _write_onnx(module, x[:1], fp32, meta)
             lo, mean = _parity(fp32, reference, x)

@@ -40,7 +40,7 @@ def quantize_int8(fp32: Path, out: Path, calib: torch.Tensor, meta: dict[str, An
 
     from ..students.onnx import save_onnx_atomic, set_metadata
 
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix="clipkd-export-") as tmp:  # not beside `out`: a kill leaves no litter
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         q = Path(tmp) / "int8.onnx"

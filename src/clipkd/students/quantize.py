@@ -103,7 +103,7 @@ def export_qat_onnx(student: QatStudent, out: str | Path, meta: dict[str, Any], 
     size = student.cfg.image_size
     x = check if check is not None else torch.randn(4, 3, size, size)
     output = "logits" if student.cfg.kind == "classifier" else "embedding"
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix="clipkd-export-") as tmp:  # not beside `out`: a kill leaves no litter
         raw = Path(tmp) / "qat.onnx"
         torch.onnx.export(net, (x[:1],), str(raw), input_names=["image"], output_names=[output],
                           dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}}, opset_version=18, dynamo=False)

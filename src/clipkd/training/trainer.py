@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -273,6 +274,7 @@ def fit(
         log_every_n_steps=10,
         num_sanity_val_steps=0,
         default_root_dir=out,
+        plugins=[atomic_checkpoint_io()],
     )
     last = out / "checkpoints" / "last.ckpt"
     ckpt = str(last) if resume and last.is_file() else None
@@ -318,9 +320,31 @@ def _check_checkpoint(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as z:
             z.getinfo(next(n for n in z.namelist() if n.endswith("data.pkl")))
-    except (zipfile.BadZipFile, StopIteration, OSError) as e:
+            bad = z.testzip()  # every member's CRC: a file corrupted mid-way, not only a truncated one
+            if bad is not None:
+                raise OSError(f"member {bad} fails its CRC check")
+    except (zipfile.BadZipFile, StopIteration, OSError, EOFError, ValueError) as e:
         raise ClipkdError(f"resume checkpoint {path} is damaged ({first_line(e)}); delete it to start the run over, "
                           "or re-run with `overwrite`") from None
+
+
+def atomic_checkpoint_io():
+    """Lightning's checkpoint writer, made atomic: each checkpoint goes to a temporary file beside it, renamed over
+    the old one only once complete, so a full disk or a kill mid-write leaves the previous epoch's ``last.ckpt``."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            final = Path(path)
+            tmp = final.with_name(f".{final.name}.partial")
+            try:
+                super().save_checkpoint(checkpoint, tmp, storage_options)
+                os.replace(tmp, final)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+    return AtomicCheckpointIO()
 
 
 def _keep_previous_logs(logs: Path, resuming: bool) -> None:
