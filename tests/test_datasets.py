@@ -210,3 +210,29 @@ def test_list_images_walks_folders_symlinks_and_loops(tmp_path, monkeypatch):
     monkeypatch.setattr(folders.os, "scandir", denied)
     with pytest.raises(ClipkdError, match="cannot read folder .*/a: Permission denied"):
         list_images(root)  # an unreadable folder is an error, not images silently left out
+
+
+def test_imported_stores_and_text_record_the_identity_the_teacher_reports(tmp_path, tiny_world):
+    """store-import and import-text used to record the spec as typed, so the same teacher's own online targets,
+    stores and text embeddings (which carry its identity: a weights file's name and fingerprint, a run folder's
+    model) were refused later as another teacher's. They now record the identity the loaded teacher reports."""
+    import torch
+
+    from clipkd.teachers import load_clip, load_teacher
+    from clipkd.teachers.factory import teacher_identity
+
+    torch.manual_seed(0)
+    spec = load_clip("open_clip:clipkd-micro").save(tmp_path / "teacher")  # open_clip:clipkd-micro@/abs/file.pt
+    teacher = load_teacher(spec, device="cpu")
+    assert teacher_identity(spec) == teacher.identity != spec
+    assert teacher_identity("open_clip:clipkd-micro@random") == load_teacher("open_clip:clipkd-micro@random",
+                                                                              device="cpu").identity
+    assert teacher_identity("some other tool's label") == "some other tool's label"
+    store = embed_images(teacher, tiny_world / "train", tmp_path / "store", workers=0, progress=False)
+    export_npy_folder(store.root, tmp_path / "npy", flat=False)
+    back = import_npy_folder(tmp_path / "npy", tiny_world / "train", tmp_path / "again", spec, progress=False)
+    assert back.teacher == store.teacher == teacher.identity
+    back.check_teacher(teacher.identity)  # the online teacher and the imported store are one teacher's
+    np.save(tmp_path / "text.npy", np.eye(2, teacher.embed_dim))
+    (tmp_path / "text_prompts.txt").write_text("a cat\na dog\n")
+    assert import_seed_text(tmp_path / "text_prompts.txt", tmp_path / "text.npy", spec).teacher == teacher.identity

@@ -178,7 +178,11 @@ def embed_text(teacher: Any, prompts: str | Path | dict[str, list[str]] | None =
 def import_seed_text(prompts_txt: str | Path, embeddings_npy: str | Path, teacher: str,
                      logit_scale: float = 100.0) -> TextEmbeddings:
     """A seed-style ``text_prompts.txt`` (one prompt per class per line) with its (C, D) ``.npy`` of text
-    embeddings → :class:`TextEmbeddings` (rows L2-normalised; ``teacher`` names the model that made them)."""
+    embeddings → :class:`TextEmbeddings` (rows L2-normalised; ``teacher``: the spec of the model that made them,
+    recorded as the identity it reports when loaded)."""
+    from .teachers.factory import teacher_identity
+
+    teacher = teacher_identity(teacher)
     prompts = read_prompts(prompts_txt)
     try:
         emb = np.load(embeddings_npy).astype(np.float32)

@@ -595,10 +595,15 @@ def import_npy_folder(npy_dir: str | Path, images: str | Path, out: str | Path, 
                       preprocess: dict[str, Any] | None = None, shard_size: int = 8192,
                       progress: bool = True) -> EmbeddingStore:
     """Build a store from one ``.npy`` per image: ``npy_dir/<image stem>.npy`` (the seed's flat layout)
-    or ``npy_dir/<relative path without extension>.npy``. Rows are L2-normalised. ``teacher`` names
-    the model that made them (recorded as the store's teacher identity). Images with no ``.npy``
-    are counted and listed; unreadable ``.npy`` files are skipped and listed like undecodable images."""
+    or ``npy_dir/<relative path without extension>.npy``. Rows are L2-normalised. ``teacher``: the spec (or
+    clip-train run) of the model that made them, recorded as the identity that model reports when loaded
+    (:func:`~clipkd.teachers.factory.teacher_identity`), so that its own online targets and text embeddings match
+    the store. Images with no ``.npy`` are counted and listed; unreadable ``.npy`` files are skipped and listed like
+    undecodable images."""
+    from .teachers.factory import teacher_identity
+
     npy_dir, images, out = Path(npy_dir), Path(images), Path(out)
+    teacher = teacher_identity(teacher)
     if not npy_dir.is_dir():
         raise ClipkdError(f"embedding folder not found: {npy_dir}")
     files = list_images(images)

@@ -110,12 +110,7 @@ class CnClipTeacher(ClipModel):
         self.model, self.preprocess, self.tokenizer, size = create_cnclip(name, weights, device)
         self.train_preprocess = self.preprocess  # Chinese-CLIP fine-tunes without augmentation by default
         self.name, self.device, self.precision = name, device, precision
-        if weights and weights != "random":
-            p = Path(weights).expanduser()
-            tag = f"{p.name}#{file_fingerprint(p)}"
-        else:
-            tag = weights or "published"
-        self.identity = f"cn_clip:{name}@{tag}"
+        self.identity = spec_identity(name, weights)
         self.embed_dim = int(self.model.text_projection.shape[1])
         self.preprocess_cfg = PreprocessConfig(size=(size, size), mean=CLIP_MEAN, std=CLIP_STD,
                                                interpolation="bicubic", resize_mode="squash", crop=False)
@@ -137,7 +132,20 @@ class CnClipTeacher(ClipModel):
         return f"cn_clip:{self.name}@{path}"
 
 
-@register_backend("cn_clip")
+def spec_identity(name: str, weights: str | None) -> str:
+    """The identity of ``cn_clip:MODEL@WEIGHTS``: a checkpoint file is named by its name and content fingerprint."""
+    if weights and weights != "random":
+        p = Path(weights).expanduser()
+        return f"cn_clip:{name}@{p.name}#{file_fingerprint(p) if p.is_file() else 'missing'}"
+    return f"cn_clip:{name}@{weights or 'published'}"
+
+
+def _identity(rest: str) -> str:
+    name, _, weights = rest.partition("@")
+    return spec_identity(name, weights or None)
+
+
+@register_backend("cn_clip", identity=_identity)
 def _load(rest: str, device: torch.device, precision: str) -> ClipModel:
     name, _, weights = rest.partition("@")
     return CnClipTeacher(name, weights or None, device, precision)

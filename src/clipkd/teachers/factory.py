@@ -88,6 +88,22 @@ def _own_weights(spec: str, run: Path) -> str:
     return spec
 
 
+def teacher_identity(spec: str | Path) -> str:
+    """The identity a teacher loaded from ``spec`` (or a ``clip-train`` run folder) records, computed without
+    loading it (a weights file is fingerprinted): what ``store-import`` and ``import-text`` record, so that the same
+    teacher's own stores and text embeddings are recognised as one teacher's. A backend that cannot tell without
+    loading, or a name that is not a spec (a label from another tool), is kept as given."""
+    from ..fileio import ref
+
+    spec = resolve_model(ref(spec))
+    _import_builtin()
+    backend, sep, rest = str(spec).partition(":")
+    if not sep or backend not in BACKENDS:
+        return str(spec)
+    identity = BACKENDS.entry(backend).meta.get("identity")
+    return identity(rest) if identity is not None else spec
+
+
 def load_teacher(spec: str | Path, device: str | None = "auto", precision: str = "auto") -> ClipModel:
     """A frozen CLIP encoder from a spec such as ``open_clip:ViT-B-32@laion2b_s34b_b79k`` or a ``clip-train`` run
     folder (eval mode, no grads).

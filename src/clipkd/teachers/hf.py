@@ -80,9 +80,7 @@ class HfClipTeacher(ClipModel):
         model, self.processor, self.hf_tokenizer = load_hf(name)
         self.model, self.name, self.device, self.precision = model.to(device), name, device, precision
         self.preprocess = HfPreprocess(self.processor)
-        local = Path(name).expanduser()
-        weights = sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")) if local.is_dir() else []
-        self.identity = f"hf:{name}" + (f"#{file_fingerprint(weights[0])}" if weights else "")
+        self.identity = spec_identity(name)
         self.embed_dim = int(model.config.projection_dim)
         self.logit_scale = float(model.logit_scale.exp().item())
         p = self.processor
@@ -119,6 +117,13 @@ class HfClipTeacher(ClipModel):
         return f"hf:{path}"
 
 
-@register_backend("hf")
+def spec_identity(name: str) -> str:
+    """The identity of ``hf:NAME``: a local model folder adds the fingerprint of its first weights file."""
+    local = Path(name).expanduser()
+    weights = sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")) if local.is_dir() else []
+    return f"hf:{name}" + (f"#{file_fingerprint(weights[0])}" if weights else "")
+
+
+@register_backend("hf", identity=spec_identity)
 def _load(rest: str, device: torch.device, precision: str) -> ClipModel:
     return HfClipTeacher(rest, device, precision)

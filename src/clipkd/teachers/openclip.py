@@ -78,12 +78,7 @@ class OpenClipTeacher(ClipModel):
             model_name, pretrained, device)
         self.model_name, self.device, self.precision = model_name, device, precision
         self.language = "en" if isinstance(self.tokenizer, open_clip.tokenizer.SimpleTokenizer) else "multi"
-        if pretrained and Path(pretrained).expanduser().is_file():
-            p = Path(pretrained).expanduser()
-            tag = f"{p.name}#{file_fingerprint(p)}"
-        else:
-            tag = pretrained or "random-init"
-        self.identity = f"open_clip:{model_name}@{tag}"
+        self.identity = spec_identity(model_name, pretrained)
         self.embed_dim = int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") \
             and self.model.text_projection is not None else int(self.model.visual.output_dim)
         self.preprocess_cfg = preprocess_description(self.model)
@@ -107,7 +102,15 @@ def _no_weights(rest: str) -> bool:
     return not rest.startswith(("hf-hub:", "local-dir:")) and rest.partition("@")[2] == ""
 
 
-@register_backend("open_clip", no_weights=_no_weights)
+def spec_identity(model_name: str, pretrained: str | None) -> str:
+    """The identity of ``open_clip:MODEL@PRETRAINED``: a weights file is named by its name and content fingerprint."""
+    if pretrained and Path(pretrained).expanduser().is_file():
+        p = Path(pretrained).expanduser()
+        return f"open_clip:{model_name}@{p.name}#{file_fingerprint(p)}"
+    return f"open_clip:{model_name}@{pretrained or 'random-init'}"
+
+
+@register_backend("open_clip", no_weights=_no_weights, identity=lambda rest: spec_identity(*parse_spec(rest)))
 def _load(rest: str, device: torch.device, precision: str) -> ClipModel:
     model_name, pretrained = parse_spec(rest)
     return OpenClipTeacher(model_name, pretrained, device, precision)
