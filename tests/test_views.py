@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -280,3 +281,30 @@ def test_label_term_with_views_trains_on_the_views_that_keep_their_class(tiny_wo
     with pytest.raises(ClipkdError, match="use `views`"):  # online mixing has no unmixed image to label
         clipkd.distill(tiny_world / "train", tmp_path / "bad", replace(cfg, views=0), teacher="fake",
                        text=tmp_path / "text.npz", device="cpu", progress=False)
+
+
+def test_pool_images_get_views_in_the_same_teacher_pass(tiny_world, fake_teacher, tmp_path, monkeypatch):
+    """The method and an unlabelled pool together (issue 26): with an online teacher, the pool's images get views
+    like the training images in the one pass that embeds them, trained with teacher targets only (no label; a view
+    may mix a training image with a pool image, both shown to the student anyway)."""
+    import clipkd
+    import clipkd.teachers
+    import clipkd.teachers.factory
+
+    monkeypatch.setattr(clipkd.teachers.factory, "check_teacher_spec", lambda spec: None)
+    monkeypatch.setattr(clipkd.teachers, "load_teacher", lambda spec, **kw: fake_teacher)
+    cfg = clipkd.TrainConfig(student="resnet10t", epochs=1, batch_size=8, workers=0, image_size=16)
+    r = clipkd.distill(tiny_world / "train", tmp_path / "run", cfg, teacher="fake", split=tiny_world / "split.json",
+                       extra_images=tiny_world / "val", device="cpu", progress=False)
+    run = json.loads((r.out / "run.json").read_text())
+    n_pool = len(list((tiny_world / "val").rglob("*.png")))
+    n_seen = r.train_images - n_pool
+    assert run["targets"] == "views" and run["train"]["views"] == 4 and run["extra_images"] == n_pool
+    assert run["teacher_images"] == 4 * (n_seen + n_pool) == fake_teacher.calls  # one pass, pool included
+    plan = ViewPlan.load(r.out / "views" / "views.json")
+    pool = {str(p.resolve()) for p in (tiny_world / "val").rglob("*.png")}
+    assert pool <= set(plan.images)
+    with pytest.raises(ClipkdError, match="drop `store` and `extra_store`"):
+        clipkd.distill(tiny_world / "train", tmp_path / "bad", replace(cfg, views=2), teacher="fake",
+                       split=tiny_world / "split.json", extra_images=tiny_world / "val", extra_store=tmp_path / "x",
+                       device="cpu", progress=False)

@@ -63,7 +63,8 @@ _API: dict[str, str] = {
     # export, search and serving
     "export_model": ".export.onnx", "ExportResult": ".export.onnx", "SearchIndex": ".search.index",
     "build_index": ".search.index", "add_to_index": ".search.index", "remove_from_index": ".search.index",
-    "select_images": ".search.select", "serve": ".search.service",
+    "select_images": ".search.select", "source_pool": ".search.source", "SourcedPool": ".search.source",
+    "serve": ".search.service",
     "check_out_dir": ".fileio",
     "run_demo": ".demo",
 }

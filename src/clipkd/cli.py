@@ -20,7 +20,7 @@ ARGUMENTS: dict[str, Callable[[Any], None]] = {}
 # the order of ``clipkd --help``: the pipeline's
 COMMAND_ORDER = ("synth", "clip-train", "eval-retrieval", "prompts", "embed-text", "embed-images", "download",
                  "distill", "train-supervised", "eval", "predict", "dataset", "store-import", "store-export",
-                 "import-text", "index", "search", "serve", "convert-weights", "export", "select", "demo")
+                 "import-text", "index", "search", "serve", "convert-weights", "export", "select", "source", "demo")
 
 
 def command(name: str, arguments: Callable[[Any], None]) -> Callable:
@@ -313,6 +313,39 @@ def _select(a: argparse.Namespace) -> None:
     sel = select_images(**_kwargs(select_images, a, index_dir=a.index))
     total = sum(len(v) for v in sel.chosen.values())
     print(f"{total} images for {len(sel.chosen)} classes -> {sel.out}")
+
+
+def _args_source(sub: Any) -> None:
+    from .search.source import source_pool
+
+    d = lambda name: _default(source_pool, name)  # noqa: E731
+    p = sub.add_parser("source", help="the first seed's step 1: the teacher selects training images for every class "
+                       "prompt (seen and unseen) from an unlabelled pool, for distill --extra-images")
+    p.add_argument("--teacher", required=True, help="teacher spec or clip-train run (it embeds the pool once)")
+    p.add_argument("--pool", required=True, help="the unlabelled collection: folder, image list or WebDataset shards")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help="prompts.json (from `clipkd prompts`)")
+    src.add_argument("--classes", help="ImageFolder or class-name file (prompts built with --templates)")
+    p.add_argument("--templates", help=f"with --classes: openai, simple, none or a file (default {d('templates')})")
+    p.add_argument("--out", required=True, help="folder: index/ (the pool's index and store), selected.csv, "
+                   "selected.png; re-running resumes the pool's embedding")
+    p.add_argument("--per-class", type=_count, help=f"images per class (default {d('per_class')})")
+    p.add_argument("--min-similarity", type=float, help="cosine a chosen image must reach (default: none)")
+    p.add_argument("--duplicate", type=float, help="cosine above which an image is a near-copy of one already chosen "
+                   f"(default {d('duplicate')})")
+    p.add_argument("--batch-size", type=_count, help=f"images per forward pass (default {d('batch_size')})")
+    p.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
+    p.add_argument("--device", help="auto (GPU if present), cpu, cuda, cuda:N (default: auto)")
+
+
+@command("source", _args_source)
+def _source(a: argparse.Namespace) -> None:
+    from .search.source import source_pool
+
+    r = source_pool(**_kwargs(source_pool, a))
+    total = sum(len(v) for v in r.selection.chosen.values())
+    print(f"{total} images for {len(r.selection.chosen)} classes -> {r.selected} (what each class got: {r.png})")
+    print(f"train on them: clipkd distill ... --extra-images {r.selected} --extra-store {r.store}")
 
 
 def _args_synth(sub: Any) -> None:

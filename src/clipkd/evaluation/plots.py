@@ -135,3 +135,33 @@ def plot_search_grid(query: Any, query_title: str, hits: Sequence[dict], open_im
         ax.set_title(f"{rank}. {hit['score']:.3f}{label}", fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_selection(chosen: Mapping[str, Sequence[tuple[str, float]]], open_image: Callable[[str], Any],
+                   path: str | Path, shown: int = 8, correct: Callable[[str, str], bool | None] | None = None) -> Path:
+    """What a teacher selected from a pool for each class prompt: one row per class, its ``shown`` best images with
+    their similarity. ``correct(path, class)``: where the truth is known (a benchmark pool), a green or red frame."""
+    classes = list(chosen)
+    rows = max(1, len(classes))
+    fig, axes = plt.subplots(rows, shown + 1, figsize=(1.1 * (shown + 1), 1.15 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, name in enumerate(classes):
+        axes[r][0].text(1.0, 0.5, f"{name}\n({len(chosen[name])})", ha="right", va="center", fontsize=7)
+        for c, (p, score) in enumerate(chosen[name][:shown], 1):
+            ax = axes[r][c]
+            try:
+                ax.imshow(open_image(p))
+            except Exception:  # noqa: BLE001 - a file gone since indexing: leave its cell blank
+                continue
+            ax.set_title(f"{score:.2f}", fontsize=6)
+            ok = correct(p, name) if correct is not None else None
+            if ok is not None:
+                ax.axis("on")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set(color="tab:green" if ok else "tab:red", linewidth=2)
+    fig.suptitle("Selected from the pool per class prompt (best first; similarity to the class's text)", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -344,8 +344,8 @@ def resolve_distill(cfg: TrainConfig, store: str | Path | None = None, teacher: 
         raise ClipkdError(f"`mix_mode` must be batch or elem, got '{cfg.mix_mode}'")
     if not 0.0 <= cfg.mix_prob <= 1.0:
         raise ClipkdError(f"`mix_prob` must be in [0, 1], got {cfg.mix_prob}")
-    if cfg.views == "auto":
-        online_mix = (teacher is not None and store is None and extra_images is None and cfg.mix != "none"
+    if cfg.views == "auto":  # an online teacher alone (a pool too: its images get views in the same pass)
+        online_mix = (teacher is not None and store is None and extra_store is None and cfg.mix != "none"
                       and cfg.mix_mode == "elem")
         cfg = replace(cfg, views=AUTO_VIEWS if online_mix else 0)
     if not isinstance(cfg.views, int) or cfg.views < 0:
@@ -359,9 +359,9 @@ def resolve_distill(cfg: TrainConfig, store: str | Path | None = None, teacher: 
     if cfg.views and teacher is None and stored is None:
         raise ClipkdError("`views` needs `teacher`=SPEC (it embeds each view once, before training), or a store of "
                           "views (embed-images --views K)")
-    if cfg.views and stored is None and (store is not None or extra_images is not None):
-        raise ClipkdError("`views` builds its own store of views (OUT/views) over the training images; drop "
-                          "`store` and `extra_images`")
+    if cfg.views and stored is None and (store is not None or extra_store is not None):
+        raise ClipkdError("`views` builds its own store of views (OUT/views) over the training images and the "
+                          "pool, in one teacher pass; drop `store` and `extra_store`")
     if cfg.views and cfg.mix_mode != "elem":
         raise ClipkdError("`views` draws a box per view (`mix_mode`=elem); `mix_mode`=batch mixes online (`views`=0)")
     if cfg.views and cfg.augment not in ("none", "flip"):

@@ -1,0 +1,64 @@
+"""``clipkd source``: the first seed's step 1 on the user's own collection. The teacher embeds an unlabelled pool
+once (a search index, whose store ``distill --extra-store`` reuses), every class prompt — seen and unseen: in
+generalized zero-shot learning the unseen names are known, only their labelled images are not — picks its best
+images (:func:`~clipkd.search.select.select_images`), and a PNG shows what each class got. ``distill
+--extra-images SELECTED --extra-store INDEX/store`` then trains on them with teacher targets alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ClipkdError
+from ..fileio import check_can_create
+from .select import Selection, select_images
+
+
+@dataclass
+class SourcedPool:
+    """What :func:`source_pool` wrote: the pool's index (its ``store``: the teacher's embedding of every pool
+    image), the selected ``path,label,similarity`` list, its PNG, and the selection itself."""
+
+    index: Path
+    store: Path
+    selected: Path
+    png: Path
+    selection: Selection
+
+    def distill_args(self) -> dict[str, Path]:
+        """The keywords that train a student on the selection: ``distill(..., **pool.distill_args())``."""
+        return {"extra_images": self.selected, "extra_store": self.store}
+
+
+def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
+                prompts: str | Path | dict[str, list[str]] | None = None, classes: str | Path | None = None,
+                templates: str = "simple", per_class: int = 100, min_similarity: float = -1.0,
+                duplicate: float = 0.98, device: str | None = "auto", batch_size: int = 64,
+                workers: int | None = None, progress: bool = True) -> SourcedPool:
+    """Select training images for every class from an unlabelled ``pool`` (a folder, an image list, shards) with
+    the ``teacher``'s judgement: ``out/index`` (the pool embedded once; re-running resumes), ``out/selected.csv``
+    (at most ``per_class`` images per class, each image for one class, near-copies dropped) and
+    ``out/selected.png``. Class prompts: ``prompts`` (``clipkd prompts``), or ``classes`` (a folder or a class-name
+    file) with ``templates``."""
+    from ..prompts import build_prompts, load_classnames, load_templates, read_prompts
+    from .index import SearchIndex, build_index
+
+    if (prompts is None) == (classes is None):
+        raise ClipkdError("give exactly one of `prompts` or `classes`")
+    if per_class < 1:
+        raise ClipkdError(f"`per_class` must be ≥ 1, got {per_class}")
+    out = check_can_create(out, "source folder")
+    if prompts is None:
+        prompts = build_prompts(load_classnames(classes), load_templates(templates))
+    elif not isinstance(prompts, dict):
+        prompts = read_prompts(prompts)
+    index = build_index(teacher, pool, out / "index", device=device, batch_size=batch_size, workers=workers,
+                        progress=progress)
+    selection = select_images(index.root, prompts, out / "selected.csv", per_class=per_class,
+                              min_similarity=min_similarity, duplicate=duplicate, device=device)
+    from ..evaluation.plots import plot_selection
+
+    ix = SearchIndex(index.root)
+    rows = {p: i for i, p in enumerate(ix.paths)}
+    png = plot_selection(selection.chosen, lambda p: ix.open_image(rows[p]), out / "selected.png")
+    return SourcedPool(index.root, index.root / "store", selection.out, png, selection)
