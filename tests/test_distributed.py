@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from clipkd.distributed import my_share, owner, ranks
+from clipkd.errors import ClipkdError
 from clipkd.store import EmbeddingStore, ShardWriter, TargetRows, embed_images, new_manifest
 
 from .conftest import CLI, FakeTeacher
@@ -117,7 +118,8 @@ def test_a_killed_rank_is_completed_by_a_rerun_with_another_rank_count(tmp_path,
     imgs = _folder(tmp_path / "imgs", n=300)  # ~100 per rank in shards of 2: time to kill one mid-way
     store = tmp_path / "store"
     cmd = _embed_cmd(micro_spec, imgs, store, "--shard-size", "2", "--batch-size", "2")
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_rank_env(1, 3))
+    alone = {"CLIPKD_RANK_WAIT": "0"}  # ranks started one after another on purpose: no meeting of the ranks
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_rank_env(1, 3) | alone)
     deadline = time.time() + 120
     while p.poll() is None and time.time() < deadline:
         if (store / "manifest.json").is_file() and EmbeddingStore(store).manifest["count"] >= 4:
@@ -127,7 +129,7 @@ def test_a_killed_rank_is_completed_by_a_rerun_with_another_rank_count(tmp_path,
     assert p.wait() == -signal.SIGKILL, "rank 1 finished before it could be killed"
     partial = len(EmbeddingStore(store))
     assert 4 <= partial < 100
-    subprocess.run(cmd, check=True, capture_output=True, env=_rank_env(0, 3))  # rank 0 of 3 did its part
+    subprocess.run(cmd, check=True, capture_output=True, env=_rank_env(0, 3) | alone)  # rank 0 of 3 did its part
     subprocess.run(cmd, check=True, capture_output=True, env=_env())  # then one process finishes the job
     st = EmbeddingStore(store)
     assert len(st) == 300 and sorted(st.paths) == sorted(set(st.paths)) and st.embeddings().shape == (300, 64)
@@ -135,6 +137,7 @@ def test_a_killed_rank_is_completed_by_a_rerun_with_another_rank_count(tmp_path,
 
 def test_fake_teacher_store_rows_follow_the_hash_split(tmp_path, monkeypatch):
     imgs = _folder(tmp_path / "imgs", n=30)
+    monkeypatch.setenv("CLIPKD_RANK_WAIT", "0")  # the two ranks run one after the other here
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     st = embed_images(FakeTeacher(), imgs, tmp_path / "s", workers=0, progress=False)
@@ -503,12 +506,19 @@ def test_dataset_paths_are_packed_not_python_strings(tmp_path):
 
 def test_a_lone_rank_says_it_embedded_its_share_only(tmp_path, monkeypatch, caplog):
     """Launcher variables left over in a shell (RANK=0 WORLD_SIZE=2, or SLURM_NTASKS=2 in salloc) made embed-images
-    embed half the images with exit code 0 and no word; the rank now says how much of the store is there."""
+    embed half the images with exit code 0 and no word. The ranks sharing a store now meet before any work: a lone
+    rank is refused in one line (after CLIPKD_RANK_WAIT seconds), having embedded nothing; ranks started one after
+    another on purpose (CLIPKD_RANK_WAIT=0) each say how much of the store is there."""
     imgs = _folder(tmp_path / "imgs", n=20)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("CLIPKD_RANK_WAIT", "1")
+    with pytest.raises(ClipkdError, match=r"rank 0 of 2 .*rank\(s\) \[1\] did not reach the embedding store"):
+        embed_images(FakeTeacher(), imgs, tmp_path / "s", workers=0, progress=False)
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    monkeypatch.setenv("CLIPKD_RANK_WAIT", "0")
     with caplog.at_level("WARNING", logger="clipkd"):
         st = embed_images(FakeTeacher(), imgs, tmp_path / "s", workers=0, progress=False)
     assert 0 < len(st) < 20

@@ -118,3 +118,43 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+RANK_WAIT_S = 120.0  # how long ranks sharing a folder wait for each other (CLIPKD_RANK_WAIT; 0: no check)
+
+
+def check_peers(folder: str | os.PathLike, what: str, wait_s: float | None = None) -> None:
+    """Ranks that share an output folder (``embed-images``, ``index build``) meet there before any work: each keeps
+    a heartbeat file under ``folder/.clipkd-ranks/`` and waits until every rank of the job has one that is fresh. A
+    process whose ``RANK``/``WORLD_SIZE`` (or SLURM) variables are leftovers — no other rank will ever come — is
+    refused in one line instead of silently doing its share of the work. ``CLIPKD_RANK_WAIT`` sets the wait in
+    seconds; 0 skips the check (ranks started one after another on purpose, each doing its share)."""
+    import time
+    from pathlib import Path
+
+    from .errors import ClipkdError
+
+    r = ranks()
+    if not r.distributed:
+        return
+    wait_s = float(os.environ.get("CLIPKD_RANK_WAIT", RANK_WAIT_S)) if wait_s is None else wait_s
+    if wait_s <= 0:
+        return
+    job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID") or "job"
+    beats = Path(folder) / ".clipkd-ranks" / job
+    beats.mkdir(parents=True, exist_ok=True)
+    mine = beats / f"rank-{r.rank}"
+    deadline = time.time() + wait_s
+    while True:
+        mine.touch()
+        now = time.time()
+        here = {int(p.name.split("-")[1]) for p in beats.glob("rank-*") if now - p.stat().st_mtime < 10}
+        if set(range(r.world)) <= here:
+            return
+        if now > deadline:
+            missing = sorted(set(range(r.world)) - here)
+            raise ClipkdError(
+                f"this process is rank {r.rank} of {r.world} (the launcher's RANK/WORLD_SIZE or SLURM variables), but "
+                f"rank(s) {missing[:5]} did not reach {what} {folder} in {wait_s:.0f} s: leftover variables from "
+                "another job? unset them (env -u RANK -u WORLD_SIZE, or outside salloc), or start every rank")
+        time.sleep(0.5)

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from .data.encode import iter_encoded
 from .data.folders import list_images
 from .data.loader import ImageDataset
-from .distributed import my_share, ranks
+from .distributed import check_peers, my_share, ranks
 from .errors import ClipkdError, first_line
 from .fileio import check_can_create, check_out_dir, exclusive, read_json, write_json, write_npy, write_text
 
@@ -539,6 +539,8 @@ def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path
         raise ClipkdError(f"batch size and shard size must be ≥ 1 and workers ≥ 0 (got {batch_size}, {shard_size}, "
                           f"{workers})")
     r = ranks()
+    if r.distributed:
+        check_peers(check_out_dir(out, "store"), "the embedding store")  # leftover launcher variables: refused
     # the ranks of one job share the store (their shards are merged under the manifest lock); other jobs wait
     with exclusive(out, "embedding store") if not r.distributed else nullcontext(check_out_dir(out, "store")):
         manifest, done = _open_for_append(teacher.describe(), root, out, shard_size, files)
