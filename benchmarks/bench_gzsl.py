@@ -132,7 +132,8 @@ def prepare(world: str, root: Path, device: str, demo_run: Path | None = None) -
     base = root / world
     if world == "demo" and demo_run is not None:
         return {"world": demo_run / "world", "spec": _teacher_spec(demo_run / "teacher"),
-                "text": demo_run / "text_embeddings.npz", "store": demo_run / "store", "base": base}
+                "text": demo_run / "text_embeddings.npz", "store": demo_run / "store", "base": base,
+                "templates": DEMO_TEMPLATES}
     if world == "demo":
         w = clipkd.synthesize(base / "world", clipkd.WorldConfig(train_per_class=300))
         templates = DEMO_TEMPLATES
