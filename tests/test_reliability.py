@@ -493,3 +493,27 @@ def test_sigterm_during_embed_images_says_so_and_the_rerun_finishes(tmp_path):
     assert 0 < len(EmbeddingStore(out)) < 2000  # the finished shards are kept
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     assert r.returncode == 0 and len(EmbeddingStore(out)) == 2000, r.stderr[-800:]
+
+
+def test_a_store_is_tied_to_its_images_by_content_where_sizes_are_equal(tmp_path):
+    """Sizes cannot tell apart BMP (or PPM, raw TIFF) files of one size: a store of one folder of them used to be
+    accepted for another folder with the same names — trained on the wrong embeddings, exit 0 — and embed-images
+    into it embedded nothing. A content fingerprint of each file (first and last 4 KiB) now tells them apart."""
+    rng = np.random.default_rng(0)
+    for folder in ("a", "b"):
+        for i in range(12):
+            (tmp_path / folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                tmp_path / folder / f"c{i % 2}" / f"{i}.bmp")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert {p.stat().st_size for p in a.rglob("*.bmp")} == {p.stat().st_size for p in b.rglob("*.bmp")}  # one size
+    st = embed_images(FakeTeacher(), a, tmp_path / "store", workers=0, progress=False)
+    paths = scan_image_folder(b).paths
+    with pytest.raises(ClipkdError, match="differ in content from the files it embedded"):
+        st.targets(paths, root=b)
+    with pytest.raises(ClipkdError, match="holds embeddings of other files"):
+        embed_images(FakeTeacher(), b, tmp_path / "store", workers=0, progress=False)
+    import shutil
+
+    shutil.copytree(a, tmp_path / "copy")  # the same images elsewhere: still the store's
+    assert len(st.targets(paths, root=tmp_path / "copy").keep) == 12

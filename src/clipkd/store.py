@@ -6,6 +6,8 @@ Layout of a store folder::
     shard-00000.npy        (n, D) float16, L2-normalised rows
     shard-00000.txt        the n image paths (relative to the image root), one per line
     shard-00000.size.npy   (n,) int64 byte sizes of those files when they were embedded (ties rows to files)
+    shard-00000.fp.npy     (n,) int64 content fingerprints of those files (their first and last 4 KiB hashed), for
+                           files whose sizes cannot tell them apart
 
 A shard is written (atomically) before the manifest names it, so a killed run loses at most the
 shard it was filling; re-running the same command embeds only images no finished shard holds.
@@ -157,10 +159,12 @@ class EmbeddingStore:
             lines = (self.root / shard["paths"]).read_text(encoding="utf-8").splitlines()
             arr = np.load(self.root / shard["file"], mmap_mode="r")
             sizes = np.load(self.root / shard["sizes"]) if "sizes" in shard else None
+            prints = np.load(self.root / shard["prints"]) if "prints" in shard else None
         except (OSError, ValueError, EOFError, UnicodeDecodeError) as e:
             return first_line(e, 160)
         if len(lines) != shard["count"] or arr.shape != (shard["count"], self.embed_dim) or (
-                sizes is not None and len(sizes) != shard["count"]):
+                sizes is not None and len(sizes) != shard["count"]) or (
+                prints is not None and len(prints) != shard["count"]):
             return f"{shard['file']} and its lists disagree with the manifest's {shard['count']} rows"
         return None
 
@@ -185,7 +189,7 @@ class EmbeddingStore:
             self.manifest["count"] -= lost
             write_json(self.root / "manifest.json", self.manifest)
             for s, _ in bad:  # what is left of them, no longer listed
-                for key in ("file", "paths", "sizes"):
+                for key in ("file", "paths", "sizes", "prints"):
                     if key in s:
                         (self.root / s[key]).unlink(missing_ok=True)
         self._paths = self._index = self._emb = None
@@ -243,11 +247,25 @@ class EmbeddingStore:
                 parts.append(np.full(shard["count"], -2, np.int64))
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
+    def prints(self) -> np.ndarray:
+        """Content fingerprint of each row's file when it was embedded (-1: not a file; -2: not recorded)."""
+        parts = []
+        for shard in self.manifest["shards"]:
+            if "prints" in shard:
+                try:
+                    parts.append(np.load(self.root / shard["prints"]).astype(np.int64))
+                except (OSError, ValueError, EOFError) as e:
+                    raise self._damage_error(shard, first_line(e, 160)) from None
+            else:
+                parts.append(np.full(shard["count"], -2, np.int64))
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
     def check_files(self, root: str | Path, paths: Sequence[str], rows: np.ndarray) -> None:
         """Refuse when the files ``root/paths`` (with store rows ``rows``) are not the files the store embedded.
 
-        Compared by byte size; a store moved or copied with its images passes, a store of ``train/`` used
-        for ``test/`` (same relative names, other pictures) does not.
+        Compared by byte size, then by content fingerprint on up to :data:`CHECKED_PRINTS` rows spread over the
+        images (sizes cannot tell apart BMP, PPM or raw TIFF files of one size); a store moved or copied with its
+        images passes, a store of ``train/`` used for ``test/`` (same relative names, other pictures) does not.
         """
         root = Path(root)
         have = np.flatnonzero(rows >= 0)
@@ -267,10 +285,18 @@ class EmbeddingStore:
                 now = -1
             if now != size:
                 bad.append(paths[i])
+        what = "size"
+        if not bad and len(have):
+            prints = self.prints()[rows[have]]
+            step = max(1, len(have) // CHECKED_PRINTS)
+            for j in range(0, len(have), step):
+                if prints[j] >= 0 and _fingerprint(root / paths[have[j]]) != prints[j]:
+                    bad.append(paths[have[j]])
+            what = "content"
         if bad:
             raise ClipkdError(
                 f"store {self.root} holds embeddings of other files: {len(bad)} of the {len(have)} images under "
-                f"{root} it has rows for differ in size from the files it embedded (from "
+                f"{root} it has rows for differ in {what} from the files it embedded (from "
                 f"{self.manifest.get('images_root')}), e.g. {bad[:3]}; use the store of these images, or "
                 "embed-images them into a new `out`")
 
@@ -345,6 +371,7 @@ class ShardWriter:
         self.emb: list[np.ndarray] = []
         self.paths: list[str] = []
         self.sizes: list[int] = []
+        self.prints: list[int] = []
         self.skipped: list[dict[str, str]] = []
         self.t0 = time.perf_counter()
 
@@ -352,10 +379,12 @@ class ShardWriter:
     def skipped_count(self) -> int:
         return self.manifest["skipped_count"] + len(self.skipped)
 
-    def add(self, emb: np.ndarray, paths: Sequence[str], sizes: Sequence[int]) -> None:
+    def add(self, emb: np.ndarray, paths: Sequence[str], sizes: Sequence[int],
+            prints: Sequence[int] | None = None) -> None:
         self.emb.append(np.asarray(emb, dtype=np.float16))
         self.paths.extend(paths)
         self.sizes.extend(sizes)
+        self.prints.extend(prints if prints is not None else [-2] * len(paths))
         self._maybe_flush()
 
     def skip(self, path: str, error: str) -> None:
@@ -396,6 +425,7 @@ class ShardWriter:
             if len(fresh) < len(self.paths):
                 log.info("%d row(s) were embedded by another writer meanwhile; dropped", len(self.paths) - len(fresh))
             paths, sizes, emb = [self.paths[i] for i in fresh], [self.sizes[i] for i in fresh], emb[fresh]
+            prints = [self.prints[i] for i in fresh]
             skipped = [s for s in self.skipped if s["path"] not in self.done]
             if paths or skipped:
                 # after the highest listed shard (a repaired store has gaps); an unlisted file there is at most the
@@ -404,8 +434,9 @@ class ShardWriter:
                 write_text(self.out / f"{name}.txt", "".join(p + "\n" for p in paths))
                 write_npy(self.out / f"{name}.npy", emb)
                 write_npy(self.out / f"{name}.size.npy", np.asarray(sizes, dtype=np.int64))
+                write_npy(self.out / f"{name}.fp.npy", np.asarray(prints, dtype=np.int64))
                 m["shards"].append({"file": f"{name}.npy", "paths": f"{name}.txt", "sizes": f"{name}.size.npy",
-                                    "count": len(paths)})
+                                    "prints": f"{name}.fp.npy", "count": len(paths)})
                 self.seen.add(f"{name}.npy")
                 m["count"] += len(paths)
                 m["skipped"].extend(skipped)
@@ -417,12 +448,33 @@ class ShardWriter:
             self.done.update(paths)
             self.done.update(s["path"] for s in skipped)
         self.manifest = m
-        self.emb, self.paths, self.sizes, self.skipped = [], [], [], []
+        self.emb, self.paths, self.sizes, self.prints, self.skipped = [], [], [], [], []
 
 
 def _shard_number(name: str) -> int:
     digits = "".join(c for c in Path(name).name.split(".")[0] if c.isdigit())
     return int(digits) if digits else -1
+
+
+CHECKED_PRINTS = 256  # rows whose content fingerprint is compared when a store is used for a folder of images
+
+
+def _fingerprint(path: Path) -> int:
+    """A cheap content fingerprint of an image file: its first and last 4 KiB and its size, hashed (-1: unreadable).
+    Costs one small read per file, on a file the loader has just read."""
+    import hashlib
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+            size = os.fstat(f.fileno()).st_size
+            if size > 8192:
+                f.seek(size - 4096)
+            tail = f.read(4096)
+    except OSError:
+        return -1
+    h = hashlib.blake2b(head + tail + str(size).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & 0x7FFFFFFFFFFFFFFF  # non-negative: -1 and -2 stay markers
 
 
 def _file_size(path: Path) -> int:
@@ -565,7 +617,8 @@ def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path
                 done_now = [pending[i] for i in b.index]
                 not_files = opener is not None or group is not None  # TSV rows, tar samples: no size to record
                 sizes = [-1] * len(done_now) if not_files else [_file_size(root / p) for p in done_now]
-                writer.add(b.outputs.numpy(), done_now, sizes)
+                prints = [-1] * len(done_now) if not_files else [_fingerprint(root / p) for p in done_now]
+                writer.add(b.outputs.numpy(), done_now, sizes, prints)
         writer.flush(final=True)
         if writer.skipped_count:
             log.warning("%d image(s) could not be decoded and were skipped; listed in %s", writer.skipped_count,
@@ -635,7 +688,8 @@ def import_npy_folder(npy_dir: str | Path, images: str | Path, out: str | Path, 
             except (OSError, ValueError) as e:
                 writer.skip(f, f"{type(e).__name__}: {e}")
                 continue
-            writer.add((v / max(float(np.linalg.norm(v)), 1e-12))[None], [f], [_file_size(images / f)])
+            writer.add((v / max(float(np.linalg.norm(v)), 1e-12))[None], [f], [_file_size(images / f)],
+                       [_fingerprint(images / f)])
         writer.flush(final=True)
     if len(have) < len(files):
         log.warning("%d of %d images have no .npy in %s, e.g. %s", len(files) - len(have), len(files), npy_dir,
