@@ -528,3 +528,17 @@ def test_a_lone_rank_says_it_embedded_its_share_only(tmp_path, monkeypatch, capl
     with caplog.at_level("WARNING", logger="clipkd"):
         assert len(embed_images(FakeTeacher(), imgs, tmp_path / "s", workers=0, progress=False)) == 20
     assert "embedded its share only" not in caplog.text  # the last rank completes the store
+
+
+def test_a_store_of_shards_is_refused_for_other_shards_of_the_same_names(tmp_path, tiny_world):
+    """Samples record no byte size, so a store of train shards was accepted for test shards named alike (rc 0,
+    trained on the wrong embeddings). Each sample's row now records a fingerprint of its bytes in the shard."""
+    _write_shards(tiny_world / "train", tmp_path / "train", per_shard=10)
+    _write_shards(tiny_world / "test", tmp_path / "test", per_shard=10)
+    st = embed_images(FakeTeacher(), str(tmp_path / "train" / "shard-{000..001}.tar"), tmp_path / "store", workers=0,
+                      progress=False)
+    same = sorted(k for k in st.paths if (tmp_path / "test" / k.split("/")[0]).is_file())
+    assert same  # keys the two sets of shards share
+    with pytest.raises(ClipkdError, match="differ in content"):
+        st.targets(same, root=tmp_path / "test")
+    assert len(st.targets(same, root=tmp_path / "train").keep) == len(same)

@@ -460,17 +460,24 @@ CHECKED_PRINTS = 256  # rows whose content fingerprint is compared when a store 
 
 
 def _fingerprint(path: Path) -> int:
-    """A cheap content fingerprint of an image file: its first and last 4 KiB and its size, hashed (-1: unreadable).
-    Costs one small read per file, on a file the loader has just read."""
+    """A cheap content fingerprint of an image file, or of a WebDataset sample (``shard.tar/key``): its first and
+    last 4 KiB and its size, hashed (-1: unreadable). Costs one small read per image, just read by the loader."""
     import hashlib
 
+    from .data.tars import read_member, tar_member_path
+
     try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-            size = os.fstat(f.fileno()).st_size
-            if size > 8192:
-                f.seek(size - 4096)
-            tail = f.read(4096)
+        member = tar_member_path(path)
+        if member is not None:
+            data = read_member(*member)
+            head, tail, size = data[:4096], data[-4096:] if len(data) > 8192 else data[4096:], len(data)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(4096)
+                size = os.fstat(f.fileno()).st_size
+                if size > 8192:
+                    f.seek(size - 4096)
+                tail = f.read(4096)
     except OSError:
         return -1
     h = hashlib.blake2b(head + tail + str(size).encode(), digest_size=8)
@@ -617,7 +624,9 @@ def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path
                 done_now = [pending[i] for i in b.index]
                 not_files = opener is not None or group is not None  # TSV rows, tar samples: no size to record
                 sizes = [-1] * len(done_now) if not_files else [_file_size(root / p) for p in done_now]
-                prints = [-1] * len(done_now) if not_files else [_fingerprint(root / p) for p in done_now]
+                # TSV rows: no fingerprint; files and tar samples: one (a sample's from its bytes in the shard)
+                prints = [-1] * len(done_now) if opener is not None and group is None else \
+                    [_fingerprint(root / p) for p in done_now]
                 writer.add(b.outputs.numpy(), done_now, sizes, prints)
         writer.flush(final=True)
         if writer.skipped_count:
