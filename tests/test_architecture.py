@@ -513,3 +513,15 @@ def test_no_import_cycle_between_rooms_even_inside_functions():
     room = lambda m: m.split(".")[1] if m.count(".") >= 2 or (mods[m].name == "__init__.py") else m  # noqa: E731
     cycles = sorted({f"{a} <-> {b}" for a in graph for b in reach(a) if a < b and a in reach(b) and room(a) != room(b)})
     assert cycles == []
+
+
+def test_students_with_a_pre_logits_head_build_and_run():
+    """timm's MobileNetV3 pools 576 features into a 1024-wide pre-logits head even with ``num_classes=0``: the
+    student's projection was sized by ``num_features`` and every forward failed (found by the deployment benchmark's
+    smaller-student rows). It is now sized by what the backbone outputs."""
+    from clipkd.students.model import Student, StudentConfig
+
+    for arch in ("mobilenetv3_small_050", "test_resnet"):
+        s = Student(StudentConfig(arch=arch, out_dim=8, image_size=32)).eval()
+        with torch.no_grad():
+            assert s(torch.randn(2, 3, 32, 32)).shape == (2, 8), arch

@@ -44,7 +44,10 @@ class Student(nn.Module):
         except OSError as e:  # pretrained weights unreachable offline
             raise ClipkdError(f"timm '{cfg.arch}': pretrained weights not available offline ({e}); "
                               "drop `pretrained` or pre-download them into the HF cache") from None
-        self.head = nn.Linear(self.backbone.num_features, cfg.out_dim)
+        # the pooled output's size: timm's head_hidden_size where a pre-logits head follows the features (MobileNetV3:
+        # 576 features → 1024), else num_features
+        width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        self.head = nn.Linear(width, cfg.out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
