@@ -99,6 +99,12 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     "cutmix_fm_lite0_imagenet": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": 4, "view_hue": 0.0,
                                   "student": "efficientnet_lite0", "image_size": 64, "pretrained": "imagenet"},
                                  {}, True),
+    # the same pretrained row with the current method (4 views, half of the mixed ones recoloured; issue 26)
+    "cutmix_fm_lite0_hue": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "student": "efficientnet_lite0",
+                             "image_size": 64}, {}, True),
+    "cutmix_fm_lite0_imagenet_hue": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto",
+                                      "student": "efficientnet_lite0", "image_size": 64, "pretrained": "imagenet"},
+                                     {}, True),
     # half the images mixed; the store serves the plain ones, the teacher embeds only the mixed ones (no flips: a
     # store holds unflipped images)
     "cutmix_fm_store": ({"terms": {"embed": 1.0}, "views": 0, "mix": "cutmix", "mix_prob": 0.5, "augment": "none"},
@@ -110,7 +116,8 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
 
 # methods measured on some worlds only (the pretrained row: on the colour world, where ImageNet's colour and stroke
 # features have the most to offer; each of its runs costs several of the others)
-ONLY_ON = {"cutmix_fm_lite0": ("digits-colour",), "cutmix_fm_lite0_imagenet": ("digits-colour",)}
+ONLY_ON = {m: ("digits-colour",) for m in ("cutmix_fm_lite0", "cutmix_fm_lite0_imagenet", "cutmix_fm_lite0_hue",
+                                             "cutmix_fm_lite0_imagenet_hue")}
 
 # world -> (teacher epochs, teacher batch, student epochs)
 WORLDS = {"digits": (40, 64, 10), "digits-colour": (40, 64, 10), "demo": (4, 128, 3)}

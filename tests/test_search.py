@@ -441,3 +441,24 @@ def test_fuzzed_raw_bodies_paths_queries_and_headers_never_get_a_5xx(live):
     bodies()
     gets()
     assert live.get("/health").json()["status"] == "ok"
+
+
+def test_cli_source_writes_the_selection_its_png_and_the_next_step(teacher_spec, tiny_world, tmp_path, capsys):
+    """`clipkd source` end to end on the command line (what it selects is measured in test_mission.py)."""
+    out = tmp_path / "sourced"
+    assert main(["source", "--teacher", teacher_spec, "--pool", str(tiny_world / "test"), "--classes",
+                 str(tiny_world / "train"), "--per-class", "2", "--out", str(out), "--device", "cpu",
+                 "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "selected.png").is_file() and (out / "index" / "store" / "manifest.json").is_file()
+    rows = (out / "selected.csv").read_text().splitlines()
+    assert rows[0] == "path,label,similarity" and 1 < len(rows) <= 1 + 2 * 16
+    assert f"--extra-images {out / 'selected.csv'} --extra-store {out / 'index' / 'store'}" in printed
+    with pytest.raises(SystemExit) as e:  # neither --prompts nor --classes: argparse's usage error
+        main(["source", "--teacher", teacher_spec, "--pool", str(tiny_world / "test"), "--out", str(out)])
+    assert e.value.code == 2
+    from clipkd.search.source import source_pool
+
+    with pytest.raises(ClipkdError, match="`per_class` must be ≥ 1"):  # before anything is embedded
+        source_pool(teacher_spec, tiny_world / "test", tmp_path / "other", classes=tiny_world / "train", per_class=0)
+    assert not (tmp_path / "other").exists()
