@@ -55,7 +55,9 @@ def test_upload_see_results_click_one_see_its_results(server, tiny_world, tmp_pa
         target = page.locator("[data-testid=hit]").nth(2)
         clicked = target.get_attribute("data-id")
         target.click()
-        page.wait_for_function(f"document.getElementById('status').textContent.includes('image #{clicked}')")
+        # the status says "searching image #N …" while the request runs, "6 results for image #N" once it is shown
+        done = f"results for image #{clicked}"
+        page.wait_for_function(f"document.getElementById('status').textContent.includes('{done}')")
         page.wait_for_function("document.querySelectorAll('[data-testid=hit]').length === 6")
         assert page.locator("[data-testid=hit]").first.get_attribute("data-id") == clicked
         assert "error" not in (page.get_attribute("#status", "class") or "")
