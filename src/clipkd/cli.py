@@ -787,7 +787,8 @@ def _args_store_import(sub: Any) -> None:
     p = sub.add_parser("store-import", help="a seed-style folder of one .npy per image -> embedding store")
     p.add_argument("--npy", required=True, help="folder of <image name>.npy (or <relative path>.npy) files")
     p.add_argument("--images", required=True, help="the images they belong to (folder)")
-    p.add_argument("--teacher", required=True, help="the teacher that made them (its spec), recorded as identity")
+    p.add_argument("--teacher", required=True, help="the teacher that made them (spec or clip-train run): "
+                   "recorded as the identity it reports when loaded")
     p.add_argument("--out", required=True, help="store folder")
 
 
@@ -819,7 +820,8 @@ def _args_import_text(sub: Any) -> None:
     p = sub.add_parser("import-text", help="seed-style text_prompts.txt + (C, D) .npy -> text embeddings .npz")
     p.add_argument("--prompts", required=True, help="text_prompts.txt, one prompt per class per line")
     p.add_argument("--embeddings", required=True, help=".npy with one row per line of --prompts")
-    p.add_argument("--teacher", required=True, help="the teacher that made them (its spec), recorded as identity")
+    p.add_argument("--teacher", required=True, help="the teacher that made them (spec or clip-train run): "
+                   "recorded as the identity it reports when loaded")
     p.add_argument("--logit-scale", type=float, help=f"default {_default(import_seed_text, 'logit_scale')}")
     p.add_argument("--out", required=True, help="output .npz")
 

@@ -137,7 +137,12 @@ def check_peers(folder: str | os.PathLike, what: str, wait_s: float | None = Non
     r = ranks()
     if not r.distributed:
         return
-    wait_s = float(os.environ.get("CLIPKD_RANK_WAIT", RANK_WAIT_S)) if wait_s is None else wait_s
+    if wait_s is None:
+        try:
+            wait_s = float(os.environ.get("CLIPKD_RANK_WAIT", RANK_WAIT_S))
+        except ValueError:
+            raise ClipkdError(f"CLIPKD_RANK_WAIT must be a number of seconds, got "
+                              f"{os.environ['CLIPKD_RANK_WAIT']!r}") from None
     if wait_s <= 0:
         return
     job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID") or "job"

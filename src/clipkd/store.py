@@ -236,28 +236,23 @@ class EmbeddingStore:
 
     def sizes(self) -> np.ndarray:
         """Byte size of each row's file when it was embedded (-1: not a file; -2: an older store did not record it)."""
-        parts = []
-        for shard in self.manifest["shards"]:
-            if "sizes" in shard:
-                try:
-                    parts.append(np.load(self.root / shard["sizes"]).astype(np.int64))
-                except (OSError, ValueError, EOFError) as e:
-                    raise self._damage_error(shard, first_line(e, 160)) from None
-            else:
-                parts.append(np.full(shard["count"], -2, np.int64))
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return self._per_row("sizes")
 
     def prints(self) -> np.ndarray:
         """Content fingerprint of each row's file when it was embedded (-1: not a file; -2: not recorded)."""
+        return self._per_row("prints")
+
+    def _per_row(self, key: str) -> np.ndarray:
+        """One int64 per row from each shard's ``key`` file (-2 for shards written before it was recorded)."""
         parts = []
         for shard in self.manifest["shards"]:
-            if "prints" in shard:
-                try:
-                    parts.append(np.load(self.root / shard["prints"]).astype(np.int64))
-                except (OSError, ValueError, EOFError) as e:
-                    raise self._damage_error(shard, first_line(e, 160)) from None
-            else:
+            if key not in shard:
                 parts.append(np.full(shard["count"], -2, np.int64))
+                continue
+            try:
+                parts.append(np.load(self.root / shard[key]).astype(np.int64))
+            except (OSError, ValueError, EOFError) as e:
+                raise self._damage_error(shard, first_line(e, 160)) from None
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def check_files(self, root: str | Path, paths: Sequence[str], rows: np.ndarray) -> None:

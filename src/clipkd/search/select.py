@@ -28,7 +28,7 @@ class Selection:
     out: Path
 
 
-def select_images(index_dir: str | Path, prompts: str | Path | dict[str, list[str]], out: str | Path,
+def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dict[str, list[str]], out: str | Path,
                   per_class: int = 100, min_similarity: float = -1.0, duplicate: float = 0.98,
                   text_model: str | Path | None = None, device: str | None = "auto",
                   precision: str = "auto") -> Selection:
@@ -38,15 +38,17 @@ def select_images(index_dir: str | Path, prompts: str | Path | dict[str, list[st
     goes to at most one class (the one it matches best among those that want it), needs a similarity of at least
     ``min_similarity`` (default: none; what a good match scores is model-specific), and is dropped as a
     near-duplicate when its embedding has cosine ≥ ``duplicate`` with an image already chosen for the class.
-    ``text_model``: a distilled student index's teacher.
+    ``text_model``: a distilled student index's teacher. ``index_dir`` may be an opened index whose encoder is
+    loaded already (what :func:`~clipkd.search.index.build_index` returns): the model is not loaded a second time.
     """
     if per_class < 1:
         raise ClipkdError(f"`per_class` must be ≥ 1, got {per_class}")
-    index = SearchIndex(index_dir)
+    index = index_dir if isinstance(index_dir, SearchIndex) else SearchIndex(index_dir)
     prompts = prompts if isinstance(prompts, dict) else read_prompts(prompts)
     if not prompts:
         raise ClipkdError("no class prompts given")
-    enc = index.load_encoder(text_model=text_model, device=device, precision=precision)
+    enc = index.encoder if index.encoder is not None and text_model is None else index.load_encoder(
+        text_model=text_model, device=device, precision=precision)
     if not enc.has_text:
         raise ClipkdError(f"{index.identity} has no text tower; select needs one (`text_model` for a student index)")
     text = embed_prompts(enc, prompts)

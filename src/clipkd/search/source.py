@@ -41,7 +41,7 @@ def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
     ``out/selected.png``. Class prompts: ``prompts`` (``clipkd prompts``), or ``classes`` (a folder or a class-name
     file) with ``templates``."""
     from ..prompts import build_prompts, load_classnames, load_templates, read_prompts
-    from .index import SearchIndex, build_index
+    from .index import build_index
 
     if (prompts is None) == (classes is None):
         raise ClipkdError("give exactly one of `prompts` or `classes`")
@@ -54,11 +54,10 @@ def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
         prompts = read_prompts(prompts)
     index = build_index(teacher, pool, out / "index", device=device, batch_size=batch_size, workers=workers,
                         progress=progress)
-    selection = select_images(index.root, prompts, out / "selected.csv", per_class=per_class,
+    selection = select_images(index, prompts, out / "selected.csv", per_class=per_class,  # the teacher loaded once
                               min_similarity=min_similarity, duplicate=duplicate, device=device)
     from ..evaluation.plots import plot_selection
 
-    ix = SearchIndex(index.root)
-    rows = {p: i for i, p in enumerate(ix.paths)}
-    png = plot_selection(selection.chosen, lambda p: ix.open_image(rows[p]), out / "selected.png")
+    rows = {p: i for i, p in enumerate(index.paths)}
+    png = plot_selection(selection.chosen, lambda p: index.open_image(rows[p]), out / "selected.png")
     return SourcedPool(index.root, index.root / "store", selection.out, png, selection)
