@@ -493,6 +493,8 @@ def test_sigterm_during_embed_images_says_so_and_the_rerun_finishes(tmp_path):
     assert 0 < len(EmbeddingStore(out)) < 2000  # the finished shards are kept
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     assert r.returncode == 0 and len(EmbeddingStore(out)) == 2000, r.stderr[-800:]
+    # the signal is not taken for an undecodable image (it once was, by the decoder's `except Exception`)
+    assert EmbeddingStore(out).manifest["skipped_count"] == 0
 
 
 def test_a_store_is_tied_to_its_images_by_content_where_sizes_are_equal(tmp_path):

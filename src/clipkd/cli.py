@@ -952,9 +952,13 @@ def cli_reference(width: int = 100) -> str:
 NOT_TRAINING = frozenset(COMMAND_ORDER) - {"clip-train", "distill", "train-supervised", "demo", "serve"}
 
 
+class _Terminated(BaseException):
+    """SIGTERM in a non-training command: a BaseException, so that no ``except Exception`` on the way (an image
+    decoder counting undecodable files, say) can take it for an ordinary error and carry on."""
+
+
 def _sigterm(signum: int, frame: Any) -> None:
-    raise Interrupted("interrupted (SIGTERM); re-run the same command to resume (finished shards are kept)",
-                      exit_code=143)
+    raise _Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -982,6 +986,10 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"clipkd {args.command}: {as_flags(str(e), _FLAGS)}", file=sys.stderr)
         return e.exit_code
+    except _Terminated:
+        print(f"clipkd {args.command}: interrupted (SIGTERM); re-run the same command to resume (finished shards are "
+              "kept)", file=sys.stderr)
+        return 143
     except ClipkdError as e:
         print(f"clipkd {args.command}: error: {as_flags(str(e), _FLAGS)}", file=sys.stderr)
         return 2
