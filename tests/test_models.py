@@ -176,3 +176,44 @@ def test_the_api_chains_through_what_each_step_returns(tmp_path):
     store = EmbeddingStore.__new__(EmbeddingStore)
     store.root = tmp_path / "store"
     assert ref(store) == tmp_path / "store" and ref("open_clip:a@b") == "open_clip:a@b" and ref(None) is None
+
+
+def test_a_reparameterizable_student_folds_for_inference_with_the_same_outputs(models, tiny_world, tmp_path):
+    """clipkd's RepVGG-style micro students train with branches and load folded: one conv per block, no BatchNorm,
+    the same embeddings (and the same in its ONNX export); training from it again reads the branched form; 2:4
+    sparsity (which folding would undo) is refused before any work."""
+    from torch import nn
+
+    import clipkd
+    from clipkd.export.onnx import export_model
+    from clipkd.students.model import Student, StudentConfig, load_student, save_student
+
+    torch.manual_seed(0)
+    s = Student(StudentConfig("clipkd_rep_xs", 16, image_size=32, teacher="fake:teacher@v1"))
+    for m in s.modules():  # non-trivial BatchNorm statistics, as after training
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    s.eval()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        want = s(x)
+    save_student(tmp_path / "rep" / "student.pt", s)
+    folded = load_student(tmp_path / "rep")
+    branched = load_student(tmp_path / "rep", reparameterize=False)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in branched.backbone.modules())
+    # 3×3 and 1×1 branches of five stride-2 blocks, folded away
+    assert n_bn == 10 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.backbone.modules())
+    assert sum(isinstance(m, nn.Conv2d) for m in folded.backbone.modules()) == 5  # stem + one block per stage
+    with torch.no_grad():
+        got = folded(x)
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+        assert torch.equal(branched(x), want)
+    onnx = export_model(tmp_path / "rep", tmp_path / "rep.onnx", images=models["imgs"], samples=4)
+    assert onnx.min_cosine >= 0.9999
+    cfg = clipkd.TrainConfig(student="clipkd_rep_xs", sparsity="2:4")
+    with pytest.raises(ClipkdError, match="folds its branches for inference"):
+        clipkd.distill(tiny_world / "train", tmp_path / "sparse", cfg, teacher=models["spec"], device="cpu")
+    assert not (tmp_path / "sparse").exists()

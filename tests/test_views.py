@@ -173,7 +173,7 @@ def test_one_store_of_views_feeds_two_students(tiny_world, fake_teacher, tmp_pat
     assert plan.views == 3 and plan.hue_prob == 0.5 and fake_teacher.calls == 3 * len(plan.images)
     calls = fake_teacher.calls
     runs = {}
-    for arch in ("resnet10t", "test_resnet"):
+    for arch in ("resnet10t", "clipkd_rep_xs"):  # a plain CNN and one that folds for inference
         cfg = clipkd.TrainConfig(student=arch, epochs=1, batch_size=8, workers=0, image_size=16)
         r = clipkd.distill(tiny_world / "train", tmp_path / arch, cfg, store=tmp_path / "views", split=split,
                            device="cpu", progress=False)

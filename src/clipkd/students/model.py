@@ -13,6 +13,7 @@ from torchvision import transforms as T
 
 from ..errors import ClipkdError, first_line
 from ..fileio import write_torch
+from . import repnets  # noqa: F401 - registers clipkd's reparameterizable students with timm
 from .config import StudentConfig
 
 STUDENT_FORMAT = "clipkd-student/1"
@@ -129,9 +130,18 @@ def convert_weights(arch: str, weights: str | Path, out: str | Path) -> dict[str
     return {"arch": arch, "tensors": len(ours), "source": str(path), "out": str(out)}
 
 
-def load_student(path: str | Path, map_location: str = "cpu") -> Student:
+def reparameterizable(module: nn.Module) -> bool:
+    """Whether ``module`` holds train-time branches that fold for inference (RepVGG, MobileOne, FastViT blocks),
+    as :func:`timm.utils.reparameterize_model` finds them."""
+    return any(hasattr(m, a) for m in module.modules() for a in ("reparameterize", "switch_to_deploy", "fuse"))
+
+
+def load_student(path: str | Path, map_location: str = "cpu", reparameterize: bool = True) -> Student:
     """Rebuild a student from ``student.pt`` or a run folder containing one; an exported ``.onnx`` loads as an
-    :class:`~clipkd.students.onnx.OnnxStudent` (ONNX Runtime behind the same interface)."""
+    :class:`~clipkd.students.onnx.OnnxStudent` (ONNX Runtime behind the same interface).
+
+    A reparameterizable backbone is folded for inference (same outputs, fewer operators) unless ``reparameterize``
+    is false (to train on from it)."""
     path = Path(path)
     if path.suffix == ".onnx":
         from .onnx import OnnxStudent
@@ -156,4 +166,9 @@ def load_student(path: str | Path, map_location: str = "cpu") -> Student:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as e:
         raise ClipkdError(f"student checkpoint {path} does not match {cfg.arch}: {first_line(e)}") from None
-    return model.eval()
+    model.eval()
+    if reparameterize and reparameterizable(model.backbone):
+        from timm.utils.model import reparameterize_model
+
+        model.backbone = reparameterize_model(model.backbone, inplace=True)
+    return model

@@ -269,13 +269,22 @@ def check_init_and_sparsity(cfg: TrainConfig, arch: str, out_dim: int | None, ki
         raise ClipkdError("`qat` fine-tunes a trained student for INT8: give `init`=RUN (the student to quantize)")
     if cfg.qat and cfg.sparsity:
         raise ClipkdError("`qat` with `sparsity`: fine-tune to 2:4 first, then `qat` `init` that run")
+    if cfg.qat or cfg.sparsity:
+        import timm
+
+        from ..students.model import reparameterizable
+
+        if timm.is_model(arch) and reparameterizable(timm.create_model(arch, num_classes=0)):
+            raise ClipkdError(f"{arch} folds its branches for inference, which would undo "
+                              + ("`sparsity`'s 2:4 pattern" if cfg.sparsity else "`qat`'s quantized branches")
+                              + ": export the trained student and quantize it (clipkd export --int8) instead")
     if not cfg.init:
         return
     from ..students.model import is_student, load_student
 
     if not is_student(cfg.init) or Path(cfg.init).suffix == ".onnx":
         raise ClipkdError(f"`init` takes a trained clipkd student (run folder or student.pt), not '{cfg.init}'")
-    c = load_student(cfg.init).cfg
+    c = load_student(cfg.init, reparameterize=False).cfg
     if c.arch != arch or c.kind != kind or (out_dim is not None and c.out_dim != out_dim):
         raise ClipkdError(f"`init`={cfg.init} is a {c.kind} {c.arch} with {c.out_dim} outputs; this run trains a "
                           f"{kind} {arch}" + (f" with {out_dim} outputs" if out_dim is not None else ""))
@@ -303,7 +312,7 @@ def _load_init(module: StudentModule, init: str) -> None:
     """Start from a trained student's weights (a resumed run's checkpoint then overrides them)."""
     from ..students.model import load_student
 
-    module.student.load_state_dict(load_student(init).state_dict())
+    module.student.load_state_dict(load_student(init, reparameterize=False).state_dict())
 
 
 @dataclass
