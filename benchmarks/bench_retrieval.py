@@ -3,14 +3,25 @@
 For each world (the demo world, both digit worlds; relevant = same class) a teacher CLIP trained on every captioned
 image stands in for a large pretrained one, and students are measured on the test split:
 
+The ``demo-zh`` world is the demo world with its Chinese captions: its teacher is a Chinese-CLIP (``cn_clip:
+clipkd-tiny-zh``, Chinese-CLIP's word-piece tokenizer and BERT text tower, 4-layer ViT at 32 px) trained on every
+Chinese caption, and its CLIP students are ``cn_clip:clipkd-micro-zh``.
+
 - ``no_kd``: a micro CLIP (``clipkd-micro``) fine-tuned with the contrastive loss on a captioned subset,
 - ``mse``: the same plus CLIP-KD's feature distillation from the teacher's store (the demo's best KD until now),
 - ``mse_views_extra``: the same micro CLIP, its KD term also on the captioned images' stored views and on the whole
   uncaptioned collection (``clip-train --store VIEWS --extra-images``): clip-train's new recipe,
+- ``inherit_views_extra``: ``mse_views_extra`` with the student started from slices of the teacher's own weights
+  (``clip-train --inherit TEACHER``: TinyCLIP's weight inheritance; the worlds' teachers and students are one family),
+- ``relation_views_extra``: ``mse_views_extra`` with relational KD instead of feature KD (``--kd-loss relation``,
+  weight 50: the batch's image–image similarities as the teacher's, each model in its own space),
+- ``inherit_relation_views_extra`` (only when asked for with ``--methods``): both together,
 - ``distilled_plain``: a timm ``test_resnet`` (the micro CLIP's image tower) distilled on the teacher's embeddings
   of the whole uncaptioned collection (every train image, one view each), searched with the teacher's text tower,
 - ``distilled``: the same student on clipkd's method: a store of 4 views per image (flipped / CutMix / recoloured),
-  embedded once by the teacher.
+  embedded once by the teacher,
+- ``distilled_rep``: clipkd's method from the same store into ``clipkd_rep_s``, a RepVGG-style student built for
+  batch-1 latency (its branches fold into one conv per block for inference; `clipkd.students.repnets`).
 
 Columns: i2i mAP@10 / R@1 / P@10, t2i and i2t R@1, the share of the teacher's i2i mAP@10 and t2i R@1, the image
 tower's MFLOPs and batch-1 CPU latency (and the teacher's over the student's), training compute relative to
@@ -37,9 +48,33 @@ from clipkd.data.captions import subset_captions
 
 KEYS = ("i2i_map@10", "i2i_r@1", "i2i_p@10", "t2i_r@1", "i2t_r@1")
 # world -> (captioned images per class, clip-train epochs, distill epochs)
-WORLDS = {"digits": (25, 30, 30), "digits-colour": (8, 30, 30), "demo": (40, 15, 5)}
-METHODS = ("no_kd", "mse", "mse_views_extra", "distilled_plain", "distilled")
+WORLDS = {"digits": (25, 30, 30), "digits-colour": (8, 30, 30), "demo": (40, 15, 5), "demo-zh": (40, 15, 5)}
+CAPTIONS = {"demo-zh": "captions_zh.csv"}  # else captions_en.csv
+CLIP_STUDENT = {"demo-zh": "cn_clip:clipkd-micro-zh@random"}  # else open_clip:clipkd-micro
+ZH_TEACHER = clipkd.ClipTrainConfig(model="cn_clip:clipkd-tiny-zh@random", epochs=12, batch_size=128, lr=2e-3)
+VIEWS_EXTRA = ("mse_views_extra", "inherit_views_extra", "relation_views_extra", "inherit_relation_views_extra")
+CLIP_METHODS = ("no_kd", "mse", *VIEWS_EXTRA)
+ALL_METHODS = (*CLIP_METHODS, "distilled_plain", "distilled", "distilled_rep")
+METHODS = tuple(m for m in ALL_METHODS if m != "inherit_relation_views_extra")  # the default: no better than each
 STUDENT = "test_resnet"
+REP_STUDENT = "clipkd_rep_s"
+# demo: 5 epochs 0.72, 15 epochs 0.976 i2i mAP@10
+REP_EPOCHS = {"digits": 30, "digits-colour": 30, "demo": 15, "demo-zh": 15}
+
+
+def prepare_world(world: str, root: Path, device: str, demo_run: Path | None) -> dict:
+    """``bench_gzsl.prepare``'s world, teacher and store; for ``demo-zh`` the demo world with a Chinese-CLIP teacher
+    trained on its Chinese captions (and that teacher's store)."""
+    if world != "demo-zh":
+        return {**prepare(world, root, device, demo_run), "captions": "captions_en.csv"}
+    w = prepare("demo", root, device, demo_run)["world"]
+    base = root / world
+    run = base / "teacher"
+    caps = w / "train" / CAPTIONS[world]
+    spec = (json.loads((run / "run.json").read_text())["spec"] if (run / "run.json").is_file() else
+            clipkd.clip_train(w / "train", caps, run, ZH_TEACHER, device=device, overwrite="changed").spec)
+    store = clipkd.embed_images(spec, w / "train", base / "store", device=device)
+    return {"world": w, "spec": spec, "store": store.root, "base": base, "captions": CAPTIONS[world]}
 
 
 def views_store(p: dict, world: str, device: str, views: int) -> Path:
@@ -60,33 +95,37 @@ def run_method(world: str, method: str, seed: int, p: dict, root: Path, device: 
         model, text_model = str(done), None  # the retrieval demo's own run of this recipe
         images = per_class * len(clipkd.load_classnames(w / "train"))
         compute = {"student_images": clip_epochs * images, "teacher_images": 0}
-    elif method in ("no_kd", "mse", "mse_views_extra"):
-        caps = subset_captions(w / "train" / "captions_en.csv", per_class, root / world / "captions.csv")
-        cfg = clipkd.ClipTrainConfig(model="open_clip:clipkd-micro", epochs=clip_epochs, batch_size=64, lr=2e-3,
+    elif method in CLIP_METHODS:
+        caps = subset_captions(w / "train" / p["captions"], per_class, root / world / "captions.csv")
+        cfg = clipkd.ClipTrainConfig(model=CLIP_STUDENT.get(world, "open_clip:clipkd-micro"), epochs=clip_epochs,
+                                     batch_size=64, lr=2e-3, inherit=spec if method.startswith("inherit") else "",
                                      kd_weight=2.0, kd_loss="mse", seed=seed)
+        if "relation" in method:
+            cfg = replace(cfg, kd_loss="relation", kd_weight=50.0)
         kw = {"store": p["store"]} if method == "mse" else {}
-        if method == "mse_views_extra":
+        if method in VIEWS_EXTRA:
             kw = {"store": views_store(p, world, device, 4), "extra_images": w / "train"}
         r = clipkd.clip_train(w / "train", caps, out, cfg, device=device, overwrite="changed",
-                              val_images=w / "val", val_captions=w / "val" / "captions_en.csv", **kw)
+                              val_images=w / "val", val_captions=w / "val" / p["captions"], **kw)
         model, text_model = r.spec, None
         with caps.open(newline="", encoding="utf-8") as f:
             images = {row["path"] for row in csv.DictReader(f)}
-        n = len(images) * (2 if method == "mse_views_extra" else 1)  # + one view per captioned image
-        if method == "mse_views_extra":
+        n = len(images) * (2 if method in VIEWS_EXTRA else 1)  # + one view per captioned image
+        if method in VIEWS_EXTRA:
             n += len(clipkd.open_source(w / "train")) - len(images)
         compute = {"student_images": clip_epochs * n,
                    "teacher_images": len(clipkd.EmbeddingStore(kw["store"])) if kw else 0}
     else:
-        views = 4 if method == "distilled" else 1
+        views = 1 if method == "distilled_plain" else 4
         store = p["store"] if views == 1 else views_store(p, world, device, views)
-        cfg = replace(clipkd.TrainConfig(student=STUDENT, epochs=distill_epochs, batch_size=64, lr=2e-3), seed=seed)
+        student, epochs = (REP_STUDENT, REP_EPOCHS[world]) if method == "distilled_rep" else (STUDENT, distill_epochs)
+        cfg = replace(clipkd.TrainConfig(student=student, epochs=epochs, batch_size=64, lr=2e-3), seed=seed)
         r = clipkd.distill(w / "train", out, cfg, store=store, device=device, overwrite="changed", progress=False)
         model, text_model = str(r.out), spec
-        compute = {"student_images": distill_epochs * r.train_images,
+        compute = {"student_images": epochs * r.train_images,
                    "teacher_images": len(clipkd.EmbeddingStore(store))}
     train_s = None if done and model == str(done) else time.perf_counter() - t0  # None: trained by make demo
-    m = clipkd.evaluate_retrieval(model, w / "test", w / "test" / "captions_en.csv", device=device,
+    m = clipkd.evaluate_retrieval(model, w / "test", w / "test" / p["captions"], device=device,
                                   text_model=text_model, progress=False, out=out / "retrieval.json").to_dict()
     return {**{k: m[k] for k in KEYS}, "model": model, "compute": compute,
             "train_s": None if train_s is None else round(train_s, 1)}
@@ -100,7 +139,7 @@ def flops_weighted(compute: dict, student_mflops: float, teacher_mflops: float) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(ALL_METHODS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--gzsl-root", default=".data/gzsl", help="worlds, teachers and stores (shared with bench_gzsl)")
     ap.add_argument("--root", default=".data/retrieval", help="students (reused)")
@@ -111,12 +150,12 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     rows, raw = [], {}
     for world in a.worlds:
-        p = prepare(world, Path(a.gzsl_root), a.device, a.demo_run)
+        p = prepare_world(world, Path(a.gzsl_root), a.device, a.demo_run)
         if world == "demo" and a.demo_run is not None:
             p["demo_run"] = a.demo_run
             p["demo_retrieval"] = a.demo_run.parent / "demo-retrieval"
         t0 = time.perf_counter()
-        teacher = clipkd.evaluate_retrieval(p["spec"], p["world"] / "test", p["world"] / "test" / "captions_en.csv",
+        teacher = clipkd.evaluate_retrieval(p["spec"], p["world"] / "test", p["world"] / "test" / p["captions"],
                                             device=a.device, progress=False).to_dict()
         tcost = clipkd.image_cost(p["spec"])
         raw[world] = {"teacher": {**{k: teacher[k] for k in KEYS}, "cost": tcost,
@@ -160,10 +199,13 @@ def main() -> None:
             "speed-up b64", "compute vs no_kd", "train s"]
     body = table(rows, cols)
     body += (f"\n\nSeeds {a.seeds} (mean ± standard deviation where more than one). Test split; relevant = same "
-             "class. CLIP students: clipkd-micro, captioned subset per class "
+             "class. CLIP students: clipkd-micro (demo-zh: cn_clip clipkd-micro-zh, teacher cn_clip clipkd-tiny-zh "
+             "trained on every Chinese caption), captioned subset per class "
              + ", ".join(f"{w} {v[0]}" for w, v in WORLDS.items()) + f", batch 64, lr 2e-3. Distilled: timm "
              f"{STUDENT}, the whole train split without captions, batch 64, lr 2e-3, text queries through the "
-             "teacher's text tower. ms/img: batch-1 CPU latency (median of 200); b64: CPU time per image at "
+             "teacher's text tower; distilled_rep: " + f"{REP_STUDENT} (folded for inference), epochs "
+             + ", ".join(f"{w} {e}" for w, e in REP_EPOCHS.items()) + ". ms/img: batch-1 CPU latency (median of "
+             "200); b64: CPU time per image at "
              "batch 64 (throughput); speed-up: the teacher's over the student's. Compute vs no_kd: training FLOPs "
              "(3 per student image pass, 1 per teacher pass that made a target, the store's one-off pass included) "
              "over no_kd's. Distill epochs per world: " + ", ".join(f"{w} {v[2]}" for w, v in WORLDS.items())

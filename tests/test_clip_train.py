@@ -134,10 +134,14 @@ def test_cnclip_checkpoint_roundtrip_and_wrong_architecture(tmp_path):
 
 
 def test_chinese_student_end_to_end(tiny_world, store, tmp_path, capsys):
+    """clipkd's own small Chinese-CLIP (Chinese-CLIP's tokenizer and BERT text tower) fine-tunes with KD from an
+    English teacher's image store and evaluates on Chinese captions."""
     captions = _subset(tiny_world / "train", tmp_path / "zh.csv", 8, "zh")
     out = tmp_path / "cn"
+    with pytest.raises(ClipkdError, match="clipkd's own architecture, with no published weights"):
+        load_teacher("cn_clip:clipkd-micro-zh", device="cpu")
     assert main(["clip-train", "--images", str(tiny_world / "train"), "--captions", str(captions),
-                 "--out", str(out), "--model", "cn_clip:RN50@random", "--store", str(store),
+                 "--out", str(out), "--model", "cn_clip:clipkd-micro-zh@random", "--store", str(store),
                  "--kd-loss", "cosine", "--epochs", "1", "--batch-size", "4", "--workers", "0",
                  "--device", "cpu"]) == 0
     assert (out / "cn_clip_model.pt").is_file()
@@ -146,7 +150,7 @@ def test_chinese_student_end_to_end(tiny_world, store, tmp_path, capsys):
     assert main(["eval-retrieval", "--model", str(out), "--images", str(tiny_world / "test"),
                  "--captions", str(test_zh), "--out", str(tmp_path / "r.json"), "--device", "cpu"]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["model"].startswith("cn_clip:RN50@") and r["n_texts"] > r["n_images"] == 8
+    assert r["model"].startswith("cn_clip:clipkd-micro-zh@") and r["n_texts"] > r["n_images"] == 8
     for k in ("t2i_r@1", "t2i_r@10", "i2t_r@1", "mean_recall", "i2i_map@10", "i2i_p@10"):
         assert 0.0 <= r[k] <= 1.0
     assert (tmp_path / "r.png").is_file()
@@ -219,3 +223,26 @@ def test_clip_train_learns_from_stored_views_and_uncaptioned_images(tiny_world, 
     with pytest.raises(ClipkdError, match="images without captions need an image-embedding loss"):
         clip_train(tiny_world / "train", caps, tmp_path / "bad", bad, store=views.root, teacher=TEACHER,
                    extra_images=tiny_world / "train", device="cpu", progress=False)
+
+
+def test_weight_inheritance_starts_the_student_from_slices_of_a_larger_clip(tiny_world, store, tmp_path):
+    """TinyCLIP's manual inheritance: clipkd-micro (64 wide, 2 text layers) takes the leading slices of
+    clipkd-tiny's tensors of the same names; clip-train records it; an unrelated model is refused."""
+    from clipkd.training.clip_train import ClipTrainConfig, clip_train, inherit_weights
+
+    torch.manual_seed(0)
+    big = load_clip("open_clip:clipkd-tiny")
+    small = load_clip("open_clip:clipkd-micro")
+    counts = inherit_weights(small.model, big.model)
+    assert counts["whole"] > 0 and counts["sliced"] > 0 and counts["kept"] > 0
+    mine, theirs = small.model.state_dict(), big.model.state_dict()
+    assert torch.equal(mine["token_embedding.weight"], theirs["token_embedding.weight"][:, :64])
+    assert torch.equal(mine["transformer.resblocks.1.mlp.c_fc.weight"],
+                       theirs["transformer.resblocks.1.mlp.c_fc.weight"][:256, :64])
+    with pytest.raises(ClipkdError, match="not the same family"):
+        inherit_weights(small.model, load_clip("cn_clip:clipkd-micro-zh@random").model)
+    spec = big.save(tmp_path / "big")
+    captions = _subset(tiny_world / "train", tmp_path / "en.csv", 8, "en")
+    r = clip_train(tiny_world / "train", captions, tmp_path / "run", ClipTrainConfig(
+        model="open_clip:clipkd-micro", inherit=spec, epochs=1, batch_size=4, workers=0), device="cpu")
+    assert json.loads((r.out / "run.json").read_text())["inherited"] == {"from": spec, **counts}

@@ -47,3 +47,16 @@ def test_size_mismatch_and_unknown_loss_are_clear():
         embedding_loss("mse", torch.randn(2, 4), torch.randn(2, 5))
     with pytest.raises(ClipkdError, match="unknown embedding loss"):
         embedding_loss("kl", torch.randn(2, 4), torch.randn(2, 4))
+
+
+def test_relational_kd_for_clip_train_is_blind_to_rotation_and_needs_no_projection():
+    """clip-train's ``relation`` KD compares the batch's image–image similarities: a student that is a rotation of
+    its teacher (another space, the same relations) scores 0; a shuffled one does not; no projection is needed."""
+    from clipkd.students.losses import kd_loss, kd_needs_projection, kd_needs_text
+
+    torch.manual_seed(0)
+    t = torch.randn(16, 32)
+    q, _ = torch.linalg.qr(torch.randn(32, 32))
+    assert kd_loss("relation", t @ q, t).item() < 1e-10
+    assert kd_loss("relation", t[torch.randperm(16)], t).item() > 1e-3
+    assert not kd_needs_projection("relation") and not kd_needs_text("relation")

@@ -387,6 +387,8 @@ def _args_clip_train(sub: Any) -> None:
     p.add_argument("--model", help="student spec: open_clip:ARCH[@TAG|@FILE] or cn_clip:ARCH[@FILE|@random]; a "
                    "bare name means open_clip (default open_clip:clipkd-tiny)")
     p.add_argument("--pretrained", help="open_clip tag or checkpoint file to start from (same as MODEL@...)")
+    p.add_argument("--inherit", help="a larger CLIP of the same family (spec or clip-train run) whose weights start "
+                   "the student where tensor names match: leading slices, first layers (TinyCLIP's inheritance)")
     kd = p.add_argument_group("distillation (on when --teacher or --store is given)")
     kd.add_argument("--teacher", help="teacher spec, run online each batch (and embeds captions for affinity)")
     kd.add_argument("--store", help="teacher image embeddings of --images from embed-images (computed once); a store "

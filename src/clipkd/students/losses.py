@@ -188,6 +188,12 @@ def _kd_mse(s_img, t_img, s_txt=None, t_txt=None, s_scale=100.0, t_scale=100.0) 
     return embedding_loss("mse", s_img, t_img)
 
 
+@KD_LOSSES.register("relation", help="the batch's image-image similarities, as the teacher's (relational KD; "
+                    "each model in its own space)")
+def _kd_relation(s_img, t_img, s_txt=None, t_txt=None, s_scale=100.0, t_scale=100.0) -> torch.Tensor:
+    return relational_loss(s_img, t_img)
+
+
 @KD_LOSSES.register("affinity", help="KL of image-text similarity distributions (TinyCLIP / DistillClipLoss)",
                     needs_text=True)
 def _kd_affinity(s_img, t_img, s_txt=None, t_txt=None, s_scale=100.0, t_scale=100.0) -> torch.Tensor:

@@ -1,6 +1,11 @@
 """Chinese-CLIP teachers and students: ``cn_clip:MODEL`` (published weights), ``cn_clip:MODEL@/path/ckpt.pt``,
 ``cn_clip:MODEL@random`` (random init, for fine-tuning from scratch and for tests).
 
+Besides Chinese-CLIP's published architectures, clipkd ships two of its own (``model_configs/cn_clip``), small
+enough to train on a CPU: ``clipkd-tiny-zh`` (a ModifiedResNet of width 24 at 32 px with a 2-layer Chinese BERT: the
+benchmarks' Chinese teacher) and ``clipkd-micro-zh`` (width 8, a 64-wide BERT: a student). Both read Chinese-CLIP's
+word-piece vocabulary; they have no published weights (``@random`` or a file).
+
 Needs the ``cn_clip`` package (``pip install 'clipkd[cnclip]'``), imported only when a ``cn_clip:`` spec is used.
 Checkpoints are Chinese-CLIP's own: a dict with ``state_dict`` (keys may carry DDP's ``module.`` prefix).
 """
@@ -23,6 +28,7 @@ from .base import ClipModel, file_fingerprint
 from .factory import register_backend
 
 CONTEXT_LENGTH = 52  # Chinese-CLIP's text length for all its released models
+OWN_CONFIGS = Path(__file__).parent / "model_configs" / "cn_clip"  # clipkd's own Chinese-CLIP architectures
 
 
 def _cn_clip():
@@ -40,8 +46,13 @@ def model_info(name: str) -> tuple[dict[str, Any], int]:
     cn = _cn_clip()
     from cn_clip.clip import utils
 
+    own = OWN_CONFIGS / f"{name}.json"
+    if own.is_file():
+        info = json.loads(own.read_text())
+        return info, info.pop("input_resolution")
     if name not in utils._MODEL_INFO:
-        raise ClipkdError(f"Chinese-CLIP has no model '{name}'; choose from {cn.available_models()}")
+        mine = sorted(p.stem for p in OWN_CONFIGS.glob("*.json"))
+        raise ClipkdError(f"Chinese-CLIP has no model '{name}'; choose from {cn.available_models() + mine}")
     struct, size = utils._MODEL_INFO[name]["struct"], utils._MODEL_INFO[name]["input_resolution"]
     vision, text = struct.split("@")
     configs = Path(utils.__file__).parent / "model_configs"
@@ -79,6 +90,9 @@ def create_cnclip(name: str, weights: str | None, device: torch.device | str = "
     info, size = model_info(name)
     with contextlib.redirect_stdout(io.StringIO()):
         model = CLIP(**info)
+    if weights is None and (OWN_CONFIGS / f"{name}.json").is_file():
+        raise ClipkdError(f"cn_clip:{name} is clipkd's own architecture, with no published weights: "
+                          f"cn_clip:{name}@random (to train) or cn_clip:{name}@FILE")
     if weights != "random":
         path = Path(weights).expanduser() if weights else default_checkpoint(name)
         if not path.is_file():

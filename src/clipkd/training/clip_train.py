@@ -39,8 +39,35 @@ class ClipTrainConfig(TrainerSettings):
     freeze_text: bool = False
     kd_loss: str = "cosine"
     kd_weight: float = 0.5
+    inherit: str = ""  # a CLIP spec whose weights start the student where names match (TinyCLIP's inheritance)
     workers: int | None = None
     seed: int = 0
+
+
+def inherit_weights(student: torch.nn.Module, source: torch.nn.Module) -> dict[str, int]:
+    """Start ``student`` from ``source`` (a larger CLIP of the same family), TinyCLIP's manual weight inheritance:
+    every student tensor whose name the source also has, with as many dimensions, takes the source's leading slice
+    (the first channels, heads' rows, positions); the first layers stand for the source's first layers. Returns
+    the counts of tensors copied whole, sliced and kept at their initialisation."""
+    theirs = source.state_dict()
+    mine = student.state_dict()
+    counts = {"whole": 0, "sliced": 0, "kept": 0}
+    new = {}
+    for name, t in mine.items():
+        s = theirs.get(name)
+        if s is None or s.dim() != t.dim() or s.dtype != t.dtype or any(a < b for a, b in zip(s.shape, t.shape,
+                                                                                            strict=True)):
+            counts["kept"] += 1
+            continue
+        counts["whole" if s.shape == t.shape else "sliced"] += 1
+        new[name] = s[tuple(slice(0, n) for n in t.shape)].clone()
+    matrices = [n for n, t in mine.items() if t.dim() >= 2]
+    if 2 * sum(n in new for n in matrices) < len(matrices):  # a shared projection's name alone is not a family
+        raise ClipkdError(f"`inherit`: the model has {sum(n in new for n in matrices)} of the student's "
+                          f"{len(matrices)} weight matrices (by name and shape): not the same family "
+                          "(inheritance needs one, e.g. open_clip ViT-B-16 from ViT-L-14)")
+    student.load_state_dict(new, strict=False)
+    return counts
 
 
 def model_spec(model: str, pretrained: str | None = None) -> str:
@@ -248,6 +275,7 @@ class ClipRun:
     module: ClipModule
     val: Any = None
     monitor: str | None = None
+    inherited: dict[str, int] | None = None
 
 
 def build_clip_run(plan: ClipPlan, images: str | Path, captions: str | Path | None, teacher: str | None = None,
@@ -256,7 +284,7 @@ def build_clip_run(plan: ClipPlan, images: str | Path, captions: str | Path | No
                    val_captions: str | Path | None = None, device: str = "auto") -> ClipRun:
     """Load the captions, the CLIP to train and the teacher; gather the teacher targets (store or online); build
     the data set, its loader and the module."""
-    from ..teachers import load_clip, load_teacher
+    from ..teachers import load_clip, load_teacher, resolve_model
 
     cfg, needs_text = plan.cfg, plan.needs_text
     source = load_caption_source(images, captions)
@@ -264,6 +292,10 @@ def build_clip_run(plan: ClipPlan, images: str | Path, captions: str | Path | No
     student = load_clip(cfg.model)
     student.require_text("a contrastive loss")
     check_tokenizer_reads(student, source.captions(), "student model")
+    inherited = None
+    if cfg.inherit:
+        inherited = inherit_weights(student.model, load_clip(resolve_model(cfg.inherit)).model)
+        log.info("inherited from %s: %s", cfg.inherit, inherited)
 
     t = load_teacher(teacher, device=device, precision=cfg.precision) if teacher is not None else None
     if t is not None and needs_text:
@@ -306,7 +338,7 @@ def build_clip_run(plan: ClipPlan, images: str | Path, captions: str | Path | No
                         teacher_scale=t.logit_scale if t is not None else 100.0,
                         teacher_text=teacher_text, freeze_image=cfg.freeze_image, freeze_text=cfg.freeze_text,
                         val_texts=val_texts, val_owner=val_owner, val_labels=val_labels)
-    return ClipRun(student, t, online, dataset, loader, module, val, monitor)
+    return ClipRun(student, t, online, dataset, loader, module, val, monitor, inherited)
 
 
 def _save_clip_run(plan: ClipPlan, run: ClipRun, trainer: Any, out: Path, store: str | Path | None) -> TrainResult:
@@ -330,6 +362,8 @@ def _save_clip_run(plan: ClipPlan, run: ClipRun, trainer: Any, out: Path, store:
                          "weight": cfg.kd_weight if distilling else 0, "projection": run.module.proj is not None},
         "skipped_images": len(skipped), "skipped": skipped[:1000],
     }
+    if run.inherited is not None:
+        info["inherited"] = {"from": cfg.inherit, **run.inherited}
     if run.monitor:
         cb = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == run.monitor]
         info["best"] = {"monitor": run.monitor, "score": float(cb[0].best_model_score) if cb and
