@@ -205,6 +205,17 @@ def test_one_store_of_views_feeds_two_students(tiny_world, fake_teacher, tmp_pat
                        device="cpu", progress=False)
     with pytest.raises(ClipkdError, match="are not the files the store of views"):  # nor resumed over them
         clipkd.embed_images(fake_teacher, tmp_path / "other", tmp_path / "views", views=3, split=split, workers=0)
+    # same names, same byte sizes, other content (sizes cannot tell them apart): the fingerprint does
+    shutil.copytree(tiny_world / "train", tmp_path / "same-size")
+    data = bytearray((tmp_path / "same-size" / changed).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "same-size" / changed).write_bytes(bytes(data))
+    for call in (lambda: clipkd.distill(tmp_path / "same-size", tmp_path / "moved2", cfg, store=tmp_path / "views",
+                                        split=split, device="cpu", progress=False),
+                 lambda: clipkd.embed_images(fake_teacher, tmp_path / "same-size", tmp_path / "views", views=3,
+                                             split=split, workers=0)):
+        with pytest.raises(ClipkdError, match="same size, other content"):
+            call()
 
 
 def test_a_view_never_shows_an_image_the_student_must_not_see(tiny_world, fake_teacher, tmp_path):

@@ -46,6 +46,7 @@ from tqdm import tqdm
 from .data.encode import iter_encoded
 from .data.folders import list_images
 from .data.loader import ImageDataset
+from .data.tars import CHECKED_PRINTS, content_fingerprint
 from .distributed import check_peers, my_share, ranks
 from .errors import ClipkdError, first_line
 from .fileio import check_can_create, check_out_dir, exclusive, read_json, write_json, write_npy, write_text
@@ -285,7 +286,7 @@ class EmbeddingStore:
             prints = self.prints()[rows[have]]
             step = max(1, len(have) // CHECKED_PRINTS)
             for j in range(0, len(have), step):
-                if prints[j] >= 0 and _fingerprint(root / paths[have[j]]) != prints[j]:
+                if prints[j] >= 0 and content_fingerprint(root / paths[have[j]]) != prints[j]:
                     bad.append(paths[have[j]])
             what = "content"
         if bad:
@@ -451,34 +452,6 @@ def _shard_number(name: str) -> int:
     return int(digits) if digits else -1
 
 
-CHECKED_PRINTS = 256  # rows whose content fingerprint is compared when a store is used for a folder of images
-
-
-def _fingerprint(path: Path) -> int:
-    """A cheap content fingerprint of an image file, or of a WebDataset sample (``shard.tar/key``): its first and
-    last 4 KiB and its size, hashed (-1: unreadable). Costs one small read per image, just read by the loader."""
-    import hashlib
-
-    from .data.tars import read_member, tar_member_path
-
-    try:
-        member = tar_member_path(path)
-        if member is not None:
-            data = read_member(*member)
-            head, tail, size = data[:4096], data[-4096:] if len(data) > 8192 else data[4096:], len(data)
-        else:
-            with open(path, "rb") as f:
-                head = f.read(4096)
-                size = os.fstat(f.fileno()).st_size
-                if size > 8192:
-                    f.seek(size - 4096)
-                tail = f.read(4096)
-    except OSError:
-        return -1
-    h = hashlib.blake2b(head + tail + str(size).encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little") & 0x7FFFFFFFFFFFFFFF  # non-negative: -1 and -2 stay markers
-
-
 def _file_size(path: Path) -> int:
     try:
         return os.stat(path).st_size
@@ -621,7 +594,7 @@ def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path
                 sizes = [-1] * len(done_now) if not_files else [_file_size(root / p) for p in done_now]
                 # TSV rows: no fingerprint; files and tar samples: one (a sample's from its bytes in the shard)
                 prints = [-1] * len(done_now) if opener is not None and group is None else \
-                    [_fingerprint(root / p) for p in done_now]
+                    [content_fingerprint(root / p) for p in done_now]
                 writer.add(b.outputs.numpy(), done_now, sizes, prints)
         writer.flush(final=True)
         if writer.skipped_count:
@@ -693,7 +666,7 @@ def import_npy_folder(npy_dir: str | Path, images: str | Path, out: str | Path, 
                 writer.skip(f, f"{type(e).__name__}: {e}")
                 continue
             writer.add((v / max(float(np.linalg.norm(v)), 1e-12))[None], [f], [_file_size(images / f)],
-                       [_fingerprint(images / f)])
+                       [content_fingerprint(images / f)])
         writer.flush(final=True)
     if len(have) < len(files):
         log.warning("%d of %d images have no .npy in %s, e.g. %s", len(files) - len(have), len(files), npy_dir,

@@ -52,10 +52,14 @@ class ViewPlan:
     hue_prob: float = 0.0
     hue: list[list[float]] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)  # byte size of each image when embedded (-1: not a file)
+    prints: list[int] = field(default_factory=list)  # content fingerprint of each (-1: unreadable)
 
     def record_sizes(self, root: str | Path) -> None:
-        """Remember each image's byte size under ``root``, so the store is tied to these files (not to names)."""
+        """Remember each image's byte size and content fingerprint under ``root``, so the store is tied to these
+        files (not to names)."""
         import os
+
+        from .tars import content_fingerprint
 
         def size(p: str) -> int:
             try:
@@ -64,11 +68,15 @@ class ViewPlan:
                 return -1
 
         self.sizes = [size(p) for p in self.images]
+        self.prints = [content_fingerprint(Path(root) / p) for p in self.images]
 
     def check_files(self, root: str | Path, images: Sequence[str], what: str = "store of views") -> None:
-        """Refuse when ``root/images`` are not the files whose views were embedded (compared by byte size, as a
-        store of plain images is): views composed from other pictures would pair with the old targets."""
+        """Refuse when ``root/images`` are not the files whose views were embedded (compared by byte size, then by
+        content fingerprint on up to :data:`~clipkd.data.tars.CHECKED_PRINTS` images spread over them, as a store of
+        plain images is): views composed from other pictures would pair with the old targets."""
         import os
+
+        from .tars import CHECKED_PRINTS, content_fingerprint
 
         if not self.sizes:
             return  # a plan written before sizes were recorded
@@ -86,6 +94,13 @@ class ViewPlan:
         if bad:
             raise ClipkdError(f"{len(bad)} of the {len(images)} images under {root} are not the files the {what} "
                               f"was embedded from (other sizes), e.g. {bad[:3]}; embed these images into a new store")
+        if not self.prints:
+            return  # a plan written before fingerprints were recorded: sizes only
+        known = [p for p in images if p in pos and self.prints[pos[p]] >= 0]
+        for p in known[::max(1, len(known) // CHECKED_PRINTS)]:
+            if content_fingerprint(Path(root) / p) != self.prints[pos[p]]:
+                raise ClipkdError(f"{p} under {root} is not the file the {what} was embedded from (same size, other "
+                                  "content); embed these images into a new store")
 
     def keeps_label(self, i: int, k: int) -> bool:
         """Whether view ``(i, k)`` still shows image ``i``'s class: neither mixed nor recoloured (a flip keeps it)."""
