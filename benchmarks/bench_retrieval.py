@@ -16,6 +16,8 @@ Chinese caption, and its CLIP students are ``cn_clip:clipkd-micro-zh``.
 - ``relation_views_extra``: ``mse_views_extra`` with relational KD instead of feature KD (``--kd-loss relation``,
   weight 50: the batch's image–image similarities as the teacher's, each model in its own space),
 - ``inherit_relation_views_extra`` (only when asked for with ``--methods``): both together,
+- ``text_views_extra``: ``mse_views_extra`` plus text-tower KD (``--kd-text-weight 2 --teacher T``: the student's
+  caption embeddings onto the teacher's, the teacher's text tower run once over the captions),
 - ``distilled_plain``: a timm ``test_resnet`` (the micro CLIP's image tower) distilled on the teacher's embeddings
   of the whole uncaptioned collection (every train image, one view each), searched with the teacher's text tower,
 - ``distilled``: the same student on clipkd's method: a store of 4 views per image (flipped / CutMix / recoloured),
@@ -52,7 +54,8 @@ WORLDS = {"digits": (25, 30, 30), "digits-colour": (8, 30, 30), "demo": (40, 15,
 CAPTIONS = {"demo-zh": "captions_zh.csv"}  # else captions_en.csv
 CLIP_STUDENT = {"demo-zh": "cn_clip:clipkd-micro-zh@random"}  # else open_clip:clipkd-micro
 ZH_TEACHER = clipkd.ClipTrainConfig(model="cn_clip:clipkd-tiny-zh@random", epochs=12, batch_size=128, lr=2e-3)
-VIEWS_EXTRA = ("mse_views_extra", "inherit_views_extra", "relation_views_extra", "inherit_relation_views_extra")
+VIEWS_EXTRA = ("mse_views_extra", "inherit_views_extra", "relation_views_extra", "inherit_relation_views_extra",
+               "text_views_extra")
 CLIP_METHODS = ("no_kd", "mse", *VIEWS_EXTRA)
 ALL_METHODS = (*CLIP_METHODS, "distilled_plain", "distilled", "distilled_rep")
 METHODS = tuple(m for m in ALL_METHODS if m != "inherit_relation_views_extra")  # the default: no better than each
@@ -102,9 +105,13 @@ def run_method(world: str, method: str, seed: int, p: dict, root: Path, device: 
                                      kd_weight=2.0, kd_loss="mse", seed=seed)
         if "relation" in method:
             cfg = replace(cfg, kd_loss="relation", kd_weight=50.0)
+        if method == "text_views_extra":
+            cfg = replace(cfg, kd_text_weight=2.0)
         kw = {"store": p["store"]} if method == "mse" else {}
         if method in VIEWS_EXTRA:
             kw = {"store": views_store(p, world, device, 4), "extra_images": w / "train"}
+            if method == "text_views_extra":
+                kw["teacher"] = spec  # its text tower, for the captions (image targets from the store)
         r = clipkd.clip_train(w / "train", caps, out, cfg, device=device, overwrite="changed",
                               val_images=w / "val", val_captions=w / "val" / p["captions"], **kw)
         model, text_model = r.spec, None

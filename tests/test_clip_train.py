@@ -246,3 +246,22 @@ def test_weight_inheritance_starts_the_student_from_slices_of_a_larger_clip(tiny
     r = clip_train(tiny_world / "train", captions, tmp_path / "run", ClipTrainConfig(
         model="open_clip:clipkd-micro", inherit=spec, epochs=1, batch_size=4, workers=0), device="cpu")
     assert json.loads((r.out / "run.json").read_text())["inherited"] == {"from": spec, **counts}
+
+
+def test_text_tower_kd_trains_the_captions_onto_the_teachers(tiny_world, store, tmp_path, capsys):
+    """--kd-text-weight: the student's caption embeddings (projected, 64-d → 128-d) learn the teacher's, beside image
+    KD from the store; without a teacher's text tower it is refused before any work."""
+    captions = _subset(tiny_world / "train", tmp_path / "en.csv", 8)
+    out = tmp_path / "text-kd"
+    run = ["clip-train", "--images", str(tiny_world / "train"), "--captions", str(captions), "--model",
+           "clipkd-micro", "--store", str(store), "--kd-loss", "mse", "--epochs", "2", "--batch-size", "4",
+           "--workers", "0", "--device", "cpu"]
+    assert main(run + ["--out", str(tmp_path / "no"), "--kd-text-weight", "1"]) == 2
+    assert "--kd-text-weight distils the text tower: pass --teacher SPEC" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+    assert main(run + ["--out", str(out), "--kd-text-weight", "1", "--teacher", TEACHER]) == 0
+    info = json.loads((out / "run.json").read_text())["distillation"]
+    assert info["text_weight"] == 1 and info["projection"] and info["source"] == "store"
+    rows = list(csv.DictReader((out / "logs" / "metrics.csv").open()))
+    text_kd = [float(r["loss/kd_text_epoch"]) for r in rows if r.get("loss/kd_text_epoch")]
+    assert len(text_kd) == 2 and text_kd[1] < text_kd[0]

@@ -399,6 +399,8 @@ def _args_clip_train(sub: Any) -> None:
     kd.add_argument("--kd-loss", choices=KD_LOSSES.names(), help="; ".join(
         f"{n}: {KD_LOSSES.entry(n).help}" for n in KD_LOSSES) + " (default cosine)")
     kd.add_argument("--kd-weight", type=float, help="weight of the distillation loss (default 0.5)")
+    kd.add_argument("--kd-text-weight", type=float, help="weight of text-tower KD: the student's caption embeddings "
+                    "onto the teacher's (needs --teacher for its text tower; default 0: off)")
     p.add_argument("--val-images", help="validation images (retrieval metrics each epoch, best epoch kept)")
     p.add_argument("--val-captions", help="validation captions (CSV or JSONL)")
     p.add_argument("--epochs", type=_count)

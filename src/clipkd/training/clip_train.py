@@ -39,6 +39,7 @@ class ClipTrainConfig(TrainerSettings):
     freeze_text: bool = False
     kd_loss: str = "cosine"
     kd_weight: float = 0.5
+    kd_text_weight: float = 0.0  # text-tower KD: the student's caption embeddings onto the teacher's (needs teacher)
     inherit: str = ""  # a CLIP spec whose weights start the student where names match (TinyCLIP's inheritance)
     workers: int | None = None
     seed: int = 0
@@ -246,8 +247,13 @@ def resolve_clip_train(cfg: ClipTrainConfig, teacher: str | None = None, store: 
                        extra_images: str | Path | None = None, extra_store: str | Path | None = None) -> ClipPlan:
     """Every check of a ``clip-train`` call that needs no image or model: one-line errors naming the fields."""
     distilling = teacher is not None or store is not None
-    needs_text = distilling and kd_needs_text(cfg.kd_loss)
+    needs_text = distilling and (kd_needs_text(cfg.kd_loss) or cfg.kd_text_weight > 0)
     check_train_config(cfg)
+    if cfg.kd_text_weight < 0:
+        raise ClipkdError(f"`kd_text_weight` must be ≥ 0, got {cfg.kd_text_weight}")
+    if cfg.kd_text_weight > 0 and teacher is None:
+        raise ClipkdError("`kd_text_weight` distils the text tower: pass `teacher`=SPEC (its text tower embeds the "
+                          "captions once; image embeddings may still come from `store`)")
     if needs_text and teacher is None:
         raise ClipkdError(f"the {cfg.kd_loss} loss compares image–text similarities: pass `teacher`=SPEC (its text "
                           "tower embeds the captions once; image embeddings may still come from `store`)")
@@ -336,7 +342,8 @@ def build_clip_run(plan: ClipPlan, images: str | Path, captions: str | Path | No
                         kd_loss=cfg.kd_loss if plan.distilling else None, kd_weight=cfg.kd_weight,
                         teacher=t if online else None, teacher_dim=teacher_dim,
                         teacher_scale=t.logit_scale if t is not None else 100.0,
-                        teacher_text=teacher_text, freeze_image=cfg.freeze_image, freeze_text=cfg.freeze_text,
+                        teacher_text=teacher_text, kd_text_weight=cfg.kd_text_weight if plan.distilling else 0.0,
+                        freeze_image=cfg.freeze_image, freeze_text=cfg.freeze_text,
                         val_texts=val_texts, val_owner=val_owner, val_labels=val_labels)
     return ClipRun(student, t, online, dataset, loader, module, val, monitor, inherited)
 
@@ -359,7 +366,8 @@ def _save_clip_run(plan: ClipPlan, run: ClipRun, trainer: Any, out: Path, store:
         "distillation": {"teacher": t.identity if t is not None else None, "store": str(store) if store else None,
                          "source": "online" if run.online else ("store" if store else None),
                          "loss": cfg.kd_loss if distilling else None,
-                         "weight": cfg.kd_weight if distilling else 0, "projection": run.module.proj is not None},
+                         "weight": cfg.kd_weight if distilling else 0, "projection": run.module.proj is not None,
+                         "text_weight": run.module.kd_text_weight},
         "skipped_images": len(skipped), "skipped": skipped[:1000],
     }
     if run.inherited is not None:

@@ -9,7 +9,15 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from ..students.losses import DISTILL_TERMS, TermInputs, kd_loss, kd_needs_projection, term_needs
+from ..students.losses import (
+    DISTILL_TERMS,
+    TermInputs,
+    embedding_loss,
+    kd_loss,
+    kd_needs_projection,
+    kd_needs_text,
+    term_needs,
+)
 from ..students.model import Student, StudentConfig
 from .trainer import cosine_warmup
 
@@ -222,6 +230,7 @@ class ClipModule(OptimMixin, L.LightningModule):
         teacher_dim: int = 0,
         teacher_scale: float = 100.0,
         teacher_text: torch.Tensor | None = None,
+        kd_text_weight: float = 0.0,
         freeze_image: bool = False,
         freeze_text: bool = False,
         val_texts: torch.Tensor | None = None,
@@ -234,8 +243,10 @@ class ClipModule(OptimMixin, L.LightningModule):
         self.lr, self.weight_decay, self.warmup = lr, weight_decay, warmup
         self.kd_loss, self.kd_weight, self.teacher, self.teacher_scale = kd_loss, kd_weight, teacher, teacher_scale
         self.register_buffer("teacher_text", teacher_text, persistent=False)
+        self.kd_text_weight = kd_text_weight if kd_loss else 0.0
         self.proj = None
-        if kd_loss and kd_needs_projection(kd_loss) and teacher_dim and teacher_dim != clip.embed_dim:
+        if kd_loss and (kd_needs_projection(kd_loss) or self.kd_text_weight) and teacher_dim and \
+                teacher_dim != clip.embed_dim:
             self.proj = torch.nn.Linear(clip.embed_dim, teacher_dim, bias=False)
         self.freeze_image, self.freeze_text = freeze_image, freeze_text
         self.image_prefixes = tuple(getattr(clip, "image_prefixes", ("visual.",)))
@@ -280,13 +291,15 @@ class ClipModule(OptimMixin, L.LightningModule):
             else:
                 t_img = batch["target"].float()
             s_kd = self.proj(s_img) if self.proj is not None else s_img
-            if self.teacher_text is not None:  # image–text losses: the captioned rows only
-                ids = batch["caption_id"] if rows is None else batch["caption_id"][rows]
-                t_txt = self.teacher_text[ids].float()
-                if rows is not None:
-                    s_kd, t_img = s_kd[rows], t_img[rows]
-            else:
-                t_txt = None
+            t_txt = None
+            if self.teacher_text is not None:  # the teacher's embeddings of the captioned rows' captions
+                t_txt = self.teacher_text[batch["caption_id"] if rows is None else batch["caption_id"][rows]].float()
+            if self.kd_text_weight:  # text-tower KD: the student's caption embeddings onto the teacher's
+                s_t = self.proj(s_txt) if self.proj is not None else s_txt
+                logs["loss/kd_text"] = embedding_loss("mse", s_t, t_txt)
+                total = total + self.kd_text_weight * logs["loss/kd_text"]
+            if kd_needs_text(self.kd_loss) and rows is not None:  # image–text losses: the captioned rows only
+                s_kd, t_img = s_kd[rows], t_img[rows]
             logs[f"loss/kd_{self.kd_loss}"] = kd_loss(self.kd_loss, s_kd, t_img, s_txt, t_txt, scale,
                                                       self.teacher_scale)
             total = total + self.kd_weight * logs[f"loss/kd_{self.kd_loss}"]
