@@ -24,7 +24,8 @@ from tests.conftest import write_image
 # --- registries ---
 
 def test_registry_lookup_errors_list_the_choices():
-    with pytest.raises(ClipkdError, match=r"unknown distillation loss 'nope' \(choose from cosine, mse, affinity\)"):
+    with pytest.raises(ClipkdError,
+                       match=r"unknown distillation loss 'nope' \(choose from cosine, mse, relation, affinity\)"):
         KD_LOSSES.get("nope")
     assert kd_needs_projection("mse") and not kd_needs_projection("affinity")
 

@@ -45,6 +45,16 @@ class ClipTrainConfig(TrainerSettings):
     seed: int = 0
 
 
+def _inherit_source(model: str) -> torch.nn.Module:
+    """The CLIP network ``inherit`` names (a spec or a clip-train run folder)."""
+    from ..models import load_image_model
+
+    clip = load_image_model(model, device="cpu", precision="fp32").clip
+    if clip is None:
+        raise ClipkdError(f"`inherit` takes a CLIP (spec or clip-train run) of the student's family, not '{model}'")
+    return clip.model
+
+
 def inherit_weights(student: torch.nn.Module, source: torch.nn.Module) -> dict[str, int]:
     """Start ``student`` from ``source`` (a larger CLIP of the same family), TinyCLIP's manual weight inheritance:
     every student tensor whose name the source also has, with as many dimensions, takes the source's leading slice
@@ -290,7 +300,7 @@ def build_clip_run(plan: ClipPlan, images: str | Path, captions: str | Path | No
                    val_captions: str | Path | None = None, device: str = "auto") -> ClipRun:
     """Load the captions, the CLIP to train and the teacher; gather the teacher targets (store or online); build
     the data set, its loader and the module."""
-    from ..teachers import load_clip, load_teacher, resolve_model
+    from ..teachers import load_clip, load_teacher
 
     cfg, needs_text = plan.cfg, plan.needs_text
     source = load_caption_source(images, captions)
@@ -300,7 +310,7 @@ def build_clip_run(plan: ClipPlan, images: str | Path, captions: str | Path | No
     check_tokenizer_reads(student, source.captions(), "student model")
     inherited = None
     if cfg.inherit:
-        inherited = inherit_weights(student.model, load_clip(resolve_model(cfg.inherit)).model)
+        inherited = inherit_weights(student.model, _inherit_source(cfg.inherit))
         log.info("inherited from %s: %s", cfg.inherit, inherited)
 
     t = load_teacher(teacher, device=device, precision=cfg.precision) if teacher is not None else None
