@@ -13,6 +13,10 @@ import pytest
 import torch
 from torchvision import transforms as T
 
+# the model layer binds clipkd.teachers.load_teacher when first imported: import it before any test patches that
+# name, or a patched stand-in would stay bound for every later test (an order-dependent failure)
+import clipkd.models  # noqa: E402, F401
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
