@@ -49,6 +49,7 @@ from common import report, table
 
 import clipkd
 from clipkd.data.captions import subset_captions
+from clipkd.teachers import resolve_model
 
 KEYS = ("i2i_map@10", "i2i_r@1", "i2i_p@10", "t2i_r@1", "i2t_r@1")
 # world -> (captioned images per class, clip-train epochs, distill epochs)
@@ -76,7 +77,7 @@ def prepare_world(world: str, root: Path, device: str, demo_run: Path | None) ->
     base = root / world
     run = base / "teacher"
     caps = w / "train" / CAPTIONS[world]
-    spec = (json.loads((run / "run.json").read_text())["spec"] if (run / "run.json").is_file() else
+    spec = (resolve_model(run) if (run / "run.json").is_file() else
             clipkd.clip_train(w / "train", caps, run, ZH_TEACHER, device=device, overwrite="changed").spec)
     store = clipkd.embed_images(spec, w / "train", base / "store", device=device)
     return {"world": w, "spec": spec, "store": store.root, "base": base, "captions": CAPTIONS[world]}

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from .data.encode import iter_encoded
 from .data.folders import list_images
 from .data.loader import ImageDataset
-from .data.tars import CHECKED_PRINTS, content_fingerprint
+from .data.tars import changed_files, content_fingerprint
 from .distributed import check_peers, my_share, ranks
 from .errors import ClipkdError, first_line
 from .fileio import check_can_create, check_out_dir, exclusive, read_json, write_json, write_npy, write_text
@@ -259,9 +259,10 @@ class EmbeddingStore:
     def check_files(self, root: str | Path, paths: Sequence[str], rows: np.ndarray) -> None:
         """Refuse when the files ``root/paths`` (with store rows ``rows``) are not the files the store embedded.
 
-        Compared by byte size, then by content fingerprint on up to :data:`CHECKED_PRINTS` rows spread over the
-        images (sizes cannot tell apart BMP, PPM or raw TIFF files of one size); a store moved or copied with its
-        images passes, a store of ``train/`` used for ``test/`` (same relative names, other pictures) does not.
+        Compared by byte size, then by content fingerprint on up to :data:`~clipkd.data.tars.CHECKED_PRINTS` rows
+        spread over the images (sizes cannot tell apart BMP, PPM or raw TIFF files of one size); a store moved or
+        copied with its images passes, a store of ``train/`` used for ``test/`` (same relative names, other pictures)
+        does not.
         """
         root = Path(root)
         have = np.flatnonzero(rows >= 0)
@@ -283,11 +284,7 @@ class EmbeddingStore:
                 bad.append(paths[i])
         what = "size"
         if not bad and len(have):
-            prints = self.prints()[rows[have]]
-            step = max(1, len(have) // CHECKED_PRINTS)
-            for j in range(0, len(have), step):
-                if prints[j] >= 0 and content_fingerprint(root / paths[have[j]]) != prints[j]:
-                    bad.append(paths[have[j]])
+            bad = changed_files(root, [paths[i] for i in have.tolist()], self.prints()[rows[have]].tolist())
             what = "content"
         if bad:
             raise ClipkdError(

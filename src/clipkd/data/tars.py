@@ -215,6 +215,14 @@ def labelled_shards(pattern: str | Path):
 CHECKED_PRINTS = 256  # rows whose content fingerprint is compared when a store is used for a folder of images
 
 
+def changed_files(root: Path, paths: list[str], prints: list[int]) -> list[str]:
+    """Of up to :data:`CHECKED_PRINTS` of ``paths`` spread over them, those whose content fingerprint under ``root``
+    is not the recorded one in ``prints`` (a negative print: not recorded, not compared)."""
+    step = max(1, len(paths) // CHECKED_PRINTS)
+    return [p for p, want in zip(paths[::step], prints[::step], strict=True)
+            if want >= 0 and content_fingerprint(Path(root) / p) != want]
+
+
 def content_fingerprint(path: Path) -> int:
     """A cheap content fingerprint of an image file, or of a WebDataset sample (``shard.tar/key``): its first and
     last 4 KiB and its size, hashed (-1: unreadable). Costs one small read per image, just read by the loader."""

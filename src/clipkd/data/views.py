@@ -76,7 +76,7 @@ class ViewPlan:
         plain images is): views composed from other pictures would pair with the old targets."""
         import os
 
-        from .tars import CHECKED_PRINTS, content_fingerprint
+        from .tars import changed_files
 
         if not self.sizes:
             return  # a plan written before sizes were recorded
@@ -97,10 +97,10 @@ class ViewPlan:
         if not self.prints:
             return  # a plan written before fingerprints were recorded: sizes only
         known = [p for p in images if p in pos and self.prints[pos[p]] >= 0]
-        for p in known[::max(1, len(known) // CHECKED_PRINTS)]:
-            if content_fingerprint(Path(root) / p) != self.prints[pos[p]]:
-                raise ClipkdError(f"{p} under {root} is not the file the {what} was embedded from (same size, other "
-                                  "content); embed these images into a new store")
+        bad = changed_files(Path(root), known, [self.prints[pos[p]] for p in known])
+        if bad:
+            raise ClipkdError(f"{bad[0]} under {root} is not the file the {what} was embedded from (same size, other "
+                              "content); embed these images into a new store")
 
     def keeps_label(self, i: int, k: int) -> bool:
         """Whether view ``(i, k)`` still shows image ``i``'s class: neither mixed nor recoloured (a flip keeps it)."""
