@@ -288,7 +288,7 @@ def test_text_tower_export_serves_embed_text_and_student_text_search(tiny_world,
     assert "cosine to PyTorch on 16 sample texts min 1.0000" in capsys.readouterr().out
     meta = read_metadata(tmp_path / "text.onnx")
     assert meta["kind"] == "text_embedding" and meta["tokenizer"] == {"backend": "open_clip", "model": "clipkd-micro",
-                                                                      "context_length": 24}
+                                                                      "context_length": 24, "embedded": True}
     clip = load_teacher(spec, device="cpu")
     tower = OnnxTextTower(tmp_path / "text.onnx")
     texts = ["a red circle", "a photo of a blue square", "一个绿色的三角形"]
@@ -310,9 +310,58 @@ def test_text_tower_export_serves_embed_text_and_student_text_search(tiny_world,
     ref = build_index(onnx_student, tiny_world / "val", tmp_path / "index-pt", text_model=spec, device="cpu",
                       workers=0, progress=False).search(text="a red circle", k=3)
     assert [h["path"] for h in hits] == [h["path"] for h in ref]
+    assert index.encoder.runtime == "torch"  # built through the model layer; queried below without PyTorch
+    _lean_server_answers_like_the_pytorch_one(tmp_path / "index", tiny_world, ref, capsys)
     for argv, needle in ((["export", "--model", str(student.out), "--tower", "text", "--out", str(tmp_path / "x.onnx")],
                           "has no text tower"),
                          (["eval", "--model", str(tmp_path / "text.onnx"), "--images", str(tiny_world / "test"),
                            "--text", str(tmp_path / "t.npz"), "--device", "cpu"], "exported text tower")):
         assert main(argv) == 2 and needle in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+LEAN_CHECK = """
+import base64, json, sys
+from fastapi.testclient import TestClient
+from clipkd.cli import main
+from clipkd.search.service import create_app
+
+index, query = sys.argv[1], sys.argv[2]
+client = TestClient(create_app(index, public_url="http://search.test"))
+image = base64.b64encode(open(query, "rb").read()).decode()
+out = {"text": client.post("/search", json={"text": "a red circle", "k": 3}).json(),
+       "knn": client.post("/knn-service", json={"image": image, "num_images": 2, "deduplicate": False}).json(),
+       "health": client.get("/health").json()}
+print("CLI", main(["search", "--index", index, "--text", "a red circle", "--k", "3"]), file=sys.stderr)
+heavy = ("torch", "torchvision", "lightning", "pytorch_lightning", "open_clip", "timm", "transformers")
+out["imported"] = sorted(m for m in heavy if m in sys.modules)
+print(json.dumps(out))
+"""
+
+
+def _lean_server_answers_like_the_pytorch_one(index_dir, tiny_world, ref, capsys):
+    """An index built with an exported student and text tower is served, and searched from the CLI, in a process
+    that never imports torch, Lightning, open_clip or timm, with the PyTorch path's answers."""
+    import subprocess
+    import sys
+
+    from clipkd.search.index import SearchIndex
+
+    query = sorted((tiny_world / "val").rglob("*.png"))[0]
+    proc = subprocess.run([sys.executable, "-c", LEAN_CHECK, str(index_dir), str(query)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["imported"] == [], got["imported"]
+    assert got["health"]["runtime"] == "onnx" and got["health"]["text"] is True
+    assert [h["id"] for h in got["text"]["results"]] == [h["id"] for h in ref]
+    assert [h["score"] for h in got["text"]["results"]] == pytest.approx([h["score"] for h in ref], abs=1e-5)
+    torch_index = SearchIndex(index_dir)
+    from clipkd.search.encoder import load_encoder
+
+    torch_index.encoder = load_encoder(torch_index.info["model"], torch_index.info["text_model"], "cpu")
+    want = torch_index.search(image=query, k=2)
+    assert [h["id"] for h in got["knn"]] == [h["id"] for h in want]
+    assert [h["similarity"] for h in got["knn"]] == pytest.approx([h["score"] for h in want], abs=1e-5)
+    assert "CLI 0" in proc.stderr and str(ref[0]["path"]) in proc.stdout
+

@@ -175,8 +175,10 @@ def _train_config(a: argparse.Namespace):
     return cfg
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``clipkd`` parser: the global flags, then each registered command's own declaration (``@command``)."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``clipkd`` parser: the global flags, then each registered command's own declaration (``@command``); with
+    ``only``, that command's alone (a declaration imports its API module: ``clipkd serve`` of a deployed model must
+    not import the training stack)."""
     missing = set(COMMANDS) ^ set(COMMAND_ORDER)
     if missing:  # a command registered but not ordered, or ordered but not registered
         raise RuntimeError(f"COMMAND_ORDER and the registered commands differ: {sorted(missing)}")
@@ -187,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for name in COMMAND_ORDER:
-        ARGUMENTS[name](sub)
+        if only is None or name == only:
+            ARGUMENTS[name](sub)
     for child in sub.choices.values():
         _given_only(child)
     return parser
@@ -969,7 +972,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``clipkd`` console script; user errors print one line and exit 2; what the machine refuses
     (a full disk, a read-only folder) one line and exit 1 (``-v`` shows the traceback)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
+    given = sys.argv[1:] if argv is None else argv
+    name = next((a for a in given if not a.startswith("-")), None)  # the global flags take no value
+    parser = build_parser(name if name in COMMANDS else None)
     args = parser.parse_args(argv)
     _FLAGS.clear()
     _FLAGS.update(flags_of(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

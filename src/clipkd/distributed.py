@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import torch
+# torch is imported where it is used: a plain process (the lean search server) never loads it here
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,11 @@ def my_share(keys: Sequence[str], r: Ranks | None = None, group: Callable[[str],
 def local_device(device: str | None) -> str | None:
     """``auto``/``cuda`` on rank with local rank L → ``cuda:L`` (one GPU per rank); anything else unchanged."""
     r = ranks()
-    if r.distributed and device in (None, "auto", "cuda") and torch.cuda.is_available():
+    if not r.distributed or device not in (None, "auto", "cuda"):
+        return device
+    import torch
+
+    if torch.cuda.is_available():
         return f"cuda:{r.local % torch.cuda.device_count()}"
     return device
 
@@ -73,10 +77,13 @@ def local_device(device: str | None) -> str | None:
 def init_process_group() -> bool:
     """Join the job's process group from the launcher's environment (gloo on CPU, NCCL with GPUs), if the job has
     several ranks and the group is not up yet; Lightning's DDP reuses it. Returns whether a group is up."""
+    r = ranks()
+    if not r.distributed:
+        return False
+    import torch
     import torch.distributed as dist
 
-    r = ranks()
-    if not r.distributed or not dist.is_available():
+    if not dist.is_available():
         return False
     if dist.is_initialized():
         return True
@@ -103,18 +110,18 @@ def init_process_group() -> bool:
 
 def barrier() -> None:
     """Wait for every rank (nothing in a plain process)."""
-    import torch.distributed as dist
-
     if init_process_group():
+        import torch.distributed as dist
+
         dist.barrier()
 
 
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (``[obj]`` in a plain process)."""
-    import torch.distributed as dist
-
     if not init_process_group():
         return [obj]
+    import torch.distributed as dist
+
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data.preprocess import PreprocessConfig
+from .deployed import check_text_space, student_identity
 from .errors import ClipkdError
 from .teachers import load_teacher, load_text_model, resolve_device, resolve_model
 
@@ -83,11 +84,17 @@ class ImageModel:
     student: Any = None
     clip: Any = None
     classnames: list[str] = field(default_factory=list)
+    runtime: str = "torch"  # what runs it (a deployed model's is onnx: clipkd.deployed)
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised fp32 embeddings of a preprocessed batch (on CPU)."""
         return F.normalize(self.forward(images.to(self.device)).float(), dim=-1).cpu()
+
+    def encode_batch(self, items: Sequence[torch.Tensor]) -> Any:
+        """Unit embeddings (numpy) of preprocessed images (:attr:`preprocess`), one forward for the batch: what the
+        search index and service call, alike for this and a deployed model (:mod:`clipkd.deployed`)."""
+        return self.encode_image(torch.stack(list(items))).numpy()
 
     @property
     def has_text(self) -> bool:
@@ -112,12 +119,11 @@ class ImageModel:
 
 def _student_model(model: str | Path, dev: torch.device) -> ImageModel:
     from .students.model import load_student, student_transform
-    from .teachers.base import file_fingerprint
 
     student = load_student(model).to(dev)
     cfg = student.cfg
     pt = Path(model) / "student.pt" if Path(model).is_dir() else Path(model)
-    return ImageModel(f"student:{cfg.arch}@{pt.name}#{file_fingerprint(pt)}", cfg.out_dim, student_transform(cfg),
+    return ImageModel(student_identity(cfg.arch, pt), cfg.out_dim, student_transform(cfg),
                       cfg.preprocess, student, dev, kind="student" if cfg.kind == "embedding" else "classifier",
                       space=cfg.teacher, source=str(model), spec=str(model), student=student,
                       classnames=list(cfg.classnames))
@@ -147,9 +153,7 @@ def with_text(image: ImageModel, text_model: Any, device: str | None = "auto", p
     if image.kind == "clip":
         raise ClipkdError(f"{image.source} is a CLIP with its own text tower; `text_model` is for distilled students")
     text = load_text_model(text_model, device, precision)
-    if text.identity != image.space:
-        raise ClipkdError(f"`text_model`={text_model} is '{text.identity}', but the student was distilled from "
-                          f"'{image.space}': its text would land in another space")
+    check_text_space(text.identity, image.space, text_model)
     image.text = text
     return image
 

@@ -1,5 +1,6 @@
 """The ONNX files clipkd writes: its self-description in the metadata (key ``clipkd``, JSON), atomic saves, and the
-ONNX Runtime providers to run them with. A leaf: students (image towers) and teachers (text towers) both use it."""
+ONNX Runtime providers and sessions to run them with. A leaf without PyTorch: students (image towers), teachers (text
+towers) and the deployed models of :mod:`clipkd.deployed` all use it."""
 
 from __future__ import annotations
 
@@ -9,21 +10,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import ClipkdError, first_line
 
 ONNX_FORMAT = "clipkd-onnx/1"
 META_KEY = "clipkd"
+TOKENIZER_KEY = "clipkd.tokenizer"  # an exported text tower's tokenizer (see clipkd.deployed.BpeTokenizer)
 
 
-def set_metadata(m: Any, meta: dict[str, Any]) -> None:
-    """Write clipkd's description (``meta``) into an ``onnx.ModelProto``'s metadata."""
+def set_metadata(m: Any, meta: dict[str, Any], extra: dict[str, str] | None = None) -> None:
+    """Write clipkd's description (``meta``), and any ``extra`` properties (e.g. :data:`TOKENIZER_KEY`), into an
+    ``onnx.ModelProto``'s metadata."""
+    props = {META_KEY: json.dumps({"format": ONNX_FORMAT, **meta}), **(extra or {})}
     for p in list(m.metadata_props):
-        if p.key == META_KEY:
+        if p.key in props:
             m.metadata_props.remove(p)
-    entry = m.metadata_props.add()
-    entry.key, entry.value = META_KEY, json.dumps({"format": ONNX_FORMAT, **meta})
+    for key, value in props.items():
+        entry = m.metadata_props.add()
+        entry.key, entry.value = key, value
     m.producer_name = "clipkd"
 
 
@@ -56,7 +59,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - any parse failure: not an ONNX file
         raise ClipkdError(f"{path} is not a readable ONNX file: {first_line(e)}") from None
-    props = {p.key: p.value for p in model.metadata_props}
+    return parse_metadata({p.key: p.value for p in model.metadata_props}, path)
+
+
+def parse_metadata(props: dict[str, str], path: str | Path) -> dict[str, Any]:
+    """clipkd's description from an ONNX file's metadata properties (``onnx`` or an ONNX Runtime session's
+    ``custom_metadata_map``), checked; a one-line error when it is missing or malformed."""
     if META_KEY not in props:
         raise ClipkdError(f"{path} has no clipkd metadata (preprocessing, output kind): export it with "
                           "`clipkd export`, or add the metadata it would write")
@@ -69,7 +77,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def onnx_providers(device: str | torch.device | None = None) -> list[str]:
+def onnx_providers(device: Any = None) -> list[str]:
     """ONNX Runtime providers: CUDA first when asked for (or ``auto``) and present, then the CPU."""
     import onnxruntime as ort
 
@@ -77,3 +85,19 @@ def onnx_providers(device: str | torch.device | None = None) -> list[str]:
     want_cuda = device is None or str(device) in ("auto",) or str(device).startswith("cuda")
     return (["CUDAExecutionProvider"] if want_cuda and "CUDAExecutionProvider" in have else []) + [
         "CPUExecutionProvider"]
+
+
+def open_session(path: str | Path, device: Any = None) -> tuple[Any, dict[str, Any], dict[str, str]]:
+    """An ONNX Runtime session for a clipkd export, its description and all its metadata properties (read from the
+    session: no second parse of the file); one-line errors for a missing, unreadable or undescribed file."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ClipkdError(f"ONNX file not found: {path}")
+    try:
+        session = ort.InferenceSession(str(path), providers=onnx_providers(device))
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime's own errors are long
+        raise ClipkdError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from None
+    props = dict(session.get_modelmeta().custom_metadata_map)
+    return session, parse_metadata(props, path), props

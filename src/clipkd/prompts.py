@@ -139,7 +139,7 @@ class TextEmbeddings:
 def embed_prompts(teacher, prompts: dict[str, list[str]]) -> TextEmbeddings:
     """Embed every prompt, average per class (then re-normalise), as CLIP zero-shot classifiers do."""
     flat = [p for ps in prompts.values() for p in ps]
-    emb = teacher.encode_text(flat)
+    emb = torch.as_tensor(teacher.encode_text(flat))  # torch from PyTorch models, numpy from deployed ones
     out, start = [], 0
     for ps in prompts.values():
         out.append(F.normalize(emb[start : start + len(ps)].mean(0), dim=-1))

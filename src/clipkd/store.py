@@ -36,20 +36,20 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from filelock import FileLock
 from tqdm import tqdm
 
-from .data.encode import iter_encoded
 from .data.folders import list_images
-from .data.loader import ImageDataset
 from .data.tars import changed_files, content_fingerprint
 from .distributed import check_peers, my_share, ranks
 from .errors import ClipkdError, first_line
 from .fileio import check_can_create, check_out_dir, exclusive, read_json, write_json, write_npy, write_text
+
+if TYPE_CHECKING:
+    import torch
 
 STORE_FORMAT = "clipkd-store/1"
 MERGE_LOCK = ".clipkd.manifest.lock"
@@ -91,6 +91,8 @@ class TargetRows:
         return self._map(shard)[g - int(self.starts[shard])]
 
     def __getitem__(self, index: Any) -> torch.Tensor:
+        import torch  # here, not at the top: reading a store for search needs no PyTorch
+
         if isinstance(index, (int, np.integer)):
             return torch.from_numpy(np.array(self._row(int(self.rows[index])), dtype=np.float16))
         idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
@@ -579,6 +581,9 @@ def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path
 
         if compile:
             teacher.compile_image_tower(batch_size)
+        from .data.encode import iter_encoded
+        from .data.loader import ImageDataset
+
         draft = max(manifest["preprocess"].get("size") or [0]) or None
         dataset = ImageDataset(root, pending, teacher.preprocess, draft_size=draft, opener=opener)
         desc = f"embed-images [rank {r.rank}/{r.world}]" if r.distributed else "embed-images"

@@ -1,4 +1,5 @@
-"""Preprocessing as one typed value shared by every backend and student (what an export writes as metadata)."""
+"""Preprocessing as one typed value shared by every backend and student (what an export writes as metadata): a
+torchvision transform for training and PyTorch models, and the same steps in numpy for deployed ones (no PyTorch)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+import numpy as np
 
 from ..errors import ClipkdError
 
-CLIP_MEAN: tuple[float, float, float] = tuple(OPENAI_DATASET_MEAN)
-CLIP_STD: tuple[float, float, float] = tuple(OPENAI_DATASET_STD)
+# OpenAI CLIP's normalisation (open_clip.constants.OPENAI_DATASET_MEAN/STD; a test keeps them equal): stated here so
+# that reading a preprocessing config imports neither open_clip nor torch
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL's codes, the ones torchvision hands PIL images to
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,7 @@ class PreprocessConfig:
         """A torchvision transform: ``augment`` (PIL-level ops) → resize → crop → tensor → normalise."""
         from torchvision import transforms as T
 
-        if self.resize_mode not in ("shortest", "squash"):
-            raise ClipkdError(f"resize mode '{self.resize_mode}' has no clipkd transform (shortest or squash)")
+        self.check()
         interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
                   "nearest": T.InterpolationMode.NEAREST}[self.interpolation]
         if self.resize_mode == "squash":
@@ -65,3 +68,32 @@ class PreprocessConfig:
         else:
             resize = [T.Resize(self.side, interpolation=interp)] + ([T.CenterCrop(self.size)] if self.crop else [])
         return T.Compose(list(augment or []) + resize + [T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    def check(self) -> None:
+        """A one-line error for a resize mode or interpolation clipkd has no transform for."""
+        if self.resize_mode not in ("shortest", "squash"):
+            raise ClipkdError(f"resize mode '{self.resize_mode}' has no clipkd transform (shortest or squash)")
+        if self.interpolation not in RESAMPLE:
+            raise ClipkdError(f"interpolation '{self.interpolation}' is not one of {', '.join(RESAMPLE)}")
+
+    def to_array(self, img: Any) -> np.ndarray:
+        """:meth:`transform` (without augmentation) in PIL and numpy: an RGB PIL image → a ``(3, H, W)`` float32 array,
+        the same numbers torchvision gives (same PIL resize, crop offsets, scaling and normalisation order)."""
+        self.check()
+        resample = RESAMPLE[self.interpolation]
+        w, h = img.size
+        if self.resize_mode == "squash":
+            new = (self.size[1], self.size[0])
+        else:  # torchvision's Resize(int): the shorter side to `side`, the longer one scaled and truncated
+            short, long = (w, h) if w <= h else (h, w)
+            long = int(self.side * long / short)
+            new = (self.side, long) if w <= h else (long, self.side)
+        if new != (w, h):
+            img = img.resize(new, resample)
+        if self.resize_mode == "shortest" and self.crop:
+            (w, h), (ch, cw) = img.size, self.size
+            top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+            img = img.crop((left, top, left + cw, top + ch))
+        x = np.asarray(img, dtype=np.float32) / 255
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))

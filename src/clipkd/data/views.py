@@ -25,7 +25,7 @@ from torchvision.transforms.functional import adjust_hue
 
 from ..errors import ClipkdError
 from ..fileio import read_json, write_json
-from .loader import load_rgb
+from .images import load_rgb
 
 VIEWS_FORMAT = "clipkd-views/1"
 SEP = "#view="

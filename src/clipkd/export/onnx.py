@@ -3,8 +3,9 @@
 The ONNX file has one input ``image`` (float32, ``(batch, 3, H, W)``, dynamic batch) and one output (``embedding``
 or ``logits``), a fixed opset (:data:`OPSET`), and clipkd's metadata (:mod:`clipkd.students.onnx`): output kind,
 teacher identity, class names, preprocessing. A CLIP's text tower (``tower="text"``) exports the same way with
-input ``tokens`` (int64, ``(batch, context)``) and output ``text_embedding``; its metadata names the tokenizer, which
-the consumer rebuilds (open_clip's tokenizers ship with open_clip), so text travels without PyTorch weights.
+input ``tokens`` (int64, ``(batch, context)``) and output ``text_embedding``; its metadata carries the tokenizer
+(open_clip's BPE rebuilt with Hugging Face ``tokenizers``, checked id for id at export; other tokenizers are named and
+rebuilt from open_clip), so text travels without PyTorch weights, and without PyTorch at all (:mod:`clipkd.deployed`).
 Export ends with ``onnx.checker`` and a parity check on real sample
 images against the PyTorch model (fp32: cosine ≥ :data:`PARITY_MIN` on every sample, else an error and no file).
 ``int8=True`` then quantizes it (ONNX Runtime static quantization, QDQ, per-channel weights) with calibration
@@ -20,12 +21,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..data.loader import load_rgb
+from ..data.images import load_rgb
 from ..errors import ClipkdError, first_line
 from ..fileio import check_out_file
+from ..onnxfile import TOKENIZER_KEY
 from ..students.onnx import save_onnx_atomic, set_metadata, student_metadata
 
 log = logging.getLogger(__name__)
@@ -184,8 +187,10 @@ def _default_images(model: str | Path) -> Path | None:
     return None
 
 
-def _write_onnx(module: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, Any]) -> None:
-    """torch.onnx (the dynamo exporter; the TorchScript one when it fails) → ``out``, with the metadata."""
+def _write_onnx(module: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, Any],
+                extra: dict[str, str] | None = None) -> None:
+    """torch.onnx (the dynamo exporter; the TorchScript one when it fails) → ``out``, with the metadata (and
+    ``extra`` metadata properties)."""
     import onnx
 
     output = {"classifier": "logits", "text_embedding": "text_embedding"}.get(meta["kind"], "embedding")
@@ -210,7 +215,7 @@ def _write_onnx(module: nn.Module, example: torch.Tensor, out: Path, meta: dict[
         if not batch.dim_param:
             raise ClipkdError(f"the exported graph of {meta.get('identity', 'the model')} fixes its batch axis at "
                               f"{batch.dim_value}; clipkd's ONNX files take any batch (please report this model)")
-        set_metadata(m, meta)
+        set_metadata(m, meta, extra)
         onnx.checker.check_model(m, full_check=True)
         save_onnx_atomic(m, out)
 
@@ -319,8 +324,10 @@ def _export_text(model: str | Path, out: Path) -> ExportResult:
     with torch.no_grad():
         reference = module(tokens).float()
     meta.update(precision="fp32", opset=OPSET, input="tokens", input_shape=["batch", int(tokens.shape[1])])
+    spec = _embedded_tokenizer(tokenizer, int(tokens.shape[1]))
+    meta["tokenizer"]["embedded"] = spec is not None
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_onnx(module, tokens[:2], out, meta)
+    _write_onnx(module, tokens[:2], out, meta, {TOKENIZER_KEY: json.dumps(spec)} if spec else None)
     lo, mean = _parity(out, reference, tokens)
     try:
         _check_parity(lo, model)
@@ -328,6 +335,32 @@ def _export_text(model: str | Path, out: Path) -> ExportResult:
         out.unlink(missing_ok=True)
         raise
     return ExportResult(out, "onnx", read_meta(out), len(tokens), lo, mean, out.stat().st_size)
+
+
+# texts the embedded tokenizer must tokenise exactly as open_clip does, beyond the parity samples: cleaning (HTML
+# entities, mojibake ftfy repairs, whitespace runs, case), contractions, digits, punctuation runs, scripts, emoji,
+# the special tokens typed as text, and truncation
+TOKENIZER_CHECKS = ("Tom's CAT &amp; a dog&#39;s   bowl\t\n", "cafÃ© au lait", "it'll be 2024-05-17, 10:30!!!",
+                    "naïve façade — “quoted” … ½ ℃", "東京タワーの夜景 🗼✨", "Привет, мир",
+                    "<start_of_text>hi<end_of_text>", " ".join(["photograph"] * 80), "", "x")
+
+
+def _embedded_tokenizer(tokenizer: Any, context: int) -> dict[str, Any] | None:
+    """open_clip's tokenizer rebuilt for :mod:`clipkd.deployed` (Hugging Face ``tokenizers``), if it is a kind that
+    can be and gives the very same ids on the parity and check texts; else ``None`` (the file then needs open_clip)."""
+    from ..deployed import BpeTokenizer, bpe_tokenizer_spec
+
+    spec = bpe_tokenizer_spec(tokenizer, context)
+    if spec is None:
+        log.info("the text tower's tokenizer (%s) is not embedded: tokenising needs open_clip",
+                 type(tokenizer).__name__)
+        return None
+    texts = [*SAMPLE_TEXTS, *TOKENIZER_CHECKS]
+    if not np.array_equal(BpeTokenizer(spec)(texts), tokenizer(texts).long().numpy()):
+        log.warning("the rebuilt tokenizer disagrees with open_clip's on a check text: not embedded (tokenising the "
+                    "exported text tower needs open_clip)")
+        return None
+    return spec
 
 
 def _check_parity(lo: float, model: Any) -> None:

@@ -22,17 +22,18 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from ..data.loader import load_rgb
+from ..data.images import load_rgb
 from ..distributed import barrier, ranks
 from ..errors import ClipkdError, first_line
 from ..fileio import atomic_write, exclusive, read_json, write_json, write_npy, write_text
 from ..store import EmbeddingStore, embed_paths
-from .encoder import Encoder, is_student, load_encoder
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
 
 log = logging.getLogger(__name__)
 INDEX_FORMAT = "clipkd-index/1"
@@ -151,10 +152,25 @@ class SearchIndex:
             self.index.nprobe = int(self.info.get("params", {}).get("nprobe", 16))
 
     def load_encoder(self, model: str | Path | None = None, text_model: str | Path | None = None,
-                     device: str | None = "auto", precision: str = "auto") -> Encoder:
-        """The model that built the index (or ``model``, refused unless it is the same one)."""
-        enc = load_encoder(model or self.info["model"], text_model if text_model is not None
-                           else (self.info.get("text_model") if model is None else None), device, precision)
+                     device: str | None = "auto", precision: str = "auto") -> Any:
+        """The model that built the index (or ``model``, refused unless it is the same one). An exported student
+        (with no text model, or an exported text tower) is run without PyTorch (:mod:`clipkd.deployed`); anything
+        else, or a pair that cannot be (the reason is logged), through :mod:`clipkd.models`."""
+        from ..deployed import NotDeployable, load_deployed
+
+        model = model or self.info["model"]
+        text = text_model if text_model is not None else (self.info.get("text_model") if model == self.info["model"]
+                                                          else None)
+        try:
+            enc = load_deployed(model, text, device)
+        except NotDeployable as why:
+            if str(model).endswith(".onnx"):
+                log.info("querying %s through PyTorch: %s", self.root, why)
+            try:
+                from .encoder import load_encoder
+            except ImportError as e:
+                raise ClipkdError(f"querying {self.root} needs PyTorch ({e.name} is not installed): {why}") from None
+            enc = load_encoder(model, text, device, precision)
         check_model(self, enc)
         self.encoder = enc
         return enc
@@ -197,12 +213,11 @@ class SearchIndex:
     def embed_images(self, images: Sequence[Any]) -> np.ndarray:
         """Unit embeddings of PIL images with the index's model (loaded on first use)."""
         enc = self.encoder or self.load_encoder()
-        batch = torch.stack([enc.preprocess(im) for im in images])
-        return enc.encode_image(batch).numpy()
+        return enc.encode_batch([enc.preprocess(im) for im in images])
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         enc = self.encoder or self.load_encoder()
-        return enc.encode_text(list(texts)).numpy()
+        return np.asarray(enc.encode_text(list(texts)), dtype=np.float32)
 
     def search(self, image: str | Path | None = None, text: str | None = None, k: int = 10) -> list[dict[str, Any]]:
         """Top-``k`` results for an image file or a text."""
@@ -354,7 +369,11 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
         if existing is not None and not add and here not in existing.get("sources", []):
             raise ClipkdError(f"{out} holds an index of {existing.get('sources')}, not of {here}; add images with "
                               "`clipkd index add`, or build into another `out`")
-        enc = encoder or load_encoder(model, text_model, device, precision)
+        if encoder is None:
+            from .encoder import load_encoder
+
+            encoder = load_encoder(model, text_model, device, precision)
+        enc = encoder
         if existing is not None and existing.get("identity") != enc.identity:
             raise ClipkdError(f"{out} holds an index built by '{existing.get('identity')}', not '{enc.identity}'; "
                               "use another `out`")
@@ -374,6 +393,8 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
 
 
 def _describe(model: str | Path, text_model: str | Path | None, enc: Encoder, sources: Sequence[str]) -> dict:
+    from .encoder import is_student
+
     return {"format": INDEX_FORMAT, "model": _model_ref(model), "text_model": _model_ref(text_model),
             "identity": enc.identity, "embed_dim": enc.embed_dim, "preprocess": enc.preprocess_cfg.to_dict(),
             "student": is_student(model), "sources": sorted(set(sources))}
@@ -384,6 +405,8 @@ def index_store(out: str | Path, model: str | Path, kind: str = "auto", text_mod
     """Make ``out`` a search index over the embedding store already in ``out/store`` (rows keyed by absolute
     path, made by ``model``): for embeddings computed elsewhere, e.g. a benchmark's synthetic gallery."""
     out = Path(out)
+    from .encoder import load_encoder
+
     store = EmbeddingStore(out / "store")
     enc = load_encoder(model, text_model, device)
     store.check_teacher(enc.identity, hint="the store was not made by this model")

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from ..data.loader import to_rgb
+from ..data.images import to_rgb
 from ..errors import ClipkdError
 from .index import SearchIndex
 
@@ -82,7 +81,7 @@ class Batcher:
         self.thread = threading.Thread(target=self._run, name="clipkd-batcher", daemon=True)
         self.thread.start()
 
-    def submit(self, image: torch.Tensor, k: int) -> Future:
+    def submit(self, image: Any, k: int) -> Future:
         fut: Future = Future()
         self.queue.put((image, k, fut))
         return fut
@@ -98,7 +97,7 @@ class Batcher:
                 except queue.Empty:
                     break
             try:
-                q = self.index.encoder.encode_image(torch.stack([it[0] for it in items])).numpy()
+                q = self.index.encoder.encode_batch([it[0] for it in items])
                 scores, rows = self.index.search_vectors(q, max(it[1] for it in items))
                 self.batches.append(len(items))
                 for i, (_, k, fut) in enumerate(items):
@@ -168,7 +167,7 @@ class SearchService:
         x = self.index.encoder.preprocess(img)
         if self.batcher is not None:
             return self.batcher.submit(x, k).result(timeout=60)
-        q = self.index.encoder.encode_image(x[None]).numpy()
+        q = self.index.encoder.encode_batch([x])
         scores, rows = self.index.search_vectors(q, k)
         return self.index.hits(scores[0], rows[0])
 
@@ -178,7 +177,7 @@ class SearchService:
         if not self.index.encoder.has_text:
             raise QueryError(400, f"{self.index.identity} has no text tower: search by image")
         with self.text_lock:
-            q = self.index.encoder.encode_text([text.strip()[:1000]]).numpy()
+            q = self.index.embed_text([text.strip()[:1000]])
         scores, rows = self.index.search_vectors(q, k)
         return self.index.hits(scores[0], rows[0])
 
@@ -300,7 +299,7 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
     def health() -> dict[str, Any]:
         """Liveness and what is served."""
         return {"status": "ok", "images": len(index), "model": index.identity, "text": index.encoder.has_text,
-                "kind": index.info["kind"]}
+                "kind": index.info["kind"], "runtime": index.encoder.runtime}
 
     async def _read_limited(request: Request) -> bytes:
         size = request.headers.get("content-length")

@@ -18,8 +18,16 @@ import torch
 from torch import nn
 
 from ..data.preprocess import PreprocessConfig
-from ..errors import ClipkdError, first_line
-from ..onnxfile import META_KEY, ONNX_FORMAT, onnx_providers, read_metadata, save_onnx_atomic, set_metadata
+from ..errors import ClipkdError
+from ..onnxfile import (
+    META_KEY,
+    ONNX_FORMAT,
+    onnx_providers,
+    open_session,
+    read_metadata,
+    save_onnx_atomic,
+    set_metadata,
+)
 from ..teachers.onnx_text import OnnxTextTower
 from .config import StudentConfig
 
@@ -53,10 +61,8 @@ class OnnxStudent(nn.Module):
 
     def __init__(self, path: str | Path, device: str | torch.device | None = None) -> None:
         super().__init__()
-        import onnxruntime as ort
-
         self.path = Path(path)
-        meta = read_metadata(self.path)
+        self.session, meta, _ = open_session(self.path, device)
         if meta["kind"] == "text_embedding":
             raise ClipkdError(f"{self.path} is an exported text tower: use it for text (embed-text --teacher, "
                               "index build --text-model), not as an image model")
@@ -67,10 +73,6 @@ class OnnxStudent(nn.Module):
                               classnames=list(meta.get("classnames", [])), teacher=meta.get("teacher", ""),
                               preprocess_dict=pre.to_dict(),
                               precision=meta.get("precision", "fp32"), source=meta.get("source", ""))
-        try:
-            self.session = ort.InferenceSession(str(self.path), providers=onnx_providers(device))
-        except Exception as e:  # noqa: BLE001 - ONNX Runtime's own errors are long
-            raise ClipkdError(f"ONNX Runtime cannot load {self.path}: {first_line(e)}") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

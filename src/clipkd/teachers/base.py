@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from PIL import Image
 
 from ..data.preprocess import PreprocessConfig
 from ..errors import ClipkdError
+from ..fileio import file_fingerprint  # noqa: F401 - the backends import it from here
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +42,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "fp32" and device.type != "cuda":
         raise ClipkdError(f"precision {precision} is only supported on GPU; CPU paths run in fp32")
     return precision
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """A cheap content fingerprint of a (possibly multi-GB) file: size plus first and last MiB."""
-    path = Path(path)
-    h = hashlib.sha256(str(path.stat().st_size).encode())
-    with path.open("rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, path.stat().st_size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return h.hexdigest()[:16]
 
 
 class ClipModel:
