@@ -39,6 +39,7 @@ bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python bench_latency.py --out results/latency.md
 	cd benchmarks && ../$(BIN)/python bench_memory.py --data .data/small-jpegs --out results/memory.md
 	cd benchmarks && ../$(BIN)/python bench_search.py --gallery 100000 --out results/search.md
+	cd benchmarks && ../$(BIN)/python bench_serve.py --out results/serve.md
 	cd benchmarks && ../$(BIN)/python bench_deploy.py --demo-run ../runs/demo --out results/deploy.md
 
 # GZSL methods x worlds: the README's table (digits, digits-colour and the demo world, seeds 0 1 2; the demo world

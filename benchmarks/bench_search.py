@@ -34,13 +34,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_gallery(root: Path, n: int, dim: int, student: Path) -> Path:
-    """An index folder whose store holds ``n`` synthetic unit vectors attributed to ``student``."""
+def make_gallery(root: Path, n: int, dim: int, student: Path, text_model: str | Path | None = None) -> Path:
+    """An index folder whose store holds ``n`` synthetic unit vectors attributed to ``student`` (``text_model``: its
+    teacher's text tower, for text queries)."""
     from clipkd.search.encoder import load_encoder
     from clipkd.search.index import index_store
     from clipkd.store import EmbeddingStore, ShardWriter, new_manifest
 
-    out = root / f"gallery-{n}-{Path(student).stem}"
+    out = root / f"gallery-{n}-{Path(student).name.replace('.', '-')}"
     if (out / "index.json").is_file():
         return out
     enc = load_encoder(student, device="cpu")
@@ -55,7 +56,7 @@ def make_gallery(root: Path, n: int, dim: int, student: Path) -> Path:
         writer.add(v.astype(np.float16), [f"/gallery/{i:07d}.jpg" for i in range(start, start + m)], [0] * m)
     writer.flush()
     assert len(EmbeddingStore(out / "store")) == n
-    index_store(out, student, kind="auto", device="cpu")  # what `clipkd index build` would choose
+    index_store(out, student, kind="auto", text_model=text_model, device="cpu")  # the kind `index build` would choose
     return out
 
 

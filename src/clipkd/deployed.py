@@ -137,7 +137,7 @@ class DeployedText:
         self.path = Path(path)
         self.session, self.meta, props = open_session(self.path, device)
         if self.meta["kind"] != "text_embedding":
-            raise ClipkdError(f"{self.path} is not an exported text tower (clipkd export --tower text)")
+            raise ClipkdError(f"{self.path} is not an exported open_clip text tower (clipkd export --tower text)")
         self.identity, self.embed_dim = self.meta["teacher"], int(self.meta["out_dim"])
         self.logit_scale = float(self.meta.get("logit_scale", 100.0))
         self.input_name = self.session.get_inputs()[0].name
