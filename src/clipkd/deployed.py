@@ -65,8 +65,11 @@ def clean_text(text: str) -> str:
 def bpe_tokenizer_spec(tokenizer: Any, context_length: int) -> dict[str, Any] | None:
     """open_clip's ``SimpleTokenizer`` for an export's metadata: its split pattern and special ids, and its byte-level
     BPE as a ``tokenizers`` JSON; ``None`` when ``tokenizer`` is another kind (a Hugging Face one, another cleaning or
-    a reduction mask), which then needs open_clip to run."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    a reduction mask, or no ``tokenizers`` package here), which then needs open_clip to run."""
+    try:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+    except ImportError:
+        return None
 
     if type(tokenizer).__name__ != "SimpleTokenizer" or getattr(tokenizer, "reduction_fn", None) is not None:
         return None
