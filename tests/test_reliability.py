@@ -519,3 +519,35 @@ def test_a_store_is_tied_to_its_images_by_content_where_sizes_are_equal(tmp_path
 
     shutil.copytree(a, tmp_path / "copy")  # the same images elsewhere: still the store's
     assert len(st.targets(paths, root=tmp_path / "copy").keep) == 12
+
+
+def test_a_store_of_tsv_rows_is_tied_to_its_rows_by_content(tmp_path, tiny_world):
+    """Chinese-CLIP TSV rows have no file size: a store of one TSV's rows was accepted for another TSV with the same
+    image ids (a train TSV's store for the valid TSV) — rc 0, the other pictures' embeddings. Each row's
+    fingerprint (its base64 text) is now recorded and compared."""
+    import base64
+    import shutil
+
+    from clipkd.data.sources import open_source
+
+    from .conftest import write_cnclip
+
+    (tmp_path / "a").mkdir()
+    tsv, _ = write_cnclip(tmp_path / "a", tiny_world)
+    other = tmp_path / "b" / tsv.name  # the same ids, other pictures
+    other.parent.mkdir()
+    imgs = sorted((tiny_world / "val").rglob("*.png"))
+    rows = [line.split("\t", 1)[0] for line in tsv.read_text().splitlines()]
+    other.write_text("".join(f"{i}\t{base64.b64encode(imgs[n].read_bytes()).decode()}\n" for n, i in enumerate(rows)))
+    st = embed_images(FakeTeacher(), tsv, tmp_path / "store", workers=0, progress=False)
+    assert (st.prints() >= 0).sum() == 6  # the six decodable rows (the broken one is skipped)
+    src = open_source(other)
+    with pytest.raises(ClipkdError, match="differ in content from the files it embedded"):
+        st.targets(src.keys, root=src.root, fingerprint=src.fingerprint)
+    with pytest.raises(ClipkdError, match="holds embeddings of other files"):
+        embed_images(FakeTeacher(), other, tmp_path / "store", workers=0, progress=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")  # the same TSV elsewhere: still the store's
+    same = open_source(tmp_path / "copy" / tsv.name)
+    assert len(st.targets(same.keys, root=same.root, fingerprint=same.fingerprint).keep) == 6
+    assert len(embed_images(FakeTeacher(), tmp_path / "copy" / tsv.name, tmp_path / "store", workers=0,
+                            progress=False)) == 6

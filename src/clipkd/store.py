@@ -258,13 +258,13 @@ class EmbeddingStore:
                 raise self._damage_error(shard, first_line(e, 160)) from None
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-    def check_files(self, root: str | Path, paths: Sequence[str], rows: np.ndarray) -> None:
+    def check_files(self, root: str | Path, paths: Sequence[str], rows: np.ndarray, fingerprint=None) -> None:
         """Refuse when the files ``root/paths`` (with store rows ``rows``) are not the files the store embedded.
 
         Compared by byte size, then by content fingerprint on up to :data:`~clipkd.data.tars.CHECKED_PRINTS` rows
         spread over the images (sizes cannot tell apart BMP, PPM or raw TIFF files of one size); a store moved or
         copied with its images passes, a store of ``train/`` used for ``test/`` (same relative names, other pictures)
-        does not.
+        does not. ``fingerprint(path)``: the fingerprint of keys that are not files (a Chinese-CLIP TSV's rows).
         """
         root = Path(root)
         have = np.flatnonzero(rows >= 0)
@@ -286,7 +286,8 @@ class EmbeddingStore:
                 bad.append(paths[i])
         what = "size"
         if not bad and len(have):
-            bad = changed_files(root, [paths[i] for i in have.tolist()], self.prints()[rows[have]].tolist())
+            bad = changed_files(root, [paths[i] for i in have.tolist()], self.prints()[rows[have]].tolist(),
+                                fingerprint)
             what = "content"
         if bad:
             raise ClipkdError(
@@ -302,19 +303,20 @@ class EmbeddingStore:
         return np.array([self._index.get(p, -1) for p in paths], dtype=np.int64)
 
     def targets(self, paths: Sequence[str], teacher: str | None = None, what: str = "training images",
-                root: str | Path | None = None) -> StoreTargets:
+                root: str | Path | None = None, fingerprint=None) -> StoreTargets:
         """Teacher embeddings of ``paths`` (the one lookup every trainer uses), with one policy for missing rows.
 
         Images the store skipped as undecodable are left out and counted (a logged warning); an image the
         store has never seen is an error naming how many and which, since training without its target would
         silently change the data set. ``teacher``: the identity the embeddings must come from. ``root``: the
-        folder ``paths`` are relative to; its files must be the ones the store embedded (:meth:`check_files`).
+        folder ``paths`` are relative to; its files must be the ones the store embedded (:meth:`check_files`;
+        ``fingerprint``: for keys that are not files).
         """
         if teacher is not None:
             self.check_teacher(teacher)
         rows = self.rows(paths)
         if root is not None:
-            self.check_files(root, paths, rows)
+            self.check_files(root, paths, rows, fingerprint)
         missing = np.flatnonzero(rows < 0)
         if len(missing):
             failed = {s["path"] for s in self.manifest["skipped"]}
@@ -458,14 +460,15 @@ def _file_size(path: Path) -> int:
         return -1
 
 
-def _open_for_append(info: dict[str, Any], images: Path, out: Path, shard_size: int, files: Sequence[str]):
+def _open_for_append(info: dict[str, Any], images: Path, out: Path, shard_size: int, files: Sequence[str],
+                     fingerprint=None):
     """The manifest to extend (checking the teacher, and that rows named like ``files`` are of these files)
     and the paths already done (embedded or skipped)."""
     if (out / "manifest.json").exists():
         store = EmbeddingStore(out)
         store.check_teacher(info["teacher"], hint="use another `out` folder")
         store.repair()  # a damaged shard's images are embedded again
-        store.check_files(images, files, store.rows(files))
+        store.check_files(images, files, store.rows(files), fingerprint)
         root = str(images.resolve())
         roots = store.manifest.setdefault("images_roots", [store.manifest.get("images_root", root)])
         if root not in roots:
@@ -527,7 +530,7 @@ def embed_images(
         return embed_views(teacher, src.root, plan, out, batch_size, workers, progress, max_images)
     keys = list(dict.fromkeys(src.keys)) if src.kind == "list" else src.keys  # a list's paths key the store
     return embed_paths(teacher, src.root, keys, out, batch_size, workers, shard_size, progress, max_images, compile,
-                       opener=src.opener, group=src.group)
+                       opener=src.opener, group=src.group, fingerprint=src.fingerprint)
 
 
 def _view_plan(src, images, views: int, view_hue: float | str, mix: str, split, seed: int):
@@ -554,12 +557,14 @@ def _view_plan(src, images, views: int, view_hue: float | str, mix: str, split, 
 
 def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path, batch_size: int = 64,
                 workers: int | None = None, shard_size: int = 8192, progress: bool = True,
-                max_images: int | None = None, compile: bool = False, opener=None, group=None) -> EmbeddingStore:
+                max_images: int | None = None, compile: bool = False, opener=None, group=None,
+                fingerprint=None) -> EmbeddingStore:
     """Embed the images ``root/f`` for ``f`` in ``files`` into the store at ``out``: the work behind
     :func:`embed_images`, for callers that choose the files themselves (the search index keys rows by absolute
     path, with ``root="/"``). ``opener(key)``: decodes images that are not files (rows of a Chinese-CLIP TSV;
-    their recorded size is -1). ``group(key)``: what ranks split by (default: the key; a tar sample's shard, so
-    that each rank reads its own shards)."""
+    their recorded size is -1; ``fingerprint(key)``: their content fingerprint, recorded and checked as a file's
+    is). ``group(key)``: what ranks split by (default: the key; a tar sample's shard, so that each rank reads its
+    own shards)."""
     root, out = Path(root), Path(out)
     if batch_size < 1 or shard_size < 1 or (workers is not None and workers < 0):
         raise ClipkdError(f"batch size and shard size must be ≥ 1 and workers ≥ 0 (got {batch_size}, {shard_size}, "
@@ -569,7 +574,7 @@ def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path
         check_peers(check_out_dir(out, "store"), "the embedding store")  # leftover launcher variables: refused
     # the ranks of one job share the store (their shards are merged under the manifest lock); other jobs wait
     with exclusive(out, "embedding store") if not r.distributed else nullcontext(check_out_dir(out, "store")):
-        manifest, done = _open_for_append(teacher.describe(), root, out, shard_size, files)
+        manifest, done = _open_for_append(teacher.describe(), root, out, shard_size, files, fingerprint)
         pending = my_share([f for f in files if f not in done], r, group)
         if max_images is not None:
             pending = pending[:max_images]
@@ -594,9 +599,9 @@ def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path
                 done_now = [pending[i] for i in b.index]
                 not_files = opener is not None or group is not None  # TSV rows, tar samples: no size to record
                 sizes = [-1] * len(done_now) if not_files else [_file_size(root / p) for p in done_now]
-                # TSV rows: no fingerprint; files and tar samples: one (a sample's from its bytes in the shard)
-                prints = [-1] * len(done_now) if opener is not None and group is None else \
-                    [content_fingerprint(root / p) for p in done_now]
+                # files and tar samples: from their bytes (a sample's in its shard); TSV rows: `fingerprint`'s
+                prints = [fingerprint(p) for p in done_now] if fingerprint is not None else [-1] * len(done_now) \
+                    if opener is not None and group is None else [content_fingerprint(root / p) for p in done_now]
                 writer.add(b.outputs.numpy(), done_now, sizes, prints)
         writer.flush(final=True)
         if writer.skipped_count:

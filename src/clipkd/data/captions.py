@@ -8,7 +8,6 @@ never held in memory; a broken base64 image is skipped and counted like a corrup
 
 from __future__ import annotations
 
-import base64
 import csv
 import io
 import json
@@ -24,7 +23,8 @@ import torch
 from PIL import Image
 
 from ..errors import ClipkdError
-from .loader import ImageDataset, to_rgb
+from .images import TsvImages
+from .loader import ImageDataset
 
 
 def read_captions(csv_path: str | Path, images_root: str | Path) -> tuple[dict[str, list[str]], list[str]]:
@@ -51,43 +51,6 @@ def read_captions(csv_path: str | Path, images_root: str | Path) -> tuple[dict[s
         raise ClipkdError(f"none of the images named in {csv_path} exist under {images_root} "
                           f"(first missing: {missing[:3]})")
     return pairs, missing
-
-
-class TsvImages:
-    """Random access to the base64 images of a Chinese-CLIP ``*_imgs.tsv`` by image id (picklable)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ClipkdError(f"image TSV not found: {self.path}")
-        self.offsets: dict[str, int] = {}
-        bad = 0
-        with self.path.open("rb") as f:
-            pos = 0
-            for line in f:
-                key, sep, _ = line.partition(b"\t")
-                if sep and key.strip():
-                    self.offsets[key.decode("utf-8", "replace").strip()] = pos
-                else:
-                    bad += line.strip() != b""
-                pos += len(line)
-        if not self.offsets:
-            raise ClipkdError(f"{self.path} has no 'image_id<TAB>base64' lines")
-        self.malformed_lines = bad
-        self._file = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_file": None}
-
-    def open(self, image_id: str) -> Image.Image:
-        """Decode one image (raises on broken base64 or image data; the loader counts it as skipped)."""
-        if self._file is None:
-            self._file = self.path.open("rb")
-        self._file.seek(self.offsets[image_id])
-        _, _, data = self._file.readline().partition(b"\t")
-        img = Image.open(io.BytesIO(base64.b64decode(data.strip(), validate=True)))
-        img.load()
-        return to_rgb(img)
 
 
 def read_cnclip_texts(jsonl: str | Path, images: TsvImages) -> tuple[dict[str, list[str]], list[str]]:

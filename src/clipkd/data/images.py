@@ -1,16 +1,20 @@
-"""Decoding one image as 8-bit RGB, the way a viewer shows it: files and WebDataset samples alike. No PyTorch here
-(the loader factory, :mod:`clipkd.data.loader`, and the lean search server both decode through it)."""
+"""Decoding one image as 8-bit RGB, the way a viewer shows it: files, WebDataset samples and the rows of a
+Chinese-CLIP TSV alike. No PyTorch here (the loader factory, :mod:`clipkd.data.loader`, and the lean search server
+both decode through it)."""
 
 from __future__ import annotations
 
+import base64
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from .tars import read_member, tar_member_path
+from ..errors import ClipkdError
+from .tars import bytes_fingerprint, read_member, tar_member_path
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -53,3 +57,51 @@ def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
             img.draft("RGB", (draft_size, draft_size))
         img.load()
     return to_rgb(img)
+
+
+class TsvImages:
+    """Random access to the base64 images of a Chinese-CLIP ``*_imgs.tsv`` by image id (picklable)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ClipkdError(f"image TSV not found: {self.path}")
+        self.offsets: dict[str, int] = {}
+        bad = 0
+        with self.path.open("rb") as f:
+            pos = 0
+            for line in f:
+                key, sep, _ = line.partition(b"\t")
+                if sep and key.strip():
+                    self.offsets[key.decode("utf-8", "replace").strip()] = pos
+                else:
+                    bad += line.strip() != b""
+                pos += len(line)
+        if not self.offsets:
+            raise ClipkdError(f"{self.path} has no 'image_id<TAB>base64' lines")
+        self.malformed_lines = bad
+        self._file = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None}
+
+    def open(self, image_id: str) -> Image.Image:
+        """Decode one image (raises on broken base64 or image data; the loader counts it as skipped)."""
+        if self._file is None:
+            self._file = self.path.open("rb")
+        self._file.seek(self.offsets[image_id])
+        _, _, data = self._file.readline().partition(b"\t")
+        img = Image.open(io.BytesIO(base64.b64decode(data.strip(), validate=True)))
+        img.load()
+        return to_rgb(img)
+
+    def fingerprint(self, image_id: str) -> int:
+        """The content fingerprint of one row's image (its base64 text: first and last 4 KiB, length), what a store
+        records to tell this row from another TSV's row of the same id (-1: no such row)."""
+        if image_id not in self.offsets:
+            return -1
+        if self._file is None:
+            self._file = self.path.open("rb")
+        self._file.seek(self.offsets[image_id])
+        data = self._file.readline().partition(b"\t")[2].strip()
+        return bytes_fingerprint(data[:4096], data[-4096:] if len(data) > 8192 else data[4096:], len(data))

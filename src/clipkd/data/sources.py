@@ -26,8 +26,8 @@ __all__ = ["ImageSource", "is_cnclip_tsv", "open_source"]
 class ImageSource:
     """Images named by ``keys`` under ``root``. ``labels``: one label per key where the source carries them (the
     first folder for a folder source, the label column for a list, the samples' labels for shards), else
-    ``None``. ``opener(key)`` decodes keys that are not files (TSV rows); ``group(key)`` is what ranks split by
-    (a tar sample's shard, so each rank reads its own shards)."""
+    ``None``. ``opener(key)`` decodes keys that are not files (TSV rows), ``fingerprint(key)`` gives their content
+    fingerprint; ``group(key)`` is what ranks split by (a tar sample's shard, so each rank reads its own shards)."""
 
     kind: str  # folder | list | shards | tsv
     root: Path
@@ -35,6 +35,7 @@ class ImageSource:
     labels: list[str | None] | None = None
     opener: Callable[[str], Any] | None = None
     group: Callable[[str], str] | None = None
+    fingerprint: Callable[[str], int] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -69,10 +70,10 @@ def open_source(images: str | Path, what: str = "image folder") -> ImageSource:
                            else None, group=samples.shard_of)
     p = Path(images)
     if is_cnclip_tsv(p):
-        from .captions import TsvImages
+        from .images import TsvImages
 
         tsv = TsvImages(p)
-        return ImageSource("tsv", p.parent, list(tsv.offsets), None, opener=tsv.open)
+        return ImageSource("tsv", p.parent, list(tsv.offsets), None, opener=tsv.open, fingerprint=tsv.fingerprint)
     if p.is_file():
         from .datasets import read_image_list
 

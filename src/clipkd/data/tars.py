@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,19 +216,28 @@ def labelled_shards(pattern: str | Path):
 CHECKED_PRINTS = 256  # rows whose content fingerprint is compared when a store is used for a folder of images
 
 
-def changed_files(root: Path, paths: list[str], prints: list[int]) -> list[str]:
+def changed_files(root: Path, paths: list[str], prints: list[int],
+                  fingerprint: Callable[[str], int] | None = None) -> list[str]:
     """Of up to :data:`CHECKED_PRINTS` of ``paths`` spread over them, those whose content fingerprint under ``root``
-    is not the recorded one in ``prints`` (a negative print: not recorded, not compared)."""
+    (``fingerprint(path)`` for keys that are not files: a TSV row's) is not the recorded one in ``prints`` (a
+    negative print: not recorded, not compared)."""
     step = max(1, len(paths) // CHECKED_PRINTS)
-    return [p for p, want in zip(paths[::step], prints[::step], strict=True)
-            if want >= 0 and content_fingerprint(Path(root) / p) != want]
+    now = fingerprint or (lambda p: content_fingerprint(Path(root) / p))
+    return [p for p, want in zip(paths[::step], prints[::step], strict=True) if want >= 0 and now(p) != want]
+
+
+def bytes_fingerprint(head: bytes, tail: bytes, size: int) -> int:
+    """The fingerprint of content with these first and last 4 KiB and this size (non-negative: -1 and -2 stay
+    markers)."""
+    import hashlib
+
+    h = hashlib.blake2b(head + tail + str(size).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & 0x7FFFFFFFFFFFFFFF
 
 
 def content_fingerprint(path: Path) -> int:
     """A cheap content fingerprint of an image file, or of a WebDataset sample (``shard.tar/key``): its first and
     last 4 KiB and its size, hashed (-1: unreadable). Costs one small read per image, just read by the loader."""
-    import hashlib
-
     try:
         member = tar_member_path(path)
         if member is not None:
@@ -242,5 +252,4 @@ def content_fingerprint(path: Path) -> int:
                 tail = f.read(4096)
     except OSError:
         return -1
-    h = hashlib.blake2b(head + tail + str(size).encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little") & 0x7FFFFFFFFFFFFFFF  # non-negative: -1 and -2 stay markers
+    return bytes_fingerprint(head, tail, size)

@@ -65,12 +65,22 @@ class TsvOpener:
         self.tsvs: dict[str, Any] = {}
 
     def __call__(self, key: str):
-        from ..data.captions import TsvImages
+        return self._tsv(key).open(key.rpartition("#")[2])
 
-        path, _, image_id = key.rpartition("#")
+    def _tsv(self, key: str):
+        from ..data.images import TsvImages
+
+        path = key.rpartition("#")[0]
         if path not in self.tsvs:
             self.tsvs[path] = TsvImages(path)
-        return self.tsvs[path].open(image_id)
+        return self.tsvs[path]
+
+    def fingerprint(self, key: str) -> int:
+        """The content fingerprint of a ``/abs/file.tsv#image_id`` row (-1: gone)."""
+        try:
+            return self._tsv(key).fingerprint(key.rpartition("#")[2])
+        except ClipkdError:  # the TSV is gone
+            return -1
 
 
 def read_source(images: str | Path) -> Source:
@@ -378,7 +388,7 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
             raise ClipkdError(f"{out} holds an index built by '{existing.get('identity')}', not '{enc.identity}'; "
                               "use another `out`")
         store = embed_paths(enc, "/", source.paths, out / "store", batch_size, workers, progress=progress,
-                            opener=source.opener)
+                            opener=source.opener, fingerprint=getattr(source.opener, "fingerprint", None))
         if r.distributed:
             barrier()  # every rank's rows are in the store
             store = EmbeddingStore(out / "store")

@@ -157,7 +157,7 @@ def extra_items(extra_images: str | Path, store: str | Path, source: Any, identi
             raise ClipkdError(f"the views of {extra_images} are composed under `images` ({source.root}); keep the "
                               "extra images in that folder, or give `extra_store` a store of their plain images")
         return view_items(plan, st, images, identity, source.root)
-    found = st.targets(images, teacher=identity, what="extra images", root=src.root)
+    found = st.targets(images, teacher=identity, what="extra images", root=src.root, fingerprint=src.fingerprint)
     keys = [images[i] if same_root else str((src.root / images[i]).resolve()) for i in found.keep.tolist()]
     return KdItems(keys, found.targets, [[i] for i in range(len(keys))])
 
