@@ -273,6 +273,27 @@ def test_a_job_whose_ranks_do_not_match_its_devices_is_refused_before_work(tmp_p
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_whose_peers_never_come_is_refused_in_one_line(tmp_path, ddp_world, rank):
+    """``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` left over from another job (or ranks that never start): ``distill``
+    used to wait in silence for PyTorch's rendezvous timeout; the ranks now meet with a short one, then exit 2."""
+    import time
+
+    w, store = ddp_world
+    env = {**_env(), "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "CLIPKD_RANK_WAIT": "3"}
+    t = time.perf_counter()
+    r = subprocess.run([*CLI, "distill", "--store", str(store), "--images", str(w / "train"), "--student",
+                        "resnet10t", "--epochs", "1", "--image-size", "32", "--workers", "0", "--device", "cpu",
+                        "--devices", "2", "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and f"rank {rank} of 2" in err[0] and "did not meet it at 127.0.0.1" in err[0], err
+    assert time.perf_counter() - t < 120
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
 # --- WebDataset shards -------------------------------------------------------------------------------------------
 
 def _write_shards(folder, out, per_shard: int = 20, captions: dict | None = None) -> dict[str, str]:

@@ -9,8 +9,10 @@ image's key, so the split does not depend on when a rank starts or how many imag
 from __future__ import annotations
 
 import os
+import sys
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -74,9 +76,14 @@ def local_device(device: str | None) -> str | None:
     return device
 
 
-def init_process_group() -> bool:
-    """Join the job's process group from the launcher's environment (gloo on CPU, NCCL with GPUs), if the job has
-    several ranks and the group is not up yet; Lightning's DDP reuses it. Returns whether a group is up."""
+def init_process_group(backend: str | None = None) -> bool:
+    """Join the job's process group from the launcher's environment (``backend``: gloo or nccl; default NCCL when
+    there is a GPU), if the job has several ranks and the group is not up yet; Lightning's DDP reuses it. Returns
+    whether a group is up.
+
+    The ranks meet first with a short timeout (:func:`rank_wait`, 120 s): a process whose ``RANK``/``WORLD_SIZE``
+    are leftovers from another job, or whose other ranks never start, is refused in one line instead of waiting
+    for PyTorch's rendezvous timeout in silence. After they met, the group's own timeout is two hours."""
     r = ranks()
     if not r.distributed:
         return False
@@ -101,10 +108,25 @@ def init_process_group() -> bool:
     env.setdefault("MASTER_PORT", "29500")
     env.setdefault("RANK", str(r.rank))
     env.setdefault("WORLD_SIZE", str(r.world))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(r.local % torch.cuda.device_count())
-    dist.init_process_group(backend, timeout=timedelta(hours=2))
+    wait = rank_wait()
+    try:
+        with _native_stderr_held() as held:  # c10d logs each failed connect with a C++ stack: shown only on success
+            store, rank, world = next(dist.rendezvous("env://", r.rank, r.world,
+                                                      timeout=timedelta(seconds=wait if wait > 0 else 7200)))
+        sys.stderr.write("".join(held))
+    except (RuntimeError, ValueError) as e:  # torch's DistStoreError / DistNetworkError: the ranks did not meet
+        from .errors import ClipkdError, first_line
+
+        raise ClipkdError(
+            f"this process is rank {r.rank} of {r.world} (the launcher's RANK/WORLD_SIZE or SLURM variables), but "
+            f"the other ranks did not meet it at {env['MASTER_ADDR']}:{env['MASTER_PORT']} in {wait:.0f} s "
+            f"({first_line(e, 100)}): leftover variables from another job? unset them (env -u RANK -u WORLD_SIZE "
+            "-u MASTER_ADDR), or start every rank") from None
+    store.set_timeout(timedelta(hours=2))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(hours=2))
     return True
 
 
@@ -127,7 +149,41 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-RANK_WAIT_S = 120.0  # how long ranks sharing a folder wait for each other (CLIPKD_RANK_WAIT; 0: no check)
+@contextmanager
+def _native_stderr_held() -> Iterator[list[str]]:
+    """File descriptor 2 (where C++ libraries write) sent to a temporary file for the block; what was written there
+    is in the yielded list once the block ends."""
+    import tempfile
+
+    written: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield written
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            written.append(held.read())
+
+
+RANK_WAIT_S = 120.0  # how long ranks wait for each other to start (CLIPKD_RANK_WAIT; 0: no check)
+
+
+def rank_wait(wait_s: float | None = None) -> float:
+    """Seconds the ranks of a job wait for each other to start: ``wait_s``, else ``CLIPKD_RANK_WAIT``, else
+    :data:`RANK_WAIT_S` (0: do not check)."""
+    if wait_s is not None:
+        return wait_s
+    try:
+        return float(os.environ.get("CLIPKD_RANK_WAIT", RANK_WAIT_S))
+    except ValueError:
+        from .errors import ClipkdError
+
+        raise ClipkdError(f"CLIPKD_RANK_WAIT must be a number of seconds, got {os.environ['CLIPKD_RANK_WAIT']!r}") \
+            from None
 
 
 def check_peers(folder: str | os.PathLike, what: str, wait_s: float | None = None) -> None:
@@ -144,12 +200,7 @@ def check_peers(folder: str | os.PathLike, what: str, wait_s: float | None = Non
     r = ranks()
     if not r.distributed:
         return
-    if wait_s is None:
-        try:
-            wait_s = float(os.environ.get("CLIPKD_RANK_WAIT", RANK_WAIT_S))
-        except ValueError:
-            raise ClipkdError(f"CLIPKD_RANK_WAIT must be a number of seconds, got "
-                              f"{os.environ['CLIPKD_RANK_WAIT']!r}") from None
+    wait_s = rank_wait(wait_s)
     if wait_s <= 0:
         return
     job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID") or "job"

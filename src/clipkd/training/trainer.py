@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
-from ..distributed import gather_objects, ranks
+from ..distributed import gather_objects, init_process_group, ranks
 from ..errors import ClipkdError, Interrupted, first_line
 from .recipe import Recipe
 
@@ -248,6 +248,8 @@ def fit(
     out = Path(out).resolve()  # checkpoints record absolute paths: the run folder works from any directory
     settings = settings or TrainerSettings()
     accelerator, devices = accelerator_and_devices(device, settings.devices)
+    if ranks().distributed:  # meet the other ranks now, with a short timeout, and hand Lightning the group
+        init_process_group("gloo" if accelerator == "cpu" else "nccl")
     skipped = SkippedImages()
     callbacks = [*(callbacks or []), EpochThroughput(), skipped,
                        ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_last=False, every_n_epochs=1,
