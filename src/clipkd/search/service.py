@@ -449,5 +449,6 @@ def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batc
     elif not public_url.startswith(("http://", "https://")):
         raise ClipkdError(f"`public_url` must start with http:// or https://, got {public_url!r}")
     app = create_app(index_dir, batch=batch, public_url=public_url, show_paths=show_paths)
-    log.info("serving %s on http://%s:%d (web page at /, API docs at /docs)", index_dir, host, port)
+    log.info("serving %s on http://%s:%d with %s (web page at /, API docs at /docs)", index_dir, host, port,
+             "ONNX Runtime, no PyTorch" if app.state.service.index.encoder.runtime == "onnx" else "PyTorch")
     uvicorn.run(app, host=host, port=port, log_level="warning")
