@@ -375,4 +375,6 @@ def _lean_server_answers_like_the_pytorch_one(index_dir, tiny_world, ref, capsys
     enc = SearchIndex(index_dir).load_encoder(text_model=index_dir.parent / "old-text.onnx", device="cpu")
     assert enc.runtime == "torch" and enc.identity == got["health"]["model"]
     assert np.allclose(enc.encode_text(["a red circle"]).numpy(), torch_index.embed_text(["a red circle"]), atol=1e-5)
+    with pytest.raises(ClipkdError, match="ONNX file not found: .*gone.onnx"):  # not a detour through PyTorch
+        SearchIndex(index_dir).load_encoder(model=index_dir.parent / "gone.onnx", device="cpu")
 

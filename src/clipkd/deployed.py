@@ -150,10 +150,14 @@ class DeployedText:
     def require_text(self, why: str = "text embeddings") -> None:
         """It always has text (the :class:`~clipkd.teachers.base.ClipModel` interface)."""
 
-    def tokens(self, texts: Sequence[str]) -> np.ndarray:
+    def require_tokenizer(self) -> None:
+        """:class:`NotDeployable` when the file carries no tokenizer (then tokenising it needs open_clip)."""
         if self.tokenizer is None:
             raise NotDeployable(f"{self.path} carries no tokenizer (exported before clipkd embedded one): re-export "
                                 "it with `clipkd export --tower text`")
+
+    def tokens(self, texts: Sequence[str]) -> np.ndarray:
+        self.require_tokenizer()
         return self.tokenizer(texts)
 
     def encode_text_np(self, texts: str | Sequence[str], batch_size: int = 256) -> np.ndarray:
@@ -217,7 +221,7 @@ def load_deployed(model: str | Path, text_model: str | Path | None = None, devic
     """An exported image tower (and text tower) for queries without PyTorch; :class:`NotDeployable` when the pair
     needs it (a text model that is not an exported tower, a tower exported without its tokenizer, a backend's own
     image processor)."""
-    if not (Path(model).suffix == ".onnx" and Path(model).is_file()):
+    if Path(model).suffix != ".onnx":  # a missing .onnx file is an error below, not a reason to try PyTorch
         raise NotDeployable(f"{model} is not an exported .onnx image tower")
     if text_model is not None and Path(text_model).suffix != ".onnx":
         raise NotDeployable(f"the text model {text_model} is not an exported .onnx text tower")
@@ -226,8 +230,7 @@ def load_deployed(model: str | Path, text_model: str | Path | None = None, devic
         raise ClipkdError(f"{model} is a classifier (the supervised baseline); search needs an embedding student")
     if text_model is not None:
         text = DeployedText(text_model, device)
-        if text.tokenizer is None:
-            text.tokens([])  # the one-line reason
+        text.require_tokenizer()
         check_text_space(text.identity, image.space, text_model)
         image.text = text
     return image

@@ -599,9 +599,12 @@ def embed_paths(teacher, root: str | Path, files: Sequence[str], out: str | Path
                 done_now = [pending[i] for i in b.index]
                 not_files = opener is not None or group is not None  # TSV rows, tar samples: no size to record
                 sizes = [-1] * len(done_now) if not_files else [_file_size(root / p) for p in done_now]
-                # files and tar samples: from their bytes (a sample's in its shard); TSV rows: `fingerprint`'s
-                prints = [fingerprint(p) for p in done_now] if fingerprint is not None else [-1] * len(done_now) \
-                    if opener is not None and group is None else [content_fingerprint(root / p) for p in done_now]
+                if fingerprint is not None:  # TSV rows: the source's own fingerprint
+                    prints = [fingerprint(p) for p in done_now]
+                elif opener is not None and group is None:  # views: their plan records their images' prints
+                    prints = [-1] * len(done_now)
+                else:  # files and tar samples: from their bytes (a sample's in its shard)
+                    prints = [content_fingerprint(root / p) for p in done_now]
                 writer.add(b.outputs.numpy(), done_now, sizes, prints)
         writer.flush(final=True)
         if writer.skipped_count:
