@@ -226,9 +226,10 @@ def test_clip_train_learns_from_stored_views_and_uncaptioned_images(tiny_world, 
 
 
 def test_weight_inheritance_starts_the_student_from_slices_of_a_larger_clip(tiny_world, store, tmp_path):
-    """TinyCLIP's manual inheritance: clipkd-micro (64 wide, 2 text layers) takes the leading slices of
-    clipkd-tiny's tensors of the same names; clip-train records it; an unrelated model is refused."""
-    from clipkd.training.clip_train import ClipTrainConfig, clip_train, inherit_weights
+    """TinyCLIP's manual inheritance: clipkd-micro (64 wide, 2 text layers) takes clipkd-tiny's tensors of the same
+    names, cut to its shape; clip-train records it; an unrelated model is refused."""
+    from clipkd.training.clip_train import ClipTrainConfig, clip_train
+    from clipkd.training.inherit import inherit_weights
 
     torch.manual_seed(0)
     big = load_clip("open_clip:clipkd-tiny")
@@ -246,6 +247,72 @@ def test_weight_inheritance_starts_the_student_from_slices_of_a_larger_clip(tiny
     r = clip_train(tiny_world / "train", captions, tmp_path / "run", ClipTrainConfig(
         model="open_clip:clipkd-micro", inherit=spec, epochs=1, batch_size=4, workers=0), device="cpu")
     assert json.loads((r.out / "run.json").read_text())["inherited"] == {"from": spec, **counts}
+    with pytest.raises(ClipkdError, match="no such file or folder"):
+        clip_train(tiny_world / "train", captions, tmp_path / "gone", ClipTrainConfig(
+            model="open_clip:clipkd-micro", inherit=str(tmp_path / "no-such-run"), epochs=1, batch_size=4,
+            workers=0), device="cpu")
+
+
+def _heads(t: torch.Tensor, blocks: int, heads: int, dim: int, axis: int = 0) -> torch.Tensor:
+    """A head axis of ``t`` as (blocks, heads, head size) first."""
+    t = t.movedim(axis, 0)
+    return t.reshape(blocks, heads, dim, *t.shape[1:])
+
+
+def test_inheritance_keeps_attention_heads_and_resamples_positions():
+    """Into the same architecture the student is the teacher, output for output; into a narrower one every Q, K and
+    V row comes from the teacher's own Q, K or V block, head by head (open_clip's fused in_proj, BERT's separate
+    projections and an AttentionPool2d); a ViT of another grid inherits the teacher's positions resampled as
+    open_clip's resize_pos_embed does, not cut."""
+    import open_clip
+    from open_clip.model import resize_pos_embed
+
+    from clipkd.training.inherit import inherit_weights
+
+    torch.manual_seed(0)
+    big = load_clip("open_clip:clipkd-tiny").model.eval()
+    same = load_clip("open_clip:clipkd-tiny").model.eval()
+    assert inherit_weights(same, big)["sliced"] == 0
+    tokens, x = torch.randint(1, 400, (3, 24)), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(same.encode_text(tokens), big.encode_text(tokens))
+        assert torch.equal(same.encode_image(x), big.encode_image(x))
+
+    small = load_clip("open_clip:clipkd-micro").model  # width 128 → 64, 2 heads each: 64 → 32 dims a head
+    inherit_weights(small, big)
+    for layer in range(2):
+        for kind in ("weight", "bias"):
+            name = f"transformer.resblocks.{layer}.attn.in_proj_{kind}"
+            t = _heads(big.state_dict()[name], 3, 2, 64)
+            s = _heads(small.state_dict()[name], 3, 2, 32)
+            want = t[:, :, :32, :64] if kind == "weight" else t[:, :, :32]
+            assert torch.equal(s, want), name  # Q from Q, K from K, V from V; each head its own leading dims
+        out = f"transformer.resblocks.{layer}.attn.out_proj.weight"
+        assert torch.equal(_heads(small.state_dict()[out], 1, 2, 32, axis=1),
+                           _heads(big.state_dict()[out], 1, 2, 64, axis=1)[:, :, :32, :64])
+
+    zh_big = load_clip("cn_clip:clipkd-tiny-zh@random").model  # BERT 96 → 64 wide; attnpool 12 → 4 heads of 64
+    zh = load_clip("cn_clip:clipkd-micro-zh@random").model
+    inherit_weights(zh, zh_big)
+    for q in ("query", "key", "value"):
+        name = f"bert.encoder.layer.1.attention.self.{q}.weight"
+        assert torch.equal(_heads(zh.state_dict()[name], 1, 2, 32), _heads(zh_big.state_dict()[name], 1, 2, 48)
+                           [:, :, :32, :64])
+    for q in ("q", "k", "v"):
+        name = f"visual.attnpool.{q}_proj.weight"
+        assert torch.equal(zh.state_dict()[name], zh_big.state_dict()[name][:256, :256])  # the first 4 heads
+
+    vit = dict(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
+               text_cfg=dict(context_length=16, vocab_size=1000, width=32, heads=2, layers=1))
+    teacher = open_clip.CLIP(**vit)
+    grid6 = open_clip.CLIP(**{**vit, "vision_cfg": {**vit["vision_cfg"], "image_size": 48}})  # 4×4 → 6×6 patches
+    inherit_weights(grid6, teacher)
+    want = {"visual.positional_embedding": teacher.state_dict()["visual.positional_embedding"].clone()}
+    resize_pos_embed(want, grid6)
+    assert want["visual.positional_embedding"].shape == (37, 64)
+    assert torch.allclose(grid6.state_dict()["visual.positional_embedding"], want["visual.positional_embedding"])
+    for name in ("visual.transformer.resblocks.0.attn.in_proj_weight", "visual.conv1.weight"):
+        assert torch.equal(grid6.state_dict()[name], teacher.state_dict()[name])
 
 
 def test_text_tower_kd_trains_the_captions_onto_the_teachers(tiny_world, store, tmp_path, capsys):

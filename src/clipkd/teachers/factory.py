@@ -39,6 +39,9 @@ def _split(spec: str) -> tuple[str, str]:
     _import_builtin()
     backend, sep, rest = spec.partition(":")
     if not sep or backend not in BACKENDS:
+        if "/" in spec or spec.startswith((".", "~")) or spec.endswith((".pt", ".onnx", ".json")):
+            raise ClipkdError(f"'{spec}': no such file or folder (a model is a spec such as open_clip:ARCH@TAG, a "
+                              "run folder or a model file)")
         raise ClipkdError(
             f"model spec '{spec}' must start with a backend prefix, one of: "
             + ", ".join(f"{b}:" for b in sorted(BACKENDS))

@@ -17,6 +17,7 @@ from ..errors import ClipkdError
 from ..fileio import ref, write_json
 from ..students.losses import kd_needs_text
 from .distill import TrainResult, store_views, view_set
+from .inherit import inherit_weights
 from .modules import ClipModule
 from .runs import check_run, claim_run, run_recipe
 from .trainer import TrainerSettings, check_train_config, fit, seed_all, skipped_images
@@ -53,32 +54,6 @@ def _inherit_source(model: str) -> torch.nn.Module:
     if clip is None:
         raise ClipkdError(f"`inherit` takes a CLIP (spec or clip-train run) of the student's family, not '{model}'")
     return clip.model
-
-
-def inherit_weights(student: torch.nn.Module, source: torch.nn.Module) -> dict[str, int]:
-    """Start ``student`` from ``source`` (a larger CLIP of the same family), TinyCLIP's manual weight inheritance:
-    every student tensor whose name the source also has, with as many dimensions, takes the source's leading slice
-    (the first channels, heads' rows, positions); the first layers stand for the source's first layers. Returns
-    the counts of tensors copied whole, sliced and kept at their initialisation."""
-    theirs = source.state_dict()
-    mine = student.state_dict()
-    counts = {"whole": 0, "sliced": 0, "kept": 0}
-    new = {}
-    for name, t in mine.items():
-        s = theirs.get(name)
-        if s is None or s.dim() != t.dim() or s.dtype != t.dtype or any(a < b for a, b in zip(s.shape, t.shape,
-                                                                                            strict=True)):
-            counts["kept"] += 1
-            continue
-        counts["whole" if s.shape == t.shape else "sliced"] += 1
-        new[name] = s[tuple(slice(0, n) for n in t.shape)].clone()
-    matrices = [n for n, t in mine.items() if t.dim() >= 2]
-    if 2 * sum(n in new for n in matrices) < len(matrices):  # a shared projection's name alone is not a family
-        raise ClipkdError(f"`inherit`: the model has {sum(n in new for n in matrices)} of the student's "
-                          f"{len(matrices)} weight matrices (by name and shape): not the same family "
-                          "(inheritance needs one, e.g. open_clip ViT-B-16 from ViT-L-14)")
-    student.load_state_dict(new, strict=False)
-    return counts
 
 
 def model_spec(model: str, pretrained: str | None = None) -> str:
