@@ -14,6 +14,7 @@ import torch
 from clipkd.data.sources import open_source
 from clipkd.errors import ClipkdError
 from clipkd.models import ImageEncoder, TextEncoder, load_image_model, load_text_model, with_text
+from clipkd.students.repnets import CONFIGS as REP_CONFIGS
 from tests.conftest import write_image
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "clipkd"
@@ -176,6 +177,37 @@ def test_the_api_chains_through_what_each_step_returns(tmp_path):
     store = EmbeddingStore.__new__(EmbeddingStore)
     store.root = tmp_path / "store"
     assert ref(store) == tmp_path / "store" and ref("open_clip:a@b") == "open_clip:a@b" and ref(None) is None
+
+
+@pytest.mark.parametrize("arch", sorted(REP_CONFIGS))
+def test_every_registered_rep_student_folds_exactly(arch):
+    """Each clipkd_rep_* folds into one conv per block (stem + its stages' blocks), identity branches included (the
+    second block of clipkd_rep_s's stage 2 is the one with an identity), with non-trivial BatchNorm statistics in
+    every branch; the folded network gives the branched one's outputs."""
+    import timm
+    from timm.utils import reparameterize_model
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = timm.create_model(arch).eval()
+    blocks = [b for b in m.modules() if type(b).__name__ == "RepVggBlock"]
+    assert len(blocks) == 1 + sum(c.d for c in REP_CONFIGS[arch].blocks)
+    idents = [b for b in blocks if b.identity is not None]
+    assert len(idents) == (1 if arch == "clipkd_rep_s" else 0)
+    for b in m.modules():
+        if isinstance(b, nn.BatchNorm2d):
+            b.running_mean.uniform_(-0.5, 0.5)
+            b.running_var.uniform_(0.5, 2.0)
+            b.weight.data.uniform_(0.5, 1.5)
+            b.bias.data.uniform_(-0.2, 0.2)
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        want = m(x)
+        folded = reparameterize_model(m)
+        got = folded(x)
+    assert not any(isinstance(b, nn.BatchNorm2d) for b in folded.modules())
+    assert sum(isinstance(b, nn.Conv2d) for b in folded.modules()) == len(blocks)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_a_reparameterizable_student_folds_for_inference_with_the_same_outputs(models, tiny_world, tmp_path):

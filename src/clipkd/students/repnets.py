@@ -2,20 +2,22 @@
 
 At small inputs a CPU forward pass costs about as much per operator as per FLOP, so a student with fewer layers is
 faster than one with fewer FLOPs. These are RepVGG-style networks (timm's ``ByobNet`` with ``rep`` blocks, the
-family MobileCLIP's MobileOne image towers belong to): each block trains as a 3×3 conv + 1×1 conv + identity, each
-with its BatchNorm, and folds into one 3×3 conv for inference (:func:`timm.utils.reparameterize_model`, applied by
+family MobileCLIP's MobileOne image towers belong to): each block trains as a 3×3 conv + 1×1 conv, each with its
+BatchNorm, plus an identity branch (a BatchNorm alone) where the block keeps its channels at stride 1, and folds into
+one 3×3 conv for inference (:func:`timm.utils.reparameterize_model`, applied by
 :func:`clipkd.students.model.load_student` when a trained student is loaded to be used). They are plain timm
 models: ``distill --student clipkd_rep_s`` like any other name.
 
-========================  =====================  ==================================
-name                      blocks (stem, stages)  channels
-========================  =====================  ==================================
-``clipkd_rep_xs``         1, 1-1-1-1             16 → 32 / 64 / 128 / 256
-``clipkd_rep_s``          1, 1-2-1-1             24 → 32 / 64 / 128 / 256
-``clipkd_rep_m``          1, 1-1-1-1             32 → 48 / 96 / 192 / 384
-========================  =====================  ==================================
+========================  =====================  ================================  ==========================
+name                      blocks (stem, stages)  channels                          folded convs (identities)
+========================  =====================  ================================  ==========================
+``clipkd_rep_xs``         1, 1-1-1-1             16 → 32 / 64 / 128 / 256          5 (none)
+``clipkd_rep_s``          1, 1-2-1-1             24 → 32 / 64 / 128 / 256          6 (stage 2's second block)
+``clipkd_rep_m``          1, 1-1-1-1             32 → 48 / 96 / 192 / 384          5 (none)
+========================  =====================  ================================  ==========================
 
-Every stage halves the resolution (a 32-px input ends at 1×1 after the stem and four stages).
+The stem and the first block of every stage have stride 2 (a 32-px input ends at 1×1 after the stem and four
+stages) and change the channels, so they fold from two branches; only a later block of a stage has an identity.
 """
 
 from __future__ import annotations
