@@ -96,11 +96,14 @@ def run_method(world: str, method: str, seed: int, p: dict, root: Path, device: 
     per_class, clip_epochs, distill_epochs = WORLDS[world]
     out = root / world / f"{method}-s{seed}"
     t0 = time.perf_counter()
+    trained_before = (out / "run.json").is_file()
     done = p.get("demo_retrieval") and p["demo_retrieval"] / "students" / method
-    if method in ("no_kd", "mse") and seed == 0 and done and (done / "run.json").is_file():
+    reused = done and method in ("no_kd", "mse") and seed == 0 and (done / "run.json").is_file()
+    if reused:
         model, text_model = str(done), None  # the retrieval demo's own run of this recipe
         images = per_class * len(clipkd.load_classnames(w / "train"))
-        compute = {"student_images": clip_epochs * images, "teacher_images": 0}
+        compute = {"student_images": clip_epochs * images,  # mse's targets: the teacher's pass over the store
+                   "teacher_images": len(clipkd.EmbeddingStore(p["store"])) if method == "mse" else 0}
     elif method in CLIP_METHODS:
         caps = subset_captions(w / "train" / p["captions"], per_class, root / world / "captions.csv")
         cfg = clipkd.ClipTrainConfig(model=CLIP_STUDENT.get(world, "open_clip:clipkd-micro"), epochs=clip_epochs,
@@ -136,11 +139,22 @@ def run_method(world: str, method: str, seed: int, p: dict, root: Path, device: 
         model, text_model = str(r.out), spec
         compute = {"student_images": epochs * r.train_images,
                    "teacher_images": len(clipkd.EmbeddingStore(store))}
-    train_s = None if done and model == str(done) else time.perf_counter() - t0  # None: trained by make demo
+    # None: trained by make demo
+    train_s = None if reused else _train_seconds(out, trained_before, time.perf_counter() - t0)
     m = clipkd.evaluate_retrieval(model, w / "test", w / "test" / p["captions"], device=device,
                                   text_model=text_model, progress=False, out=out / "retrieval.json").to_dict()
     return {**{k: m[k] for k in KEYS}, "model": model, "compute": compute,
             "train_s": None if train_s is None else round(train_s, 1)}
+
+
+def _train_seconds(out: Path, trained_before: bool, elapsed: float) -> float:
+    """The wall time of the pass that trained ``out``: this pass's when it trained the run, else the time that pass
+    recorded beside it (reusing a finished run takes about a second)."""
+    record = out / "bench_train_s.json"
+    if trained_before and record.is_file():
+        return float(json.loads(record.read_text())["train_s"])
+    record.write_text(json.dumps({"train_s": round(elapsed, 1)}))
+    return elapsed
 
 
 def flops_weighted(compute: dict, student_mflops: float, teacher_mflops: float) -> float:
@@ -148,44 +162,35 @@ def flops_weighted(compute: dict, student_mflops: float, teacher_mflops: float) 
     return 3 * compute["student_images"] * student_mflops + compute["teacher_images"] * teacher_mflops
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(ALL_METHODS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
-    ap.add_argument("--gzsl-root", default=".data/gzsl", help="worlds, teachers and stores (shared with bench_gzsl)")
-    ap.add_argument("--root", default=".data/retrieval", help="students (reused)")
-    ap.add_argument("--demo-run", type=Path, help="reuse this clipkd demo folder for the demo world (../runs/demo)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default="results/retrieval.md")
-    a = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    rows, raw = [], {}
-    for world in a.worlds:
-        p = prepare_world(world, Path(a.gzsl_root), a.device, a.demo_run)
-        if world == "demo" and a.demo_run is not None:
-            p["demo_run"] = a.demo_run
-            p["demo_retrieval"] = a.demo_run.parent / "demo-retrieval"
-        t0 = time.perf_counter()
-        teacher = clipkd.evaluate_retrieval(p["spec"], p["world"] / "test", p["world"] / "test" / p["captions"],
-                                            device=a.device, progress=False).to_dict()
-        tcost = clipkd.image_cost(p["spec"])
-        raw[world] = {"teacher": {**{k: teacher[k] for k in KEYS}, "cost": tcost,
-                                  "eval_s": round(time.perf_counter() - t0, 1)}}
+def merged(old: dict, new: dict) -> dict:
+    """``old`` results with ``new``'s worlds and methods put in; a world whose teacher now measures differently
+    (another teacher: the kept rows would not be comparable) is refused."""
+    out = {w: dict(v) for w, v in old.items()}
+    for world, res in new.items():
+        if world in out:
+            was, now = out[world]["teacher"], res["teacher"]
+            if any(abs(was[k] - now[k]) > 1e-9 for k in KEYS):
+                raise SystemExit(f"--update: the {world} teacher measures {[now[k] for k in KEYS]} now, "
+                                 f"{[was[k] for k in KEYS]} in the results file: rerun every method of that world")
+            res = {**res, "teacher": was}
+        out[world] = {**out.get(world, {}), **res}
+    return out
+
+
+def table_rows(raw: dict) -> list[dict]:
+    """The table's rows (teacher first, then each method in the order measured) from the results' JSON."""
+    rows = []
+    for world, res in raw.items():
+        teacher, tcost = res["teacher"], res["teacher"]["cost"]
         rows.append({"world": world, "model": "teacher", **{k: f"{teacher[k]:.3f}" for k in KEYS},
                      "share i2i": "100 %", "share t2i": "100 %", "MFLOPs": tcost["image_mflops"],
                      "ms/img": tcost["cpu_ms_per_image"], "speed-up": "1.0×",
                      "ms/img b64": tcost["cpu_ms_per_image_b64"], "speed-up b64": "1.0×"})
-        base = None
-        for method in a.methods:
-            runs = [run_method(world, method, s, p, Path(a.root), a.device) for s in a.seeds]
-            cost = clipkd.image_cost(runs[0]["model"])
-            for r in runs:
-                r["cost"] = cost
-                r["train_flops"] = flops_weighted(r["compute"], cost["image_mflops"], tcost["image_mflops"])
-            raw[world][method] = runs
-            if method == "no_kd":
-                base = statistics.mean(r["train_flops"] for r in runs)
+        base = statistics.mean(r["train_flops"] for r in res["no_kd"]) if "no_kd" in res else None
+        for method, runs in res.items():
+            if method == "teacher":
+                continue
+            cost = runs[0]["cost"]
             row = {"world": world, "model": method}
             for k in KEYS:
                 vals = [r[k] for r in runs]
@@ -203,14 +208,56 @@ def main() -> None:
             times = [r["train_s"] for r in runs if r["train_s"] is not None]
             row["train s"] = f"{statistics.mean(times):.0f}" if times else "make demo's run"
             rows.append(row)
-            print(row, flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(ALL_METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--gzsl-root", default=".data/gzsl", help="worlds, teachers and stores (shared with bench_gzsl)")
+    ap.add_argument("--root", default=".data/retrieval", help="students (reused)")
+    ap.add_argument("--demo-run", type=Path, help="reuse this clipkd demo folder for the demo world (../runs/demo)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="results/retrieval.md")
+    ap.add_argument("--update", action="store_true", help="replace these worlds' and methods' rows in --out's JSON "
+                    "(and its table) and keep the others; refused when a world's teacher measures differently")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    raw = {}
+    for world in a.worlds:
+        p = prepare_world(world, Path(a.gzsl_root), a.device, a.demo_run)
+        if world == "demo" and a.demo_run is not None:
+            p["demo_run"] = a.demo_run
+            p["demo_retrieval"] = a.demo_run.parent / "demo-retrieval"
+        t0 = time.perf_counter()
+        teacher = clipkd.evaluate_retrieval(p["spec"], p["world"] / "test", p["world"] / "test" / p["captions"],
+                                            device=a.device, progress=False).to_dict()
+        raw[world] = {"teacher": {**{k: teacher[k] for k in KEYS}, "cost": clipkd.image_cost(p["spec"]),
+                                  "eval_s": round(time.perf_counter() - t0, 1)}}
+        for method in a.methods:
+            runs = [run_method(world, method, s, p, Path(a.root), a.device) for s in a.seeds]
+            cost = clipkd.image_cost(runs[0]["model"])
+            for r in runs:
+                r["cost"] = cost
+                r["train_flops"] = flops_weighted(r["compute"], cost["image_mflops"],
+                                                  raw[world]["teacher"]["cost"]["image_mflops"])
+            raw[world][method] = runs
+            print(world, method, {k: runs[0][k] for k in KEYS}, flush=True)
     out = Path(a.out)
+    if a.update:
+        raw = merged(json.loads(out.with_suffix(".json").read_text()), raw)
+    rows = table_rows(raw)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(raw, indent=2))
     cols = ["world", "model", *KEYS, "share i2i", "share t2i", "MFLOPs", "ms/img", "speed-up", "ms/img b64",
             "speed-up b64", "compute vs no_kd", "train s"]
     body = table(rows, cols)
-    body += (f"\n\nSeeds {a.seeds} (mean ± standard deviation where more than one). Test split; relevant = same "
+    seeds = sorted({len(runs) for res in raw.values() for m, runs in res.items() if m != "teacher"})
+    body += (f"\n\nSeeds per row: {' or '.join(map(str, seeds))}, from seed 0 "
+             "(mean ± standard deviation where more than one). "
+             "Test split; relevant = same "
              "class. CLIP students: clipkd-micro (demo-zh: cn_clip clipkd-micro-zh, teacher cn_clip clipkd-tiny-zh "
              "trained on every Chinese caption), captioned subset per class "
              + ", ".join(f"{w} {v[0]}" for w, v in WORLDS.items()) + f", batch 64, lr 2e-3. Distilled: timm "
@@ -222,7 +269,8 @@ def main() -> None:
              "(3 per student image pass, 1 per teacher pass that made a target, the store's one-off pass included) "
              "over no_kd's. Distill epochs per world: " + ", ".join(f"{w} {v[2]}" for w, v in WORLDS.items())
              + "; CLIP epochs: " + ", ".join(f"{w} {v[1]}" for w, v in WORLDS.items()) + ". train s: wall time "
-             "(a run reused from an earlier pass shows only its resume; noisy).\n")
+             "(of the pass that trained the run, recorded beside it and shown again when a later pass reuses it; "
+             "noisy).\n")
     report("Retrieval students × worlds", body, out)
     plot(raw, out.with_suffix(".png"))
 
