@@ -289,7 +289,18 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_world, capsys):
     (tmp_path / "empty.pt").write_bytes(b"")
     student_pt = tmp_path / "student.pt"
     student_pt.write_bytes(b"\x80\x02truncated")
+    for name, value in {"fast": '"fast"', "true": "true", "epochs": 2.5}.items():
+        (tmp_path / f"{name}.json").write_text(f'{{"{"epochs" if name == "epochs" else "lr"}": {value}}}')
     cases = [
+        # a recipe value of the wrong type: a traceback ("fast") or training with lr = True, before
+        ([*train, "--out", str(tmp_path / "r1"), "--config", str(tmp_path / "fast.json")],
+         "lr must be float, got 'fast'"),
+        ([*train, "--out", str(tmp_path / "r2"), "--config", str(tmp_path / "true.json")],
+         "lr must be float, got True"),
+        (["clip-train", "--images", str(tiny_world / "train"), "--captions",
+          str(tiny_world / "train" / "captions_en.csv"), "--out", str(tmp_path / "r3"), "--config",
+          str(tmp_path / "epochs.json")], "epochs must be int, got 2.5"),
+
         ([*train, "--out", str(tmp_path / "o1"), "--batch-size", "0"], "must be at least 1"),
         ([*train, "--out", str(tmp_path / "o2"), "--workers", "-1"], "must be 0 or more"),
         ([*train, "--out", str(tmp_path / "a_file")], "exists and is not a folder"),

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from ..errors import ClipkdError
+from ..errors import ClipkdError, check_fields
 from ..fileio import atomic_write, read_json, write_json
 from .splits import Split, write_split
 
@@ -228,6 +228,7 @@ def synthesize(out: str | Path, cfg: WorldConfig = WorldConfig(), workers: int =
     ``world.json`` (the config; written last, so its presence means the world is complete).
     """
     out = Path(out)
+    check_fields(cfg)
     if cfg.n_colours > len(COLOURS) or cfg.n_shapes > len(SHAPES):
         raise ClipkdError(f"at most {len(COLOURS)} colours and {len(SHAPES)} shapes are available")
     marker = out / "world.json"

@@ -39,3 +39,4 @@ class Recipe:
     def shipped(cls, name: str, **overrides: Any):
         """A recipe shipped with clipkd (see :func:`recipe_path`), with ``overrides`` applied."""
         return cls.from_file(recipe_path(name), **overrides)
+

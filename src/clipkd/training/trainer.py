@@ -139,6 +139,9 @@ def cosine_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
 
 def check_train_config(cfg: Any) -> None:
     """One place for the settings every training recipe shares: one-line errors before any work starts."""
+    from ..errors import check_fields
+
+    check_fields(cfg)
     for name, low in (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("num_nodes", 1)):
         value = getattr(cfg, name, None)
         if value is not None and (not isinstance(value, int) or value < low):
