@@ -355,6 +355,38 @@ def test_truncated_resume_checkpoint_is_a_one_line_error(tmp_path, tiny_world):
     assert not list((out / "checkpoints").glob(".*partial"))  # checkpoints are written whole, then renamed
 
 
+def test_a_checkpoint_damaged_mid_file_is_refused_wherever_it_is_loaded(tmp_path, tiny_world, capsys):
+    """A student whose weights are zeroed mid-file (the zip's directory intact, torch.load reads it): eval, export,
+    index build and predict used to run on the damaged weights and exit 0; each is one line naming the file. So is
+    an open_clip checkpoint damaged the same way."""
+    from clipkd.students.model import Student, StudentConfig, save_student
+    from clipkd.teachers import load_clip
+
+    torch.manual_seed(0)
+    pt = tmp_path / "student" / "student.pt"
+    save_student(pt, Student(StudentConfig("resnet10t", 16, image_size=32, teacher="fake:teacher@v1")))
+    good = pt.read_bytes()
+    middle = len(good) // 2
+    pt.write_bytes(good[:middle] + bytes(4096) + good[middle + 4096:])
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    write_image(tmp_path / "ok.png")
+    test = str(tiny_world / "test")
+    for args in (["eval", "--model", str(pt), "--images", test],
+                 ["export", "--model", str(pt.parent), "--out", str(tmp_path / "s.onnx"), "--images", test],
+                 ["index", "build", "--model", str(pt.parent), "--images", test, "--out", str(tmp_path / "index")],
+                 ["predict", "--model", str(pt), "--classes", str(tmp_path / "classes.txt"), str(tmp_path / "ok.png")]):
+        assert main([*args, "--device", "cpu"] if args[0] != "export" else args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines()[-1].startswith("clipkd") and "is damaged" in err and "student.pt" in err, (args, err)
+        assert "Traceback" not in err
+    spec = load_clip("open_clip:clipkd-micro@random").save(tmp_path / "clip")
+    weights = Path(spec.rpartition("@")[2])
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: len(blob) // 2] + bytes(4096) + blob[len(blob) // 2 + 4096:])
+    with pytest.raises(ClipkdError, match="checkpoint .* is damaged"):
+        load_clip(spec)
+
+
 def test_clip_train_run_folder_works_from_another_directory(tmp_path, tiny_world, monkeypatch):
     from clipkd.training.clip_train import ClipTrainConfig, clip_train
 

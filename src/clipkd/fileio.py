@@ -95,6 +95,30 @@ def write_torch(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def check_torch_file(path: str | Path, what: str, fix: str = "") -> None:
+    """A one-line error for a damaged PyTorch file (``torch.save``'s zip format: a truncated one has lost its
+    central directory; one damaged mid-way fails a member's CRC, which ``torch.load`` never checks and so would
+    load wrong weights). Another format (a legacy pickle, safetensors) is left to its reader."""
+    import zipfile
+
+    from .errors import ClipkdError
+
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        with path.open("rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return  # not a zip at all: not torch.save's format, the reader says what it is
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        bad = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    else:
+        bad = None if bad is None else f"member {bad} fails its CRC check"
+    if bad is not None:
+        raise ClipkdError(f"{what} {path} is damaged ({bad}){'; ' + fix if fix else ''}")
+
+
 def read_json(path: str | Path, what: str = "JSON file") -> Any:
     """Read JSON, raising a one-line :class:`ClipkdError` on a missing or malformed file."""
     from .errors import ClipkdError

@@ -12,7 +12,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from ..errors import ClipkdError, first_line
-from ..fileio import write_torch
+from ..fileio import check_torch_file, write_torch
 from . import repnets  # noqa: F401 - registers clipkd's reparameterizable students with timm
 from .config import StudentConfig
 
@@ -109,6 +109,7 @@ def convert_weights(arch: str, weights: str | Path, out: str | Path) -> dict[str
     path = Path(weights)
     if not path.is_file():
         raise ClipkdError(f"weights file not found: {path}")
+    check_torch_file(path, "weights file")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure: not a weights file
@@ -153,6 +154,7 @@ def load_student(path: str | Path, map_location: str = "cpu", reparameterize: bo
         path = path / "student.pt"
     if not path.is_file():
         raise ClipkdError(f"student checkpoint not found: {path}")
+    check_torch_file(path, "student checkpoint", "train it again, or copy it again from where it was made")
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a readable checkpoint"

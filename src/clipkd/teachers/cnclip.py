@@ -72,6 +72,9 @@ def default_checkpoint(name: str) -> Path:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A Chinese-CLIP checkpoint's weights, DDP ``module.`` prefixes removed."""
+    from ..fileio import check_torch_file
+
+    check_torch_file(path, "Chinese-CLIP checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error

@@ -51,6 +51,10 @@ def create_openclip(model_name: str, pretrained: str | None, device: torch.devic
                 f"open_clip {model_name}: {what} '{pretrained}'; tags for it: {known or 'none'}"
             )
     pretrained_arg = str(Path(pretrained).expanduser()) if is_file else pretrained
+    if is_file:
+        from ..fileio import check_torch_file
+
+        check_torch_file(pretrained_arg, f"open_clip {model_name} checkpoint")
     try:
         model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained_arg, device=device

@@ -14,7 +14,7 @@ from ..data.captions import CaptionDataset, check_tokenizer_reads, load_caption_
 from ..data.loader import ImageDataset, make_loader
 from ..distributed import ranks
 from ..errors import ClipkdError
-from ..fileio import ref, write_json
+from ..fileio import check_torch_file, ref, write_json
 from ..students.losses import kd_needs_text
 from .distill import TrainResult, store_views, view_set
 from .inherit import inherit_weights
@@ -343,6 +343,7 @@ def _save_clip_run(plan: ClipPlan, run: ClipRun, trainer: Any, out: Path, store:
         return TrainResult(out, out, spec="", train_images=trained, skipped_images=len(skipped))
     best = out / "checkpoints" / "best.ckpt"
     if run.monitor and best.is_file():
+        check_torch_file(best, "best checkpoint", "re-run with `overwrite` to train again")
         run.module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
     run.module.cpu()
     spec = run.student.save(out)

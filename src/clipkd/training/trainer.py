@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
 from ..distributed import gather_objects, init_process_group, ranks
-from ..errors import ClipkdError, Interrupted, first_line
+from ..errors import ClipkdError, Interrupted
 from .recipe import Recipe
 
 LOGGERS = ("csv", "tensorboard", "wandb")
@@ -318,19 +318,10 @@ def fit(
 
 
 def _check_checkpoint(path: Path) -> None:
-    """A one-line error for a damaged resume checkpoint (torch checkpoints are zip files: a truncated one has lost
-    its central directory, found without reading the weights)."""
-    import zipfile
+    """A one-line error for a damaged resume checkpoint (truncated, or damaged mid-file)."""
+    from ..fileio import check_torch_file
 
-    try:
-        with zipfile.ZipFile(path) as z:
-            z.getinfo(next(n for n in z.namelist() if n.endswith("data.pkl")))
-            bad = z.testzip()  # every member's CRC: a file corrupted mid-way, not only a truncated one
-            if bad is not None:
-                raise OSError(f"member {bad} fails its CRC check")
-    except (zipfile.BadZipFile, StopIteration, OSError, EOFError, ValueError) as e:
-        raise ClipkdError(f"resume checkpoint {path} is damaged ({first_line(e)}); delete it to start the run over, "
-                          "or re-run with `overwrite`") from None
+    check_torch_file(path, "resume checkpoint", "delete it to start the run over, or re-run with `overwrite`")
 
 
 def atomic_checkpoint_io():
