@@ -104,6 +104,13 @@ def test_add_and_remove(tiny_world, teacher_spec, tmp_path):
         remove_from_index(tmp_path / "ix", list(after.paths))
     assert (tmp_path / "ix" / "removed.txt").read_text() == removed_before
     assert len(SearchIndex(tmp_path / "ix")) == len(after)
+    # adding a removed image again puts it back (it used to exit 0 and leave it out, saying nothing)
+    lst = tmp_path / "again.txt"
+    lst.write_text(f"{gone}\n")
+    assert main(["-q", "index", "add", "--index", str(tmp_path / "ix"), "--images", str(lst), "--device", "cpu",
+                 "--workers", "0"]) == 0
+    back = SearchIndex(tmp_path / "ix")
+    assert len(back) == len(grown) and gone in {back.paths[r] for r in back.rows}
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])

@@ -315,6 +315,20 @@ def test_pool_images_get_views_in_the_same_teacher_pass(tiny_world, fake_teacher
     plan = ViewPlan.load(r.out / "views" / "views.json")
     pool = {str(p.resolve()) for p in (tiny_world / "val").rglob("*.png")}
     assert pool <= set(plan.images)
+    # an unlabelled pool as a plain list (one path a line) or a CSV with a path column only: a pool has no labels
+    # (both used to be refused for lacking a label column)
+    paths = sorted(str(p.resolve()) for p in (tiny_world / "val").rglob("*.png"))
+    (tmp_path / "pool.txt").write_text("\n".join(paths) + "\n")
+    (tmp_path / "pool.csv").write_text("path\n" + "\n".join(paths) + "\n")
+    for pool_list in ("pool.txt", "pool.csv"):
+        src = clipkd.open_source(tmp_path / pool_list)
+        assert src.kind == "list" and src.labels is None and sorted(str(src.root / k) for k in src.keys) == paths
+    again = clipkd.distill(tiny_world / "train", tmp_path / "run-list", cfg, teacher="fake",
+                           split=tiny_world / "split.json", extra_images=tmp_path / "pool.txt", device="cpu",
+                           progress=False)
+    assert json.loads((again.out / "run.json").read_text())["extra_images"] == n_pool
+    with pytest.raises(ClipkdError, match="has no 'label' column"):
+        clipkd.distill(tmp_path / "pool.csv", tmp_path / "nolabels", cfg, teacher="fake", device="cpu")
     with pytest.raises(ClipkdError, match="drop `store` and `extra_store`"):
         clipkd.distill(tiny_world / "train", tmp_path / "bad", replace(cfg, views=2), teacher="fake",
                        split=tiny_world / "split.json", extra_images=tiny_world / "val", extra_store=tmp_path / "x",

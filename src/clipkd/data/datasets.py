@@ -41,13 +41,15 @@ def imagenet_classnames(wnids: Sequence[str]) -> list[str] | None:
     return [IMAGENET_CLASSNAMES[index[w]] for w in wnids]
 
 
-def read_image_list(path: str | Path, root: str | Path | None = None, max_missing: float = 0.01) -> LabelledImages:
-    """A ``path,label`` list (CSV, or TSV when the file ends in ``.tsv``) with a header row.
+def read_path_list(path: str | Path, root: str | Path | None = None,
+                   max_missing: float = 0.01) -> tuple[Path, list[str], list[str] | None]:
+    """An image list: ``(root, paths, labels)``. A CSV (TSV when the file ends in ``.tsv``) whose header has a
+    ``path`` column (and a ``label`` column for labels), or a plain list with no header, one path a line (an
+    unlabelled pool: ``labels`` is None).
 
-    Paths are relative to ``root`` (default: the list's folder) or absolute; labels are class names
-    (classes sorted). Listed files missing under ``root`` are left out with a note when they are at
-    most ``max_missing`` of the list; more than that means a wrong root: an error with the count and
-    the first few.
+    Paths are relative to ``root`` (default: the list's folder) or absolute. Listed files missing under ``root``
+    are left out with a note when they are at most ``max_missing`` of the list; more than that means a wrong
+    root: an error with the count and the first few.
     """
     path = Path(path)
     if not path.is_file():
@@ -55,11 +57,21 @@ def read_image_list(path: str | Path, root: str | Path | None = None, max_missin
     root = Path(root) if root is not None else path.parent
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise ClipkdError(f"image list {path} needs a header with columns 'path' and 'label', "
-                              f"found {reader.fieldnames}")
-        rows = [(r["path"], r["label"]) for r in reader if r["path"] and r["label"]]
+        first = f.readline().strip()
+        f.seek(0)
+        named = [c.strip().lower() for c in first.split(delimiter)]
+        plain = (root / first).is_file() or ("path" not in named and delimiter not in first)  # one path a line
+        if not plain and "path" not in named:
+            raise ClipkdError(f"image list {path} needs a header with a 'path' column (and 'label' for labelled "
+                              f"images), or one path a line; found {first.split(delimiter)}")
+        if not plain:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            labelled = "label" in (reader.fieldnames or [])
+            rows = [(r["path"], r["label"] if labelled else None) for r in reader
+                    if r["path"] and (not labelled or r["label"])]
+        else:  # no header: one path a line
+            rows = [(line.strip(), None) for line in f.read().splitlines() if line.strip()]
+            labelled = False
     if not rows:
         raise ClipkdError(f"image list {path} has no rows")
     missing = [p for p, _ in rows if not (root / p).is_file()]
@@ -71,9 +83,18 @@ def read_image_list(path: str | Path, root: str | Path | None = None, max_missin
                     missing[:3])
         gone = set(missing)
         rows = [r for r in rows if r[0] not in gone]
-    classnames = sorted({label for _, label in rows})
+    return root, [p for p, _ in rows], [lab for _, lab in rows] if labelled else None
+
+
+def read_image_list(path: str | Path, root: str | Path | None = None, max_missing: float = 0.01) -> LabelledImages:
+    """A labelled ``path,label`` list (see :func:`read_path_list`); labels are class names (classes sorted)."""
+    root, paths, labels = read_path_list(path, root, max_missing)
+    if labels is None:
+        raise ClipkdError(f"image list {path} has no 'label' column: labelled images need a header with columns "
+                          "'path' and 'label'")
+    classnames = sorted(set(labels))
     pos = {c: i for i, c in enumerate(classnames)}
-    return LabelledImages(root, [p for p, _ in rows], [pos[c] for _, c in rows], classnames)
+    return LabelledImages(root, paths, [pos[c] for c in labels], classnames)
 
 
 def write_image_list(path: str | Path, data: LabelledImages, indices: Sequence[int] | None = None) -> Path:

@@ -2,7 +2,7 @@
 them, for every input clipkd reads.
 
 - a **folder** (any layout; the first folder of a path is its class when there is one),
-- an **image list** (``path,label`` CSV, or TSV with a ``path`` header),
+- an **image list** (a CSV, or TSV, with a ``path`` column and, for labels, a ``label`` one; or one path a line),
 - **WebDataset shards** (a ``.tar`` or a brace pattern; keys ``<shard>/<sample key>``; labels from ``.cls``/``.json``),
 - a **Chinese-CLIP ``*_imgs.tsv``** (``id<TAB>base64`` rows, no header; keys are the image ids).
 
@@ -75,10 +75,10 @@ def open_source(images: str | Path, what: str = "image folder") -> ImageSource:
         tsv = TsvImages(p)
         return ImageSource("tsv", p.parent, list(tsv.offsets), None, opener=tsv.open, fingerprint=tsv.fingerprint)
     if p.is_file():
-        from .datasets import read_image_list
+        from .datasets import read_path_list
 
-        listed = read_image_list(p)
-        return ImageSource("list", listed.root, list(listed.paths), [listed.classnames[y] for y in listed.labels])
+        root, paths, labels = read_path_list(p)  # labels None: an unlabelled list (a pool)
+        return ImageSource("list", root, paths, labels)
     if not p.is_dir():
         raise ClipkdError(f"{what} not found: {p} (give a folder, an image list, WebDataset shards or a Chinese-CLIP "
                           "TSV)")

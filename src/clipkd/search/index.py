@@ -350,6 +350,15 @@ def _write_faiss(root: Path, store: EmbeddingStore, kind: str, info: dict[str, A
     return info
 
 
+def _restore_removed(root: Path, paths: Sequence[str]) -> None:
+    """Images added again after ``index remove`` dropped them are back in the index (their rows are in the store)."""
+    removed = _read_removed(root)
+    back = removed.intersection(paths)
+    if back:
+        write_text(root / "removed.txt", "".join(f"{p}\n" for p in sorted(removed - back)))
+        log.info("index %s: %d image(s) removed earlier are back in it", root, len(back))
+
+
 def _append_labels(root: Path, source: Source) -> None:
     if not source.labels:
         return
@@ -394,6 +403,7 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
             store = EmbeddingStore(out / "store")
         if r.zero:
             _append_labels(out, source)
+            _restore_removed(out, source.paths)
             sources = [*(existing or {}).get("sources", []), here]
             _write_faiss(out, store, kind, _describe(model, text_model, enc, sources))
     barrier()  # rank 0 has written the index
