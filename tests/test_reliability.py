@@ -447,6 +447,42 @@ def test_predict_fails_when_no_file_could_be_read(tmp_path, capsys):
     assert "bad.jpg: skipped" in out and "ok.png: " in out
 
 
+def test_a_disk_that_fills_during_embed_images_is_one_line_and_leaves_no_orphan(tmp_path, monkeypatch, capsys):
+    """numpy's short write on a full disk ("N requested and M written", no errno) used to end in a traceback, the
+    error naming the temporary file, with a shard's paths file left behind outside the manifest. Now: one line
+    naming the output file and the space left; the store keeps its finished shards and nothing else; the re-run
+    finishes."""
+    import clipkd.fileio
+
+    images = _folder(tmp_path / "imgs", n=12)
+    real = np.save
+    calls = {"n": 0}
+
+    def short_write(f, array, *a, **kw):  # the third shard's embeddings hit a full disk
+        if getattr(array, "dtype", None) == np.float16:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                f.write(b"\x93NUMPY")
+                raise OSError(f"{array.size} requested and 3 written")
+        return real(f, array, *a, **kw)
+
+    monkeypatch.setattr(clipkd.fileio.np, "save", short_write)
+    monkeypatch.setattr("clipkd.teachers.load_teacher", lambda *a, **kw: FakeTeacher())
+    monkeypatch.setattr("clipkd.teachers.factory.check_teacher_spec", lambda spec: None)
+    args = ["embed-images", "--teacher", "fake", "--images", str(images), "--out", str(tmp_path / "store"),
+            "--batch-size", "4", "--shard-size", "4", "--workers", "0", "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # after the progress bar
+    assert "Traceback" not in err and last.startswith("clipkd embed-images: error: "), err
+    assert f"cannot write {tmp_path / 'store' / 'shard-00002.npy'}: 32 requested and 3 written" in last
+    assert "MiB free on its disk" in err and ".tmp" not in err
+    left = sorted(p.name for p in (tmp_path / "store").iterdir() if p.name.startswith(("shard", ".shard")))
+    assert left == [f"shard-0000{i}{ext}" for i in (0, 1) for ext in (".fp.npy", ".npy", ".size.npy", ".txt")]
+    monkeypatch.setattr(clipkd.fileio.np, "save", real)
+    assert main(args) == 0 and len(EmbeddingStore(tmp_path / "store")) == 12
+
+
 @pytest.mark.parametrize("damage", ["paths gone", "sizes gone", "rows truncated"])
 def test_a_damaged_store_is_one_line_and_embed_images_repairs_it(tmp_path, damage):
     """A store with a shard's file gone or truncated used to end in a traceback, and ``embed-images`` over it

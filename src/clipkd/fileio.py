@@ -49,7 +49,13 @@ def ref(x: Any) -> Any:
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Call ``write(fileobj)`` on a temp file next to ``path`` and rename it over ``path`` (with the umask's mode)."""
+    """Call ``write(fileobj)`` on a temp file next to ``path`` and rename it over ``path`` (with the umask's mode).
+    A failed write (a full disk: ENOSPC, or numpy's short write that names no errno) leaves nothing behind and is
+    one line naming ``path`` — the output, not the temporary file — and the space left on its disk."""
+    import shutil
+
+    from .errors import ClipkdError
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -61,6 +67,13 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        free = shutil.disk_usage(path.parent).free
+        why = e.strerror or str(e).strip() or type(e).__name__
+        raise ClipkdError(f"cannot write {path}: {why} ({free / 2**20:,.1f} MiB free on its disk"
+                          f"{'; the disk is full' if free < 2**20 or e.errno == 28 else ''})") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

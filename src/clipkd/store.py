@@ -428,10 +428,16 @@ class ShardWriter:
                 # after the highest listed shard (a repaired store has gaps); an unlisted file there is at most the
                 # leftover of a killed writer
                 name = f"shard-{1 + max((_shard_number(s['file']) for s in m['shards']), default=-1):05d}"
-                write_text(self.out / f"{name}.txt", "".join(p + "\n" for p in paths))
-                write_npy(self.out / f"{name}.npy", emb)
-                write_npy(self.out / f"{name}.size.npy", np.asarray(sizes, dtype=np.int64))
-                write_npy(self.out / f"{name}.fp.npy", np.asarray(prints, dtype=np.int64))
+                files = [self.out / f"{name}{ext}" for ext in (".txt", ".npy", ".size.npy", ".fp.npy")]
+                try:
+                    write_text(files[0], "".join(p + "\n" for p in paths))
+                    write_npy(files[1], emb)
+                    write_npy(files[2], np.asarray(sizes, dtype=np.int64))
+                    write_npy(files[3], np.asarray(prints, dtype=np.int64))
+                except BaseException:  # a shard not in the manifest is not left behind (a full disk, a kill)
+                    for f in files:
+                        f.unlink(missing_ok=True)
+                    raise
                 m["shards"].append({"file": f"{name}.npy", "paths": f"{name}.txt", "sizes": f"{name}.size.npy",
                                     "prints": f"{name}.fp.npy", "count": len(paths)})
                 self.seen.add(f"{name}.npy")
