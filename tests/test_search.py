@@ -281,6 +281,22 @@ def test_show_paths_gives_paths_relative_to_the_collection(index, tiny_world):
                for r in c.post("/search", json={"text": "a red circle", "k": 2}).json()["results"])
 
 
+def test_one_parser_of_hash_in_row_keys():
+    """A file whose name holds '#' is a file (``--show-paths`` gave '/photos/#1.jpg' back as '.#1.jpg'); only a
+    ``FILE.tsv#ID`` key is a TSV row."""
+    from clipkd.search.index import split_key
+    from clipkd.search.service import _common_root, _relative
+
+    assert split_key("/photos/#1.jpg") == ("/photos/#1.jpg", "")
+    assert split_key("/data/valid_imgs.tsv#1000002") == ("/data/valid_imgs.tsv", "1000002")
+    assert split_key("/a#b/c.TSV#7") == ("/a#b/c.TSV", "7")
+    keys = ["/photos/#1.jpg", "/photos/b/#2.jpg"]
+    root = _common_root(keys)
+    assert root == "/photos" and [_relative(k, root) for k in keys] == ["#1.jpg", "b/#2.jpg"]
+    tsv = ["/data/x_imgs.tsv#1", "/data/x_imgs.tsv#2"]
+    assert [_relative(k, _common_root(tsv)) for k in tsv] == ["x_imgs.tsv#1", "x_imgs.tsv#2"]
+
+
 def test_batcher_runs_concurrent_queries_as_one_batch(index):
     index.encoder or index.load_encoder(device="cpu")
     b = Batcher(index, window_s=0.3)

@@ -65,12 +65,12 @@ class TsvOpener:
         self.tsvs: dict[str, Any] = {}
 
     def __call__(self, key: str):
-        return self._tsv(key).open(key.rpartition("#")[2])
+        return self._tsv(key).open(split_key(key)[1])
 
     def _tsv(self, key: str):
         from ..data.images import TsvImages
 
-        path = key.rpartition("#")[0]
+        path = split_key(key)[0]
         if path not in self.tsvs:
             self.tsvs[path] = TsvImages(path)
         return self.tsvs[path]
@@ -78,7 +78,7 @@ class TsvOpener:
     def fingerprint(self, key: str) -> int:
         """The content fingerprint of a ``/abs/file.tsv#image_id`` row (-1: gone)."""
         try:
-            return self._tsv(key).fingerprint(key.rpartition("#")[2])
+            return self._tsv(key).fingerprint(split_key(key)[1])
         except ClipkdError:  # the TSV is gone
             return -1
 
@@ -99,10 +99,16 @@ def read_source(images: str | Path) -> Source:
     return Source(paths, {p: lab for p, lab in zip(paths, labels, strict=True) if lab is not None})
 
 
+def split_key(key: str) -> tuple[str, str]:
+    """An index row's key as ``(file, row)``: ``row`` the image id of a Chinese-CLIP TSV row (``FILE.tsv#ID``), else
+    ``""`` (a file, whose name may hold a ``#``: ``/photos/#1.jpg``). The one parser of ``#`` in row keys."""
+    head, sep, row = key.rpartition("#")
+    return (head, row) if sep and head.lower().endswith(".tsv") else (key, "")
+
+
 def is_tsv_key(path: str) -> bool:
     """Whether an index row names a Chinese-CLIP TSV row rather than a file."""
-    head, sep, _ = path.rpartition("#")
-    return bool(sep) and head.lower().endswith(".tsv")
+    return bool(split_key(path)[1])
 
 
 def _model_ref(model: str | Path | None) -> str | None:

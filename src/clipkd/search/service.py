@@ -238,7 +238,9 @@ def b64decode(data: Any) -> bytes:
 def _common_root(paths: list[str]) -> str:
     import os
 
-    files = [p.split("#", 1)[0] for p in paths]  # a TSV row's key is FILE#ROW
+    from .index import split_key
+
+    files = [split_key(p)[0] for p in paths]  # a TSV row's key is FILE#ROW
     if not files:
         return ""
     root = os.path.commonpath(files)
@@ -248,8 +250,10 @@ def _common_root(paths: list[str]) -> str:
 def _relative(path: str, root: str) -> str:
     import os
 
-    file, sep, row = path.partition("#")
-    return os.path.relpath(file, root) + sep + row if root else path
+    from .index import split_key
+
+    file, row = split_key(path)
+    return os.path.relpath(file, root) + (f"#{row}" if row else "") if root else path
 
 
 def knn_fields(body: dict[str, Any], index_name: str) -> dict[str, Any]:
