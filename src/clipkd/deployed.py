@@ -20,7 +20,7 @@ import numpy as np
 
 from .data.preprocess import PreprocessConfig
 from .errors import ClipkdError
-from .fileio import file_fingerprint
+from .fileio import weights_fingerprint
 from .onnxfile import TOKENIZER_KEY, open_session
 
 TOKENIZER_FORMAT = "clipkd-bpe/1"
@@ -35,7 +35,7 @@ class NotDeployable(ClipkdError):
 def student_identity(arch: str, path: str | Path) -> str:
     """The identity of a student file (``student.pt`` or an export): what its stores and indexes record."""
     path = Path(path)
-    return f"student:{arch}@{path.name}#{file_fingerprint(path)}"
+    return f"student:{arch}@{path.name}#{weights_fingerprint(path)}"
 
 
 def check_text_space(text_identity: str, space: str, text_model: Any) -> None:

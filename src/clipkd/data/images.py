@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import ClipkdError
-from .tars import bytes_fingerprint, read_member, tar_member_path
+from ..fileio import data_fingerprint
+from .tars import read_member, tar_member_path
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -104,4 +105,4 @@ class TsvImages:
             self._file = self.path.open("rb")
         self._file.seek(self.offsets[image_id])
         data = self._file.readline().partition(b"\t")[2].strip()
-        return bytes_fingerprint(data[:4096], data[-4096:] if len(data) > 8192 else data[4096:], len(data))
+        return data_fingerprint(data)

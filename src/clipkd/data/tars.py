@@ -226,30 +226,13 @@ def changed_files(root: Path, paths: list[str], prints: list[int],
     return [p for p, want in zip(paths[::step], prints[::step], strict=True) if want >= 0 and now(p) != want]
 
 
-def bytes_fingerprint(head: bytes, tail: bytes, size: int) -> int:
-    """The fingerprint of content with these first and last 4 KiB and this size (non-negative: -1 and -2 stay
-    markers)."""
-    import hashlib
-
-    h = hashlib.blake2b(head + tail + str(size).encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little") & 0x7FFFFFFFFFFFFFFF
-
-
 def content_fingerprint(path: Path) -> int:
     """A cheap content fingerprint of an image file, or of a WebDataset sample (``shard.tar/key``): its first and
     last 4 KiB and its size, hashed (-1: unreadable). Costs one small read per image, just read by the loader."""
+    from ..fileio import data_fingerprint, file_fingerprint
+
     try:
         member = tar_member_path(path)
-        if member is not None:
-            data = read_member(*member)
-            head, tail, size = data[:4096], data[-4096:] if len(data) > 8192 else data[4096:], len(data)
-        else:
-            with open(path, "rb") as f:
-                head = f.read(4096)
-                size = os.fstat(f.fileno()).st_size
-                if size > 8192:
-                    f.seek(size - 4096)
-                tail = f.read(4096)
+        return data_fingerprint(read_member(*member)) if member is not None else file_fingerprint(path)
     except OSError:
         return -1
-    return bytes_fingerprint(head, tail, size)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..data.preprocess import PreprocessConfig
 from ..errors import ClipkdError
-from ..fileio import file_fingerprint  # noqa: F401 - the backends import it from here
+from ..fileio import weights_fingerprint  # noqa: F401 - the backends import it from here
 
 log = logging.getLogger(__name__)
 

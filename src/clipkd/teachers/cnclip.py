@@ -24,7 +24,7 @@ import torch
 from ..data.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
 from ..errors import ClipkdError, first_line
 from ..fileio import write_torch
-from .base import ClipModel, file_fingerprint
+from .base import ClipModel, weights_fingerprint
 from .factory import register_backend
 
 CONTEXT_LENGTH = 52  # Chinese-CLIP's text length for all its released models
@@ -153,7 +153,7 @@ def spec_identity(name: str, weights: str | None) -> str:
     """The identity of ``cn_clip:MODEL@WEIGHTS``: a checkpoint file is named by its name and content fingerprint."""
     if weights and weights != "random":
         p = Path(weights).expanduser()
-        return f"cn_clip:{name}@{p.name}#{file_fingerprint(p) if p.is_file() else 'missing'}"
+        return f"cn_clip:{name}@{p.name}#{weights_fingerprint(p) if p.is_file() else 'missing'}"
     return f"cn_clip:{name}@{weights or 'published'}"
 
 

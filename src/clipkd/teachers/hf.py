@@ -12,7 +12,7 @@ import torch
 
 from ..data.preprocess import PreprocessConfig
 from ..errors import ClipkdError, first_line
-from .base import ClipModel, file_fingerprint
+from .base import ClipModel, weights_fingerprint
 from .factory import register_backend
 
 MODEL_TYPES = {"clip": "CLIPModel", "chinese_clip": "ChineseCLIPModel"}
@@ -121,7 +121,7 @@ def spec_identity(name: str) -> str:
     """The identity of ``hf:NAME``: a local model folder adds the fingerprint of its first weights file."""
     local = Path(name).expanduser()
     weights = sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")) if local.is_dir() else []
-    return f"hf:{name}" + (f"#{file_fingerprint(weights[0])}" if weights else "")
+    return f"hf:{name}" + (f"#{weights_fingerprint(weights[0])}" if weights else "")
 
 
 @register_backend("hf", identity=spec_identity)

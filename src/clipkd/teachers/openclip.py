@@ -11,7 +11,7 @@ import torch
 from ..data.preprocess import PreprocessConfig
 from ..errors import ClipkdError, first_line
 from ..fileio import write_torch
-from .base import ClipModel, file_fingerprint
+from .base import ClipModel, weights_fingerprint
 from .factory import register_backend
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
@@ -110,7 +110,7 @@ def spec_identity(model_name: str, pretrained: str | None) -> str:
     """The identity of ``open_clip:MODEL@PRETRAINED``: a weights file is named by its name and content fingerprint."""
     if pretrained and Path(pretrained).expanduser().is_file():
         p = Path(pretrained).expanduser()
-        return f"open_clip:{model_name}@{p.name}#{file_fingerprint(p)}"
+        return f"open_clip:{model_name}@{p.name}#{weights_fingerprint(p)}"
     return f"open_clip:{model_name}@{pretrained or 'random-init'}"
 
 
