@@ -88,8 +88,14 @@ def _embed_cmd(spec: str, imgs, store, *extra: str) -> list[str]:
             "--workers", "0", *extra]
 
 
-def _rank_env(rank: int, world: int) -> dict[str, str]:
-    return {**_env(), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
+_PORTS: dict[int, int] = {}
+
+
+def _rank_env(rank: int, world: int, job: int = 0) -> dict[str, str]:
+    """A rank started by hand: the variables a launcher sets, one meeting address per ``job``."""
+    port = _PORTS.setdefault(job, _free_port())
+    return {**_env(), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
 @pytest.fixture(scope="module")
@@ -531,12 +537,16 @@ def test_a_lone_rank_says_it_embedded_its_share_only(tmp_path, monkeypatch, capl
     rank is refused in one line (after CLIPKD_RANK_WAIT seconds), having embedded nothing; ranks started one after
     another on purpose (CLIPKD_RANK_WAIT=0) each say how much of the store is there."""
     imgs = _folder(tmp_path / "imgs", n=20)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # set, then removed: restored after the test, as the meeting sets
+        monkeypatch.setenv(k, "0")  # RANK and WORLD_SIZE for PyTorch's rendezvous
+        monkeypatch.delenv(k)
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("CLIPKD_RANK_WAIT", "1")
-    with pytest.raises(ClipkdError, match=r"rank 0 of 2 .*rank\(s\) \[1\] did not reach the embedding store"):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    with pytest.raises(ClipkdError, match=r"rank 0 of 2 .*did not meet it at 127\.0\.0\.1.*nothing was written to "
+                                          r"the embedding store"):
         embed_images(FakeTeacher(), imgs, tmp_path / "s", workers=0, progress=False)
     assert not (tmp_path / "s" / "manifest.json").exists()
     monkeypatch.setenv("CLIPKD_RANK_WAIT", "0")

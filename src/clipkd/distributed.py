@@ -95,6 +95,7 @@ def init_process_group(backend: str | None = None) -> bool:
     if dist.is_initialized():
         return True
     env = os.environ
+    before = {k: env.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     if "MASTER_ADDR" not in env:  # srun: the address and port Lightning's SLURM environment derives from the job
         from lightning.fabric.plugins.environments import SLURMEnvironment
 
@@ -120,9 +121,15 @@ def init_process_group(backend: str | None = None) -> bool:
     except (RuntimeError, ValueError) as e:  # torch's DistStoreError / DistNetworkError: the ranks did not meet
         from .errors import ClipkdError, first_line
 
+        address = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+        for k, v in before.items():  # a refused meeting leaves the environment as it found it
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
         raise ClipkdError(
             f"this process is rank {r.rank} of {r.world} (the launcher's RANK/WORLD_SIZE or SLURM variables), but "
-            f"the other ranks did not meet it at {env['MASTER_ADDR']}:{env['MASTER_PORT']} in {wait:.0f} s "
+            f"the other ranks did not meet it at {address} in {wait:.0f} s "
             f"({first_line(e, 100)}): leftover variables from another job? unset them (env -u RANK -u WORLD_SIZE "
             "-u MASTER_ADDR), or start every rank") from None
     store.set_timeout(timedelta(hours=2))
@@ -186,38 +193,17 @@ def rank_wait(wait_s: float | None = None) -> float:
             from None
 
 
-def check_peers(folder: str | os.PathLike, what: str, wait_s: float | None = None) -> None:
-    """Ranks that share an output folder (``embed-images``, ``index build``) meet there before any work: each keeps
-    a heartbeat file under ``folder/.clipkd-ranks/`` and waits until every rank of the job has one that is fresh. A
-    process whose ``RANK``/``WORLD_SIZE`` (or SLURM) variables are leftovers — no other rank will ever come — is
-    refused in one line instead of silently doing its share of the work. ``CLIPKD_RANK_WAIT`` sets the wait in
-    seconds; 0 skips the check (ranks started one after another on purpose, each doing its share)."""
-    import time
-    from pathlib import Path
-
+def check_peers(folder: str | os.PathLike, what: str) -> None:
+    """Ranks that share an output folder (``embed-images``, ``index build``) meet before any work, the way training
+    ranks do (:func:`init_process_group`: the launcher's rendezvous with the ``CLIPKD_RANK_WAIT`` timeout). A process
+    whose ``RANK``/``WORLD_SIZE`` (or SLURM) variables are leftovers — no other rank will ever come — is refused in
+    one line instead of silently doing its share of the work. ``CLIPKD_RANK_WAIT=0`` skips the meeting (ranks
+    started one after another on purpose, each doing its share)."""
     from .errors import ClipkdError
 
-    r = ranks()
-    if not r.distributed:
+    if not ranks().distributed or rank_wait() <= 0:
         return
-    wait_s = rank_wait(wait_s)
-    if wait_s <= 0:
-        return
-    job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID") or "job"
-    beats = Path(folder) / ".clipkd-ranks" / job
-    beats.mkdir(parents=True, exist_ok=True)
-    mine = beats / f"rank-{r.rank}"
-    deadline = time.time() + wait_s
-    while True:
-        mine.touch()
-        now = time.time()
-        here = {int(p.name.split("-")[1]) for p in beats.glob("rank-*") if now - p.stat().st_mtime < 10}
-        if set(range(r.world)) <= here:
-            return
-        if now > deadline:
-            missing = sorted(set(range(r.world)) - here)
-            raise ClipkdError(
-                f"this process is rank {r.rank} of {r.world} (the launcher's RANK/WORLD_SIZE or SLURM variables), but "
-                f"rank(s) {missing[:5]} did not reach {what} {folder} in {wait_s:.0f} s: leftover variables from "
-                "another job? unset them (env -u RANK -u WORLD_SIZE, or outside salloc), or start every rank")
-        time.sleep(0.5)
+    try:
+        init_process_group()
+    except ClipkdError as e:
+        raise ClipkdError(f"{e} (nothing was written to {what} {folder})") from None
