@@ -17,6 +17,10 @@ from .errors import ClipkdError
 from .fileio import read_json, write_json, write_npz
 
 TEXT_EMB_FORMAT = "clipkd-text/1"
+# The templates every command uses for bare class names (embed-text, prompts, eval, source): open_clip's 80 openai
+# ones. clipkd's own teachers score the same with any set (benchmarks/results/defaults.md); a pretrained CLIP gains
+# from the ensemble (CLIP's paper: +3.5 % ImageNet top-1 over one prompt), so the larger set is the default.
+DEFAULT_TEMPLATES = "openai"
 
 
 def builtin_templates(name: str) -> list[str]:
@@ -148,7 +152,7 @@ def embed_prompts(teacher, prompts: dict[str, list[str]]) -> TextEmbeddings:
 
 
 def embed_text(teacher: Any, prompts: str | Path | dict[str, list[str]] | None = None,
-               classes: str | Path | None = None, templates: str = "openai", device: str = "auto",
+               classes: str | Path | None = None, templates: str = DEFAULT_TEMPLATES, device: str = "auto",
                precision: str = "auto", out: str | Path | None = None) -> TextEmbeddings:
     """One text embedding per class from ``prompts`` (a file or a dict) or from ``classes`` + ``templates``.
 

@@ -17,7 +17,7 @@ from ..data.folders import LabelledImages
 from ..data.loader import ImageDataset, load_rgb
 from ..data.splits import load_split
 from ..errors import ClipkdError
-from ..prompts import TextEmbeddings, build_prompts, embed_prompts, load_templates
+from ..prompts import DEFAULT_TEMPLATES, TextEmbeddings, build_prompts, embed_prompts, load_templates
 from . import metrics
 
 
@@ -93,7 +93,7 @@ class Scorer:
 
 
 def load_scorer(model: str, classnames: Sequence[str] | None = None, text: str | Path | None = None,
-                templates: str = "simple", device: str | None = "auto", precision: str = "auto") -> Scorer:
+                templates: str = DEFAULT_TEMPLATES, device: str | None = "auto", precision: str = "auto") -> Scorer:
     """A scorer for a teacher spec (``open_clip:...``), a ``clip-train`` run folder, or a student (run folder,
     ``student.pt`` or exported ``.onnx``).
 
@@ -171,7 +171,7 @@ def evaluate(
     text: str | Path | None = None,
     split: str | Path | None = None,
     val: str | Path | None = None,
-    templates: str = "simple",
+    templates: str = DEFAULT_TEMPLATES,
     batch_size: int = 128,
     workers: int | None = None,
     device: str | None = "auto",

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..errors import ClipkdError
 from ..fileio import check_can_create
-from .select import Selection, select_images
+from ..prompts import DEFAULT_TEMPLATES
+from .select import DUPLICATE_COSINE, Selection, select_images
 
 
 @dataclass
@@ -32,8 +33,8 @@ class SourcedPool:
 
 def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
                 prompts: str | Path | dict[str, list[str]] | None = None, classes: str | Path | None = None,
-                templates: str = "simple", per_class: int = 100, min_similarity: float = -1.0,
-                duplicate: float = 0.98, device: str | None = "auto", batch_size: int = 64,
+                templates: str = DEFAULT_TEMPLATES, per_class: int = 100, min_similarity: float = -1.0,
+                duplicate: float = DUPLICATE_COSINE, device: str | None = "auto", batch_size: int = 64,
                 workers: int | None = None, progress: bool = True) -> SourcedPool:
     """Select training images for every class from an unlabelled ``pool`` (a folder, an image list, shards) with
     the ``teacher``'s judgement: ``out/index`` (the pool embedded once; re-running resumes), ``out/selected.csv``
