@@ -79,8 +79,8 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     # unseen ones included): the unseen classes' training images, unlabelled, with the teacher's targets from the
     # store — transductive GZSL; the test images stay unseen. Costs one more student pass per pool image per epoch.
     "embed_pool": ({"terms": {"embed": 1.0}, "mix": "none"}, {"extra_images": "pool"}, False),
-    # the first seed's step 1 (issue 26): an *uncurated* unlabelled pool (held-back images of every class and twice
-    # as many distractors, see uncurated_pool) embedded by the teacher once, every class prompt (unseen ones too)
+    # the first seed's step 1 (issue 26): an *uncurated* unlabelled pool (copies of training images of every class and
+    # twice as many distractors, see uncurated_pool) embedded by the teacher once, every class prompt (unseen ones too)
     # selecting its images (clipkd source); the student trains on the selection with teacher targets only. Against
     # a random sample of the same pool of the selection's size, and the oracle pool above.
     "embed_select": ({"terms": {"embed": 1.0}, "mix": "none"}, {"extra_images": "select"}, False),
@@ -214,12 +214,13 @@ def unseen_pool(p: dict) -> Path:
 
 
 POOL_DISTRACTORS = 2  # distractors per real image in an uncurated pool
-POOL_SEEN_SHARE = 0.2  # the share of the seen classes' training images held back into it (all the unseen ones)
+POOL_SEEN_SHARE = 0.2  # the share of the seen classes' training images copied into it (all the unseen ones)
 
 
 def uncurated_pool(p: dict) -> tuple[Path, dict[str, str]]:
-    """A flat folder of unlabelled images standing in for a user's collection: held-back images of *every* class
-    (all the unseen classes' training images, a fifth of the seen ones; never a test image) and twice as many
+    """A flat folder of unlabelled images standing in for a user's collection: copies of training images of *every*
+    class (all the unseen classes', which a student of the seen classes never trains on; a fifth of the seen ones',
+    which it trains on anyway — not held back from it; never a test image) and twice as many
     distractors — noise, ink blobs on paper, and another world's coloured shapes. Returns the folder and the truth
     (absolute path → class, or ``distractor``), which only the benchmark sees."""
     import shutil
@@ -499,21 +500,25 @@ def main() -> None:
                 "precision, seen classes": f"{sel['seen']:.3f}",
                 "distractors selected": f"{100 * sel['distractors']:.1f} %"})
         h = {m: statistics.mean(r["H"] for r in raw[world][m]) for m in ran}
-        for none, selected, oracle in (("embed", "embed_select", "embed_pool"),
-                                       ("cutmix_fm", "cutmix_fm_select", "cutmix_fm_pool")):
+        for none, selected, rand, oracle in (("embed", "embed_select", "embed_random", "embed_pool"),
+                                             ("cutmix_fm", "cutmix_fm_select", None, "cutmix_fm_pool")):
             if {none, selected, oracle} <= set(h) and h[oracle] > h[none]:
-                kept = 100 * (h[selected] - h[none]) / (h[oracle] - h[none])
-                gains.append(f"{world}, {none}: the selected pool keeps {kept:.0f} % of the oracle pool's gain in H "
-                             f"({h[none]:.3f} → {h[selected]:.3f}; oracle {h[oracle]:.3f})")
+                kept = {m: 100 * (h[m] - h[none]) / (h[oracle] - h[none]) for m in (selected, rand) if m in h}
+                also = (f"; a random pool of the same size {kept[rand]:.0f} % ({h[rand]:.3f})" if rand in kept else
+                        "; no random pool of the same size measured for it")
+                gains.append(f"{world}, {none}: the selected pool keeps {kept[selected]:.0f} % of the oracle pool's "
+                             f"gain in H ({h[none]:.3f} → {h[selected]:.3f}; oracle {h[oracle]:.3f}){also}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.with_suffix(".json")).write_text(json.dumps(raw, indent=2))
     body = table(rows, ["world", "model", "S", "U", "H", "H_cal", "AUSUC", "share of teacher H", "compute vs embed",
                         "train s"])
     demo = f" (demo world: seeds {a.demo_seeds})" if a.demo_seeds else ""
-    body += f"\n\nSeeds: {a.seeds}{demo} for {', '.join(a.all_seeds_for)} (mean ± standard deviation); " \
-            f"seed {a.seeds[0]} "\
-            "for the others. Students: resnet10t, batch 64, lr 2e-3, seen classes only. " \
+    multi = sorted({m for w, res in raw.items() if w != "selection" for m, runs in res.items()
+                    if m != "teacher" and len(runs) > 1})
+    body += (f"\n\nSeeds {a.seeds}{demo} (mean ± standard deviation) for " + (", ".join(multi) or "no method")
+             + f"; seed {a.seeds[0]} for the others. ") + "Students: resnet10t, batch 64, lr 2e-3, seen classes " \
+            "only. " \
             "S/U/H at γ=0; H_cal: calibrated stacking with γ chosen on val. Compute vs embed: training FLOPs " \
             "(3 student forwards per training image, one teacher forward per image or view it embeds, the store's " \
             "one-off pass included) over the seed's embed; train s: wall time on a shared machine (noisy).\n"
