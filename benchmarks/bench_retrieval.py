@@ -223,6 +223,9 @@ def main() -> None:
     ap.add_argument("--out", default="results/retrieval.md")
     ap.add_argument("--update", action="store_true", help="replace these worlds' and methods' rows in --out's JSON "
                     "(and its table) and keep the others; refused when a world's teacher measures differently")
+    ap.add_argument("--withdraw", nargs="+", default=[], choices=list(ALL_METHODS),
+                    help="with --update: drop these methods' rows from the worlds not measured now (rows that a fix "
+                    "made wrong and that this run does not re-measure)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     raw = {}
@@ -246,8 +249,12 @@ def main() -> None:
             raw[world][method] = runs
             print(world, method, {k: runs[0][k] for k in KEYS}, flush=True)
     out = Path(a.out)
+    withdrawn = []
     if a.update:
         raw = merged(json.loads(out.with_suffix(".json").read_text()), raw)
+        for world, res in raw.items():
+            if world not in a.worlds:
+                withdrawn += [f"{m} ({world})" for m in a.withdraw if res.pop(m, None) is not None]
     rows = table_rows(raw)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(raw, indent=2))
@@ -271,6 +278,9 @@ def main() -> None:
              + "; CLIP epochs: " + ", ".join(f"{w} {v[1]}" for w, v in WORLDS.items()) + ". train s: wall time "
              "(of the pass that trained the run, recorded beside it and shown again when a later pass reuses it; "
              "noisy).\n")
+    if withdrawn:
+        body += (f"\nWithdrawn on {time.strftime('%Y-%m-%d')} (measured before a fix, not re-measured in this run): "
+                 + ", ".join(withdrawn) + ".\n")
     report("Retrieval students × worlds", body, out)
     plot(raw, out.with_suffix(".png"))
 
