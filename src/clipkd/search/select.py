@@ -18,8 +18,9 @@ from .index import SearchIndex
 
 log = logging.getLogger(__name__)
 # Cosine at or above which a pool image is a near-copy of one already chosen for its class. The lower 0.98 dropped
-# 90-95 % of the distinct images of a class on clipkd's teachers, whose embeddings of one class lie that close;
-# 0.999 drops 0.0-0.2 % of them and still catches an identical or resized copy (benchmarks/results/defaults.md).
+# 89-95 % of the distinct images of a class on clipkd's teachers, whose embeddings of one class lie that close;
+# 0.999 drops 0.0-0.2 % of them and catches identical copies and 24-98 % of re-encoded or resized ones
+# (benchmarks/results/defaults.md): a near-copy kept costs a little compute, a distinct image dropped costs data.
 DUPLICATE_COSINE = 0.999
 
 
