@@ -217,12 +217,16 @@ def _args_index(sub: Any) -> None:
     q = isub.add_parser("add", help="embed more images into an index (with the model that built it)")
     q.add_argument("--index", required=True)
     q.add_argument("--images", required=True, help="image folder, path,label list or Chinese-CLIP *_imgs.tsv")
+    q.add_argument("--images-root", help="where the index's collection root is on this machine (default: where "
+                   "index.json records it, relative to the index)")
     q.add_argument("--batch-size", type=_count, help=batch)
     q.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
     _device_flags(q)
     q = isub.add_parser("remove", help="drop images from an index")
     q.add_argument("--index", required=True)
-    q.add_argument("paths", nargs="+", help="image paths as indexed (absolute, or relative to here)")
+    q.add_argument("--images-root", help="where the index's collection root is on this machine")
+    q.add_argument("paths", nargs="+", help="keys as the index lists them (relative to its collection root), or "
+                   "image paths (absolute, or relative to here)")
 
 
 @command("index", _args_index)
@@ -230,7 +234,7 @@ def _index(a: argparse.Namespace) -> None:
     from .search.index import add_to_index, build_index, remove_from_index
 
     if a.index_command == "remove":
-        n = remove_from_index(index_dir=a.index, paths=a.paths)
+        n = remove_from_index(index_dir=a.index, paths=a.paths, images_root=getattr(a, "images_root", None))
         print(f"removed {n} image(s) from {a.index}")
         return
     if a.index_command == "build":
@@ -282,6 +286,8 @@ def _args_serve(sub: Any) -> None:
                    "address)")
     p.add_argument("--show-paths", action="store_true", help="add each result's path relative to the collection's "
                    "root (by default answers carry ids and URLs, never the server's file paths)")
+    p.add_argument("--images", help="where the collection's images are on this machine (default: where the index "
+                   "records them, relative to the index folder)")
 
 
 @command("serve", _args_serve)

@@ -3,11 +3,18 @@ FAISS index over its rows.
 
 Layout of an index folder::
 
-    index.json     the model (reference, identity, size, preprocessing), the FAISS kind, rows, recall@10
-    store/         the embedding store; rows keyed by absolute image path
-    labels.tsv     path<TAB>label for sources that have labels (class folders, image lists)
-    removed.txt    paths dropped by ``index remove`` (their store rows stay, out of the FAISS index)
+    index.json     the model (reference, identity, size, preprocessing), the collection root, the FAISS kind, rows,
+                   recall@10
+    model/         the exported towers or student checkpoint the index was built with, copied in
+    store/         the embedding store; rows keyed by their path relative to the collection root
+    labels.tsv     key<TAB>label for sources that have labels (class folders, image lists)
+    removed.txt    keys dropped by ``index remove`` (their store rows stay, out of the FAISS index)
     faiss.index    the FAISS index (written atomically); ``rows.npy`` maps its positions to store rows
+
+The folder names no absolute path of the machine that built it: the collection root and any model file outside
+``model/`` are recorded relative to the index folder, so an index moved or copied with its images (``mv``,
+``rsync``) keeps working, and one copied to a server without them is pointed at the images there
+(``serve --images ROOT``).
 
 Exact inner product (``flat``) up to :data:`EXACT_MAX` rows, where one query costs a few milliseconds on a
 2-core CPU (17 ms at 100,000 512-d rows, 0.2 ms with HNSW at recall@10 1.000: ``benchmarks/bench_search.py``);
@@ -51,17 +58,38 @@ def _faiss():
 
 @dataclass
 class Source:
-    """Images to index: absolute paths (``TSV#image_id`` for a Chinese-CLIP TSV) and, where known, labels."""
+    """Images to index: their ``root`` (absolute) and keys under it (``FILE.tsv#image_id`` for a Chinese-CLIP TSV's
+    rows), and labels by key where known."""
 
+    root: Path
     paths: list[str]
     labels: dict[str, str]
     opener: Any = None
 
+    def under(self, root: Path) -> Source:
+        """The same images keyed relative to ``root`` (``../`` where they lie outside it)."""
+        if root == self.root:
+            return self
+        keys = {k: rekey(k, self.root, root) for k in self.paths}
+        return Source(root, list(keys.values()), {keys[k]: v for k, v in self.labels.items()},
+                      TsvOpener(root) if self.opener is not None else None)
+
+
+def rekey(key: str, old: Path, new: Path) -> str:
+    """A key under ``old`` as a key under ``new`` (POSIX, ``../`` where it climbs out)."""
+    import os
+
+    file, row = split_key(key)
+    rel = Path(os.path.relpath(old / file, new)).as_posix()
+    return f"{rel}#{row}" if row else rel
+
 
 class TsvOpener:
-    """Decodes ``/abs/file.tsv#image_id`` keys from their Chinese-CLIP TSVs (picklable, for loader workers)."""
+    """Decodes ``file.tsv#image_id`` keys (under ``root``) from their Chinese-CLIP TSVs (picklable, for loader
+    workers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: str | Path = "/") -> None:
+        self.root = Path(root)
         self.tsvs: dict[str, Any] = {}
 
     def __call__(self, key: str):
@@ -72,7 +100,7 @@ class TsvOpener:
 
         path = split_key(key)[0]
         if path not in self.tsvs:
-            self.tsvs[path] = TsvImages(path)
+            self.tsvs[path] = TsvImages(self.root / path)
         return self.tsvs[path]
 
     def fingerprint(self, key: str) -> int:
@@ -85,18 +113,21 @@ class TsvOpener:
 
 def read_source(images: str | Path) -> Source:
     """A folder (class sub-folders give labels), a ``path,label`` image list, a Chinese-CLIP ``*_imgs.tsv``, or
-    WebDataset shards (labels: the samples' ``.cls``/``.json``), keyed by absolute path."""
+    WebDataset shards (labels: the samples' ``.cls``/``.json``), keyed relative to the folder (the list's folder,
+    the TSV's, the shards')."""
+    import os
+
     from ..data.sources import open_source
 
     src = open_source(images)
-    if src.kind == "tsv":
-        root = str((src.root / Path(images).name).resolve())
-        return Source([f"{root}#{i}" for i in src.keys], {}, TsvOpener())
     root = src.root.resolve()
-    # a list's paths may climb out of its folder: each is resolved; folders and shards are keyed under their root
-    paths = [str((root / k).resolve()) if src.kind == "list" else str(root / k) for k in src.keys]
+    if src.kind == "tsv":
+        return Source(root, [f"{Path(images).name}#{i}" for i in src.keys], {}, TsvOpener(root))
+    # a list's paths may climb out of its folder (`../x.jpg`, absolute): each is made relative to it
+    paths = [Path(os.path.relpath((root / k).resolve(), root)).as_posix() if src.kind == "list" else k
+             for k in src.keys]
     labels = src.labels or [None] * len(paths)
-    return Source(paths, {p: lab for p, lab in zip(paths, labels, strict=True) if lab is not None})
+    return Source(root, paths, {p: lab for p, lab in zip(paths, labels, strict=True) if lab is not None})
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -111,18 +142,55 @@ def is_tsv_key(path: str) -> bool:
     return bool(split_key(path)[1])
 
 
-def _model_ref(model: str | Path | None) -> str | None:
-    """A model reference that works from any directory: paths made absolute, specs kept."""
+def _model_ref(model: str | Path | None, out: Path, role: str) -> str | None:
+    """How ``out``'s index.json names a model so that it moves with the index: an exported tower (``.onnx``) or a
+    distilled student's checkpoint is copied into ``out/model/`` and named there; another file or folder (a
+    clip-train run, a weights file in a spec) is named relative to ``out``; a spec of published weights as it is."""
+    import os
+    import shutil
+
+    from ..fileio import file_fingerprint
+
     if model is None:
         return None
-    p = Path(model)
-    return str(p.resolve()) if p.exists() else str(model)
+    p = Path(str(model))
+    if p.exists():
+        from .encoder import is_student
+
+        src = p / "student.pt" if p.is_dir() and is_student(p) else p
+        if src.is_file() and (src.suffix == ".onnx" or is_student(p)):
+            if src.resolve().parent == (out / "model").resolve():  # already the index's own copy
+                return f"model/{src.name}"
+            dst = out / "model" / f"{role}-{src.name}"
+            if not dst.is_file() or file_fingerprint(dst, 1 << 20) != file_fingerprint(src, 1 << 20):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dst.with_name(f".{dst.name}.partial")
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+            return f"model/{dst.name}"
+        return Path(os.path.relpath(p.resolve(), out.resolve())).as_posix()
+    head, sep, tail = str(model).rpartition("@")
+    if sep and Path(tail).is_absolute() and Path(tail).exists():  # a spec naming a local weights file
+        return f"{head}@{Path(os.path.relpath(tail, out.resolve())).as_posix()}"
+    return str(model)
+
+
+def _resolve_ref(ref: str | None, root: Path) -> str | None:
+    """A model named in index.json, as a path or spec that loads from here (:func:`_model_ref` in reverse)."""
+    if ref is None:
+        return None
+    if not Path(ref).is_absolute() and (root / ref).exists():
+        return str(root / ref)
+    head, sep, tail = ref.rpartition("@")
+    if sep and ":" in head and not Path(tail).is_absolute() and (root / tail).exists():
+        return f"{head}@{(root / tail).resolve()}"
+    return ref
 
 
 class SearchIndex:
     """An index folder opened for search; ``encoder`` loads the model that made it (checked by identity)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, images: str | Path | None = None) -> None:
         self.root = Path(root)
         if not (self.root / "index.json").is_file():
             raise ClipkdError(f"not a search index (no index.json): {self.root}; build one with `clipkd index build`")
@@ -146,6 +214,10 @@ class SearchIndex:
             raise ClipkdError(f"index {self.root}: FAISS holds {self.index.ntotal} rows, rows.npy {len(self.rows)}; "
                               f"{rebuild}")
         self.labels = _read_labels(self.root / "labels.tsv")
+        # the collection root: given (the images on this machine), else where index.json says, relative to the
+        # index (indexes of clipkd before portable indexes keyed rows by absolute path: root /)
+        self.images_root = Path(images).resolve() if images is not None else \
+            (self.root / self.info.get("images", "/")).resolve()
         try:
             self._set_search_params()
         except AttributeError:
@@ -156,6 +228,35 @@ class SearchIndex:
     @property
     def identity(self) -> str:
         return self.info["identity"]
+
+    @property
+    def model(self) -> str:
+        """The model that built the index, as it loads from here (copied in, or relative to the index)."""
+        return _resolve_ref(self.info["model"], self.root)
+
+    @property
+    def text_model(self) -> str | None:
+        return _resolve_ref(self.info.get("text_model"), self.root)
+
+    def image_path(self, row: int) -> Path:
+        """Where a row's image file lies on this machine (a TSV row: its TSV file)."""
+        return self.images_root / split_key(self.paths[row])[0]
+
+    def check_images(self, sample: int = 64) -> int:
+        """Refuse, in one line, a collection root that is not here or lacks most rows (a moved index whose images
+        stayed behind); returns how many of the sampled rows are missing."""
+        if not self.images_root.is_dir():
+            raise ClipkdError(f"the images of index {self.root} are not at {self.images_root}: give the folder "
+                              "that holds them here (`--images ROOT`, the folder the index was built from)")
+        rows = np.unique(np.linspace(0, len(self.paths) - 1, min(sample, len(self.paths))).astype(int))
+        missing = sum(not self.image_path(int(r)).exists() for r in rows)
+        if missing * 2 > len(rows):
+            raise ClipkdError(f"{missing} of {len(rows)} sampled images of index {self.root} are not under "
+                              f"{self.images_root} (e.g. {self.paths[int(rows[0])]}): the wrong `--images` root?")
+        if missing:
+            log.warning("%d of %d sampled images of index %s are missing under %s", missing, len(rows), self.root,
+                        self.images_root)
+        return missing
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -174,9 +275,8 @@ class SearchIndex:
         else, or a pair that cannot be (the reason is logged), through :mod:`clipkd.models`."""
         from ..deployed import NotDeployable, load_deployed
 
-        model = model or self.info["model"]
-        text = text_model if text_model is not None else (self.info.get("text_model") if model == self.info["model"]
-                                                          else None)
+        model = model or self.model
+        text = text_model if text_model is not None else (self.text_model if model == self.model else None)
         try:
             enc = load_deployed(model, text, device)
         except NotDeployable as why:
@@ -224,7 +324,7 @@ class SearchIndex:
     def open_image(self, row: int):
         """The picture of an indexed row, decoded (files and Chinese-CLIP TSV rows alike)."""
         path = self.paths[row]
-        return TsvOpener()(path).convert("RGB") if is_tsv_key(path) else load_rgb(path)
+        return TsvOpener(self.images_root)(path).convert("RGB") if is_tsv_key(path) else load_rgb(self.image_path(row))
 
     def embed_images(self, images: Sequence[Any]) -> np.ndarray:
         """Unit embeddings of PIL images with the index's model (loaded on first use)."""
@@ -376,24 +476,38 @@ def _append_labels(root: Path, source: Source) -> None:
 def build_index(model: str | Path, images: str | Path, out: str | Path, kind: str = "auto",
                 text_model: str | Path | None = None, device: str | None = "auto", batch_size: int = 64,
                 workers: int | None = None, progress: bool = True, encoder: Encoder | None = None,
-                precision: str = "auto", add: bool = False) -> SearchIndex:
+                precision: str = "auto", add: bool = False, images_root: str | Path | None = None) -> SearchIndex:
     """Embed ``images`` (a folder or an image list) with ``model`` into a new index at ``out``, or resume one.
 
     ``model``: a teacher spec, a ``clip-train`` run, or a distilled student (``text_model``: its teacher, for
     text queries). ``kind``: ``auto`` (exact up to :data:`EXACT_MAX` rows, HNSW above), ``flat``, ``hnsw``,
     ``ivf`` or ``ivfpq``. Killed midway, the same command resumes (finished shards are kept). An index of other
-    images at ``out`` is refused unless ``add`` (what :func:`add_to_index` does).
+    images at ``out`` is refused unless ``add`` (what :func:`add_to_index` does). Rows are keyed relative to the
+    collection root: ``images`` for a new index (a list's folder, a TSV's), the index's own for an added source
+    (``images_root``: where that root is on this machine, when the index moved without its images beside it).
     """
+    import os
+
     out = Path(out)
     _choose_kind(kind, 0)
     source = read_source(images)
     r = ranks()  # ranks of one job (torchrun/srun) embed their shares; rank 0 holds the folder and writes the index
     with exclusive(out, "search index") if r.zero else nullcontext():
         existing = read_json(out / "index.json", "index description") if (out / "index.json").is_file() else None
-        here = str(Path(images).resolve())
+        here = Path(os.path.relpath(Path(images).resolve(), out.resolve())).as_posix()
         if existing is not None and not add and here not in existing.get("sources", []):
-            raise ClipkdError(f"{out} holds an index of {existing.get('sources')}, not of {here}; add images with "
-                              "`clipkd index add`, or build into another `out`")
+            raise ClipkdError(f"{out} holds an index of {existing.get('sources')} (relative to it), not of {here}; "
+                              "add images with `clipkd index add`, or build into another `out`")
+        if existing is not None and "images" in existing:
+            root = Path(images_root).resolve() if images_root is not None else (out / existing["images"]).resolve()
+            if not root.is_dir():
+                raise ClipkdError(f"the collection root of index {out} is not at {root}: give where its images are "
+                                  "on this machine (`--images-root`)")
+        elif existing is not None:  # an index of clipkd before portable indexes: rows keyed by absolute path
+            root = Path("/")
+        else:
+            root = source.root
+        source = source.under(root)
         if encoder is None:
             from .encoder import load_encoder
 
@@ -402,7 +516,7 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
         if existing is not None and existing.get("identity") != enc.identity:
             raise ClipkdError(f"{out} holds an index built by '{existing.get('identity')}', not '{enc.identity}'; "
                               "use another `out`")
-        store = embed_paths(enc, "/", source.paths, out / "store", batch_size, workers, progress=progress,
+        store = embed_paths(enc, root, source.paths, out / "store", batch_size, workers, progress=progress,
                             opener=source.opener, fingerprint=getattr(source.opener, "fingerprint", None))
         if r.distributed:
             barrier()  # every rank's rows are in the store
@@ -411,25 +525,32 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
             _append_labels(out, source)
             _restore_removed(out, source.paths)
             sources = [*(existing or {}).get("sources", []), here]
-            _write_faiss(out, store, kind, _describe(model, text_model, enc, sources))
+            info = _describe(model, text_model, enc, sources, out)
+            if existing is None or "images" in existing:
+                info["images"] = Path(os.path.relpath(root, out.resolve())).as_posix()
+            _write_faiss(out, store, kind, info)
     barrier()  # rank 0 has written the index
     index = SearchIndex(out)
     index.encoder = enc
     return index
 
 
-def _describe(model: str | Path, text_model: str | Path | None, enc: Encoder, sources: Sequence[str]) -> dict:
+def _describe(model: str | Path, text_model: str | Path | None, enc: Encoder, sources: Sequence[str],
+              out: Path) -> dict:
     from .encoder import is_student
 
-    return {"format": INDEX_FORMAT, "model": _model_ref(model), "text_model": _model_ref(text_model),
+    return {"format": INDEX_FORMAT, "model": _model_ref(model, out, "image"),
+            "text_model": _model_ref(text_model, out, "text"),
             "identity": enc.identity, "embed_dim": enc.embed_dim, "preprocess": enc.preprocess_cfg.to_dict(),
             "student": is_student(model), "sources": sorted(set(sources))}
 
 
 def index_store(out: str | Path, model: str | Path, kind: str = "auto", text_model: str | Path | None = None,
                 device: str | None = "auto") -> SearchIndex:
-    """Make ``out`` a search index over the embedding store already in ``out/store`` (rows keyed by absolute
-    path, made by ``model``): for embeddings computed elsewhere, e.g. a benchmark's synthetic gallery."""
+    """Make ``out`` a search index over the embedding store already in ``out/store`` (made by ``model``; its rows
+    keyed under the folder it records): for embeddings computed elsewhere, e.g. a benchmark's synthetic gallery."""
+    import os
+
     out = Path(out)
     from .encoder import load_encoder
 
@@ -438,25 +559,32 @@ def index_store(out: str | Path, model: str | Path, kind: str = "auto", text_mod
     store.check_teacher(enc.identity, hint="the store was not made by this model")
     _choose_kind(kind, 0)  # a one-line error for an unknown kind, before the work
     with exclusive(out, "search index"):
-        _write_faiss(out, store, kind, _describe(model, text_model, enc, []))
+        _write_faiss(out, store, kind, {**_describe(model, text_model, enc, [], out),
+                                        "images": Path(os.path.relpath(store.images_root(), out.resolve())).as_posix()})
     return SearchIndex(out)
 
 
 def add_to_index(index_dir: str | Path, images: str | Path, device: str | None = "auto", batch_size: int = 64,
-                 workers: int | None = None, progress: bool = True, precision: str = "auto") -> SearchIndex:
+                 workers: int | None = None, progress: bool = True, precision: str = "auto",
+                 images_root: str | Path | None = None) -> SearchIndex:
     """Embed new images into an index with the model that built it, and rebuild its FAISS index."""
-    index = SearchIndex(index_dir)
+    index = SearchIndex(index_dir, images_root)
     info = index.info
-    return build_index(info["model"], images, index_dir, info.get("requested_kind", info["kind"]),
-                       info.get("text_model"), device, batch_size, workers, progress, precision=precision, add=True)
+    return build_index(index.model, images, index_dir, info.get("requested_kind", info["kind"]),
+                       index.text_model, device, batch_size, workers, progress, precision=precision, add=True,
+                       images_root=images_root)
 
 
-def remove_from_index(index_dir: str | Path, paths: Sequence[str]) -> int:
-    """Drop ``paths`` (as given, or made absolute) from an index; returns how many rows left it."""
+def remove_from_index(index_dir: str | Path, paths: Sequence[str], images_root: str | Path | None = None) -> int:
+    """Drop ``paths`` (keys as the index lists them, or image paths under its collection root) from an index;
+    returns how many rows left it."""
+    import os
+
     root = Path(index_dir)
-    index = SearchIndex(root)
+    index = SearchIndex(root, images_root)
     known = set(index.paths)
-    wanted = {p if p in known else str(Path(p).resolve()) for p in paths}
+    wanted = {p if p in known else Path(os.path.relpath(Path(p).resolve(), index.images_root)).as_posix()
+              for p in paths}
     unknown = sorted(p for p in wanted if p not in known)
     if unknown:
         raise ClipkdError(f"{len(unknown)} path(s) are not in index {root}, e.g. {unknown[:3]}")

@@ -275,9 +275,12 @@ def knn_fields(body: dict[str, Any], index_name: str) -> dict[str, Any]:
 
 
 def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int = MAX_K,
-               public_url: str = "http://127.0.0.1:8000", show_paths: bool = False):
+               public_url: str = "http://127.0.0.1:8000", show_paths: bool = False,
+               images: str | Path | None = None):
     """The FastAPI app serving ``index`` (loaded with the model that built it); result URLs start with
-    ``public_url`` (the address clients reach the server at), never with what a request's ``Host`` says."""
+    ``public_url`` (the address clients reach the server at), never with what a request's ``Host`` says.
+    ``images``: where the collection's images are on this machine (default: where the index records them); a root
+    that is not there, or lacks most of the rows, is refused in one line before serving."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -285,7 +288,8 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
         raise ClipkdError("serving needs FastAPI: pip install 'clipkd[search]'") from None
 
     if not isinstance(index, SearchIndex):
-        index = SearchIndex(index)
+        index = SearchIndex(index, images)
+    index.check_images()
     svc = SearchService(index, max_k=max_k, batch=batch, public_url=public_url, show_paths=show_paths)
     app = FastAPI(title="clipkd search", version="1",
                   description=f"Image search over {len(index)} images embedded by {index.identity}.")
@@ -349,7 +353,7 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
         files as they are, other formats (WebP, BMP, GIF, TIFF, TSV rows) re-encoded as PNG; ``?thumb=1``: a JPEG
         at most 256 px."""
         r = svc.image_row(row)
-        path = Path(index.paths[r])
+        path = index.image_path(r)
         if not thumb and path.is_file() and path.suffix.lower() in (".jpg", ".jpeg", ".png"):
             return FileResponse(path, media_type="image/png" if path.suffix.lower() == ".png" else "image/jpeg")
         try:
@@ -439,7 +443,7 @@ async def _parse_form(body: bytes, ctype: str) -> dict[str, Any]:
 
 
 def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batch: bool = True,
-          public_url: str | None = None, show_paths: bool = False) -> None:
+          public_url: str | None = None, show_paths: bool = False, images: str | Path | None = None) -> None:
     """Run the app with uvicorn until interrupted. ``public_url``: where clients reach it, for the result URLs
     (default: the listening address; this machine's name when listening on every interface)."""
     try:
@@ -452,7 +456,7 @@ def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batc
         public_url = f"http://{socket.gethostname() if host in ('0.0.0.0', '::', '') else host}:{port}"
     elif not public_url.startswith(("http://", "https://")):
         raise ClipkdError(f"`public_url` must start with http:// or https://, got {public_url!r}")
-    app = create_app(index_dir, batch=batch, public_url=public_url, show_paths=show_paths)
+    app = create_app(index_dir, batch=batch, public_url=public_url, show_paths=show_paths, images=images)
     log.info("serving %s on http://%s:%d with %s (web page at /, API docs at /docs)", index_dir, host, port,
              "ONNX Runtime, no PyTorch" if app.state.service.index.encoder.runtime == "onnx" else "PyTorch")
     uvicorn.run(app, host=host, port=port, log_level="warning")
