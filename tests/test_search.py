@@ -541,3 +541,57 @@ def test_an_index_moves_with_its_images_and_serves_from_another_root(tiny_world,
     assert main(["serve", "--index", str(server / "index"), "--port", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "are not at" in err[0], err
+
+
+def test_filters_restrict_results_to_a_label_or_any_column_of_the_image_list(tiny_world, teacher_spec, tmp_path,
+                                                                             capsys):
+    """A shop searches within a category: `label` and `where` (any extra column of the image list) on /search and
+    `clipkd search --label / --where`; exact on a flat index, and on HNSW the same top-k as an exact filtered search;
+    nothing matching is no results (200); an unknown column is one line (400); /knn-service keeps its protocol."""
+    import csv
+
+    from fastapi.testclient import TestClient
+
+    files = sorted((tiny_world / "test").rglob("*.png"))
+    with (tmp_path / "shop.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "brand", "price"])
+        for i, p in enumerate(files):
+            w.writerow([str(p), p.parent.name, "acme" if i % 3 == 0 else "other", f"{10 + i % 2}"])
+    flat = build_index(teacher_spec, tmp_path / "shop.csv", tmp_path / "flat", device="cpu", workers=0,
+                       progress=False)
+    acme = {files[i].relative_to(tiny_world / "test").as_posix() for i in range(0, len(files), 3)}
+    hits = flat.search(text="a red circle", k=100, where={"brand": "acme"})
+    assert {h["path"] for h in hits} == acme
+    label = files[4].parent.name
+    hits = flat.search(text="a red circle", k=5, label=label, where={"price": "10"})
+    assert hits and all(h["label"] == label and h["path"].startswith(label) for h in hits)
+    assert flat.search(text="a red circle", k=5, where={"brand": "nobody"}) == []
+    with pytest.raises(ClipkdError, match="no column 'colour' to filter on .*brand, price"):
+        flat.search(text="x", where={"colour": "red"})
+    # HNSW: the filtered search gives what an exact search over the matching rows gives
+    hnsw = build_index(teacher_spec, tmp_path / "shop.csv", tmp_path / "hnsw", kind="hnsw", device="cpu", workers=0,
+                       progress=False)
+    for where in ({"brand": "acme"}, {"brand": "other"}, {"price": "11"}):
+        q = hnsw.embed_text(["a green star"])
+        allowed = hnsw.allowed(where=where)
+        got = hnsw.search_vectors(q, 5, allowed)[1][0]
+        want = hnsw._exact(q, 5, allowed)[1][0]
+        assert list(got) == list(hnsw.rows[want]), where
+    c = TestClient(create_app(tmp_path / "flat"))
+    r = c.post("/search", json={"text": "a red circle", "k": 50, "where": {"brand": "acme"}})
+    assert r.status_code == 200 and len(r.json()["results"]) == len(acme)
+    assert c.post("/search", json={"text": "x", "where": {"brand": "nobody"}}).json()["results"] == []
+    r = c.post("/search", json={"text": "x", "where": {"colour": "red"}})
+    assert r.status_code == 400 and "no column 'colour'" in r.json()["detail"]
+    assert c.post("/search", json={"text": "x", "where": ["brand"]}).status_code == 400
+    r = c.post("/search", files={"image": ("q.png", files[0].read_bytes(), "image/png")}, data={"label": label})
+    assert r.status_code == 200 and all(h["label"] == label.replace("_", " ") or h["label"] == label
+                                        for h in r.json()["results"])
+    assert len(c.post("/knn-service", json={"text": "a red circle", "num_images": 3, "deduplicate": False}).json()) == 3
+    capsys.readouterr()
+    assert main(["search", "--index", str(tmp_path / "flat"), "--text", "a red circle", "--where", "brand=acme",
+                 "--k", "3", "--device", "cpu"]) == 0
+    assert len([ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]) == 3
+    assert main(["search", "--index", str(tmp_path / "flat"), "--text", "x", "--where", "colour=red"]) == 2
+    assert "no column 'colour'" in capsys.readouterr().err

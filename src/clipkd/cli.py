@@ -256,6 +256,9 @@ def _args_search(sub: Any) -> None:
     qq.add_argument("--text", help="query text (the model's text tower, or a student's teacher's)")
     p.add_argument("--k", type=_count, help=f"results (default {_default(SearchIndex.search, 'k')})")
     p.add_argument("--out", help="write a PNG grid (query, then its results) here")
+    p.add_argument("--label", help="only images of this label (class folder or the list's label column)")
+    p.add_argument("--where", action="append", type=_column_value, metavar="COLUMN=VALUE",
+                   help="only images whose image-list column has this value (repeat for more: all must match)")
     p.add_argument("--text-model", help="for a student index built without one: its teacher, for --text")
     _device_flags(p)
 
@@ -265,12 +268,23 @@ def _search(a: argparse.Namespace) -> None:
     from .search.index import SearchIndex
 
     idx = SearchIndex(a.index)
+    where = dict(a.where) if getattr(a, "where", None) else None
+    idx.allowed(getattr(a, "label", None), where)  # an unknown column: one line before the model loads
     idx.load_encoder(**_kwargs(idx.load_encoder, a))
-    hits = idx.search(**_kwargs(idx.search, a))
+    hits = idx.search(**_kwargs(idx.search, a, where=where))
+    if not hits:
+        print("no image matches the filter" if getattr(a, "label", None) or where else "no results")
     for rank, h in enumerate(hits, 1):
         print(f"{rank:3d}  {h['score']:.4f}  {h['path']}" + (f"  [{h['label']}]" if h["label"] else ""))
     if getattr(a, "out", None):
         print(f"grid -> {idx.save_grid(hits, **_kwargs(idx.save_grid, a))}")
+
+
+def _column_value(text: str) -> tuple[str, str]:
+    column, sep, value = text.partition("=")
+    if not sep or not column:
+        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE, got '{text}'")
+    return column, value
 
 
 def _args_serve(sub: Any) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +65,7 @@ class Source:
     paths: list[str]
     labels: dict[str, str]
     opener: Any = None
+    columns: dict[str, dict[str, str]] = field(default_factory=dict)  # an image list's other columns, by key
 
     def under(self, root: Path) -> Source:
         """The same images keyed relative to ``root`` (``../`` where they lie outside it)."""
@@ -72,7 +73,8 @@ class Source:
             return self
         keys = {k: rekey(k, self.root, root) for k in self.paths}
         return Source(root, list(keys.values()), {keys[k]: v for k, v in self.labels.items()},
-                      TsvOpener(root) if self.opener is not None else None)
+                      TsvOpener(root) if self.opener is not None else None,
+                      {c: {keys[k]: v for k, v in col.items() if k in keys} for c, col in self.columns.items()})
 
 
 def rekey(key: str, old: Path, new: Path) -> str:
@@ -123,11 +125,23 @@ def read_source(images: str | Path) -> Source:
     root = src.root.resolve()
     if src.kind == "tsv":
         return Source(root, [f"{Path(images).name}#{i}" for i in src.keys], {}, TsvOpener(root))
-    # a list's paths may climb out of its folder (`../x.jpg`, absolute): each is made relative to it
-    paths = [Path(os.path.relpath((root / k).resolve(), root)).as_posix() if src.kind == "list" else k
-             for k in src.keys]
+    paths = list(src.keys)
+    if src.kind == "list":  # a list's paths may climb out of its folder (`../x.jpg`, absolute): the root is then
+        files = [str((root / k).resolve()) for k in src.keys]  # the folder that holds them all
+        if any(not f.startswith(str(root) + os.sep) for f in files):
+            root = Path(os.path.commonpath(files))
+            root = root if root.is_dir() else root.parent
+        paths = [Path(os.path.relpath(f, root)).as_posix() for f in files]
     labels = src.labels or [None] * len(paths)
-    return Source(root, paths, {p: lab for p, lab in zip(paths, labels, strict=True) if lab is not None})
+    columns = {}
+    if src.kind == "list":
+        from ..data.datasets import read_list_columns
+
+        key = {listed: p for listed, p in zip(src.keys, paths, strict=True)}
+        columns = {c: {key[k]: v for k, v in col.items() if k in key}
+                   for c, col in read_list_columns(images).items()}
+    return Source(root, paths, {p: lab for p, lab in zip(paths, labels, strict=True) if lab is not None},
+                  columns=columns)
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -291,12 +305,71 @@ class SearchIndex:
         self.encoder = enc
         return enc
 
-    def search_vectors(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` (scores, store rows) for unit query vectors (rows of -1 where fewer than ``k`` exist)."""
+    @property
+    def columns(self) -> dict[str, dict[str, str]]:
+        """What rows can be filtered on: ``label`` and an image list's other columns, ``column → {key → value}``."""
+        if not hasattr(self, "_columns"):
+            self._columns = {"label": self.labels, **_read_columns(self.root)}
+        return self._columns
+
+    def allowed(self, label: str | None = None, where: dict[str, str] | None = None) -> np.ndarray | None:
+        """The FAISS positions whose rows match ``label`` and every ``column: value`` of ``where`` (None: no
+        filter). A column the index does not have is a one-line error naming those it has."""
+        want = {**({"label": label} if label is not None else {}), **(where or {})}
+        if not want:
+            return None
+        cache = self.__dict__.setdefault("_allowed", {})
+        frozen = tuple(sorted(want.items()))
+        if frozen in cache:
+            return cache[frozen]
+        unknown = sorted(c for c in want if c not in self.columns or (c == "label" and not self.labels))
+        if unknown:
+            have = [c for c in self.columns if c != "label" or self.labels]
+            raise ClipkdError(f"index {self.root} has no column {unknown[0]!r} to filter on (it has: "
+                              f"{', '.join(have) or 'none'})")
+        keys = np.asarray(self.paths)[self.rows]
+        ok = np.ones(len(self.rows), dtype=bool)
+        for c, v in want.items():
+            col = self.columns[c]
+            ok &= np.fromiter((col.get(k) == str(v) for k in keys), dtype=bool, count=len(keys))
+        if len(cache) > 256:
+            cache.clear()
+        cache[frozen] = np.flatnonzero(ok).astype(np.int64)
+        return cache[frozen]
+
+    def search_vectors(self, queries: np.ndarray, k: int = 10,
+                       allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (scores, store rows) for unit query vectors (rows of -1 where fewer than ``k`` exist), among
+        the FAISS positions ``allowed`` when given (:meth:`allowed`): exact over them on a flat index, and on an
+        approximate one when they are few (under a tenth of the rows) or the filtered search inside FAISS
+        (``IDSelector``) found fewer than ``k`` of them; so a filter never loses results an exact search has."""
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.info["embed_dim"])
-        scores, pos = self.index.search(q, min(k, max(1, len(self))))
+        if allowed is None:
+            scores, pos = self.index.search(q, min(k, max(1, len(self))))
+        elif not len(allowed):
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        elif self.info["kind"] == "flat" or len(allowed) * 10 < len(self):
+            scores, pos = self._exact(q, k, allowed)
+        else:
+            faiss = _faiss()
+            sel = faiss.IDSelectorBatch(allowed)
+            kind = self.info["kind"]
+            params = (faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.index.hnsw.efSearch, 4 * k))
+                      if kind == "hnsw" else faiss.SearchParametersIVF(sel=sel, nprobe=self.index.nprobe))
+            want = min(k, len(allowed))
+            scores, pos = self.index.search(q, want, params=params)
+            if (pos < 0).sum(1).max() > 0:  # the graph or the probed lists ran out of matches: exact instead
+                scores, pos = self._exact(q, k, allowed)
         rows = np.where(pos >= 0, self.rows[np.clip(pos, 0, None)], -1)
         return scores, rows
+
+    def _exact(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` among FAISS positions ``allowed``, from the stored embeddings."""
+        vectors = np.asarray(self.store.embeddings()[self.rows[allowed]], dtype=np.float32)
+        sims = q @ vectors.T
+        k = min(k, len(allowed))
+        top = np.argsort(-sims, axis=1)[:, :k]
+        return np.take_along_axis(sims, top, 1), allowed[top]
 
     def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
         """One query's results as dicts: ``id`` (the store row), ``path``, ``score``, ``label``."""
@@ -335,8 +408,11 @@ class SearchIndex:
         enc = self.encoder or self.load_encoder()
         return np.asarray(enc.encode_text(list(texts)), dtype=np.float32)
 
-    def search(self, image: str | Path | None = None, text: str | None = None, k: int = 10) -> list[dict[str, Any]]:
-        """Top-``k`` results for an image file or a text."""
+    def search(self, image: str | Path | None = None, text: str | None = None, k: int = 10,
+               label: str | None = None, where: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Top-``k`` results for an image file or a text; with ``label`` / ``where`` (``{column: value}``), among
+        the images that match them (none matching: no results)."""
+        allowed = self.allowed(label, where)
         if (image is None) == (text is None):
             raise ClipkdError("give exactly one query: an image or a text")
         if text is not None:
@@ -349,7 +425,7 @@ class SearchIndex:
             except Exception as e:  # noqa: BLE001 - any decode failure is the user's query file
                 raise ClipkdError(f"cannot read query image {image}: {type(e).__name__}: {e}") from None
             q = self.embed_images([img])
-        scores, rows = self.search_vectors(q, k)
+        scores, rows = self.search_vectors(q, k, allowed)
         return self.hits(scores[0], rows[0])
 
     def save_grid(self, hits: Sequence[dict[str, Any]], out: str | Path, image: str | Path | None = None,
@@ -465,6 +541,40 @@ def _restore_removed(root: Path, paths: Sequence[str]) -> None:
         log.info("index %s: %d image(s) removed earlier are back in it", root, len(back))
 
 
+COLUMNS = "columns.tsv"  # key<TAB>one value per column (an image list's extra columns), with a header
+
+
+def _read_columns(root: Path) -> dict[str, dict[str, str]]:
+    import csv
+
+    f = root / COLUMNS
+    if not f.is_file():
+        return {}
+    with f.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh, delimiter="\t"))
+    names = rows[0][1:] if rows else []
+    return {c: {r[0]: r[i + 1] for r in rows[1:] if len(r) > i + 1 and r[i + 1] != ""} for i, c in enumerate(names)}
+
+
+def _append_columns(root: Path, source: Source) -> None:
+    import csv
+    import io
+
+    if not source.columns:
+        return
+    have = _read_columns(root)
+    for c, col in source.columns.items():
+        have.setdefault(c, {}).update(col)
+    names = sorted(have)
+    keys = sorted({k for col in have.values() for k in col})
+    buf = io.StringIO()
+    w = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    w.writerow(["key", *names])
+    for k in keys:
+        w.writerow([k, *(have[c].get(k, "") for c in names)])
+    write_text(root / COLUMNS, buf.getvalue())
+
+
 def _append_labels(root: Path, source: Source) -> None:
     if not source.labels:
         return
@@ -523,6 +633,7 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
             store = EmbeddingStore(out / "store")
         if r.zero:
             _append_labels(out, source)
+            _append_columns(out, source)
             _restore_removed(out, source.paths)
             sources = [*(existing or {}).get("sources", []), here]
             info = _describe(model, text_model, enc, sources, out)
