@@ -984,6 +984,20 @@ class _Terminated(BaseException):
     decoder counting undecodable files, say) can take it for an ordinary error and carry on."""
 
 
+# which extra installs a module a command found missing (the base package is torch-free: pyproject.toml)
+EXTRAS = {"torch": "train", "torchvision": "train", "lightning": "train", "open_clip": "train", "timm": "train",
+          "sklearn": "train", "matplotlib": "train", "faiss": "serve", "fastapi": "serve", "uvicorn": "serve",
+          "multipart": "serve", "python_multipart": "serve", "onnxruntime": "serve", "tokenizers": "serve",
+          "regex": "serve", "ftfy": "serve", "onnx": "deploy", "onnxscript": "deploy", "cv2": "deploy",
+          "cn_clip": "cnclip", "transformers": "hf", "modelscope": "modelscope", "img2dataset": "download",
+          "tensorboardX": "tensorboard", "wandb": "wandb"}
+
+
+def missing_extra(module: str) -> str | None:
+    """The extra of ``pip install 'clipkd[EXTRA]'`` that installs ``module`` (None: not one of clipkd's)."""
+    return EXTRAS.get(module.split(".")[0])
+
+
 def _sigterm(signum: int, frame: Any) -> None:
     raise _Terminated()
 
@@ -994,7 +1008,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     given = sys.argv[1:] if argv is None else argv
     name = next((a for a in given if not a.startswith("-")), None)  # the global flags take no value
-    parser = build_parser(name if name in COMMANDS else None)
+    try:
+        parser = build_parser(name if name in COMMANDS else None)
+    except ModuleNotFoundError as e:  # a command's flags read its API's defaults: its stack must be there
+        if missing_extra(e.name or "") is None:
+            raise
+        print(f"clipkd {name}: error: this needs {e.name}, which is not installed: "
+              f"pip install 'clipkd[{missing_extra(e.name or '')}]'", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     _FLAGS.clear()
     _FLAGS.update(flags_of(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -1025,6 +1046,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        extra = missing_extra(e.name or "")
+        if extra is None or args.verbose:
+            raise
+        print(f"clipkd {args.command}: error: this needs {e.name}, which is not installed: "
+              f"pip install 'clipkd[{extra}]'", file=sys.stderr)
+        return 2
     except OSError as e:
         if args.verbose or e.errno is None:
             raise

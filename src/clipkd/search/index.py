@@ -5,7 +5,7 @@ Layout of an index folder::
 
     index.json     the model (reference, identity, size, preprocessing), the collection root, the FAISS kind, rows,
                    recall@10
-    model/         the exported towers or student checkpoint the index was built with, copied in
+    model/         the exported towers or student checkpoint the index was built with, copied in (image/, text/)
     store/         the embedding store; rows keyed by their path relative to the collection root
     labels.tsv     key<TAB>label for sources that have labels (class folders, image lists)
     removed.txt    keys dropped by ``index remove`` (their store rows stay, out of the FAISS index)
@@ -173,15 +173,15 @@ def _model_ref(model: str | Path | None, out: Path, role: str) -> str | None:
 
         src = p / "student.pt" if p.is_dir() and is_student(p) else p
         if src.is_file() and (src.suffix == ".onnx" or is_student(p)):
-            if src.resolve().parent == (out / "model").resolve():  # already the index's own copy
-                return f"model/{src.name}"
-            dst = out / "model" / f"{role}-{src.name}"
+            if src.resolve().parent == (out / "model" / role).resolve():  # already the index's own copy
+                return f"model/{role}/{src.name}"
+            dst = out / "model" / role / src.name  # the name kept: a deployed model's identity names its file
             if not dst.is_file() or file_fingerprint(dst, 1 << 20) != file_fingerprint(src, 1 << 20):
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 tmp = dst.with_name(f".{dst.name}.partial")
                 shutil.copyfile(src, tmp)
                 os.replace(tmp, dst)
-            return f"model/{dst.name}"
+            return f"model/{role}/{dst.name}"
         return Path(os.path.relpath(p.resolve(), out.resolve())).as_posix()
     head, sep, tail = str(model).rpartition("@")
     if sep and Path(tail).is_absolute() and Path(tail).exists():  # a spec naming a local weights file
