@@ -10,8 +10,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[all,test]'
 	touch $(STAMP)
+
+# A second environment without PyTorch: the lean server as `pip install "clipkd[serve]"` installs it (its tests run
+# the deployed search in it; cached until pyproject.toml changes)
+LEAN := .venv-lean
+LEAN_STAMP := $(LEAN)/.installed
+$(LEAN_STAMP): pyproject.toml
+	$(PY) -m venv $(LEAN)
+	$(LEAN)/bin/pip install -q --upgrade pip
+	$(LEAN)/bin/pip install -q -e '.[serve]'
+	@if $(LEAN)/bin/python -c "import torch" 2>/dev/null; then echo "the lean environment has torch"; exit 1; fi
+	touch $(LEAN_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/clipkd demo --out runs/demo
@@ -20,8 +31,8 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(BIN)/clipkd demo --out runs/demo-quick --quick
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
+test: $(STAMP) $(LEAN_STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CLIPKD_LEAN_PYTHON=$(LEAN)/bin/python $(BIN)/python -m pytest -q
 	$(BIN)/ruff check src tests
 
 test-slow: $(STAMP)
@@ -31,7 +42,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LEAN) runs
 
 bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python bench_embed.py --data .data/jpegs --out results/embed.md

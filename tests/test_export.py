@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -362,12 +363,19 @@ def _lean_server_answers_like_the_pytorch_one(index_dir, tiny_world, ref, capsys
     torch_index = SearchIndex(index_dir)
     from clipkd.search.encoder import load_encoder
 
-    torch_index.encoder = load_encoder(torch_index.info["model"], torch_index.info["text_model"], "cpu")
+    torch_index.encoder = load_encoder(torch_index.model, torch_index.text_model, "cpu")
     want = torch_index.search(image=query, k=2)
     assert [h["id"] for h in got["knn"]] == [h["id"] for h in want]
     assert [h["similarity"] for h in got["knn"]] == pytest.approx([h["score"] for h in want], abs=1e-5)
     assert "CLI 0" in proc.stderr and str(ref[0]["path"]) in proc.stdout
-    old = onnx.load(str(torch_index.info["text_model"]))  # as exported before the tokenizer was embedded
+    lean = os.environ.get("CLIPKD_LEAN_PYTHON")  # `make test`'s environment of `pip install "clipkd[serve]"`
+    if lean:  # the same answers from a real install without PyTorch, not only with its modules hidden
+        assert subprocess.run([lean, "-c", "import torch"], capture_output=True).returncode != 0
+        real = subprocess.run([lean, "-c", LEAN_CHECK, str(index_dir), str(query)], capture_output=True, text=True,
+                              timeout=300)
+        assert real.returncode == 0, real.stderr[-2000:]
+        assert json.loads(real.stdout.strip().splitlines()[-1]) == got
+    old = onnx.load(str(torch_index.text_model))  # as exported before the tokenizer was embedded
     kept = [p for p in old.metadata_props if p.key != "clipkd.tokenizer"]
     del old.metadata_props[:]
     old.metadata_props.extend(kept)

@@ -217,12 +217,16 @@ def _args_index(sub: Any) -> None:
     q = isub.add_parser("add", help="embed more images into an index (with the model that built it)")
     q.add_argument("--index", required=True)
     q.add_argument("--images", required=True, help="image folder, path,label list or Chinese-CLIP *_imgs.tsv")
+    q.add_argument("--images-root", help="where the index's collection root is on this machine (default: where "
+                   "index.json records it, relative to the index)")
     q.add_argument("--batch-size", type=_count, help=batch)
     q.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
     _device_flags(q)
     q = isub.add_parser("remove", help="drop images from an index")
     q.add_argument("--index", required=True)
-    q.add_argument("paths", nargs="+", help="image paths as indexed (absolute, or relative to here)")
+    q.add_argument("--images-root", help="where the index's collection root is on this machine")
+    q.add_argument("paths", nargs="+", help="keys as the index lists them (relative to its collection root), or "
+                   "image paths (absolute, or relative to here)")
 
 
 @command("index", _args_index)
@@ -230,7 +234,7 @@ def _index(a: argparse.Namespace) -> None:
     from .search.index import add_to_index, build_index, remove_from_index
 
     if a.index_command == "remove":
-        n = remove_from_index(index_dir=a.index, paths=a.paths)
+        n = remove_from_index(index_dir=a.index, paths=a.paths, images_root=getattr(a, "images_root", None))
         print(f"removed {n} image(s) from {a.index}")
         return
     if a.index_command == "build":
@@ -252,6 +256,9 @@ def _args_search(sub: Any) -> None:
     qq.add_argument("--text", help="query text (the model's text tower, or a student's teacher's)")
     p.add_argument("--k", type=_count, help=f"results (default {_default(SearchIndex.search, 'k')})")
     p.add_argument("--out", help="write a PNG grid (query, then its results) here")
+    p.add_argument("--label", help="only images of this label (class folder or the list's label column)")
+    p.add_argument("--where", action="append", type=_column_value, metavar="COLUMN=VALUE",
+                   help="only images whose image-list column has this value (repeat for more: all must match)")
     p.add_argument("--text-model", help="for a student index built without one: its teacher, for --text")
     _device_flags(p)
 
@@ -261,12 +268,23 @@ def _search(a: argparse.Namespace) -> None:
     from .search.index import SearchIndex
 
     idx = SearchIndex(a.index)
+    where = dict(a.where) if getattr(a, "where", None) else None
+    idx.allowed(getattr(a, "label", None), where)  # an unknown column: one line before the model loads
     idx.load_encoder(**_kwargs(idx.load_encoder, a))
-    hits = idx.search(**_kwargs(idx.search, a))
+    hits = idx.search(**_kwargs(idx.search, a, where=where))
+    if not hits:
+        print("no image matches the filter" if getattr(a, "label", None) or where else "no results")
     for rank, h in enumerate(hits, 1):
         print(f"{rank:3d}  {h['score']:.4f}  {h['path']}" + (f"  [{h['label']}]" if h["label"] else ""))
     if getattr(a, "out", None):
         print(f"grid -> {idx.save_grid(hits, **_kwargs(idx.save_grid, a))}")
+
+
+def _column_value(text: str) -> tuple[str, str]:
+    column, sep, value = text.partition("=")
+    if not sep or not column:
+        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE, got '{text}'")
+    return column, value
 
 
 def _args_serve(sub: Any) -> None:
@@ -282,6 +300,8 @@ def _args_serve(sub: Any) -> None:
                    "address)")
     p.add_argument("--show-paths", action="store_true", help="add each result's path relative to the collection's "
                    "root (by default answers carry ids and URLs, never the server's file paths)")
+    p.add_argument("--images", help="where the collection's images are on this machine (default: where the index "
+                   "records them, relative to the index folder)")
 
 
 @command("serve", _args_serve)
@@ -964,6 +984,20 @@ class _Terminated(BaseException):
     decoder counting undecodable files, say) can take it for an ordinary error and carry on."""
 
 
+# which extra installs a module a command found missing (the base package is torch-free: pyproject.toml)
+EXTRAS = {"torch": "train", "torchvision": "train", "lightning": "train", "open_clip": "train", "timm": "train",
+          "sklearn": "train", "matplotlib": "train", "faiss": "serve", "fastapi": "serve", "uvicorn": "serve",
+          "multipart": "serve", "python_multipart": "serve", "onnxruntime": "serve", "tokenizers": "serve",
+          "regex": "serve", "ftfy": "serve", "onnx": "deploy", "onnxscript": "deploy", "cv2": "deploy",
+          "cn_clip": "cnclip", "transformers": "hf", "modelscope": "modelscope", "img2dataset": "download",
+          "tensorboardX": "tensorboard", "wandb": "wandb"}
+
+
+def missing_extra(module: str) -> str | None:
+    """The extra of ``pip install 'clipkd[EXTRA]'`` that installs ``module`` (None: not one of clipkd's)."""
+    return EXTRAS.get(module.split(".")[0])
+
+
 def _sigterm(signum: int, frame: Any) -> None:
     raise _Terminated()
 
@@ -974,7 +1008,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     given = sys.argv[1:] if argv is None else argv
     name = next((a for a in given if not a.startswith("-")), None)  # the global flags take no value
-    parser = build_parser(name if name in COMMANDS else None)
+    try:
+        parser = build_parser(name if name in COMMANDS else None)
+    except ModuleNotFoundError as e:  # a command's flags read its API's defaults: its stack must be there
+        if missing_extra(e.name or "") is None:
+            raise
+        print(f"clipkd {name}: error: this needs {e.name}, which is not installed: "
+              f"pip install 'clipkd[{missing_extra(e.name or '')}]'", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     _FLAGS.clear()
     _FLAGS.update(flags_of(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -1005,6 +1046,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        extra = missing_extra(e.name or "")
+        if extra is None or args.verbose:
+            raise
+        print(f"clipkd {args.command}: error: this needs {e.name}, which is not installed: "
+              f"pip install 'clipkd[{extra}]'", file=sys.stderr)
+        return 2
     except OSError as e:
         if args.verbose or e.errno is None:
             raise

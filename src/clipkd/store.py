@@ -270,8 +270,8 @@ class EmbeddingStore:
         have = np.flatnonzero(rows >= 0)
         recorded = self.sizes()[rows[have]] if len(have) else np.zeros(0, np.int64)
         known = recorded != -2  # -2: an older store recorded no size; -1: not a file (a TSV row)
-        if not known.all() and Path(self.manifest.get("images_root", "")) != root.resolve():
-            raise ClipkdError(f"store {self.root} was built from {self.manifest.get('images_root')} by an older "
+        if not known.all() and self.images_root() != root.resolve():
+            raise ClipkdError(f"store {self.root} was built from {self.images_root()} by an older "
                               f"clipkd that did not record file sizes, so it cannot be checked against {root}; "
                               "re-run embed-images into a new `out`")
         bad = []
@@ -293,7 +293,7 @@ class EmbeddingStore:
             raise ClipkdError(
                 f"store {self.root} holds embeddings of other files: {len(bad)} of the {len(have)} images under "
                 f"{root} it has rows for differ in {what} from the files it embedded (from "
-                f"{self.manifest.get('images_root')}), e.g. {bad[:3]}; use the store of these images, or "
+                f"{self.images_root()}), e.g. {bad[:3]}; use the store of these images, or "
                 "embed-images them into a new `out`")
 
     def rows(self, paths: Sequence[str]) -> np.ndarray:
@@ -315,6 +315,10 @@ class EmbeddingStore:
         if teacher is not None:
             self.check_teacher(teacher)
         rows = self.rows(paths)
+        if root is not None and (rows < 0).any():  # the same images named from elsewhere (a list of absolute
+            base = self.images_root()             # paths for an index's store, keyed under its collection root)
+            alt = self.rows([Path(os.path.relpath((Path(root) / p).resolve(), base)).as_posix() for p in paths])
+            rows = np.where(rows < 0, alt, rows)
         if root is not None:
             self.check_files(root, paths, rows, fingerprint)
         missing = np.flatnonzero(rows < 0)
@@ -337,6 +341,11 @@ class EmbeddingStore:
         files = [(str((self.root / s["file"]).resolve()), s["count"]) for s in self.manifest["shards"]]
         return TargetRows(files, self.embed_dim, rows)
 
+    def images_root(self) -> Path:
+        """The folder the store's rows were embedded from (recorded relative to the store; absolute in stores of
+        clipkd before 0.1's portable stores)."""
+        return (self.root / self.manifest.get("images_root", "/")).resolve()
+
     def check_teacher(self, identity: str, hint: str = "") -> None:
         """Refuse to mix embeddings of two teachers."""
         if identity != self.teacher:
@@ -344,10 +353,16 @@ class EmbeddingStore:
                               + (f"; {hint}" if hint else ""))
 
 
-def new_manifest(info: dict[str, Any], images_root: Path, shard_size: int) -> dict[str, Any]:
+def _relative_root(images: Path, out: Path) -> str:
+    """Where the images were, relative to the store (a store records no absolute path: it moves with them)."""
+    return Path(os.path.relpath(images.resolve(), out.resolve())).as_posix()
+
+
+def new_manifest(info: dict[str, Any], images_root: Path, shard_size: int, out: Path) -> dict[str, Any]:
+    root = _relative_root(images_root, out)
     return {"format": STORE_FORMAT, "teacher": info["teacher"], "embed_dim": info["embed_dim"],
             "preprocess": info["preprocess"], "normalized": "l2", "dtype": "float16",
-            "images_root": str(images_root.resolve()), "images_roots": [str(images_root.resolve())],
+            "images_root": root, "images_roots": [root],
             "shard_size": shard_size, "count": 0,
             "skipped_count": 0, "skipped": [], "shards": [], "seconds": 0.0}
 
@@ -475,12 +490,12 @@ def _open_for_append(info: dict[str, Any], images: Path, out: Path, shard_size: 
         store.check_teacher(info["teacher"], hint="use another `out` folder")
         store.repair()  # a damaged shard's images are embedded again
         store.check_files(images, files, store.rows(files), fingerprint)
-        root = str(images.resolve())
+        root = _relative_root(images, out)
         roots = store.manifest.setdefault("images_roots", [store.manifest.get("images_root", root)])
         if root not in roots:
             roots.append(root)
         return store.manifest, set(store.paths) | {s["path"] for s in store.manifest["skipped"]}
-    return new_manifest(info, images, shard_size), set()
+    return new_manifest(info, images, shard_size, out), set()
 
 
 def embed_images(

@@ -86,6 +86,26 @@ def read_path_list(path: str | Path, root: str | Path | None = None,
     return root, [p for p, _ in rows], [lab for _, lab in rows] if labelled else None
 
 
+def read_list_columns(path: str | Path) -> dict[str, dict[str, str]]:
+    """The columns of an image list other than ``path`` and ``label`` (brand, price band...): ``column → {path as
+    listed → value}``; none for a plain list."""
+    path = Path(path)
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with path.open(newline="", encoding="utf-8") as f:
+        first = f.readline()
+        if "path" not in [c.strip().lower() for c in first.strip().split(delimiter)]:
+            return {}
+        f.seek(0)
+        reader = csv.DictReader(f, delimiter=delimiter)
+        extra = [c for c in reader.fieldnames or [] if c not in ("path", "label") and c]
+        out: dict[str, dict[str, str]] = {c: {} for c in extra}
+        for r in reader:
+            for c in extra:
+                if r.get("path") and r.get(c) not in (None, ""):
+                    out[c][r["path"]] = r[c]
+    return out
+
+
 def read_image_list(path: str | Path, root: str | Path | None = None, max_missing: float = 0.01) -> LabelledImages:
     """A labelled ``path,label`` list (see :func:`read_path_list`); labels are class names (classes sorted)."""
     root, paths, labels = read_path_list(path, root, max_missing)

@@ -3,11 +3,18 @@ FAISS index over its rows.
 
 Layout of an index folder::
 
-    index.json     the model (reference, identity, size, preprocessing), the FAISS kind, rows, recall@10
-    store/         the embedding store; rows keyed by absolute image path
-    labels.tsv     path<TAB>label for sources that have labels (class folders, image lists)
-    removed.txt    paths dropped by ``index remove`` (their store rows stay, out of the FAISS index)
+    index.json     the model (reference, identity, size, preprocessing), the collection root, the FAISS kind, rows,
+                   recall@10
+    model/         the exported towers or student checkpoint the index was built with, copied in (image/, text/)
+    store/         the embedding store; rows keyed by their path relative to the collection root
+    labels.tsv     key<TAB>label for sources that have labels (class folders, image lists)
+    removed.txt    keys dropped by ``index remove`` (their store rows stay, out of the FAISS index)
     faiss.index    the FAISS index (written atomically); ``rows.npy`` maps its positions to store rows
+
+The folder names no absolute path of the machine that built it: the collection root and any model file outside
+``model/`` are recorded relative to the index folder, so an index moved or copied with its images (``mv``,
+``rsync``) keeps working, and one copied to a server without them is pointed at the images there
+(``serve --images ROOT``).
 
 Exact inner product (``flat``) up to :data:`EXACT_MAX` rows, where one query costs a few milliseconds on a
 2-core CPU (17 ms at 100,000 512-d rows, 0.2 ms with HNSW at recall@10 1.000: ``benchmarks/bench_search.py``);
@@ -20,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,17 +58,40 @@ def _faiss():
 
 @dataclass
 class Source:
-    """Images to index: absolute paths (``TSV#image_id`` for a Chinese-CLIP TSV) and, where known, labels."""
+    """Images to index: their ``root`` (absolute) and keys under it (``FILE.tsv#image_id`` for a Chinese-CLIP TSV's
+    rows), and labels by key where known."""
 
+    root: Path
     paths: list[str]
     labels: dict[str, str]
     opener: Any = None
+    columns: dict[str, dict[str, str]] = field(default_factory=dict)  # an image list's other columns, by key
+
+    def under(self, root: Path) -> Source:
+        """The same images keyed relative to ``root`` (``../`` where they lie outside it)."""
+        if root == self.root:
+            return self
+        keys = {k: rekey(k, self.root, root) for k in self.paths}
+        return Source(root, list(keys.values()), {keys[k]: v for k, v in self.labels.items()},
+                      TsvOpener(root) if self.opener is not None else None,
+                      {c: {keys[k]: v for k, v in col.items() if k in keys} for c, col in self.columns.items()})
+
+
+def rekey(key: str, old: Path, new: Path) -> str:
+    """A key under ``old`` as a key under ``new`` (POSIX, ``../`` where it climbs out)."""
+    import os
+
+    file, row = split_key(key)
+    rel = Path(os.path.relpath(old / file, new)).as_posix()
+    return f"{rel}#{row}" if row else rel
 
 
 class TsvOpener:
-    """Decodes ``/abs/file.tsv#image_id`` keys from their Chinese-CLIP TSVs (picklable, for loader workers)."""
+    """Decodes ``file.tsv#image_id`` keys (under ``root``) from their Chinese-CLIP TSVs (picklable, for loader
+    workers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: str | Path = "/") -> None:
+        self.root = Path(root)
         self.tsvs: dict[str, Any] = {}
 
     def __call__(self, key: str):
@@ -72,7 +102,7 @@ class TsvOpener:
 
         path = split_key(key)[0]
         if path not in self.tsvs:
-            self.tsvs[path] = TsvImages(path)
+            self.tsvs[path] = TsvImages(self.root / path)
         return self.tsvs[path]
 
     def fingerprint(self, key: str) -> int:
@@ -85,18 +115,33 @@ class TsvOpener:
 
 def read_source(images: str | Path) -> Source:
     """A folder (class sub-folders give labels), a ``path,label`` image list, a Chinese-CLIP ``*_imgs.tsv``, or
-    WebDataset shards (labels: the samples' ``.cls``/``.json``), keyed by absolute path."""
+    WebDataset shards (labels: the samples' ``.cls``/``.json``), keyed relative to the folder (the list's folder,
+    the TSV's, the shards')."""
+    import os
+
     from ..data.sources import open_source
 
     src = open_source(images)
-    if src.kind == "tsv":
-        root = str((src.root / Path(images).name).resolve())
-        return Source([f"{root}#{i}" for i in src.keys], {}, TsvOpener())
     root = src.root.resolve()
-    # a list's paths may climb out of its folder: each is resolved; folders and shards are keyed under their root
-    paths = [str((root / k).resolve()) if src.kind == "list" else str(root / k) for k in src.keys]
+    if src.kind == "tsv":
+        return Source(root, [f"{Path(images).name}#{i}" for i in src.keys], {}, TsvOpener(root))
+    paths = list(src.keys)
+    if src.kind == "list":  # a list's paths may climb out of its folder (`../x.jpg`, absolute): the root is then
+        files = [str((root / k).resolve()) for k in src.keys]  # the folder that holds them all
+        if any(not f.startswith(str(root) + os.sep) for f in files):
+            root = Path(os.path.commonpath(files))
+            root = root if root.is_dir() else root.parent
+        paths = [Path(os.path.relpath(f, root)).as_posix() for f in files]
     labels = src.labels or [None] * len(paths)
-    return Source(paths, {p: lab for p, lab in zip(paths, labels, strict=True) if lab is not None})
+    columns = {}
+    if src.kind == "list":
+        from ..data.datasets import read_list_columns
+
+        key = {listed: p for listed, p in zip(src.keys, paths, strict=True)}
+        columns = {c: {key[k]: v for k, v in col.items() if k in key}
+                   for c, col in read_list_columns(images).items()}
+    return Source(root, paths, {p: lab for p, lab in zip(paths, labels, strict=True) if lab is not None},
+                  columns=columns)
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -111,18 +156,55 @@ def is_tsv_key(path: str) -> bool:
     return bool(split_key(path)[1])
 
 
-def _model_ref(model: str | Path | None) -> str | None:
-    """A model reference that works from any directory: paths made absolute, specs kept."""
+def _model_ref(model: str | Path | None, out: Path, role: str) -> str | None:
+    """How ``out``'s index.json names a model so that it moves with the index: an exported tower (``.onnx``) or a
+    distilled student's checkpoint is copied into ``out/model/`` and named there; another file or folder (a
+    clip-train run, a weights file in a spec) is named relative to ``out``; a spec of published weights as it is."""
+    import os
+    import shutil
+
+    from ..fileio import file_fingerprint
+
     if model is None:
         return None
-    p = Path(model)
-    return str(p.resolve()) if p.exists() else str(model)
+    p = Path(str(model))
+    if p.exists():
+        from .encoder import is_student
+
+        src = p / "student.pt" if p.is_dir() and is_student(p) else p
+        if src.is_file() and (src.suffix == ".onnx" or is_student(p)):
+            if src.resolve().parent == (out / "model" / role).resolve():  # already the index's own copy
+                return f"model/{role}/{src.name}"
+            dst = out / "model" / role / src.name  # the name kept: a deployed model's identity names its file
+            if not dst.is_file() or file_fingerprint(dst, 1 << 20) != file_fingerprint(src, 1 << 20):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dst.with_name(f".{dst.name}.partial")
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+            return f"model/{role}/{dst.name}"
+        return Path(os.path.relpath(p.resolve(), out.resolve())).as_posix()
+    head, sep, tail = str(model).rpartition("@")
+    if sep and Path(tail).is_absolute() and Path(tail).exists():  # a spec naming a local weights file
+        return f"{head}@{Path(os.path.relpath(tail, out.resolve())).as_posix()}"
+    return str(model)
+
+
+def _resolve_ref(ref: str | None, root: Path) -> str | None:
+    """A model named in index.json, as a path or spec that loads from here (:func:`_model_ref` in reverse)."""
+    if ref is None:
+        return None
+    if not Path(ref).is_absolute() and (root / ref).exists():
+        return str(root / ref)
+    head, sep, tail = ref.rpartition("@")
+    if sep and ":" in head and not Path(tail).is_absolute() and (root / tail).exists():
+        return f"{head}@{(root / tail).resolve()}"
+    return ref
 
 
 class SearchIndex:
     """An index folder opened for search; ``encoder`` loads the model that made it (checked by identity)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, images: str | Path | None = None) -> None:
         self.root = Path(root)
         if not (self.root / "index.json").is_file():
             raise ClipkdError(f"not a search index (no index.json): {self.root}; build one with `clipkd index build`")
@@ -146,6 +228,10 @@ class SearchIndex:
             raise ClipkdError(f"index {self.root}: FAISS holds {self.index.ntotal} rows, rows.npy {len(self.rows)}; "
                               f"{rebuild}")
         self.labels = _read_labels(self.root / "labels.tsv")
+        # the collection root: given (the images on this machine), else where index.json says, relative to the
+        # index (indexes of clipkd before portable indexes keyed rows by absolute path: root /)
+        self.images_root = Path(images).resolve() if images is not None else \
+            (self.root / self.info.get("images", "/")).resolve()
         try:
             self._set_search_params()
         except AttributeError:
@@ -156,6 +242,35 @@ class SearchIndex:
     @property
     def identity(self) -> str:
         return self.info["identity"]
+
+    @property
+    def model(self) -> str:
+        """The model that built the index, as it loads from here (copied in, or relative to the index)."""
+        return _resolve_ref(self.info["model"], self.root)
+
+    @property
+    def text_model(self) -> str | None:
+        return _resolve_ref(self.info.get("text_model"), self.root)
+
+    def image_path(self, row: int) -> Path:
+        """Where a row's image file lies on this machine (a TSV row: its TSV file)."""
+        return self.images_root / split_key(self.paths[row])[0]
+
+    def check_images(self, sample: int = 64) -> int:
+        """Refuse, in one line, a collection root that is not here or lacks most rows (a moved index whose images
+        stayed behind); returns how many of the sampled rows are missing."""
+        if not self.images_root.is_dir():
+            raise ClipkdError(f"the images of index {self.root} are not at {self.images_root}: give the folder "
+                              "that holds them here (`--images ROOT`, the folder the index was built from)")
+        rows = np.unique(np.linspace(0, len(self.paths) - 1, min(sample, len(self.paths))).astype(int))
+        missing = sum(not self.image_path(int(r)).exists() for r in rows)
+        if missing * 2 > len(rows):
+            raise ClipkdError(f"{missing} of {len(rows)} sampled images of index {self.root} are not under "
+                              f"{self.images_root} (e.g. {self.paths[int(rows[0])]}): the wrong `--images` root?")
+        if missing:
+            log.warning("%d of %d sampled images of index %s are missing under %s", missing, len(rows), self.root,
+                        self.images_root)
+        return missing
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -174,9 +289,8 @@ class SearchIndex:
         else, or a pair that cannot be (the reason is logged), through :mod:`clipkd.models`."""
         from ..deployed import NotDeployable, load_deployed
 
-        model = model or self.info["model"]
-        text = text_model if text_model is not None else (self.info.get("text_model") if model == self.info["model"]
-                                                          else None)
+        model = model or self.model
+        text = text_model if text_model is not None else (self.text_model if model == self.model else None)
         try:
             enc = load_deployed(model, text, device)
         except NotDeployable as why:
@@ -191,12 +305,71 @@ class SearchIndex:
         self.encoder = enc
         return enc
 
-    def search_vectors(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` (scores, store rows) for unit query vectors (rows of -1 where fewer than ``k`` exist)."""
+    @property
+    def columns(self) -> dict[str, dict[str, str]]:
+        """What rows can be filtered on: ``label`` and an image list's other columns, ``column → {key → value}``."""
+        if not hasattr(self, "_columns"):
+            self._columns = {"label": self.labels, **_read_columns(self.root)}
+        return self._columns
+
+    def allowed(self, label: str | None = None, where: dict[str, str] | None = None) -> np.ndarray | None:
+        """The FAISS positions whose rows match ``label`` and every ``column: value`` of ``where`` (None: no
+        filter). A column the index does not have is a one-line error naming those it has."""
+        want = {**({"label": label} if label is not None else {}), **(where or {})}
+        if not want:
+            return None
+        cache = self.__dict__.setdefault("_allowed", {})
+        frozen = tuple(sorted(want.items()))
+        if frozen in cache:
+            return cache[frozen]
+        unknown = sorted(c for c in want if c not in self.columns or (c == "label" and not self.labels))
+        if unknown:
+            have = [c for c in self.columns if c != "label" or self.labels]
+            raise ClipkdError(f"index {self.root} has no column {unknown[0]!r} to filter on (it has: "
+                              f"{', '.join(have) or 'none'})")
+        keys = np.asarray(self.paths)[self.rows]
+        ok = np.ones(len(self.rows), dtype=bool)
+        for c, v in want.items():
+            col = self.columns[c]
+            ok &= np.fromiter((col.get(k) == str(v) for k in keys), dtype=bool, count=len(keys))
+        if len(cache) > 256:
+            cache.clear()
+        cache[frozen] = np.flatnonzero(ok).astype(np.int64)
+        return cache[frozen]
+
+    def search_vectors(self, queries: np.ndarray, k: int = 10,
+                       allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (scores, store rows) for unit query vectors (rows of -1 where fewer than ``k`` exist), among
+        the FAISS positions ``allowed`` when given (:meth:`allowed`): exact over them on a flat index, and on an
+        approximate one when they are few (under a tenth of the rows) or the filtered search inside FAISS
+        (``IDSelector``) found fewer than ``k`` of them; so a filter never loses results an exact search has."""
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.info["embed_dim"])
-        scores, pos = self.index.search(q, min(k, max(1, len(self))))
+        if allowed is None:
+            scores, pos = self.index.search(q, min(k, max(1, len(self))))
+        elif not len(allowed):
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        elif self.info["kind"] == "flat" or len(allowed) * 10 < len(self):
+            scores, pos = self._exact(q, k, allowed)
+        else:
+            faiss = _faiss()
+            sel = faiss.IDSelectorBatch(allowed)
+            kind = self.info["kind"]
+            params = (faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.index.hnsw.efSearch, 4 * k))
+                      if kind == "hnsw" else faiss.SearchParametersIVF(sel=sel, nprobe=self.index.nprobe))
+            want = min(k, len(allowed))
+            scores, pos = self.index.search(q, want, params=params)
+            if (pos < 0).sum(1).max() > 0:  # the graph or the probed lists ran out of matches: exact instead
+                scores, pos = self._exact(q, k, allowed)
         rows = np.where(pos >= 0, self.rows[np.clip(pos, 0, None)], -1)
         return scores, rows
+
+    def _exact(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` among FAISS positions ``allowed``, from the stored embeddings."""
+        vectors = np.asarray(self.store.embeddings()[self.rows[allowed]], dtype=np.float32)
+        sims = q @ vectors.T
+        k = min(k, len(allowed))
+        top = np.argsort(-sims, axis=1)[:, :k]
+        return np.take_along_axis(sims, top, 1), allowed[top]
 
     def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
         """One query's results as dicts: ``id`` (the store row), ``path``, ``score``, ``label``."""
@@ -224,7 +397,7 @@ class SearchIndex:
     def open_image(self, row: int):
         """The picture of an indexed row, decoded (files and Chinese-CLIP TSV rows alike)."""
         path = self.paths[row]
-        return TsvOpener()(path).convert("RGB") if is_tsv_key(path) else load_rgb(path)
+        return TsvOpener(self.images_root)(path).convert("RGB") if is_tsv_key(path) else load_rgb(self.image_path(row))
 
     def embed_images(self, images: Sequence[Any]) -> np.ndarray:
         """Unit embeddings of PIL images with the index's model (loaded on first use)."""
@@ -235,8 +408,11 @@ class SearchIndex:
         enc = self.encoder or self.load_encoder()
         return np.asarray(enc.encode_text(list(texts)), dtype=np.float32)
 
-    def search(self, image: str | Path | None = None, text: str | None = None, k: int = 10) -> list[dict[str, Any]]:
-        """Top-``k`` results for an image file or a text."""
+    def search(self, image: str | Path | None = None, text: str | None = None, k: int = 10,
+               label: str | None = None, where: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Top-``k`` results for an image file or a text; with ``label`` / ``where`` (``{column: value}``), among
+        the images that match them (none matching: no results)."""
+        allowed = self.allowed(label, where)
         if (image is None) == (text is None):
             raise ClipkdError("give exactly one query: an image or a text")
         if text is not None:
@@ -249,7 +425,7 @@ class SearchIndex:
             except Exception as e:  # noqa: BLE001 - any decode failure is the user's query file
                 raise ClipkdError(f"cannot read query image {image}: {type(e).__name__}: {e}") from None
             q = self.embed_images([img])
-        scores, rows = self.search_vectors(q, k)
+        scores, rows = self.search_vectors(q, k, allowed)
         return self.hits(scores[0], rows[0])
 
     def save_grid(self, hits: Sequence[dict[str, Any]], out: str | Path, image: str | Path | None = None,
@@ -365,6 +541,40 @@ def _restore_removed(root: Path, paths: Sequence[str]) -> None:
         log.info("index %s: %d image(s) removed earlier are back in it", root, len(back))
 
 
+COLUMNS = "columns.tsv"  # key<TAB>one value per column (an image list's extra columns), with a header
+
+
+def _read_columns(root: Path) -> dict[str, dict[str, str]]:
+    import csv
+
+    f = root / COLUMNS
+    if not f.is_file():
+        return {}
+    with f.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh, delimiter="\t"))
+    names = rows[0][1:] if rows else []
+    return {c: {r[0]: r[i + 1] for r in rows[1:] if len(r) > i + 1 and r[i + 1] != ""} for i, c in enumerate(names)}
+
+
+def _append_columns(root: Path, source: Source) -> None:
+    import csv
+    import io
+
+    if not source.columns:
+        return
+    have = _read_columns(root)
+    for c, col in source.columns.items():
+        have.setdefault(c, {}).update(col)
+    names = sorted(have)
+    keys = sorted({k for col in have.values() for k in col})
+    buf = io.StringIO()
+    w = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    w.writerow(["key", *names])
+    for k in keys:
+        w.writerow([k, *(have[c].get(k, "") for c in names)])
+    write_text(root / COLUMNS, buf.getvalue())
+
+
 def _append_labels(root: Path, source: Source) -> None:
     if not source.labels:
         return
@@ -376,24 +586,38 @@ def _append_labels(root: Path, source: Source) -> None:
 def build_index(model: str | Path, images: str | Path, out: str | Path, kind: str = "auto",
                 text_model: str | Path | None = None, device: str | None = "auto", batch_size: int = 64,
                 workers: int | None = None, progress: bool = True, encoder: Encoder | None = None,
-                precision: str = "auto", add: bool = False) -> SearchIndex:
+                precision: str = "auto", add: bool = False, images_root: str | Path | None = None) -> SearchIndex:
     """Embed ``images`` (a folder or an image list) with ``model`` into a new index at ``out``, or resume one.
 
     ``model``: a teacher spec, a ``clip-train`` run, or a distilled student (``text_model``: its teacher, for
     text queries). ``kind``: ``auto`` (exact up to :data:`EXACT_MAX` rows, HNSW above), ``flat``, ``hnsw``,
     ``ivf`` or ``ivfpq``. Killed midway, the same command resumes (finished shards are kept). An index of other
-    images at ``out`` is refused unless ``add`` (what :func:`add_to_index` does).
+    images at ``out`` is refused unless ``add`` (what :func:`add_to_index` does). Rows are keyed relative to the
+    collection root: ``images`` for a new index (a list's folder, a TSV's), the index's own for an added source
+    (``images_root``: where that root is on this machine, when the index moved without its images beside it).
     """
+    import os
+
     out = Path(out)
     _choose_kind(kind, 0)
     source = read_source(images)
     r = ranks()  # ranks of one job (torchrun/srun) embed their shares; rank 0 holds the folder and writes the index
     with exclusive(out, "search index") if r.zero else nullcontext():
         existing = read_json(out / "index.json", "index description") if (out / "index.json").is_file() else None
-        here = str(Path(images).resolve())
+        here = Path(os.path.relpath(Path(images).resolve(), out.resolve())).as_posix()
         if existing is not None and not add and here not in existing.get("sources", []):
-            raise ClipkdError(f"{out} holds an index of {existing.get('sources')}, not of {here}; add images with "
-                              "`clipkd index add`, or build into another `out`")
+            raise ClipkdError(f"{out} holds an index of {existing.get('sources')} (relative to it), not of {here}; "
+                              "add images with `clipkd index add`, or build into another `out`")
+        if existing is not None and "images" in existing:
+            root = Path(images_root).resolve() if images_root is not None else (out / existing["images"]).resolve()
+            if not root.is_dir():
+                raise ClipkdError(f"the collection root of index {out} is not at {root}: give where its images are "
+                                  "on this machine (`--images-root`)")
+        elif existing is not None:  # an index of clipkd before portable indexes: rows keyed by absolute path
+            root = Path("/")
+        else:
+            root = source.root
+        source = source.under(root)
         if encoder is None:
             from .encoder import load_encoder
 
@@ -402,34 +626,42 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
         if existing is not None and existing.get("identity") != enc.identity:
             raise ClipkdError(f"{out} holds an index built by '{existing.get('identity')}', not '{enc.identity}'; "
                               "use another `out`")
-        store = embed_paths(enc, "/", source.paths, out / "store", batch_size, workers, progress=progress,
+        store = embed_paths(enc, root, source.paths, out / "store", batch_size, workers, progress=progress,
                             opener=source.opener, fingerprint=getattr(source.opener, "fingerprint", None))
         if r.distributed:
             barrier()  # every rank's rows are in the store
             store = EmbeddingStore(out / "store")
         if r.zero:
             _append_labels(out, source)
+            _append_columns(out, source)
             _restore_removed(out, source.paths)
             sources = [*(existing or {}).get("sources", []), here]
-            _write_faiss(out, store, kind, _describe(model, text_model, enc, sources))
+            info = _describe(model, text_model, enc, sources, out)
+            if existing is None or "images" in existing:
+                info["images"] = Path(os.path.relpath(root, out.resolve())).as_posix()
+            _write_faiss(out, store, kind, info)
     barrier()  # rank 0 has written the index
     index = SearchIndex(out)
     index.encoder = enc
     return index
 
 
-def _describe(model: str | Path, text_model: str | Path | None, enc: Encoder, sources: Sequence[str]) -> dict:
+def _describe(model: str | Path, text_model: str | Path | None, enc: Encoder, sources: Sequence[str],
+              out: Path) -> dict:
     from .encoder import is_student
 
-    return {"format": INDEX_FORMAT, "model": _model_ref(model), "text_model": _model_ref(text_model),
+    return {"format": INDEX_FORMAT, "model": _model_ref(model, out, "image"),
+            "text_model": _model_ref(text_model, out, "text"),
             "identity": enc.identity, "embed_dim": enc.embed_dim, "preprocess": enc.preprocess_cfg.to_dict(),
             "student": is_student(model), "sources": sorted(set(sources))}
 
 
 def index_store(out: str | Path, model: str | Path, kind: str = "auto", text_model: str | Path | None = None,
                 device: str | None = "auto") -> SearchIndex:
-    """Make ``out`` a search index over the embedding store already in ``out/store`` (rows keyed by absolute
-    path, made by ``model``): for embeddings computed elsewhere, e.g. a benchmark's synthetic gallery."""
+    """Make ``out`` a search index over the embedding store already in ``out/store`` (made by ``model``; its rows
+    keyed under the folder it records): for embeddings computed elsewhere, e.g. a benchmark's synthetic gallery."""
+    import os
+
     out = Path(out)
     from .encoder import load_encoder
 
@@ -438,25 +670,32 @@ def index_store(out: str | Path, model: str | Path, kind: str = "auto", text_mod
     store.check_teacher(enc.identity, hint="the store was not made by this model")
     _choose_kind(kind, 0)  # a one-line error for an unknown kind, before the work
     with exclusive(out, "search index"):
-        _write_faiss(out, store, kind, _describe(model, text_model, enc, []))
+        _write_faiss(out, store, kind, {**_describe(model, text_model, enc, [], out),
+                                        "images": Path(os.path.relpath(store.images_root(), out.resolve())).as_posix()})
     return SearchIndex(out)
 
 
 def add_to_index(index_dir: str | Path, images: str | Path, device: str | None = "auto", batch_size: int = 64,
-                 workers: int | None = None, progress: bool = True, precision: str = "auto") -> SearchIndex:
+                 workers: int | None = None, progress: bool = True, precision: str = "auto",
+                 images_root: str | Path | None = None) -> SearchIndex:
     """Embed new images into an index with the model that built it, and rebuild its FAISS index."""
-    index = SearchIndex(index_dir)
+    index = SearchIndex(index_dir, images_root)
     info = index.info
-    return build_index(info["model"], images, index_dir, info.get("requested_kind", info["kind"]),
-                       info.get("text_model"), device, batch_size, workers, progress, precision=precision, add=True)
+    return build_index(index.model, images, index_dir, info.get("requested_kind", info["kind"]),
+                       index.text_model, device, batch_size, workers, progress, precision=precision, add=True,
+                       images_root=images_root)
 
 
-def remove_from_index(index_dir: str | Path, paths: Sequence[str]) -> int:
-    """Drop ``paths`` (as given, or made absolute) from an index; returns how many rows left it."""
+def remove_from_index(index_dir: str | Path, paths: Sequence[str], images_root: str | Path | None = None) -> int:
+    """Drop ``paths`` (keys as the index lists them, or image paths under its collection root) from an index;
+    returns how many rows left it."""
+    import os
+
     root = Path(index_dir)
-    index = SearchIndex(root)
+    index = SearchIndex(root, images_root)
     known = set(index.paths)
-    wanted = {p if p in known else str(Path(p).resolve()) for p in paths}
+    wanted = {p if p in known else Path(os.path.relpath(Path(p).resolve(), index.images_root)).as_posix()
+              for p in paths}
     unknown = sorted(p for p in wanted if p not in known)
     if unknown:
         raise ClipkdError(f"{len(unknown)} path(s) are not in index {root}, e.g. {unknown[:3]}")

@@ -95,6 +95,6 @@ def _assign(index: SearchIndex, text: np.ndarray, classnames: list[str], emb: np
         taken.add(r)
         if vecs[name] and float(np.max(np.stack(vecs[name]) @ v)) >= duplicate:
             continue  # a near-copy of an image already chosen: not a new example of anything
-        chosen[name].append((index.paths[r], s))
+        chosen[name].append((str(index.images_root / index.paths[r]), s))
         vecs[name].append(v)
     return chosen

@@ -163,30 +163,44 @@ class SearchService:
             raise QueryError(400, f"k must be between 1 and {limit}, got {k}")
         return min(k, limit, max(1, len(self.index))) if cap else k
 
-    def by_image(self, img: Image.Image, k: int) -> list[dict[str, Any]]:
+    def filter(self, label: Any = None, where: Any = None) -> np.ndarray | None:
+        """The positions a query's ``label`` / ``where`` (``{"column": "value"}``) filter allows (None: no filter);
+        a malformed filter, or one on a column the index does not have, is a 400."""
+        if label is not None and not isinstance(label, str):
+            raise QueryError(400, "label must be a string")
+        if where is not None and (not isinstance(where, dict) or not all(
+                isinstance(c, str) and isinstance(v, str | int | float) and not isinstance(v, bool)
+                for c, v in where.items())):
+            raise QueryError(400, 'where must be an object of column: value, e.g. {"brand": "acme"}')
+        try:
+            return self.index.allowed(label, {c: str(v) for c, v in (where or {}).items()})
+        except ClipkdError as e:
+            raise QueryError(400, str(e).replace(f"index {self.index.root} has", "this index has")) from None
+
+    def by_image(self, img: Image.Image, k: int, allowed: np.ndarray | None = None) -> list[dict[str, Any]]:
         x = self.index.encoder.preprocess(img)
-        if self.batcher is not None:
+        if self.batcher is not None and allowed is None:
             return self.batcher.submit(x, k).result(timeout=60)
         q = self.index.encoder.encode_batch([x])
-        scores, rows = self.index.search_vectors(q, k)
+        scores, rows = self.index.search_vectors(q, k, allowed)
         return self.index.hits(scores[0], rows[0])
 
-    def by_text(self, text: Any, k: int) -> list[dict[str, Any]]:
+    def by_text(self, text: Any, k: int, allowed: np.ndarray | None = None) -> list[dict[str, Any]]:
         if not isinstance(text, str) or not text.strip():
             raise QueryError(400, "text must be a non-empty string")
         if not self.index.encoder.has_text:
             raise QueryError(400, f"{self.index.identity} has no text tower: search by image")
         with self.text_lock:
             q = self.index.embed_text([text.strip()[:1000]])
-        scores, rows = self.index.search_vectors(q, k)
+        scores, rows = self.index.search_vectors(q, k, allowed)
         return self.index.hits(scores[0], rows[0])
 
-    def by_id(self, row: Any, k: int) -> list[dict[str, Any]]:
+    def by_id(self, row: Any, k: int, allowed: np.ndarray | None = None) -> list[dict[str, Any]]:
         try:
             v = self.index.vector(int(row))
         except (KeyError, TypeError, ValueError):
             raise QueryError(404, f"no indexed image with id {row!r}") from None
-        scores, rows = self.index.search_vectors(v[None], k)
+        scores, rows = self.index.search_vectors(v[None], k, allowed)
         return self.index.hits(scores[0], rows[0])
 
     def by_vector(self, vec: Any, k: int) -> list[dict[str, Any]]:
@@ -201,18 +215,19 @@ class SearchService:
         return self.index.hits(scores[0], rows[0])
 
     def by_json(self, body: Any) -> tuple[list[dict[str, Any]], int]:
-        """``{"text"| "image" (base64) | "id", "k"}`` → results."""
+        """``{"text"| "image" (base64) | "id", "k", "label", "where"}`` → results."""
         if not isinstance(body, dict):
             raise QueryError(400, "the body must be a JSON object")
         k = self.check_k(body.get("k", 10))
+        allowed = self.filter(body.get("label"), body.get("where"))
         given = [key for key in ("text", "image", "id") if body.get(key) is not None]
         if len(given) != 1:
             raise QueryError(400, "give exactly one of text, image (base64) or id")
         if given[0] == "text":
-            return self.by_text(body["text"], k), k
+            return self.by_text(body["text"], k, allowed), k
         if given[0] == "id":
-            return self.by_id(body["id"], k), k
-        return self.by_image(decode_image(b64decode(body["image"])), k), k
+            return self.by_id(body["id"], k, allowed), k
+        return self.by_image(decode_image(b64decode(body["image"])), k, allowed), k
 
     def image_row(self, row: str) -> int:
         """An indexed row by its id; 404 for anything else (never a path from the client)."""
@@ -275,9 +290,12 @@ def knn_fields(body: dict[str, Any], index_name: str) -> dict[str, Any]:
 
 
 def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int = MAX_K,
-               public_url: str = "http://127.0.0.1:8000", show_paths: bool = False):
+               public_url: str = "http://127.0.0.1:8000", show_paths: bool = False,
+               images: str | Path | None = None):
     """The FastAPI app serving ``index`` (loaded with the model that built it); result URLs start with
-    ``public_url`` (the address clients reach the server at), never with what a request's ``Host`` says."""
+    ``public_url`` (the address clients reach the server at), never with what a request's ``Host`` says.
+    ``images``: where the collection's images are on this machine (default: where the index records them); a root
+    that is not there, or lacks most of the rows, is refused in one line before serving."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -285,7 +303,8 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
         raise ClipkdError("serving needs FastAPI: pip install 'clipkd[search]'") from None
 
     if not isinstance(index, SearchIndex):
-        index = SearchIndex(index)
+        index = SearchIndex(index, images)
+    index.check_images()
     svc = SearchService(index, max_k=max_k, batch=batch, public_url=public_url, show_paths=show_paths)
     app = FastAPI(title="clipkd search", version="1",
                   description=f"Image search over {len(index)} images embedded by {index.identity}.")
@@ -318,7 +337,8 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
 
     @app.post("/search")
     async def search(request: Request) -> JSONResponse:
-        """Multipart (``image`` file, optional ``k``) or JSON (``text`` | ``image`` base64 | ``id``, ``k``)."""
+        """Multipart (``image`` file, optional ``k``, ``label``) or JSON (``text`` | ``image`` base64 | ``id``,
+        ``k``, ``label``, ``where``: ``{"column": "value"}`` over an image list's other columns)."""
         from starlette.concurrency import run_in_threadpool
 
         ctype = request.headers.get("content-type", "")
@@ -326,11 +346,13 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
         if ctype.startswith("multipart/form-data"):
             form = await _parse_form(body, ctype)
             k = svc.check_k(form.get("k", 10))
+            label = form.get("label")
+            allowed = svc.filter(label.decode() if isinstance(label, bytes) else label)
             if "image" in form and isinstance(form["image"], bytes):
                 img = decode_image(form["image"])
-                results = await run_in_threadpool(svc.by_image, img, k)
+                results = await run_in_threadpool(svc.by_image, img, k, allowed)
             elif form.get("text"):
-                results = await run_in_threadpool(svc.by_text, form["text"], k)
+                results = await run_in_threadpool(svc.by_text, form["text"], k, allowed)
             else:
                 raise QueryError(400, "send an 'image' file or a 'text' field")
         else:
@@ -349,7 +371,7 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
         files as they are, other formats (WebP, BMP, GIF, TIFF, TSV rows) re-encoded as PNG; ``?thumb=1``: a JPEG
         at most 256 px."""
         r = svc.image_row(row)
-        path = Path(index.paths[r])
+        path = index.image_path(r)
         if not thumb and path.is_file() and path.suffix.lower() in (".jpg", ".jpeg", ".png"):
             return FileResponse(path, media_type="image/png" if path.suffix.lower() == ".png" else "image/jpeg")
         try:
@@ -439,7 +461,7 @@ async def _parse_form(body: bytes, ctype: str) -> dict[str, Any]:
 
 
 def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batch: bool = True,
-          public_url: str | None = None, show_paths: bool = False) -> None:
+          public_url: str | None = None, show_paths: bool = False, images: str | Path | None = None) -> None:
     """Run the app with uvicorn until interrupted. ``public_url``: where clients reach it, for the result URLs
     (default: the listening address; this machine's name when listening on every interface)."""
     try:
@@ -452,7 +474,7 @@ def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batc
         public_url = f"http://{socket.gethostname() if host in ('0.0.0.0', '::', '') else host}:{port}"
     elif not public_url.startswith(("http://", "https://")):
         raise ClipkdError(f"`public_url` must start with http:// or https://, got {public_url!r}")
-    app = create_app(index_dir, batch=batch, public_url=public_url, show_paths=show_paths)
+    app = create_app(index_dir, batch=batch, public_url=public_url, show_paths=show_paths, images=images)
     log.info("serving %s on http://%s:%d with %s (web page at /, API docs at /docs)", index_dir, host, port,
              "ONNX Runtime, no PyTorch" if app.state.service.index.encoder.runtime == "onnx" else "PyTorch")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -59,6 +59,6 @@ def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
                               min_similarity=min_similarity, duplicate=duplicate, device=device)
     from ..evaluation.plots import plot_selection
 
-    rows = {p: i for i, p in enumerate(index.paths)}
+    rows = {str(index.images_root / p): i for i, p in enumerate(index.paths)}
     png = plot_selection(selection.chosen, lambda p: index.open_image(rows[p]), out / "selected.png")
     return SourcedPool(index.root, index.root / "store", selection.out, png, selection)
