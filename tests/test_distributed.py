@@ -47,8 +47,8 @@ def test_writers_merging_one_manifest_never_duplicate_a_row(tmp_path):
     info = {"teacher": "fake:t@1", "embed_dim": 4, "preprocess": {}}
     out = tmp_path / "store"
     out.mkdir()
-    a = ShardWriter(out, new_manifest(info, tmp_path, 2), 100)
-    b = ShardWriter(out, new_manifest(info, tmp_path, 2), 100)
+    a = ShardWriter(out, new_manifest(info, tmp_path, 2, out), 100)
+    b = ShardWriter(out, new_manifest(info, tmp_path, 2, out), 100)
     rows = {p: np.full(4, i, np.float16) for i, p in enumerate("pqrs")}
     a.add(np.stack([rows["p"], rows["q"]]), ["p", "q"], [1, 1])
     b.add(np.stack([rows["q"], rows["r"]]), ["q", "r"], [1, 1])
@@ -500,7 +500,7 @@ def test_two_rank_index_build_over_shards_holds_every_sample_once(tmp_path, tiny
     assert len(idx) == len(names) and len(set(idx.paths)) == len(names)
     idx.load_encoder(device="cpu")
     first = sorted(idx.paths)[0]  # a sample inside a shard is a query image like any file
-    hits = idx.search(image=first, k=1)
+    hits = idx.search(image=idx.images_root / first, k=1)
     assert hits[0]["path"] == first and hits[0]["score"] > 0.99
 
 
