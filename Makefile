@@ -32,7 +32,7 @@ demo-quick: $(STAMP)
 	$(BIN)/clipkd demo --out runs/demo-quick --quick
 
 test: $(STAMP) $(LEAN_STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CLIPKD_LEAN_PYTHON=$(LEAN)/bin/python $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CLIPKD_LEAN_PYTHON=$(LEAN)/bin/python $(BIN)/python -m pytest -q --durations=15
 	$(BIN)/ruff check src tests
 
 test-slow: $(STAMP)
