@@ -502,6 +502,10 @@ def test_two_rank_index_build_over_shards_holds_every_sample_once(tmp_path, tiny
     first = sorted(idx.paths)[0]  # a sample inside a shard is a query image like any file
     hits = idx.search(image=idx.images_root / first, k=1)
     assert hits[0]["path"] == first and hits[0]["score"] > 0.99
+    from clipkd.search.service import create_app
+
+    assert idx.check_images() == 0  # samples inside shards are found (their shard is there), so it serves
+    create_app(idx)
 
 
 def test_missing_shards_are_refused_before_the_teacher_loads(tmp_path, monkeypatch, capsys):

@@ -262,8 +262,12 @@ class SearchIndex:
         if not self.images_root.is_dir():
             raise ClipkdError(f"the images of index {self.root} are not at {self.images_root}: give the folder "
                               "that holds them here (`--images ROOT`, the folder the index was built from)")
+        from ..data.tars import tar_member_path
+
         rows = np.unique(np.linspace(0, len(self.paths) - 1, min(sample, len(self.paths))).astype(int))
-        missing = sum(not self.image_path(int(r)).exists() for r in rows)
+        # a file, a TSV row's TSV, or a WebDataset sample's shard (``shard.tar/key``)
+        missing = sum(not (self.image_path(int(r)).exists() or tar_member_path(self.image_path(int(r))))
+                      for r in rows)
         if missing * 2 > len(rows):
             raise ClipkdError(f"{missing} of {len(rows)} sampled images of index {self.root} are not under "
                               f"{self.images_root} (e.g. {self.paths[int(rows[0])]}): the wrong `--images` root?")
