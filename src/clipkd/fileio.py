@@ -50,6 +50,12 @@ def weights_fingerprint(path: str | Path) -> str:
     return f"{file_fingerprint(path, 1 << 20):016x}"
 
 
+def relative(path: str | Path, base: str | Path) -> str:
+    """``path`` relative to ``base`` (both resolved), in POSIX form, climbing with ``../`` where it lies outside:
+    how clipkd records a location so that what it wrote moves with what it names."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(base).resolve())).as_posix()
+
+
 def ref(x: Any) -> Any:
     """What a step returned, as the next step takes it: a training result → the spec that loads it (a CLIP) or its
     run folder (a student); a store → its folder; a path or spec as it is. The API chains through this."""

@@ -46,7 +46,7 @@ from .data.folders import list_images
 from .data.tars import changed_files, content_fingerprint
 from .distributed import check_peers, my_share, ranks
 from .errors import ClipkdError, first_line
-from .fileio import check_can_create, check_out_dir, exclusive, read_json, write_json, write_npy, write_text
+from .fileio import check_can_create, check_out_dir, exclusive, read_json, relative, write_json, write_npy, write_text
 
 if TYPE_CHECKING:
     import torch
@@ -317,7 +317,7 @@ class EmbeddingStore:
         rows = self.rows(paths)
         if root is not None and (rows < 0).any():  # the same images named from elsewhere (a list of absolute
             base = self.images_root()             # paths for an index's store, keyed under its collection root)
-            alt = self.rows([Path(os.path.relpath((Path(root) / p).resolve(), base)).as_posix() for p in paths])
+            alt = self.rows([relative(Path(root) / p, base) for p in paths])
             rows = np.where(rows < 0, alt, rows)
         if root is not None:
             self.check_files(root, paths, rows, fingerprint)
@@ -353,13 +353,9 @@ class EmbeddingStore:
                               + (f"; {hint}" if hint else ""))
 
 
-def _relative_root(images: Path, out: Path) -> str:
-    """Where the images were, relative to the store (a store records no absolute path: it moves with them)."""
-    return Path(os.path.relpath(images.resolve(), out.resolve())).as_posix()
-
-
 def new_manifest(info: dict[str, Any], images_root: Path, shard_size: int, out: Path) -> dict[str, Any]:
-    root = _relative_root(images_root, out)
+    """A new store's manifest; the images' root is recorded relative to the store, which moves with them."""
+    root = relative(images_root, out)
     return {"format": STORE_FORMAT, "teacher": info["teacher"], "embed_dim": info["embed_dim"],
             "preprocess": info["preprocess"], "normalized": "l2", "dtype": "float16",
             "images_root": root, "images_roots": [root],
@@ -490,7 +486,7 @@ def _open_for_append(info: dict[str, Any], images: Path, out: Path, shard_size: 
         store.check_teacher(info["teacher"], hint="use another `out` folder")
         store.repair()  # a damaged shard's images are embedded again
         store.check_files(images, files, store.rows(files), fingerprint)
-        root = _relative_root(images, out)
+        root = relative(images, out)
         roots = store.manifest.setdefault("images_roots", [store.manifest.get("images_root", root)])
         if root not in roots:
             roots.append(root)

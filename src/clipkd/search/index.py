@@ -36,7 +36,7 @@ import numpy as np
 from ..data.images import load_rgb
 from ..distributed import barrier, ranks
 from ..errors import ClipkdError, first_line
-from ..fileio import atomic_write, exclusive, read_json, write_json, write_npy, write_text
+from ..fileio import atomic_write, exclusive, read_json, relative, write_json, write_npy, write_text
 from ..store import EmbeddingStore, embed_paths
 
 if TYPE_CHECKING:
@@ -79,10 +79,9 @@ class Source:
 
 def rekey(key: str, old: Path, new: Path) -> str:
     """A key under ``old`` as a key under ``new`` (POSIX, ``../`` where it climbs out)."""
-    import os
 
     file, row = split_key(key)
-    rel = Path(os.path.relpath(old / file, new)).as_posix()
+    rel = relative(old / file, new)
     return f"{rel}#{row}" if row else rel
 
 
@@ -131,7 +130,7 @@ def read_source(images: str | Path) -> Source:
         if any(not f.startswith(str(root) + os.sep) for f in files):
             root = Path(os.path.commonpath(files))
             root = root if root.is_dir() else root.parent
-        paths = [Path(os.path.relpath(f, root)).as_posix() for f in files]
+        paths = [relative(f, root) for f in files]
     labels = src.labels or [None] * len(paths)
     columns = {}
     if src.kind == "list":
@@ -182,10 +181,10 @@ def _model_ref(model: str | Path | None, out: Path, role: str) -> str | None:
                 shutil.copyfile(src, tmp)
                 os.replace(tmp, dst)
             return f"model/{role}/{dst.name}"
-        return Path(os.path.relpath(p.resolve(), out.resolve())).as_posix()
+        return relative(p, out)
     head, sep, tail = str(model).rpartition("@")
     if sep and Path(tail).is_absolute() and Path(tail).exists():  # a spec naming a local weights file
-        return f"{head}@{Path(os.path.relpath(tail, out.resolve())).as_posix()}"
+        return f"{head}@{relative(tail, out)}"
     return str(model)
 
 
@@ -600,7 +599,6 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
     collection root: ``images`` for a new index (a list's folder, a TSV's), the index's own for an added source
     (``images_root``: where that root is on this machine, when the index moved without its images beside it).
     """
-    import os
 
     out = Path(out)
     _choose_kind(kind, 0)
@@ -608,7 +606,7 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
     r = ranks()  # ranks of one job (torchrun/srun) embed their shares; rank 0 holds the folder and writes the index
     with exclusive(out, "search index") if r.zero else nullcontext():
         existing = read_json(out / "index.json", "index description") if (out / "index.json").is_file() else None
-        here = Path(os.path.relpath(Path(images).resolve(), out.resolve())).as_posix()
+        here = relative(images, out)
         if existing is not None and not add and here not in existing.get("sources", []):
             raise ClipkdError(f"{out} holds an index of {existing.get('sources')} (relative to it), not of {here}; "
                               "add images with `clipkd index add`, or build into another `out`")
@@ -642,7 +640,7 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
             sources = [*(existing or {}).get("sources", []), here]
             info = _describe(model, text_model, enc, sources, out)
             if existing is None or "images" in existing:
-                info["images"] = Path(os.path.relpath(root, out.resolve())).as_posix()
+                info["images"] = relative(root, out)
             _write_faiss(out, store, kind, info)
     barrier()  # rank 0 has written the index
     index = SearchIndex(out)
@@ -664,7 +662,6 @@ def index_store(out: str | Path, model: str | Path, kind: str = "auto", text_mod
                 device: str | None = "auto") -> SearchIndex:
     """Make ``out`` a search index over the embedding store already in ``out/store`` (made by ``model``; its rows
     keyed under the folder it records): for embeddings computed elsewhere, e.g. a benchmark's synthetic gallery."""
-    import os
 
     out = Path(out)
     from .encoder import load_encoder
@@ -675,7 +672,7 @@ def index_store(out: str | Path, model: str | Path, kind: str = "auto", text_mod
     _choose_kind(kind, 0)  # a one-line error for an unknown kind, before the work
     with exclusive(out, "search index"):
         _write_faiss(out, store, kind, {**_describe(model, text_model, enc, [], out),
-                                        "images": Path(os.path.relpath(store.images_root(), out.resolve())).as_posix()})
+                                        "images": relative(store.images_root(), out)})
     return SearchIndex(out)
 
 
@@ -693,12 +690,11 @@ def add_to_index(index_dir: str | Path, images: str | Path, device: str | None =
 def remove_from_index(index_dir: str | Path, paths: Sequence[str], images_root: str | Path | None = None) -> int:
     """Drop ``paths`` (keys as the index lists them, or image paths under its collection root) from an index;
     returns how many rows left it."""
-    import os
 
     root = Path(index_dir)
     index = SearchIndex(root, images_root)
     known = set(index.paths)
-    wanted = {p if p in known else Path(os.path.relpath(Path(p).resolve(), index.images_root)).as_posix()
+    wanted = {p if p in known else relative(p, index.images_root)
               for p in paths}
     unknown = sorted(p for p in wanted if p not in known)
     if unknown:
