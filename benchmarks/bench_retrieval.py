@@ -249,12 +249,18 @@ def main() -> None:
             raw[world][method] = runs
             print(world, method, {k: runs[0][k] for k in KEYS}, flush=True)
     out = Path(a.out)
-    withdrawn = []
     if a.update:
         raw = merged(json.loads(out.with_suffix(".json").read_text()), raw)
+        day = time.strftime("%Y-%m-%d")
         for world, res in raw.items():
-            if world not in a.worlds:
-                withdrawn += [f"{m} ({world})" for m in a.withdraw if res.pop(m, None) is not None]
+            notes = res["teacher"].setdefault("notes", [])  # kept in the JSON: later --update runs keep them
+            new = ([f"{m} withdrawn (measured before a fix, not re-measured)" for m in a.withdraw]
+                   if world not in a.worlds else
+                   [f"{m} re-measured by --update: its speed-ups divide the earlier run's teacher time by its own "
+                    "(two runs)" for m in a.methods])
+            for m in a.withdraw if world not in a.worlds else ():
+                res.pop(m, None)
+            notes += [f"{n} ({day})" for n in new if not any(old.startswith(n) for old in notes)]
     rows = table_rows(raw)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(raw, indent=2))
@@ -278,9 +284,9 @@ def main() -> None:
              + "; CLIP epochs: " + ", ".join(f"{w} {v[1]}" for w, v in WORLDS.items()) + ". train s: wall time "
              "(of the pass that trained the run, recorded beside it and shown again when a later pass reuses it; "
              "noisy).\n")
-    if withdrawn:
-        body += (f"\nWithdrawn on {time.strftime('%Y-%m-%d')} (measured before a fix, not re-measured in this run): "
-                 + ", ".join(withdrawn) + ".\n")
+    notes = [f"{w}: {n}" for w, res in raw.items() for n in res["teacher"].get("notes", [])]
+    if notes:
+        body += "\nRows changed since the run that made this table: " + "; ".join(notes) + ".\n"
     report("Retrieval students × worlds", body, out)
     plot(raw, out.with_suffix(".png"))
 
