@@ -510,8 +510,8 @@ def test_a_damaged_store_is_one_line_and_embed_images_repairs_it(tmp_path, damag
 
 
 def test_damaged_index_files_are_one_line_errors(tmp_path, tiny_world, capsys):
-    """faiss.npy or rows.npy truncated or gone, ``kind`` edited, the ``model`` key removed: one line naming the
-    index and the command that rebuilds it, not a traceback."""
+    """The FAISS file or rows.npy truncated or gone, the generation gone, ``kind`` edited, the ``model`` key removed:
+    one line naming the index and the command that rebuilds it, not a traceback."""
     import shutil
 
     from clipkd.search.index import build_index
@@ -520,6 +520,12 @@ def test_damaged_index_files_are_one_line_errors(tmp_path, tiny_world, capsys):
     torch.manual_seed(0)
     spec = load_clip("open_clip:clipkd-micro").save(tmp_path / "teacher")
     good = build_index(spec, tiny_world / "val", tmp_path / "ix", device="cpu", workers=0, progress=False).root
+
+    def _gen(ix):
+        return ix / "gen" / str(json.loads((ix / "index.json").read_text())["generation"])
+
+    def _truncate(f):
+        f.write_bytes(f.read_bytes()[:9])
 
     def damaged(name, edit):
         ix = tmp_path / name
@@ -535,8 +541,9 @@ def test_damaged_index_files_are_one_line_errors(tmp_path, tiny_world, capsys):
         return edit
 
     cases = {
-        "faiss truncated": damaged("a", lambda ix: (ix / "faiss.npy").write_bytes((ix / "faiss.npy").read_bytes()[:9])),
-        "rows gone": damaged("b", lambda ix: (ix / "rows.npy").unlink()),
+        "faiss truncated": damaged("a", lambda ix: _truncate(_gen(ix) / "faiss.index")),
+        "rows gone": damaged("b", lambda ix: (_gen(ix) / "rows.npy").unlink()),
+        "generation gone": damaged("f", lambda ix: shutil.rmtree(_gen(ix))),
         "kind edited": damaged("c", edit_json("kind", "hnsw")),
         "kind unknown": damaged("d", edit_json("kind", "bogus")),
         "model removed": damaged("e", edit_json("model", None)),

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -87,32 +88,58 @@ def test_interrupted_build_resumes_and_other_model_is_refused(tiny_world, teache
         build_index(teacher_spec, tiny_world / "test", tmp_path / "ix", encoder=enc, workers=0, progress=False)
 
 
-def test_add_and_remove(tiny_world, teacher_spec, tmp_path):
+def _live_keys(ix) -> set[str]:
+    return {ix.paths[r] for r in np.flatnonzero(ix.live)}
+
+
+def test_add_appends_remove_marks_compact_rewrites(tiny_world, teacher_spec, tmp_path):
+    """``index add`` appends to the FAISS index (no rebuild: the rows it had keep their positions), ``index remove``
+    marks rows that every query then skips, ``index compact`` rewrites the FAISS file without them; each change is
+    a new generation named atomically in index.json."""
     ix = build_index(teacher_spec, tiny_world / "val", tmp_path / "ix", device="cpu", workers=0, progress=False)
-    n = len(ix)
+    n, gen = len(ix), ix.generation
     assert main(["-q", "index", "add", "--index", str(tmp_path / "ix"), "--images", str(tiny_world / "test"),
                  "--device", "cpu", "--workers", "0"]) == 0
     grown = SearchIndex(tmp_path / "ix")
-    assert len(grown) == n + len(list((tiny_world / "test").rglob("*.png")))
+    assert len(grown) == n + len(list((tiny_world / "test").rglob("*.png"))) and grown.generation == gen + 1
+    assert list(grown.rows[:n]) == list(ix.rows)  # appended, not rebuilt
     gone = grown.paths[0]
+    q = grown.vector(int(grown.rows[0]))[None]
+    assert grown.search_vectors(q, 1)[1][0][0] == grown.rows[0]
     assert remove_from_index(tmp_path / "ix", [gone]) == 1
     after = SearchIndex(tmp_path / "ix")
-    assert len(after) == len(grown) - 1 and gone not in {after.paths[r] for r in after.rows}
+    assert len(after) == len(grown) - 1 and gone not in _live_keys(after) and after.info["tombstones"] == 1
+    assert after.index.ntotal == grown.index.ntotal  # marked, not rewritten
+    scores, rows = after.search_vectors(q, len(after) + 5)
+    assert after.rows[0] not in rows[0] and (rows[0] >= 0).sum() == len(after)  # skipped, and every other row found
+    with pytest.raises(KeyError):
+        after.vector(int(after.rows[0]))
     with pytest.raises(ClipkdError, match="not in index"):
         remove_from_index(tmp_path / "ix", [str(tmp_path / "nope.png")])
-    # a refused removal (it would empty the index) changes nothing, so the next add applies nothing of it
-    removed_before = (tmp_path / "ix" / "removed.txt").read_text()
+    # a refused removal (it would empty the index) changes nothing
     with pytest.raises(ClipkdError, match="would be empty"):
         remove_from_index(tmp_path / "ix", list(after.paths))
-    assert (tmp_path / "ix" / "removed.txt").read_text() == removed_before
-    assert len(SearchIndex(tmp_path / "ix")) == len(after)
+    still = SearchIndex(tmp_path / "ix")
+    assert still.generation == after.generation and _live_keys(still) == _live_keys(after)
+    # compact rewrites the FAISS file without the removed row
+    assert main(["-q", "index", "compact", "--index", str(tmp_path / "ix")]) == 0
+    small = SearchIndex(tmp_path / "ix")
+    assert small.index.ntotal == len(after) and not len(small.tombstones) and _live_keys(small) == _live_keys(after)
+    assert sorted(p.name for p in (tmp_path / "ix" / "gen").iterdir()) == \
+        [str(small.generation - 1), str(small.generation)]  # older generations pruned
     # adding a removed image again puts it back (it used to exit 0 and leave it out, saying nothing)
     lst = tmp_path / "again.txt"
     lst.write_text(f"{SearchIndex(tmp_path / 'ix').images_root / gone}\n")
     assert main(["-q", "index", "add", "--index", str(tmp_path / "ix"), "--images", str(lst), "--device", "cpu",
                  "--workers", "0"]) == 0
     back = SearchIndex(tmp_path / "ix")
-    assert len(back) == len(grown) and gone in {back.paths[r] for r in back.rows}
+    assert len(back) == len(grown) and gone in _live_keys(back)
+    # removed, then added again before a compaction: its tombstone is lifted
+    remove_from_index(tmp_path / "ix", [gone])
+    assert main(["-q", "index", "add", "--index", str(tmp_path / "ix"), "--images", str(lst), "--device", "cpu",
+                 "--workers", "0"]) == 0
+    again = SearchIndex(tmp_path / "ix")
+    assert len(again) == len(grown) and gone in _live_keys(again) and not len(again.tombstones)
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])
@@ -301,9 +328,9 @@ def test_one_parser_of_hash_in_row_keys():
 
 def test_batcher_runs_concurrent_queries_as_one_batch(index):
     index.encoder or index.load_encoder(device="cpu")
-    b = Batcher(index, window_s=0.3)
+    b = Batcher(window_s=0.3)
     x = torch.zeros(3, *index.encoder.preprocess(Image.new("RGB", (24, 24))).shape[1:])
-    futs = [b.submit(x, 3) for _ in range(8)]
+    futs = [b.submit(index, x, 3) for _ in range(8)]
     results = [f.result(timeout=60) for f in futs]
     assert b.batches == [8] and all(len(r) == 3 for r in results)
 
@@ -595,3 +622,207 @@ def test_filters_restrict_results_to_a_label_or_any_column_of_the_image_list(tin
     assert len([ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]) == 3
     assert main(["search", "--index", str(tmp_path / "flat"), "--text", "x", "--where", "colour=red"]) == 2
     assert "no column 'colour'" in capsys.readouterr().err
+
+
+TOKEN = "t0ken-for-the-tests-only-0123456789"
+
+
+def _expected(root, queries, k=5):
+    """What generation ``g`` answers for each query row: exact search over its live rows (a flat index)."""
+    ix = SearchIndex(root)
+    ix.encoder = None
+    out = {}
+    for q in queries:
+        hits = ix.hits(*(x[0] for x in ix.search_vectors(ix.vector(q)[None], k)))
+        out[q] = ([h["id"] for h in hits], [round(h["score"], 4) for h in hits])
+    return ix.generation, out
+
+
+def test_a_serving_index_swaps_generations_and_no_answer_mixes_two(tiny_world, teacher_spec, tmp_path):
+    """8 clients query a running server (by id over /search, by embedding over /knn-service) while the index
+    changes 5 times (add, remove, remove, compact, add back): every request succeeds, the server moves to each new
+    generation within seconds, and every answer is exactly what the generation it names holds."""
+    import httpx
+
+    from clipkd.search.index import compact_index
+    from tests.conftest import serve_on_loopback
+
+    root = tmp_path / "ix"
+    build_index(teacher_spec, tiny_world / "val", root, kind="flat", device="cpu", workers=0, progress=False)
+    first = SearchIndex(root)
+    queries = [int(r) for r in first.rows[-4:]]  # never removed
+    expected = dict([_expected(root, queries)])
+    answers, errors, stop = [], [], threading.Event()
+    app = create_app(root, reload_s=0.2)
+
+    with serve_on_loopback(app) as url:
+        def client(n):
+            with httpx.Client(base_url=url, timeout=60) as c:
+                i = 0
+                while not stop.is_set():
+                    q = queries[(n + i) % len(queries)]
+                    i += 1
+                    try:
+                        if i % 2:
+                            r = c.post("/search", json={"id": q, "k": 5})
+                            body = r.json()
+                            got = (body["generation"], [h["id"] for h in body["results"]],
+                                   [round(h["score"], 4) for h in body["results"]])
+                        else:
+                            r = c.post("/knn-service", json={"embedding_input": first.vector(q).tolist(),
+                                                             "num_images": 5, "deduplicate": False})
+                            got = (int(r.headers["x-clipkd-generation"]), [h["id"] for h in r.json()],
+                                   [round(h["similarity"], 4) for h in r.json()])
+                        answers.append((q, r.status_code, *got))
+                    except Exception as e:  # noqa: BLE001 - a failed request is what the test is for
+                        errors.append(repr(e))
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+        [t.start() for t in threads]
+        removable = [first.paths[int(r)] for r in first.rows[:6]]
+        lst = tmp_path / "back.txt"
+        lst.write_text("".join(f"{first.images_root / p}\n" for p in removable[:3]))
+        updates = [
+            lambda: main(["-q", "index", "add", "--index", str(root), "--images", str(tiny_world / "test"),
+                          "--device", "cpu", "--workers", "0"]),
+            lambda: remove_from_index(root, removable[:3]),
+            lambda: remove_from_index(root, removable[3:]),
+            lambda: compact_index(root),
+            lambda: main(["-q", "index", "add", "--index", str(root), "--images", str(lst), "--device", "cpu",
+                          "--workers", "0"]),
+        ]
+        for update in updates:
+            time.sleep(0.5)
+            update()
+            gen, want = _expected(root, queries)
+            expected[gen] = want
+            deadline = time.time() + 10
+            while httpx.get(f"{url}/health").json()["generation"] != gen:
+                assert time.time() < deadline, f"the server did not pick up generation {gen}"
+                time.sleep(0.05)
+        time.sleep(0.5)
+        stop.set()
+        [t.join(timeout=60) for t in threads]
+        metrics = httpx.get(f"{url}/metrics").text
+    assert not errors, errors[:3]
+    assert len(expected) == 6 and len(answers) > 50
+    seen = {a[2] for a in answers}
+    assert len(seen) >= 4, seen  # the clients were answered by most of the generations
+    for q, status, gen, ids, scores in answers:
+        assert status == 200, (q, status)
+        want_ids, want_scores = expected[gen][q]
+        assert np.allclose(scores, want_scores, atol=2e-3) and (ids == want_ids or sorted(ids) == sorted(want_ids)), \
+            (gen, q, ids, want_ids)
+    assert 'clipkd_index_reloads_total 5.0' in metrics and 'route="/search",status="200"' in metrics
+
+
+def test_index_changing_routes_need_the_token_and_say_what_is_wrong(teacher_spec, tiny_world, tmp_path):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from clipkd.fileio import exclusive
+
+    shop = tmp_path / "shop"
+    shutil.copytree(tiny_world / "val", shop / "old")
+    root = tmp_path / "ix"
+    build_index(teacher_spec, shop, root, device="cpu", workers=0, progress=False)
+    off = TestClient(create_app(root, reload_s=0))
+    assert off.post("/index/remove", json={"ids": [0]}).status_code == 403
+    c = TestClient(create_app(root, reload_s=0, token=TOKEN))
+    assert c.post("/index/remove", json={"ids": [0]}).status_code == 401
+    r = c.post("/index/remove", json={"ids": [0]}, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["detail"].startswith("this route changes the index")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for body, code in [({}, 400), ({"ids": []}, 400), ({"ids": ["x"]}, 400), ({"ids": [10 ** 9]}, 404),
+                       ({"paths": ["nope.png"]}, 400), ({"ids": [0], "paths": ["a"]}, 400)]:
+        r = c.post("/index/remove", json=body, headers=auth)
+        assert r.status_code == code and "\n" not in r.json()["detail"], (body, r.status_code, r.text)
+    gen = c.get("/health").json()["generation"]
+    r = c.post("/index/remove", json={"ids": [0, 1]}, headers=auth)
+    assert r.status_code == 200 and r.json()["changed"] == 2 and r.json()["generation"] == gen + 1
+    assert c.get("/health").json()["generation"] == gen + 1  # answered once the server serves it
+    r = c.post("/search", json={"id": 0})
+    assert r.status_code == 404 and r.json()["detail"] == "image 0 was removed from this index"
+    assert c.get("/images/0").status_code == 404
+    ids = {h["id"] for h in c.post("/search", json={"id": 2, "k": 100}).json()["results"]}
+    assert not ids & {0, 1}
+    r = c.post("/index/remove", json={"ids": [0]}, headers=auth)
+    assert r.status_code == 404 and "removed already" in r.json()["detail"]
+    with exclusive(root, "search index"):  # another clipkd process is changing it
+        r = c.post("/index/remove", json={"ids": [3]}, headers=auth)
+        assert r.status_code == 409 and "in use by another" in r.json()["detail"]
+    for body, code in [({"images": "/etc"}, 400), ({"images": "../../"}, 400), ({"images": "nope"}, 404),
+                       ({"images": 3}, 400)]:
+        assert c.post("/index/add", json=body, headers=auth).status_code == code, body
+    shutil.copytree(tiny_world / "test" / "red_circle", shop / "new" / "red_circle")
+    n = c.get("/health").json()["images"]
+    r = c.post("/index/add", json={"images": "new"}, headers=auth)
+    assert r.status_code == 200 and r.json()["changed"] == 3 and c.get("/health").json()["images"] == n + 3, r.text
+    assert "clipkd_requests_total" in c.get("/metrics").text
+
+
+def test_serve_token_and_workers_are_checked_before_serving(index, tmp_path, capsys, monkeypatch):
+    short = tmp_path / "token"
+    short.write_text("abc\n")
+    assert main(["serve", "--index", str(index.root), "--token-file", str(short)]) == 2
+    assert "at least 16" in capsys.readouterr().err
+    assert main(["serve", "--index", str(index.root), "--token-file", str(tmp_path / "none")]) == 2
+    assert "cannot read the token file" in capsys.readouterr().err
+    monkeypatch.setenv("CLIPKD_TOKEN", "")
+    assert main(["serve", "--index", str(index.root)]) == 2
+    assert "CLIPKD_TOKEN holds a token of 0" in capsys.readouterr().err
+
+
+def test_serve_with_workers_swaps_every_worker_and_sums_their_metrics(tiny_world, teacher_spec, tmp_path):
+    """``serve --workers 2``: two processes answer; after an ``index remove`` every one of them serves the new
+    generation, and /metrics counts the requests of both."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.conftest import cli_env
+
+    root = tmp_path / "ix"
+    build_index(teacher_spec, tiny_world / "val", root, device="cpu", workers=0, progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "clipkd.cli", "serve", "--index", str(root), "--port", str(port),
+                             "--workers", "2", "--reload-s", "0.2"], env={**os.environ, **cli_env()},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                gen = httpx.get(f"{url}/health", timeout=5).json()["generation"]
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "slow"
+                time.sleep(0.2)
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for _ in range(20):
+                assert c.post("/search", json={"id": 1, "k": 3}).status_code == 200
+            workers = {}
+            for _ in range(400):  # fresh connections until both workers have answered
+                h = httpx.get(f"{url}/health", timeout=5).json()
+                workers[h["worker"]] = h["generation"]
+                if len(workers) == 2:
+                    break
+            assert len(workers) == 2, workers
+            remove_from_index(root, [SearchIndex(root).paths[0]])
+            deadline = time.time() + 20
+            while set(workers.values()) != {gen + 1}:
+                assert time.time() < deadline, f"not every worker moved to the new generation: {workers}"
+                h = httpx.get(f"{url}/health", timeout=5).json()
+                workers[h["worker"]] = h["generation"]
+            metrics = c.get("/metrics").text
+        line = next(m for m in metrics.splitlines() if m.startswith('clipkd_requests_total{route="/search"'))
+        assert float(line.split()[-1]) == 20.0, line  # both workers' requests (the kernel spreads connections)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -200,7 +200,8 @@ def _args_index(sub: Any) -> None:
     from .search.index import build_index
 
     batch = f"images per forward pass (default {_default(build_index, 'batch_size')})"
-    p = sub.add_parser("index", help="a FAISS search index over an image collection (build, add, remove)")
+    p = sub.add_parser("index", help="a FAISS search index over an image collection (build, add, remove, "
+                       "compact)")
     isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
     q = isub.add_parser("build", help="embed images with a model into a new (or resumed) index")
     q.add_argument("--model", required=True, help="clip-train run folder, distilled student (run folder or "
@@ -214,7 +215,8 @@ def _args_index(sub: Any) -> None:
     q.add_argument("--batch-size", type=_count, help=batch)
     q.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
     _device_flags(q)
-    q = isub.add_parser("add", help="embed more images into an index (with the model that built it)")
+    q = isub.add_parser("add", help="embed more images into an index (with the model that built it; appended, and a "
+                        "running serve picks them up)")
     q.add_argument("--index", required=True)
     q.add_argument("--images", required=True, help="image folder, path,label list or Chinese-CLIP *_imgs.tsv")
     q.add_argument("--images-root", help="where the index's collection root is on this machine (default: where "
@@ -222,16 +224,18 @@ def _args_index(sub: Any) -> None:
     q.add_argument("--batch-size", type=_count, help=batch)
     q.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
     _device_flags(q)
-    q = isub.add_parser("remove", help="drop images from an index")
+    q = isub.add_parser("remove", help="drop images from an index (marked: queries skip them at once)")
     q.add_argument("--index", required=True)
     q.add_argument("--images-root", help="where the index's collection root is on this machine")
     q.add_argument("paths", nargs="+", help="keys as the index lists them (relative to its collection root), or "
                    "image paths (absolute, or relative to here)")
+    q = isub.add_parser("compact", help="rewrite an index without its removed images (after many removals)")
+    q.add_argument("--index", required=True)
 
 
 @command("index", _args_index)
 def _index(a: argparse.Namespace) -> None:
-    from .search.index import add_to_index, build_index, remove_from_index
+    from .search.index import add_to_index, build_index, compact_index, remove_from_index
 
     if a.index_command == "remove":
         n = remove_from_index(index_dir=a.index, paths=a.paths, images_root=getattr(a, "images_root", None))
@@ -239,11 +243,13 @@ def _index(a: argparse.Namespace) -> None:
         return
     if a.index_command == "build":
         idx = build_index(**_kwargs(build_index, a))
+    elif a.index_command == "compact":
+        idx = compact_index(a.index)
     else:
         idx = add_to_index(**_kwargs(add_to_index, a, index_dir=a.index))
     i = idx.info
     print(f"index {idx.root}: {i['rows']} images ({i['skipped']} skipped), {i['kind']}, recall@10 vs exact "
-          f"{i['recall@10']:.3f}, model {i['identity']}")
+          f"{i['recall@10']:.3f}, model {i['identity']}, generation {i['generation']}")
 
 
 def _args_search(sub: Any) -> None:
@@ -302,6 +308,12 @@ def _args_serve(sub: Any) -> None:
                    "root (by default answers carry ids and URLs, never the server's file paths)")
     p.add_argument("--images", help="where the collection's images are on this machine (default: where the index "
                    "records them, relative to the index folder)")
+    p.add_argument("--workers", type=_count, help="server processes (default 1); each swaps to a new generation of "
+                   "the index on its own")
+    p.add_argument("--token-file", help="a file whose first line is the bearer token that POST /index/add and "
+                   "/index/remove require (default: $CLIPKD_TOKEN; neither: those routes are off)")
+    p.add_argument("--reload-s", type=float, help=f"how often to look for a newer generation of the index, written "
+                   f"by `clipkd index add/remove/compact` (default {_default(serve, 'reload_s')} s; 0: never)")
 
 
 @command("serve", _args_serve)

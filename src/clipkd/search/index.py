@@ -200,6 +200,103 @@ def _resolve_ref(ref: str | None, root: Path) -> str | None:
     return ref
 
 
+GENERATIONS = "gen"  # gen/<N>/: one generation of the FAISS index, written whole before index.json names it
+REBUILD = "re-run the `clipkd index build` that made it (its stored embeddings are reused)"
+
+
+class _Pruned(Exception):
+    """The generation index.json named was removed by a newer writer before it could be read."""
+
+
+@dataclass
+class Generation:
+    """One state of an index's FAISS side: ``rows`` maps FAISS positions to store rows, ``tombstones`` are the
+    positions ``index remove`` marked (still in FAISS, skipped by queries until ``index compact``), ``removed`` the
+    keys removed (tombstoned or compacted out)."""
+
+    number: int
+    index: Any
+    rows: np.ndarray
+    tombstones: np.ndarray
+    removed: set[str]
+    path: Path | None = None  # the FAISS file (None: an index of clipkd before generations)
+
+
+def read_generation(root: Path, info: dict[str, Any]) -> Generation:
+    """The generation ``info`` (index.json) names, loaded; damaged files are one line naming the index."""
+    faiss = _faiss()
+    number = info.get("generation")
+    try:
+        if number is None:  # clipkd before generations: one serialised array beside index.json
+            return Generation(0, faiss.deserialize_index(np.load(root / "faiss.npy")), np.load(root / "rows.npy"),
+                              np.zeros(0, np.int64), _read_lines(root / "removed.txt"))
+        d = root / GENERATIONS / str(int(number))
+        if not d.is_dir():
+            raise _Pruned
+        index = faiss.read_index(str(d / "faiss.index"))
+        gen = Generation(int(number), index, np.load(d / "rows.npy"), np.load(d / "tombstones.npy"),
+                         _read_lines(d / "removed.txt"), d / "faiss.index")
+    except _Pruned:
+        raise
+    except (OSError, ValueError, EOFError, RuntimeError, TypeError) as e:
+        if number is not None and not (root / GENERATIONS / str(int(number))).is_dir():
+            raise _Pruned from None
+        raise ClipkdError(f"index {root} is damaged ({first_line(e, 120)}); {REBUILD}") from None
+    if gen.index.ntotal != len(gen.rows) or (len(gen.tombstones) and (
+            gen.tombstones.min() < 0 or gen.tombstones.max() >= len(gen.rows))):
+        raise ClipkdError(f"index {root}: FAISS holds {gen.index.ntotal} rows, rows.npy {len(gen.rows)}, "
+                          f"tombstones {len(gen.tombstones)}; {REBUILD}")
+    return gen
+
+
+def _read_lines(path: Path) -> set[str]:
+    return set(path.read_text(encoding="utf-8").splitlines()) if path.is_file() else set()
+
+
+def _current(root: Path) -> Generation | None:
+    """The generation on disk now (under the writer's lock), or None for a folder with no index yet."""
+    if not (root / "index.json").is_file():
+        return None
+    return read_generation(root, read_json(root / "index.json", "index description"))
+
+
+def commit_generation(root: Path, info: dict[str, Any], index: Any, rows: np.ndarray, tombstones: np.ndarray,
+                      removed: set[str], same_faiss: Path | None = None) -> dict[str, Any]:
+    """Write the next generation (FAISS file, rows, tombstones, removed keys) into ``gen/<N>/``, then name it in
+    index.json (atomically: a reader sees the old generation or the new, never a mix), then prune all but the two
+    newest. ``same_faiss``: the FAISS file is unchanged (a removal) and is hard-linked, not written again. Called
+    under the index folder's lock."""
+    import os
+    import shutil
+
+    faiss = _faiss()
+    on_disk = read_json(root / "index.json", "index description") if (root / "index.json").is_file() else {}
+    number = int(on_disk.get("generation", 0)) + 1
+    d = root / GENERATIONS / str(number)
+    if d.exists():  # what a killed writer left: no index.json names it
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    if same_faiss is not None:
+        try:
+            os.link(same_faiss, d / "faiss.index")
+        except OSError:  # another file system, or no hard links: a copy
+            shutil.copyfile(same_faiss, d / "faiss.index")
+    else:
+        atomic_write(d / "faiss.index", lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)))
+    write_npy(d / "rows.npy", np.asarray(rows, np.int64))
+    write_npy(d / "tombstones.npy", np.asarray(tombstones, np.int64))
+    write_text(d / "removed.txt", "".join(f"{p}\n" for p in sorted(removed)))
+    info = {**info, "generation": number, "rows": int(len(rows) - len(tombstones)), "tombstones": int(len(tombstones)),
+            "removed": len(removed)}
+    write_json(root / "index.json", info)
+    for old in (root / GENERATIONS).iterdir():  # a server still reading generation N-1 keeps it
+        if old.name.isdigit() and int(old.name) < number - 1:
+            shutil.rmtree(old, ignore_errors=True)
+    for legacy in ("faiss.npy", "rows.npy", "removed.txt"):  # the layout before generations
+        (root / legacy).unlink(missing_ok=True)
+    return info
+
+
 class SearchIndex:
     """An index folder opened for search; ``encoder`` loads the model that made it (checked by identity)."""
 
@@ -210,22 +307,34 @@ class SearchIndex:
         self.info: dict[str, Any] = read_json(self.root / "index.json", "index description")
         if not isinstance(self.info, dict) or self.info.get("format") != INDEX_FORMAT:
             raise ClipkdError(f"{self.root / 'index.json'} is not a {INDEX_FORMAT} description")
-        rebuild = "re-run the `clipkd index build` that made it (its stored embeddings are reused)"
+        rebuild = REBUILD
         missing = [k for k in ("identity", "model", "embed_dim", "kind") if k not in self.info]
         if missing:
             raise ClipkdError(f"index {self.root} is damaged: index.json lacks {missing}; {rebuild}")
         if self.info["kind"] not in KINDS or self.info["kind"] == "auto":
             raise ClipkdError(f"index {self.root} is damaged: index.json names kind {self.info['kind']!r}; {rebuild}")
+        for _ in range(5):  # a generation pruned by a newer writer between reading index.json and its files
+            try:
+                gen = read_generation(self.root, self.info)
+                break
+            except _Pruned:
+                again = read_json(self.root / "index.json", "index description")
+                if again.get("generation") == self.info.get("generation"):
+                    raise ClipkdError(f"index {self.root} is damaged: {GENERATIONS}/{self.info.get('generation')} "
+                                      f"is gone; {rebuild}") from None
+                self.info = again
+        else:
+            raise ClipkdError(f"index {self.root} changes faster than it can be opened; try again")
         self.store = EmbeddingStore(self.root / "store")
         self.paths = self.store.paths
-        try:
-            self.rows = np.load(self.root / "rows.npy")
-            self.index = _faiss().deserialize_index(np.load(self.root / "faiss.npy"))
-        except (OSError, ValueError, EOFError, RuntimeError) as e:
-            raise ClipkdError(f"index {self.root} is damaged ({first_line(e, 120)}); {rebuild}") from None
-        if self.index.ntotal != len(self.rows):
-            raise ClipkdError(f"index {self.root}: FAISS holds {self.index.ntotal} rows, rows.npy {len(self.rows)}; "
+        self.generation, self.index, self.rows = gen.number, gen.index, gen.rows
+        self.tombstones, self.removed = gen.tombstones, gen.removed
+        if len(self.rows) and int(self.rows.max()) >= len(self.paths):
+            raise ClipkdError(f"index {self.root} is damaged: its FAISS rows name store rows the store does not hold; "
                               f"{rebuild}")
+        self.live = np.zeros(len(self.paths), dtype=bool)  # store rows a query can return
+        self.live[self.rows] = True
+        self.live[self.rows[self.tombstones]] = False
         self.labels = _read_labels(self.root / "labels.tsv")
         # the collection root: given (the images on this machine), else where index.json says, relative to the
         # index (indexes of clipkd before portable indexes keyed rows by absolute path: root /)
@@ -235,7 +344,7 @@ class SearchIndex:
             self._set_search_params()
         except AttributeError:
             raise ClipkdError(f"index {self.root} is damaged: index.json says kind {self.info['kind']!r} but "
-                              f"faiss.npy holds a {type(self.index).__name__}; {rebuild}") from None
+                              f"its FAISS file holds a {type(self.index).__name__}; {rebuild}") from None
         self.encoder: Encoder | None = None
 
     @property
@@ -276,7 +385,12 @@ class SearchIndex:
         return missing
 
     def __len__(self) -> int:
-        return int(self.index.ntotal)
+        """Rows a query can return (FAISS rows less the tombstones of removed images)."""
+        return int(self.index.ntotal) - len(self.tombstones)
+
+    def is_live(self, row: int) -> bool:
+        """Whether store row ``row`` is in the index and not removed."""
+        return 0 <= row < len(self.live) and bool(self.live[row])
 
     def _set_search_params(self) -> None:
         kind = self.info.get("kind")
@@ -332,6 +446,7 @@ class SearchIndex:
                               f"{', '.join(have) or 'none'})")
         keys = np.asarray(self.paths)[self.rows]
         ok = np.ones(len(self.rows), dtype=bool)
+        ok[self.tombstones] = False
         for c, v in want.items():
             col = self.columns[c]
             ok &= np.fromiter((col.get(k) == str(v) for k in keys), dtype=bool, count=len(keys))
@@ -343,28 +458,61 @@ class SearchIndex:
     def search_vectors(self, queries: np.ndarray, k: int = 10,
                        allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores, store rows) for unit query vectors (rows of -1 where fewer than ``k`` exist), among
-        the FAISS positions ``allowed`` when given (:meth:`allowed`): exact over them on a flat index, and on an
-        approximate one when they are few (under a tenth of the rows) or the filtered search inside FAISS
-        (``IDSelector``) found fewer than ``k`` of them; so a filter never loses results an exact search has."""
+        the FAISS positions ``allowed`` when given (:meth:`allowed`): exact over them from the store when they are
+        few (under a tenth of the rows), else inside FAISS (``IDSelector``: exact on a flat index), and exactly
+        again where an approximate search found fewer than ``k`` of them. Removed rows are never returned."""
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.info["embed_dim"])
-        if allowed is None:
+        if allowed is None and len(self.tombstones):
+            scores, pos = self._skip_tombstones(q, min(k, max(1, len(self))))
+        elif allowed is None:
             scores, pos = self.index.search(q, min(k, max(1, len(self))))
         elif not len(allowed):
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-        elif self.info["kind"] == "flat" or len(allowed) * 10 < len(self):
+        elif len(allowed) * 10 < len(self):
             scores, pos = self._exact(q, k, allowed)
         else:
-            faiss = _faiss()
-            sel = faiss.IDSelectorBatch(allowed)
-            kind = self.info["kind"]
-            params = (faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.index.hnsw.efSearch, 4 * k))
-                      if kind == "hnsw" else faiss.SearchParametersIVF(sel=sel, nprobe=self.index.nprobe))
             want = min(k, len(allowed))
-            scores, pos = self.index.search(q, want, params=params)
+            scores, pos = self.index.search(q, want, params=self._params(self._selector(allowed), k))
             if (pos < 0).sum(1).max() > 0:  # the graph or the probed lists ran out of matches: exact instead
                 scores, pos = self._exact(q, k, allowed)
         rows = np.where(pos >= 0, self.rows[np.clip(pos, 0, None)], -1)
         return scores, rows
+
+    def _selector(self, allowed: np.ndarray) -> Any:
+        """A FAISS selector of ``allowed`` (kept per array: :meth:`allowed` caches its arrays)."""
+        cache = self.__dict__.setdefault("_selectors", {})
+        key = (allowed.__array_interface__["data"][0], len(allowed))
+        if key not in cache or cache[key][0] is not allowed:
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = (allowed, _faiss().IDSelectorBatch(allowed))
+        return cache[key][1]
+
+    def _params(self, sel: Any, k: int) -> Any:
+        faiss = _faiss()
+        kind = self.info["kind"]
+        if kind == "hnsw":
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.index.hnsw.efSearch, 4 * k))
+        if kind in ("ivf", "ivfpq"):
+            return faiss.SearchParametersIVF(sel=sel, nprobe=self.index.nprobe)
+        return faiss.SearchParameters(sel=sel)
+
+    def _skip_tombstones(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` FAISS positions that are not tombstones: the search skips them (``IDSelectorNot``); where an
+        approximate search then finds fewer than ``k``, the plain search is oversampled by the tombstones."""
+        faiss = _faiss()
+        if not hasattr(self, "_not_removed"):
+            inner = faiss.IDSelectorBatch(self.tombstones)
+            self._not_removed = (inner, faiss.IDSelectorNot(inner))  # the inner selector must outlive the outer
+        scores, pos = self.index.search(q, k, params=self._params(self._not_removed[1], k))
+        if (pos < 0).any():
+            more = min(int(self.index.ntotal), k + len(self.tombstones))
+            s2, p2 = self.index.search(q, more)
+            dead = np.isin(p2, self.tombstones) | (p2 < 0)
+            order = np.argsort(dead, axis=1, kind="stable")[:, :k]
+            scores, pos = np.take_along_axis(s2, order, 1), np.where(
+                np.take_along_axis(dead, order, 1), -1, np.take_along_axis(p2, order, 1))
+        return scores, pos
 
     def _exact(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` among FAISS positions ``allowed``, from the stored embeddings."""
@@ -387,15 +535,9 @@ class SearchIndex:
 
     def vector(self, row: int) -> np.ndarray:
         """The stored embedding of a row (for "search by this result")."""
-        if not 0 <= row < len(self.paths) or self.paths[row] in self.removed:
+        if not self.is_live(row):
             raise KeyError(row)
         return np.asarray(self.store.embeddings()[row], dtype=np.float32)
-
-    @property
-    def removed(self) -> set[str]:
-        if not hasattr(self, "_removed"):
-            self._removed = _read_removed(self.root)
-        return self._removed
 
     def open_image(self, row: int):
         """The picture of an indexed row, decoded (files and Chinese-CLIP TSV rows alike)."""
@@ -449,11 +591,6 @@ def _read_labels(path: Path) -> dict[str, str]:
         p, _, label = line.partition("\t")
         out[p] = label
     return out
-
-
-def _read_removed(root: Path) -> set[str]:
-    f = root / "removed.txt"
-    return set(f.read_text(encoding="utf-8").splitlines()) if f.is_file() else set()
 
 
 def check_model(index: SearchIndex, encoder: Encoder) -> None:
@@ -515,10 +652,24 @@ def recall_at_10(index: Any, vectors: np.ndarray, queries: int = 1000, seed: int
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(want.tolist(), got.tolist(), strict=True)]))
 
 
-def _write_faiss(root: Path, store: EmbeddingStore, kind: str, info: dict[str, Any]) -> dict[str, Any]:
-    """(Re)build the FAISS index over the store's rows that are not removed; write it and ``index.json``."""
-    faiss = _faiss()
-    removed = _read_removed(root)
+COMPACT_SHARE = 0.2  # removed rows past this share of the FAISS rows: `index remove` suggests `index compact`
+
+
+def _removed_now(root: Path) -> set[str]:
+    """The keys removed from the index at ``root`` as it is on disk (without loading its FAISS file, which a rebuild
+    may be replacing because it is damaged)."""
+    if not (root / "index.json").is_file():
+        return set()
+    number = read_json(root / "index.json", "index description").get("generation")
+    return _read_lines(root / GENERATIONS / str(int(number)) / "removed.txt" if number is not None
+                       else root / "removed.txt")
+
+
+def _write_faiss(root: Path, store: EmbeddingStore, kind: str, info: dict[str, Any],
+                 restore: Sequence[str] = ()) -> dict[str, Any]:
+    """Build the FAISS index over the store's rows that are not removed (``restore``: keys added again, no longer
+    removed) and commit it as the next generation."""
+    removed = _removed_now(root) - set(restore)
     keep = np.array([i for i, p in enumerate(store.paths) if p not in removed], dtype=np.int64)
     if not len(keep):
         raise ClipkdError(f"index {root} would be empty: no decodable image is left in it")
@@ -526,22 +677,50 @@ def _write_faiss(root: Path, store: EmbeddingStore, kind: str, info: dict[str, A
     chosen = _choose_kind(kind, len(keep))
     index, params = make_faiss(vectors, chosen)
     recall = 1.0 if chosen == "flat" else recall_at_10(index, vectors)
-    atomic_write(root / "faiss.npy", lambda f: np.save(f, faiss.serialize_index(index)))
-    write_npy(root / "rows.npy", keep)
-    info = {**info, "kind": chosen, "requested_kind": kind, "params": params, "rows": int(len(keep)),
-            "removed": len(removed), "skipped": int(store.manifest["skipped_count"]), "recall@10": round(recall, 4)}
-    write_json(root / "index.json", info)
+    info = {**info, "kind": chosen, "requested_kind": kind, "params": params,
+            "skipped": int(store.manifest["skipped_count"]), "recall@10": round(recall, 4),
+            "recall_rows": int(len(keep))}
+    info = commit_generation(root, info, index, keep, np.zeros(0, np.int64), removed)
     log.info("index %s: %d rows, %s, recall@10 vs exact %.3f", root, len(keep), chosen, recall)
     return info
 
 
-def _restore_removed(root: Path, paths: Sequence[str]) -> None:
-    """Images added again after ``index remove`` dropped them are back in the index (their rows are in the store)."""
-    removed = _read_removed(root)
-    back = removed.intersection(paths)
-    if back:
-        write_text(root / "removed.txt", "".join(f"{p}\n" for p in sorted(removed - back)))
-        log.info("index %s: %d image(s) removed earlier are back in it", root, len(back))
+def _tombstones(rows: np.ndarray, paths: Sequence[str], removed: set[str]) -> np.ndarray:
+    """The FAISS positions whose store rows are removed keys."""
+    if not removed:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(np.fromiter((paths[r] in removed for r in rows.tolist()), bool, len(rows)))
+
+
+def _append_faiss(root: Path, store: EmbeddingStore, info: dict[str, Any], restore: Sequence[str]) -> dict[str, Any]:
+    """Add the store's rows that the FAISS index lacks to it (flat, IVF and IVF-PQ append to their lists with the
+    trained quantizer, HNSW links them into its graph): no rebuild. Keys in ``restore`` are no longer removed."""
+    cur = _current(root)
+    if cur is None or cur.path is None or (len(cur.rows) and int(cur.rows.max()) >= len(store)):
+        # no index yet, one of clipkd before generations, or a store that lost a damaged shard: rebuilt
+        return _write_faiss(root, store, info.get("requested_kind", info["kind"]), info, restore)
+    removed = cur.removed - set(restore)
+    paths = store.paths
+    listed = np.zeros(len(paths), dtype=bool)
+    listed[cur.rows] = True
+    new = np.flatnonzero(~listed & ~np.fromiter((p in removed for p in paths), bool, len(paths)))
+    index = cur.index
+    emb = store.embeddings()
+    for start in range(0, len(new), 65_536):
+        index.add(np.ascontiguousarray(emb[new[start:start + 65_536]], dtype=np.float32))
+    rows = np.concatenate([cur.rows, new]).astype(np.int64)
+    tomb = _tombstones(rows, paths, removed)
+    if len(rows) == len(tomb):
+        raise ClipkdError(f"index {root} would be empty: no decodable image is left in it")
+    info = commit_generation(root, {**info, "skipped": int(store.manifest["skipped_count"])}, index, rows, tomb,
+                             removed, same_faiss=None if len(new) else cur.path)
+    back = len(cur.removed) - len(removed)
+    log.info("index %s: %d rows added%s, %d in all, %s", root, len(new),
+             f" ({back} removed earlier are back)" if back else "", info["rows"], info["kind"])
+    if info["kind"] == "flat" and info.get("requested_kind") == "auto" and info["rows"] > EXACT_MAX:
+        log.warning("index %s now holds %d rows, more than exact search suits (%d): `clipkd index compact` rebuilds "
+                    "it as HNSW", root, info["rows"], EXACT_MAX)
+    return info
 
 
 COLUMNS = "columns.tsv"  # key<TAB>one value per column (an image list's extra columns), with a header
@@ -636,12 +815,16 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
         if r.zero:
             _append_labels(out, source)
             _append_columns(out, source)
-            _restore_removed(out, source.paths)
             sources = [*(existing or {}).get("sources", []), here]
             info = _describe(model, text_model, enc, sources, out)
             if existing is None or "images" in existing:
                 info["images"] = relative(root, out)
-            _write_faiss(out, store, kind, info)
+            if existing is not None and existing.get("requested_kind", existing.get("kind")) == kind and \
+                    "generation" in existing:  # more images (or none) into the same index: appended
+                keep = ("kind", "requested_kind", "params", "recall@10", "recall_rows")
+                _append_faiss(out, store, {**info, **{k: existing[k] for k in keep if k in existing}}, source.paths)
+            else:
+                _write_faiss(out, store, kind, info, source.paths)
     barrier()  # rank 0 has written the index
     index = SearchIndex(out)
     index.encoder = enc
@@ -688,8 +871,9 @@ def add_to_index(index_dir: str | Path, images: str | Path, device: str | None =
 
 
 def remove_from_index(index_dir: str | Path, paths: Sequence[str], images_root: str | Path | None = None) -> int:
-    """Drop ``paths`` (keys as the index lists them, or image paths under its collection root) from an index;
-    returns how many rows left it."""
+    """Drop ``paths`` (keys as the index lists them, or image paths under its collection root) from an index: their
+    FAISS rows become tombstones that queries skip (no rebuild; :func:`compact_index` rewrites the index without
+    them); returns how many rows left it. A running ``serve`` picks the new generation up."""
 
     root = Path(index_dir)
     index = SearchIndex(root, images_root)
@@ -700,19 +884,27 @@ def remove_from_index(index_dir: str | Path, paths: Sequence[str], images_root: 
     if unknown:
         raise ClipkdError(f"{len(unknown)} path(s) are not in index {root}, e.g. {unknown[:3]}")
     with exclusive(root, "search index"):
-        removed = _read_removed(root)
-        new = wanted - removed
-        if all(p in removed or p in wanted for p in index.store.paths):  # refused before anything is written
+        cur = _current(root)  # what is on disk now, under the lock
+        removed = cur.removed | wanted
+        paths_now = index.store.paths
+        tomb = _tombstones(cur.rows, paths_now, removed)
+        if len(tomb) == len(cur.rows):  # refused before anything is written
             raise ClipkdError(f"index {root} would be empty: removing these would leave no image in it; nothing "
                               "was removed")
-        before = (root / "removed.txt").read_text(encoding="utf-8") if (root / "removed.txt").is_file() else None
-        write_text(root / "removed.txt", "".join(f"{p}\n" for p in sorted(removed | wanted)))
-        try:
-            _write_faiss(root, index.store, index.info.get("requested_kind", index.info["kind"]), index.info)
-        except BaseException:  # a removal that did not finish changes nothing: the next add must not apply it
-            if before is None:
-                (root / "removed.txt").unlink(missing_ok=True)
-            else:
-                write_text(root / "removed.txt", before)
-            raise
-    return len(new)
+        info = read_json(root / "index.json", "index description")
+        info = commit_generation(root, info, cur.index, cur.rows, tomb, removed, same_faiss=cur.path)
+    if len(tomb) > COMPACT_SHARE * len(cur.rows):
+        log.warning("index %s: %d of its %d FAISS rows are removed images that every query skips; `clipkd index "
+                    "compact --index %s` rewrites it without them", root, len(tomb), len(cur.rows), root)
+    return len(wanted - cur.removed)
+
+
+def compact_index(index_dir: str | Path) -> SearchIndex:
+    """Rewrite an index's FAISS file without its removed rows (their embeddings stay in the store, so adding them
+    again costs no model pass); ``auto`` indexes choose their kind again for the rows they now hold."""
+    root = Path(index_dir)
+    index = SearchIndex(root)
+    with exclusive(root, "search index"):
+        info = read_json(root / "index.json", "index description")
+        _write_faiss(root, index.store, info.get("requested_kind", info["kind"]), info)
+    return SearchIndex(root)

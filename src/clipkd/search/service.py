@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import logging
+import os
 import queue
 import threading
 import time
@@ -36,6 +37,7 @@ DEDUP_COSINE = 0.94  # clip-retrieval's deduplicate: results at least this close
 # as clip-retrieval's own back end does when it has no safety, violence or aesthetic model loaded
 NOT_COMPUTED = ("use_safety_model", "use_violence_detector", "aesthetic_score")
 PAGE = Path(__file__).with_name("page.html")
+RELOAD_S = 1.0  # how often a server looks for a newer generation of its index (seconds)
 
 
 class QueryError(Exception):
@@ -74,16 +76,18 @@ class Batcher:
     arrived while the previous batch ran form the next one.
     """
 
-    def __init__(self, index: SearchIndex, max_batch: int = 32, window_s: float = 0.0) -> None:
-        self.index, self.max_batch, self.window_s = index, max_batch, window_s
+    def __init__(self, max_batch: int = 32, window_s: float = 0.0) -> None:
+        self.max_batch, self.window_s = max_batch, window_s
         self.queue: queue.Queue = queue.Queue()
         self.batches: list[int] = []  # sizes of the batches run (for the benchmark and tests)
         self.thread = threading.Thread(target=self._run, name="clipkd-batcher", daemon=True)
         self.thread.start()
 
-    def submit(self, image: Any, k: int) -> Future:
+    def submit(self, index: SearchIndex, image: Any, k: int, allowed: np.ndarray | None = None) -> Future:
+        """Queue a preprocessed image for ``index`` (the generation the request holds: queries of two generations
+        in one batch are searched each in its own)."""
         fut: Future = Future()
-        self.queue.put((image, k, fut))
+        self.queue.put((index, image, k, allowed, fut))
         return fut
 
     def _run(self) -> None:
@@ -97,13 +101,19 @@ class Batcher:
                 except queue.Empty:
                     break
             try:
-                q = self.index.encoder.encode_batch([it[0] for it in items])
-                scores, rows = self.index.search_vectors(q, max(it[1] for it in items))
+                q = items[0][0].encoder.encode_batch([it[1] for it in items])  # one model for every generation
                 self.batches.append(len(items))
-                for i, (_, k, fut) in enumerate(items):
-                    fut.set_result(self.index.hits(scores[i][:k], rows[i][:k]))
+                groups: dict[tuple[int, int], list[int]] = {}
+                for i, (index, _, _, allowed, _) in enumerate(items):
+                    groups.setdefault((id(index), id(allowed)), []).append(i)
+                for members in groups.values():
+                    index, allowed = items[members[0]][0], items[members[0]][3]
+                    scores, rows = index.search_vectors(q[members], max(items[i][2] for i in members), allowed)
+                    for j, i in enumerate(members):
+                        k = items[i][2]
+                        items[i][4].set_result(index.hits(scores[j][:k], rows[j][:k]))
             except Exception as e:  # noqa: BLE001 - hand the failure to every waiting request
-                for _, _, fut in items:
+                for *_, fut in items:
                     if not fut.done():
                         fut.set_exception(e)
 
@@ -120,12 +130,25 @@ class SearchService:
         if index.encoder is None:
             index.load_encoder()
         self.index, self.max_k = index, max_k
-        self.batcher = Batcher(index) if batch else None
+        self.batcher = Batcher() if batch else None
         self.text_lock = threading.Lock()
         self.public_url = public_url.rstrip("/")
         self.show_paths = show_paths
         self.root = _common_root(index.paths) if show_paths else ""
         self.reported = False  # the not-computed clip-retrieval fields were logged once
+
+    def renewed(self, index: SearchIndex) -> "SearchService":
+        """This service over another generation of its index: same model (checked), batcher, text lock and
+        settings. Requests hold the service they started with, so none mixes two generations."""
+        from .index import check_model
+
+        check_model(index, self.index.encoder)
+        index.encoder = self.index.encoder
+        new = object.__new__(SearchService)
+        new.__dict__.update(self.__dict__)
+        new.index = index
+        new.root = _common_root(index.paths) if self.show_paths else ""
+        return new
 
     def public(self, hit: dict[str, Any], absolute: bool = False) -> dict[str, Any]:
         """A result as a client sees it: ``id``, ``score``, ``label``, ``url`` (and the relative path if shown)."""
@@ -179,8 +202,8 @@ class SearchService:
 
     def by_image(self, img: Image.Image, k: int, allowed: np.ndarray | None = None) -> list[dict[str, Any]]:
         x = self.index.encoder.preprocess(img)
-        if self.batcher is not None and allowed is None:
-            return self.batcher.submit(x, k).result(timeout=60)
+        if self.batcher is not None:
+            return self.batcher.submit(self.index, x, k, allowed).result(timeout=60)
         q = self.index.encoder.encode_batch([x])
         scores, rows = self.index.search_vectors(q, k, allowed)
         return self.index.hits(scores[0], rows[0])
@@ -199,7 +222,10 @@ class SearchService:
         try:
             v = self.index.vector(int(row))
         except (KeyError, TypeError, ValueError):
-            raise QueryError(404, f"no indexed image with id {row!r}") from None
+            ix = self.index
+            removed = isinstance(row, int) and 0 <= row < len(ix.paths) and ix.paths[row] in ix.removed
+            raise QueryError(404, f"image {row} was removed from this index" if removed else
+                             f"no indexed image with id {row!r}") from None
         scores, rows = self.index.search_vectors(v[None], k, allowed)
         return self.index.hits(scores[0], rows[0])
 
@@ -233,7 +259,7 @@ class SearchService:
         """An indexed row by its id; 404 for anything else (never a path from the client)."""
         if not (row.isascii() and row.isdigit()) or not 0 <= int(row) < len(self.index.paths):
             raise QueryError(404, "no such image")
-        if self.index.paths[int(row)] in self.index.removed:
+        if not self.index.is_live(int(row)):
             raise QueryError(404, "no such image")
         return int(row)
 
@@ -291,11 +317,14 @@ def knn_fields(body: dict[str, Any], index_name: str) -> dict[str, Any]:
 
 def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int = MAX_K,
                public_url: str = "http://127.0.0.1:8000", show_paths: bool = False,
-               images: str | Path | None = None):
+               images: str | Path | None = None, token: str | None = None, reload_s: float = RELOAD_S):
     """The FastAPI app serving ``index`` (loaded with the model that built it); result URLs start with
     ``public_url`` (the address clients reach the server at), never with what a request's ``Host`` says.
     ``images``: where the collection's images are on this machine (default: where the index records them); a root
-    that is not there, or lacks most of the rows, is refused in one line before serving."""
+    that is not there, or lacks most of the rows, is refused in one line before serving. ``token``: the bearer
+    token that ``/index/add`` and ``/index/remove`` require (None: they are off). Every ``reload_s`` seconds the
+    app looks for a newer generation of the index (written by ``clipkd index add/remove/compact``) and swaps to it
+    between requests (0: never)."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -309,6 +338,30 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
     app = FastAPI(title="clipkd search", version="1",
                   description=f"Image search over {len(index)} images embedded by {index.identity}.")
     app.state.service = svc
+    metrics = Metrics()
+    metrics.served(svc.index)
+    app.state.metrics = metrics
+    app.state.reloader = reloader = Reloader(app, reload_s)
+    updates = threading.Lock()  # one HTTP update at a time in this process (the index lock guards the rest)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        metrics.observe(request.url.path, response.status_code, time.perf_counter() - t0)
+        return response
+
+    def _authorised(request: Request) -> None:
+        """Index-changing routes: refused unless the server was given a token and the request carries it."""
+        import hmac
+
+        if token is None:
+            raise QueryError(403, "updates over HTTP are off: start serve with --token-file FILE (or CLIPKD_TOKEN) "
+                                  "to allow them")
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise QueryError(401, "this route changes the index: send 'Authorization: Bearer <token>'")
 
     @app.exception_handler(QueryError)
     async def _query_error(request: Request, exc: QueryError) -> JSONResponse:
@@ -320,9 +373,17 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        """Liveness and what is served."""
-        return {"status": "ok", "images": len(index), "model": index.identity, "text": index.encoder.has_text,
-                "kind": index.info["kind"], "runtime": index.encoder.runtime}
+        """Liveness and what is served (``generation``: the index generation being answered from)."""
+        ix = app.state.service.index
+        return {"status": "ok", "images": len(ix), "model": ix.identity, "text": ix.encoder.has_text,
+                "kind": ix.info["kind"], "runtime": ix.encoder.runtime, "generation": ix.generation,
+                "worker": os.getpid()}
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        """Prometheus metrics: requests and latency by route and status, index rows and generation, reloads."""
+        body, ctype = metrics.exposition()
+        return Response(body, media_type=ctype)
 
     async def _read_limited(request: Request) -> bytes:
         size = request.headers.get("content-length")
@@ -341,6 +402,7 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
         ``k``, ``label``, ``where``: ``{"column": "value"}`` over an image list's other columns)."""
         from starlette.concurrency import run_in_threadpool
 
+        svc = app.state.service  # one generation for the whole request
         ctype = request.headers.get("content-type", "")
         body = await _read_limited(request)
         if ctype.startswith("multipart/form-data"):
@@ -363,13 +425,16 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 raise QueryError(400, "the body is neither multipart nor JSON") from None
             results, k = await run_in_threadpool(svc.by_json, data)
-        return JSONResponse({"results": [svc.public(r) for r in results], "k": k})
+        return JSONResponse({"results": [svc.public(r) for r in results], "k": k,
+                             "generation": svc.index.generation})
 
     @app.get("/images/{row}")
     def image(row: str, thumb: int = 0) -> Response:
         """An indexed image by id, always as JPEG or PNG (what clients and the seed's downloader save): JPEG and PNG
         files as they are, other formats (WebP, BMP, GIF, TIFF, TSV rows) re-encoded as PNG; ``?thumb=1``: a JPEG
         at most 256 px."""
+        svc = app.state.service
+        index = svc.index
         r = svc.image_row(row)
         path = index.image_path(r)
         if not thumb and path.is_file() and path.suffix.lower() in (".jpg", ".jpeg", ".png"):
@@ -389,7 +454,7 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
     @app.get("/indices-list")
     def indices_list() -> list[str]:
         """clip-retrieval's list of index names (one here)."""
-        return [index.root.name]
+        return [app.state.service.index.root.name]
 
     @app.post("/knn-service")
     async def knn_service(request: Request) -> JSONResponse:
@@ -398,16 +463,11 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
         candidates are fetched (at least ``num_images``), ``deduplicate`` (default true) drops near-copies as
         clip-retrieval does, then ``num_images`` are returned; safety, violence and aesthetic fields are accepted
         and named in the ``X-Clipkd-Not-Computed`` header (no such model here)."""
-        import json
-
         from starlette.concurrency import run_in_threadpool
 
-        try:
-            body = json.loads(await _read_limited(request) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            raise QueryError(400, "the body must be JSON") from None
-        if not isinstance(body, dict):
-            raise QueryError(400, "the body must be a JSON object")
+        svc = app.state.service
+        index = svc.index
+        body = await _json_body(request)
         want = svc.check_k(body.get("num_images", 40), MAX_KNN, cap=True)
         k = max(want, svc.check_k(body.get("num_result_ids", want), MAX_KNN, cap=True))  # candidates, then dedupe
         fields = knn_fields(body, index.root.name)
@@ -428,7 +488,7 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
             p = svc.public(r, absolute=True)
             answer.append({"url": p["url"], "id": r["id"], "similarity": r["score"], "caption": r["label"]}
                           | ({"path": p["path"]} if "path" in p else {}))
-        headers = {"X-Clipkd-Index": index.root.name}
+        headers = {"X-Clipkd-Index": index.root.name, "X-Clipkd-Generation": str(index.generation)}
         if fields["ignored"]:
             headers["X-Clipkd-Not-Computed"] = ",".join(fields["ignored"])
             if not svc.reported:
@@ -439,7 +499,188 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
                             index.root.name)
         return JSONResponse(answer, headers=headers)
 
+    def _update(change) -> dict[str, Any]:
+        """Run an index change (under this process's update lock and the index's own), then swap to it."""
+        with updates:
+            try:
+                n = change()
+            except ClipkdError as e:
+                raise QueryError(409 if "in use by another" in str(e) else 400,
+                                 str(e).replace(str(index.root), "the index")) from None
+            reloader.check()
+        ix = app.state.service.index
+        return {"changed": n, "images": len(ix), "generation": ix.generation}
+
+    async def _json_body(request: Request) -> dict[str, Any]:
+        import json
+
+        try:
+            body = json.loads(await _read_limited(request) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise QueryError(400, "the body must be JSON") from None
+        if not isinstance(body, dict):
+            raise QueryError(400, "the body must be a JSON object")
+        return body
+
+    @app.post("/index/remove")
+    async def index_remove(request: Request) -> JSONResponse:
+        """Remove images (``{"ids": [...]}`` as results name them, or ``{"paths": [...]}`` relative to the
+        collection root) from the index; answered once this server searches the new generation. Needs the bearer
+        token."""
+        from starlette.concurrency import run_in_threadpool
+
+        from .index import remove_from_index
+
+        _authorised(request)
+        body = await _json_body(request)
+        ix = app.state.service.index
+        ids, paths = body.get("ids"), body.get("paths")
+        if (ids is None) == (paths is None) or not isinstance(ids if ids is not None else paths, list) or \
+                not (ids or paths):
+            raise QueryError(400, 'give a non-empty list of "ids" or of "paths"')
+        if ids is not None:
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise QueryError(400, "ids must be whole numbers")
+            gone = [i for i in ids if not ix.is_live(i)]
+            if gone:
+                raise QueryError(404, f"no indexed image with id {gone[0]}" + (" (removed already)" if 0 <= gone[0] <
+                                 len(ix.paths) and ix.paths[gone[0]] in ix.removed else ""))
+            keys = [ix.paths[i] for i in ids]
+        else:
+            if not all(isinstance(p, str) for p in paths):
+                raise QueryError(400, "paths must be strings")
+            keys = paths
+        return JSONResponse(await run_in_threadpool(
+            _update, lambda: remove_from_index(ix.root, keys, images_root=ix.images_root)))
+
+    @app.post("/index/add")
+    async def index_add(request: Request) -> JSONResponse:
+        """Embed and add images: ``{"images": "sub/folder"}`` (a folder or image list under the collection root, as
+        ``clipkd index add --images`` takes). Needs the bearer token, and PyTorch on the server (a lean server
+        says so: run ``clipkd index add`` where it is installed; this server picks the change up)."""
+        from starlette.concurrency import run_in_threadpool
+
+        from .index import add_to_index
+
+        _authorised(request)
+        body = await _json_body(request)
+        ix = app.state.service.index
+        rel = body.get("images")
+        if not isinstance(rel, str) or not rel.strip():
+            raise QueryError(400, 'give "images": a folder or image list under the collection root')
+        target = (ix.images_root / rel).resolve()
+        if not target.is_relative_to(ix.images_root) or Path(rel).is_absolute():
+            raise QueryError(400, "images must lie under the collection root (a relative path)")
+        if not target.exists():
+            raise QueryError(404, f"no folder or image list {rel!r} under the collection root")
+        try:
+            import torch  # noqa: F401 - embedding new images runs the loaders of clipkd[train]
+        except ImportError:
+            raise QueryError(501, "adding images needs PyTorch on this server (pip install 'clipkd[train]'); run "
+                                  "`clipkd index add` where it is installed: this server picks the change up") from None
+
+        def add() -> int:
+            before = len(app.state.service.index)
+            return len(add_to_index(ix.root, target, progress=False, images_root=ix.images_root)) - before
+
+        return JSONResponse(await run_in_threadpool(_update, add))
+
     return app
+
+
+class Reloader:
+    """Swaps an app to the newest generation of its index: polls index.json (written atomically, last, by every
+    change) and, when it names another generation, loads it beside the one being served and replaces the app's
+    service in one assignment. Requests that started on the old one finish on it."""
+
+    def __init__(self, app: Any, interval: float = RELOAD_S) -> None:
+        self.app, self.lock = app, threading.Lock()
+        self.stat = self._stat()
+        self.stop = threading.Event()
+        if interval > 0:
+            threading.Thread(target=self._run, args=(interval,), name="clipkd-reload", daemon=True).start()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.app.state.service.index.root / "index.json")
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def check(self) -> bool:
+        """Swap if index.json names a newer generation; returns whether it did."""
+        from ..fileio import read_json
+
+        with self.lock:
+            stat = self._stat()
+            if stat is None or stat == self.stat:
+                return False
+            svc = self.app.state.service
+            info = read_json(svc.index.root / "index.json", "index description")
+            if info.get("generation") == svc.index.generation:
+                self.stat = stat
+                return False
+            new = svc.renewed(SearchIndex(svc.index.root, svc.index.images_root))
+            self.app.state.service = new
+            self.stat = stat
+            self.app.state.metrics.served(new.index, reloaded=True)
+            log.info("serving generation %s of %s: %d images", new.index.generation, new.index.root, len(new.index))
+            return True
+
+    def _run(self, interval: float) -> None:
+        while not self.stop.wait(interval):
+            try:
+                self.check()
+            except Exception as e:  # noqa: BLE001 - keep serving the generation we have; try again next time
+                log.warning("could not load the new generation of the index (still serving the old): %s", e)
+
+
+ROUTES = ("/", "/health", "/metrics", "/search", "/knn-service", "/indices-list", "/index/add", "/index/remove",
+          "/docs", "/openapi.json")
+
+
+class Metrics:
+    """Prometheus metrics of one app (its own registry: tests build many apps in one process); with several
+    uvicorn workers, ``PROMETHEUS_MULTIPROC_DIR`` (set by :func:`serve`) lets any worker answer for all."""
+
+    def __init__(self) -> None:
+        try:
+            import prometheus_client as pc
+        except ImportError:
+            raise ClipkdError("serving needs prometheus-client: pip install 'clipkd[serve]'") from None
+        self.pc = pc
+        self.registry = pc.CollectorRegistry()
+        r = self.registry
+        self.requests = pc.Counter("clipkd_requests", "HTTP requests by route and status", ["route", "status"],
+                                   registry=r)
+        self.seconds = pc.Histogram("clipkd_request_seconds", "HTTP request latency by route", ["route"], registry=r,
+                                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.rows = pc.Gauge("clipkd_index_rows", "images the served index answers from", registry=r,
+                             multiprocess_mode="max")
+        self.generation = pc.Gauge("clipkd_index_generation", "generation of the index being served", registry=r,
+                                   multiprocess_mode="max")
+        self.reloads = pc.Counter("clipkd_index_reloads", "swaps to a newer generation of the index", registry=r)
+
+    def served(self, index: SearchIndex, reloaded: bool = False) -> None:
+        self.rows.set(len(index))
+        self.generation.set(index.generation)
+        if reloaded:
+            self.reloads.inc()
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        route = path if path in ROUTES else "/images/{id}" if path.startswith("/images/") else "other"
+        self.requests.labels(route, str(status)).inc()
+        self.seconds.labels(route).observe(seconds)
+
+    def exposition(self) -> tuple[bytes, str]:
+        pc = self.pc
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            registry = pc.CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return pc.generate_latest(registry), pc.CONTENT_TYPE_LATEST
+        return pc.generate_latest(self.registry), pc.CONTENT_TYPE_LATEST
 
 
 async def _parse_form(body: bytes, ctype: str) -> dict[str, Any]:
@@ -460,10 +701,46 @@ async def _parse_form(body: bytes, ctype: str) -> dict[str, Any]:
     return out
 
 
+def read_token(token_file: str | Path | None) -> str | None:
+    """The bearer token of the index-changing routes: the first line of ``token_file``, else ``CLIPKD_TOKEN``, else
+    None (those routes off). An empty one is refused in one line (it would let anyone change the index)."""
+    if token_file is not None:
+        try:
+            lines = Path(token_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ClipkdError(f"cannot read the token file {token_file}: {type(e).__name__}: {e}") from None
+        token = lines[0].strip() if lines else ""
+        what = f"the token file {token_file}"
+    elif os.environ.get("CLIPKD_TOKEN") is not None:
+        token, what = os.environ["CLIPKD_TOKEN"].strip(), "CLIPKD_TOKEN"
+    else:
+        return None
+    if len(token) < 16:
+        raise ClipkdError(f"{what} holds a token of {len(token)} characters: give at least 16 (e.g. the output of "
+                          "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return token
+
+
+SERVE_ENV = "CLIPKD_SERVE_APP"  # the app's arguments, for the worker processes of `serve --workers N`
+
+
+def app_from_env():
+    """The app of one worker process of ``serve --workers N`` (uvicorn's factory; arguments from the environment)."""
+    import json
+
+    return create_app(**json.loads(os.environ[SERVE_ENV]))
+
+
 def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batch: bool = True,
-          public_url: str | None = None, show_paths: bool = False, images: str | Path | None = None) -> None:
+          public_url: str | None = None, show_paths: bool = False, images: str | Path | None = None,
+          workers: int = 1, token_file: str | Path | None = None, reload_s: float = RELOAD_S) -> None:
     """Run the app with uvicorn until interrupted. ``public_url``: where clients reach it, for the result URLs
-    (default: the listening address; this machine's name when listening on every interface)."""
+    (default: the listening address; this machine's name when listening on every interface). ``workers``: server
+    processes (each loads the index and model, and swaps generations on its own). ``token_file``: the bearer token
+    that ``/index/add`` and ``/index/remove`` require (default ``CLIPKD_TOKEN``; neither: those routes are off)."""
+    import json
+    import tempfile
+
     try:
         import uvicorn
     except ImportError:
@@ -474,7 +751,24 @@ def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batc
         public_url = f"http://{socket.gethostname() if host in ('0.0.0.0', '::', '') else host}:{port}"
     elif not public_url.startswith(("http://", "https://")):
         raise ClipkdError(f"`public_url` must start with http:// or https://, got {public_url!r}")
-    app = create_app(index_dir, batch=batch, public_url=public_url, show_paths=show_paths, images=images)
-    log.info("serving %s on http://%s:%d with %s (web page at /, API docs at /docs)", index_dir, host, port,
-             "ONNX Runtime, no PyTorch" if app.state.service.index.encoder.runtime == "onnx" else "PyTorch")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if workers < 1:
+        raise ClipkdError(f"`workers` must be at least 1, got {workers}")
+    if reload_s < 0:
+        raise ClipkdError(f"`reload_s` must be 0 (never) or more seconds, got {reload_s}")
+    kwargs = {"batch": batch, "public_url": public_url, "show_paths": show_paths, "token": read_token(token_file),
+              "reload_s": reload_s, "images": None if images is None else str(Path(images).resolve())}
+    app = create_app(index_dir, **kwargs)  # checked here, once, before any worker starts
+    log.info("serving %s on http://%s:%d with %s%s (web page at /, API docs at /docs, metrics at /metrics)",
+             index_dir, host, port,
+             "ONNX Runtime, no PyTorch" if app.state.service.index.encoder.runtime == "onnx" else "PyTorch",
+             f", {workers} workers" if workers > 1 else "")
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+        return
+    app.state.reloader.stop.set()
+    del app
+    with tempfile.TemporaryDirectory(prefix="clipkd-metrics-") as metrics_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # every worker's metrics, summed by whichever answers
+        os.environ[SERVE_ENV] = json.dumps({"index": str(Path(index_dir).resolve()), **kwargs})
+        uvicorn.run("clipkd.search.service:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level="warning")
