@@ -8,8 +8,10 @@ Layout of an index folder::
     model/         the exported towers or student checkpoint the index was built with, copied in (image/, text/)
     store/         the embedding store; rows keyed by their path relative to the collection root
     labels.tsv     key<TAB>label for sources that have labels (class folders, image lists)
-    removed.txt    keys dropped by ``index remove`` (their store rows stay, out of the FAISS index)
-    faiss.index    the FAISS index (written atomically); ``rows.npy`` maps its positions to store rows
+    gen/<N>/       one generation: ``faiss.index`` (``faiss.write_index``), ``rows.npy`` (FAISS position → store row),
+                   ``tombstones.npy`` (positions removed, skipped by queries until ``index compact``) and
+                   ``removed.txt`` (keys removed); written whole, then named by index.json's ``generation`` (written
+                   last, atomically), so a reader (a running ``serve``) sees one generation or the next, never a mix
 
 The folder names no absolute path of the machine that built it: the collection root and any model file outside
 ``model/`` are recorded relative to the index folder, so an index moved or copied with its images (``mv``,
