@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick test test-slow lint clean bench bench-gzsl bench-retrieval
+.PHONY: demo demo-quick test test-slow lint clean bench bench-search bench-gzsl bench-retrieval
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,14 @@ bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python bench_search.py --gallery 100000 --out results/search.md
 	cd benchmarks && ../$(BIN)/python bench_serve.py --out results/serve.md
 	cd benchmarks && ../$(BIN)/python bench_deploy.py --demo-run ../runs/demo --out results/deploy.md
+
+# The deployable search on its own: latency under load and index kinds (100k rows), updates while serving and
+# filtered search, the lean install's size, and the lean server's memory and start-up next to the PyTorch one
+bench-search: $(STAMP) $(LEAN_STAMP)
+	cd benchmarks && ../$(BIN)/python bench_search.py --gallery 100000 --out results/search.md
+	cd benchmarks && ../$(BIN)/python bench_search_live.py --gallery 100000 --out results/search-live.md
+	cd benchmarks && ../$(BIN)/python bench_install.py --out results/install.md
+	cd benchmarks && ../$(BIN)/python bench_serve.py --out results/serve.md
 
 # GZSL methods x worlds: the README's table (digits, digits-colour and the demo world, seeds 0 1 2; the demo world
 # reuses runs/demo when make demo has run). SEEDS="0" for a quick single-seed pass.

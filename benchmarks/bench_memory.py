@@ -117,7 +117,7 @@ def synthetic_store(root: Path, out: Path, dim: int = 512) -> Path:
 
     files = list_images(root)
     info = {"teacher": f"synthetic:random-{dim}", "embed_dim": dim, "preprocess": PreprocessConfig().to_dict()}
-    writer = ShardWriter(out, new_manifest(info, root, 8192), 8192)
+    writer = ShardWriter(out, new_manifest(info, root, 8192, out), 8192)
     rng = np.random.default_rng(0)
     out.mkdir(parents=True, exist_ok=True)
     for i in range(0, len(files), 8192):

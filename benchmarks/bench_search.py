@@ -47,17 +47,32 @@ def make_gallery(root: Path, n: int, dim: int, student: Path, text_model: str | 
     enc = load_encoder(student, device="cpu")
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(1000, dim))
-    writer = ShardWriter(out / "store", new_manifest(enc.describe(), Path("/"), 8192), 8192)
+    writer = ShardWriter(out / "store", new_manifest(enc.describe(), out / "gallery", 8192, out / "store"), 8192)
     (out / "store").mkdir(parents=True, exist_ok=True)
     for start in range(0, n, 8192):
         m = min(8192, n - start)
         v = centers[rng.integers(0, 1000, m)] + 0.5 * rng.normal(size=(m, dim))
         v /= np.linalg.norm(v, axis=1, keepdims=True)
-        writer.add(v.astype(np.float16), [f"/gallery/{i:07d}.jpg" for i in range(start, start + m)], [0] * m)
+        writer.add(v.astype(np.float16), [f"{i:07d}.jpg" for i in range(start, start + m)], [0] * m)
     writer.flush()
     assert len(EmbeddingStore(out / "store")) == n
+    link_placeholders(out / "gallery", EmbeddingStore(out / "store").paths)
     index_store(out, student, kind="auto", text_model=text_model, device="cpu")  # the kind `index build` would choose
     return out
+
+
+def link_placeholders(root: Path, keys: list[str]) -> None:
+    """A file for every synthetic row (hard links to one small JPEG), so the index serves as a real one does: a
+    server refuses a collection whose images are not there."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    one = root / ".placeholder.jpg"
+    if not one.is_file():
+        Image.new("RGB", (8, 8), (128, 128, 128)).save(one)
+    for k in keys:
+        if not (root / k).exists():
+            os.link(one, root / k)
 
 
 async def _load(url: str, files: list[bytes], clients: int, per_client: int) -> dict:
@@ -86,20 +101,28 @@ async def _load(url: str, files: list[bytes], clients: int, per_client: int) -> 
             "failed": failed, "n": len(ms)}
 
 
-def serve_and_load(index: Path, files: list[bytes], batch: bool, single: int, concurrent: int) -> dict:
+def wait_until_serving(url: str, proc: subprocess.Popen) -> None:
     import httpx
+
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit(f"clipkd serve exited with {proc.returncode} before serving")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise SystemExit("clipkd serve did not answer within two minutes")
+
+
+def serve_and_load(index: Path, files: list[bytes], batch: bool, single: int, concurrent: int) -> dict:
 
     port = _free_port()
     cmd = [sys.executable, "-m", "clipkd.cli", "-q", "serve", "--index", str(index), "--port", str(port)]
     proc = subprocess.Popen(cmd + ([] if batch else ["--no-batch"]), env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_until_serving(url, proc)
         asyncio.run(_load(url, files, 1, 10))  # warm-up
         one = asyncio.run(_load(url, files, 1, single))
         many = asyncio.run(_load(url, files, 16, concurrent))

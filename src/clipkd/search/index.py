@@ -861,6 +861,17 @@ def index_store(out: str | Path, model: str | Path, kind: str = "auto", text_mod
     return SearchIndex(out)
 
 
+def append_store(index_dir: str | Path) -> SearchIndex:
+    """Add to an index the rows of its store that its FAISS index lacks (embeddings written into ``store/`` by other
+    means: ``import-npy``, a benchmark's synthetic rows), appended without a rebuild as a new generation."""
+    out = Path(index_dir)
+    index = SearchIndex(out)
+    index.store.check_teacher(index.identity, hint="the store was not made by the index's model")
+    with exclusive(out, "search index"):
+        _append_faiss(out, EmbeddingStore(out / "store"), read_json(out / "index.json", "index description"), ())
+    return SearchIndex(out)
+
+
 def add_to_index(index_dir: str | Path, images: str | Path, device: str | None = "auto", batch_size: int = 64,
                  workers: int | None = None, progress: bool = True, precision: str = "auto",
                  images_root: str | Path | None = None) -> SearchIndex:
