@@ -67,10 +67,10 @@ def link_placeholders(root: Path, keys: list[str]) -> None:
     from PIL import Image
 
     root.mkdir(parents=True, exist_ok=True)
-    one = root / ".placeholder.jpg"
-    if not one.is_file():
-        Image.new("RGB", (8, 8), (128, 128, 128)).save(one)
-    for k in keys:
+    for i, k in enumerate(keys):
+        one = root / f".placeholder-{i // 60_000}.jpg"  # a file system allows some 65,000 links to one file
+        if not one.is_file():
+            Image.new("RGB", (8, 8), (128, 128, 128)).save(one)
         if not (root / k).exists():
             os.link(one, root / k)
 

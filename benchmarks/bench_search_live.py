@@ -85,7 +85,7 @@ def append_rows(index: Path, n: int, seed: int) -> None:
         v /= np.linalg.norm(v, axis=1, keepdims=True)
         writer.add(v.astype(np.float16), [f"new-{seed}-{start + s + i:07d}.jpg" for i in range(m)], [0] * m)
     writer.flush(final=True)
-    link_placeholders(index / "gallery", EmbeddingStore(index / "store").paths[start:])
+    link_placeholders(index / "gallery", EmbeddingStore(index / "store").paths)
 
 
 def live_updates(index: Path, settle_s: float) -> list[dict]:

@@ -474,7 +474,8 @@ class SearchIndex:
             scores, pos = self._exact(q, k, allowed)
         else:
             want = min(k, len(allowed))
-            scores, pos = self.index.search(q, want, params=self._params(self._selector(allowed), k))
+            scores, pos = self.index.search(q, want, params=self._params(self._selector(allowed), k,
+                                                                         len(allowed) / max(1, len(self))))
             if (pos < 0).sum(1).max() > 0:  # the graph or the probed lists ran out of matches: exact instead
                 scores, pos = self._exact(q, k, allowed)
         rows = np.where(pos >= 0, self.rows[np.clip(pos, 0, None)], -1)
@@ -490,13 +491,18 @@ class SearchIndex:
             cache[key] = (allowed, _faiss().IDSelectorBatch(allowed))
         return cache[key][1]
 
-    def _params(self, sel: Any, k: int) -> Any:
+    def _params(self, sel: Any, k: int, share: float = 1.0) -> Any:
+        """Search parameters with selector ``sel`` letting ``share`` of the rows through: the graph walk (HNSW) or
+        the lists probed (IVF) grow as the share shrinks, so that as many matching candidates are seen as an
+        unfiltered search sees (recall@10 by filter share: ``benchmarks/results/search-live.md``)."""
         faiss = _faiss()
         kind = self.info["kind"]
+        grow = 1 / max(share, 0.05)
         if kind == "hnsw":
-            return faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.index.hnsw.efSearch, 4 * k))
+            ef = max(self.index.hnsw.efSearch, 4 * k)
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=int(min(2048, ef * grow)))
         if kind in ("ivf", "ivfpq"):
-            return faiss.SearchParametersIVF(sel=sel, nprobe=self.index.nprobe)
+            return faiss.SearchParametersIVF(sel=sel, nprobe=int(min(self.index.nlist, self.index.nprobe * grow)))
         return faiss.SearchParameters(sel=sel)
 
     def _skip_tombstones(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
