@@ -179,7 +179,8 @@ def _demo_retrieval() -> str:
     t = d["teacher"]["i2i_map@10"]
     clips = [100 * d["students"][n]["i2i_map@10"] / t for n in d["students"] if n != "distilled"]
     return (f"keeps {100 * d['students']['distilled']['i2i_map@10'] / t:.0f} % of the teacher's image-to-image mAP@10 "
-            f"at {d['distilled_cost']['image_mflops']:.1f} against {d['teacher']['cost']['image_mflops']:.1f} MFLOPs per image "
+            f"at {d['distilled_cost']['image_mflops']:.1f} against {d['teacher']['cost']['image_mflops']:.1f} MFLOPs "
+            "per image "
             f"(the micro CLIPs fine-tuned on the captioned subset alone: {_span(clips)} %")
 
 

@@ -826,3 +826,23 @@ def test_serve_with_workers_swaps_every_worker_and_sums_their_metrics(tiny_world
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_an_ivf_index_is_searched_memory_mapped_and_still_takes_adds_and_removals(tiny_world, teacher_spec, tmp_path):
+    import faiss
+
+    root = tmp_path / "ivf"
+    build_index(teacher_spec, tiny_world / "val", root, kind="ivf", device="cpu", workers=0, progress=False)
+    ix = SearchIndex(root)
+    lists = type(faiss.downcast_InvertedLists(ix.index.invlists)).__name__
+    assert lists == "OnDiskInvertedLists", lists  # the file's lists mapped, not copied into memory
+    n = len(ix)
+    assert main(["-q", "index", "add", "--index", str(root), "--images", str(tiny_world / "test"), "--device", "cpu",
+                 "--workers", "0"]) == 0
+    grown = SearchIndex(root)
+    assert len(grown) == n + 48 and grown.info["kind"] == "ivf" and list(grown.rows[:n]) == list(ix.rows)
+    gone = int(grown.rows[-1])
+    remove_from_index(root, [grown.paths[gone]])
+    after = SearchIndex(root)
+    _, rows = after.search_vectors(grown.vector(gone)[None], 5)
+    assert gone not in rows[0] and (rows[0] >= 0).all()

@@ -224,8 +224,10 @@ class Generation:
     path: Path | None = None  # the FAISS file (None: an index of clipkd before generations)
 
 
-def read_generation(root: Path, info: dict[str, Any]) -> Generation:
-    """The generation ``info`` (index.json) names, loaded; damaged files are one line naming the index."""
+def read_generation(root: Path, info: dict[str, Any], mmap: bool = False) -> Generation:
+    """The generation ``info`` (index.json) names, loaded; damaged files are one line naming the index. ``mmap``:
+    an IVF index's lists are memory-mapped read-only (pages are read as queries touch them: start-up and resident
+    memory do not grow with the rows), for searching; writers load it whole."""
     faiss = _faiss()
     number = info.get("generation")
     try:
@@ -235,7 +237,8 @@ def read_generation(root: Path, info: dict[str, Any]) -> Generation:
         d = root / GENERATIONS / str(int(number))
         if not d.is_dir():
             raise _Pruned
-        index = faiss.read_index(str(d / "faiss.index"))
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap and info.get("kind") in ("ivf", "ivfpq") else 0
+        index = faiss.read_index(str(d / "faiss.index"), flags)
         gen = Generation(int(number), index, np.load(d / "rows.npy"), np.load(d / "tombstones.npy"),
                          _read_lines(d / "removed.txt"), d / "faiss.index")
     except _Pruned:
@@ -317,7 +320,7 @@ class SearchIndex:
             raise ClipkdError(f"index {self.root} is damaged: index.json names kind {self.info['kind']!r}; {rebuild}")
         for _ in range(5):  # a generation pruned by a newer writer between reading index.json and its files
             try:
-                gen = read_generation(self.root, self.info)
+                gen = read_generation(self.root, self.info, mmap=True)
                 break
             except _Pruned:
                 again = read_json(self.root / "index.json", "index description")
