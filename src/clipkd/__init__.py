@@ -63,6 +63,7 @@ _API: dict[str, str] = {
     # export, search and serving
     "export_model": ".export.onnx", "ExportResult": ".export.onnx", "SearchIndex": ".search.index",
     "build_index": ".search.index", "add_to_index": ".search.index", "remove_from_index": ".search.index",
+    "compact_index": ".search.index", "append_store": ".search.index",
     "select_images": ".search.select", "source_pool": ".search.source", "SourcedPool": ".search.source",
     "serve": ".search.service",
     "check_out_dir": ".fileio",
