@@ -34,6 +34,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def bench_student(root: Path) -> Path:
+    """The benchmarks' search student: a resnet18 at 224 px with random weights (the real architecture's cost)."""
+    import torch
+
+    from clipkd.students.model import Student, StudentConfig, save_student
+
+    student = root / "student.pt"
+    if not student.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        save_student(student, Student(StudentConfig(arch="resnet18", out_dim=512, image_size=224)))
+    return student
+
+
 def make_gallery(root: Path, n: int, dim: int, student: Path, text_model: str | Path | None = None) -> Path:
     """An index folder whose store holds ``n`` synthetic unit vectors attributed to ``student`` (``text_model``: its
     teacher's text tower, for text queries)."""
@@ -161,15 +175,8 @@ def main() -> None:
     ap.add_argument("--root", default=".data/search")
     ap.add_argument("--out", default="results/search.md")
     a = ap.parse_args()
-    import torch
-
-    from clipkd.students.model import Student, StudentConfig, save_student
-
     root = Path(a.root)
-    student = root / "student.pt"
-    if not student.is_file():
-        torch.manual_seed(0)
-        save_student(student, Student(StudentConfig(arch="resnet18", out_dim=512, image_size=224)))
+    student = bench_student(root)
     index = make_gallery(root, a.gallery, 512, student)
     jpegs = sorted(make_jpegs(root / "queries", 64).rglob("*.jpg"))
     files = [p.read_bytes() for p in jpegs]

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_search import _free_port, link_placeholders, make_gallery, wait_until_serving
+from bench_search import _free_port, bench_student, link_placeholders, make_gallery, wait_until_serving
 from common import machine, report, table
 
 
@@ -177,16 +177,8 @@ def main() -> None:
     ap.add_argument("--root", default=".data/search-live")
     ap.add_argument("--out", default="results/search-live.md")
     a = ap.parse_args()
-    import torch
-
-    from clipkd.students.model import Student, StudentConfig, save_student
-
     root = Path(a.root)
-    student = root / "student.pt"
-    if not student.is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(0)
-        save_student(student, Student(StudentConfig(arch="resnet18", out_dim=512, image_size=224)))
+    student = bench_student(root)
     for old in root.glob("gallery-*"):  # the run changes its gallery: start from a fresh one
         shutil.rmtree(old)
     index = make_gallery(root, a.gallery, 512, student)
