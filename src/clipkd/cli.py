@@ -210,7 +210,10 @@ def _args_index(sub: Any) -> None:
                    "or Chinese-CLIP *_imgs.tsv")
     q.add_argument("--out", required=True, help="index folder; re-running resumes an interrupted build")
     q.add_argument("--kind", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"],
-                   help="auto (default): exact up to 30k images, HNSW above; its recall@10 is measured and shown")
+                   help="auto (default): exact up to 30k images, HNSW while it fits --max-memory, IVF-PQ (re-ranked "
+                   "from the store) beyond; its recall@10 is measured and shown")
+    q.add_argument("--max-memory", metavar="SIZE", help="memory the index may take while built (4G, 512M; default "
+                   "half this machine's): the store is streamed, the kind chosen to fit")
     q.add_argument("--text-model", help="for a student: its teacher (spec or clip-train run), for text queries")
     q.add_argument("--batch-size", type=_count, help=batch)
     q.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
@@ -231,6 +234,7 @@ def _args_index(sub: Any) -> None:
                    "image paths (absolute, or relative to here)")
     q = isub.add_parser("compact", help="rewrite an index without its removed images (after many removals)")
     q.add_argument("--index", required=True)
+    q.add_argument("--max-memory", metavar="SIZE", help="memory budget (default: the one it was built with)")
 
 
 @command("index", _args_index)
@@ -244,7 +248,7 @@ def _index(a: argparse.Namespace) -> None:
     if a.index_command == "build":
         idx = build_index(**_kwargs(build_index, a))
     elif a.index_command == "compact":
-        idx = compact_index(a.index)
+        idx = compact_index(a.index, getattr(a, "max_memory", None))
     else:
         idx = add_to_index(**_kwargs(add_to_index, a, index_dir=a.index))
     i = idx.info

@@ -29,10 +29,12 @@ a plain copy of the folder changes.
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +146,8 @@ class EmbeddingStore:
         self._paths: list[str] | None = None
         self._index: dict[str, int] | None = None
         self._emb: np.ndarray | None = None
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()  # shard number -> its rows, memory-mapped
+        self._fds: OrderedDict[int, tuple[int, int]] = OrderedDict()  # shard number -> (open file, rows' offset)
 
     @property
     def teacher(self) -> str:
@@ -196,6 +200,12 @@ class EmbeddingStore:
                     if key in s:
                         (self.root / s[key]).unlink(missing_ok=True)
         self._paths = self._index = self._emb = None
+        self._maps.clear()
+        for fd, _ in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self.__dict__.pop("offsets", None)
+        self.__dict__.pop("_keys", None)
         return lost
 
     @property
@@ -203,31 +213,14 @@ class EmbeddingStore:
         """Relative image paths, in row order."""
         if self._paths is None:
             paths: list[str] = []
-            for shard in self.manifest["shards"]:
-                try:
-                    lines = (self.root / shard["paths"]).read_text(encoding="utf-8").splitlines()
-                except (OSError, UnicodeDecodeError) as e:
-                    raise self._damage_error(shard, first_line(e, 160)) from None
-                if len(lines) != shard["count"]:
-                    raise ClipkdError(f"store {self.root}: {shard['paths']} lists {len(lines)} paths, "
-                                      f"manifest says {shard['count']}")
-                paths.extend(lines)
+            for number in range(len(self.manifest["shards"])):
+                paths.extend(self.shard_keys(number))
             self._paths = paths
         return self._paths
 
     def _shards(self) -> list[np.ndarray]:
         """Every shard memory-mapped, each checked against the manifest."""
-        parts = []
-        for shard in self.manifest["shards"]:
-            try:
-                arr = np.load(self.root / shard["file"], mmap_mode="r")
-            except (OSError, ValueError, EOFError) as e:
-                raise self._damage_error(shard, first_line(e, 160)) from None
-            if arr.shape != (shard["count"], self.embed_dim):
-                raise ClipkdError(f"store {self.root}: {shard['file']} has shape {arr.shape}, "
-                                  f"expected ({shard['count']}, {self.embed_dim})")
-            parts.append(arr)
-        return parts
+        return [self.shard(i) for i in range(len(self.manifest["shards"]))]
 
     def embeddings(self) -> np.ndarray:
         """All rows as one (N, D) float16 array, in memory (an index needs them all; trainers read
@@ -236,6 +229,121 @@ class EmbeddingStore:
             parts = self._shards()
             self._emb = np.concatenate(parts) if parts else np.zeros((0, self.embed_dim), np.float16)
         return self._emb
+
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:
+        """Row number of each shard's first row, and the row count last (``len(shards) + 1`` values)."""
+        return np.cumsum([0, *(int(s["count"]) for s in self.manifest["shards"])]).astype(np.int64)
+
+    def shard(self, number: int) -> np.ndarray:
+        """Shard ``number``'s rows, memory-mapped and checked against the manifest (a few hundred kept open)."""
+        arr = self._maps.get(number)
+        if arr is not None:
+            self._maps.move_to_end(number)
+            return arr
+        shard = self.manifest["shards"][number]
+        try:
+            arr = np.load(self.root / shard["file"], mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:
+            raise self._damage_error(shard, first_line(e, 160)) from None
+        if arr.shape != (shard["count"], self.embed_dim):
+            raise ClipkdError(f"store {self.root}: {shard['file']} has shape {arr.shape}, "
+                              f"expected ({shard['count']}, {self.embed_dim})")
+        self._maps[number] = arr
+        if len(self._maps) > OPEN_SHARDS:
+            self._maps.popitem(last=False)
+        return arr
+
+    def _file(self, number: int) -> tuple[int, int]:
+        """Shard ``number``'s open file descriptor and the byte offset of its rows (its header checked against the
+        manifest); a few hundred kept open."""
+        got = self._fds.get(number)
+        if got is not None:
+            self._fds.move_to_end(number)
+            return got
+        shard = self.manifest["shards"][number]
+        path = self.root / shard["file"]
+        try:
+            with path.open("rb") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(f)
+                offset = f.tell()
+            size = path.stat().st_size
+        except (OSError, ValueError, EOFError) as e:
+            raise self._damage_error(shard, first_line(e, 160)) from None
+        if shape != (shard["count"], self.embed_dim) or fortran or dtype != np.float16 or \
+                size < offset + shard["count"] * self.embed_dim * 2:
+            raise ClipkdError(f"store {self.root}: {shard['file']} has shape {shape} ({dtype}, {size} bytes), "
+                              f"expected ({shard['count']}, {self.embed_dim}) float16")
+        fd = os.open(path, os.O_RDONLY)
+        self._fds[number] = (fd, offset)
+        if len(self._fds) > OPEN_SHARDS:
+            os.close(self._fds.popitem(last=False)[1][0])
+        return fd, offset
+
+    def __del__(self) -> None:
+        for fd, _ in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` as a (len(rows), D) float16 array, read from the shards' files (``pread``: a span of a shard
+        at once where the rows are dense in it, else row by row; nothing memory-mapped, so a server re-ranking
+        candidates or a build streaming ten million rows does not grow its resident memory with the store)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if self._emb is not None:
+            return self._emb[rows]
+        d = self.embed_dim
+        out = np.empty((len(rows), d), np.float16)
+        if not len(rows):
+            return out
+        if rows.min() < 0 or rows.max() >= len(self):
+            raise IndexError(f"store {self.root} has {len(self)} rows; asked for row {int(rows.max())}")
+        row_bytes = d * 2
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        for s in np.unique(shard):
+            at = np.flatnonzero(shard == s)
+            local = rows[at] - self.offsets[s]
+            fd, offset = self._file(int(s))
+            lo, hi = int(local.min()), int(local.max()) + 1
+            if hi - lo <= 4 * len(at) + 64:  # dense: one read of the span
+                buf = os.pread(fd, (hi - lo) * row_bytes, offset + lo * row_bytes)
+                out[at] = np.frombuffer(buf, np.float16).reshape(hi - lo, d)[local - lo]
+            else:
+                for i, r in zip(at.tolist(), local.tolist(), strict=True):
+                    out[i] = np.frombuffer(os.pread(fd, row_bytes, offset + r * row_bytes), np.float16)
+        return out
+
+    def chunks(self, rows: np.ndarray | None = None, size: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(rows, float32 vectors)`` in order, ``size`` rows at a time (every row, or the sorted ``rows``), read
+        from the files: memory stays flat in the number of rows."""
+        if rows is None:
+            rows = np.arange(len(self), dtype=np.int64)
+        for start in range(0, len(rows), size):
+            part = np.asarray(rows[start:start + size], dtype=np.int64)
+            yield part, self.gather(part).astype(np.float32)
+
+    def keys(self) -> Keys:
+        """The row keys (relative paths), read a shard at a time as rows are asked for: no Python string per row
+        is held (what a server of ten million rows needs); :attr:`paths` is the list, for writers and trainers."""
+        if "_keys" not in self.__dict__:
+            self.__dict__["_keys"] = Keys(self) if self._paths is None else self._paths
+        return self.__dict__["_keys"]
+
+    def shard_keys(self, number: int) -> list[str]:
+        """The keys of shard ``number``, checked against the manifest."""
+        shard = self.manifest["shards"][number]
+        try:
+            lines = (self.root / shard["paths"]).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise self._damage_error(shard, first_line(e, 160)) from None
+        if len(lines) != shard["count"]:
+            raise ClipkdError(f"store {self.root}: {shard['paths']} lists {len(lines)} paths, "
+                              f"manifest says {shard['count']}")
+        return lines
 
     def sizes(self) -> np.ndarray:
         """Byte size of each row's file when it was embedded (-1: not a file; -2: an older store did not record it)."""
@@ -351,6 +459,48 @@ class EmbeddingStore:
         if identity != self.teacher:
             raise ClipkdError(f"store {self.root} holds embeddings of teacher '{self.teacher}', not '{identity}'"
                               + (f"; {hint}" if hint else ""))
+
+
+OPEN_SHARDS = 256  # shards kept memory-mapped at once (each holds a file descriptor)
+
+
+class Keys(Sequence):
+    """A store's row keys, read from its shards' path lists as rows are asked for (the last few shards' lists
+    kept): indexing, ``len``, iteration and ``in`` as a list, without a Python string per row held."""
+
+    CACHED = 32
+
+    def __init__(self, store: EmbeddingStore) -> None:
+        self.store, self.offsets = store, store.offsets
+        self._lines: OrderedDict[int, list[str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _shard(self, number: int) -> list[str]:
+        lines = self._lines.get(number)
+        if lines is None:
+            lines = self._lines[number] = self.store.shard_keys(number)
+            if len(self._lines) > self.CACHED:
+                self._lines.popitem(last=False)
+        else:
+            self._lines.move_to_end(number)
+        return lines
+
+    def __getitem__(self, row):  # noqa: ANN001 - an int or a slice, as a list's
+        if isinstance(row, slice):
+            return [self[i] for i in range(*row.indices(len(self)))]
+        row = int(row)
+        if row < 0:
+            row += len(self)
+        if not 0 <= row < len(self):
+            raise IndexError(row)
+        number = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        return self._shard(number)[row - int(self.offsets[number])]
+
+    def __iter__(self) -> Iterator[str]:
+        for number in range(len(self.offsets) - 1):
+            yield from self.store.shard_keys(number)
 
 
 def new_manifest(info: dict[str, Any], images_root: Path, shard_size: int, out: Path) -> dict[str, Any]:

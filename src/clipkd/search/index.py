@@ -222,6 +222,7 @@ class Generation:
     tombstones: np.ndarray
     removed: set[str]
     path: Path | None = None  # the FAISS file (None: an index of clipkd before generations)
+    columns: dict[str, tuple[np.ndarray, list[str]]] | None = None  # name -> (code per store row, values)
 
 
 def read_generation(root: Path, info: dict[str, Any], mmap: bool = False) -> Generation:
@@ -240,7 +241,7 @@ def read_generation(root: Path, info: dict[str, Any], mmap: bool = False) -> Gen
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap and info.get("kind") in ("ivf", "ivfpq") else 0
         index = faiss.read_index(str(d / "faiss.index"), flags)
         gen = Generation(int(number), index, np.load(d / "rows.npy"), np.load(d / "tombstones.npy"),
-                         _read_lines(d / "removed.txt"), d / "faiss.index")
+                         _read_lines(d / "removed.txt"), d / "faiss.index", _read_codes(d, mmap))
     except _Pruned:
         raise
     except (OSError, ValueError, EOFError, RuntimeError, TypeError) as e:
@@ -258,6 +259,33 @@ def _read_lines(path: Path) -> set[str]:
     return set(path.read_text(encoding="utf-8").splitlines()) if path.is_file() else set()
 
 
+CODES = "columns.json"  # in a generation: the filterable columns' values; col-<i>.npy: int32 code per store row
+
+
+def _read_codes(d: Path, mmap: bool) -> dict[str, tuple[np.ndarray, list[str]]] | None:
+    """A generation's columns (None: a generation of clipkd before coded columns)."""
+    if not (d / CODES).is_file():
+        return None
+    names = read_json(d / CODES, "index columns")
+    return {name: (np.load(d / f"col-{i}.npy", mmap_mode="r" if mmap else None), list(values))
+            for i, (name, values) in enumerate(names.items())}
+
+
+def column_codes(root: Path, keys: Sequence[str]) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """The index's filterable columns (``label`` from labels.tsv, an image list's others from columns.tsv) as one
+    int32 code per store row (-1: none) and each column's values: what a server filters on and answers with, read
+    memory-mapped, instead of a Python string per row."""
+    cols = {"label": _read_labels(root / "labels.tsv"), **_read_columns(root)}
+    out = {}
+    for name, col in cols.items():
+        if not col:
+            continue
+        values = sorted(set(col.values()))
+        code = {v: i for i, v in enumerate(values)}
+        out[name] = (np.fromiter((code.get(col.get(k), -1) for k in keys), np.int32, len(keys)), values)
+    return out
+
+
 def _current(root: Path) -> Generation | None:
     """The generation on disk now (under the writer's lock), or None for a folder with no index yet."""
     if not (root / "index.json").is_file():
@@ -265,13 +293,23 @@ def _current(root: Path) -> Generation | None:
     return read_generation(root, read_json(root / "index.json", "index description"))
 
 
-def commit_generation(root: Path, info: dict[str, Any], index: Any, rows: np.ndarray, tombstones: np.ndarray,
-                      removed: set[str], same_faiss: Path | None = None) -> dict[str, Any]:
-    """Write the next generation (FAISS file, rows, tombstones, removed keys) into ``gen/<N>/``, then name it in
-    index.json (atomically: a reader sees the old generation or the new, never a mix), then prune all but the two
-    newest. ``same_faiss``: the FAISS file is unchanged (a removal) and is hard-linked, not written again. Called
-    under the index folder's lock."""
+def _link(src: Path, dst: Path) -> None:
     import os
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or no hard links: a copy
+        shutil.copyfile(src, dst)
+
+
+def commit_generation(root: Path, info: dict[str, Any], index: Any, rows: np.ndarray, tombstones: np.ndarray,
+                      removed: set[str], same_faiss: Path | None = None,
+                      columns: dict[str, tuple[np.ndarray, list[str]]] | None = None) -> dict[str, Any]:
+    """Write the next generation (FAISS file, rows, tombstones, removed keys, coded columns) into ``gen/<N>/``, then
+    name it in index.json (atomically: a reader sees the old generation or the new, never a mix), then prune all
+    but the two newest. ``same_faiss``: the FAISS file is unchanged (a removal) and is hard-linked, not written
+    again (and so are the columns when ``columns`` is None). Called under the index folder's lock."""
     import shutil
 
     faiss = _faiss()
@@ -282,15 +320,20 @@ def commit_generation(root: Path, info: dict[str, Any], index: Any, rows: np.nda
         shutil.rmtree(d)
     d.mkdir(parents=True)
     if same_faiss is not None:
-        try:
-            os.link(same_faiss, d / "faiss.index")
-        except OSError:  # another file system, or no hard links: a copy
-            shutil.copyfile(same_faiss, d / "faiss.index")
+        _link(same_faiss, d / "faiss.index")
     else:
         atomic_write(d / "faiss.index", lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)))
     write_npy(d / "rows.npy", np.asarray(rows, np.int64))
     write_npy(d / "tombstones.npy", np.asarray(tombstones, np.int64))
     write_text(d / "removed.txt", "".join(f"{p}\n" for p in sorted(removed)))
+    if columns is None and same_faiss is not None and (same_faiss.parent / CODES).is_file():
+        for f in same_faiss.parent.iterdir():
+            if f.name == CODES or (f.name.startswith("col-") and f.suffix == ".npy"):
+                _link(f, d / f.name)
+    elif columns is not None:
+        for i, (codes, _) in enumerate(columns.values()):
+            write_npy(d / f"col-{i}.npy", np.asarray(codes, np.int32))
+        write_json(d / CODES, {name: values for name, (_, values) in columns.items()})
     info = {**info, "generation": number, "rows": int(len(rows) - len(tombstones)), "tombstones": int(len(tombstones)),
             "removed": len(removed)}
     write_json(root / "index.json", info)
@@ -331,7 +374,7 @@ class SearchIndex:
         else:
             raise ClipkdError(f"index {self.root} changes faster than it can be opened; try again")
         self.store = EmbeddingStore(self.root / "store")
-        self.paths = self.store.paths
+        self.paths = self.store.keys()  # read a shard at a time as rows are asked for
         self.generation, self.index, self.rows = gen.number, gen.index, gen.rows
         self.tombstones, self.removed = gen.tombstones, gen.removed
         if len(self.rows) and int(self.rows.max()) >= len(self.paths):
@@ -340,7 +383,8 @@ class SearchIndex:
         self.live = np.zeros(len(self.paths), dtype=bool)  # store rows a query can return
         self.live[self.rows] = True
         self.live[self.rows[self.tombstones]] = False
-        self.labels = _read_labels(self.root / "labels.tsv")
+        # filterable columns, coded per store row (an index of clipkd before coded columns: coded here)
+        self.codes = gen.columns if gen.columns is not None else column_codes(self.root, self.paths)
         # the collection root: given (the images on this machine), else where index.json says, relative to the
         # index (indexes of clipkd before portable indexes keyed rows by absolute path: root /)
         self.images_root = Path(images).resolve() if images is not None else \
@@ -402,7 +446,7 @@ class SearchIndex:
         if kind == "hnsw":
             self.index.hnsw.efSearch = int(self.info.get("params", {}).get("efSearch", 64))
         elif kind in ("ivf", "ivfpq"):
-            self.index.nprobe = int(self.info.get("params", {}).get("nprobe", 16))
+            _set_nprobe_from(self.index, self.info)
 
     def load_encoder(self, model: str | Path | None = None, text_model: str | Path | None = None,
                      device: str | None = "auto", precision: str = "auto") -> Any:
@@ -428,11 +472,20 @@ class SearchIndex:
         return enc
 
     @property
-    def columns(self) -> dict[str, dict[str, str]]:
-        """What rows can be filtered on: ``label`` and an image list's other columns, ``column → {key → value}``."""
-        if not hasattr(self, "_columns"):
-            self._columns = {"label": self.labels, **_read_columns(self.root)}
-        return self._columns
+    def columns(self) -> list[str]:
+        """What rows can be filtered on: ``label`` (when the images have labels) and an image list's other columns."""
+        return list(self.codes)
+
+    def label(self, row: int) -> str | None:
+        """The label of store row ``row`` (None: none)."""
+        return self.value("label", row)
+
+    def value(self, column: str, row: int) -> str | None:
+        """Column ``column`` of store row ``row`` (None: the row has no value there, or the index no such column)."""
+        codes, values = self.codes.get(column, (None, None))
+        if codes is None or row >= len(codes) or codes[row] < 0:
+            return None
+        return values[int(codes[row])]
 
     def allowed(self, label: str | None = None, where: dict[str, str] | None = None) -> np.ndarray | None:
         """The FAISS positions whose rows match ``label`` and every ``column: value`` of ``where`` (None: no
@@ -444,17 +497,18 @@ class SearchIndex:
         frozen = tuple(sorted(want.items()))
         if frozen in cache:
             return cache[frozen]
-        unknown = sorted(c for c in want if c not in self.columns or (c == "label" and not self.labels))
+        unknown = sorted(c for c in want if c not in self.codes)
         if unknown:
-            have = [c for c in self.columns if c != "label" or self.labels]
             raise ClipkdError(f"index {self.root} has no column {unknown[0]!r} to filter on (it has: "
-                              f"{', '.join(have) or 'none'})")
-        keys = np.asarray(self.paths)[self.rows]
+                              f"{', '.join(self.codes) or 'none'})")
         ok = np.ones(len(self.rows), dtype=bool)
         ok[self.tombstones] = False
         for c, v in want.items():
-            col = self.columns[c]
-            ok &= np.fromiter((col.get(k) == str(v) for k in keys), dtype=bool, count=len(keys))
+            codes, values = self.codes[c]
+            if str(v) not in values:
+                ok[:] = False
+                break
+            ok &= np.asarray(codes)[self.rows] == values.index(str(v))
         if len(cache) > 256:
             cache.clear()
         cache[frozen] = np.flatnonzero(ok).astype(np.int64)
@@ -470,15 +524,15 @@ class SearchIndex:
         if allowed is None and len(self.tombstones):
             scores, pos = self._skip_tombstones(q, min(k, max(1, len(self))))
         elif allowed is None:
-            scores, pos = self.index.search(q, min(k, max(1, len(self))))
+            scores, pos = self._search(q, min(k, max(1, len(self))))
         elif not len(allowed):
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         elif len(allowed) * 10 < len(self):
             scores, pos = self._exact(q, k, allowed)
         else:
             want = min(k, len(allowed))
-            scores, pos = self.index.search(q, want, params=self._params(self._selector(allowed), k,
-                                                                         len(allowed) / max(1, len(self))))
+            scores, pos = self._search(q, want, self._params(self._selector(allowed), k,
+                                                             len(allowed) / max(1, len(self))))
             if (pos < 0).sum(1).max() > 0:  # the graph or the probed lists ran out of matches: exact instead
                 scores, pos = self._exact(q, k, allowed)
         rows = np.where(pos >= 0, self.rows[np.clip(pos, 0, None)], -1)
@@ -515,7 +569,7 @@ class SearchIndex:
         if not hasattr(self, "_not_removed"):
             inner = faiss.IDSelectorBatch(self.tombstones)
             self._not_removed = (inner, faiss.IDSelectorNot(inner))  # the inner selector must outlive the outer
-        scores, pos = self.index.search(q, k, params=self._params(self._not_removed[1], k))
+        scores, pos = self._search(q, k, self._params(self._not_removed[1], k))
         if (pos < 0).any():
             more = min(int(self.index.ntotal), k + len(self.tombstones))
             s2, p2 = self.index.search(q, more)
@@ -525,13 +579,16 @@ class SearchIndex:
                 np.take_along_axis(dead, order, 1), -1, np.take_along_axis(p2, order, 1))
         return scores, pos
 
+    def _search(self, q: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS top-``k`` positions; an IVF-PQ index's candidates (``rerank`` times ``k``) re-ranked exactly from
+        the memory-mapped store (its codes alone rank coarsely)."""
+        return rerank_search(self.index, q, k, self.store, self.rows,
+                             int(self.info.get("params", {}).get("rerank", 1)), params)
+
     def _exact(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-``k`` among FAISS positions ``allowed``, from the stored embeddings."""
-        vectors = np.asarray(self.store.embeddings()[self.rows[allowed]], dtype=np.float32)
-        sims = q @ vectors.T
-        k = min(k, len(allowed))
-        top = np.argsort(-sims, axis=1)[:, :k]
-        return np.take_along_axis(sims, top, 1), allowed[top]
+        """Exact top-``k`` among FAISS positions ``allowed``, from the stored embeddings (a chunk at a time)."""
+        scores, at = exact_search(self.store, self.rows[allowed], q, k)
+        return scores, np.where(at >= 0, allowed[np.clip(at, 0, None)], -1)
 
     def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
         """One query's results as dicts: ``id`` (the store row), ``path``, ``score``, ``label``."""
@@ -541,14 +598,14 @@ class SearchIndex:
                 continue
             path = self.paths[r]
             score = min(1.0, max(-1.0, float(s)))  # a cosine: fp16 rows and FAISS rounding can pass 1 by 1e-5
-            out.append({"id": int(r), "path": path, "score": round(score, 6), "label": self.labels.get(path)})
+            out.append({"id": int(r), "path": path, "score": round(score, 6), "label": self.label(r)})
         return out
 
     def vector(self, row: int) -> np.ndarray:
         """The stored embedding of a row (for "search by this result")."""
         if not self.is_live(row):
             raise KeyError(row)
-        return np.asarray(self.store.embeddings()[row], dtype=np.float32)
+        return self.store.gather(np.array([row]))[0].astype(np.float32)
 
     def open_image(self, row: int):
         """The picture of an indexed row, decoded (files and Chinese-CLIP TSV rows alike)."""
@@ -611,56 +668,222 @@ def check_model(index: SearchIndex, encoder: Encoder) -> None:
                           f"'{encoder.identity}' ({encoder.embed_dim}-d); query it with its own model or build another")
 
 
-def _choose_kind(kind: str, n: int) -> str:
+HNSW_M = 32
+RERANK = 8  # an IVF-PQ search re-ranks RERANK x k candidates exactly from the store
+TARGET_RECALL = 0.95  # an IVF index's nprobe is the smallest reaching this recall@10 at build (measured)
+TRAIN_MAX = 200_000  # rows an IVF quantizer trains on (a sample: the build's memory is not the rows')
+CHUNK = 65_536  # rows read and added at a time
+
+
+def parse_memory(text: str | int | None) -> int | None:
+    """Bytes of a budget as ``4G``, ``512M``, ``4GiB``, ``2.5G`` or a number of bytes (None: none given)."""
+    if text is None or isinstance(text, int):
+        return text
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t)
+    except ValueError:
+        raise ClipkdError(f"--max-memory {text!r} is not a size (e.g. 4G, 512M)") from None
+    if value <= 0:
+        raise ClipkdError(f"--max-memory {text!r} must be more than nothing")
+    return int(value * scale)
+
+
+def default_budget() -> int:
+    """The memory an index may take when no budget is given: half the machine's."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _nlist(n: int) -> int:
+    return int(max(1, min(4 * np.sqrt(n), n // 39 if n >= 39 else 1, 4096)))
+
+
+def _pq_m(d: int) -> list[int]:
+    """PQ code sizes (bytes per row) that divide ``d`` into sub-vectors of at least 4 dimensions, largest first."""
+    return [m for m in (64, 32, 16, 8, 4, 2, 1) if d % m == 0 and d // m >= min(4, d)]
+
+
+def index_bytes(kind: str, n: int, d: int, m: int | None = None) -> int:
+    """What a FAISS index of ``kind`` over ``n`` ``d``-dim rows holds in memory while it is built (its vectors or
+    codes, graph links, list ids and quantizer), plus the build's working set (one chunk, the training sample)."""
+    work = min(n, CHUNK) * d * 6 + (min(n, TRAIN_MAX) * d * 4 if kind in ("ivf", "ivfpq") else 0)
+    if kind == "flat":
+        return n * d * 4 + work
+    if kind == "hnsw":
+        return int(n * (d * 4 + HNSW_M * 2 * 4 * 1.05 + 16)) + work
+    lists = _nlist(n) * d * 4 * 2 + 8 * n
+    if kind == "ivf":
+        return n * d * 4 + lists + work
+    return n * (m or _pq_m(d)[0]) + lists + 256 * d * 4 + work
+
+
+def plan_index(kind: str, n: int, d: int, max_memory: int | None = None) -> dict[str, Any]:
+    """The FAISS index to build for ``n`` rows under a memory budget, as autofaiss chooses: ``auto`` is exact
+    (``flat``) up to :data:`EXACT_MAX` rows, HNSW while it fits, else IVF-PQ with the largest codes that fit
+    (re-ranked exactly from the memory-mapped store at query time). An explicit kind that does not fit, or a budget
+    too small for any, is one line naming the smallest budget that works."""
     if kind not in KINDS:
         raise ClipkdError(f"unknown index kind '{kind}' (choose from {', '.join(KINDS)})")
+    budget = max_memory or default_budget()
+    options = [("flat", None), ("hnsw", None), ("ivf", None), *(("ivfpq", m) for m in _pq_m(d))]
     if kind == "auto":
-        return "flat" if n <= EXACT_MAX else "hnsw"
-    return kind
-
-
-def make_faiss(vectors: np.ndarray, kind: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
-    """A FAISS inner-product index of ``kind`` over ``vectors`` (N, D) float32, and its search parameters."""
-    faiss = _faiss()
-    n, d = vectors.shape
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-        params: dict[str, Any] = {}
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 80
-        params = {"M": 32, "efSearch": 64}
-        index.hnsw.efSearch = 64
+        wanted = ([("flat", None)] if n <= EXACT_MAX else []) + [("hnsw", None)] + \
+            [o for o in options if o[0] == "ivfpq"]
     else:
-        nlist = int(max(1, min(4 * np.sqrt(n), n // 39 if n >= 39 else 1)))
-        quantizer = faiss.IndexFlatIP(d)
-        if kind == "ivf":
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        else:
-            m = next(m for m in (64, 32, 16, 8, 4, 2, 1) if d % m == 0 and m <= d)
-            index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
-        if n < (256 if kind == "ivfpq" else nlist):
-            raise ClipkdError(f"{n} images are too few for a {kind} index; use `kind`=flat")
-        rng = np.random.default_rng(seed)
-        train = vectors[rng.choice(n, min(n, 100_000), replace=False)]
-        index.train(train)
-        index.nprobe = min(nlist, 16)
-        params = {"nlist": nlist, "nprobe": int(index.nprobe)}
-    index.add(vectors)
+        wanted = [o for o in options if o[0] == kind]
+    for k, m in wanted:
+        need = index_bytes(k, n, d, m)
+        if need <= budget:
+            return {"kind": k, "m": m, "bytes": need, "budget": budget}
+    smallest = min(index_bytes(k, n, d, m) for k, m in wanted)
+    what = "an index" if kind == "auto" else f"a {kind} index"
+    raise ClipkdError(f"{what} of {n:,} rows of {d} dims does not fit in --max-memory {_mib(budget)}: the smallest "
+                      f"takes {_mib(smallest)}" + ("" if kind == "auto" else " (or choose --kind auto)"))
+
+
+def _mib(b: int) -> str:
+    return f"{b / (1 << 30):.2f} GiB" if b >= 1 << 30 else f"{b / (1 << 20):.0f} MiB"
+
+
+def new_faiss(plan: dict[str, Any], n: int, d: int) -> tuple[Any, dict[str, Any]]:
+    """An empty (untrained) FAISS inner-product index of ``plan`` (:func:`plan_index`) and its search parameters."""
+    faiss = _faiss()
+    kind = plan["kind"]
+    if kind == "flat":
+        return faiss.IndexFlatIP(d), {}
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+        index.hnsw.efSearch = 64
+        return index, {"M": HNSW_M, "efSearch": 64}
+    nlist = _nlist(n)
+    if n < (256 if kind == "ivfpq" else nlist):
+        raise ClipkdError(f"{n} images are too few for a {kind} index; use `kind`=flat")
+    # a graph over the centroids past a thousand lists (IVF-HNSW, as autofaiss builds): assigning ten million rows
+    # to 4,096 centroids exactly would cost most of the build
+    coarse = f"IVF{nlist}_HNSW32" if nlist >= 1024 else f"IVF{nlist}"
+    m = plan.get("m") or _pq_m(d)[0]
+    index = faiss.index_factory(d, coarse + (",Flat" if kind == "ivf" else f",PQ{m}x8"), faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = 10
+    params: dict[str, Any] = {"nlist": nlist, "nprobe": min(nlist, 16)}
+    if kind == "ivfpq":
+        params.update(m=m, rerank=RERANK)
     return index, params
 
 
-def recall_at_10(index: Any, vectors: np.ndarray, queries: int = 1000, seed: int = 0) -> float:
-    """Recall@10 of ``index`` against exact inner-product search, on stored vectors used as queries."""
-    faiss = _faiss()
+def _set_nprobe(index: Any, nprobe: int) -> None:
+    _faiss().extract_index_ivf(index).nprobe = nprobe
+
+
+def fill_faiss(index: Any, chunks: Any, sample: np.ndarray | None) -> Any:
+    """Train ``index`` on ``sample`` (IVF quantizers) and add ``chunks`` (float32 arrays) one at a time."""
+    if not index.is_trained:
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    for part in chunks:
+        index.add(np.ascontiguousarray(part, dtype=np.float32))
+    return index
+
+
+def make_faiss(vectors: np.ndarray, kind: str, seed: int = 0,
+               max_memory: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """A FAISS inner-product index of ``kind`` over in-memory ``vectors`` (N, D) float32, and its search
+    parameters (an index folder's build streams its store instead: :func:`index_store`)."""
+    n, d = vectors.shape
+    plan = plan_index(kind, n, d, max_memory)
+    index, params = new_faiss(plan, n, d)
+    rng = np.random.default_rng(seed)
+    sample = vectors[np.sort(rng.choice(n, min(n, TRAIN_MAX), replace=False))] if not index.is_trained else None
+    fill_faiss(index, (vectors[i:i + CHUNK] for i in range(0, n, CHUNK)), sample)
+    if "nprobe" in params:
+        _set_nprobe(index, params["nprobe"])
+    return index, params
+
+
+def exact_search(store: EmbeddingStore | np.ndarray, rows: np.ndarray, q: np.ndarray,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` (scores, positions into ``rows``) of unit queries ``q`` among store rows ``rows``, read a
+    chunk at a time (memory flat in the rows); ``store`` may be an in-memory array of rows instead."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    best_s = np.zeros((len(q), 0), np.float32)
+    best_i = np.zeros((len(q), 0), np.int64)
+    parts = store.chunks(rows, 4 * CHUNK) if isinstance(store, EmbeddingStore) else \
+        ((rows[i:i + 4 * CHUNK], store[rows[i:i + 4 * CHUNK]]) for i in range(0, len(rows), 4 * CHUNK))
+    for start, (_, v) in zip(range(0, len(rows), 4 * CHUNK), parts, strict=True):
+        sims = q @ np.asarray(v, dtype=np.float32).T
+        kk = min(k, sims.shape[1])
+        top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+        cand_s = np.concatenate([best_s, np.take_along_axis(sims, top, 1)], 1)
+        cand_i = np.concatenate([best_i, top + start], 1)
+        order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+    if best_s.shape[1] < k:  # fewer rows than k: padded as FAISS pads
+        pad = k - best_s.shape[1]
+        best_s = np.pad(best_s, ((0, 0), (0, pad)), constant_values=-np.inf)
+        best_i = np.pad(best_i, ((0, 0), (0, pad)), constant_values=-1)
+    return best_s, best_i
+
+
+def rerank_search(index: Any, q: np.ndarray, k: int, store: EmbeddingStore | np.ndarray, rows: np.ndarray,
+                  rerank: int = 1, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS top-``k`` (scores, positions); with ``rerank`` > 1 the top ``rerank * k`` candidates are scored exactly
+    against the stored rows (``rows``: FAISS position → store row) and the best ``k`` kept."""
+    if rerank <= 1:
+        return index.search(q, k, params=params)
+    kk = min(int(index.ntotal), rerank * k)
+    _, pos = index.search(q, kk, params=params)
+    valid = pos >= 0
+    flat = rows[np.clip(pos, 0, None)].reshape(-1)
+    v = store.gather(flat) if isinstance(store, EmbeddingStore) else store[flat]
+    exact = np.einsum("qkd,qd->qk", np.asarray(v, np.float32).reshape(len(q), kk, -1), q)
+    exact[~valid] = -np.inf
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    got = np.take_along_axis(pos, order, 1)
+    return np.take_along_axis(exact, order, 1), np.where(np.take_along_axis(valid, order, 1), got, -1)
+
+
+def recall_at_10(index: Any, vectors: np.ndarray, queries: int = 1000, seed: int = 0, rerank: int = 1) -> float:
+    """Recall@10 of ``index`` against exact inner-product search, on stored vectors used as queries (in memory)."""
     n = len(vectors)
     q = vectors[np.random.default_rng(seed).choice(n, min(queries, n), replace=False)]
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(vectors)
     k = min(10, n)
-    _, want = exact.search(q, k)
-    _, got = index.search(q, k)
+    _, want = exact_search(vectors, np.arange(n), q, k)
+    _, got = rerank_search(index, q, k, vectors, np.arange(n), rerank)
+    return _overlap(want, got)
+
+
+def _overlap(want: np.ndarray, got: np.ndarray) -> float:
+    k = want.shape[1]
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(want.tolist(), got.tolist(), strict=True)]))
+
+
+def tune(index: Any, params: dict[str, Any], store: EmbeddingStore, rows: np.ndarray,
+         seed: int = 0) -> tuple[float, int]:
+    """Recall@10 against exact search on stored rows as queries (a hundred to a thousand, fewer as rows grow: the
+    exact side reads every row), choosing an IVF index's ``nprobe`` as the smallest reaching
+    :data:`TARGET_RECALL` (recorded in ``params``); returns (recall, queries)."""
+    n = len(rows)
+    nq = int(np.clip(2e11 / max(1, n * store.embed_dim), 100, 1000))
+    pick = np.sort(np.random.default_rng(seed).choice(n, min(nq, n), replace=False))
+    q = store.gather(rows[pick]).astype(np.float32)
+    k = min(10, n)
+    _, want = exact_search(store, rows, q, k)
+    rerank = int(params.get("rerank", 1))
+    if "nprobe" not in params:
+        return _overlap(want, rerank_search(index, q, k, store, rows, rerank)[1]), len(q)
+    nlist = params["nlist"]
+    for nprobe in sorted({min(nlist, p) for p in (8, 16, 32, 64, 128, 256, 512)}):
+        _set_nprobe(index, nprobe)
+        recall = _overlap(want, rerank_search(index, q, k, store, rows, rerank)[1])
+        params["nprobe"] = nprobe
+        if recall >= TARGET_RECALL:
+            break
+    return recall, len(q)
 
 
 COMPACT_SHARE = 0.2  # removed rows past this share of the FAISS rows: `index remove` suggests `index compact`
@@ -677,23 +900,51 @@ def _removed_now(root: Path) -> set[str]:
 
 
 def _write_faiss(root: Path, store: EmbeddingStore, kind: str, info: dict[str, Any],
-                 restore: Sequence[str] = ()) -> dict[str, Any]:
+                 restore: Sequence[str] = (), max_memory: int | None = None) -> dict[str, Any]:
     """Build the FAISS index over the store's rows that are not removed (``restore``: keys added again, no longer
-    removed) and commit it as the next generation."""
+    removed) under a memory budget, streaming the store a chunk at a time (an IVF quantizer trains on a sample),
+    and commit it as the next generation."""
+    import time
+
+    t0 = time.perf_counter()
     removed = _removed_now(root) - set(restore)
-    keep = np.array([i for i, p in enumerate(store.paths) if p not in removed], dtype=np.int64)
+    keys = store.keys()
+    if removed:
+        keep = np.flatnonzero(~np.fromiter((p in removed for p in keys), bool, len(keys))).astype(np.int64)
+    else:
+        keep = np.arange(len(store), dtype=np.int64)
     if not len(keep):
         raise ClipkdError(f"index {root} would be empty: no decodable image is left in it")
-    vectors = np.ascontiguousarray(store.embeddings()[keep], dtype=np.float32)
-    chosen = _choose_kind(kind, len(keep))
-    index, params = make_faiss(vectors, chosen)
-    recall = 1.0 if chosen == "flat" else recall_at_10(index, vectors)
-    info = {**info, "kind": chosen, "requested_kind": kind, "params": params,
+    budget = max_memory if max_memory is not None else info.get("max_memory")
+    plan = plan_index(kind, len(keep), store.embed_dim, budget)
+    index, params = new_faiss(plan, len(keep), store.embed_dim)
+    sample = None
+    if not index.is_trained:
+        rng = np.random.default_rng(0)
+        sample = store.gather(keep[np.sort(rng.choice(len(keep), min(len(keep), TRAIN_MAX), replace=False))])
+        log.info("index %s: training a %s quantizer on %d of %d rows", root, plan["kind"], len(sample), len(keep))
+    fill_faiss(index, _progress((v for _, v in store.chunks(keep, CHUNK)), len(keep), f"indexing {root.name}"),
+               sample)
+    del sample
+    recall, queries = (1.0, 0) if plan["kind"] == "flat" else tune(index, params, store, keep)
+    info = {**info, "kind": plan["kind"], "requested_kind": kind, "params": params,
             "skipped": int(store.manifest["skipped_count"]), "recall@10": round(recall, 4),
-            "recall_rows": int(len(keep))}
-    info = commit_generation(root, info, index, keep, np.zeros(0, np.int64), removed)
-    log.info("index %s: %d rows, %s, recall@10 vs exact %.3f", root, len(keep), chosen, recall)
+            "recall_rows": int(len(keep)), "recall_queries": queries, "index_bytes": int(plan["bytes"]),
+            "build_s": round(time.perf_counter() - t0, 1), **({"max_memory": budget} if budget else {})}
+    info = commit_generation(root, info, index, keep, np.zeros(0, np.int64), removed,
+                             columns=column_codes(root, keys))
+    log.info("index %s: %d rows, %s, recall@10 vs exact %.3f", root, len(keep), plan["kind"], recall)
     return info
+
+
+def _progress(parts: Any, total: int, what: str) -> Any:
+    """``parts`` (arrays) passed through, with a progress bar counting their rows."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=what, unit="row", unit_scale=True, disable=total < 4 * CHUNK) as bar:
+        for part in parts:
+            yield part
+            bar.update(len(part))
 
 
 def _tombstones(rows: np.ndarray, paths: Sequence[str], removed: set[str]) -> np.ndarray:
@@ -705,26 +956,30 @@ def _tombstones(rows: np.ndarray, paths: Sequence[str], removed: set[str]) -> np
 
 def _append_faiss(root: Path, store: EmbeddingStore, info: dict[str, Any], restore: Sequence[str]) -> dict[str, Any]:
     """Add the store's rows that the FAISS index lacks to it (flat, IVF and IVF-PQ append to their lists with the
-    trained quantizer, HNSW links them into its graph): no rebuild. Keys in ``restore`` are no longer removed."""
+    trained quantizer, HNSW links them into its graph), a chunk at a time: no rebuild. Keys in ``restore`` are no
+    longer removed."""
     cur = _current(root)
     if cur is None or cur.path is None or (len(cur.rows) and int(cur.rows.max()) >= len(store)):
         # no index yet, one of clipkd before generations, or a store that lost a damaged shard: rebuilt
         return _write_faiss(root, store, info.get("requested_kind", info["kind"]), info, restore)
     removed = cur.removed - set(restore)
-    paths = store.paths
-    listed = np.zeros(len(paths), dtype=bool)
+    keys = store.keys()
+    listed = np.zeros(len(store), dtype=bool)
     listed[cur.rows] = True
-    new = np.flatnonzero(~listed & ~np.fromiter((p in removed for p in paths), bool, len(paths)))
+    new = np.flatnonzero(~listed)
+    if removed:
+        new = new[~np.fromiter((keys[r] in removed for r in new.tolist()), bool, len(new))]
     index = cur.index
-    emb = store.embeddings()
-    for start in range(0, len(new), 65_536):
-        index.add(np.ascontiguousarray(emb[new[start:start + 65_536]], dtype=np.float32))
+    _set_nprobe_from(index, info)
+    for _, part in store.chunks(new, CHUNK):
+        index.add(part)
     rows = np.concatenate([cur.rows, new]).astype(np.int64)
-    tomb = _tombstones(rows, paths, removed)
+    tomb = _tombstones(rows, keys, removed)
     if len(rows) == len(tomb):
         raise ClipkdError(f"index {root} would be empty: no decodable image is left in it")
     info = commit_generation(root, {**info, "skipped": int(store.manifest["skipped_count"])}, index, rows, tomb,
-                             removed, same_faiss=None if len(new) else cur.path)
+                             removed, same_faiss=None if len(new) else cur.path,
+                             columns=column_codes(root, keys) if len(new) or restore else None)
     back = len(cur.removed) - len(removed)
     log.info("index %s: %d rows added%s, %d in all, %s", root, len(new),
              f" ({back} removed earlier are back)" if back else "", info["rows"], info["kind"])
@@ -732,6 +987,11 @@ def _append_faiss(root: Path, store: EmbeddingStore, info: dict[str, Any], resto
         log.warning("index %s now holds %d rows, more than exact search suits (%d): `clipkd index compact` rebuilds "
                     "it as HNSW", root, info["rows"], EXACT_MAX)
     return info
+
+
+def _set_nprobe_from(index: Any, info: dict[str, Any]) -> None:
+    if info.get("kind") in ("ivf", "ivfpq"):
+        _set_nprobe(index, int(info.get("params", {}).get("nprobe", 16)))
 
 
 COLUMNS = "columns.tsv"  # key<TAB>one value per column (an image list's extra columns), with a header
@@ -779,19 +1039,23 @@ def _append_labels(root: Path, source: Source) -> None:
 def build_index(model: str | Path, images: str | Path, out: str | Path, kind: str = "auto",
                 text_model: str | Path | None = None, device: str | None = "auto", batch_size: int = 64,
                 workers: int | None = None, progress: bool = True, encoder: Encoder | None = None,
-                precision: str = "auto", add: bool = False, images_root: str | Path | None = None) -> SearchIndex:
+                precision: str = "auto", add: bool = False, images_root: str | Path | None = None,
+                max_memory: int | str | None = None) -> SearchIndex:
     """Embed ``images`` (a folder or an image list) with ``model`` into a new index at ``out``, or resume one.
 
     ``model``: a teacher spec, a ``clip-train`` run, or a distilled student (``text_model``: its teacher, for
-    text queries). ``kind``: ``auto`` (exact up to :data:`EXACT_MAX` rows, HNSW above), ``flat``, ``hnsw``,
-    ``ivf`` or ``ivfpq``. Killed midway, the same command resumes (finished shards are kept). An index of other
+    text queries). ``kind``: ``auto`` (exact up to :data:`EXACT_MAX` rows, HNSW while it fits ``max_memory``,
+    IVF-PQ beyond: :func:`plan_index`), ``flat``, ``hnsw``, ``ivf`` or ``ivfpq``; ``max_memory`` (bytes or
+    ``"4G"``; default half the machine's) bounds the build, which streams the store. Killed midway, the same
+    command resumes (finished shards are kept; a half-written FAISS generation is never named). An index of other
     images at ``out`` is refused unless ``add`` (what :func:`add_to_index` does). Rows are keyed relative to the
     collection root: ``images`` for a new index (a list's folder, a TSV's), the index's own for an added source
     (``images_root``: where that root is on this machine, when the index moved without its images beside it).
     """
 
     out = Path(out)
-    _choose_kind(kind, 0)
+    budget = parse_memory(max_memory)
+    plan_index(kind, 1, 1)  # a one-line error for an unknown kind, before the work
     source = read_source(images)
     r = ranks()  # ranks of one job (torchrun/srun) embed their shares; rank 0 holds the folder and writes the index
     with exclusive(out, "search index") if r.zero else nullcontext():
@@ -818,6 +1082,8 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
         if existing is not None and existing.get("identity") != enc.identity:
             raise ClipkdError(f"{out} holds an index built by '{existing.get('identity')}', not '{enc.identity}'; "
                               "use another `out`")
+        budget = budget or (existing or {}).get("max_memory")
+        plan_index(kind, len(source.paths) + int((existing or {}).get("rows", 0)), enc.embed_dim, budget)
         store = embed_paths(enc, root, source.paths, out / "store", batch_size, workers, progress=progress,
                             opener=source.opener, fingerprint=getattr(source.opener, "fingerprint", None))
         if r.distributed:
@@ -828,14 +1094,17 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
             _append_columns(out, source)
             sources = [*(existing or {}).get("sources", []), here]
             info = _describe(model, text_model, enc, sources, out)
+            if budget:
+                info["max_memory"] = budget
             if existing is None or "images" in existing:
                 info["images"] = relative(root, out)
             if existing is not None and existing.get("requested_kind", existing.get("kind")) == kind and \
                     "generation" in existing:  # more images (or none) into the same index: appended
-                keep = ("kind", "requested_kind", "params", "recall@10", "recall_rows")
+                keep = ("kind", "requested_kind", "params", "recall@10", "recall_rows", "recall_queries",
+                        "index_bytes", "build_s")
                 _append_faiss(out, store, {**info, **{k: existing[k] for k in keep if k in existing}}, source.paths)
             else:
-                _write_faiss(out, store, kind, info, source.paths)
+                _write_faiss(out, store, kind, info, source.paths, budget)
     barrier()  # rank 0 has written the index
     index = SearchIndex(out)
     index.encoder = enc
@@ -853,21 +1122,30 @@ def _describe(model: str | Path, text_model: str | Path | None, enc: Encoder, so
 
 
 def index_store(out: str | Path, model: str | Path, kind: str = "auto", text_model: str | Path | None = None,
-                device: str | None = "auto") -> SearchIndex:
+                device: str | None = "auto", max_memory: int | str | None = None) -> SearchIndex:
     """Make ``out`` a search index over the embedding store already in ``out/store`` (made by ``model``; its rows
-    keyed under the folder it records): for embeddings computed elsewhere, e.g. a benchmark's synthetic gallery."""
+    keyed under the folder it records): for embeddings computed elsewhere, e.g. a benchmark's synthetic gallery.
+    The store is streamed: memory stays within ``max_memory`` (:func:`plan_index`, checked before the work)."""
 
     out = Path(out)
     from .encoder import load_encoder
 
+    budget = parse_memory(max_memory)
     store = EmbeddingStore(out / "store")
     enc = load_encoder(model, text_model, device)
     store.check_teacher(enc.identity, hint="the store was not made by this model")
-    _choose_kind(kind, 0)  # a one-line error for an unknown kind, before the work
+    _check_dim(store, enc.embed_dim, out)
+    plan_index(kind, len(store), store.embed_dim, budget)  # one line before the work: a kind or budget that fails
     with exclusive(out, "search index"):
         _write_faiss(out, store, kind, {**_describe(model, text_model, enc, [], out),
-                                        "images": relative(store.images_root(), out)})
+                                        "images": relative(store.images_root(), out)}, max_memory=budget)
     return SearchIndex(out)
+
+
+def _check_dim(store: EmbeddingStore, dim: int, out: Path) -> None:
+    if store.embed_dim != dim:
+        raise ClipkdError(f"store {store.root} holds {store.embed_dim}-d embeddings, index {out} {dim}-d ones: "
+                          "they are of different models")
 
 
 def append_store(index_dir: str | Path) -> SearchIndex:
@@ -876,6 +1154,7 @@ def append_store(index_dir: str | Path) -> SearchIndex:
     out = Path(index_dir)
     index = SearchIndex(out)
     index.store.check_teacher(index.identity, hint="the store was not made by the index's model")
+    _check_dim(index.store, int(index.info["embed_dim"]), out)
     with exclusive(out, "search index"):
         _append_faiss(out, EmbeddingStore(out / "store"), read_json(out / "index.json", "index description"), ())
     return SearchIndex(out)
@@ -921,12 +1200,14 @@ def remove_from_index(index_dir: str | Path, paths: Sequence[str], images_root: 
     return len(wanted - cur.removed)
 
 
-def compact_index(index_dir: str | Path) -> SearchIndex:
+def compact_index(index_dir: str | Path, max_memory: int | str | None = None) -> SearchIndex:
     """Rewrite an index's FAISS file without its removed rows (their embeddings stay in the store, so adding them
-    again costs no model pass); ``auto`` indexes choose their kind again for the rows they now hold."""
+    again costs no model pass); ``auto`` indexes choose their kind again for the rows they now hold (under
+    ``max_memory``, or the budget the index was built with)."""
     root = Path(index_dir)
     index = SearchIndex(root)
+    budget = parse_memory(max_memory)
     with exclusive(root, "search index"):
         info = read_json(root / "index.json", "index description")
-        _write_faiss(root, index.store, info.get("requested_kind", info["kind"]), info)
+        _write_faiss(root, index.store, info.get("requested_kind", info["kind"]), info, max_memory=budget)
     return SearchIndex(root)
