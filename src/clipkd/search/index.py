@@ -812,9 +812,10 @@ def exact_search(store: EmbeddingStore | np.ndarray, rows: np.ndarray, q: np.nda
     q = np.ascontiguousarray(q, dtype=np.float32)
     best_s = np.zeros((len(q), 0), np.float32)
     best_i = np.zeros((len(q), 0), np.int64)
-    parts = store.chunks(rows, 4 * CHUNK) if isinstance(store, EmbeddingStore) else \
-        ((rows[i:i + 4 * CHUNK], store[rows[i:i + 4 * CHUNK]]) for i in range(0, len(rows), 4 * CHUNK))
-    for start, (_, v) in zip(range(0, len(rows), 4 * CHUNK), parts, strict=True):
+    step = int(max(64, min(4 * CHUNK, (1 << 24) // max(1, len(q)))))  # the scores of one chunk stay ~64 MiB
+    parts = store.chunks(rows, step) if isinstance(store, EmbeddingStore) else \
+        ((rows[i:i + step], store[rows[i:i + step]]) for i in range(0, len(rows), step))
+    for start, (_, v) in zip(range(0, len(rows), step), parts, strict=True):
         sims = q @ np.asarray(v, dtype=np.float32).T
         kk = min(k, sims.shape[1])
         top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
