@@ -214,6 +214,10 @@ def _args_index(sub: Any) -> None:
                    "from the store) beyond; its recall@10 is measured and shown")
     q.add_argument("--max-memory", metavar="SIZE", help="memory the index may take while built (4G, 512M; default "
                    "half this machine's): the store is streamed, the kind chosen to fit")
+    q.add_argument("--backend", choices=["faiss", "milvus"], help="where the vectors live: faiss (default: a file in "
+                   "the index folder) or milvus (a collection at --uri)")
+    q.add_argument("--uri", help="with --backend milvus: a Milvus Lite file (index.db) or a server (http://host:19530)")
+    q.add_argument("--collection", help="with --backend milvus: the collection (default: the index folder's name)")
     q.add_argument("--text-model", help="for a student: its teacher (spec or clip-train run), for text queries")
     q.add_argument("--batch-size", type=_count, help=batch)
     q.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")

@@ -346,7 +346,18 @@ def commit_generation(root: Path, info: dict[str, Any], index: Any, rows: np.nda
 
 
 class SearchIndex:
-    """An index folder opened for search; ``encoder`` loads the model that made it (checked by identity)."""
+    """An index folder opened for search; ``encoder`` loads the model that made it (checked by identity). An index
+    whose vectors live in Milvus opens as :class:`MilvusIndex`."""
+
+    def __new__(cls, root: str | Path, images: str | Path | None = None) -> SearchIndex:
+        if cls is SearchIndex and (Path(root) / "index.json").is_file():
+            try:
+                info = read_json(Path(root) / "index.json", "index description")
+            except ClipkdError:
+                info = None  # reported by __init__
+            if isinstance(info, dict) and info.get("backend") == "milvus":
+                return object.__new__(MilvusIndex)
+        return object.__new__(cls)
 
     def __init__(self, root: str | Path, images: str | Path | None = None) -> None:
         self.root = Path(root)
@@ -649,6 +660,133 @@ class SearchIndex:
         rows = {h["path"]: h["id"] for h in hits}
         return plot_search_grid(load_rgb(image) if image else None, text or str(image), hits,
                                 lambda p: self.open_image(rows[p]), out)
+
+
+class MilvusIndex(SearchIndex):
+    """An index folder whose vectors live in a Milvus collection (:mod:`clipkd.search.milvus`): searched and
+    filtered inside Milvus; keys, labels, the model and the images as in any index folder."""
+
+    def __init__(self, root: str | Path, images: str | Path | None = None) -> None:
+        from . import milvus
+
+        self.root = Path(root)
+        self.info = read_json(self.root / "index.json", "index description")
+        missing = [k for k in ("identity", "model", "embed_dim", "kind", "milvus") if k not in self.info]
+        if self.info.get("format") != INDEX_FORMAT or missing:
+            raise ClipkdError(f"index {self.root} is damaged: index.json lacks {missing}; {REBUILD}")
+        self.client, self.collection = milvus.open_index(self.root, self.info)
+        self.store = EmbeddingStore(self.root / "store")
+        self.paths = self.store.keys()
+        self.generation = int(self.info.get("generation", 0))
+        self.removed = milvus.read_removed(self.root)
+        inserted = min(int(self.info["milvus"]["inserted"]), len(self.store))
+        self.live = np.zeros(len(self.store), dtype=bool)
+        self.live[:inserted] = True
+        if self.removed:
+            self.live[:inserted] &= ~np.fromiter((k in self.removed for k in self.paths[:inserted]), bool, inserted)
+        self.rows = np.flatnonzero(self.live)
+        self.tombstones = np.zeros(0, np.int64)
+        self.codes = column_codes(self.root, self.paths)
+        self.images_root = Path(images).resolve() if images is not None else \
+            (self.root / self.info.get("images", "/")).resolve()
+        self.encoder = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def allowed(self, label: str | None = None, where: dict[str, str] | None = None) -> str | None:  # type: ignore[override]
+        """A Milvus filter expression for ``label`` and ``where`` (None: no filter); unknown columns as
+        :meth:`SearchIndex.allowed`."""
+        from . import milvus
+
+        want = {**({"label": label} if label is not None else {}), **(where or {})}
+        if not want:
+            return None
+        unknown = sorted(c for c in want if c not in self.codes)
+        if unknown:
+            raise ClipkdError(f"index {self.root} has no column {unknown[0]!r} to filter on (it has: "
+                              f"{', '.join(self.codes) or 'none'})")
+        return milvus.expression(want)
+
+    def search_vectors(self, queries: np.ndarray, k: int = 10,  # type: ignore[override]
+                       allowed: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        from . import milvus
+
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.info["embed_dim"])
+        return milvus.search(self.client, self.collection, q, min(k, max(1, len(self))),
+                             self.info["milvus"].get("params", {}), allowed)
+
+
+def _milvus_kind(kind: str, n: int, uri: str) -> str:
+    if kind == "auto":
+        return "flat" if n <= EXACT_MAX else "ivf"
+    if kind not in ("flat", "ivf"):
+        raise ClipkdError(f"--kind {kind} is not offered with --backend milvus here: flat (exact) or ivf (IVF_FLAT), "
+                          "what Milvus Lite keeps")
+    return kind
+
+
+def _write_milvus(root: Path, store: EmbeddingStore, kind: str, info: dict[str, Any], existing: dict | None,
+                  uri: str, collection: str, restore: Sequence[str] = ()) -> dict[str, Any]:
+    """Insert the store's rows the collection lacks (all of them into a new collection, or again when the store
+    lost a damaged shard), put back removed rows added again, and move index.json to the next generation."""
+    from . import milvus
+
+    client = milvus.connect(uri)
+    old = (existing or {}).get("milvus", {})
+    inserted = int(old.get("inserted", 0)) if old.get("collection") == collection else 0
+    removed = milvus.read_removed(root) if inserted else set()
+    exists = milvus.check_collection(client, collection, info["identity"], int(info["embed_dim"]), uri)
+    chosen = (existing or {}).get("kind") if exists and inserted else _milvus_kind(kind, len(store), uri)
+    if exists and (not inserted or inserted > len(store)):  # another index's rows, or a store that lost a shard
+        client.drop_collection(collection)
+        exists, inserted, removed = False, 0, set()
+    params = old.get("params", {}) if exists else \
+        milvus.create_collection(client, collection, info["identity"], int(info["embed_dim"]), chosen, len(store))
+    codes = column_codes(root, store.keys())
+    back = sorted(removed & set(restore))
+    if back:
+        milvus.insert_rows(client, collection, store, store.rows(back), codes)
+        removed -= set(back)
+    new = np.arange(inserted, len(store), dtype=np.int64)
+    milvus.insert_rows(client, collection, store, new, codes)
+    write_text(milvus.removed_file(root), "".join(f"{k}\n" for k in sorted(removed)))
+    rows = len(store) - len(removed)
+    recall = 1.0
+    if chosen != "flat":
+        client.flush(collection)
+        pick = np.sort(np.random.default_rng(0).choice(len(store), min(100, len(store)), replace=False))
+        q = store.gather(pick).astype(np.float32)
+        _, want = exact_search(store, np.arange(len(store)), q, 10)
+        recall = _overlap(want, milvus.search(client, collection, q, 10, params, None)[1])
+    number = int((existing or {}).get("generation", 0)) + 1
+    info = {**info, "backend": "milvus", "kind": chosen, "requested_kind": kind, "params": params,
+            "milvus": {"uri": milvus.record_uri(uri, root), "collection": collection, "inserted": len(store),
+                       "params": params},
+            "skipped": int(store.manifest["skipped_count"]), "recall@10": round(recall, 4), "generation": number,
+            "rows": rows, "tombstones": 0, "removed": len(removed)}
+    write_json(root / "index.json", info)
+    log.info("index %s: %d rows in Milvus collection %s at %s (%s), %d inserted now", root, rows, collection, uri,
+             chosen, len(new) + len(back))
+    return info
+
+
+def _remove_milvus(root: Path, index: MilvusIndex, wanted: set[str]) -> int:
+    from . import milvus
+
+    info = read_json(root / "index.json", "index description")
+    removed = milvus.read_removed(root)
+    gone = sorted(wanted - removed)
+    rows = index.store.rows(gone)
+    if len(index) - len(gone) <= 0:
+        raise ClipkdError(f"index {root} would be empty: removing these would leave no image in it; nothing was "
+                          "removed")
+    milvus.delete_rows(index.client, index.collection, rows.tolist())
+    removed |= wanted
+    write_text(milvus.removed_file(root), "".join(f"{k}\n" for k in sorted(removed)))
+    write_json(root / "index.json", {**info, "generation": int(info.get("generation", 0)) + 1,
+                                     "rows": int(info["rows"]) - len(gone), "removed": len(removed)})
+    return len(gone)
 
 
 def _read_labels(path: Path) -> dict[str, str]:
@@ -1041,17 +1179,21 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
                 text_model: str | Path | None = None, device: str | None = "auto", batch_size: int = 64,
                 workers: int | None = None, progress: bool = True, encoder: Encoder | None = None,
                 precision: str = "auto", add: bool = False, images_root: str | Path | None = None,
-                max_memory: int | str | None = None) -> SearchIndex:
+                max_memory: int | str | None = None, backend: str = "faiss", uri: str | None = None,
+                collection: str | None = None) -> SearchIndex:
     """Embed ``images`` (a folder or an image list) with ``model`` into a new index at ``out``, or resume one.
 
     ``model``: a teacher spec, a ``clip-train`` run, or a distilled student (``text_model``: its teacher, for
     text queries). ``kind``: ``auto`` (exact up to :data:`EXACT_MAX` rows, HNSW while it fits ``max_memory``,
     IVF-PQ beyond: :func:`plan_index`), ``flat``, ``hnsw``, ``ivf`` or ``ivfpq``; ``max_memory`` (bytes or
-    ``"4G"``; default half the machine's) bounds the build, which streams the store. Killed midway, the same
-    command resumes (finished shards are kept; a half-written FAISS generation is never named). An index of other
-    images at ``out`` is refused unless ``add`` (what :func:`add_to_index` does). Rows are keyed relative to the
-    collection root: ``images`` for a new index (a list's folder, a TSV's), the index's own for an added source
-    (``images_root``: where that root is on this machine, when the index moved without its images beside it).
+    ``"4G"``; default half the machine's) bounds the build, which streams the store. ``backend="milvus"``: the
+    vectors go to collection ``collection`` (default: the index folder's name) of the Milvus at ``uri`` (a file:
+    Milvus Lite; ``http://host:19530``: a server) instead of a FAISS file (:mod:`clipkd.search.milvus`). Killed
+    midway, the same command resumes (finished shards are kept; a half-written FAISS generation is never named).
+    An index of other images at ``out`` is refused unless ``add`` (what :func:`add_to_index` does). Rows are keyed
+    relative to the collection root: ``images`` for a new index (a list's folder, a TSV's), the index's own for an
+    added source (``images_root``: where that root is on this machine, when the index moved without its images
+    beside it).
     """
 
     out = Path(out)
@@ -1084,7 +1226,15 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
             raise ClipkdError(f"{out} holds an index built by '{existing.get('identity')}', not '{enc.identity}'; "
                               "use another `out`")
         budget = budget or (existing or {}).get("max_memory")
-        plan_index(kind, len(source.paths) + int((existing or {}).get("rows", 0)), enc.embed_dim, budget)
+        milvus_at = _milvus_target(out, existing, backend, uri, collection)
+        if milvus_at is None:
+            plan_index(kind, len(source.paths) + int((existing or {}).get("rows", 0)), enc.embed_dim, budget)
+        else:  # reachable, and no collection of another model, before any embedding
+            from . import milvus
+
+            _milvus_kind(kind, 0, milvus_at[0])
+            milvus.check_collection(milvus.connect(milvus_at[0]), milvus_at[1], enc.identity, enc.embed_dim,
+                                    milvus_at[0])
         store = embed_paths(enc, root, source.paths, out / "store", batch_size, workers, progress=progress,
                             opener=source.opener, fingerprint=getattr(source.opener, "fingerprint", None))
         if r.distributed:
@@ -1099,7 +1249,9 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
                 info["max_memory"] = budget
             if existing is None or "images" in existing:
                 info["images"] = relative(root, out)
-            if existing is not None and existing.get("requested_kind", existing.get("kind")) == kind and \
+            if milvus_at is not None:
+                _write_milvus(out, store, kind, info, existing, milvus_at[0], milvus_at[1], source.paths)
+            elif existing is not None and existing.get("requested_kind", existing.get("kind")) == kind and \
                     "generation" in existing:  # more images (or none) into the same index: appended
                 keep = ("kind", "requested_kind", "params", "recall@10", "recall_rows", "recall_queries",
                         "index_bytes", "build_s")
@@ -1110,6 +1262,31 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
     index = SearchIndex(out)
     index.encoder = enc
     return index
+
+
+def _milvus_target(out: Path, existing: dict | None, backend: str, uri: str | None,
+                   collection: str | None) -> tuple[str, str] | None:
+    """(URI, collection) of an index whose vectors go to Milvus (given, or recorded by the index), else None."""
+    from . import milvus
+
+    if backend not in ("faiss", "milvus"):
+        raise ClipkdError(f"unknown --backend {backend!r} (faiss or milvus)")
+    if existing is not None and existing.get("backend") == "milvus":
+        rec = existing["milvus"]
+        given = (uri if milvus.is_remote(uri) else str(Path(uri).resolve())) if uri else None
+        return given or milvus.resolve_uri(rec["uri"], out), collection or rec["collection"]
+    if backend == "faiss":
+        if uri or collection:
+            raise ClipkdError("--uri and --collection are for --backend milvus")
+        return None
+    if existing is not None:
+        raise ClipkdError(f"{out} holds a FAISS index; build the Milvus one into another `out`")
+    if not uri:
+        raise ClipkdError("--backend milvus needs --uri: a Milvus Lite file (e.g. index.db) or http://host:19530")
+    name = collection or "".join(c if c.isalnum() else "_" for c in out.resolve().name)
+    if not name[:1].isalpha() and not name.startswith("_"):
+        name = f"clipkd_{name}"
+    return (uri if milvus.is_remote(uri) else str(Path(uri).resolve())), name
 
 
 def _describe(model: str | Path, text_model: str | Path | None, enc: Encoder, sources: Sequence[str],
@@ -1156,6 +1333,14 @@ def append_store(index_dir: str | Path) -> SearchIndex:
     index = SearchIndex(out)
     index.store.check_teacher(index.identity, hint="the store was not made by the index's model")
     _check_dim(index.store, int(index.info["embed_dim"]), out)
+    if isinstance(index, MilvusIndex):
+        from . import milvus
+
+        info = index.info
+        with exclusive(out, "search index"):
+            _write_milvus(out, EmbeddingStore(out / "store"), info["requested_kind"], info, info,
+                          milvus.resolve_uri(info["milvus"]["uri"], out), info["milvus"]["collection"])
+        return SearchIndex(out)
     with exclusive(out, "search index"):
         _append_faiss(out, EmbeddingStore(out / "store"), read_json(out / "index.json", "index description"), ())
     return SearchIndex(out)
@@ -1185,6 +1370,9 @@ def remove_from_index(index_dir: str | Path, paths: Sequence[str], images_root: 
     unknown = sorted(p for p in wanted if p not in known)
     if unknown:
         raise ClipkdError(f"{len(unknown)} path(s) are not in index {root}, e.g. {unknown[:3]}")
+    if isinstance(index, MilvusIndex):
+        with exclusive(root, "search index"):
+            return _remove_milvus(root, index, wanted)
     with exclusive(root, "search index"):
         cur = _current(root)  # what is on disk now, under the lock
         removed = cur.removed | wanted
@@ -1208,6 +1396,9 @@ def compact_index(index_dir: str | Path, max_memory: int | str | None = None) ->
     root = Path(index_dir)
     index = SearchIndex(root)
     budget = parse_memory(max_memory)
+    if isinstance(index, MilvusIndex):
+        log.info("index %s: Milvus compacts its collection's segments itself; nothing to rewrite", root)
+        return index
     with exclusive(root, "search index"):
         info = read_json(root / "index.json", "index description")
         _write_faiss(root, index.store, info.get("requested_kind", info["kind"]), info, max_memory=budget)
