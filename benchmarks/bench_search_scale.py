@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_memory import tree_rss_mb
 from bench_search import _free_port, bench_student, wait_until_serving
 from bench_serve import _status_mb
 from common import machine, report, table
@@ -267,6 +268,63 @@ def add_and_roll_back(world: Path, n: int, student: Path) -> float:
                 (world / "store" / f"{stem}{ext}").unlink(missing_ok=True)
 
 
+MILVUS_BUILD = """
+import json, sys, time
+from clipkd.search.index import index_store
+t = time.perf_counter()
+ix = index_store(sys.argv[1], sys.argv[2], kind="auto", device="cpu", backend="milvus", uri=sys.argv[3])
+print("RESULT " + json.dumps({"build_s": time.perf_counter() - t, "info": ix.info}))
+"""
+
+
+def _peak_while(proc: subprocess.Popen) -> tuple[float, str]:
+    """Peak RSS (MiB) of ``proc`` and its children (Milvus Lite's server process) until it exits; its stdout."""
+    peak = 0.0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss_mb(proc.pid))
+        time.sleep(0.5)
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}):\n{err[-3000:]}")
+    return peak, out
+
+
+def measure_milvus(world: Path, student: Path, n: int) -> dict:
+    """The same store into a Milvus Lite collection (`index_store(backend="milvus")`), served by `clipkd serve`."""
+    mv = world.parent / f"{world.name}-milvus"
+    shutil.rmtree(mv, ignore_errors=True)
+    mv.mkdir()
+    (mv / "store").symlink_to(world / "store")
+    print(f"Milvus Lite on {world.name} ...", flush=True)
+    proc = subprocess.Popen([sys.executable, "-c", MILVUS_BUILD, str(mv), str(student), str(mv / "milvus.db")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, out = _peak_while(proc)
+    built = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    q, want = np.load(world / "queries.npy"), np.load(world / "exact.npy")
+    port = _free_port()
+    t0 = time.perf_counter()
+    srv = subprocess.Popen([sys.executable, "-m", "clipkd.cli", "-q", "serve", "--index", str(mv), "--port",
+                            str(port), "--reload-s", "3600"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(url, srv)
+        start_s = time.perf_counter() - t0
+        query_http(url, q[:20], 1, 20)
+        one, ids = query_http(url, q, 1, len(q))
+        many, _ = query_http(url, q, 16, max(50, len(q) // 8))
+        rss = tree_rss_mb(srv.pid)
+    finally:
+        srv.terminate()
+        srv.wait(timeout=60)
+    info = built["info"]
+    return {"rows": n, "engine": "milvus-lite", "server": "pytorch", "kind": info["kind"],
+            "params": info["params"], "build_s": round(built["build_s"], 1), "build_peak_rss_mib": round(peak),
+            "serve_start_s": round(start_s, 2), "serve_rss_mib": round(rss),
+            "p50_ms": round(_pct(one, 0.5), 2), "p99_ms": round(_pct(one, 0.99), 2),
+            "p50_ms_16": round(_pct(many, 0.5), 2), "p99_ms_16": round(_pct(many, 0.99), 2),
+            "recall@10": round(_recall(ids, want), 4), "build_recall@10": info["recall@10"]}
+
+
 AUTOFAISS = """
 import json, resource, sys, time
 import faiss, numpy as np
@@ -346,7 +404,7 @@ def plot(rows: list[dict], out: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (field, title) in zip(axes, [("p99_ms", "p99 of one query, ms"), ("build_peak_rss_mib",
                                          "build peak RSS, MiB"), ("recall@10", "recall@10 vs exact")], strict=True):
-        for engine, marker in (("clipkd", "o"), ("autofaiss", "s")):
+        for engine, marker in (("clipkd", "o"), ("autofaiss", "s"), ("milvus-lite", "^")):
             pts = sorted((r["rows"], r[field]) for r in rows if r["engine"] == engine and r.get(field) is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=engine)
@@ -373,6 +431,8 @@ def main() -> None:
     ap.add_argument("--add", type=int, default=100_000, help="rows appended to each served index (0: skip)")
     ap.add_argument("--autofaiss-rows", type=int, nargs="*", default=None,
                     help="row counts with an autofaiss row (default: all)")
+    ap.add_argument("--milvus-rows", type=int, nargs="*", default=[1_000_000],
+                    help="row counts with a Milvus Lite row (default: 1M)")
     ap.add_argument("--data", type=Path, default=HERE / ".data" / "search-scale")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "search-scale.md")
     a = ap.parse_args()
@@ -387,6 +447,9 @@ def main() -> None:
             if row:
                 runs.append(row)
                 print(json.dumps(row), flush=True)
+        if n in a.milvus_rows:
+            runs.append(measure_milvus(world, student, n))
+            print(json.dumps(runs[-1]), flush=True)
     cols = ["rows", "engine", "kind", "build_s", "build_peak_rss_mib", "serve_start_s", "serve_rss_mib", "p50_ms",
             "p99_ms", "p99_ms_16", "recall@10", "add_100k_s"]
     shown = [{**r, "rows": f"{r['rows']:,}", "add_100k_s": r.get("add_100k_s") or "-",

@@ -96,13 +96,13 @@ def test_auto_kind_and_budget_follow_the_rows_in_one_line():
     ten_m = plan_index("auto", 10_000_000, 512, 4 << 30)
     assert ten_m["kind"] == "ivfpq" and ten_m["m"] == 64 and ten_m["bytes"] <= 4 << 30
     assert plan_index("auto", 10_000_000, 512, 1 << 30)["m"] < 64  # smaller codes under a smaller budget
-    with pytest.raises(ClipkdError, match=r"does not fit in --max-memory 100 MiB: the smallest takes"):
+    with pytest.raises(ClipkdError, match=r"does not fit in `max_memory`=100 MiB: the smallest takes"):
         plan_index("auto", 10_000_000, 512, 100 << 20)
-    with pytest.raises(ClipkdError, match=r"a hnsw index .* --kind auto"):
+    with pytest.raises(ClipkdError, match=r"a hnsw index .* `kind`=auto"):
         plan_index("hnsw", 10_000_000, 512, 4 << 30)
     assert parse_memory("4G") == 4 << 30 and parse_memory("512M") == 512 << 20 and parse_memory("1.5GiB") == 3 << 29
     for bad in ("lots", "-1G", "0"):
-        with pytest.raises(ClipkdError, match="--max-memory"):
+        with pytest.raises(ClipkdError, match="`max_memory`="):
             parse_memory(bad)
 
 

@@ -721,7 +721,7 @@ def _milvus_kind(kind: str, n: int, uri: str) -> str:
     if kind == "auto":
         return "flat" if n <= EXACT_MAX else "ivf"
     if kind not in ("flat", "ivf"):
-        raise ClipkdError(f"--kind {kind} is not offered with --backend milvus here: flat (exact) or ivf (IVF_FLAT), "
+        raise ClipkdError(f"`kind`={kind} is not offered with `backend`=milvus here: flat (exact) or ivf (IVF_FLAT), "
                           "what Milvus Lite keeps")
     return kind
 
@@ -822,9 +822,9 @@ def parse_memory(text: str | int | None) -> int | None:
     try:
         value = float(t[:-1] if scale > 1 else t)
     except ValueError:
-        raise ClipkdError(f"--max-memory {text!r} is not a size (e.g. 4G, 512M)") from None
+        raise ClipkdError(f"`max_memory`={text!r} is not a size (e.g. 4G, 512M)") from None
     if value <= 0:
-        raise ClipkdError(f"--max-memory {text!r} must be more than nothing")
+        raise ClipkdError(f"`max_memory`={text!r} must be more than nothing")
     return int(value * scale)
 
 
@@ -881,8 +881,8 @@ def plan_index(kind: str, n: int, d: int, max_memory: int | None = None) -> dict
             return {"kind": k, "m": m, "bytes": need, "budget": budget}
     smallest = min(index_bytes(k, n, d, m) for k, m in wanted)
     what = "an index" if kind == "auto" else f"a {kind} index"
-    raise ClipkdError(f"{what} of {n:,} rows of {d} dims does not fit in --max-memory {_mib(budget)}: the smallest "
-                      f"takes {_mib(smallest)}" + ("" if kind == "auto" else " (or choose --kind auto)"))
+    raise ClipkdError(f"{what} of {n:,} rows of {d} dims does not fit in `max_memory`={_mib(budget)}: the smallest "
+                      f"takes {_mib(smallest)}" + ("" if kind == "auto" else " (or choose `kind`=auto)"))
 
 
 def _mib(b: int) -> str:
@@ -1270,19 +1270,19 @@ def _milvus_target(out: Path, existing: dict | None, backend: str, uri: str | No
     from . import milvus
 
     if backend not in ("faiss", "milvus"):
-        raise ClipkdError(f"unknown --backend {backend!r} (faiss or milvus)")
+        raise ClipkdError(f"unknown `backend`={backend!r} (faiss or milvus)")
     if existing is not None and existing.get("backend") == "milvus":
         rec = existing["milvus"]
         given = (uri if milvus.is_remote(uri) else str(Path(uri).resolve())) if uri else None
         return given or milvus.resolve_uri(rec["uri"], out), collection or rec["collection"]
     if backend == "faiss":
         if uri or collection:
-            raise ClipkdError("--uri and --collection are for --backend milvus")
+            raise ClipkdError("`uri` and `collection` are for `backend`=milvus")
         return None
     if existing is not None:
         raise ClipkdError(f"{out} holds a FAISS index; build the Milvus one into another `out`")
     if not uri:
-        raise ClipkdError("--backend milvus needs --uri: a Milvus Lite file (e.g. index.db) or http://host:19530")
+        raise ClipkdError("`backend`=milvus needs `uri`: a Milvus Lite file (e.g. index.db) or http://host:19530")
     name = collection or "".join(c if c.isalnum() else "_" for c in out.resolve().name)
     if not name[:1].isalpha() and not name.startswith("_"):
         name = f"clipkd_{name}"
@@ -1300,10 +1300,12 @@ def _describe(model: str | Path, text_model: str | Path | None, enc: Encoder, so
 
 
 def index_store(out: str | Path, model: str | Path, kind: str = "auto", text_model: str | Path | None = None,
-                device: str | None = "auto", max_memory: int | str | None = None) -> SearchIndex:
+                device: str | None = "auto", max_memory: int | str | None = None, backend: str = "faiss",
+                uri: str | None = None, collection: str | None = None) -> SearchIndex:
     """Make ``out`` a search index over the embedding store already in ``out/store`` (made by ``model``; its rows
     keyed under the folder it records): for embeddings computed elsewhere, e.g. a benchmark's synthetic gallery.
-    The store is streamed: memory stays within ``max_memory`` (:func:`plan_index`, checked before the work)."""
+    The store is streamed: memory stays within ``max_memory`` (:func:`plan_index`, checked before the work);
+    ``backend="milvus"``: into a Milvus collection, as :func:`build_index`."""
 
     out = Path(out)
     from .encoder import load_encoder
@@ -1313,10 +1315,19 @@ def index_store(out: str | Path, model: str | Path, kind: str = "auto", text_mod
     enc = load_encoder(model, text_model, device)
     store.check_teacher(enc.identity, hint="the store was not made by this model")
     _check_dim(store, enc.embed_dim, out)
+    info = {**_describe(model, text_model, enc, [], out), "images": relative(store.images_root(), out)}
+    target = _milvus_target(out, None, backend, uri, collection)
+    if target is not None:
+        from . import milvus
+
+        _milvus_kind(kind, 0, target[0])
+        milvus.check_collection(milvus.connect(target[0]), target[1], enc.identity, enc.embed_dim, target[0])
+        with exclusive(out, "search index"):
+            _write_milvus(out, store, kind, info, None, *target)
+        return SearchIndex(out)
     plan_index(kind, len(store), store.embed_dim, budget)  # one line before the work: a kind or budget that fails
     with exclusive(out, "search index"):
-        _write_faiss(out, store, kind, {**_describe(model, text_model, enc, [], out),
-                                        "images": relative(store.images_root(), out)}, max_memory=budget)
+        _write_faiss(out, store, kind, info, max_memory=budget)
     return SearchIndex(out)
 
 

@@ -59,10 +59,10 @@ def connect(uri: str) -> Any:
                           "pip install 'clipkd[search]'") from None
     if not is_remote(uri):
         if uri.endswith(("/", ".")) or Path(uri).is_dir():
-            raise ClipkdError(f"--uri {uri}: give a Milvus Lite file (e.g. index.db) or a server URL "
+            raise ClipkdError(f"`uri`={uri}: give a Milvus Lite file (e.g. index.db) or a server URL "
                               "(http://host:19530)")
         if not Path(uri).parent.is_dir():
-            raise ClipkdError(f"--uri {uri}: the folder {Path(uri).parent} does not exist")
+            raise ClipkdError(f"`uri`={uri}: the folder {Path(uri).parent} does not exist")
     try:
         client = MilvusClient(uri=uri, timeout=10) if is_remote(uri) else MilvusClient(uri)
         client.list_collections()
@@ -73,7 +73,7 @@ def connect(uri: str) -> Any:
             raise ClipkdError(f"cannot reach Milvus at {uri}: {first_line(e, 160)}") from None
         raise ClipkdError(f"cannot open Milvus Lite file {uri} ({first_line(e, 120)}): is it open in another "
                           "process (a running serve)? Change a served Lite index through the server (POST "
-                          "/index/add, /index/remove), or use a Milvus server (--uri http://host:19530)") from None
+                          "/index/add, /index/remove), or use a Milvus server (`uri`=http://host:19530)") from None
     _CLIENTS[uri] = client
     return client
 
@@ -86,7 +86,7 @@ def check_collection(client: Any, name: str, identity: str, dim: int, uri: str) 
     have, have_dim = props.get("clipkd.identity"), props.get("clipkd.dim")
     if have != identity or str(have_dim) != str(dim):
         raise ClipkdError(f"Milvus collection {name!r} at {uri} holds {have_dim}-d rows of '{have}', not {dim}-d "
-                          f"rows of '{identity}': choose another --collection")
+                          f"rows of '{identity}': choose another `collection`")
     return True
 
 
@@ -116,7 +116,8 @@ def create_collection(client: Any, name: str, identity: str, dim: int, kind: str
 
 def insert_rows(client: Any, name: str, store: EmbeddingStore, rows: np.ndarray,
                 columns: dict[str, tuple[np.ndarray, list[str]]]) -> None:
-    """Insert store rows ``rows`` (vectors, keys, label and other columns), in batches under Milvus's limit."""
+    """Write store rows ``rows`` (vectors, keys, label and other columns), in batches under Milvus's limit, as
+    upserts: a write killed part-way and run again leaves each row once."""
     keys = store.keys()
     per = max(1, BATCH_BYTES // (store.embed_dim * 4 + 256))
     label = columns.get("label")
@@ -130,7 +131,7 @@ def insert_rows(client: Any, name: str, store: EmbeddingStore, rows: np.ndarray,
             batch.append({"id": r, "vector": v.tolist(), "key": keys[r],
                           "label": label[1][int(label[0][r])] if label and label[0][r] >= 0 else None,
                           "meta": meta or None})
-        client.insert(name, batch)
+        client.upsert(name, batch)
 
 
 def delete_rows(client: Any, name: str, rows: list[int]) -> None:
