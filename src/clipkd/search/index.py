@@ -1004,8 +1004,8 @@ def _overlap(want: np.ndarray, got: np.ndarray) -> float:
 def tune(index: Any, params: dict[str, Any], store: EmbeddingStore, rows: np.ndarray,
          seed: int = 0) -> tuple[float, int]:
     """Recall@10 against exact search on stored rows as queries (a hundred to a thousand, fewer as rows grow: the
-    exact side reads every row), choosing an IVF index's ``nprobe`` as the smallest reaching
-    :data:`TARGET_RECALL` (recorded in ``params``); returns (recall, queries)."""
+    exact side reads every row), choosing an IVF index's ``nprobe`` or an HNSW graph's ``efSearch`` as the
+    smallest reaching :data:`TARGET_RECALL` (recorded in ``params``); returns (recall, queries)."""
     n = len(rows)
     nq = int(np.clip(2e11 / max(1, n * store.embed_dim), 100, 1000))
     pick = np.sort(np.random.default_rng(seed).choice(n, min(nq, n), replace=False))
@@ -1013,6 +1013,14 @@ def tune(index: Any, params: dict[str, Any], store: EmbeddingStore, rows: np.nda
     k = min(10, n)
     _, want = exact_search(store, rows, q, k)
     rerank = int(params.get("rerank", 1))
+    if "efSearch" in params:  # HNSW: the smallest graph walk that reaches the target
+        for ef in (64, 96, 128, 192, 256):
+            index.hnsw.efSearch = ef
+            recall = _overlap(want, index.search(q, k)[1])
+            params["efSearch"] = ef
+            if recall >= TARGET_RECALL:
+                break
+        return recall, len(q)
     if "nprobe" not in params:
         return _overlap(want, rerank_search(index, q, k, store, rows, rerank)[1]), len(q)
     nlist = params["nlist"]
@@ -1341,13 +1349,12 @@ def append_store(index_dir: str | Path) -> SearchIndex:
     """Add to an index the rows of its store that its FAISS index lacks (embeddings written into ``store/`` by other
     means: ``import-npy``, a benchmark's synthetic rows), appended without a rebuild as a new generation."""
     out = Path(index_dir)
-    index = SearchIndex(out)
-    index.store.check_teacher(index.identity, hint="the store was not made by the index's model")
-    _check_dim(index.store, int(index.info["embed_dim"]), out)
-    if isinstance(index, MilvusIndex):
+    info, store, _ = _writer_view(out)
+    store.check_teacher(info["identity"], hint="the store was not made by the index's model")
+    _check_dim(store, int(info["embed_dim"]), out)
+    if info.get("backend") == "milvus":
         from . import milvus
 
-        info = index.info
         with exclusive(out, "search index"):
             _write_milvus(out, EmbeddingStore(out / "store"), info["requested_kind"], info, info,
                           milvus.resolve_uri(info["milvus"]["uri"], out), info["milvus"]["collection"])
@@ -1360,12 +1367,12 @@ def append_store(index_dir: str | Path) -> SearchIndex:
 def add_to_index(index_dir: str | Path, images: str | Path, device: str | None = "auto", batch_size: int = 64,
                  workers: int | None = None, progress: bool = True, precision: str = "auto",
                  images_root: str | Path | None = None) -> SearchIndex:
-    """Embed new images into an index with the model that built it, and rebuild its FAISS index."""
-    index = SearchIndex(index_dir, images_root)
-    info = index.info
-    return build_index(index.model, images, index_dir, info.get("requested_kind", info["kind"]),
-                       index.text_model, device, batch_size, workers, progress, precision=precision, add=True,
-                       images_root=images_root)
+    """Embed new images into an index with the model that built it; their rows are appended to its vectors."""
+    root = Path(index_dir)
+    info, _, _ = _writer_view(root)
+    return build_index(_resolve_ref(info["model"], root), images, index_dir, info.get("requested_kind", info["kind"]),
+                       _resolve_ref(info.get("text_model"), root), device, batch_size, workers, progress,
+                       precision=precision, add=True, images_root=images_root)
 
 
 def remove_from_index(index_dir: str | Path, paths: Sequence[str], images_root: str | Path | None = None) -> int:
@@ -1374,20 +1381,20 @@ def remove_from_index(index_dir: str | Path, paths: Sequence[str], images_root: 
     them); returns how many rows left it. A running ``serve`` picks the new generation up."""
 
     root = Path(index_dir)
-    index = SearchIndex(root, images_root)
-    known = set(index.paths)
-    wanted = {p if p in known else relative(p, index.images_root)
+    info, store, images = _writer_view(root, images_root)
+    known = set(store.paths)
+    wanted = {p if p in known else relative(p, images)
               for p in paths}
     unknown = sorted(p for p in wanted if p not in known)
     if unknown:
         raise ClipkdError(f"{len(unknown)} path(s) are not in index {root}, e.g. {unknown[:3]}")
-    if isinstance(index, MilvusIndex):
+    if info.get("backend") == "milvus":
         with exclusive(root, "search index"):
-            return _remove_milvus(root, index, wanted)
+            return _remove_milvus(root, SearchIndex(root, images_root), wanted)
     with exclusive(root, "search index"):
         cur = _current(root)  # what is on disk now, under the lock
         removed = cur.removed | wanted
-        paths_now = index.store.paths
+        paths_now = store.paths
         tomb = _tombstones(cur.rows, paths_now, removed)
         if len(tomb) == len(cur.rows):  # refused before anything is written
             raise ClipkdError(f"index {root} would be empty: removing these would leave no image in it; nothing "
@@ -1405,12 +1412,25 @@ def compact_index(index_dir: str | Path, max_memory: int | str | None = None) ->
     again costs no model pass); ``auto`` indexes choose their kind again for the rows they now hold (under
     ``max_memory``, or the budget the index was built with)."""
     root = Path(index_dir)
-    index = SearchIndex(root)
+    info, store, _ = _writer_view(root)
     budget = parse_memory(max_memory)
-    if isinstance(index, MilvusIndex):
+    if info.get("backend") == "milvus":
         log.info("index %s: Milvus compacts its collection's segments itself; nothing to rewrite", root)
-        return index
+        return SearchIndex(root)
     with exclusive(root, "search index"):
         info = read_json(root / "index.json", "index description")
-        _write_faiss(root, index.store, info.get("requested_kind", info["kind"]), info, max_memory=budget)
+        _write_faiss(root, store, info.get("requested_kind", info["kind"]), info, max_memory=budget)
     return SearchIndex(root)
+
+
+def _writer_view(root: Path, images_root: str | Path | None = None) -> tuple[dict[str, Any], EmbeddingStore, Path]:
+    """What a writer needs of an index without loading its vectors (a writer loads the generation it changes
+    itself, once): index.json, the store, where the collection root is."""
+    if not (root / "index.json").is_file():
+        raise ClipkdError(f"not a search index (no index.json): {root}; build one with `clipkd index build`")
+    info = read_json(root / "index.json", "index description")
+    missing = [k for k in ("identity", "embed_dim", "kind") if k not in info] if isinstance(info, dict) else ["all"]
+    if missing or info.get("format") != INDEX_FORMAT:
+        raise ClipkdError(f"index {root} is damaged: index.json lacks {missing or ['format']}; {REBUILD}")
+    images = Path(images_root).resolve() if images_root is not None else (root / info.get("images", "/")).resolve()
+    return info, EmbeddingStore(root / "store"), images
