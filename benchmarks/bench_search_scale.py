@@ -420,6 +420,30 @@ def plot(rows: list[dict], out: Path) -> Path:
     return png
 
 
+def write_results(runs: list[dict], a: argparse.Namespace) -> None:
+    """The Markdown table, JSON and PNG of ``runs`` (written after every row: a run killed later keeps them)."""
+    runs = sorted(runs, key=lambda r: (r["rows"], ["clipkd", "autofaiss", "milvus-lite"].index(r["engine"])))
+    cols = ["rows", "engine", "kind", "build_s", "build_peak_rss_mib", "serve_start_s", "serve_rss_mib", "p50_ms",
+            "p99_ms", "p99_ms_16", "recall@10", "add_100k_s"]
+    shown = [{**r, "rows": f"{r['rows']:,}", "add_100k_s": r.get("add_100k_s") or "-",
+              "p99_ms_16": r.get("p99_ms_16", "-")} for r in runs]
+    dates = sorted({r.get("date", "") for r in runs})
+    body = table(shown, cols) + (
+        f"\n\nSynthetic clustered {a.dim}-d unit vectors ({a.clusters} clusters) in fp16 shards, budget "
+        f"`--max-memory {a.max_memory}` for clipkd and autofaiss; recall@10 against exact on {a.queries} held-out "
+        "queries. clipkd: `clipkd serve` (the lean server, `pip install clipkd[serve]`, an ONNX student) over HTTP "
+        "(`/knn-service` by embedding), p99 at 1 client and at 16 (`p99_ms_16`), served RSS after the queries; "
+        "`add_100k_s`: rows appended to the built index without a rebuild. autofaiss: its index memory-mapped and "
+        "searched in-process, one thread (no HTTP), with the parameters it chose. Milvus Lite: the same store through "
+        "`--backend milvus` (IVF_FLAT), served by `clipkd serve` (the PyTorch install: pymilvus is not in the lean "
+        f"one); its RSS counts the embedded Milvus. Measured {', '.join(dates)}.\n\n"
+        f"`cd benchmarks && ../.venv/bin/python bench_search_scale.py --rows {' '.join(map(str, a.rows))} "
+        f"--max-memory {a.max_memory} --out {a.out.relative_to(HERE) if a.out.is_relative_to(HERE) else a.out}`")
+    report("Search at scale: rows, memory, latency, recall", body, a.out)
+    a.out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "runs": runs}, indent=1) + "\n")
+    plot(runs, a.out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
@@ -433,41 +457,31 @@ def main() -> None:
                     help="row counts with an autofaiss row (default: all)")
     ap.add_argument("--milvus-rows", type=int, nargs="*", default=[1_000_000],
                     help="row counts with a Milvus Lite row (default: 1M)")
+    ap.add_argument("--merge", action="store_true", help="keep the rows the results JSON already holds and measure "
+                    "only the (rows, engine) pairs it lacks")
     ap.add_argument("--data", type=Path, default=HERE / ".data" / "search-scale")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "search-scale.md")
     a = ap.parse_args()
     student = onnx_student(a.data)
-    runs = []
+    js = a.out.with_suffix(".json")
+    runs = json.loads(js.read_text())["runs"] if a.merge and js.is_file() else []
+    have = {(r["rows"], r["engine"]) for r in runs}
+
+    def add(row: dict | None) -> None:
+        if row:
+            runs.append({**row, "date": time.strftime("%Y-%m-%d")})
+            print(json.dumps(runs[-1]), flush=True)
+            write_results(runs, a)
+
     for n in a.rows:
         world = make_world(a.data, n, a.dim, a.clusters, student, a.queries)
-        runs.append(measure_clipkd(world, student, "auto", a.max_memory, n, a.add))
-        print(json.dumps(runs[-1]), flush=True)
-        if a.autofaiss_rows is None or n in a.autofaiss_rows:
-            row = measure_autofaiss(world, a.max_memory, a.available, n)
-            if row:
-                runs.append(row)
-                print(json.dumps(row), flush=True)
-        if n in a.milvus_rows:
-            runs.append(measure_milvus(world, student, n))
-            print(json.dumps(runs[-1]), flush=True)
-    cols = ["rows", "engine", "kind", "build_s", "build_peak_rss_mib", "serve_start_s", "serve_rss_mib", "p50_ms",
-            "p99_ms", "p99_ms_16", "recall@10", "add_100k_s"]
-    shown = [{**r, "rows": f"{r['rows']:,}", "add_100k_s": r.get("add_100k_s") or "-",
-              "p99_ms_16": r.get("p99_ms_16", "-")} for r in runs]
-    body = table(shown, cols) + (
-        f"\n\nSynthetic clustered {a.dim}-d unit vectors ({a.clusters} clusters) in fp16 shards, budget "
-        f"`--max-memory {a.max_memory}` for both engines; recall@10 against exact on {a.queries} held-out queries. "
-        "clipkd: `clipkd serve` (the lean server, `pip install clipkd[serve]`, an ONNX student) over HTTP "
-        "(`/knn-service` by embedding), p99 at 1 client and at 16 (`p99_ms_16`), "
-        "served RSS after the queries; `add_100k_s`: rows appended to the built index without a rebuild. autofaiss: "
-        "its index memory-mapped and searched in-process, one thread (no HTTP), with the parameters it chose. "
-        f"Measured {time.strftime('%Y-%m-%d')}.\n\n"
-        f"`cd benchmarks && ../.venv/bin/python bench_search_scale.py --rows {' '.join(map(str, a.rows))} "
-        f"--max-memory {a.max_memory} --out {a.out.relative_to(HERE) if a.out.is_relative_to(HERE) else a.out}`")
-    report("Search at scale: rows, memory, latency, recall", body, a.out)
-    a.out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                                                      "runs": runs}, indent=1) + "\n")
-    plot(runs, a.out)
+        if (n, "clipkd") not in have:
+            add(measure_clipkd(world, student, "auto", a.max_memory, n, a.add))
+        if (a.autofaiss_rows is None or n in a.autofaiss_rows) and (n, "autofaiss") not in have:
+            add(measure_autofaiss(world, a.max_memory, a.available, n))
+        if n in a.milvus_rows and (n, "milvus-lite") not in have:
+            add(measure_milvus(world, student, n))
+    write_results(runs, a)
 
 
 if __name__ == "__main__":

@@ -119,3 +119,21 @@ def test_milvus_bad_input_is_one_line_before_any_work(tiny_world, teacher_spec, 
     assert main(["index", "build", "--model", str(teacher_spec), "--images", str(tiny_world / "val"), "--out",
                  str(tmp_path / "e"), "--backend", "milvus", "--device", "cpu"]) == 2
     assert "needs --uri" in capsys.readouterr().err
+
+
+def test_a_lite_file_is_one_process_at_a_time_and_opens_again_in_another(pair, tiny_world):
+    import subprocess
+    import sys
+
+    from clipkd.search import milvus
+
+    _, root = pair
+    SearchIndex(root)  # this process holds the Lite file
+    query = ["-m", "clipkd.cli", "search", "--index", str(root), "--image", str(next((tiny_world / "test").rglob(
+        "*.png"))), "--k", "2"]
+    r = subprocess.run([sys.executable, *query], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "open in another process" in r.stderr and len(r.stderr.strip().splitlines()) == 1, \
+        r.stderr
+    milvus.release()
+    r = subprocess.run([sys.executable, *query], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.count("\n") >= 2, r.stderr  # the index moved on with its own Lite file

@@ -58,11 +58,15 @@ def connect(uri: str) -> Any:
         raise ClipkdError("the Milvus backend needs pymilvus (and milvus-lite for a file URI): "
                           "pip install 'clipkd[search]'") from None
     if not is_remote(uri):
-        if uri.endswith(("/", ".")) or Path(uri).is_dir():
+        if uri.endswith(("/", ".")) or (Path(uri).is_dir() and not any(Path(uri).iterdir())):
             raise ClipkdError(f"`uri`={uri}: give a Milvus Lite file (e.g. index.db) or a server URL "
                               "(http://host:19530)")
         if not Path(uri).parent.is_dir():
             raise ClipkdError(f"`uri`={uri}: the folder {Path(uri).parent} does not exist")
+    quiet = [logging.getLogger(n) for n in ("milvus_lite", "pymilvus")]  # the one line below says it
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
     try:
         client = MilvusClient(uri=uri, timeout=10) if is_remote(uri) else MilvusClient(uri)
         client.list_collections()
@@ -74,8 +78,29 @@ def connect(uri: str) -> Any:
         raise ClipkdError(f"cannot open Milvus Lite file {uri} ({first_line(e, 120)}): is it open in another "
                           "process (a running serve)? Change a served Lite index through the server (POST "
                           "/index/add, /index/remove), or use a Milvus server (`uri`=http://host:19530)") from None
+    finally:
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
     _CLIENTS[uri] = client
     return client
+
+
+def release() -> None:
+    """Close the clients this process opened and stop its Milvus Lite servers, so that another process may open
+    their files (a server shutting down, or a test handing an index to a subprocess)."""
+    for uri in list(_CLIENTS):
+        client = _CLIENTS.pop(uri)
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001, S110 - closing what is already gone
+            pass
+        if not is_remote(uri):
+            try:
+                from milvus_lite.server_manager import server_manager_instance
+
+                server_manager_instance.release_server(uri)
+            except Exception:  # noqa: BLE001, S110 - an older milvus-lite without one
+                pass
 
 
 def check_collection(client: Any, name: str, identity: str, dim: int, uri: str) -> bool:
@@ -87,6 +112,7 @@ def check_collection(client: Any, name: str, identity: str, dim: int, uri: str) 
     if have != identity or str(have_dim) != str(dim):
         raise ClipkdError(f"Milvus collection {name!r} at {uri} holds {have_dim}-d rows of '{have}', not {dim}-d "
                           f"rows of '{identity}': choose another `collection`")
+    client.load_collection(name)  # searchable (a collection opened by a new process starts released)
     return True
 
 
