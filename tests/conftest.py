@@ -19,8 +19,6 @@ import clipkd.models  # noqa: E402, F401
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
-    torch.set_num_threads(1)
 
 
 class NetworkBlocked(RuntimeError):
