@@ -410,6 +410,8 @@ def plot(rows: list[dict], out: Path) -> Path:
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=engine)
         ax.set_xscale("log")
+        if field != "recall@10":
+            ax.set_yscale("log")
         ax.set_xlabel("rows")
         ax.set_title(title)
         ax.grid(alpha=0.3)
