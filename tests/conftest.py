@@ -167,3 +167,12 @@ def serve_on_loopback(app):
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def teacher_spec(tmp_path_factory):
+    """A saved random-weight open_clip clipkd-micro, loaded the way a user names a local teacher (the search tests')."""
+    from clipkd.teachers import load_clip
+
+    torch.manual_seed(0)
+    return load_clip("open_clip:clipkd-micro").save(tmp_path_factory.mktemp("teacher"))

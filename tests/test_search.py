@@ -22,14 +22,6 @@ from clipkd.store import EmbeddingStore, embed_paths
 
 
 @pytest.fixture(scope="module")
-def teacher_spec(tmp_path_factory):
-    from clipkd.teachers import load_clip
-
-    torch.manual_seed(0)
-    return load_clip("open_clip:clipkd-micro").save(tmp_path_factory.mktemp("teacher"))
-
-
-@pytest.fixture(scope="module")
 def index(tiny_world, teacher_spec, tmp_path_factory):
     out = tmp_path_factory.mktemp("index") / "ix"
     return build_index(teacher_spec, tiny_world / "test", out, device="cpu", workers=0, progress=False)

@@ -16,14 +16,6 @@ from clipkd.search.index import MilvusIndex, SearchIndex, build_index  # noqa: E
 
 
 @pytest.fixture(scope="module")
-def teacher_spec(tmp_path_factory):
-    from clipkd.teachers import load_clip
-
-    torch.manual_seed(0)
-    return load_clip("open_clip:clipkd-micro").save(tmp_path_factory.mktemp("teacher"))
-
-
-@pytest.fixture(scope="module")
 def pair(tiny_world, teacher_spec, tmp_path_factory):
     """The same images indexed by FAISS (exact) and in a Milvus Lite collection."""
     root = tmp_path_factory.mktemp("milvus")

@@ -5,21 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from clipkd.cli import main
 from clipkd.errors import ClipkdError
 from clipkd.search import index as ix_mod
 from clipkd.search.index import SearchIndex, append_store, index_store, parse_memory, plan_index
 from clipkd.store import EmbeddingStore, ShardWriter, new_manifest
-
-
-@pytest.fixture(scope="module")
-def teacher_spec(tmp_path_factory):
-    from clipkd.teachers import load_clip
-
-    torch.manual_seed(0)
-    return load_clip("open_clip:clipkd-micro").save(tmp_path_factory.mktemp("teacher"))
 
 
 def _write_rows(out, enc, start: int, n: int, shard: int = 500, seed: int = 0) -> np.ndarray:

@@ -148,7 +148,10 @@ def insert_rows(client: Any, name: str, store: EmbeddingStore, rows: np.ndarray,
     per = max(1, BATCH_BYTES // (store.embed_dim * 4 + 256))
     label = columns.get("label")
     others = {c: v for c, v in columns.items() if c != "label"}
-    for start in range(0, len(rows), per):
+    from tqdm import tqdm
+
+    for start in tqdm(range(0, len(rows), per), desc=f"writing to Milvus {name}", unit="batch",
+                      disable=len(rows) < 4 * per):
         part = rows[start:start + per]
         vectors = store.gather(part).astype(np.float32)
         batch = []
