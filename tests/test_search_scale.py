@@ -57,7 +57,8 @@ def test_an_ivfpq_build_streams_the_store_and_serves_rows_without_holding_them(t
         m.setattr(ix_mod, "_read_labels", lambda p: (_ for _ in ()).throw(AssertionError("labels.tsv read")))
         ix = SearchIndex(out)
     info = ix.info
-    assert info["kind"] == "ivfpq" and info["params"]["rerank"] == ix_mod.RERANK and info["max_memory"] == 64 << 20
+    assert info["kind"] == "ivfpq" and info["max_memory"] == 64 << 20
+    assert ix_mod.RERANK <= info["params"]["rerank"] <= ix_mod.RERANK_MAX
     assert info["recall@10"] >= 0.9 and info["index_bytes"] <= 64 << 20, info
     assert (ix.root / "gen" / str(info["generation"]) / "columns.json").is_file()
     # served search re-ranks exactly: each stored row finds itself first, and recall against brute force holds

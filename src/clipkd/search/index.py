@@ -807,7 +807,8 @@ def check_model(index: SearchIndex, encoder: Encoder) -> None:
 
 
 HNSW_M = 32
-RERANK = 8  # an IVF-PQ search re-ranks RERANK x k candidates exactly from the store
+RERANK = 8  # an IVF-PQ search re-ranks at least RERANK x k candidates exactly from the store
+RERANK_MAX = 128  # ... and up to this many x k where the PQ codes alone rank too coarsely (measured at build)
 TARGET_RECALL = 0.95  # an IVF index's nprobe is the smallest reaching this recall@10 at build (measured)
 TRAIN_MAX = 200_000  # rows an IVF quantizer trains on (a sample: the build's memory is not the rows')
 CHUNK = 65_536  # rows read and added at a time
@@ -1024,12 +1025,24 @@ def tune(index: Any, params: dict[str, Any], store: EmbeddingStore, rows: np.nda
     if "nprobe" not in params:
         return _overlap(want, rerank_search(index, q, k, store, rows, rerank)[1]), len(q)
     nlist = params["nlist"]
-    for nprobe in sorted({min(nlist, p) for p in (8, 16, 32, 64, 128, 256, 512)}):
-        _set_nprobe(index, nprobe)
-        recall = _overlap(want, rerank_search(index, q, k, store, rows, rerank)[1])
-        params["nprobe"] = nprobe
-        if recall >= TARGET_RECALL:
-            break
+    probes = sorted({min(nlist, p) for p in (8, 16, 32, 64, 128, 256, 512)})
+    # IVF-PQ: more lists stop paying once the true neighbours are among the probed rows but ranked below the re-rank
+    # cut by their coarse codes; then re-rank more candidates (cheap reads from the store) before probing further
+    factors = [f for f in (RERANK, 16, 32, 64, RERANK_MAX) if f >= rerank] if "rerank" in params else [1]
+    recall = 0.0
+    for factor in factors:
+        last = -1.0
+        for nprobe in probes:
+            _set_nprobe(index, nprobe)
+            recall = _overlap(want, rerank_search(index, q, k, store, rows, factor)[1])
+            params["nprobe"] = nprobe
+            if "rerank" in params:
+                params["rerank"] = factor
+            if recall >= TARGET_RECALL:
+                return recall, len(q)
+            if recall - last < 0.01 and factor < factors[-1]:
+                break  # probing more lists no longer pays at this re-rank depth
+            last = recall
     return recall, len(q)
 
 
