@@ -765,8 +765,11 @@ def _args_export(sub: Any) -> None:
     p = sub.add_parser("export", help="a model as a self-describing ONNX file (fp32 or INT8) or TensorRT engine")
     p.add_argument("--model", required=True, help="student run folder / student.pt, clip-train run, or teacher spec "
                    "(its image tower)")
-    p.add_argument("--format", help=f"onnx or tensorrt (needs a CUDA GPU and tensorrt); {d('format')}")
-    p.add_argument("--out", required=True, help="output file (.onnx; .engine for tensorrt)")
+    p.add_argument("--format", help=f"onnx, tensorrt (needs a CUDA GPU and tensorrt), or a folder that loads without "
+                   f"clipkd: timm (a student: timm.create_model('local-dir:DIR', pretrained=True)) or open_clip (a "
+                   f"clip-train run: open_clip.create_model_and_transforms('local-dir:DIR')); {d('format')}")
+    p.add_argument("--out", required=True, help="output file (.onnx; .engine for tensorrt), a folder for timm and "
+                   "open_clip")
     p.add_argument("--images", help="sample images for the parity check against PyTorch (default: the student run's "
                    "training images)")
     p.add_argument("--samples", type=_count, help=f"parity samples ({d('samples')})")
@@ -776,6 +779,13 @@ def _args_export(sub: Any) -> None:
     p.add_argument("--tower", choices=["image", "text"],
                    help=f"{d('tower')}; text: a CLIP's text tower (open_clip models; embed-text and --text-model "
                    "take the file)")
+    p.add_argument("--text", help="timm/open_clip folders: the zero-shot head (class text embeddings from embed-text "
+                   "with the teacher), written as classifier.safetensors + classifier.json")
+    p.add_argument("--results", help="timm/open_clip folders: a `clipkd eval --out` JSON whose S/U/H the model card "
+                   "quotes")
+    p.add_argument("--license", help=f"the model card's license (the teacher's terms apply too); {d('license')}")
+    p.add_argument("--push-to-hub", metavar="OWNER/NAME", help="upload the folder to this Hugging Face Hub model "
+                   "repository (needs HF_TOKEN and the network)")
 
 
 @command("export", _args_export)
@@ -784,6 +794,11 @@ def _export(a: argparse.Namespace) -> None:
 
     r = export_model(**_kwargs(export_model, a))
     texts = getattr(a, "tower", "image") == "text"
+    if r.format in ("timm", "open_clip"):
+        print(f"{r.path}/ ({r.format} folder, {r.size_bytes / 1e6:.1f} MB): reloaded by {r.format} alone, cosine to "
+              f"clipkd on {r.samples} sample images min {r.min_cosine:.6f}"
+              + (f"; pushed: {r.extra['hub']}" if r.extra.get("hub") else ""))
+        return
     print(f"{r.path} ({r.format}, {r.metadata.get('precision', '')}, {r.size_bytes / 1e6:.1f} MB): cosine to "
           f"PyTorch on {r.samples} sample {'texts' if texts else 'images'} min {r.min_cosine:.6f}, "
           f"mean {r.mean_cosine:.6f}")

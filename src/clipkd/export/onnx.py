@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 OPSET = 18
 PARITY_MIN = 0.9999
 MIN_CALIBRATION = 16
-FORMATS = ("onnx", "tensorrt")
+FORMATS = ("onnx", "tensorrt", "timm", "open_clip")  # the last two: folders (:mod:`.folder`)
 
 
 @dataclass
@@ -238,7 +238,9 @@ def _parity(path: Path, reference: torch.Tensor, x: torch.Tensor) -> tuple[float
 
 def export_model(model: str | Path, out: str | Path, format: str = "onnx", images: str | Path | None = None,
                  samples: int = 16, int8: bool = False, calib: str | Path | None = None, calib_count: int = 128,
-                 fp16: bool = True, tower: str = "image") -> ExportResult:
+                 fp16: bool = True, tower: str = "image", text: str | Path | None = None,
+                 results: str | Path | None = None, license: str = "other",
+                 push_to_hub: str | None = None) -> ExportResult:
     """Export ``model`` (a distilled or supervised student, a clip-train run, a teacher spec) to ``out``.
 
     ``tower="text"``: a CLIP's text tower instead (open_clip models; parity on :data:`SAMPLE_TEXTS`), fp32 ONNX.
@@ -247,10 +249,22 @@ def export_model(model: str | Path, out: str | Path, format: str = "onnx", image
     ``int8``: post-training static quantization with ``calib`` images (at least :data:`MIN_CALIBRATION`).
     ``format="tensorrt"``: an engine (fp16; int8 from the quantized model) — needs a CUDA GPU and ``tensorrt``; the
     ONNX it is built from is kept beside it (same name, ``.onnx``).
+    ``format="timm"`` / ``"open_clip"``: a folder that timm / open_clip load without clipkd
+    (:func:`clipkd.export.folder.export_folder`: ``text``, ``results``, ``license``, ``push_to_hub``).
     """
     out = Path(out)
     if format not in FORMATS:
         raise ClipkdError(f"unknown export format '{format}' ({', '.join(FORMATS)})")
+    if format in ("timm", "open_clip"):
+        if int8 or tower != "image":
+            raise ClipkdError(f"`format`={format} writes the fp32 model (no `int8`, no `tower`=text: the folder holds "
+                              "both towers of a CLIP)")
+        from .folder import export_folder
+
+        return export_folder(model, out, format, images, samples, text, results, license, push_to_hub)
+    given = [n for n, v in (("text", text), ("results", results), ("push_to_hub", push_to_hub)) if v]
+    if given:
+        raise ClipkdError(f"`{given[0]}` goes with a folder export (`format`=timm or open_clip), not {format}")
     if format == "tensorrt":
         from .tensorrt import check_tensorrt
 

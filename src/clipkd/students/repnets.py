@@ -49,9 +49,10 @@ default_cfgs = generate_default_cfgs({name: {"num_classes": 0, "input_size": (3,
 
 
 def _create(name: str, pretrained: bool = False, **kwargs) -> ByobNet:
-    if pretrained:
-        raise ValueError(f"{name} has no pretrained weights (clipkd's micro students train from scratch)")
-    return build_model_with_cfg(ByobNet, name, False, model_cfg=CONFIGS[name],
+    if pretrained and not (kwargs.get("pretrained_cfg") or kwargs.get("pretrained_cfg_overlay")):
+        raise ValueError(f"{name} has no pretrained weights (clipkd's micro students train from scratch; a folder "
+                         "`clipkd export --format timm` wrote loads as local-dir:DIR)")
+    return build_model_with_cfg(ByobNet, name, pretrained, model_cfg=CONFIGS[name],
                                 feature_cfg={"flatten_sequential": True}, **kwargs)
 
 
