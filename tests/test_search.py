@@ -8,6 +8,7 @@ import io
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -342,15 +343,82 @@ def test_concurrent_http_queries_all_succeed(client, tiny_world):
 
 
 def test_select_writes_a_training_list(index, tmp_path):
+    """The CLI with the rules switched off (no background, no margin cut): each image goes to its best class, the
+    best ``per_class`` of them by similarity, as the index's own embeddings and the prompts' embeddings say."""
     from clipkd.data.datasets import read_image_list
+    from clipkd.prompts import embed_prompts
 
     prompts = {"red circle": ["a photo of a red circle."], "blue square": ["a photo of a blue square."]}
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     assert main(["-q", "select", "--index", str(index.root), "--prompts", str(tmp_path / "prompts.json"),
-                 "--per-class", "3", "--duplicate", "1.01", "--out", str(tmp_path / "train.csv"),
-                 "--device", "cpu"]) == 0  # random weights: every image looks alike, so no near-copy check
+                 "--per-class", "3", "--duplicate", "1.01", "--background", "none", "--margin", "0",
+                 "--out", str(tmp_path / "train.csv"), "--device", "cpu"]) == 0
     listed = read_image_list(tmp_path / "train.csv")
-    assert len(listed.paths) == 6 and len(set(listed.paths)) == 6 and set(listed.classnames) == set(prompts)
+    enc = index.encoder or index.load_encoder(device="cpu")
+    sims = np.asarray(index.store.embeddings(), np.float32) @ embed_prompts(enc, prompts).embeddings.T
+    want = {}
+    for c, name in enumerate(prompts):
+        rows = [r for r in np.argsort(-sims[:, c], kind="stable") if sims[r].argmax() == c][:3]
+        want.update({index.images_root / index.paths[r]: name for r in rows})
+    got = {Path(p): listed.classnames[y] for p, y in zip(listed.paths, listed.labels, strict=True)}
+    assert got == want and 0 < len(got) <= 6
+    for bad, msg in ((["--min-per-class", "-1"], "min-per-class"), (["--margin", "3"], "margin"),
+                     (["--background", str(tmp_path / "none.txt")], "background phrases not found")):
+        assert main(["select", "--index", str(index.root), "--prompts", str(tmp_path / "prompts.json"),
+                     "--out", str(tmp_path / "x.csv"), *bad]) == 2, msg
+
+
+def test_selection_rejects_background_ambiguous_and_removed_images_and_caps_each_class():
+    """The rules on embeddings whose truth is known: three classes of 40 images each (one class's images tighter
+    than the others), 120 background images nearer the background prompt than any class, 30 images half-way
+    between two classes (margin ≈ 0), two removed rows: every kept image is of its class, every class keeps most of
+    its images, the quota caps and counts, and a class with no images is reported short."""
+    from types import SimpleNamespace
+
+    from clipkd.search.select import _assign, otsu
+
+    rng = np.random.default_rng(0)
+    d = 32
+    basis = np.linalg.qr(rng.normal(size=(d, d)))[0][:5]  # orthonormal: 4 class texts and the background text
+    text, bank = basis[:4], basis[4:5]
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    rows, truth = [], []
+    for c, spread in ((0, 0.25), (1, 0.35), (2, 0.6)):
+        rows.append(unit(text[c] + spread * rng.normal(size=(40, d)) / np.sqrt(d)))
+        truth += [c] * 40
+    rows.append(unit(bank[0] + 0.3 * text[:3].mean(0) + 0.3 * rng.normal(size=(120, d)) / np.sqrt(d)))
+    truth += [-1] * 120
+    rows.append(unit(text[0] + text[1] + 0.05 * rng.normal(size=(30, d)) / np.sqrt(d)))
+    truth += [-2] * 30
+    emb = np.concatenate(rows)
+    live = np.ones(len(emb), bool)
+    live[[0, 41]] = False  # removed from the index: never chosen
+    index = SimpleNamespace(store=SimpleNamespace(embeddings=lambda: emb), live=live, images_root=Path("/pool"),
+                            paths=[f"{i}.png" for i in range(len(emb))])
+    names = ["a", "b", "c", "empty"]
+    chosen, rejected, reasons, cuts = _assign(index, text, names, bank, 50, -1.0, 0.999)
+    row = {f"/pool/{i}.png": i for i in range(len(emb))}
+    for c, name in enumerate(names[:3]):
+        picked = [row[p] for p, _ in chosen[name]]
+        assert all(truth[r] == c and live[r] for r in picked), name  # precision 1: no background, no ambiguous
+        assert len(picked) >= 30, (name, len(picked))
+        assert [s for _, s in chosen[name]] == sorted((s for _, s in chosen[name]), reverse=True)
+        assert not {p for p, _ in rejected[name]} & {p for p, _ in chosen[name]}
+    assert chosen["empty"] == [] and reasons["background"] >= 100 and reasons["margin"] >= 25
+    assert sum(map(len, chosen.values())) + sum(reasons.values()) == live.sum()  # each row: chosen or one rule
+    capped, _, counted, _ = _assign(index, text, names, bank, 20, -1.0, 0.999)
+    assert [len(capped[n]) for n in names] == [20, 20, 20, 0] and counted["quota"] == reasons["quota"] + sum(
+        len(chosen[n]) - 20 for n in names[:3])
+    no_bank = _assign(index, text, names, None, 50, -1.0, 0.999)[0]
+    assert any(truth[row[p]] == -1 for v in no_bank.values() for p, _ in v)  # the bank is what rejects them
+    no_cut = _assign(index, text, names, bank, 50, -1.0, 0.999, margin=0.0)[0]
+    assert any(truth[row[p]] == -2 for v in no_cut.values() for p, _ in v)  # the margin cut is what rejects them
+    t, share = otsu(np.r_[np.zeros(50), np.ones(50)])
+    assert 0 < t < 1 and share == pytest.approx(1.0)
+    assert otsu(np.ones(5)) == (-np.inf, 0.0)
 
 
 def test_cli_search_writes_a_grid(index, tiny_world, tmp_path, capsys):

@@ -342,8 +342,14 @@ def _args_select(sub: Any) -> None:
     p.add_argument("--per-class", type=_count, help=f"images per class (default {d('per_class')})")
     p.add_argument("--min-similarity", type=float, help="cosine a chosen image must reach (default: none; look at "
                    "`clipkd search --text` scores of your model to pick one)")
+    p.add_argument("--min-per-class", type=int, help="a class that gets fewer is listed with how many it got "
+                   f"(default {d('min_per_class')})")
     p.add_argument("--duplicate", type=float, help="cosine above which an image is a near-copy of one already chosen "
                    f"(default {d('duplicate')})")
+    p.add_argument("--background", help="file of background phrases, one per line, an image must score below its "
+                   "class against ('none': no background rejection; default: clipkd's generic bank)")
+    p.add_argument("--margin", type=float, help="best-minus-second-best class cosine an image must clear (default: a "
+                   "cut per class chosen from the pool's margins)")
     p.add_argument("--text-model", help="for a student index built without one: its teacher")
     p.add_argument("--out", required=True, help="path,label,similarity CSV (distill and embed-images read it)")
     _device_flags(p)
@@ -374,8 +380,14 @@ def _args_source(sub: Any) -> None:
                    "selected.png; re-running resumes the pool's embedding")
     p.add_argument("--per-class", type=_count, help=f"images per class (default {d('per_class')})")
     p.add_argument("--min-similarity", type=float, help="cosine a chosen image must reach (default: none)")
+    p.add_argument("--min-per-class", type=int, help="a class that gets fewer is listed with how many it got "
+                   f"(default {d('min_per_class')})")
     p.add_argument("--duplicate", type=float, help="cosine above which an image is a near-copy of one already chosen "
                    f"(default {d('duplicate')})")
+    p.add_argument("--background", help="file of background phrases, one per line, an image must score below its "
+                   "class against ('none': no background rejection; default: clipkd's generic bank)")
+    p.add_argument("--margin", type=float, help="best-minus-second-best class cosine an image must clear (default: a "
+                   "cut per class chosen from the pool's margins)")
     p.add_argument("--batch-size", type=_count, help=f"images per forward pass (default {d('batch_size')})")
     p.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
     p.add_argument("--device", help="auto (GPU if present), cpu, cuda, cuda:N (default: auto)")
@@ -388,6 +400,9 @@ def _source(a: argparse.Namespace) -> None:
     r = source_pool(**_kwargs(source_pool, a))
     total = sum(len(v) for v in r.selection.chosen.values())
     print(f"{total} images for {len(r.selection.chosen)} classes -> {r.selected} (what each class got: {r.png})")
+    if r.selection.short:
+        print(f"{len(r.selection.short)} class(es) got fewer than --min-per-class: " +
+              ", ".join(f"{c} {n}" for c, n in r.selection.short.items()))
     print(f"train on them: clipkd distill ... --extra-images {r.selected} --extra-store {r.store}")
 
 

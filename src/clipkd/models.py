@@ -117,10 +117,10 @@ class ImageModel:
         return {"teacher": self.identity, "embed_dim": self.embed_dim, "preprocess": self.preprocess_cfg.to_dict()}
 
 
-def _student_model(model: str | Path, dev: torch.device) -> ImageModel:
+def _student_model(model: str | Path, dev: torch.device, fold: bool = True) -> ImageModel:
     from .students.model import load_student, student_transform
 
-    student = load_student(model).to(dev)
+    student = load_student(model, reparameterize=fold).to(dev)
     cfg = student.cfg
     pt = Path(model) / "student.pt" if Path(model).is_dir() else Path(model)
     return ImageModel(student_identity(cfg.arch, pt), cfg.out_dim, student_transform(cfg),
@@ -129,15 +129,17 @@ def _student_model(model: str | Path, dev: torch.device) -> ImageModel:
                       classnames=list(cfg.classnames))
 
 
-def load_image_model(model: str | Path, device: str | None = "auto", precision: str = "auto") -> ImageModel:
+def load_image_model(model: str | Path, device: str | None = "auto", precision: str = "auto",
+                     fold: bool = True) -> ImageModel:
     """An :class:`ImageModel` for a teacher spec, a ``clip-train`` run folder, a distilled student (run folder or
-    ``student.pt``) or an exported image tower (``.onnx``). A CLIP brings its own text tower (``.text``)."""
+    ``student.pt``) or an exported image tower (``.onnx``). A CLIP brings its own text tower (``.text``).
+    ``fold=False`` keeps a reparameterizable student's training-time branches (the layout its timm name builds)."""
     from .fileio import ref
 
     model = ref(model)
     dev = resolve_device(device)
     if is_student(model):
-        return _student_model(model, dev)
+        return _student_model(model, dev, fold)
     spec = resolve_model(model)
     clip = load_teacher(spec, device=str(dev), precision=precision)
     return ImageModel(clip.identity, clip.embed_dim, clip.preprocess, clip.preprocess_cfg, clip.encode_image, dev,

@@ -138,23 +138,40 @@ def plot_search_grid(query: Any, query_title: str, hits: Sequence[dict], open_im
 
 
 def plot_selection(chosen: Mapping[str, Sequence[tuple[str, float]]], open_image: Callable[[str], Any],
-                   path: str | Path, shown: int = 8, correct: Callable[[str, str], bool | None] | None = None) -> Path:
-    """What a teacher selected from a pool for each class prompt: one row per class, its ``shown`` best images with
-    their similarity. ``correct(path, class)``: where the truth is known (a benchmark pool), a green or red frame."""
+                   path: str | Path, shown: int = 8, correct: Callable[[str, str], bool | None] | None = None,
+                   rejected: Mapping[str, Sequence[tuple[str, float]]] | None = None) -> Path:
+    """A contact sheet of what a teacher selected from a pool for each class prompt: one row per class. Without
+    ``rejected``: its ``shown`` best images. With ``rejected`` (the best-scoring images the selection turned down
+    for the class): its best kept, its worst kept and its best rejected, a third of ``shown`` each, so a user sees
+    where the cut fell. Each cell: the similarity to the class's text. ``correct(path, class)``: where the truth is
+    known (a benchmark pool), a green or red frame."""
     classes = list(chosen)
     rows = max(1, len(classes))
-    fig, axes = plt.subplots(rows, shown + 1, figsize=(1.1 * (shown + 1), 1.15 * rows), squeeze=False)
+    third = max(1, shown // 3)
+    cols = shown if rejected is None else 3 * third
+    fig, axes = plt.subplots(rows, cols + 1, figsize=(1.1 * (cols + 1), 1.15 * rows + 0.3), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for r, name in enumerate(classes):
-        axes[r][0].text(1.0, 0.5, f"{name}\n({len(chosen[name])})", ha="right", va="center", fontsize=7)
-        for c, (p, score) in enumerate(chosen[name][:shown], 1):
+        kept = list(chosen[name])
+        axes[r][0].text(1.0, 0.5, f"{name}\n({len(kept)})", ha="right", va="center", fontsize=7)
+        if rejected is None:
+            cells = [(p, s, "") for p, s in kept[:shown]]
+        else:
+            best, worst = kept[:third], kept[third:][-third:]
+            cells = [(p, s, "kept") for p, s in best] + [None] * (third - len(best))
+            cells += [(p, s, "worst kept") for p, s in worst] + [None] * (third - len(worst))
+            cells += [(p, s, "rejected") for p, s in list(rejected.get(name, ()))[:third]]
+        for c, cell in enumerate(cells, 1):
+            if cell is None:
+                continue
+            p, score, what = cell
             ax = axes[r][c]
             try:
                 ax.imshow(open_image(p))
             except Exception:  # noqa: BLE001 - a file gone since indexing: leave its cell blank
                 continue
-            ax.set_title(f"{score:.2f}", fontsize=6)
+            ax.set_title(f"{what} {score:.2f}".strip(), fontsize=5 if what else 6)
             ok = correct(p, name) if correct is not None else None
             if ok is not None:
                 ax.axis("on")
@@ -162,6 +179,9 @@ def plot_selection(chosen: Mapping[str, Sequence[tuple[str, float]]], open_image
                 ax.set_yticks([])
                 for spine in ax.spines.values():
                     spine.set(color="tab:green" if ok else "tab:red", linewidth=2)
-    fig.suptitle("Selected from the pool per class prompt (best first; similarity to the class's text)", fontsize=8)
+    title = "Selected from the pool per class prompt (best first; similarity to the class's text)" if rejected is None \
+        else (f"Per class: the {third} best kept, the {third} worst kept and the {third} best rejected "
+              "(similarity to the class's text)")
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     return _save(fig, path)

@@ -185,13 +185,13 @@ def _timm_folder(model: str | Path, tmp: Path, images: str | Path, files: list[P
     import timm
     from timm.models import save_for_hf
 
-    from ..models import image_cost, is_student
-    from ..students.model import load_student, student_transform
+    from ..models import image_cost, is_student, load_image_model
 
     if not is_student(model) or Path(model).suffix == ".onnx":
         raise ClipkdError(f"`format`=timm exports a clipkd student (run folder or student.pt); {model} is not one "
                           "(a clip-train run goes to `format`=open_clip)")
-    student = load_student(model, reparameterize=False).float().eval()  # the layout timm's architecture builds
+    loaded = load_image_model(model, device="cpu", precision="fp32", fold=False)  # the layout timm's name builds
+    student = loaded.student.float().eval()
     cfg = student.cfg
     net = timm.create_model(cfg.arch, pretrained=False, num_classes=cfg.out_dim).eval()
     classifier = net.get_classifier()
@@ -203,7 +203,7 @@ def _timm_folder(model: str | Path, tmp: Path, images: str | Path, files: list[P
     except RuntimeError as e:
         raise ClipkdError(f"timm's '{cfg.arch}' with {cfg.out_dim} outputs does not hold the student's head where "
                           f"its classifier is ({first_line(e, 160)}); export it as ONNX instead") from None
-    x = _batch(files, student_transform(cfg))
+    x = _batch(files, loaded.preprocess)
     with torch.no_grad():
         want = student(x).float()
     prep = cfg.preprocess

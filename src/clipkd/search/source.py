@@ -6,13 +6,14 @@ images (:func:`~clipkd.search.select.select_images`), and a PNG shows what each 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ClipkdError
 from ..fileio import check_can_create
 from ..prompts import DEFAULT_TEMPLATES
-from .select import DUPLICATE_COSINE, Selection, select_images
+from .select import BACKGROUND, DUPLICATE_COSINE, Selection, check_selection, select_images
 
 
 @dataclass
@@ -33,21 +34,23 @@ class SourcedPool:
 
 def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
                 prompts: str | Path | dict[str, list[str]] | None = None, classes: str | Path | None = None,
-                templates: str = DEFAULT_TEMPLATES, per_class: int = 100, min_similarity: float = -1.0,
-                duplicate: float = DUPLICATE_COSINE, device: str | None = "auto", batch_size: int = 64,
+                templates: str = DEFAULT_TEMPLATES, per_class: int = 100, min_per_class: int = 1,
+                min_similarity: float = -1.0, duplicate: float = DUPLICATE_COSINE,
+                background: Sequence[str] | str | Path | None = BACKGROUND, margin: float | None = None,
+                device: str | None = "auto", batch_size: int = 64,
                 workers: int | None = None, progress: bool = True) -> SourcedPool:
     """Select training images for every class from an unlabelled ``pool`` (a folder, an image list, shards) with
     the ``teacher``'s judgement: ``out/index`` (the pool embedded once; re-running resumes), ``out/selected.csv``
     (at most ``per_class`` images per class, each image for one class, near-copies dropped) and
-    ``out/selected.png``. Class prompts: ``prompts`` (``clipkd prompts``), or ``classes`` (a folder or a class-name
+    ``out/selected.png`` (the contact sheet: per class its best and worst kept images and the best it turned
+    down). Class prompts: ``prompts`` (``clipkd prompts``), or ``classes`` (a folder or a class-name
     file) with ``templates``."""
     from ..prompts import build_prompts, load_classnames, load_templates, read_prompts
     from .index import build_index
 
     if (prompts is None) == (classes is None):
         raise ClipkdError("give exactly one of `prompts` or `classes`")
-    if per_class < 1:
-        raise ClipkdError(f"`per_class` must be ≥ 1, got {per_class}")
+    background = check_selection(per_class, min_per_class, margin, background)
     out = check_can_create(out, "source folder")
     if prompts is None:
         prompts = build_prompts(load_classnames(classes), load_templates(templates))
@@ -56,9 +59,11 @@ def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
     index = build_index(teacher, pool, out / "index", device=device, batch_size=batch_size, workers=workers,
                         progress=progress)
     selection = select_images(index, prompts, out / "selected.csv", per_class=per_class,  # the teacher loaded once
-                              min_similarity=min_similarity, duplicate=duplicate, device=device)
+                              min_per_class=min_per_class, min_similarity=min_similarity, duplicate=duplicate,
+                              background=background, margin=margin, device=device)
     from ..evaluation.plots import plot_selection
 
     rows = {str(index.images_root / p): i for i, p in enumerate(index.paths)}
-    png = plot_selection(selection.chosen, lambda p: index.open_image(rows[p]), out / "selected.png")
+    png = plot_selection(selection.chosen, lambda p: index.open_image(rows[p]), out / "selected.png", shown=9,
+                         rejected=selection.rejected)  # the contact sheet: best and worst kept, best rejected
     return SourcedPool(index.root, index.root / "store", selection.out, png, selection)
