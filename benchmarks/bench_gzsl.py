@@ -361,7 +361,7 @@ def plot_selected(p: dict, path: Path) -> Path:
 
     src, (_, truth) = sourced(p), uncurated_pool(p)
     ix = SearchIndex(src.index)
-    rows = {q: i for i, q in enumerate(ix.paths)}
+    rows = {str(ix.images_root / q): i for i, q in enumerate(ix.paths)}  # the selection names images as source does
     return plot_selection(src.selection.chosen, lambda q: ix.open_image(rows[q]), path, shown=9,
                           rejected=src.selection.rejected, correct=lambda q, c: truth.get(q) == c)
 
