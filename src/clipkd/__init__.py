@@ -34,6 +34,7 @@ _API: dict[str, str] = {
     # data
     "PreprocessConfig": ".data.preprocess", "LabelledImages": ".data.folders", "load_labelled": ".data.datasets",
     "Split": ".data.splits", "load_split": ".data.splits", "WorldConfig": ".data.synth", "synthesize": ".data.synth",
+    "make_pool": ".data.procedural",
     "encode_dataset": ".data.encode", "iter_encoded": ".data.encode", "ImageSource": ".data.sources",
     "open_source": ".data.sources", "read_image_list": ".data.datasets", "write_image_list": ".data.datasets",
     "write_xlsa17": ".data.datasets", "write_coop_split": ".data.datasets", "DigitsConfig": ".data.digits",

@@ -20,7 +20,8 @@ ARGUMENTS: dict[str, Callable[[Any], None]] = {}
 # the order of ``clipkd --help``: the pipeline's
 COMMAND_ORDER = ("synth", "clip-train", "eval-retrieval", "prompts", "embed-text", "embed-images", "download",
                  "distill", "train-supervised", "eval", "predict", "dataset", "store-import", "store-export",
-                 "import-text", "index", "search", "serve", "convert-weights", "export", "select", "source", "demo")
+                 "import-text", "index", "search", "serve", "convert-weights", "export", "select", "source",
+                 "procedural-pool", "demo")
 
 
 def command(name: str, arguments: Callable[[Any], None]) -> Callable:
@@ -430,6 +431,30 @@ def _synth(a: argparse.Namespace) -> None:
     from .data.synth import WorldConfig, synthesize
 
     print(f"demo world in {synthesize(**_kwargs(synthesize, a, cfg=WorldConfig(**_kwargs(WorldConfig, a))))}")
+
+
+def _args_procedural_pool(sub: Any) -> None:
+    from .data.procedural import KINDS, make_pool
+
+    d = lambda name: _default(make_pool, name)  # noqa: E731
+    p = sub.add_parser("procedural-pool", help="a pool made from nothing for GZSL without unlabelled images: random "
+                       "strokes, dead leaves, mosaics of the seen images (for distill --extra-images)")
+    p.add_argument("--out", required=True, help="folder to write (re-running resumes)")
+    p.add_argument("--images", type=_count, required=True, help="how many (e.g. as many as the training images)")
+    p.add_argument("--size", type=_count, required=True, help="pixels (the teacher's input side)")
+    p.add_argument("--seed", type=int, help=f"default {d('seed')}")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, help=f"default: {' '.join(KINDS)} (mosaic only with "
+                   "--mix-from)")
+    p.add_argument("--mix-from", help="the labelled training images the mosaics crop")
+    p.add_argument("--split", help="split.json: mosaics crop only the seen classes' images")
+
+
+@command("procedural-pool", _args_procedural_pool)
+def _procedural_pool(a: argparse.Namespace) -> None:
+    from .data.procedural import make_pool
+
+    out = make_pool(**_kwargs(make_pool, a))
+    print(f"{a.images} images in {out}; train on them: clipkd distill ... --teacher T --extra-images {out}")
 
 
 def _args_clip_train(sub: Any) -> None:
