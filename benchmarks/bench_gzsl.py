@@ -136,6 +136,8 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
 # features have the most to offer; each of its runs costs several of the others)
 ONLY_ON = {m: ("digits-colour",) for m in ("cutmix_fm_lite0", "cutmix_fm_lite0_imagenet", "cutmix_fm_lite0_hue",
                                              "cutmix_fm_lite0_imagenet_hue")}
+# the longest schedules where the method alone is furthest from its teacher (digits-colour reaches 100 % at 3x)
+ONLY_ON |= {m: ("digits",) for m in ("cutmix_fm_long5", "cutmix_fm_proc1_long")}
 
 # world -> (teacher epochs, teacher batch, student epochs)
 WORLDS = {"digits": (40, 64, 10), "digits-colour": (40, 64, 10), "demo": (4, 128, 3)}
