@@ -524,6 +524,8 @@ def main() -> None:
     ap.add_argument("--demo-run", type=Path, help="reuse this clipkd demo folder for the demo world (../runs/demo)")
     ap.add_argument("--pool-distractors", type=int, default=POOL_DISTRACTORS,
                     help="distractors per real image in the uncurated pools of the step-1 rows (default 2)")
+    ap.add_argument("--selection-only", action="store_true",
+                    help="step 1's selection (precision and recall per class, contact sheet) without students")
     ap.add_argument("--out", default="results/gzsl.md")
     a = ap.parse_args()
     globals()["POOL_DISTRACTORS"] = a.pool_distractors  # read by uncurated_pool and the table's note
@@ -537,7 +539,8 @@ def main() -> None:
         rows.append({"world": world, "model": "teacher", **{k: f"{v:.3f}" for k, v in teacher.items()},
                      "share of teacher H": "100 %"})
         all_seeds = a.demo_seeds if world == "demo" and a.demo_seeds else a.seeds
-        for method in (a.demo_methods if world == "demo" and a.demo_methods else a.methods):
+        for method in ([] if a.selection_only else a.demo_methods if world == "demo" and a.demo_methods
+                       else a.methods):
             if world not in ONLY_ON.get(method, (world,)):
                 continue
             seeds = all_seeds if method in a.all_seeds_for else all_seeds[:1]
@@ -557,7 +560,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
         ran = [m for m in raw[world] if m != "teacher"]
-        if any(METHODS[m][1].get("extra_images") in ("select", "random", "truth") for m in ran):
+        if a.selection_only or any(METHODS[m][1].get("extra_images") in ("select", "random", "truth") for m in ran):
             sel = selection_precision(p)
             raw.setdefault("selection", {})[world] = sel
             plot_selected(p, Path(a.out).with_name(f"{Path(a.out).stem}-selected-{world}.png"))
