@@ -252,6 +252,10 @@ def uncurated_pool(p: dict) -> tuple[Path, dict[str, str]]:
     from clipkd.data.datasets import load_labelled
 
     tag = "" if POOL_DISTRACTORS == 2 else f"-x{POOL_DISTRACTORS}"
+    # the demo world's classes are coloured shapes: another shape world's images would be of its classes, so its
+    # "other world" distractors are ink digits (the digits-colour scans, each in four rotations)
+    demo = p["base"].name == "demo"
+    tag += "-digits" if demo else ""
     folder, truth_file = p["base"] / f"uncurated{tag}", p["base"] / f"uncurated{tag}-truth.json"
     if truth_file.is_file():
         return folder, json.loads(truth_file.read_text())
@@ -267,14 +271,21 @@ def uncurated_pool(p: dict) -> tuple[Path, dict[str, str]]:
             truth[str(dst.resolve())] = name
     n = POOL_DISTRACTORS * len(truth)
     side = Image.open(next(iter(truth))).size[0]
-    shapes = clipkd.synthesize(p["base"] / "distractor-shapes", clipkd.WorldConfig(
-        seed=1, n_shapes=6, n_colours=6, unseen_per_shape=1, train_per_class=max(1, n // 3 // 36 + 1),
-        val_per_class=1, test_per_class=1, image_size=side))
-    shape_files = sorted((shapes / "train").rglob("*.png"))[: n // 3]
+    if demo:
+        digits = make_digits_world(p["base"] / "distractor-digits", DigitsConfig(kind="digits-colour", image_size=side))
+        scans = sorted(digits.rglob("*.png"))
+        shape_files = [(f, k) for k in range(4) for f in scans][: n // 3]
+    else:
+        shapes = clipkd.synthesize(p["base"] / "distractor-shapes", clipkd.WorldConfig(
+            seed=1, n_shapes=6, n_colours=6, unseen_per_shape=1, train_per_class=max(1, n // 3 // 36 + 1),
+            val_per_class=1, test_per_class=1, image_size=side))
+        shape_files = [(f, 0) for f in sorted((shapes / "train").rglob("*.png"))[: n // 3]]
     for j in range(n):
         dst = folder / f"other{j:05d}.png"
         if j % 3 == 0 and j // 3 < len(shape_files):
-            shutil.copy(shape_files[j // 3], dst)
+            src, quarter = shape_files[j // 3]
+            with Image.open(src) as im:
+                im.convert("RGB").resize((side, side)).rotate(90 * quarter).save(dst)
         elif j % 3 == 1:
             Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(dst)
         else:
@@ -600,7 +611,8 @@ def main() -> None:
         body += ("\n### Step 1: the teacher's selection from an uncurated pool\n\n"
                  + table(pool_rows, list(pool_rows[0])) + "\n\nPool: every unseen class's training images and a "
                  f"{POOL_SEEN_SHARE:.0%} share of the seen ones (never a test image), unlabelled, with "
-                 f"{POOL_DISTRACTORS}× as many distractors (another world's coloured shapes, noise, ink blobs); "
+                 f"{POOL_DISTRACTORS}× as many distractors (another world's coloured shapes, for the demo world ink "
+                 "digits; noise; ink blobs); "
                  "`clipkd source` with every class's prompts (seen and unseen) and its defaults (background bank, "
                  "margin cut per class), up to the median training-image count per class; precision: the share of "
                  "a class's selected images that are of that class; recall: its images selected over what it could "
