@@ -308,20 +308,32 @@ def _unseen(p: dict) -> set[str]:
 
 def sourced(p: dict):
     """``clipkd source`` over the uncurated pool: the teacher embeds it once and every class prompt (seen and unseen)
-    selects up to a class's training-image count (the median over classes), with ``source``'s defaults."""
+    selects up to a class's training-image count (the median over classes), with ``source``'s defaults and, as a
+    GZSL user has them, the seen classes' training images as examples."""
     from clipkd.data.datasets import load_labelled
 
     if "sourced" not in p:
         data = load_labelled(p["world"] / "train")
         p["per_class"] = int(statistics.median([data.labels.count(c) for c in range(len(data.classnames))]))
         pool, _ = uncurated_pool(p)
-        prompts = clipkd.build_prompts(data.classnames, p["templates"])
+        p["prompts"] = clipkd.build_prompts(data.classnames, p["templates"])
         out = p["base"] / f"source{pool.name[len('uncurated'):]}"
         for stale in ("selected.csv", "selected.png", "random.csv", "truth.csv"):  # select again (index reused)
             (out / stale).unlink(missing_ok=True)
-        p["sourced"] = clipkd.source_pool(p["spec"], pool, out, prompts=prompts, per_class=p["per_class"],
+        w = p["world"]
+        p["sourced"] = clipkd.source_pool(p["spec"], pool, out, prompts=p["prompts"], per_class=p["per_class"],
+                                          examples=w / "train", examples_store=p["store"], split=w / "split.json",
                                           progress=False)
     return p["sourced"]
+
+
+def selection(p: dict, examples: bool = True):
+    """The selection ``sourced`` made (``examples``), or the prompts' alone from the same index."""
+    src = sourced(p)
+    if examples:
+        return src.selection
+    return clipkd.select_images(src.index, p["prompts"], src.index.parent / "selected-prompts-only.csv",
+                                per_class=p["per_class"])
 
 
 # procedural pool kind -> (images per seen training image, kinds)
@@ -368,19 +380,19 @@ def extra_pool(p: dict, kind: str) -> tuple[Path, Path]:
     return out, src.store
 
 
-def selection_precision(p: dict) -> dict:
+def selection_precision(p: dict, examples: bool = True) -> dict:
     """How right the teacher's selection is, per class: precision (the share of its selected images that are of
     it) and recall (its images selected, over what it could get: its images in the pool, capped by the quota);
     their means over the unseen and the seen classes, the worst class's precision, and the share of distractors
     among everything selected."""
-    src, (_, truth), unseen = sourced(p), uncurated_pool(p), _unseen(p)
+    sel, (_, truth), unseen = selection(p, examples), uncurated_pool(p), _unseen(p)
     per = {}
-    for c, items in src.selection.chosen.items():
+    for c, items in sel.chosen.items():
         right = sum(truth.get(path) == c for path, _ in items)
         avail = min(p["per_class"], sum(t == c for t in truth.values()))
         per[c] = {"precision": right / len(items) if items else 0.0, "recall": right / max(1, avail),
                   "selected": len(items), "in_pool": sum(t == c for t in truth.values())}
-    picked = [truth.get(path) for items in src.selection.chosen.values() for path, _ in items]
+    picked = [truth.get(path) for items in sel.chosen.values() for path, _ in items]
 
     def mean(key: str, group: bool) -> float:
         return statistics.mean(v[key] for c, v in per.items() if (c in unseen) == group)
@@ -390,7 +402,17 @@ def selection_precision(p: dict) -> dict:
             "min_precision": min(v["precision"] for v in per.values()),
             "distractors": picked.count("distractor") / max(1, len(picked)), "selected": len(picked),
             "pool": len(truth), "pool_distractors": sum(v == "distractor" for v in truth.values()),
-            "per_class": per, "quota": p["per_class"], "reasons": src.selection.reasons}
+            "per_class": per, "quota": p["per_class"], "reasons": sel.reasons}
+
+
+def selection_row(world: str, sel: dict, examples: bool) -> dict:
+    """One row of the step-1 table."""
+    return {"world": world, "selection": "prompts + seen examples" if examples else "prompts only",
+            "pool images": sel["pool"], "of them distractors": sel["pool_distractors"],
+            "selected": sel["selected"], "precision, unseen classes": f"{sel['unseen']:.3f}",
+            "precision, seen classes": f"{sel['seen']:.3f}", "worst class's precision": f"{sel['min_precision']:.3f}",
+            "recall, unseen": f"{sel['recall_unseen']:.3f}", "recall, seen": f"{sel['recall_seen']:.3f}",
+            "distractors selected": f"{100 * sel['distractors']:.1f} %"}
 
 
 def plot_selected(p: dict, path: Path) -> Path:
@@ -572,16 +594,11 @@ def main() -> None:
             print(row, flush=True)
         ran = [m for m in raw[world] if m != "teacher"]
         if a.selection_only or any(METHODS[m][1].get("extra_images") in ("select", "random", "truth") for m in ran):
-            sel = selection_precision(p)
-            raw.setdefault("selection", {})[world] = sel
+            for examples in (False, True):
+                sel = selection_precision(p, examples)
+                raw.setdefault("selection" if examples else "selection_text_only", {})[world] = sel
+                pool_rows.append(selection_row(world, sel, examples))
             plot_selected(p, Path(a.out).with_name(f"{Path(a.out).stem}-selected-{world}.png"))
-            pool_rows.append({
-                "world": world, "pool images": sel["pool"], "of them distractors": sel["pool_distractors"],
-                "selected": sel["selected"], "precision, unseen classes": f"{sel['unseen']:.3f}",
-                "precision, seen classes": f"{sel['seen']:.3f}",
-                "worst class's precision": f"{sel['min_precision']:.3f}",
-                "recall, unseen": f"{sel['recall_unseen']:.3f}", "recall, seen": f"{sel['recall_seen']:.3f}",
-                "distractors selected": f"{100 * sel['distractors']:.1f} %"})
         h = {m: statistics.mean(r["H"] for r in raw[world][m]) for m in ran}
         for none, selected, rand, same, oracle in (
                 ("embed", "embed_select", "embed_random", "embed_truth", "embed_pool"),
@@ -599,7 +616,7 @@ def main() -> None:
     body = table(rows, ["world", "model", "S", "U", "H", "H_cal", "AUSUC", "share of teacher H", "compute vs embed",
                         "epochs", "train s"])
     demo = f" (demo world: seeds {a.demo_seeds})" if a.demo_seeds else ""
-    multi = sorted({m for w, res in raw.items() if w != "selection" for m, runs in res.items()
+    multi = sorted({m for w, res in raw.items() if not w.startswith("selection") for m, runs in res.items()
                     if m != "teacher" and len(runs) > 1})
     body += (f"\n\nSeeds {a.seeds}{demo} (mean ± standard deviation) for " + (", ".join(multi) or "no method")
              + f"; seed {a.seeds[0]} for the others. ") + "Students: resnet10t, batch 64, lr 2e-3, seen classes " \
@@ -632,7 +649,7 @@ def plot(raw: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    worlds = [w for w in raw if w != "selection"]
+    worlds = [w for w in raw if not w.startswith("selection")]
     fig, axes = plt.subplots(1, len(worlds), figsize=(5 * len(worlds), 4), squeeze=False)
     for ax, world in zip(axes[0], worlds, strict=True):
         names = list(raw[world])
@@ -663,7 +680,7 @@ def plot_patience(raw: dict, path: Path) -> None:
 
     series = {}
     for world, res in raw.items():
-        if world == "selection":
+        if world.startswith("selection"):
             continue
         for method, runs in res.items():
             if method != "teacher" and all("epochs" in r for r in runs):

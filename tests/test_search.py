@@ -421,6 +421,75 @@ def test_selection_rejects_background_ambiguous_and_removed_images_and_caps_each
     assert otsu(np.ones(5)) == (-np.inf, 0.0)
 
 
+def test_examples_reject_what_the_prompts_cannot_tell_from_the_class():
+    """Images the text scores as the class as surely as its own (same text cosine and margin) but far from its
+    labelled examples in the image space: without examples they fill the class's quota; with them every pick is the
+    class's own, most of its images are kept, and the rule's rejections are counted."""
+    from types import SimpleNamespace
+
+    from clipkd.search.select import EXAMPLE_QUANTILE, _assign
+
+    rng = np.random.default_rng(1)
+    d = 48
+    basis = np.linalg.qr(rng.normal(size=(d, d)))[0][:5]
+    text, own, other = basis[:2], basis[2], basis[3]  # class texts; the class's look; a lookalike's
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    def draw(n, look):
+        return unit(text[0] + 0.8 * look + 0.15 * rng.normal(size=(n, d)) / np.sqrt(d))
+
+    examples, real, lookalike = draw(200, own), draw(30, own), draw(60, other)
+    b = unit(text[1] + 0.15 * rng.normal(size=(40, d)) / np.sqrt(d))
+    emb = np.concatenate([real, lookalike, b])
+    index = SimpleNamespace(store=SimpleNamespace(embeddings=lambda: emb), live=np.ones(len(emb), bool),
+                            images_root=Path("/pool"), paths=[f"{i}.png" for i in range(len(emb))])
+    proto = unit(examples.mean(0))
+    protos = {"a": (proto, float(np.quantile(examples @ proto, EXAMPLE_QUANTILE)))}
+    plain = _assign(index, text, ["a", "b"], None, 80, -1.0, 0.999, margin=0.0)[0]  # the examples rule alone
+    assert sum(int(p[6:-4]) >= 30 for p, _ in plain["a"]) > 30  # the prompts alone take the lookalikes
+    chosen, _, reasons, _ = _assign(index, text, ["a", "b"], None, 80, -1.0, 0.999, margin=0.0, protos=protos)
+    picked = [int(p[6:-4]) for p, _ in chosen["a"]]
+    assert all(r < 30 for r in picked) and len(picked) >= 25, picked
+    assert len(chosen["b"]) == 40 and reasons["examples"] >= 60
+
+
+def test_source_with_examples_checks_them_before_work(teacher_spec, tiny_world, tmp_path, capsys):
+    """`source --examples --examples-store`: the seen classes' training images shape their picks; a store missing,
+    from another teacher, or examples of a class with no prompt are one line each, before the pool is embedded."""
+    import clipkd
+
+    store = tmp_path / "train-store"
+    clipkd.embed_images(clipkd.load_teacher(teacher_spec, device="cpu"), tiny_world / "train", store, workers=0,
+                        progress=False)
+    out = tmp_path / "sourced"
+    args = ["source", "--teacher", teacher_spec, "--pool", str(tiny_world / "test"), "--classes",
+            str(tiny_world / "train"), "--per-class", "3", "--device", "cpu", "--workers", "0"]
+    assert main(args + ["--out", str(out), "--examples", str(tiny_world / "train"), "--examples-store",
+                        str(store)]) == 0
+    rows = (out / "selected.csv").read_text().splitlines()
+    assert rows[0] == "path,label,similarity" and len(rows) > 1
+    for extra, says in ((["--examples", str(tiny_world / "train")], "go together"),
+                        (["--examples", str(tiny_world / "train"), "--examples-store", str(tmp_path / "nope")],
+                         "examples store not found")):
+        capsys.readouterr()
+        assert main(args + ["--out", str(tmp_path / "bad"), *extra]) == 2
+        assert says in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    from clipkd.search.select import example_prototypes
+
+    with pytest.raises(ClipkdError, match="from the pool index's teacher"):
+        example_prototypes(tiny_world / "train", store, _classes(tiny_world), "other:teacher")
+    with pytest.raises(ClipkdError, match="have no prompt"):
+        example_prototypes(tiny_world / "train", store, ["not a class"], EmbeddingStore(store).teacher)
+
+
+def _classes(world: Path) -> list[str]:
+    from clipkd.data.datasets import load_labelled
+
+    return load_labelled(world / "train").classnames
+
+
 def test_cli_search_writes_a_grid(index, tiny_world, tmp_path, capsys):
     img = sorted((tiny_world / "test").rglob("*.png"))[0]
     assert main(["search", "--index", str(index.root), "--image", str(img), "--k", "4", "--out",

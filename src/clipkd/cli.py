@@ -332,14 +332,8 @@ def _serve(a: argparse.Namespace) -> None:
     serve(**_kwargs(serve, a, index_dir=a.index, batch=not getattr(a, "no_batch", False)))
 
 
-def _args_select(sub: Any) -> None:
-    from .search.select import select_images
-
-    d = lambda name: _default(select_images, name)  # noqa: E731
-    p = sub.add_parser("select", help="a CLIP-filtered training list: top images per class prompt from an "
-                       "indexed pool")
-    p.add_argument("--index", required=True, help="index of the unlabelled pool")
-    p.add_argument("--prompts", required=True, help="prompts.json (from `clipkd prompts`)")
+def _selection_flags(p: argparse.ArgumentParser, d: Callable[[str], Any]) -> None:
+    """The flags ``select`` and ``source`` share: how many images per class and which ones."""
     p.add_argument("--per-class", type=_count, help=f"images per class (default {d('per_class')})")
     p.add_argument("--min-similarity", type=float, help="cosine a chosen image must reach (default: none; look at "
                    "`clipkd search --text` scores of your model to pick one)")
@@ -351,6 +345,21 @@ def _args_select(sub: Any) -> None:
                    "class against ('none': no background rejection; default: clipkd's generic bank)")
     p.add_argument("--margin", type=float, help="best-minus-second-best class cosine an image must clear (default: a "
                    "cut per class chosen from the pool's margins)")
+    p.add_argument("--examples", help="labelled images of some classes (your training folder): their picks must "
+                   "resemble them; with --examples-store")
+    p.add_argument("--examples-store", help="the store of --examples' teacher embeddings (embed-images)")
+    p.add_argument("--split", help="with --examples: split.json; only its seen classes' images are examples")
+
+
+def _args_select(sub: Any) -> None:
+    from .search.select import select_images
+
+    d = lambda name: _default(select_images, name)  # noqa: E731
+    p = sub.add_parser("select", help="a CLIP-filtered training list: top images per class prompt from an "
+                       "indexed pool")
+    p.add_argument("--index", required=True, help="index of the unlabelled pool")
+    p.add_argument("--prompts", required=True, help="prompts.json (from `clipkd prompts`)")
+    _selection_flags(p, d)
     p.add_argument("--text-model", help="for a student index built without one: its teacher")
     p.add_argument("--out", required=True, help="path,label,similarity CSV (distill and embed-images read it)")
     _device_flags(p)
@@ -379,16 +388,7 @@ def _args_source(sub: Any) -> None:
     p.add_argument("--templates", help=f"with --classes: openai, simple, none or a file (default {d('templates')})")
     p.add_argument("--out", required=True, help="folder: index/ (the pool's index and store), selected.csv, "
                    "selected.png; re-running resumes the pool's embedding")
-    p.add_argument("--per-class", type=_count, help=f"images per class (default {d('per_class')})")
-    p.add_argument("--min-similarity", type=float, help="cosine a chosen image must reach (default: none)")
-    p.add_argument("--min-per-class", type=int, help="a class that gets fewer is listed with how many it got "
-                   f"(default {d('min_per_class')})")
-    p.add_argument("--duplicate", type=float, help="cosine above which an image is a near-copy of one already chosen "
-                   f"(default {d('duplicate')})")
-    p.add_argument("--background", help="file of background phrases, one per line, an image must score below its "
-                   "class against ('none': no background rejection; default: clipkd's generic bank)")
-    p.add_argument("--margin", type=float, help="best-minus-second-best class cosine an image must clear (default: a "
-                   "cut per class chosen from the pool's margins)")
+    _selection_flags(p, d)
     p.add_argument("--batch-size", type=_count, help=f"images per forward pass (default {d('batch_size')})")
     p.add_argument("--workers", type=_workers, help="decode processes (default: one per core, max 8)")
     p.add_argument("--device", help="auto (GPU if present), cpu, cuda, cuda:N (default: auto)")

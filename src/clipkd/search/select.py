@@ -6,7 +6,11 @@ background prompts (:data:`BACKGROUND`: noise, blank images, textures, other thi
 class only if that class beats every background prompt, and it is kept only if its *margin* (best class minus
 second best) clears the class's cut. The cut is chosen from the margins themselves: Otsu's two-group split of the
 class's candidates where they are clearly two groups (between-group share of the variance ≥ :data:`BIMODAL`), else
-the same split over the whole pool's candidates. A quota per class (``per_class``) caps each class; a class below
+the same split over the whole pool's candidates. Classes with labelled *examples* (in generalized zero-shot learning,
+the seen classes' training images, embedded by the same teacher: ``examples`` and its store) also ask an image to lie
+as close to the mean of their examples as :data:`EXAMPLE_QUANTILE` of the examples themselves do: the text prompts
+alone cannot tell a class's images from pool images the teacher embeds near them, and a class whose quota outruns its
+images in the pool is otherwise filled with them. A quota per class (``per_class``) caps each class; a class below
 ``min_per_class`` is listed with how many it got. On clipkd's digit worlds (``make bench-gzsl``'s uncurated pools,
 two distractors per real image; ``benchmarks/results/gzsl-pool.md``) the selection's precision is 1.00 on the unseen
 classes and 0.95 / 0.99 on the seen ones; the top-k-per-prompt rule it replaced padded every class to its quota
@@ -38,6 +42,9 @@ DUPLICATE_COSINE = 0.999
 # Generic negatives: what an uncurated pool holds besides the classes (each embedded with the class templates)
 BACKGROUND = ("noise", "random noise", "static", "a blank image", "a texture", "a pattern", "an abstract shape",
               "a blob", "a scribble", "something else")
+# A pool image is as close to its class's examples (their mean embedding) as this share of the examples at least:
+# 1 - 0.95, 5 % of the class's own images fall below the cut (benchmarks/results/gzsl-pool.md)
+EXAMPLE_QUANTILE = 0.05
 BIMODAL = 0.85  # a class's margins are two groups (its own cut) when Otsu's split explains this share of the variance
 
 
@@ -71,7 +78,9 @@ def otsu(x: np.ndarray) -> tuple[float, float]:
 def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dict[str, list[str]], out: str | Path,
                   per_class: int = 100, min_per_class: int = 1, min_similarity: float = -1.0,
                   duplicate: float = DUPLICATE_COSINE, background: Sequence[str] | str | Path | None = BACKGROUND,
-                  margin: float | None = None, text_model: str | Path | None = None, device: str | None = "auto",
+                  margin: float | None = None, examples: str | Path | None = None,
+                  examples_store: str | Path | None = None, split: str | Path | None = None,
+                  text_model: str | Path | None = None, device: str | None = "auto",
                   precision: str = "auto") -> Selection:
     """Pick up to ``per_class`` images per class from an indexed pool and write a ``path,label,similarity`` list.
 
@@ -80,14 +89,19 @@ def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dic
     rejection) are embedded with the first class's templates. An image goes to at most one class (its best), must
     beat every background prompt, reach ``min_similarity`` and clear its class's margin cut (``margin``; ``None``:
     chosen from the margins, module docstring); near-copies (cosine ≥ ``duplicate`` with
-    an image already chosen for the class) are dropped. ``text_model``: a distilled student index's teacher.
+    an image already chosen for the class) are dropped. ``examples``: labelled images of some of the classes (a
+    folder, list or shards; with ``split``, its seen classes only) whose teacher embeddings ``examples_store`` holds
+    (``embed-images``' store, from the index's teacher): a class with examples keeps only images as close to their
+    mean as :data:`EXAMPLE_QUANTILE` of them. ``text_model``: a distilled student index's teacher.
     ``index_dir`` may be an opened index whose encoder is loaded already (the model is not loaded twice).
     """
-    background = check_selection(per_class, min_per_class, margin, background)
+    background = check_selection(per_class, min_per_class, margin, background, examples, examples_store)
     index = index_dir if isinstance(index_dir, SearchIndex) else SearchIndex(index_dir)
     prompts = prompts if isinstance(prompts, dict) else read_prompts(prompts)
     if not prompts:
         raise ClipkdError("no class prompts given")
+    protos = None if examples is None else example_prototypes(examples, examples_store, list(prompts),
+                                                              index.store.teacher, split)
     enc = index.encoder if index.encoder is not None and text_model is None else index.load_encoder(
         text_model=text_model, device=device, precision=precision)
     if not enc.has_text:
@@ -95,7 +109,7 @@ def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dic
     text = embed_prompts(enc, prompts)
     bank = _background(enc, prompts, background)
     chosen, rejected, reasons, cuts = _assign(index, text.embeddings, text.classnames, bank, per_class,
-                                              min_similarity, duplicate, margin)
+                                              min_similarity, duplicate, margin, protos)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "label", "similarity"])
@@ -111,8 +125,14 @@ def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dic
 
 
 def check_selection(per_class: int, min_per_class: int, margin: float | None,
-                    background: Sequence[str] | str | Path | None) -> list[str]:
+                    background: Sequence[str] | str | Path | None, examples: str | Path | None = None,
+                    examples_store: str | Path | None = None) -> list[str]:
     """The selection's settings checked (one line each) before any work; returns the background phrases."""
+    if (examples is None) != (examples_store is None):
+        raise ClipkdError("`examples` and `examples_store` go together: the labelled images and the store of their "
+                          "teacher embeddings (embed-images)")
+    if examples_store is not None and not (Path(examples_store) / "manifest.json").is_file():
+        raise ClipkdError(f"examples store not found: {examples_store} (embed-images writes one)")
     if per_class < 1:
         raise ClipkdError(f"`per_class` must be ≥ 1, got {per_class}")
     if min_per_class < 0:
@@ -149,10 +169,40 @@ def _background(enc: Any, prompts: dict[str, list[str]], background: Sequence[st
 Picks = dict[str, list[tuple[str, float]]]
 
 
+def example_prototypes(examples: str | Path, store: str | Path, classnames: Sequence[str], teacher: str,
+                       split: str | Path | None = None,
+                       quantile: float = EXAMPLE_QUANTILE) -> dict[str, tuple[np.ndarray, float]]:
+    """Per class with labelled examples: the mean of their teacher embeddings (unit length) and the cut, the
+    ``quantile`` of the examples' own cosines to it."""
+    from ..data.datasets import seen_images
+    from ..store import EmbeddingStore
+
+    data, _ = seen_images(examples, split)
+    unknown = sorted(set(data.classnames[y] for y in set(data.labels)) - set(classnames))
+    if unknown:
+        raise ClipkdError(f"{len(unknown)} class(es) of the examples have no prompt (e.g. {unknown[:3]}); "
+                          "give prompts for them or leave them out of the examples")
+    st = EmbeddingStore(store)
+    st.check_teacher(teacher, "the examples' store must come from the pool index's teacher")
+    tg = st.targets(data.paths, what="examples", root=data.root)
+    emb = tg.targets.numpy().astype(np.float32)
+    labels = np.asarray(data.labels)[tg.keep]
+    out: dict[str, tuple[np.ndarray, float]] = {}
+    for y in np.unique(labels):
+        v = emb[labels == y]
+        v /= np.linalg.norm(v, axis=1, keepdims=True).clip(1e-12)
+        p = v.mean(0)
+        p /= max(float(np.linalg.norm(p)), 1e-12)
+        out[data.classnames[int(y)]] = (p, float(np.quantile(v @ p, quantile)))
+    return out
+
+
 def _assign(index: SearchIndex, text: np.ndarray, classnames: list[str], bank: np.ndarray | None, per_class: int,
             min_similarity: float, duplicate: float,
-            margin: float | None = None) -> tuple[Picks, Picks, dict[str, int], dict[str, float]]:
-    """Each pool image to its best class, kept when it beats the background and clears the class's margin cut."""
+            margin: float | None = None, protos: dict[str, tuple[np.ndarray, float]] | None = None,
+            ) -> tuple[Picks, Picks, dict[str, int], dict[str, float]]:
+    """Each pool image to its best class, kept when it beats the background, clears the class's margin cut and
+    (for a class with examples) lies as close to their mean as most of them."""
     emb = index.store.embeddings()
     n = len(emb)
     best = np.empty(n, np.int64)
@@ -176,13 +226,20 @@ def _assign(index: SearchIndex, text: np.ndarray, classnames: list[str], bank: n
     chosen: dict[str, list[tuple[str, float]]] = {}
     rejected: dict[str, list[tuple[str, float]]] = {}
     cuts: dict[str, float] = {}
-    below = dup = over = 0
+    below = unlike = dup = over = 0
     for c, name in enumerate(classnames):
         idx = np.flatnonzero(cand & (best == c))
         cut, split = otsu(gap[idx])
         cuts[name] = margin if margin is not None else cut if split >= BIMODAL else pool_cut
-        keep = idx[gap[idx] >= cuts[name]]
+        ok = cand & (best == c) & (gap >= cuts[name])
+        keep = np.flatnonzero(ok)
         below += len(idx) - len(keep)
+        if protos and name in protos and len(keep):
+            proto, near = protos[name]
+            far = keep[np.asarray(emb[keep], np.float32) @ proto < near]  # unlike the class's own examples
+            ok[far] = False
+            unlike += len(far)
+            keep = np.flatnonzero(ok)
         keep = keep[np.argsort(-s1[keep], kind="stable")]
         out: list[tuple[str, float]] = []
         vecs = np.empty((min(per_class, len(keep)), text.shape[1]), np.float32)
@@ -198,8 +255,8 @@ def _assign(index: SearchIndex, text: np.ndarray, classnames: list[str], bank: n
             out.append((str(index.images_root / index.paths[r]), float(s1[r])))
         chosen[name] = out
         # what the class turned down (the background, the floor or its margin cut), best first: the contact sheet
-        turned = np.flatnonzero(alive & (best == c) & ~(cand & (gap >= cuts[name])))
+        turned = np.flatnonzero(alive & (best == c) & ~ok)
         rejected[name] = [(str(index.images_root / index.paths[r]), float(s1[r]))
                           for r in turned[np.argsort(-s1[turned], kind="stable")][:8]]
-    reasons.update(margin=below, duplicate=dup, quota=over)
+    reasons.update(margin=below, examples=unlike, duplicate=dup, quota=over)
     return chosen, rejected, reasons, cuts

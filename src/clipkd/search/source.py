@@ -37,20 +37,23 @@ def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
                 templates: str = DEFAULT_TEMPLATES, per_class: int = 100, min_per_class: int = 1,
                 min_similarity: float = -1.0, duplicate: float = DUPLICATE_COSINE,
                 background: Sequence[str] | str | Path | None = BACKGROUND, margin: float | None = None,
-                device: str | None = "auto", batch_size: int = 64,
+                examples: str | Path | None = None, examples_store: str | Path | None = None,
+                split: str | Path | None = None, device: str | None = "auto", batch_size: int = 64,
                 workers: int | None = None, progress: bool = True) -> SourcedPool:
     """Select training images for every class from an unlabelled ``pool`` (a folder, an image list, shards) with
     the ``teacher``'s judgement: ``out/index`` (the pool embedded once; re-running resumes), ``out/selected.csv``
     (at most ``per_class`` images per class, each image for one class, near-copies dropped) and
     ``out/selected.png`` (the contact sheet: per class its best and worst kept images and the best it turned
     down). Class prompts: ``prompts`` (``clipkd prompts``), or ``classes`` (a folder or a class-name
-    file) with ``templates``."""
+    file) with ``templates``. ``examples`` (with ``examples_store``, ``split``): labelled images of some classes
+    — the seen classes' training images and their store — that those classes' picks must resemble
+    (:func:`~clipkd.search.select.select_images`)."""
     from ..prompts import build_prompts, load_classnames, load_templates, read_prompts
     from .index import build_index
 
     if (prompts is None) == (classes is None):
         raise ClipkdError("give exactly one of `prompts` or `classes`")
-    background = check_selection(per_class, min_per_class, margin, background)
+    background = check_selection(per_class, min_per_class, margin, background, examples, examples_store)
     out = check_can_create(out, "source folder")
     if prompts is None:
         prompts = build_prompts(load_classnames(classes), load_templates(templates))
@@ -60,7 +63,8 @@ def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
                         progress=progress)
     selection = select_images(index, prompts, out / "selected.csv", per_class=per_class,  # the teacher loaded once
                               min_per_class=min_per_class, min_similarity=min_similarity, duplicate=duplicate,
-                              background=background, margin=margin, device=device)
+                              background=background, margin=margin, examples=examples,
+                              examples_store=examples_store, split=split, device=device)
     from ..evaluation.plots import plot_selection
 
     rows = {str(index.images_root / p): i for i, p in enumerate(index.paths)}
