@@ -8,13 +8,14 @@ second best) clears the class's cut. The cut is chosen from the margins themselv
 class's candidates where they are clearly two groups (between-group share of the variance ≥ :data:`BIMODAL`), else
 the same split over the whole pool's candidates. Classes with labelled *examples* (in generalized zero-shot learning,
 the seen classes' training images, embedded by the same teacher: ``examples`` and its store) also ask an image to lie
-as close to the mean of their examples as :data:`EXAMPLE_QUANTILE` of the examples themselves do: the text prompts
+as close to the mean of their examples as all but :data:`EXAMPLE_QUANTILE` (5 %) of the examples do: the text prompts
 alone cannot tell a class's images from pool images the teacher embeds near them, and a class whose quota outruns its
 images in the pool is otherwise filled with them. A quota per class (``per_class``) caps each class; a class below
 ``min_per_class`` is listed with how many it got. On clipkd's digit worlds (``make bench-gzsl``'s uncurated pools,
-two distractors per real image; ``benchmarks/results/gzsl-pool.md``) the selection's precision is 1.00 on the unseen
-classes and 0.95 / 0.99 on the seen ones; the top-k-per-prompt rule it replaced padded every class to its quota
-with distractors (0.62 / 0.64 on the unseen classes)."""
+2× and 10× as many distractors as real images; ``benchmarks/results/gzsl-pool*.md``) the selection's precision is
+1.00 on the unseen classes at both; on the seen classes 0.84-0.99 from the prompts alone and 1.00 with examples; the
+top-k-per-prompt rule it replaced padded every class to its quota with distractors (0.62 / 0.64 on the unseen
+classes at 2×)."""
 
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dic
     an image already chosen for the class) are dropped. ``examples``: labelled images of some of the classes (a
     folder, list or shards; with ``split``, its seen classes only) whose teacher embeddings ``examples_store`` holds
     (``embed-images``' store, from the index's teacher): a class with examples keeps only images as close to their
-    mean as :data:`EXAMPLE_QUANTILE` of them. ``text_model``: a distilled student index's teacher.
+    mean as all but :data:`EXAMPLE_QUANTILE` of them. ``text_model``: a distilled student index's teacher.
     ``index_dir`` may be an opened index whose encoder is loaded already (the model is not loaded twice).
     """
     background = check_selection(per_class, min_per_class, margin, background, examples, examples_store)
