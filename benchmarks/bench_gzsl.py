@@ -23,6 +23,7 @@ from common import report, table
 import clipkd
 from clipkd.data.digits import TEMPLATES, DigitsConfig, make_digits_world
 from clipkd.demo import DEMO_TEMPLATES
+from clipkd.search.select import EXAMPLE_QUANTILE
 from clipkd.training.distill import AUTO_VIEWS
 from clipkd.training.runs import recipe_differences
 
@@ -327,13 +328,17 @@ def sourced(p: dict):
     return p["sourced"]
 
 
-def selection(p: dict, examples: bool = True):
-    """The selection ``sourced`` made (``examples``), or the prompts' alone from the same index."""
+def selection(p: dict, quantile: float | None = EXAMPLE_QUANTILE):
+    """The selection ``sourced`` made (the seen classes' examples cut at the default quantile), the prompts' alone
+    from the same index (``None``), or the examples' at another ``quantile``."""
     src = sourced(p)
-    if examples:
+    if quantile == EXAMPLE_QUANTILE:
         return src.selection
-    return clipkd.select_images(src.index, p["prompts"], src.index.parent / "selected-prompts-only.csv",
-                                per_class=p["per_class"])
+    w = p["world"]
+    kw = {} if quantile is None else {"examples": w / "train", "examples_store": p["store"],
+                                      "split": w / "split.json", "example_quantile": quantile}
+    return clipkd.select_images(src.index, p["prompts"], src.index.parent / f"selected-{quantile}.csv",
+                                per_class=p["per_class"], **kw)
 
 
 # procedural pool kind -> (images per seen training image, kinds)
@@ -380,12 +385,12 @@ def extra_pool(p: dict, kind: str) -> tuple[Path, Path]:
     return out, src.store
 
 
-def selection_precision(p: dict, examples: bool = True) -> dict:
+def selection_precision(p: dict, quantile: float | None = EXAMPLE_QUANTILE) -> dict:
     """How right the teacher's selection is, per class: precision (the share of its selected images that are of
     it) and recall (its images selected, over what it could get: its images in the pool, capped by the quota);
     their means over the unseen and the seen classes, the worst class's precision, and the share of distractors
     among everything selected."""
-    sel, (_, truth), unseen = selection(p, examples), uncurated_pool(p), _unseen(p)
+    sel, (_, truth), unseen = selection(p, quantile), uncurated_pool(p), _unseen(p)
     per = {}
     for c, items in sel.chosen.items():
         right = sum(truth.get(path) == c for path, _ in items)
@@ -405,9 +410,11 @@ def selection_precision(p: dict, examples: bool = True) -> dict:
             "per_class": per, "quota": p["per_class"], "reasons": sel.reasons}
 
 
-def selection_row(world: str, sel: dict, examples: bool) -> dict:
+def selection_row(world: str, sel: dict, quantile: float | None) -> dict:
     """One row of the step-1 table."""
-    return {"world": world, "selection": "prompts + seen examples" if examples else "prompts only",
+    how = ("prompts only" if quantile is None else "prompts + seen examples" if quantile == EXAMPLE_QUANTILE else
+           f"prompts + seen examples, cut at {100 * quantile:g} %")
+    return {"world": world, "selection": how,
             "pool images": sel["pool"], "of them distractors": sel["pool_distractors"],
             "selected": sel["selected"], "precision, unseen classes": f"{sel['unseen']:.3f}",
             "precision, seen classes": f"{sel['seen']:.3f}", "worst class's precision": f"{sel['min_precision']:.3f}",
@@ -557,6 +564,9 @@ def main() -> None:
     ap.add_argument("--demo-run", type=Path, help="reuse this clipkd demo folder for the demo world (../runs/demo)")
     ap.add_argument("--pool-distractors", type=int, default=POOL_DISTRACTORS,
                     help="distractors per real image in the uncurated pools of the step-1 rows (default 2)")
+    ap.add_argument("--example-quantiles", nargs="*", type=float, default=[],
+                    help="step 1: also select with the seen examples cut at these quantiles (the default's is "
+                    f"{EXAMPLE_QUANTILE})")
     ap.add_argument("--selection-only", action="store_true",
                     help="step 1's selection (precision and recall per class, contact sheet) without students")
     ap.add_argument("--out", default="results/gzsl.md")
@@ -594,10 +604,12 @@ def main() -> None:
             print(row, flush=True)
         ran = [m for m in raw[world] if m != "teacher"]
         if a.selection_only or any(METHODS[m][1].get("extra_images") in ("select", "random", "truth") for m in ran):
-            for examples in (False, True):
-                sel = selection_precision(p, examples)
-                raw.setdefault("selection" if examples else "selection_text_only", {})[world] = sel
-                pool_rows.append(selection_row(world, sel, examples))
+            for q in (None, *sorted({EXAMPLE_QUANTILE, *a.example_quantiles})):
+                sel = selection_precision(p, q)
+                key = ("selection" if q == EXAMPLE_QUANTILE else "selection_text_only" if q is None else
+                       f"selection_q{q:g}")
+                raw.setdefault(key, {})[world] = sel
+                pool_rows.append(selection_row(world, sel, q))
             plot_selected(p, Path(a.out).with_name(f"{Path(a.out).stem}-selected-{world}.png"))
         h = {m: statistics.mean(r["H"] for r in raw[world][m]) for m in ran}
         for none, selected, rand, same, oracle in (

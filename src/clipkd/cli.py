@@ -349,6 +349,8 @@ def _selection_flags(p: argparse.ArgumentParser, d: Callable[[str], Any]) -> Non
                    "resemble them; with --examples-store")
     p.add_argument("--examples-store", help="the store of --examples' teacher embeddings (embed-images)")
     p.add_argument("--split", help="with --examples: split.json; only its seen classes' images are examples")
+    p.add_argument("--example-quantile", type=float, help="with --examples: the share of a class's own examples "
+                   f"that may lie farther from their mean than a kept image (default {d('example_quantile')})")
 
 
 def _args_select(sub: Any) -> None:

@@ -81,8 +81,8 @@ def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dic
                   duplicate: float = DUPLICATE_COSINE, background: Sequence[str] | str | Path | None = BACKGROUND,
                   margin: float | None = None, examples: str | Path | None = None,
                   examples_store: str | Path | None = None, split: str | Path | None = None,
-                  text_model: str | Path | None = None, device: str | None = "auto",
-                  precision: str = "auto") -> Selection:
+                  example_quantile: float = EXAMPLE_QUANTILE, text_model: str | Path | None = None,
+                  device: str | None = "auto", precision: str = "auto") -> Selection:
     """Pick up to ``per_class`` images per class from an indexed pool and write a ``path,label,similarity`` list.
 
     Class text embeddings are the template-averaged prompts (``prompts.json`` from ``clipkd prompts``); the
@@ -93,16 +93,17 @@ def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dic
     an image already chosen for the class) are dropped. ``examples``: labelled images of some of the classes (a
     folder, list or shards; with ``split``, its seen classes only) whose teacher embeddings ``examples_store`` holds
     (``embed-images``' store, from the index's teacher): a class with examples keeps only images as close to their
-    mean as all but :data:`EXAMPLE_QUANTILE` of them. ``text_model``: a distilled student index's teacher.
+    mean as all but ``example_quantile`` of them. ``text_model``: a distilled student index's teacher.
     ``index_dir`` may be an opened index whose encoder is loaded already (the model is not loaded twice).
     """
-    background = check_selection(per_class, min_per_class, margin, background, examples, examples_store)
+    background = check_selection(per_class, min_per_class, margin, background, examples, examples_store,
+                                 example_quantile)
     index = index_dir if isinstance(index_dir, SearchIndex) else SearchIndex(index_dir)
     prompts = prompts if isinstance(prompts, dict) else read_prompts(prompts)
     if not prompts:
         raise ClipkdError("no class prompts given")
     protos = None if examples is None else example_prototypes(examples, examples_store, list(prompts),
-                                                              index.store.teacher, split)
+                                                              index.store.teacher, split, example_quantile)
     enc = index.encoder if index.encoder is not None and text_model is None else index.load_encoder(
         text_model=text_model, device=device, precision=precision)
     if not enc.has_text:
@@ -127,8 +128,10 @@ def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dic
 
 def check_selection(per_class: int, min_per_class: int, margin: float | None,
                     background: Sequence[str] | str | Path | None, examples: str | Path | None = None,
-                    examples_store: str | Path | None = None) -> list[str]:
+                    examples_store: str | Path | None = None, example_quantile: float = EXAMPLE_QUANTILE) -> list[str]:
     """The selection's settings checked (one line each) before any work; returns the background phrases."""
+    if not 0 <= example_quantile < 1:
+        raise ClipkdError(f"`example_quantile` must be in [0, 1), got {example_quantile}")
     if (examples is None) != (examples_store is None):
         raise ClipkdError("`examples` and `examples_store` go together: the labelled images and the store of their "
                           "teacher embeddings (embed-images)")

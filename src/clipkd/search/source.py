@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import ClipkdError
 from ..fileio import check_can_create
 from ..prompts import DEFAULT_TEMPLATES
-from .select import BACKGROUND, DUPLICATE_COSINE, Selection, check_selection, select_images
+from .select import BACKGROUND, DUPLICATE_COSINE, EXAMPLE_QUANTILE, Selection, check_selection, select_images
 
 
 @dataclass
@@ -38,7 +38,8 @@ def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
                 min_similarity: float = -1.0, duplicate: float = DUPLICATE_COSINE,
                 background: Sequence[str] | str | Path | None = BACKGROUND, margin: float | None = None,
                 examples: str | Path | None = None, examples_store: str | Path | None = None,
-                split: str | Path | None = None, device: str | None = "auto", batch_size: int = 64,
+                split: str | Path | None = None, example_quantile: float = EXAMPLE_QUANTILE,
+                device: str | None = "auto", batch_size: int = 64,
                 workers: int | None = None, progress: bool = True) -> SourcedPool:
     """Select training images for every class from an unlabelled ``pool`` (a folder, an image list, shards) with
     the ``teacher``'s judgement: ``out/index`` (the pool embedded once; re-running resumes), ``out/selected.csv``
@@ -53,7 +54,8 @@ def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
 
     if (prompts is None) == (classes is None):
         raise ClipkdError("give exactly one of `prompts` or `classes`")
-    background = check_selection(per_class, min_per_class, margin, background, examples, examples_store)
+    background = check_selection(per_class, min_per_class, margin, background, examples, examples_store,
+                                 example_quantile)
     out = check_can_create(out, "source folder")
     if prompts is None:
         prompts = build_prompts(load_classnames(classes), load_templates(templates))
@@ -64,7 +66,8 @@ def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
     selection = select_images(index, prompts, out / "selected.csv", per_class=per_class,  # the teacher loaded once
                               min_per_class=min_per_class, min_similarity=min_similarity, duplicate=duplicate,
                               background=background, margin=margin, examples=examples,
-                              examples_store=examples_store, split=split, device=device)
+                              examples_store=examples_store, split=split, example_quantile=example_quantile,
+                              device=device)
     from ..evaluation.plots import plot_selection
 
     rows = {str(index.images_root / p): i for i, p in enumerate(index.paths)}
