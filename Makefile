@@ -103,6 +103,10 @@ bench-gzsl: $(STAMP)
 	  --all-seeds-for --pool-distractors 10 --out results/gzsl-pool-x10.md
 	cd benchmarks && ../$(BIN)/python bench_gzsl.py --worlds demo --seeds 0 --methods embed embed_pool embed_select \
 	  embed_truth embed_random cutmix_fm cutmix_fm_select cutmix_fm_truth --all-seeds-for --out results/gzsl-pool-demo.md
+	cd benchmarks && ../$(BIN)/python bench_gzsl.py --worlds digits digits-colour demo --selection-only \
+	  --example-quantiles 0 0.01 0.1 0.2 --out results/gzsl-pool-quantiles.md
+	cd benchmarks && ../$(BIN)/python bench_gzsl.py --worlds digits digits-colour --selection-only --pool-distractors 10 \
+	  --example-quantiles 0 0.01 0.1 0.2 --out results/gzsl-pool-quantiles-x10.md
 
 # Retrieval students x worlds: which student to ship for image search (digits, digits-colour and the demo world; the
 # demo world reuses runs/demo and the retrieval demo's store of views when make demo has run). SEEDS="0 1 2" for spread.
