@@ -205,8 +205,22 @@ def _nopool() -> str:
             f"at {_span(compute, '{:.1f}')}× `embed`'s compute")
 
 
+def _pool() -> str:
+    """The README's pool claim: the students trained on `source`'s selection (both methods, 2x and 10x distractors
+    on the digit worlds, the demo world), as shares of the teacher's H."""
+    shares = []
+    for name, worlds in (("gzsl-pool.json", ("digits", "digits-colour")), ("gzsl-pool-x10.json",
+                                                                           ("digits", "digits-colour")),
+                         ("gzsl-pool-demo.json", ("demo",))):
+        g = _json(name)
+        shares += [100 * _mean(g[w][m], "H") / g[w]["teacher"]["H"] for w in worlds
+                   for m in ("embed_select", "cutmix_fm_select")]
+    return f"with a pool that `clipkd source` picks from a mixed collection, {_span(shares)} %"
+
+
 QUOTES = [
     ("README.md", _nopool),
+    ("README.md", _pool),
     ("README.md", _install),
     ("README.md", _recipe_demo),
     ("README.md", lambda: f"the GZSL method keeps {_gzsl_shares(('cutmix_fm',))} % of the teacher's H"),
