@@ -164,12 +164,16 @@ def flops_weighted(compute: dict, student_mflops: float, teacher_mflops: float) 
 
 def merged(old: dict, new: dict) -> dict:
     """``old`` results with ``new``'s worlds and methods put in; a world whose teacher now measures differently
-    (another teacher: the kept rows would not be comparable) is refused."""
+    (another teacher: the kept rows would not be comparable) is refused unless every one of its rows is new."""
     out = {w: dict(v) for w, v in old.items()}
     for world, res in new.items():
         if world in out:
             was, now = out[world]["teacher"], res["teacher"]
             if any(abs(was[k] - now[k]) > 1e-9 for k in KEYS):
+                if set(out[world]) <= set(res):  # every row of the world measured again: the world is replaced
+                    out[world] = {**res, "teacher": {**now, "notes": ["every row re-measured with a retrained "
+                                                                      "teacher"]}}
+                    continue
                 raise SystemExit(f"--update: the {world} teacher measures {[now[k] for k in KEYS]} now, "
                                  f"{[was[k] for k in KEYS]} in the results file: rerun every method of that world")
             res = {**res, "teacher": was}
@@ -255,12 +259,14 @@ def main() -> None:
         for world, res in raw.items():
             notes = res["teacher"].setdefault("notes", [])  # kept in the JSON: later --update runs keep them
             new = ([f"{m} withdrawn (measured before a fix, not re-measured)" for m in a.withdraw]
-                   if world not in a.worlds else
-                   [f"{m} re-measured by --update: its speed-ups divide the earlier run's teacher time by its own "
-                    "(two runs)" for m in a.methods])
+                   if world not in a.worlds else [] if notes[:1] == ["every row re-measured with a retrained teacher"]
+                   else [f"{m} re-measured by --update: its speed-ups divide the earlier run's teacher time by its own "
+                         "(two runs)" for m in a.methods])
             for m in a.withdraw if world not in a.worlds else ():
                 res.pop(m, None)
             notes += [f"{n} ({day})" for n in new if not any(old.startswith(n) for old in notes)]
+            if notes[:1] == ["every row re-measured with a retrained teacher"]:
+                notes[0] += f" ({day})"
     rows = table_rows(raw)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(raw, indent=2))
