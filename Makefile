@@ -31,8 +31,9 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(BIN)/clipkd demo --out runs/demo-quick --quick
 
-# Two pytest workers (pytest-xdist), a test file to each at a time (its module fixtures built once): 10 min 38 s
-# against 12 min 54 s in one process on the 2-core machine (docs/testing.md). TEST_WORKERS=0: one process.
+# Two pytest workers (pytest-xdist), a test file to each at a time (its module fixtures built once): 10 min 10 s of
+# tests on a fresh clone against 12 min 54 s in one process on the 2-core machine (docs/testing.md). TEST_WORKERS=0:
+# one process.
 TEST_WORKERS ?= 2
 test: $(STAMP) $(LEAN_STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CLIPKD_LEAN_PYTHON=$(LEAN)/bin/python $(BIN)/python -m pytest -q --durations=15 \
