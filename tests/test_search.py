@@ -470,9 +470,17 @@ def test_source_with_examples_checks_them_before_work(teacher_spec, tiny_world, 
                         str(store)]) == 0
     rows = (out / "selected.csv").read_text().splitlines()
     assert rows[0] == "path,label,similarity" and len(rows) > 1
+    prompts = tmp_path / "prompts.json"  # `select` over the same index takes the same examples
+    assert main(["prompts", "--classes", str(tiny_world / "train"), "--out", str(prompts)]) == 0
+    assert main(["select", "--index", str(out / "index"), "--prompts", str(prompts), "--per-class", "3", "--examples",
+                 str(tiny_world / "train"), "--examples-store", str(store), "--example-quantile", "0.5", "--out",
+                 str(tmp_path / "strict.csv"), "--device", "cpu"]) == 0
+    assert 1 <= len((tmp_path / "strict.csv").read_text().splitlines()) <= len(rows)  # a stricter cut keeps fewer
     for extra, says in ((["--examples", str(tiny_world / "train")], "go together"),
                         (["--examples", str(tiny_world / "train"), "--examples-store", str(tmp_path / "nope")],
-                         "examples store not found")):
+                         "examples store not found"),
+                        (["--examples", str(tiny_world / "train"), "--examples-store", str(store),
+                          "--example-quantile", "1.5"], "must be in [0, 1)")):
         capsys.readouterr()
         assert main(args + ["--out", str(tmp_path / "bad"), *extra]) == 2
         assert says in capsys.readouterr().err and not (tmp_path / "bad").exists()
