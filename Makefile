@@ -31,7 +31,7 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(BIN)/clipkd demo --out runs/demo-quick --quick
 
-# Two pytest workers (pytest-xdist), a test file to each at a time (its module fixtures built once): 10 min 10 s of
+# Two pytest workers (pytest-xdist), a test file to each at a time (its module fixtures built once): 10-12 min of
 # tests on a fresh clone against 12 min 54 s in one process on the 2-core machine (docs/testing.md). TEST_WORKERS=0:
 # one process.
 TEST_WORKERS ?= 2
