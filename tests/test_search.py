@@ -470,6 +470,8 @@ def test_source_with_examples_checks_them_before_work(teacher_spec, tiny_world, 
                         str(store)]) == 0
     rows = (out / "selected.csv").read_text().splitlines()
     assert rows[0] == "path,label,similarity" and len(rows) > 1
+    one = tmp_path / "one-class.txt"  # prompts for one class only: the examples' other classes have none
+    one.write_text(_classes(tiny_world)[0] + "\n")
     prompts = tmp_path / "prompts.json"  # `select` over the same index takes the same examples
     assert main(["prompts", "--classes", str(tiny_world / "train"), "--out", str(prompts)]) == 0
     assert main(["select", "--index", str(out / "index"), "--prompts", str(prompts), "--per-class", "3", "--examples",
@@ -480,10 +482,15 @@ def test_source_with_examples_checks_them_before_work(teacher_spec, tiny_world, 
                         (["--examples", str(tiny_world / "train"), "--examples-store", str(tmp_path / "nope")],
                          "examples store not found"),
                         (["--examples", str(tiny_world / "train"), "--examples-store", str(store),
-                          "--example-quantile", "1.5"], "must be in [0, 1)")):
+                          "--example-quantile", "1.5"], "must be in [0, 1)"),
+                        (["--examples", str(tmp_path / "nowhere"), "--examples-store", str(store)], "nowhere"),
+                        (["--examples", str(tiny_world / "train"), "--examples-store", str(store), "--classes",
+                          str(one)], "have no prompt")):
         capsys.readouterr()
         assert main(args + ["--out", str(tmp_path / "bad"), *extra]) == 2
-        assert says in capsys.readouterr().err and not (tmp_path / "bad").exists()
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "bad").exists()  # refused before the pool is embedded
     from clipkd.search.select import example_prototypes
 
     with pytest.raises(ClipkdError, match="from the pool index's teacher"):

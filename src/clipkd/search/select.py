@@ -81,7 +81,7 @@ def otsu(x: np.ndarray) -> tuple[float, float]:
 def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dict[str, list[str]], out: str | Path,
                   per_class: int = 100, min_per_class: int = 1, min_similarity: float = -1.0,
                   duplicate: float = DUPLICATE_COSINE, background: Sequence[str] | str | Path | None = BACKGROUND,
-                  margin: float | None = None, examples: str | Path | None = None,
+                  margin: float | None = None, examples: str | Path | ExamplePrototypes | None = None,
                   examples_store: str | Path | None = None, split: str | Path | None = None,
                   example_quantile: float = EXAMPLE_QUANTILE, text_model: str | Path | None = None,
                   device: str | None = "auto", precision: str = "auto") -> Selection:
@@ -95,17 +95,21 @@ def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dic
     an image already chosen for the class) are dropped. ``examples``: labelled images of some of the classes (a
     folder, list or shards; with ``split``, its seen classes only) whose teacher embeddings ``examples_store`` holds
     (``embed-images``' store, from the index's teacher): a class with examples keeps only images as close to their
-    mean as all but ``example_quantile`` of them. ``text_model``: a distilled student index's teacher.
+    mean as all but ``example_quantile`` of them (``examples`` may be :func:`example_prototypes` already read,
+    as ``source`` does before it embeds the pool). ``text_model``: a distilled student index's teacher.
     ``index_dir`` may be an opened index whose encoder is loaded already (the model is not loaded twice).
     """
-    background = check_selection(per_class, min_per_class, margin, background, examples, examples_store,
-                                 example_quantile)
+    read = examples if isinstance(examples, ExamplePrototypes) else None
+    background = check_selection(per_class, min_per_class, margin, background, None if read else examples,
+                                 examples_store, example_quantile)
     index = index_dir if isinstance(index_dir, SearchIndex) else SearchIndex(index_dir)
     prompts = prompts if isinstance(prompts, dict) else read_prompts(prompts)
     if not prompts:
         raise ClipkdError("no class prompts given")
-    protos = None if examples is None else example_prototypes(examples, examples_store, list(prompts),
-                                                              index.store.teacher, split, example_quantile)
+    if read is not None:
+        read.check_teacher(index.store.teacher)
+    protos = read or (None if examples is None else example_prototypes(examples, examples_store, list(prompts),
+                                                                       index.store.teacher, split, example_quantile))
     enc = index.encoder if index.encoder is not None and text_model is None else index.load_encoder(
         text_model=text_model, device=device, precision=precision)
     if not enc.has_text:
@@ -113,7 +117,7 @@ def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dic
     text = embed_prompts(enc, prompts)
     bank = _background(enc, prompts, background)
     chosen, rejected, reasons, cuts = _assign(index, text.embeddings, text.classnames, bank, per_class,
-                                              min_similarity, duplicate, margin, protos)
+                                              min_similarity, duplicate, margin, protos and protos.by_class)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "label", "similarity"])
@@ -175,11 +179,24 @@ def _background(enc: Any, prompts: dict[str, list[str]], background: Sequence[st
 Picks = dict[str, list[tuple[str, float]]]
 
 
-def example_prototypes(examples: str | Path, store: str | Path, classnames: Sequence[str], teacher: str,
-                       split: str | Path | None = None,
-                       quantile: float = EXAMPLE_QUANTILE) -> dict[str, tuple[np.ndarray, float]]:
+@dataclass
+class ExamplePrototypes:
     """Per class with labelled examples: the mean of their teacher embeddings (unit length) and the cut, the
-    ``quantile`` of the examples' own cosines to it."""
+    quantile of the examples' own cosines to it; ``teacher``: the identity of the store they came from."""
+
+    by_class: dict[str, tuple[np.ndarray, float]]
+    teacher: str
+
+    def check_teacher(self, identity: str) -> None:
+        if identity != self.teacher:
+            raise ClipkdError(f"the examples' store holds embeddings of teacher '{self.teacher}', not '{identity}': "
+                              "the examples' store must come from the pool index's teacher")
+
+
+def example_prototypes(examples: str | Path, store: str | Path, classnames: Sequence[str], teacher: str | None,
+                       split: str | Path | None = None, quantile: float = EXAMPLE_QUANTILE) -> ExamplePrototypes:
+    """The examples' :class:`ExamplePrototypes`, checked against the prompts' ``classnames`` and (unless ``None``)
+    the ``teacher`` identity of the pool's index."""
     from ..data.datasets import seen_images
     from ..store import EmbeddingStore
 
@@ -189,7 +206,6 @@ def example_prototypes(examples: str | Path, store: str | Path, classnames: Sequ
         raise ClipkdError(f"{len(unknown)} class(es) of the examples have no prompt (e.g. {unknown[:3]}); "
                           "give prompts for them or leave them out of the examples")
     st = EmbeddingStore(store)
-    st.check_teacher(teacher, "the examples' store must come from the pool index's teacher")
     tg = st.targets(data.paths, what="examples", root=data.root)
     emb = tg.targets.numpy().astype(np.float32)
     labels = np.asarray(data.labels)[tg.keep]
@@ -200,7 +216,10 @@ def example_prototypes(examples: str | Path, store: str | Path, classnames: Sequ
         p = v.mean(0)
         p /= max(float(np.linalg.norm(p)), 1e-12)
         out[data.classnames[int(y)]] = (p, float(np.quantile(v @ p, quantile)))
-    return out
+    protos = ExamplePrototypes(out, st.teacher)
+    if teacher is not None:
+        protos.check_teacher(teacher)
+    return protos
 
 
 def _assign(index: SearchIndex, text: np.ndarray, classnames: list[str], bank: np.ndarray | None, per_class: int,

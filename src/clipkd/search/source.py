@@ -13,7 +13,15 @@ from pathlib import Path
 from ..errors import ClipkdError
 from ..fileio import check_can_create
 from ..prompts import DEFAULT_TEMPLATES
-from .select import BACKGROUND, DUPLICATE_COSINE, EXAMPLE_QUANTILE, Selection, check_selection, select_images
+from .select import (
+    BACKGROUND,
+    DUPLICATE_COSINE,
+    EXAMPLE_QUANTILE,
+    Selection,
+    check_selection,
+    example_prototypes,
+    select_images,
+)
 
 
 @dataclass
@@ -56,18 +64,18 @@ def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
         raise ClipkdError("give exactly one of `prompts` or `classes`")
     background = check_selection(per_class, min_per_class, margin, background, examples, examples_store,
                                  example_quantile)
-    out = check_can_create(out, "source folder")
     if prompts is None:
         prompts = build_prompts(load_classnames(classes), load_templates(templates))
     elif not isinstance(prompts, dict):
         prompts = read_prompts(prompts)
+    if examples is not None:  # read and checked before the pool is embedded (the teacher's identity after)
+        examples = example_prototypes(examples, examples_store, list(prompts), None, split, example_quantile)
+    out = check_can_create(out, "source folder")
     index = build_index(teacher, pool, out / "index", device=device, batch_size=batch_size, workers=workers,
                         progress=progress)
     selection = select_images(index, prompts, out / "selected.csv", per_class=per_class,  # the teacher loaded once
                               min_per_class=min_per_class, min_similarity=min_similarity, duplicate=duplicate,
-                              background=background, margin=margin, examples=examples,
-                              examples_store=examples_store, split=split, example_quantile=example_quantile,
-                              device=device)
+                              background=background, margin=margin, examples=examples, device=device)
     from ..evaluation.plots import plot_selection
 
     rows = {str(index.images_root / p): i for i, p in enumerate(index.paths)}
