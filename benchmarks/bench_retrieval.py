@@ -162,18 +162,23 @@ def flops_weighted(compute: dict, student_mflops: float, teacher_mflops: float) 
     return 3 * compute["student_images"] * student_mflops + compute["teacher_images"] * teacher_mflops
 
 
+REMEASURED, RETRAINED = "every row re-measured", " with a retrained teacher"
+
+
 def merged(old: dict, new: dict) -> dict:
-    """``old`` results with ``new``'s worlds and methods put in; a world whose teacher now measures differently
-    (another teacher: the kept rows would not be comparable) is refused unless every one of its rows is new."""
+    """``old`` results with ``new``'s worlds and methods put in. A world whose every row is new is replaced whole
+    (teacher and its latency included); otherwise the new rows join the kept ones, which is refused when the teacher
+    now measures differently (another teacher: the kept rows would not be comparable)."""
     out = {w: dict(v) for w, v in old.items()}
     for world, res in new.items():
         if world in out:
             was, now = out[world]["teacher"], res["teacher"]
-            if any(abs(was[k] - now[k]) > 1e-9 for k in KEYS):
-                if set(out[world]) <= set(res):  # every row of the world measured again: the world is replaced
-                    out[world] = {**res, "teacher": {**now, "notes": ["every row re-measured with a retrained "
-                                                                      "teacher"]}}
-                    continue
+            retrained = any(abs(was[k] - now[k]) > 1e-9 for k in KEYS)
+            if set(out[world]) <= set(res):  # every row of the world measured again: the world is replaced
+                note = REMEASURED + (RETRAINED if retrained else "")
+                out[world] = {**res, "teacher": {**now, "notes": [note]}}
+                continue
+            if retrained:
                 raise SystemExit(f"--update: the {world} teacher measures {[now[k] for k in KEYS]} now, "
                                  f"{[was[k] for k in KEYS]} in the results file: rerun every method of that world")
             res = {**res, "teacher": was}
@@ -241,31 +246,32 @@ def main() -> None:
         t0 = time.perf_counter()
         teacher = clipkd.evaluate_retrieval(p["spec"], p["world"] / "test", p["world"] / "test" / p["captions"],
                                             device=a.device, progress=False).to_dict()
-        raw[world] = {"teacher": {**{k: teacher[k] for k in KEYS}, "cost": clipkd.image_cost(p["spec"]),
-                                  "eval_s": round(time.perf_counter() - t0, 1)}}
+        raw[world] = {"teacher": {**{k: teacher[k] for k in KEYS}, "eval_s": round(time.perf_counter() - t0, 1)}}
         for method in a.methods:
-            runs = [run_method(world, method, s, p, Path(a.root), a.device) for s in a.seeds]
-            cost = clipkd.image_cost(runs[0]["model"])
-            for r in runs:
+            raw[world][method] = [run_method(world, method, s, p, Path(a.root), a.device) for s in a.seeds]
+            print(world, method, {k: raw[world][method][0][k] for k in KEYS}, flush=True)
+        # the teacher and every student measured side by side, so that the speed-ups are ratios of one moment
+        costs = clipkd.image_costs([p["spec"], *(raw[world][m][0]["model"] for m in a.methods)])
+        raw[world]["teacher"]["cost"] = costs[0]
+        for method, cost in zip(a.methods, costs[1:], strict=True):
+            for r in raw[world][method]:
                 r["cost"] = cost
-                r["train_flops"] = flops_weighted(r["compute"], cost["image_mflops"],
-                                                  raw[world]["teacher"]["cost"]["image_mflops"])
-            raw[world][method] = runs
-            print(world, method, {k: runs[0][k] for k in KEYS}, flush=True)
+                r["train_flops"] = flops_weighted(r["compute"], cost["image_mflops"], costs[0]["image_mflops"])
     out = Path(a.out)
     if a.update:
         raw = merged(json.loads(out.with_suffix(".json").read_text()), raw)
         day = time.strftime("%Y-%m-%d")
         for world, res in raw.items():
             notes = res["teacher"].setdefault("notes", [])  # kept in the JSON: later --update runs keep them
+            replaced = notes[:1] in ([REMEASURED], [REMEASURED + RETRAINED])  # by merged() in this run (no date yet)
             new = ([f"{m} withdrawn (measured before a fix, not re-measured)" for m in a.withdraw]
-                   if world not in a.worlds else [] if notes[:1] == ["every row re-measured with a retrained teacher"]
+                   if world not in a.worlds else [] if replaced
                    else [f"{m} re-measured by --update: its speed-ups divide the earlier run's teacher time by its own "
                          "(two runs)" for m in a.methods])
             for m in a.withdraw if world not in a.worlds else ():
                 res.pop(m, None)
             notes += [f"{n} ({day})" for n in new if not any(old.startswith(n) for old in notes)]
-            if notes[:1] == ["every row re-measured with a retrained teacher"]:
+            if replaced:
                 notes[0] += f" ({day})"
     rows = table_rows(raw)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -282,9 +288,10 @@ def main() -> None:
              + ", ".join(f"{w} {v[0]}" for w, v in WORLDS.items()) + f", batch 64, lr 2e-3. Distilled: timm "
              f"{STUDENT}, the whole train split without captions, batch 64, lr 2e-3, text queries through the "
              "teacher's text tower; distilled_rep: " + f"{REP_STUDENT} (folded for inference), epochs "
-             + ", ".join(f"{w} {e}" for w, e in REP_EPOCHS.items()) + ". ms/img: batch-1 CPU latency (median of "
-             "200); b64: CPU time per image at "
-             "batch 64 (throughput); speed-up: the teacher's over the student's. Compute vs no_kd: training FLOPs "
+             + ", ".join(f"{w} {e}" for w, e in REP_EPOCHS.items()) + ". ms/img: batch-1 CPU latency; b64: CPU time "
+             "per image at batch 64 (throughput); a world's teacher and students measured side by side in 5 rounds "
+             "(40 batch-1 and 2 batch-64 passes each a round), each model's lowest round median; speed-up: the "
+             "teacher's over the student's. Compute vs no_kd: training FLOPs "
              "(3 per student image pass, 1 per teacher pass that made a target, the store's one-off pass included) "
              "over no_kd's. Distill epochs per world: " + ", ".join(f"{w} {v[2]}" for w, v in WORLDS.items())
              + "; CLIP epochs: " + ", ".join(f"{w} {v[1]}" for w, v in WORLDS.items()) + ". train s: wall time "

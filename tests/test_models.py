@@ -249,3 +249,20 @@ def test_a_reparameterizable_student_folds_for_inference_with_the_same_outputs(m
     with pytest.raises(ClipkdError, match="folds its branches for inference"):
         clipkd.distill(tiny_world / "train", tmp_path / "sparse", cfg, teacher=models["spec"], device="cpu")
     assert not (tmp_path / "sparse").exists()
+
+
+def test_image_costs_measure_several_models_side_by_side(models):
+    """One row per model, in order, each with its size, FLOPs and both timings (the same as each model's own
+    ``image_cost``); an impossible schedule is refused in one line."""
+    from clipkd.models import image_cost, image_costs
+
+    clip, student = image_costs([models["spec"], models["student"]], repeats=10, rounds=2)
+    for c in (clip, student):
+        assert set(c) == {"image_params_m", "image_mflops", "cpu_ms_per_image", "cpu_ms_per_image_b64"}
+        assert c["cpu_ms_per_image"] > 0 and c["cpu_ms_per_image_b64"] > 0 and c["image_mflops"] > 0
+    assert clip["image_params_m"] != student["image_params_m"]
+    for m, c in ((models["spec"], clip), (models["student"], student)):
+        one = image_cost(m, repeats=5)
+        assert (one["image_params_m"], one["image_mflops"]) == (c["image_params_m"], c["image_mflops"])
+    with pytest.raises(ClipkdError, match="repeats >= rounds"):
+        image_costs([models["student"]], repeats=2, rounds=5)

@@ -61,6 +61,7 @@ _API: dict[str, str] = {
     # the model layer: every kind of model behind one pair of loaders
     "ImageModel": ".models", "load_image_model": ".models", "load_text_model": ".models", "with_text": ".models",
     "image_cost": ".models",
+    "image_costs": ".models",
     # export, search and serving
     "export_model": ".export.onnx", "ExportResult": ".export.onnx", "SearchIndex": ".search.index",
     "build_index": ".search.index", "add_to_index": ".search.index", "remove_from_index": ".search.index",

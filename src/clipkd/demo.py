@@ -25,7 +25,7 @@ from .evaluation.plots import plot_results_bars
 from .evaluation.report import markdown_table, plot_all_curves
 from .evaluation.zeroshot import evaluate
 from .fileio import read_json, write_json, write_text
-from .models import image_cost
+from .models import image_costs
 from .prompts import build_prompts, embed_prompts, load_classnames
 from .store import embed_images
 from .teachers import load_teacher
@@ -242,11 +242,12 @@ def run_retrieval_demo(out: Path, cfg: DemoConfig, rcfg: RetrievalDemoConfig, de
                                          text_model=spec if name == "distilled" else None).to_dict()
     _step("retrieval evaluation done", t0)
     pick = lambda r: {k: r[k] for k in RETRIEVAL_KEYS}  # noqa: E731
+    costs = image_costs([spec, specs["no_kd"], specs["distilled"]])  # side by side: their ratios are the speed-ups
     results = {
-        "teacher": pick(evals["teacher"]) | {"spec": spec, "cost": image_cost(spec)},
+        "teacher": pick(evals["teacher"]) | {"spec": spec, "cost": costs[0]},
         "students": {n: pick(evals[n]) for n in runs},
-        "student_cost": image_cost(specs["no_kd"]),
-        "distilled_cost": image_cost(specs["distilled"]),
+        "student_cost": costs[1],
+        "distilled_cost": costs[2],
         # student image passes in training (epochs × images); the distilled student's targets: one teacher pass
         # per stored view, made once for any number of students
         "compute": {"clip_students": {"student_images": rcfg.student.epochs * len(_caption_paths(captions))},

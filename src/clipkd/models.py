@@ -24,7 +24,7 @@ from .deployed import check_text_space, student_identity
 from .errors import ClipkdError
 from .teachers import load_teacher, load_text_model, resolve_device, resolve_model
 
-__all__ = ["ImageEncoder", "ImageModel", "TextEncoder", "image_cost", "is_student", "load_image_model",
+__all__ = ["ImageEncoder", "ImageModel", "TextEncoder", "image_cost", "image_costs", "is_student", "load_image_model",
            "load_text_model", "resolve_model", "with_text"]
 
 
@@ -161,20 +161,34 @@ def with_text(image: ImageModel, text_model: Any, device: str | None = "auto", p
 
 
 def image_cost(model: str | Path, repeats: int = 200) -> dict[str, float]:
-    """Image-tower size (M parameters), FLOPs per image, and CPU time per image at batch 1 (latency: median of
-    ``repeats`` after 20 warm-up runs) and at batch 64 (throughput: median of 10), measured on this machine."""
+    """Image-tower size (M parameters), FLOPs per image, and CPU time per image at batch 1 (latency) and at batch 64
+    (throughput), measured on this machine: :func:`image_costs` of one model."""
+    return image_costs([model], repeats)[0]
+
+
+def image_costs(models: Sequence[str | Path], repeats: int = 200, rounds: int = 5) -> list[dict[str, float]]:
+    """:func:`image_cost` of several models measured side by side, so that their ratios hold on a noisy machine:
+    in each of ``rounds`` rounds every model in turn runs ``repeats // rounds`` batch-1 and 2 batch-64 passes (after
+    a warm-up); each model's figure is its lowest round median (the round least disturbed by the rest of the
+    machine), and the models share every round's conditions."""
     import time
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    m = load_image_model(model, device="cpu")
-    x = torch.randn(1, 3, *m.preprocess_cfg.size)
-    with FlopCounterMode(display=False) as fc:
-        m.encode_image(x)
+    if rounds < 1 or repeats < rounds:
+        raise ClipkdError(f"image_costs: need rounds >= 1 and repeats >= rounds, got {repeats} and {rounds}")
+    loaded = [load_image_model(m, device="cpu") for m in models]
+    inputs, out = [], []
+    for m in loaded:
+        x = torch.randn(1, 3, *m.preprocess_cfg.size)
+        with FlopCounterMode(display=False) as fc:
+            m.encode_image(x)
+        tower = m.student if m.student is not None else m.clip.model.visual
+        inputs.append((x, x.expand(64, -1, -1, -1).contiguous()))
+        out.append({"image_params_m": round(sum(p.numel() for p in tower.parameters()) / 1e6, 3),
+                    "image_mflops": round(fc.get_total_flops() / 1e6, 2)})
 
-    def median_ms(batch: torch.Tensor, n: int, warm: int) -> float:
-        for _ in range(warm):
-            m.encode_image(batch)
+    def median_ms(m: ImageModel, batch: torch.Tensor, n: int) -> float:
         times = []
         for _ in range(n):
             t = time.perf_counter()
@@ -182,8 +196,17 @@ def image_cost(model: str | Path, repeats: int = 200) -> dict[str, float]:
             times.append(time.perf_counter() - t)
         return 1000 * sorted(times)[len(times) // 2] / len(batch)
 
-    tower = m.student if m.student is not None else m.clip.model.visual
-    return {"image_params_m": round(sum(p.numel() for p in tower.parameters()) / 1e6, 3),
-            "image_mflops": round(fc.get_total_flops() / 1e6, 2),
-            "cpu_ms_per_image": round(median_ms(x, repeats, 20), 3),
-            "cpu_ms_per_image_b64": round(median_ms(x.expand(64, -1, -1, -1).contiguous(), 10, 2), 4)}
+    with torch.inference_mode():
+        for m, (x1, x64) in zip(loaded, inputs, strict=True):  # warm-up: allocator, kernels, caches
+            median_ms(m, x1, 20)
+            median_ms(m, x64, 2)
+        b1 = [[] for _ in loaded]
+        b64 = [[] for _ in loaded]
+        for _ in range(rounds):
+            for i, (m, (x1, x64)) in enumerate(zip(loaded, inputs, strict=True)):
+                b1[i].append(median_ms(m, x1, repeats // rounds))
+                b64[i].append(median_ms(m, x64, 2))
+    for o, t1, t64 in zip(out, b1, b64, strict=True):
+        o["cpu_ms_per_image"] = round(min(t1), 3)
+        o["cpu_ms_per_image_b64"] = round(min(t64), 4)
+    return out
