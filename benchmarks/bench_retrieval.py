@@ -229,6 +229,9 @@ def main() -> None:
     ap.add_argument("--root", default=".data/retrieval", help="students (reused)")
     ap.add_argument("--demo-run", type=Path, help="reuse this clipkd demo folder for the demo world (../runs/demo)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for the timings (training uses the "
+                    "machine's); one by default: batch-1 latency of these small towers is steadiest, and no slower, "
+                    "on one thread of a 2-core machine")
     ap.add_argument("--out", default="results/retrieval.md")
     ap.add_argument("--update", action="store_true", help="replace these worlds' and methods' rows in --out's JSON "
                     "(and its table) and keep the others; refused when a world's teacher measures differently")
@@ -251,7 +254,7 @@ def main() -> None:
             raw[world][method] = [run_method(world, method, s, p, Path(a.root), a.device) for s in a.seeds]
             print(world, method, {k: raw[world][method][0][k] for k in KEYS}, flush=True)
         # the teacher and every student measured side by side, so that the speed-ups are ratios of one moment
-        costs = clipkd.image_costs([p["spec"], *(raw[world][m][0]["model"] for m in a.methods)])
+        costs = clipkd.image_costs([p["spec"], *(raw[world][m][0]["model"] for m in a.methods)], threads=a.threads)
         raw[world]["teacher"]["cost"] = costs[0]
         for method, cost in zip(a.methods, costs[1:], strict=True):
             for r in raw[world][method]:
@@ -259,13 +262,15 @@ def main() -> None:
                 r["train_flops"] = flops_weighted(r["compute"], cost["image_mflops"], costs[0]["image_mflops"])
     out = Path(a.out)
     if a.update:
-        raw = merged(json.loads(out.with_suffix(".json").read_text()), raw)
+        before = json.loads(out.with_suffix(".json").read_text())
+        raw = merged(before, raw)
         day = time.strftime("%Y-%m-%d")
         for world, res in raw.items():
             notes = res["teacher"].setdefault("notes", [])  # kept in the JSON: later --update runs keep them
             replaced = notes[:1] in ([REMEASURED], [REMEASURED + RETRAINED])  # by merged() in this run (no date yet)
             new = ([f"{m} withdrawn (measured before a fix, not re-measured)" for m in a.withdraw]
-                   if world not in a.worlds else [] if replaced
+                   if world not in a.worlds else ["added by --update (another run than the other worlds')"]
+                   if world not in before else [] if replaced
                    else [f"{m} re-measured by --update: its speed-ups divide the earlier run's teacher time by its own "
                          "(two runs)" for m in a.methods])
             for m in a.withdraw if world not in a.worlds else ():
@@ -290,8 +295,12 @@ def main() -> None:
              "teacher's text tower; distilled_rep: " + f"{REP_STUDENT} (folded for inference), epochs "
              + ", ".join(f"{w} {e}" for w, e in REP_EPOCHS.items()) + ". ms/img: batch-1 CPU latency; b64: CPU time "
              "per image at batch 64 (throughput); a world's teacher and students measured side by side in 5 rounds "
-             "(40 batch-1 and 2 batch-64 passes each a round), each model's lowest round median; speed-up: the "
-             "teacher's over the student's. Compute vs no_kd: training FLOPs "
+             "(40 batch-1 and 2 batch-64 passes each a round), each model's lowest round median, on torch CPU "
+             "threads " + ", ".join(f"{w} {res['teacher']['cost'].get('cpu_threads', 'not recorded')}"
+                                    for w, res in raw.items())
+             + (" (not recorded: an earlier run, which timed each model alone)"
+                if any("cpu_threads" not in res["teacher"]["cost"] for res in raw.values()) else "") + "; "
+             "speed-up: the teacher's over the student's. Compute vs no_kd: training FLOPs "
              "(3 per student image pass, 1 per teacher pass that made a target, the store's one-off pass included) "
              "over no_kd's. Distill epochs per world: " + ", ".join(f"{w} {v[2]}" for w, v in WORLDS.items())
              + "; CLIP epochs: " + ", ".join(f"{w} {v[1]}" for w, v in WORLDS.items()) + ". train s: wall time "

@@ -256,9 +256,12 @@ def test_image_costs_measure_several_models_side_by_side(models):
     ``image_cost``); an impossible schedule is refused in one line."""
     from clipkd.models import image_cost, image_costs
 
-    clip, student = image_costs([models["spec"], models["student"]], repeats=10, rounds=2)
+    threads = torch.get_num_threads()
+    clip, student = image_costs([models["spec"], models["student"]], repeats=10, rounds=2, threads=1)
+    assert torch.get_num_threads() == threads  # the caller's setting restored
     for c in (clip, student):
-        assert set(c) == {"image_params_m", "image_mflops", "cpu_ms_per_image", "cpu_ms_per_image_b64"}
+        assert set(c) == {"image_params_m", "image_mflops", "cpu_ms_per_image", "cpu_ms_per_image_b64", "cpu_threads"}
+        assert c["cpu_threads"] == 1
         assert c["cpu_ms_per_image"] > 0 and c["cpu_ms_per_image_b64"] > 0 and c["image_mflops"] > 0
     assert clip["image_params_m"] != student["image_params_m"]
     for m, c in ((models["spec"], clip), (models["student"], student)):
@@ -266,3 +269,5 @@ def test_image_costs_measure_several_models_side_by_side(models):
         assert (one["image_params_m"], one["image_mflops"]) == (c["image_params_m"], c["image_mflops"])
     with pytest.raises(ClipkdError, match="repeats >= rounds"):
         image_costs([models["student"]], repeats=2, rounds=5)
+    with pytest.raises(ClipkdError, match="threads must be at least 1"):
+        image_costs([models["student"]], threads=0)

@@ -166,17 +166,30 @@ def image_cost(model: str | Path, repeats: int = 200) -> dict[str, float]:
     return image_costs([model], repeats)[0]
 
 
-def image_costs(models: Sequence[str | Path], repeats: int = 200, rounds: int = 5) -> list[dict[str, float]]:
+def image_costs(models: Sequence[str | Path], repeats: int = 200, rounds: int = 5,
+                threads: int | None = None) -> list[dict[str, float]]:
     """:func:`image_cost` of several models measured side by side, so that their ratios hold on a noisy machine:
     in each of ``rounds`` rounds every model in turn runs ``repeats // rounds`` batch-1 and 2 batch-64 passes (after
     a warm-up); each model's figure is its lowest round median (the round least disturbed by the rest of the
-    machine), and the models share every round's conditions."""
+    machine), and the models share every round's conditions. ``threads``: torch's CPU threads for the timings (this
+    process's setting when None; restored after); recorded as ``cpu_threads``."""
+    if rounds < 1 or repeats < rounds:
+        raise ClipkdError(f"image_costs: need rounds >= 1 and repeats >= rounds, got {repeats} and {rounds}")
+    if threads is not None and threads < 1:
+        raise ClipkdError(f"image_costs: threads must be at least 1, got {threads}")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads or before)
+        return _image_costs(models, repeats, rounds)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _image_costs(models: Sequence[str | Path], repeats: int, rounds: int) -> list[dict[str, float]]:
     import time
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    if rounds < 1 or repeats < rounds:
-        raise ClipkdError(f"image_costs: need rounds >= 1 and repeats >= rounds, got {repeats} and {rounds}")
     loaded = [load_image_model(m, device="cpu") for m in models]
     inputs, out = [], []
     for m in loaded:
@@ -209,4 +222,5 @@ def image_costs(models: Sequence[str | Path], repeats: int = 200, rounds: int = 
     for o, t1, t64 in zip(out, b1, b64, strict=True):
         o["cpu_ms_per_image"] = round(min(t1), 3)
         o["cpu_ms_per_image_b64"] = round(min(t64), 4)
+        o["cpu_threads"] = torch.get_num_threads()
     return out
