@@ -25,7 +25,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from ..errors import ClipkdError
 from ..fileio import write_text
 from ..prompts import embed_prompts, read_prompts
 from .index import SearchIndex
+
+if TYPE_CHECKING:
+    from ..store import EmbeddingStore
 
 log = logging.getLogger(__name__)
 # Cosine at or above which a pool image is a near-copy of one already chosen for its class. The lower 0.98 dropped
@@ -182,15 +185,14 @@ Picks = dict[str, list[tuple[str, float]]]
 @dataclass
 class ExamplePrototypes:
     """Per class with labelled examples: the mean of their teacher embeddings (unit length) and the cut, the
-    quantile of the examples' own cosines to it; ``teacher``: the identity of the store they came from."""
+    quantile of the examples' own cosines to it; ``store``: the store they came from (its teacher is checked
+    against the pool index's)."""
 
     by_class: dict[str, tuple[np.ndarray, float]]
-    teacher: str
+    store: EmbeddingStore
 
     def check_teacher(self, identity: str) -> None:
-        if identity != self.teacher:
-            raise ClipkdError(f"the examples' store holds embeddings of teacher '{self.teacher}', not '{identity}': "
-                              "the examples' store must come from the pool index's teacher")
+        self.store.check_teacher(identity, "the examples' store must come from the pool index's teacher")
 
 
 def example_prototypes(examples: str | Path, store: str | Path, classnames: Sequence[str], teacher: str | None,
@@ -216,7 +218,7 @@ def example_prototypes(examples: str | Path, store: str | Path, classnames: Sequ
         p = v.mean(0)
         p /= max(float(np.linalg.norm(p)), 1e-12)
         out[data.classnames[int(y)]] = (p, float(np.quantile(v @ p, quantile)))
-    protos = ExamplePrototypes(out, st.teacher)
+    protos = ExamplePrototypes(out, st)
     if teacher is not None:
         protos.check_teacher(teacher)
     return protos
