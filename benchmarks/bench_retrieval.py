@@ -162,28 +162,27 @@ def flops_weighted(compute: dict, student_mflops: float, teacher_mflops: float) 
     return 3 * compute["student_images"] * student_mflops + compute["teacher_images"] * teacher_mflops
 
 
-REMEASURED, RETRAINED = "every row re-measured", " with a retrained teacher"
-
-
-def merged(old: dict, new: dict) -> dict:
-    """``old`` results with ``new``'s worlds and methods put in. A world whose every row is new is replaced whole
-    (teacher and its latency included); otherwise the new rows join the kept ones, which is refused when the teacher
-    now measures differently (another teacher: the kept rows would not be comparable)."""
-    out = {w: dict(v) for w, v in old.items()}
+def merged(old: dict, new: dict, day: str) -> tuple[dict, set[str]]:
+    """``old`` results with ``new``'s worlds and methods put in, and the worlds replaced whole. A world whose every
+    row is new is replaced whole (teacher and its latency included, noted with ``day``); otherwise the new rows join
+    the kept ones, which is refused when the teacher now measures differently (another teacher: the kept rows would
+    not be comparable)."""
+    out, replaced = {w: dict(v) for w, v in old.items()}, set()
     for world, res in new.items():
         if world in out:
             was, now = out[world]["teacher"], res["teacher"]
             retrained = any(abs(was[k] - now[k]) > 1e-9 for k in KEYS)
             if set(out[world]) <= set(res):  # every row of the world measured again: the world is replaced
-                note = REMEASURED + (RETRAINED if retrained else "")
+                note = "every row re-measured" + (" with a retrained teacher" if retrained else "") + f" ({day})"
                 out[world] = {**res, "teacher": {**now, "notes": [note]}}
+                replaced.add(world)
                 continue
             if retrained:
                 raise SystemExit(f"--update: the {world} teacher measures {[now[k] for k in KEYS]} now, "
                                  f"{[was[k] for k in KEYS]} in the results file: rerun every method of that world")
             res = {**res, "teacher": was}
         out[world] = {**out.get(world, {}), **res}
-    return out
+    return out, replaced
 
 
 def table_rows(raw: dict) -> list[dict]:
@@ -239,6 +238,8 @@ def main() -> None:
                     help="with --update: drop these methods' rows from the worlds not measured now (rows that a fix "
                     "made wrong and that this run does not re-measure)")
     a = ap.parse_args()
+    if a.threads < 1:
+        ap.error(f"--threads must be at least 1, got {a.threads}")
     logging.basicConfig(level=logging.WARNING)
     raw = {}
     for world in a.worlds:
@@ -263,21 +264,18 @@ def main() -> None:
     out = Path(a.out)
     if a.update:
         before = json.loads(out.with_suffix(".json").read_text())
-        raw = merged(before, raw)
         day = time.strftime("%Y-%m-%d")
+        raw, replaced = merged(before, raw, day)
         for world, res in raw.items():
             notes = res["teacher"].setdefault("notes", [])  # kept in the JSON: later --update runs keep them
-            replaced = notes[:1] in ([REMEASURED], [REMEASURED + RETRAINED])  # by merged() in this run (no date yet)
             new = ([f"{m} withdrawn (measured before a fix, not re-measured)" for m in a.withdraw]
                    if world not in a.worlds else ["added by --update (another run than the other worlds')"]
-                   if world not in before else [] if replaced
+                   if world not in before else [] if world in replaced
                    else [f"{m} re-measured by --update: its speed-ups divide the earlier run's teacher time by its own "
                          "(two runs)" for m in a.methods])
             for m in a.withdraw if world not in a.worlds else ():
                 res.pop(m, None)
             notes += [f"{n} ({day})" for n in new if not any(old.startswith(n) for old in notes)]
-            if replaced:
-                notes[0] += f" ({day})"
     rows = table_rows(raw)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(raw, indent=2))
