@@ -271,24 +271,3 @@ def test_image_costs_measure_several_models_side_by_side(models):
         image_costs([models["student"]], repeats=2, rounds=5)
     with pytest.raises(ClipkdError, match="threads must be at least 1"):
         image_costs([models["student"]], threads=0)
-
-
-def test_a_moved_demo_reuses_its_own_teacher_weights(tmp_path):
-    """`clipkd demo` reuses a trained teacher when its recipe and world are unchanged: in a moved demo folder it must
-    name the weights file that moved with it, not the path its run.json recorded where it was trained."""
-    import shutil
-    from dataclasses import asdict
-
-    from clipkd.demo import DemoConfig, _teacher
-    from clipkd.teachers import load_clip
-
-    cfg = DemoConfig()
-    world = tmp_path / "old" / "world"
-    world.mkdir(parents=True)
-    (world / "world.json").write_text(json.dumps({"config": {"seed": 0}}))
-    spec = load_clip("open_clip:clipkd-micro").save(tmp_path / "old" / "teacher")
-    (tmp_path / "old" / "teacher" / "run.json").write_text(
-        json.dumps({"spec": spec, "train": asdict(cfg.teacher), "world": {"seed": 0}}))
-    shutil.move(tmp_path / "old", tmp_path / "new")
-    got = _teacher(tmp_path / "new" / "world", tmp_path / "new" / "teacher", cfg.teacher, "cpu")
-    assert got.endswith(f"@{(tmp_path / 'new' / 'teacher' / 'open_clip_model.pt').resolve()}"), got

@@ -28,7 +28,7 @@ from .fileio import read_json, write_json, write_text
 from .models import image_costs
 from .prompts import build_prompts, embed_prompts, load_classnames
 from .store import embed_images
-from .teachers import load_teacher, resolve_model
+from .teachers import load_teacher
 from .training.clip_train import ClipTrainConfig, clip_train
 from .training.distill import TrainConfig, distill, train_supervised
 
@@ -97,7 +97,7 @@ def _teacher(world: Path, out: Path, cfg: ClipTrainConfig, device: str) -> str:
         info = read_json(run, "teacher run")
         if info.get("train") == asdict(cfg) and info.get("world") == read_json(world / "world.json")["config"]:
             log.info("reusing the trained demo teacher in %s", out)
-            return resolve_model(out)  # its own weights file, wherever the demo folder has moved
+            return info.get("spec") or info["teacher_spec"]
     spec = clip_train(world / "train", world / "train" / "captions_en.csv", out, cfg, device=device,
                       overwrite=OWN).spec
     info = read_json(run, "teacher run")
