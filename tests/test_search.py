@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -155,16 +156,16 @@ def test_service_search_paths(client, index, tiny_world):
     r = client.post("/search", files={"image": ("q.png", img_path.read_bytes(), "image/png")}, data={"k": "5"})
     assert r.status_code == 200, r.text
     res = r.json()["results"]
-    assert len(res) == 5 and res[0]["url"] == f"/images/{res[0]['id']}"
+    assert len(res) == 5 and res[0]["url"] == f"http://127.0.0.1:8000/images/{res[0]['id']}"  # the public URL
     assert "path" not in res[0] and index.image_path(res[0]["id"]) == img_path.resolve()  # ids, not server paths
     by_id = client.post("/search", json={"id": res[1]["id"], "k": 3}).json()["results"]
     assert by_id[0]["id"] == res[1]["id"]
     assert len(client.post("/search", json={"text": "a blue square", "k": 7}).json()["results"]) == 7
     b64 = base64.b64encode(img_path.read_bytes()).decode()
     assert client.post("/search", json={"image": b64, "k": 2}).json()["results"][0]["id"] == res[0]["id"]
-    got = client.get(res[0]["url"])
+    got = client.get(f"/images/{res[0]['id']}")
     assert got.status_code == 200 and got.content == img_path.read_bytes()
-    thumb = client.get(res[0]["url"] + "?thumb=1")
+    thumb = client.get(f"/images/{res[0]['id']}?thumb=1")
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
     page = client.get("/")
     assert page.status_code == 200 and "clipkd search" in page.text
@@ -208,6 +209,38 @@ def test_service_bad_inputs_are_4xx_and_it_keeps_serving(client, tiny_world):
             assert isinstance(r.json().get("detail"), str)
     assert client.get("/health").json()["status"] == "ok"
     assert client.post("/search", json={"text": "a red circle", "k": 1}).status_code == 200
+
+
+def test_what_a_client_is_told_names_its_own_fields_and_never_echoes_it(index, tiny_world):
+    """Round five: a public URL on /search too, no object repr for a non-image, the field /knn-service was sent,
+    a removed image said to be removed, a 422 without the input, and every filter holds."""
+    from fastapi.testclient import TestClient
+
+    c = TestClient(create_app(index.root, public_url="https://search.example.com/", reload_s=0))
+    res = c.post("/search", json={"text": "a red circle", "k": 3}).json()["results"]
+    assert [r["url"] for r in res] == [f"https://search.example.com/images/{r['id']}" for r in res]
+    knn = c.post("/knn-service", json={"text": "a red circle", "num_images": 3, "deduplicate": False}).json()
+    assert knn[0]["url"].startswith("https://search.example.com/images/")
+    r = c.post("/search", files={"image": ("x.txt", b"hello, not an image", "text/plain")})
+    assert r.status_code == 400 and " at 0x" not in r.json()["detail"] and "BytesIO" not in r.json()["detail"]
+    assert r.json()["detail"].startswith("cannot decode the image")
+    for field in ("num_images", "num_result_ids"):
+        r = c.post("/knn-service", json={"text": "a", field: "many"})
+        assert r.status_code == 400 and r.json()["detail"].startswith(f"{field} must be"), r.text
+    r = c.get("/images/0?thumb=<script>secret</script>")
+    assert r.status_code == 422 and "secret" not in r.text and "thumb" in r.json()["detail"], r.text
+    labels = sorted({h["label"] for h in c.post("/search", json={"text": "x", "k": 100}).json()["results"]})
+    a, b = labels[0], labels[1]
+    both = c.post("/search", json={"text": "x", "k": 10, "label": a, "where": {"label": b}})
+    assert both.status_code == 200 and both.json()["results"] == [], both.text  # every filter must hold
+    same = c.post("/search", json={"text": "x", "k": 10, "label": a, "where": {"label": a}}).json()["results"]
+    assert same and all(h["label"] == a for h in same)
+    for bad in ({"label": 1.5}, {"label": True}, {"where": {"label": 1.5}}, {"where": {"label": True}},
+                {"where": {"label": [a]}}, {"label": [a]}):
+        r = c.post("/search", json={"text": "x", **bad})
+        assert r.status_code == 400, (bad, r.text)  # a bad value is a 400 whether in `label` or in `where`
+    assert c.post("/search", json={"text": "x", "label": 7}).json()["results"] == \
+        c.post("/search", json={"text": "x", "where": {"label": 7}}).json()["results"] == []
 
 
 def test_knn_service_speaks_clip_retrievals_protocol(client, tiny_world):
@@ -882,20 +915,29 @@ def test_index_changing_routes_need_the_token_and_say_what_is_wrong(teacher_spec
     assert r.status_code == 401 and r.json()["detail"].startswith("this route changes the index")
     auth = {"Authorization": f"Bearer {TOKEN}"}
     for body, code in [({}, 400), ({"ids": []}, 400), ({"ids": ["x"]}, 400), ({"ids": [10 ** 9]}, 404),
-                       ({"paths": ["nope.png"]}, 400), ({"ids": [0], "paths": ["a"]}, 400)]:
+                       ({"paths": ["nope.png"]}, 404), ({"ids": [0], "paths": ["a"]}, 400),
+                       # only the index's own keys count: never a file resolved against the server's folder
+                       ({"paths": [str(shop / "old" / sorted(os.listdir(shop / "old"))[0])]}, 404),
+                       ({"paths": ["../../../etc/passwd"]}, 404), ({"paths": [3]}, 400)]:
         r = c.post("/index/remove", json=body, headers=auth)
         assert r.status_code == code and "\n" not in r.json()["detail"], (body, r.status_code, r.text)
+        assert "etc" not in r.json()["detail"] and str(tmp_path) not in r.json()["detail"], r.text
+        assert "index the index" not in r.json()["detail"], r.text
     gen = c.get("/health").json()["generation"]
     r = c.post("/index/remove", json={"ids": [0, 1]}, headers=auth)
     assert r.status_code == 200 and r.json()["changed"] == 2 and r.json()["generation"] == gen + 1
     assert c.get("/health").json()["generation"] == gen + 1  # answered once the server serves it
     r = c.post("/search", json={"id": 0})
     assert r.status_code == 404 and r.json()["detail"] == "image 0 was removed from this index"
-    assert c.get("/images/0").status_code == 404
     ids = {h["id"] for h in c.post("/search", json={"id": 2, "k": 100}).json()["results"]}
     assert not ids & {0, 1}
+    r = c.get("/images/0")
+    assert r.status_code == 404 and r.json()["detail"] == "image 0 was removed from this index", r.text
     r = c.post("/index/remove", json={"ids": [0]}, headers=auth)
-    assert r.status_code == 404 and "removed already" in r.json()["detail"]
+    assert r.status_code == 404 and r.json()["detail"] == "image 0 was removed from this index", r.text
+    key = SearchIndex(root).paths[5]  # a key as the index lists it (relative to the collection root) is taken
+    r = c.post("/index/remove", json={"paths": [key]}, headers=auth)
+    assert r.status_code == 200 and r.json()["changed"] == 1, r.text
     with exclusive(root, "search index"):  # another clipkd process is changing it
         r = c.post("/index/remove", json={"ids": [3]}, headers=auth)
         assert r.status_code == 409 and "in use by another" in r.json()["detail"]

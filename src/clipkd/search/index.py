@@ -345,6 +345,14 @@ def commit_generation(root: Path, info: dict[str, Any], index: Any, rows: np.nda
     return info
 
 
+
+def filter_terms(label: str | None, where: dict[str, str] | None) -> list[tuple[str, str]]:
+    """The ``(column, value)`` terms a query's ``label`` and ``where`` ask for, every one of which must hold: a
+    ``where`` label that differs from ``label`` is a second term on the same column, which no row meets."""
+    terms = {("label", str(label))} if label is not None else set()
+    terms |= {(c, str(v)) for c, v in (where or {}).items()}
+    return sorted(terms)
+
 class SearchIndex:
     """An index folder opened for search; ``encoder`` loads the model that made it (checked by identity). An index
     whose vectors live in Milvus opens as :class:`MilvusIndex`."""
@@ -498,23 +506,26 @@ class SearchIndex:
             return None
         return values[int(codes[row])]
 
-    def allowed(self, label: str | None = None, where: dict[str, str] | None = None) -> np.ndarray | None:
-        """The FAISS positions whose rows match ``label`` and every ``column: value`` of ``where`` (None: no
-        filter). A column the index does not have is a one-line error naming those it has."""
-        want = {**({"label": label} if label is not None else {}), **(where or {})}
-        if not want:
-            return None
-        cache = self.__dict__.setdefault("_allowed", {})
-        frozen = tuple(sorted(want.items()))
-        if frozen in cache:
-            return cache[frozen]
-        unknown = sorted(c for c in want if c not in self.codes)
+    def _check_columns(self, want: list[tuple[str, str]]) -> None:
+        unknown = sorted(c for c, _ in want if c not in self.codes)
         if unknown:
             raise ClipkdError(f"index {self.root} has no column {unknown[0]!r} to filter on (it has: "
                               f"{', '.join(self.codes) or 'none'})")
+
+    def allowed(self, label: str | None = None, where: dict[str, str] | None = None) -> np.ndarray | None:
+        """The FAISS positions whose rows match ``label`` and every ``column: value`` of ``where`` (None: no
+        filter). A column the index does not have is a one-line error naming those it has."""
+        want = filter_terms(label, where)
+        if not want:
+            return None
+        cache = self.__dict__.setdefault("_allowed", {})
+        frozen = tuple(want)
+        if frozen in cache:
+            return cache[frozen]
+        self._check_columns(want)
         ok = np.ones(len(self.rows), dtype=bool)
         ok[self.tombstones] = False
-        for c, v in want.items():
+        for c, v in want:
             codes, values = self.codes[c]
             if str(v) not in values:
                 ok[:] = False
@@ -699,13 +710,10 @@ class MilvusIndex(SearchIndex):
         :meth:`SearchIndex.allowed`."""
         from . import milvus
 
-        want = {**({"label": label} if label is not None else {}), **(where or {})}
+        want = filter_terms(label, where)
         if not want:
             return None
-        unknown = sorted(c for c in want if c not in self.codes)
-        if unknown:
-            raise ClipkdError(f"index {self.root} has no column {unknown[0]!r} to filter on (it has: "
-                              f"{', '.join(self.codes) or 'none'})")
+        self._check_columns(want)
         return milvus.expression(want)
 
     def search_vectors(self, queries: np.ndarray, k: int = 10,  # type: ignore[override]

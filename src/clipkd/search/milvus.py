@@ -168,10 +168,11 @@ def delete_rows(client: Any, name: str, rows: list[int]) -> None:
         client.delete(name, ids=rows[start:start + 10_000])
 
 
-def expression(want: dict[str, str]) -> str:
-    """A Milvus filter matching ``{column: value}`` (``label``, or an image list's other columns in ``meta``)."""
+def expression(want: list[tuple[str, str]]) -> str:
+    """A Milvus filter matching every ``(column, value)`` (``label``, or an image list's other columns in
+    ``meta``)."""
     parts = []
-    for c, v in sorted(want.items()):
+    for c, v in want:
         field = "label" if c == "label" else f"meta[{json.dumps(c)}]"
         parts.append(f"{field} == {json.dumps(str(v))}")
     return " and ".join(parts)

@@ -63,8 +63,18 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise
     except Image.DecompressionBombError as e:
         raise QueryError(413, f"image refused: {e}") from None
+    except Image.UnidentifiedImageError:  # Pillow's message names its BytesIO object: not for a client
+        raise QueryError(400, "cannot decode the image: not a format this server reads (JPEG, PNG, WebP, GIF, BMP, "
+                              "TIFF)") from None
     except Exception as e:  # noqa: BLE001 - anything Pillow cannot decode is the client's problem
-        raise QueryError(400, f"cannot decode the image ({type(e).__name__}: {str(e)[:200]})") from None
+        raise QueryError(400, f"cannot decode the image ({type(e).__name__}: {_no_repr(str(e))[:200]})") from None
+
+
+def _no_repr(text: str) -> str:
+    """``text`` without Python object reprs (``<_io.BytesIO object at 0x7f...>``): what a client is shown."""
+    import re
+
+    return re.sub(r"<[\w.]+ object at 0x[0-9a-f]+>", "the upload", text)
 
 
 class Batcher:
@@ -150,11 +160,11 @@ class SearchService:
         new.root = _common_root(index.paths) if self.show_paths else ""
         return new
 
-    def public(self, hit: dict[str, Any], absolute: bool = False) -> dict[str, Any]:
-        """A result as a client sees it: ``id``, ``score``, ``label``, ``url`` (and the relative path if shown)."""
-        url = f"/images/{hit['id']}"
+    def public(self, hit: dict[str, Any]) -> dict[str, Any]:
+        """A result as a client sees it: ``id``, ``score``, ``label``, ``url`` (``public_url`` + ``/images/{id}``:
+        ``/search`` and ``/knn-service`` alike), and the relative path if shown."""
         out = {"id": hit["id"], "score": hit["score"], "label": hit["label"],
-               "url": self.public_url + url if absolute else url}
+               "url": f"{self.public_url}/images/{hit['id']}"}
         if self.show_paths:
             out["path"] = _relative(hit["path"], self.root)
         return out
@@ -172,33 +182,32 @@ class SearchService:
                 vectors.append(v)
         return kept
 
-    def check_k(self, k: Any, limit: int | None = None, cap: bool = False) -> int:
+    def check_k(self, k: Any, limit: int | None = None, cap: bool = False, name: str = "k") -> int:
         """A result count: a whole number (``true``, ``1.7``, ``1e400`` and text are refused) from 1 to ``limit``
-        (default ``max_k``); with ``cap``, a larger one is answered with what there is, as clip-retrieval does."""
+        (default ``max_k``); with ``cap``, a larger one is answered with what there is, as clip-retrieval does.
+        ``name``: the field the client sent it in (``num_images`` for ``/knn-service``), as errors call it."""
         limit = self.max_k if limit is None else limit
         if isinstance(k, bool) or (isinstance(k, float) and not (np.isfinite(k) and k.is_integer())):
-            raise QueryError(400, f"k must be a whole number, got {str(k)[:40]}")
+            raise QueryError(400, f"{name} must be a whole number")
         try:
             k = int(k)
         except (TypeError, ValueError, OverflowError):
-            raise QueryError(400, f"k must be a whole number, got {str(k)[:40]}") from None
+            raise QueryError(400, f"{name} must be a whole number") from None
         if k < 1 or (k > limit and not cap):
-            raise QueryError(400, f"k must be between 1 and {limit}, got {k}")
+            raise QueryError(400, f"{name} must be between 1 and {limit}, got {k}")
         return min(k, limit, max(1, len(self.index))) if cap else k
 
     def filter(self, label: Any = None, where: Any = None) -> np.ndarray | None:
         """The positions a query's ``label`` / ``where`` (``{"column": "value"}``) filter allows (None: no filter);
         a malformed filter, or one on a column the index does not have, is a 400."""
-        if label is not None and not isinstance(label, str):
-            raise QueryError(400, "label must be a string")
-        if where is not None and (not isinstance(where, dict) or not all(
-                isinstance(c, str) and isinstance(v, str | int | float) and not isinstance(v, bool)
-                for c, v in where.items())):
+        if where is not None and not (isinstance(where, dict) and all(isinstance(c, str) for c in where)):
             raise QueryError(400, 'where must be an object of column: value, e.g. {"brand": "acme"}')
+        label = None if label is None else _filter_value("label", label)
+        where = {c: _filter_value(c, v) for c, v in (where or {}).items()}
         try:
-            return self.index.allowed(label, {c: str(v) for c, v in (where or {}).items()})
+            return self.index.allowed(label, where)
         except ClipkdError as e:
-            raise QueryError(400, str(e).replace(f"index {self.index.root} has", "this index has")) from None
+            raise QueryError(400, _without_root(str(e), self.index.root)) from None
 
     def by_image(self, img: Image.Image, k: int, allowed: np.ndarray | None = None) -> list[dict[str, Any]]:
         x = self.index.encoder.preprocess(img)
@@ -222,10 +231,9 @@ class SearchService:
         try:
             v = self.index.vector(int(row))
         except (KeyError, TypeError, ValueError):
-            ix = self.index
-            removed = isinstance(row, int) and 0 <= row < len(ix.paths) and ix.paths[row] in ix.removed
+            removed = isinstance(row, int) and self.removed(row)
             raise QueryError(404, f"image {row} was removed from this index" if removed else
-                             f"no indexed image with id {row!r}") from None
+                             f"no indexed image with id {str(row)[:40]!r}") from None
         scores, rows = self.index.search_vectors(v[None], k, allowed)
         return self.index.hits(scores[0], rows[0])
 
@@ -260,8 +268,36 @@ class SearchService:
         if not (row.isascii() and row.isdigit()) or not 0 <= int(row) < len(self.index.paths):
             raise QueryError(404, "no such image")
         if not self.index.is_live(int(row)):
-            raise QueryError(404, "no such image")
+            raise QueryError(404, f"image {int(row)} was removed from this index" if self.removed(int(row)) else
+                             "no such image")
         return int(row)
+
+    def removed(self, row: int) -> bool:
+        """Whether store row ``row`` is an image removed from the index (not one that never was in it)."""
+        ix = self.index
+        return 0 <= row < len(ix.paths) and ix.paths[row] in ix.removed
+
+
+def _filter_value(column: str, value: Any) -> str:
+    """A filter's value as the column holds it: a string, or a whole number (``2024`` matches ``"2024"``); anything
+    else is a 400, whether it came as ``label`` or inside ``where``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise QueryError(400, f"the filter on {column[:40]!r} must be a string or a whole number")
+
+
+def _without_root(message: str, root: Path) -> str:
+    """A library message as a client sees it: the index folder of this machine named as "this index"."""
+    return message.replace(f"index {root}", "this index").replace(str(root), "this index")
+
+
+def _validation_message(errors: Any) -> str:
+    """FastAPI's validation errors as one line: where and what (``query thumb: Input should be a valid
+    integer``), never the input."""
+    parts = [f"{' '.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors]
+    return "; ".join(parts)[:300] or "invalid request"
 
 
 def b64decode(data: Any) -> bytes:
@@ -327,6 +363,7 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
     between requests (0: never)."""
     try:
         from fastapi import FastAPI, Request
+        from fastapi.exceptions import RequestValidationError
         from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     except ImportError:
         raise ClipkdError("serving needs FastAPI: pip install 'clipkd[search]'") from None
@@ -366,6 +403,11 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
     @app.exception_handler(QueryError)
     async def _query_error(request: Request, exc: QueryError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422, without the input it echoes back (a client's bytes are not repeated to it)."""
+        return JSONResponse({"detail": _validation_message(exc.errors())}, status_code=422)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -468,8 +510,9 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
         svc = app.state.service
         index = svc.index
         body = await _json_body(request)
-        want = svc.check_k(body.get("num_images", 40), MAX_KNN, cap=True)
-        k = max(want, svc.check_k(body.get("num_result_ids", want), MAX_KNN, cap=True))  # candidates, then dedupe
+        want = svc.check_k(body.get("num_images", 40), MAX_KNN, cap=True, name="num_images")
+        k = max(want, svc.check_k(body.get("num_result_ids", want), MAX_KNN, cap=True,  # candidates, then dedupe
+                                  name="num_result_ids"))
         fields = knn_fields(body, index.root.name)
         if body.get("text"):
             results = await run_in_threadpool(svc.by_text, body["text"], k)
@@ -485,7 +528,7 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
             results = svc.dedupe(results)
         answer = []
         for r in results[:want]:
-            p = svc.public(r, absolute=True)
+            p = svc.public(r)
             answer.append({"url": p["url"], "id": r["id"], "similarity": r["score"], "caption": r["label"]}
                           | ({"path": p["path"]} if "path" in p else {}))
         headers = {"X-Clipkd-Index": index.root.name, "X-Clipkd-Generation": str(index.generation)}
@@ -506,7 +549,7 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
                 n = change()
             except ClipkdError as e:
                 raise QueryError(409 if "in use by another" in str(e) else 400,
-                                 str(e).replace(str(index.root), "the index")) from None
+                                 _without_root(str(e), index.root)) from None
             reloader.check()
         ix = app.state.service.index
         return {"changed": n, "images": len(ix), "generation": ix.generation}
@@ -533,7 +576,8 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
 
         _authorised(request)
         body = await _json_body(request)
-        ix = app.state.service.index
+        svc = app.state.service
+        ix = svc.index
         ids, paths = body.get("ids"), body.get("paths")
         if (ids is None) == (paths is None) or not isinstance(ids if ids is not None else paths, list) or \
                 not (ids or paths):
@@ -543,12 +587,17 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
                 raise QueryError(400, "ids must be whole numbers")
             gone = [i for i in ids if not ix.is_live(i)]
             if gone:
-                raise QueryError(404, f"no indexed image with id {gone[0]}" + (" (removed already)" if 0 <= gone[0] <
-                                 len(ix.paths) and ix.paths[gone[0]] in ix.removed else ""))
+                raise QueryError(404, f"image {gone[0]} was removed from this index" if svc.removed(gone[0]) else
+                                 f"no indexed image with id {gone[0]}")
             keys = [ix.paths[i] for i in ids]
-        else:
+        else:  # the index's own keys (as --show-paths shows them), never a file of the server's resolved here
             if not all(isinstance(p, str) for p in paths):
                 raise QueryError(400, "paths must be strings")
+            known = set(ix.paths)
+            unknown = sum(p not in known for p in paths)
+            if unknown:
+                raise QueryError(404, f"{unknown} of the {len(paths)} paths are not keys of this index (give them as "
+                                      "the index lists them, relative to the collection root)")
             keys = paths
         return JSONResponse(await run_in_threadpool(
             _update, lambda: remove_from_index(ix.root, keys, images_root=ix.images_root)))
