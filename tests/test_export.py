@@ -246,6 +246,8 @@ def test_search_index_built_and_queried_with_an_onnx_student(runs, tiny_world, t
     query = sorted((tiny_world / "val").rglob("*.png"))[0]
     hits = index.search(image=query, k=3)
     assert len(hits) == 3 and hits[0]["path"].endswith(query.name) and hits[0]["score"] > 0.99
+    for f in (tmp_path / "index").rglob("*"):  # the student's run folder (the runs fixture's) is not named
+        assert not f.is_file() or str(tmp_path.parent).encode() not in f.read_bytes(), f
 
 
 def test_eval_retrieval_of_an_exported_image_tower(runs, tiny_world, tmp_path):
@@ -308,6 +310,10 @@ def test_text_tower_export_serves_embed_text_and_student_text_search(tiny_world,
     index = build_index(onnx_student, tiny_world / "val", tmp_path / "index", text_model=tmp_path / "text.onnx",
                         device="cpu", workers=0, progress=False)
     hits = index.search(text="a red circle", k=3)
+    written = [f for f in (tmp_path / "index").rglob("*") if f.is_file()]
+    assert any(f.suffix == ".onnx" for f in written)
+    for f in written:  # an index names no folder of the machine that built it, its models' metadata included
+        assert str(tmp_path).encode() not in f.read_bytes(), f
     ref = build_index(onnx_student, tiny_world / "val", tmp_path / "index-pt", text_model=spec, device="cpu",
                       workers=0, progress=False).search(text="a red circle", k=3)
     assert [h["path"] for h in hits] == [h["path"] for h in ref]

@@ -39,6 +39,22 @@ def test_second_run_reuses_teacher_and_resumes_students(demo_run, caplog):
     assert again["students"]["embed"]["H"] == pytest.approx(first["students"]["embed"]["H"])
 
 
+def test_a_copied_demo_folder_loads_its_own_teacher_and_names_no_path_of_the_first(demo_run, tmp_path, caplog):
+    """A demo folder copied elsewhere reuses the teacher that came with it: named by its run folder (the weights file
+    inside it), never by the absolute spec the first run's run.json recorded."""
+    import shutil
+
+    out, first = demo_run
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    with caplog.at_level("INFO", logger="clipkd"):
+        again = run_demo(moved, quick=True, device="cpu")
+    assert "reusing the trained demo teacher" in caplog.text
+    assert again["teacher"]["spec"] == str(moved / "teacher")
+    assert str(out) not in (moved / "results.json").read_text()
+    assert again["teacher"]["H"] == pytest.approx(first["teacher"]["H"])
+
+
 def test_cli_eval_and_predict(demo_run, capsys, tmp_path):
     out, _ = demo_run
     world = out / "world"

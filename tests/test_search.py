@@ -392,9 +392,12 @@ def test_select_writes_a_training_list(index, tmp_path):
     want = {}
     for c, name in enumerate(prompts):
         rows = [r for r in np.argsort(-sims[:, c], kind="stable") if sims[r].argmax() == c][:3]
-        want.update({index.images_root / index.paths[r]: name for r in rows})
-    got = {Path(p): listed.classnames[y] for p, y in zip(listed.paths, listed.labels, strict=True)}
+        want.update({(index.images_root / index.paths[r]).resolve(): name for r in rows})
+    got = {(listed.root / p).resolve(): listed.classnames[y] for p, y in zip(listed.paths, listed.labels, strict=True)}
     assert got == want and 0 < len(got) <= 6
+    # the list names its images relative to its own folder: list and pool move to another machine together
+    assert all(not Path(p).is_absolute() for p in listed.paths)
+    assert str(tmp_path.parent) not in (tmp_path / "train.csv").read_text()
     for bad, msg in ((["--min-per-class", "-1"], "min-per-class"), (["--margin", "3"], "margin"),
                      (["--background", str(tmp_path / "none.txt")], "background phrases not found")):
         assert main(["select", "--index", str(index.root), "--prompts", str(tmp_path / "prompts.json"),

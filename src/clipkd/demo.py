@@ -91,19 +91,20 @@ def _step(name: str, t0: float) -> None:
 
 
 def _teacher(world: Path, out: Path, cfg: ClipTrainConfig, device: str) -> str:
-    """Train the demo teacher, or reuse the one already in ``out`` when its recipe is unchanged."""
+    """Train the demo teacher, or reuse the one already in ``out`` when its recipe is unchanged. Either way the
+    teacher is named by its run folder (which loads the weights file inside it), never by the absolute spec its
+    ``run.json`` recorded: a moved or copied demo folder loads its own teacher, and results name no machine's path."""
     run = out / "run.json"
     if run.is_file() and (out / "open_clip_model.pt").is_file():
         info = read_json(run, "teacher run")
         if info.get("train") == asdict(cfg) and info.get("world") == read_json(world / "world.json")["config"]:
             log.info("reusing the trained demo teacher in %s", out)
-            return info.get("spec") or info["teacher_spec"]
-    spec = clip_train(world / "train", world / "train" / "captions_en.csv", out, cfg, device=device,
-                      overwrite=OWN).spec
+            return str(out)
+    clip_train(world / "train", world / "train" / "captions_en.csv", out, cfg, device=device, overwrite=OWN)
     info = read_json(run, "teacher run")
     info["world"] = read_json(world / "world.json")["config"]
     write_json(run, info)
-    return spec
+    return str(out)
 
 
 def _world_teacher_store(base: Path, cfg: DemoConfig, device: str, t0: float) -> tuple[Path, str, Path]:

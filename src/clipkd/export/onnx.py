@@ -90,6 +90,19 @@ SAMPLE_TEXTS = ("a photo of a dog.", "a photo of a red circle.", "a blurry photo
                 "an x-ray of a hand", "a satellite image of farmland", "a drawing of a yo-yo.", "一只猫的照片")
 
 
+def portable_name(model: str | Path) -> str:
+    """What an export records as its ``source``: the model's name without the folders of the machine that made it
+    (``runs/a/student`` is ``student``; ``open_clip:ViT-B-32@/w/open_clip_model.pt`` is
+    ``open_clip:ViT-B-32@open_clip_model.pt``; a hub name stays as it is)."""
+    text = str(model)
+    head, at, weights = text.rpartition("@")
+    if at and ":" in head and ("/" in weights or "\\" in weights):
+        return f"{head}@{Path(weights).name}"
+    if ":" in text.split("/")[0] and not Path(text).exists():  # backend:name, no file of this machine
+        return text
+    return Path(text).name if ("/" in text or "\\" in text) else text
+
+
 def _text_source(model: str | Path) -> tuple[nn.Module, dict[str, Any], Any]:
     """A CLIP's text tower, its metadata, and its tokenizer."""
     from ..models import is_student, load_image_model
@@ -109,7 +122,7 @@ def _text_source(model: str | Path) -> tuple[nn.Module, dict[str, Any], Any]:
     meta = {"kind": "text_embedding", "arch": clip.identity.split("@")[0], "out_dim": clip.embed_dim,
             "teacher": clip.identity, "classnames": [], "preprocess": None, "logit_scale": clip.logit_scale,
             "tokenizer": {"backend": "open_clip", "model": clip.model_name, "context_length": context},
-            "source": str(model)}
+            "source": portable_name(model)}
     return _TextTower(clip).eval(), meta, clip.tokenizer
 
 
@@ -128,7 +141,7 @@ def _source(model: str | Path) -> tuple[nn.Module, dict[str, Any], Any]:
             from None
     if m.student is not None:
         student = m.student.float().eval()
-        meta = student_metadata(student.cfg, str(Path(model).resolve()))
+        meta = student_metadata(student.cfg, portable_name(model))
         from ..students.sparsity import PATTERN, sparsity_report
 
         if sparsity_report(student)["two_four"]:
@@ -138,7 +151,7 @@ def _source(model: str | Path) -> tuple[nn.Module, dict[str, Any], Any]:
     tower = _ImageTower(clip).eval()
     meta = {"kind": "embedding", "arch": clip.identity.split("@")[0], "out_dim": clip.embed_dim,
             "teacher": clip.identity, "classnames": [], "preprocess": clip.preprocess_cfg.to_dict(),
-            "source": str(model)}
+            "source": portable_name(model)}
     return tower, meta, clip.preprocess
 
 

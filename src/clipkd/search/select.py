@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,9 +125,10 @@ def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dic
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "label", "similarity"])
+    here = Path(out).resolve().parent  # paths relative to the list's folder: list and pool move together
     for name, items in chosen.items():
         for path, sim in items:
-            w.writerow([path, name, f"{sim:.4f}"])
+            w.writerow([Path(os.path.relpath(Path(path).resolve(), here)).as_posix(), name, f"{sim:.4f}"])
     out = write_text(out, buf.getvalue())
     short = {c: len(v) for c, v in chosen.items() if len(v) < min_per_class}
     if short:

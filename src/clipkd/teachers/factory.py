@@ -50,8 +50,9 @@ def _split(spec: str) -> tuple[str, str]:
 
 
 def check_teacher_spec(spec: str) -> None:
-    """Refuse a teacher spec that names no weights (it would embed with random ones) unless it says ``@random``."""
-    backend, rest = _split(spec)
+    """Refuse a teacher spec that names no weights (it would embed with random ones) unless it says ``@random``; a
+    ``clip-train`` run folder is checked as the spec its ``run.json`` names."""
+    backend, rest = _split(resolve_model(spec))
     no_weights = BACKENDS.entry(backend).meta.get("no_weights")
     if no_weights is not None and no_weights(rest):
         model = rest.rstrip("@")
