@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_gzsl import _teacher_spec
-from common import report, table
+from common import portable, report, table
 from PIL import Image
 
 import clipkd
@@ -110,7 +110,7 @@ def main() -> None:
         print(world, raw[world]["templates_top1"], flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(raw, indent=2))
+    out.with_suffix(".json").write_text(json.dumps(portable(raw), indent=2))
     rows = []
     for world, r in raw.items():
         top = np.asarray(r["near_copies"]["distinct_top"])

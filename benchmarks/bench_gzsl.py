@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import report, table
+from common import portable, report, table
 
 import clipkd
 from clipkd.data.digits import TEMPLATES, DigitsConfig, make_digits_world
@@ -624,7 +624,7 @@ def main() -> None:
                 gains.append("; ".join(parts))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    (out.with_suffix(".json")).write_text(json.dumps(raw, indent=2))
+    (out.with_suffix(".json")).write_text(json.dumps(portable(raw), indent=2))
     body = table(rows, ["world", "model", "S", "U", "H", "H_cal", "AUSUC", "share of teacher H", "compute vs embed",
                         "epochs", "train s"])
     demo = f" (demo world: seeds {a.demo_seeds})" if a.demo_seeds else ""

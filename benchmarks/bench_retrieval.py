@@ -45,7 +45,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench_gzsl import prepare
-from common import report, table
+from common import portable, report, table
 
 import clipkd
 from clipkd.data.captions import subset_captions
@@ -278,7 +278,7 @@ def main() -> None:
             notes += [f"{n} ({day})" for n in new if not any(old.startswith(n) for old in notes)]
     rows = table_rows(raw)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(raw, indent=2))
+    out.with_suffix(".json").write_text(json.dumps(portable(raw), indent=2))
     cols = ["world", "model", *KEYS, "share i2i", "share t2i", "MFLOPs", "ms/img", "speed-up", "ms/img b64",
             "speed-up b64", "compute vs no_kd", "train s"]
     body = table(rows, cols)

@@ -36,7 +36,7 @@ import numpy as np
 from bench_memory import tree_rss_mb
 from bench_search import _free_port, bench_student, wait_until_serving
 from bench_serve import _status_mb
-from common import machine, report, table
+from common import machine, portable, report, table
 
 HERE = Path(__file__).resolve().parent
 SHARD = 65_536
@@ -444,7 +444,7 @@ def write_results(runs: list[dict], a: argparse.Namespace) -> None:
         f"`cd benchmarks && ../.venv/bin/python bench_search_scale.py --rows {' '.join(map(str, a.rows))} "
         f"--max-memory {a.max_memory} --out {a.out.relative_to(HERE) if a.out.is_relative_to(HERE) else a.out}`")
     report("Search at scale: rows, memory, latency, recall", body, a.out)
-    a.out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "runs": runs}, indent=1) + "\n")
+    a.out.with_suffix(".json").write_text(json.dumps(portable({"machine": machine(), "runs": runs}), indent=1) + "\n")
     plot(runs, a.out)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bench_memory import tree_rss_mb
 from bench_search import _free_port, make_gallery
-from common import make_jpegs, report, table
+from common import make_jpegs, portable, report, table
 
 PRELOAD = ("import sys, torch, lightning, open_clip; from clipkd.cli import main; "
            "sys.exit(main(sys.argv[1:]))")
@@ -170,7 +170,7 @@ def main() -> None:
         f"start-up **{lean['startup_s'] / full['startup_s']:.2f}×**; lean / same files with the PyTorch stack "
         f"imported: peak memory **{lean['peak_mb'] / rows[1]['peak_mb']:.2f}×**. Chart: `{png.name}`.\n")
     report(f"Lean server vs PyTorch server ({time.strftime('%Y-%m-%d')})", body, Path(a.out))
-    Path(a.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    Path(a.out).with_suffix(".json").write_text(json.dumps(portable(rows), indent=1))
 
 
 if __name__ == "__main__":

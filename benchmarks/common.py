@@ -39,6 +39,21 @@ def make_jpegs(root: Path, n: int, size: tuple[int, int] = (500, 375), classes: 
     return root
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def portable(value: object) -> object:
+    """``value`` (a results record) with every path under this checkout written relative to it: a results file
+    names no folder of the machine that measured it."""
+    if isinstance(value, str):
+        return value.replace(f"{REPO}/", "")
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(v) for v in value]
+    return value
+
+
 def machine() -> str:
     """One line naming the machine the figures came from."""
     cpu = platform.processor() or platform.machine()

@@ -237,3 +237,12 @@ def test_figures_quoted_in_prose_are_their_results(page, quote):
     text = " ".join((ROOT / page).read_text(encoding="utf-8").replace("**", "").split())
     want = quote()
     assert want in text, f"{page} should say “{want}” (from its results file)"
+
+
+def test_no_results_file_names_a_folder_of_the_machine_that_measured_it():
+    """Results files move with the repository: a path in them is relative to the checkout (benchmarks/common.py's
+    ``portable``, and the demo names its teacher by its run folder), never ``/work/...`` or ``/tmp/...``."""
+    absolute = re.compile(r"(?<![\w.:/])/(?:work|tmp|home|root|Users|mnt|data|var)/[^\s\"'|)]+")
+    found = [f"{f.name}: {m.group(0)}" for f in sorted(RESULTS.iterdir()) if f.suffix in (".json", ".md")
+             for m in absolute.finditer(f.read_text(encoding="utf-8"))]
+    assert not found, f"{len(found)} absolute paths, e.g. {found[:3]}"
