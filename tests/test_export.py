@@ -348,6 +348,41 @@ print(json.dumps(out))
 """
 
 
+def test_a_real_install_without_pytorch_answers_as_the_hidden_modules_run_does(tiny_world, tmp_path):
+    """`pip install ".[serve]"` (no PyTorch at all: `make test` builds it in .venv-lean and names its python in
+    CLIPKD_LEAN_PYTHON) serves an index of exported towers with the same answers as this environment with the heavy
+    modules hidden. Skipped, saying why, where that environment is not given; a failure under CI, which runs
+    `make test`."""
+    import subprocess
+    import sys
+
+    from clipkd.search.index import build_index
+    from clipkd.teachers import load_clip
+
+    lean = os.environ.get("CLIPKD_LEAN_PYTHON")
+    if not lean:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the lean-install check: run `make test` (it sets CLIPKD_LEAN_PYTHON)")
+        pytest.skip("CLIPKD_LEAN_PYTHON is not set (`make test` sets it to .venv-lean/bin/python, an install of "
+                    "clipkd[serve] without PyTorch)")
+    assert subprocess.run([lean, "-c", "import torch"], capture_output=True).returncode != 0
+    spec = load_clip("open_clip:clipkd-micro").save(tmp_path / "clip")
+    for tower in ("image", "text"):
+        assert main(["export", "--model", spec, *(["--tower", "text"] if tower == "text" else
+                                                  ["--images", str(tiny_world / "val")]),
+                     "--out", str(tmp_path / f"{tower}.onnx")]) == 0
+    build_index(tmp_path / "image.onnx", tiny_world / "val", tmp_path / "index", text_model=tmp_path / "text.onnx",
+                device="cpu", workers=0, progress=False)
+    query = sorted((tiny_world / "val").rglob("*.png"))[0]
+    answers = []
+    for python in (sys.executable, lean):
+        run = subprocess.run([python, "-c", LEAN_CHECK, str(tmp_path / "index"), str(query)], capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, (python, run.stderr[-2000:])
+        answers.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    assert answers[0]["text"]["results"] and answers[0]["imported"] == [] and answers[1] == answers[0]
+
+
 def _lean_server_answers_like_the_pytorch_one(index_dir, tiny_world, ref, capsys):
     """An index built with an exported student and text tower is served, and searched from the CLI, in a process
     where torch, Lightning, open_clip and timm cannot be imported, with the PyTorch path's answers; a text tower
@@ -374,13 +409,6 @@ def _lean_server_answers_like_the_pytorch_one(index_dir, tiny_world, ref, capsys
     assert [h["id"] for h in got["knn"]] == [h["id"] for h in want]
     assert [h["similarity"] for h in got["knn"]] == pytest.approx([h["score"] for h in want], abs=1e-5)
     assert "CLI 0" in proc.stderr and str(ref[0]["path"]) in proc.stdout
-    lean = os.environ.get("CLIPKD_LEAN_PYTHON")  # `make test`'s environment of `pip install "clipkd[serve]"`
-    if lean:  # the same answers from a real install without PyTorch, not only with its modules hidden
-        assert subprocess.run([lean, "-c", "import torch"], capture_output=True).returncode != 0
-        real = subprocess.run([lean, "-c", LEAN_CHECK, str(index_dir), str(query)], capture_output=True, text=True,
-                              timeout=300)
-        assert real.returncode == 0, real.stderr[-2000:]
-        assert json.loads(real.stdout.strip().splitlines()[-1]) == got
     old = onnx.load(str(torch_index.text_model))  # as exported before the tokenizer was embedded
     kept = [p for p in old.metadata_props if p.key != "clipkd.tokenizer"]
     del old.metadata_props[:]

@@ -233,25 +233,54 @@ def _teacher_file(tmp_path: Path) -> str:
 
 # --- 6. a killed job does not report success -------------------------------------------------------------------------
 
-def test_sigterm_exits_nonzero_with_a_resumable_checkpoint(tmp_path, tiny_world):
+def _ckpt_epoch(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+
+
+def _wait_for_checkpoint(p: subprocess.Popen, last: Path, newer_than: tuple[int, int] | None, min_epoch: int) -> int:
+    """Poll (fast) until ``last`` is a checkpoint other than ``newer_than`` (inode, mtime) of at least ``min_epoch``
+    epochs; the epoch of the first such checkpoint seen."""
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if last.is_file():
+            st = last.stat()
+            if (st.st_ino, st.st_mtime_ns) != newer_than:
+                try:
+                    epoch = _ckpt_epoch(last)
+                except Exception:  # noqa: BLE001 - replaced while being read: look again
+                    continue
+                if newer_than is not None or epoch >= min_epoch:
+                    return epoch
+        time.sleep(0.02)
+    raise AssertionError(f"no new checkpoint at {last} (exit {p.poll()})")
+
+
+def test_sigterm_exits_nonzero_and_the_same_command_resumes_from_its_checkpoint(tmp_path, tiny_world):
+    """SIGTERM: exit 143, no student.pt, and the same command run again goes on from the next epoch (a fresh start
+    would write epoch 0 first), then stops the same way when killed again."""
     out = tmp_path / "run"
+    last = out / "checkpoints" / "last.ckpt"
     cmd = [*CLI, "train-supervised", "--images", str(tiny_world / "train"), "--split", str(tiny_world / "split.json"),
            "--out", str(out), "--epochs", "200", "--batch-size", "8", "--image-size", "32", "--workers", "0",
            "--device", "cpu"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    deadline = time.time() + 240
-    while not (out / "checkpoints" / "last.ckpt").is_file() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.2)
-    assert (out / "checkpoints" / "last.ckpt").is_file()
-    time.sleep(0.5)
+    _wait_for_checkpoint(p, last, None, min_epoch=2)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 143, err[-2000:]
     assert "interrupted (SIGTERM); re-run the same command to resume" in err
     assert not (out / "student.pt").exists()
-    import torch
-
-    assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] >= 0
+    stopped = _ckpt_epoch(last)
+    assert stopped >= 2
+    st = last.stat()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    seen = _wait_for_checkpoint(p, last, (st.st_ino, st.st_mtime_ns), min_epoch=0)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert stopped < seen <= stopped + 2, (stopped, seen)  # resumed: it went on from where it stopped
+    assert p.returncode == 143 and not (out / "student.pt").exists(), err[-2000:]
 
 
 # --- 7. a teacher spec without weights --------------------------------------------------------------------------------

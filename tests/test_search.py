@@ -510,10 +510,14 @@ def test_source_with_examples_checks_them_before_work(teacher_spec, tiny_world, 
     one.write_text(_classes(tiny_world)[0] + "\n")
     prompts = tmp_path / "prompts.json"  # `select` over the same index takes the same examples
     assert main(["prompts", "--classes", str(tiny_world / "train"), "--out", str(prompts)]) == 0
-    assert main(["select", "--index", str(out / "index"), "--prompts", str(prompts), "--per-class", "3", "--examples",
-                 str(tiny_world / "train"), "--examples-store", str(store), "--example-quantile", "0.5", "--out",
-                 str(tmp_path / "strict.csv"), "--device", "cpu"]) == 0
-    assert 1 <= len((tmp_path / "strict.csv").read_text().splitlines()) <= len(rows)  # a stricter cut keeps fewer
+    kept = {}
+    for q in ("0.05", "0.6"):  # no cap and no other rule, so only the examples' cut decides how many stay
+        assert main(["select", "--index", str(out / "index"), "--prompts", str(prompts), "--per-class", "1000",
+                     "--background", "none", "--margin", "0", "--duplicate", "1.01", "--examples",
+                     str(tiny_world / "train"), "--examples-store", str(store), "--example-quantile", q,
+                     "--out", str(tmp_path / f"q{q}.csv"), "--device", "cpu"]) == 0
+        kept[q] = len((tmp_path / f"q{q}.csv").read_text().splitlines()) - 1
+    assert 1 <= kept["0.6"] < kept["0.05"], kept  # a stricter cut keeps fewer
     for extra, says in ((["--examples", str(tiny_world / "train")], "go together"),
                         (["--examples", str(tiny_world / "train"), "--examples-store", str(tmp_path / "nope")],
                          "examples store not found"),

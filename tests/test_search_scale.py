@@ -107,13 +107,13 @@ def test_a_budget_too_small_is_refused_before_any_embedding(tiny_world, teacher_
     assert not (out / "store" / "manifest.json").exists()
 
 
-def test_exact_search_in_chunks_equals_brute_force(monkeypatch):
-    monkeypatch.setattr(ix_mod, "CHUNK", 7)
+@pytest.mark.parametrize("step", [7, 12, 13, 64, None])  # chunks smaller than k, equal to it, one row more, the default
+def test_exact_search_in_chunks_equals_brute_force(step):
     rng = np.random.default_rng(0)
     v = rng.normal(size=(300, 16)).astype(np.float32)
     q = rng.normal(size=(9, 16)).astype(np.float32)
     rows = np.arange(5, 290)
-    scores, at = ix_mod.exact_search(v, rows, q, 12)
+    scores, at = ix_mod.exact_search(v, rows, q, 12, step=step)
     sims = q @ v[rows].T
     want = np.argsort(-sims, axis=1)[:, :12]
     assert (at == want).all() and np.allclose(scores, np.take_along_axis(sims, want, 1))

@@ -953,13 +953,14 @@ def make_faiss(vectors: np.ndarray, kind: str, seed: int = 0,
 
 
 def exact_search(store: EmbeddingStore | np.ndarray, rows: np.ndarray, q: np.ndarray,
-                 k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` (scores, positions into ``rows``) of unit queries ``q`` among store rows ``rows``, read a
-    chunk at a time (memory flat in the rows); ``store`` may be an in-memory array of rows instead."""
+                 k: int, step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` (scores, positions into ``rows``) of unit queries ``q`` among store rows ``rows``, read
+    ``step`` rows at a time (default: as many as keep one chunk's scores near 64 MiB; memory flat in the rows);
+    ``store`` may be an in-memory array of rows instead."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     best_s = np.zeros((len(q), 0), np.float32)
     best_i = np.zeros((len(q), 0), np.int64)
-    step = int(max(64, min(4 * CHUNK, (1 << 24) // max(1, len(q)))))  # the scores of one chunk stay ~64 MiB
+    step = int(step or max(64, min(4 * CHUNK, (1 << 24) // max(1, len(q)))))
     parts = store.chunks(rows, step) if isinstance(store, EmbeddingStore) else \
         ((rows[i:i + step], store[rows[i:i + step]]) for i in range(0, len(rows), step))
     for start, (_, v) in zip(range(0, len(rows), step), parts, strict=True):
