@@ -111,6 +111,10 @@ def test_a_student_folder_loads_in_timm_without_clipkd(runs, tiny_world, tmp_pat
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(ClipkdError, match="holds other files"):
         export_model(student, foreign, format="timm")
+    (out / "my-notes.md").write_text("mine")  # a file added to an earlier export: replacing would delete it
+    with pytest.raises(ClipkdError, match="1 file.* it did not write .*my-notes.md"):
+        export_model(student, out, format="timm")
+    assert (out / "my-notes.md").read_text() == "mine" and (out / "model.safetensors").is_file()
 
 
 def test_a_rep_student_folds_to_onnx_and_its_card_says_what_timm_needs(runs, tiny_world, tmp_path):

@@ -666,3 +666,53 @@ def test_a_store_of_tsv_rows_is_tied_to_its_rows_by_content(tmp_path, tiny_world
     assert len(st.targets(same.keys, root=same.root, fingerprint=same.fingerprint).keep) == 6
     assert len(embed_images(FakeTeacher(), tmp_path / "copy" / tsv.name, tmp_path / "store", workers=0,
                             progress=False)) == 6
+
+
+def test_kill_9_during_index_add_keeps_the_served_generation_and_the_rerun_adds_each_image_once(tmp_path):
+    """`clipkd index add` killed with SIGKILL part-way through embedding: the index still opens at its last
+    generation with the same answers, and the same command run again adds every new image exactly once."""
+    import re
+    import threading
+
+    from clipkd.search.index import SearchIndex, build_index
+    from clipkd.teachers import load_clip
+
+    spec = load_clip("open_clip:clipkd-micro").save(tmp_path / "teacher")
+    root = tmp_path / "ix"
+    build_index(spec, _folder(tmp_path / "base", 40), root, device="cpu", workers=0, progress=False)
+    more = _folder(tmp_path / "more", 1500, seed=1)
+    before = SearchIndex(root)
+    want = before.search_vectors(np.asarray(before.store.embeddings()[:3], np.float32), 5)[1]
+    cmd = [*CLI, "index", "add", "--index", str(root), "--images", str(more), "--batch-size", "1", "--workers", "0",
+           "--device", "cpu"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    seen: list[str] = []
+
+    def read() -> None:
+        while chunk := p.stderr.read(64):
+            seen.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.time() + 180
+    while p.poll() is None and time.time() < deadline:
+        if re.search(r"\| *([1-9]\d{2,})/1500", "".join(seen)):  # a few hundred embedded, far from the end
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert p.wait(timeout=60) == -signal.SIGKILL, "index add finished before it could be killed"
+    reader.join(timeout=10)
+    after = SearchIndex(root)
+    assert after.generation == before.generation and len(after) == len(before) == 40
+    assert (after.search_vectors(np.asarray(after.store.embeddings()[:3], np.float32), 5)[1] == want).all()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = SearchIndex(root)
+    keys = [final.paths[int(r)] for r in final.rows]
+    assert len(final) == 1540 and len(set(keys)) == 1540 and final.generation == before.generation + 1
+    with exclusive(root, "search index"):  # a second writer of the same index: one line, nothing changed
+        r = subprocess.run(cmd[:-6] + ["--workers", "0", "--device", "cpu"], capture_output=True, text=True,
+                           env=_env(), timeout=300)
+    assert r.returncode == 2 and "in use by another" in r.stderr and len(r.stderr.strip().splitlines()) == 1, \
+        r.stderr[-2000:]
+    assert len(SearchIndex(root)) == 1540

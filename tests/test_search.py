@@ -968,6 +968,20 @@ def test_serve_token_and_workers_are_checked_before_serving(index, tmp_path, cap
     monkeypatch.setenv("CLIPKD_TOKEN", "")
     assert main(["serve", "--index", str(index.root)]) == 2
     assert "CLIPKD_TOKEN holds a token of 0" in capsys.readouterr().err
+    monkeypatch.delenv("CLIPKD_TOKEN")
+    assert main(["serve", "--index", str(index.root), "--port", "99999"]) == 2  # once an OverflowError traceback
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "port must be from 1 to 65535" in err, repr(err)
+    import socket
+
+    with socket.socket() as taken:  # another server holds the port: one line, before the index and model load
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--index", str(index.root), "--port", str(port)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"cannot listen on 127.0.0.1:{port}: the address is in use" in err, err
+        assert "serving" not in err
 
 
 def test_serve_with_workers_swaps_every_worker_and_sums_their_metrics(tiny_world, teacher_spec, tmp_path):

@@ -49,6 +49,16 @@ def _check_out(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise ClipkdError(f"`out`={out} is a folder that holds other files; give a new folder (an earlier "
                           "export there would be replaced)")
+    if (out / MARKER).is_file():  # an earlier export: replaced, but never with a file someone added to it
+        from ..fileio import read_json
+
+        wrote = read_json(out / MARKER, "export record").get("files")
+        added = sorted(f.relative_to(out).as_posix() for f in out.rglob("*") if f.is_file()
+                       and f.relative_to(out).as_posix() not in (wrote or []) and f.name != MARKER)
+        if wrote is not None and added:
+            raise ClipkdError(f"`out`={out} is an earlier export that now also holds {len(added)} file(s) it did not "
+                              f"write (e.g. {added[0]}); replacing it would delete them: move them, or give a new "
+                              "folder")
     from ..fileio import check_can_create
 
     check_can_create(out.parent, f"the folder of `out`={out}:")
@@ -148,7 +158,8 @@ def export_folder(model: str | Path, out: str | Path, format: str = "timm", imag
         if lo < PARITY_MIN:
             raise ClipkdError(f"the {format} folder reloaded gives cosine {lo:.5f} to clipkd's outputs on the sample "
                               f"images (< {PARITY_MIN}); not written")
-        meta.update(format=format, parity_min_cosine=lo, samples=len(files))
+        meta.update(format=format, parity_min_cosine=lo, samples=len(files),
+                    files=sorted(f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file()))
         (tmp / MARKER).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
         _publish(tmp, out)
     finally:

@@ -10,6 +10,7 @@ imported inside :func:`create_app` (FastAPI is optional).
 
 import base64
 import binascii
+import errno
 import io
 import logging
 import os
@@ -780,6 +781,28 @@ def app_from_env():
     return create_app(**json.loads(os.environ[SERVE_ENV]))
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse, in one line and before the index and model load, a port out of range or an address this machine
+    cannot listen on (taken by another server, not one of its own)."""
+    import socket
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ClipkdError(f"`port` must be from 1 to 65535, got {port!r}")
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ClipkdError(f"cannot listen on {host}: not an address of this machine ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as e:
+            why = "the address is in use (another server? pick another `port`)" if e.errno == errno.EADDRINUSE \
+                else e.strerror
+            raise ClipkdError(f"cannot listen on {host}:{port}: {why}") from None
+
+
 def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batch: bool = True,
           public_url: str | None = None, show_paths: bool = False, images: str | Path | None = None,
           workers: int = 1, token_file: str | Path | None = None, reload_s: float = RELOAD_S) -> None:
@@ -804,6 +827,7 @@ def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batc
         raise ClipkdError(f"`workers` must be at least 1, got {workers}")
     if reload_s < 0:
         raise ClipkdError(f"`reload_s` must be 0 (never) or more seconds, got {reload_s}")
+    check_address(host, port)
     kwargs = {"batch": batch, "public_url": public_url, "show_paths": show_paths, "token": read_token(token_file),
               "reload_s": reload_s, "images": None if images is None else str(Path(images).resolve())}
     app = create_app(index_dir, **kwargs)  # checked here, once, before any worker starts
