@@ -716,3 +716,36 @@ def test_kill_9_during_index_add_keeps_the_served_generation_and_the_rerun_adds_
     assert r.returncode == 2 and "in use by another" in r.stderr and len(r.stderr.strip().splitlines()) == 1, \
         r.stderr[-2000:]
     assert len(SearchIndex(root)) == 1540
+
+
+def test_a_disk_that_fills_while_a_checkpoint_is_written_keeps_the_last_one_and_the_rerun_resumes(
+        tmp_path, tiny_world, monkeypatch, capsys):
+    """A full disk (ENOSPC) half-way through the third epoch's checkpoint: one line, exit non-zero, no partial file,
+    the second epoch's last.ckpt intact; the same command then finishes from it."""
+    import errno
+
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    real = TorchCheckpointIO.save_checkpoint
+    calls = {"n": 0}
+
+    def full_disk(self, checkpoint, path, storage_options=None):
+        calls["n"] += 1
+        if calls["n"] == 3 and Path(path).name.endswith(".partial"):
+            Path(path).write_bytes(b"PK\x03\x04 half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", full_disk)
+    out = tmp_path / "run"
+    args = ["train-supervised", "--images", str(tiny_world / "train"), "--split", str(tiny_world / "split.json"),
+            "--out", str(out), "--epochs", "4", "--batch-size", "8", "--image-size", "32", "--workers", "0",
+            "--device", "cpu"]
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "No space left" in err and len(err.splitlines()) == 1, err
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert not [n for n in ckpts if "partial" in n], ckpts
+    assert _ckpt_epoch(out / "checkpoints" / "last.ckpt") == 1 and not (out / "student.pt").exists()
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", real)
+    assert main(args) == 0 and (out / "student.pt").is_file()
