@@ -52,7 +52,7 @@ def make_gallery(root: Path, n: int, dim: int, student: Path, text_model: str | 
     """An index folder whose store holds ``n`` synthetic unit vectors attributed to ``student`` (``text_model``: its
     teacher's text tower, for text queries)."""
     from clipkd.search.encoder import load_encoder
-    from clipkd.search.index import index_store
+    from clipkd.search.writers import index_store
     from clipkd.store import EmbeddingStore, ShardWriter, new_manifest
 
     out = root / f"gallery-{n}-{Path(student).name.replace('.', '-')}"
@@ -147,7 +147,7 @@ def serve_and_load(index: Path, files: list[bytes], batch: bool, single: int, co
 
 
 def compare_indexes(index: Path, queries: int = 1000) -> list[dict]:
-    from clipkd.search.index import make_faiss, recall_at_10
+    from clipkd.search.planning import make_faiss, recall_at_10
     from clipkd.store import EmbeddingStore
 
     v = np.ascontiguousarray(EmbeddingStore(index / "store").embeddings(), dtype=np.float32)

@@ -89,7 +89,8 @@ def append_rows(index: Path, n: int, seed: int) -> None:
 
 
 def live_updates(index: Path, settle_s: float) -> list[dict]:
-    from clipkd.search.index import SearchIndex, append_store, remove_from_index
+    from clipkd.search.index import SearchIndex
+    from clipkd.search.writers import append_store, remove_from_index
     from clipkd.store import EmbeddingStore
 
     port = _free_port()

@@ -77,7 +77,7 @@ def make_world(root: Path, n: int, dim: int, clusters: int, student: Path, queri
     """An index folder whose store holds ``n`` synthetic rows (resumed by shard), its held-out queries and their
     exact top-10, and a placeholder file per row (hard links), so that `serve` finds a collection as a real one."""
     from clipkd.search.encoder import load_encoder
-    from clipkd.search.index import exact_search
+    from clipkd.search.exact import exact_search
     from clipkd.store import EmbeddingStore, ShardWriter, new_manifest
 
     out = root / f"scale-{n}"
@@ -127,7 +127,7 @@ def make_world(root: Path, n: int, dim: int, clusters: int, student: Path, queri
 
 BUILD = """
 import json, resource, sys, time
-from clipkd.search.index import index_store
+from clipkd.search.writers import index_store
 t = time.perf_counter()
 ix = index_store(sys.argv[1], sys.argv[2], kind=sys.argv[3], device="cpu", max_memory=sys.argv[4])
 print("RESULT " + json.dumps({"build_s": time.perf_counter() - t, "build_peak_rss_mib":
@@ -136,7 +136,7 @@ print("RESULT " + json.dumps({"build_s": time.perf_counter() - t, "build_peak_rs
 
 ADD = """
 import json, resource, sys, time
-from clipkd.search.index import append_store
+from clipkd.search.writers import append_store
 t = time.perf_counter()
 ix = append_store(sys.argv[1])
 print("RESULT " + json.dumps({"add_s": time.perf_counter() - t, "rows": len(ix),
@@ -194,7 +194,7 @@ def query_http(url: str, q: np.ndarray, clients: int, per_client: int) -> tuple[
 
 
 def measure_clipkd(world: Path, student: Path, kind: str, budget: str, n: int, add_rows: int) -> dict:
-    from clipkd.search.index import GENERATIONS
+    from clipkd.search.layout import GENERATIONS
 
     q, want = np.load(world / "queries.npy"), np.load(world / "exact.npy")
     for old in (world / GENERATIONS, world / "index.json"):  # every run builds from the store
@@ -234,7 +234,7 @@ def measure_clipkd(world: Path, student: Path, kind: str, budget: str, n: int, a
 
 def add_and_roll_back(world: Path, n: int, student: Path) -> float:
     """Seconds to append ``n`` rows to the index without a rebuild; the store and index are then restored."""
-    from clipkd.search.index import GENERATIONS
+    from clipkd.search.layout import GENERATIONS
     from clipkd.store import EmbeddingStore, ShardWriter
 
     saved = {f: (world / f).read_bytes() for f in ("index.json", "store/manifest.json")}
@@ -270,7 +270,7 @@ def add_and_roll_back(world: Path, n: int, student: Path) -> float:
 
 MILVUS_BUILD = """
 import json, sys, time
-from clipkd.search.index import index_store
+from clipkd.search.writers import index_store
 t = time.perf_counter()
 ix = index_store(sys.argv[1], sys.argv[2], kind="auto", device="cpu", backend="milvus", uri=sys.argv[3])
 print("RESULT " + json.dumps({"build_s": time.perf_counter() - t, "info": ix.info}))

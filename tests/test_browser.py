@@ -23,8 +23,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium executable
 
 @pytest.fixture(scope="module")
 def server(tiny_world, tmp_path_factory):
-    from clipkd.search.index import build_index
     from clipkd.search.service import create_app
+    from clipkd.search.writers import build_index
     from clipkd.teachers import load_clip
 
     torch.manual_seed(0)

@@ -238,7 +238,7 @@ def test_predict_video_gives_top_k_per_frame_with_fps(runs, tiny_world, tmp_path
 
 
 def test_search_index_built_and_queried_with_an_onnx_student(runs, tiny_world, tmp_path):
-    from clipkd.search.index import build_index
+    from clipkd.search.writers import build_index
 
     _, student, _ = runs
     path = export_model(student, tmp_path / "s.onnx", int8=True, calib=tiny_world / "train").path
@@ -282,7 +282,7 @@ def test_qat_fine_tune_writes_an_int8_onnx_that_evaluates(runs, tiny_world, tmp_
 
 
 def test_text_tower_export_serves_embed_text_and_student_text_search(tiny_world, tmp_path, capsys):
-    from clipkd.search.index import build_index
+    from clipkd.search.writers import build_index
     from clipkd.students.onnx import OnnxTextTower
     from clipkd.teachers import load_clip, load_teacher
 
@@ -356,7 +356,7 @@ def test_a_real_install_without_pytorch_answers_as_the_hidden_modules_run_does(t
     import subprocess
     import sys
 
-    from clipkd.search.index import build_index
+    from clipkd.search.writers import build_index
     from clipkd.teachers import load_clip
 
     lean = os.environ.get("CLIPKD_LEAN_PYTHON")

@@ -25,7 +25,7 @@ def models(tmp_path_factory):
     """A saved clipkd-micro CLIP (spec and a clip-train-style run folder), an embedding student of its space and a
     classifier student (random weights, saved as users' files are), the student exported to ONNX, and the CLIP's
     text tower exported."""
-    from clipkd.export.onnx import export_model
+    from clipkd.export import export_model
     from clipkd.students.model import Student, StudentConfig, save_student
     from clipkd.teachers import load_clip
 
@@ -217,7 +217,7 @@ def test_a_reparameterizable_student_folds_for_inference_with_the_same_outputs(m
     from torch import nn
 
     import clipkd
-    from clipkd.export.onnx import export_model
+    from clipkd.export import export_model
     from clipkd.students.model import Student, StudentConfig, load_student, save_student
 
     torch.manual_seed(0)

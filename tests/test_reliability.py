@@ -543,7 +543,7 @@ def test_damaged_index_files_are_one_line_errors(tmp_path, tiny_world, capsys):
     one line naming the index and the command that rebuilds it, not a traceback."""
     import shutil
 
-    from clipkd.search.index import build_index
+    from clipkd.search.writers import build_index
     from clipkd.teachers import load_clip
 
     torch.manual_seed(0)
@@ -674,7 +674,8 @@ def test_kill_9_during_index_add_keeps_the_served_generation_and_the_rerun_adds_
     import re
     import threading
 
-    from clipkd.search.index import SearchIndex, build_index
+    from clipkd.search.index import SearchIndex
+    from clipkd.search.writers import build_index
     from clipkd.teachers import load_clip
 
     spec = load_clip("open_clip:clipkd-micro").save(tmp_path / "teacher")

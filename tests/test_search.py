@@ -18,8 +18,10 @@ from PIL import Image
 
 from clipkd.cli import main
 from clipkd.errors import ClipkdError
-from clipkd.search.index import SearchIndex, build_index, make_faiss, recall_at_10, remove_from_index
+from clipkd.search.index import SearchIndex
+from clipkd.search.planning import make_faiss, recall_at_10
 from clipkd.search.service import Batcher, create_app
+from clipkd.search.writers import build_index, remove_from_index
 from clipkd.store import EmbeddingStore, embed_paths
 
 
@@ -59,7 +61,7 @@ def test_index_build_search_and_labels(index, tiny_world):
 
 def test_interrupted_build_resumes_and_other_model_is_refused(tiny_world, teacher_spec, tmp_path):
     from clipkd.search.encoder import load_encoder
-    from clipkd.search.index import read_source
+    from clipkd.search.keys import read_source
 
     enc = load_encoder(teacher_spec, device="cpu")
     src = read_source(tiny_world / "val")
@@ -339,7 +341,7 @@ def test_show_paths_gives_paths_relative_to_the_collection(index, tiny_world):
 def test_one_parser_of_hash_in_row_keys():
     """A file whose name holds '#' is a file (``--show-paths`` gave '/photos/#1.jpg' back as '.#1.jpg'); only a
     ``FILE.tsv#ID`` key is a TSV row."""
-    from clipkd.search.index import split_key
+    from clipkd.search.keys import split_key
     from clipkd.search.service import _common_root, _relative
 
     assert split_key("/photos/#1.jpg") == ("/photos/#1.jpg", "")
@@ -831,7 +833,7 @@ def test_a_serving_index_swaps_generations_and_no_answer_mixes_two(tiny_world, t
     generation within seconds, and every answer is exactly what the generation it names holds."""
     import httpx
 
-    from clipkd.search.index import compact_index
+    from clipkd.search.writers import compact_index
     from tests.conftest import serve_on_loopback
 
     root = tmp_path / "ix"

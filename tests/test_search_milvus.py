@@ -12,7 +12,8 @@ pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
 from clipkd.cli import main  # noqa: E402
-from clipkd.search.index import MilvusIndex, SearchIndex, build_index  # noqa: E402
+from clipkd.search.index import MilvusIndex, SearchIndex  # noqa: E402
+from clipkd.search.writers import build_index
 
 
 @pytest.fixture(scope="module")

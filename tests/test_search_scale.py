@@ -8,8 +8,11 @@ import pytest
 
 from clipkd.cli import main
 from clipkd.errors import ClipkdError
-from clipkd.search import index as ix_mod
-from clipkd.search.index import SearchIndex, append_store, index_store, parse_memory, plan_index
+from clipkd.search import exact as exact_mod
+from clipkd.search import layout, planning, writers
+from clipkd.search.index import SearchIndex
+from clipkd.search.planning import parse_memory, plan_index
+from clipkd.search.writers import append_store, index_store
 from clipkd.store import EmbeddingStore, ShardWriter, new_manifest
 
 
@@ -31,7 +34,7 @@ def _write_rows(out, enc, start: int, n: int, shard: int = 500, seed: int = 0) -
     return v
 
 
-def _no_whole_store(monkeypatch) -> None:
+def _no_whole_store(monkeypatch) -> list[int]:
     """Reading every row into memory, or every key into a list, fails the test."""
     def refuse(what):
         def _raise(self, *a, **k):
@@ -40,7 +43,16 @@ def _no_whole_store(monkeypatch) -> None:
 
     monkeypatch.setattr(EmbeddingStore, "embeddings", refuse("embeddings"))
     monkeypatch.setattr(EmbeddingStore, "paths", property(refuse("paths")))
-    monkeypatch.setattr(ix_mod, "CHUNK", 256)  # several chunks, crossing the 500-row shards
+    monkeypatch.setattr(writers, "CHUNK", 256)  # several chunks, crossing the 500-row shards
+    steps: list[int] = []
+    chunks = EmbeddingStore.chunks
+
+    def counted(self, rows=None, size=65_536):
+        steps.append(size)
+        return chunks(self, rows, size)
+
+    monkeypatch.setattr(EmbeddingStore, "chunks", counted)
+    return steps
 
 
 def test_an_ivfpq_build_streams_the_store_and_serves_rows_without_holding_them(teacher_spec, tmp_path, monkeypatch):
@@ -51,14 +63,15 @@ def test_an_ivfpq_build_streams_the_store_and_serves_rows_without_holding_them(t
     v = _write_rows(out, enc, 0, 6000)
     # labels for some rows: coded per row into the generation, not read back as a dict by a server
     (out / "labels.tsv").write_text("".join(f"g/{i:06d}.jpg\t{'odd' if i % 2 else 'even'}\n" for i in range(3000)))
-    _no_whole_store(monkeypatch)
+    steps = _no_whole_store(monkeypatch)
     index_store(out, teacher_spec, kind="ivfpq", device="cpu", max_memory="64M")
+    assert 256 in steps  # the build did read the store in the chunks the test set
     with monkeypatch.context() as m:  # a reader (a server) codes nothing itself
-        m.setattr(ix_mod, "_read_labels", lambda p: (_ for _ in ()).throw(AssertionError("labels.tsv read")))
+        m.setattr(layout, "_read_labels", lambda p: (_ for _ in ()).throw(AssertionError("labels.tsv read")))
         ix = SearchIndex(out)
     info = ix.info
     assert info["kind"] == "ivfpq" and info["max_memory"] == 64 << 20
-    assert ix_mod.RERANK <= info["params"]["rerank"] <= ix_mod.RERANK_MAX
+    assert planning.RERANK <= info["params"]["rerank"] <= planning.RERANK_MAX
     assert info["recall@10"] >= 0.9 and info["index_bytes"] <= 64 << 20, info
     assert (ix.root / "gen" / str(info["generation"]) / "columns.json").is_file()
     # served search re-ranks exactly: each stored row finds itself first, and recall against brute force holds
@@ -113,9 +126,9 @@ def test_exact_search_in_chunks_equals_brute_force(step):
     v = rng.normal(size=(300, 16)).astype(np.float32)
     q = rng.normal(size=(9, 16)).astype(np.float32)
     rows = np.arange(5, 290)
-    scores, at = ix_mod.exact_search(v, rows, q, 12, step=step)
+    scores, at = exact_mod.exact_search(v, rows, q, 12, step=step)
     sims = q @ v[rows].T
     want = np.argsort(-sims, axis=1)[:, :12]
     assert (at == want).all() and np.allclose(scores, np.take_along_axis(sims, want, 1))
-    _, few = ix_mod.exact_search(v, rows[:3], q, 5)  # fewer rows than k: padded with -1, as FAISS pads
+    _, few = exact_mod.exact_search(v, rows[:3], q, 5)  # fewer rows than k: padded with -1, as FAISS pads
     assert (few[:, 3:] == -1).all() and (few[:, :3] >= 0).all()

@@ -63,9 +63,9 @@ _API: dict[str, str] = {
     "image_cost": ".models",
     "image_costs": ".models",
     # export, search and serving
-    "export_model": ".export.onnx", "ExportResult": ".export.onnx", "SearchIndex": ".search.index",
-    "build_index": ".search.index", "add_to_index": ".search.index", "remove_from_index": ".search.index",
-    "compact_index": ".search.index", "append_store": ".search.index",
+    "export_model": ".export", "ExportResult": ".export", "SearchIndex": ".search.index",
+    "build_index": ".search.writers", "add_to_index": ".search.writers", "remove_from_index": ".search.writers",
+    "compact_index": ".search.writers", "append_store": ".search.writers",
     "select_images": ".search.select", "source_pool": ".search.source", "SourcedPool": ".search.source",
     "serve": ".search.service",
     "check_out_dir": ".fileio",

@@ -198,7 +198,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def _args_index(sub: Any) -> None:
-    from .search.index import build_index
+    from .search.writers import build_index
 
     batch = f"images per forward pass (default {_default(build_index, 'batch_size')})"
     p = sub.add_parser("index", help="a FAISS search index over an image collection (build, add, remove, "
@@ -244,7 +244,7 @@ def _args_index(sub: Any) -> None:
 
 @command("index", _args_index)
 def _index(a: argparse.Namespace) -> None:
-    from .search.index import add_to_index, build_index, compact_index, remove_from_index
+    from .search.writers import add_to_index, build_index, compact_index, remove_from_index
 
     if a.index_command == "remove":
         n = remove_from_index(index_dir=a.index, paths=a.paths, images_root=getattr(a, "images_root", None))

@@ -289,7 +289,7 @@ def _search_index(spec: str, name: str, images: Path, out: Path, device: str,
     """The demo's last step: a search index of ``images`` embedded by the best retrieval student (a distilled
     student searches text with its teacher's text tower)."""
     from .models import load_image_model
-    from .search.index import build_index
+    from .search.writers import build_index
 
     if (out / "index.json").is_file() and read_json(out / "index.json", "index").get("identity") != \
             load_image_model(spec, device="cpu").identity:

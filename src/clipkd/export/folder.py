@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ClipkdError, first_line
-from .onnx import PARITY_MIN, ExportResult, _batch, _default_images, sample_images
+from .common import FOLDER_FORMATS, PARITY_MIN, ExportResult, batch_images, default_images, sample_images
 
-FOLDER_FORMATS = ("timm", "open_clip")
 MARKER = "clipkd_export.json"  # names what wrote the folder: a later export may replace such a folder
 SAMPLE_TEXTS = ("a photo of a dog", "a blurry photo of a small red car", "一只猫")
 
@@ -137,7 +136,7 @@ def export_folder(model: str | Path, out: str | Path, format: str = "timm", imag
                   samples: int = 16, text: str | Path | None = None, results: str | Path | None = None,
                   license: str = "other", push_to_hub: str | None = None) -> ExportResult:
     """Write ``model`` as a folder of ``format`` (:data:`FOLDER_FORMATS`) at ``out``, checked by reloading it with
-    timm / open_clip alone (cosine ≥ :data:`~clipkd.export.onnx.PARITY_MIN` on ``samples`` sample images), and
+    timm / open_clip alone (cosine ≥ :data:`~clipkd.export.common.PARITY_MIN` on ``samples`` sample images), and
     upload it to the Hugging Face Hub repository ``push_to_hub`` when given."""
     out = Path(out)
     if format not in FOLDER_FORMATS:
@@ -146,7 +145,7 @@ def export_folder(model: str | Path, out: str | Path, format: str = "timm", imag
     if samples < 1:
         raise ClipkdError(f"`samples` must be ≥ 1, got {samples}")
     record = _results(results)
-    images = images if images is not None else _default_images(model)
+    images = images if images is not None else default_images(model)
     if images is None:
         raise ClipkdError("give `images` (sample images to check the exported folder against clipkd)")
     files = sample_images(images, samples)
@@ -214,7 +213,7 @@ def _timm_folder(model: str | Path, tmp: Path, images: str | Path, files: list[P
     except RuntimeError as e:
         raise ClipkdError(f"timm's '{cfg.arch}' with {cfg.out_dim} outputs does not hold the student's head where "
                           f"its classifier is ({first_line(e, 160)}); export it as ONNX instead") from None
-    x = _batch(files, loaded.preprocess)
+    x = batch_images(files, loaded.preprocess)
     with torch.no_grad():
         want = student(x).float()
     prep = cfg.preprocess
@@ -228,14 +227,14 @@ def _timm_folder(model: str | Path, tmp: Path, images: str | Path, files: list[P
     _write_head(tmp, head)
     own = not _timm_builds_alone(cfg.arch)
     if own:  # folded, for ONNX Runtime without clipkd
-        from .onnx import export_model
+        from .onnx import export_onnx
 
-        export_model(model, tmp / "model.onnx", images=images, samples=len(files))
+        export_onnx(model, tmp / "model.onnx", images=images, samples=len(files))
     # reloaded as a user would, through timm's own preprocessing
     got_net = timm.create_model(f"local-dir:{tmp}", pretrained=True).eval()
     tf = timm.data.create_transform(**timm.data.resolve_data_config({}, model=got_net))
     with torch.no_grad():
-        got = got_net(_batch(files, tf)).float()
+        got = got_net(batch_images(files, tf)).float()
     lo, mean = _cosines(got, want)
     cost = image_cost(model, repeats=50)
     rel = "local-dir:DIR"
@@ -306,14 +305,14 @@ def _open_clip_folder(model: str | Path, tmp: Path, images: str | Path, files: l
         clip.tokenizer.save_pretrained(str(tmp))
     head = _head(text, clip.identity, clip.embed_dim)
     _write_head(tmp, head)
-    x = _batch(files, clip.preprocess)
+    x = batch_images(files, clip.preprocess)
     with torch.no_grad():
         want_i = F.normalize(net.encode_image(x).float(), dim=-1)
         want_t = F.normalize(net.encode_text(clip.tokenizer(list(SAMPLE_TEXTS))).float(), dim=-1)
         got_net, _, tf = open_clip.create_model_and_transforms(f"local-dir:{tmp}")
         got_net.eval()
         tok = open_clip.get_tokenizer(f"local-dir:{tmp}")
-        got_i = F.normalize(got_net.encode_image(_batch(files, tf)).float(), dim=-1)
+        got_i = F.normalize(got_net.encode_image(batch_images(files, tf)).float(), dim=-1)
         got_t = F.normalize(got_net.encode_text(tok(list(SAMPLE_TEXTS))).float(), dim=-1)
     lo_i, mean_i = _cosines(got_i, want_i)
     lo_t, _ = _cosines(got_t, want_t)

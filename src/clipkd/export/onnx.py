@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,37 +24,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.images import load_rgb
 from ..errors import ClipkdError, first_line
 from ..fileio import check_out_file
 from ..onnxfile import TOKENIZER_KEY
 from ..students.onnx import save_onnx_atomic, set_metadata, student_metadata
+from .common import PARITY_MIN, ExportResult, batch_images, default_images, portable_name, sample_images
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-PARITY_MIN = 0.9999
 MIN_CALIBRATION = 16
-FORMATS = ("onnx", "tensorrt", "timm", "open_clip")  # the last two: folders (:mod:`.folder`)
-
-
-@dataclass
-class ExportResult:
-    """What an export wrote and how close it is to the PyTorch model on the sample images."""
-
-    path: Path
-    format: str
-    metadata: dict[str, Any]
-    samples: int
-    min_cosine: float
-    mean_cosine: float
-    size_bytes: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["path"] = str(self.path)
-        return d
 
 
 class _ImageTower(nn.Module):
@@ -88,19 +66,6 @@ SAMPLE_TEXTS = ("a photo of a dog.", "a photo of a red circle.", "a blurry photo
                 "two people riding bicycles in the rain", "a bowl of ramen with an egg", "a red car.",
                 "the number four, drawn in green ink.", "a picture of a mountain lake at sunrise", "a tabby cat.",
                 "an x-ray of a hand", "a satellite image of farmland", "a drawing of a yo-yo.", "一只猫的照片")
-
-
-def portable_name(model: str | Path) -> str:
-    """What an export records as its ``source``: the model's name without the folders of the machine that made it
-    (``runs/a/student`` is ``student``; ``open_clip:ViT-B-32@/w/open_clip_model.pt`` is
-    ``open_clip:ViT-B-32@open_clip_model.pt``; a hub name stays as it is)."""
-    text = str(model)
-    head, at, weights = text.rpartition("@")
-    if at and ":" in head and ("/" in weights or "\\" in weights):
-        return f"{head}@{Path(weights).name}"
-    if ":" in text.split("/")[0] and not Path(text).exists():  # backend:name, no file of this machine
-        return text
-    return Path(text).name if ("/" in text or "\\" in text) else text
 
 
 def _text_source(model: str | Path) -> tuple[nn.Module, dict[str, Any], Any]:
@@ -155,51 +120,6 @@ def _source(model: str | Path) -> tuple[nn.Module, dict[str, Any], Any]:
     return tower, meta, clip.preprocess
 
 
-def sample_images(images: str | Path, limit: int) -> list[Path]:
-    """Up to ``limit`` images of a folder (any layout), an image list or WebDataset shards, in a fixed order."""
-    from ..data.sources import open_source
-
-    src = open_source(images, "sample images")
-    if src.kind == "tsv":
-        raise ClipkdError(f"sample images must be files or shard samples, not rows of a Chinese-CLIP TSV ({images})")
-    if not src.keys:
-        raise ClipkdError(f"no images under {images}")
-    files = [src.root / k for k in src.keys]
-    step = max(1, len(files) // limit)
-    return files[::step][:limit]
-
-
-def _batch(files: list[Path], transform: Any) -> torch.Tensor:
-    xs = []
-    for f in files:
-        try:
-            xs.append(transform(load_rgb(f)))
-        except Exception as e:  # noqa: BLE001 - a corrupt sample is skipped, not fatal
-            log.warning("sample %s skipped: %s", f, first_line(e))
-    if not xs:
-        raise ClipkdError("none of the sample images could be decoded")
-    return torch.stack(xs)
-
-
-def _default_images(model: str | Path) -> Path | None:
-    """The training images of a student run (its recipe names them), for parity samples by default."""
-    p = Path(model)
-    run = p if p.is_dir() else p.parent
-    for name in ("recipe.json", "run.json"):
-        f = run / name
-        if f.is_file():
-            try:
-                inputs = json.loads(f.read_text()).get("inputs", {})
-            except (OSError, json.JSONDecodeError):
-                continue
-            images = inputs.get("images") if isinstance(inputs, dict) else None
-            if isinstance(images, dict):
-                images = images.get("path")
-            if images and Path(images).exists():
-                return Path(images)
-    return None
-
-
 def _write_onnx(module: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, Any],
                 extra: dict[str, str] | None = None) -> None:
     """torch.onnx (the dynamo exporter; the TorchScript one when it fails) → ``out``, with the metadata (and
@@ -249,35 +169,10 @@ def _parity(path: Path, reference: torch.Tensor, x: torch.Tensor) -> tuple[float
     return float(cos.min()), float(cos.mean())
 
 
-def export_model(model: str | Path, out: str | Path, format: str = "onnx", images: str | Path | None = None,
-                 samples: int = 16, int8: bool = False, calib: str | Path | None = None, calib_count: int = 128,
-                 fp16: bool = True, tower: str = "image", text: str | Path | None = None,
-                 results: str | Path | None = None, license: str = "other",
-                 push_to_hub: str | None = None) -> ExportResult:
-    """Export ``model`` (a distilled or supervised student, a clip-train run, a teacher spec) to ``out``.
-
-    ``tower="text"``: a CLIP's text tower instead (open_clip models; parity on :data:`SAMPLE_TEXTS`), fp32 ONNX.
-
-    ``images``: sample images for the parity check (default: a student run's training images).
-    ``int8``: post-training static quantization with ``calib`` images (at least :data:`MIN_CALIBRATION`).
-    ``format="tensorrt"``: an engine (fp16; int8 from the quantized model) — needs a CUDA GPU and ``tensorrt``; the
-    ONNX it is built from is kept beside it (same name, ``.onnx``).
-    ``format="timm"`` / ``"open_clip"``: a folder that timm / open_clip load without clipkd
-    (:func:`clipkd.export.folder.export_folder`: ``text``, ``results``, ``license``, ``push_to_hub``).
-    """
-    out = Path(out)
-    if format not in FORMATS:
-        raise ClipkdError(f"unknown export format '{format}' ({', '.join(FORMATS)})")
-    if format in ("timm", "open_clip"):
-        if int8 or tower != "image":
-            raise ClipkdError(f"`format`={format} writes the fp32 model (no `int8`, no `tower`=text: the folder holds "
-                              "both towers of a CLIP)")
-        from .folder import export_folder
-
-        return export_folder(model, out, format, images, samples, text, results, license, push_to_hub)
-    given = [n for n, v in (("text", text), ("results", results), ("push_to_hub", push_to_hub)) if v]
-    if given:
-        raise ClipkdError(f"`{given[0]}` goes with a folder export (`format`=timm or open_clip), not {format}")
+def export_onnx(model: str | Path, out: Path, format: str = "onnx", images: str | Path | None = None,
+                samples: int = 16, int8: bool = False, calib: str | Path | None = None, calib_count: int = 128,
+                fp16: bool = True, tower: str = "image") -> ExportResult:
+    """The ONNX (or TensorRT) export of :func:`clipkd.export.export_model`, its arguments checked before any work."""
     if format == "tensorrt":
         from .tensorrt import check_tensorrt
 
@@ -295,19 +190,29 @@ def export_model(model: str | Path, out: str | Path, format: str = "onnx", image
         if format != "onnx" or int8:
             raise ClipkdError("`tower`=text exports fp32 ONNX (no `int8`, no TensorRT: text runs once per query)")
         return _export_text(model, out)
-    calib_files: list[Path] = []
-    if int8:
-        if calib is None:
-            raise ClipkdError("`int8` needs `calib`=DIR (calibration images, e.g. a few hundred training images)")
-        calib_files = sample_images(calib, calib_count)
-        if len(calib_files) < MIN_CALIBRATION:
-            raise ClipkdError(f"`calib`={calib} has {len(calib_files)} images; INT8 calibration needs at least "
-                              f"{MIN_CALIBRATION}")
-    images = images if images is not None else _default_images(model)
+    calib_files = _calibration(calib, calib_count) if int8 else []
+    images = images if images is not None else default_images(model)
     if images is None:
         raise ClipkdError("give `images` (sample images for the parity check against PyTorch)")
+    return _export_image(model, out, format, sample_images(images, samples), calib_files, fp16)
+
+
+def _calibration(calib: str | Path | None, count: int) -> list[Path]:
+    if calib is None:
+        raise ClipkdError("`int8` needs `calib`=DIR (calibration images, e.g. a few hundred training images)")
+    files = sample_images(calib, count)
+    if len(files) < MIN_CALIBRATION:
+        raise ClipkdError(f"`calib`={calib} has {len(files)} images; INT8 calibration needs at least "
+                          f"{MIN_CALIBRATION}")
+    return files
+
+
+def _export_image(model: str | Path, out: Path, format: str, files: list[Path], calib_files: list[Path],
+                  fp16: bool) -> ExportResult:
+    """The image tower (or student) → ONNX (INT8 when ``calib_files``) → TensorRT when asked, parity-checked."""
+    int8 = bool(calib_files)
     module, meta, transform = _source(model)
-    x = _batch(sample_images(images, samples), transform)
+    x = batch_images(files, transform)
     with torch.no_grad():
         reference = module(x).float()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -321,7 +226,7 @@ def export_model(model: str | Path, out: str | Path, format: str = "onnx", image
             _check_parity(lo, model)
             from .quantize import quantize_int8
 
-            extra = quantize_int8(fp32, onnx_out, _batch(calib_files, transform), meta)
+            extra = quantize_int8(fp32, onnx_out, batch_images(calib_files, transform), meta)
             extra["fp32_min_cosine"] = lo
     else:
         _write_onnx(module, x[:1], onnx_out, meta)

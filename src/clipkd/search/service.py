@@ -316,7 +316,7 @@ def b64decode(data: Any) -> bytes:
 def _common_root(paths: list[str]) -> str:
     import os
 
-    from .index import split_key
+    from .keys import split_key
 
     files = [split_key(p)[0] for p in paths]  # a TSV row's key is FILE#ROW
     if not files:
@@ -328,7 +328,7 @@ def _common_root(paths: list[str]) -> str:
 def _relative(path: str, root: str) -> str:
     import os
 
-    from .index import split_key
+    from .keys import split_key
 
     file, row = split_key(path)
     return os.path.relpath(file, root) + (f"#{row}" if row else "") if root else path
@@ -573,7 +573,7 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
         token."""
         from starlette.concurrency import run_in_threadpool
 
-        from .index import remove_from_index
+        from .writers import remove_from_index
 
         _authorised(request)
         body = await _json_body(request)
@@ -610,7 +610,7 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
         says so: run ``clipkd index add`` where it is installed; this server picks the change up)."""
         from starlette.concurrency import run_in_threadpool
 
-        from .index import add_to_index
+        from .writers import add_to_index
 
         _authorised(request)
         body = await _json_body(request)

@@ -58,7 +58,7 @@ def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
     — the seen classes' training images and their store — that those classes' picks must resemble
     (:func:`~clipkd.search.select.select_images`)."""
     from ..prompts import build_prompts, load_classnames, load_templates, read_prompts
-    from .index import build_index
+    from .writers import build_index
 
     if (prompts is None) == (classes is None):
         raise ClipkdError("give exactly one of `prompts` or `classes`")

@@ -25,7 +25,7 @@ from ..data.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
 from ..errors import ClipkdError, first_line
 from ..fileio import write_torch
 from .base import ClipModel, weights_fingerprint
-from .factory import register_backend
+from .registry import register_backend
 
 CONTEXT_LENGTH = 52  # Chinese-CLIP's text length for all its released models
 OWN_CONFIGS = Path(__file__).parent / "model_configs" / "cn_clip"  # clipkd's own Chinese-CLIP architectures

@@ -6,23 +6,15 @@ gradients) and :func:`load_clip` a CLIP ready to be trained by ``clip-train``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import ClipkdError
-from ..registry import Registry
 from .base import ClipModel, resolve_device, resolve_precision
+from .registry import BACKENDS, register_backend
 
-BACKENDS: Registry[Callable[..., ClipModel]] = Registry("model backend")
-
-
-def register_backend(name: str, **meta) -> Callable:
-    """Decorator: register ``fn(spec_rest, device, precision) -> ClipModel`` under ``name:``.
-
-    ``meta``: ``no_weights=fn(spec_rest) -> bool`` says a spec names no weights (a teacher refuses it).
-    """
-    return BACKENDS.register(name, **meta)
+__all__ = ["BACKENDS", "check_teacher_spec", "list_backends", "load_clip", "load_teacher", "load_text_model",
+           "register_backend", "resolve_model", "teacher_identity"]
 
 
 def list_backends() -> list[str]:

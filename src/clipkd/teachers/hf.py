@@ -13,7 +13,7 @@ import torch
 from ..data.preprocess import PreprocessConfig
 from ..errors import ClipkdError, first_line
 from .base import ClipModel, weights_fingerprint
-from .factory import register_backend
+from .registry import register_backend
 
 MODEL_TYPES = {"clip": "CLIPModel", "chinese_clip": "ChineseCLIPModel"}
 

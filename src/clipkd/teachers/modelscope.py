@@ -19,7 +19,7 @@ import torch
 from ..data.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
 from ..errors import ClipkdError, first_line
 from .base import ClipModel
-from .factory import register_backend
+from .registry import register_backend
 
 TEACHERS = {
     "damo/multi-modal_clip-vit-huge-patch14_zh": ("clip_model", "encode_image"),

@@ -12,7 +12,7 @@ from ..data.preprocess import PreprocessConfig
 from ..errors import ClipkdError, first_line
 from ..fileio import write_torch
 from .base import ClipModel, weights_fingerprint
-from .factory import register_backend
+from .registry import register_backend
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIGS)  # clipkd's own small architectures (e.g. clipkd-tiny)
