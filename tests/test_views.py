@@ -333,3 +333,26 @@ def test_pool_images_get_views_in_the_same_teacher_pass(tiny_world, fake_teacher
         clipkd.distill(tiny_world / "train", tmp_path / "bad", replace(cfg, views=2), teacher="fake",
                        split=tiny_world / "split.json", extra_images=tiny_world / "val", extra_store=tmp_path / "x",
                        device="cpu", progress=False)
+
+
+def test_view_hue_has_one_reading_in_the_store_and_in_distill(tmp_path):
+    """`view_hue` is read by one function (data.views.resolve_view_hue) for `embed-images` and `distill` alike:
+    auto is AUTO_HUE with views and 0 without, `true` is not a share (the store once took it as 1.0), and a
+    nonzero share without views is refused in both."""
+    from clipkd.data.views import AUTO_HUE, resolve_view_hue
+    from clipkd.errors import ClipkdError
+    from clipkd.store import embed_images
+
+    from .conftest import image_folder
+
+    assert resolve_view_hue("auto", True, "x") == AUTO_HUE and resolve_view_hue(None, False, "x") == 0.0
+    assert resolve_view_hue(0.25, True, "x") == 0.25
+    for bad in (True, "0.5", 1.5, -0.1, [0.5]):
+        with pytest.raises(ClipkdError, match="must be in \\[0, 1\\]"):
+            resolve_view_hue(bad, True, "x")
+    images = image_folder(tmp_path / "imgs", n=4)
+    with pytest.raises(ClipkdError, match="must be in \\[0, 1\\]"):
+        embed_images("fake:teacher", images, tmp_path / "s", views=4, view_hue=True)
+    with pytest.raises(ClipkdError, match="needs `views` ≥ 2"):
+        embed_images("fake:teacher", images, tmp_path / "s", views=1, view_hue=0.5)
+    assert not (tmp_path / "s").exists()

@@ -581,6 +581,7 @@ def _embed_text(a: argparse.Namespace) -> None:
 
 
 def _args_embed_images(sub: Any) -> None:
+    from .data.views import AUTO_HUE, VIEW_MIXES
     from .store import embed_images
 
     d = lambda name: f"default {_default(embed_images, name)}"  # noqa: E731
@@ -597,8 +598,8 @@ def _args_embed_images(sub: Any) -> None:
     p.add_argument("--views", type=_count, help="K > 1: a multi-view store (clipkd's GZSL method for every "
                    "student trained from it): each image and K-1 flipped / CutMix views of it, each embedded once")
     p.add_argument("--view-hue", type=_share_or_auto, help="share of the views after the first whose hues are rotated "
-                   f"({d('view_hue')}: 0.5 with --views)")
-    p.add_argument("--view-mix", choices=["cutmix", "mixup", "none"],
+                   f"({d('view_hue')}: {AUTO_HUE} with --views)")
+    p.add_argument("--view-mix", choices=VIEW_MIXES,
                    help=f"how a view mixes in its partner image ({d('view_mix')})")
     p.add_argument("--split", help="split file: only the seen classes' images get views (a view and its partner are "
                    "both seen)")

@@ -684,10 +684,11 @@ def embed_images(
     if split is not None and views == 1:
         raise ClipkdError("a `split` limits the images that get views (`views` ≥ 2); a plain store embeds every "
                           "image")
-    if views == 1 and view_hue not in ("auto", None) and float(view_hue) != 0.0:
-        raise ClipkdError("`view_hue` recolours views: it needs `views` ≥ 2 (a plain store embeds the images as they "
-                          "are)")
-    plan = _view_plan(src, images, views, view_hue, view_mix, split, seed) if views != 1 else None
+    from .data.views import resolve_view_hue
+
+    hue = resolve_view_hue(view_hue, not isinstance(views, int) or views != 1,
+                           "`views` ≥ 2 (a plain store embeds the images as they are)")
+    plan = _view_plan(src, images, views, hue, view_mix, split, seed) if views != 1 else None
     check_can_create(out, "embedding store")  # before a teacher loads (nothing is created until the work starts)
     if isinstance(teacher, (str, Path)):
         from .teachers import load_teacher
@@ -700,16 +701,13 @@ def embed_images(
                        opener=src.opener, group=src.group, fingerprint=src.fingerprint)
 
 
-def _view_plan(src, images, views: int, view_hue: float | str, mix: str, split, seed: int):
-    """The checked plan of a multi-view store, before any teacher loads (errors name the API's fields)."""
+def _view_plan(src, images, views: int, view_hue: float, mix: str, split, seed: int):
+    """The checked plan of a multi-view store, before any teacher loads (errors name the API's fields);
+    ``view_hue`` as :func:`~clipkd.data.views.resolve_view_hue` read it."""
     from .data.views import make_view_plan
 
     if not isinstance(views, int) or isinstance(views, bool) or views < 1:
         raise ClipkdError(f"`views` must be an integer ≥ 1 (1: the images only), got {views!r}")
-    if view_hue == "auto":
-        view_hue = 0.5 if views > 1 else 0.0
-    if isinstance(view_hue, str) or not 0.0 <= float(view_hue) <= 1.0:
-        raise ClipkdError(f"`view_hue` must be in [0, 1], or auto; got {view_hue!r}")
     if src.kind == "tsv":
         raise ClipkdError(f"{images} is a Chinese-CLIP TSV: views are composed from image files or shard samples")
     if split is not None:

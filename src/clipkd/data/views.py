@@ -29,6 +29,21 @@ from .images import load_rgb
 
 VIEWS_FORMAT = "clipkd-views/1"
 SEP = "#view="
+VIEW_MIXES = ("cutmix", "mixup", "none")  # how a view mixes in its partner image
+AUTO_HUE = 0.5  # `view_hue`=auto: the share of views (after the first) whose colours are rotated
+
+
+def resolve_view_hue(view_hue: float | str | None, has_views: bool, needs: str) -> float:
+    """The one reading of ``view_hue`` (the store's ``embed_images`` and ``distill``'s config alike): ``auto`` (or
+    None) is :data:`AUTO_HUE` where there are views to recolour and 0 where there are none; a number must lie in
+    [0, 1], and a nonzero one needs views (``needs`` says which setting gives them)."""
+    if view_hue in ("auto", None):
+        return AUTO_HUE if has_views else 0.0
+    if isinstance(view_hue, (str, bool)) or not isinstance(view_hue, (int, float)) or not 0.0 <= view_hue <= 1.0:
+        raise ClipkdError(f"`view_hue` must be in [0, 1], or auto; got {view_hue!r}")
+    if view_hue and not has_views:
+        raise ClipkdError(f"`view_hue` recolours views: it needs {needs}")
+    return float(view_hue)
 
 
 @dataclass
@@ -195,8 +210,8 @@ def make_view_plan(images: Sequence[str], views: int, mix: str = "cutmix", alpha
     uniform fraction of a turn in [-0.5, 0.5] (drawn after the rest: plans without hue are as before)."""
     if views < 1:
         raise ClipkdError(f"`views` must be ≥ 1, got {views}")
-    if mix not in ("none", "cutmix", "mixup"):
-        raise ClipkdError(f"unknown mix '{mix}' for views (none, cutmix, mixup)")
+    if mix not in VIEW_MIXES:
+        raise ClipkdError(f"unknown mix '{mix}' for views ({', '.join(VIEW_MIXES)})")
     if not 0.0 <= hue_prob <= 1.0:
         raise ClipkdError(f"`view_hue` must be in [0, 1], got {hue_prob}")
     if len(images) < 2 and mix != "none" and views > 1:

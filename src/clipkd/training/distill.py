@@ -16,7 +16,7 @@ from ..data.datasets import seen_images
 from ..data.folders import LabelledImages
 from ..data.loader import ImageDataset, make_loader
 from ..data.preprocess import PreprocessConfig
-from ..data.views import ViewPlan, ViewSampler, make_view_plan
+from ..data.views import ViewPlan, ViewSampler, make_view_plan, resolve_view_hue
 from ..distributed import barrier, gather_objects, ranks
 from ..errors import ClipkdError
 from ..fileio import ref, write_json
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 
 AUTO_VIEWS = 4  # views per image of clipkd's GZSL method by default (the image + 3 flipped CutMix composites)
-AUTO_HUE = 0.5  # share of those views whose colours are rotated (the teacher names the recoloured picture)
 
 
 @dataclass
@@ -60,8 +59,8 @@ class TrainConfig(TrainerSettings):
     mix_mode: str = "elem"  # elem: a ratio and box per image (clipkd's method); batch: one per batch (timm's default)
     views: int | str = "auto"  # K > 0: K views per image (the image + K-1 flipped/mixed), each embedded once by the
     # teacher, then trained on; 0: mix online every epoch; auto: 4 when the teacher alone gives mixed targets
-    view_hue: float | str = "auto"  # share of views (after the first) whose hues are rotated at random; auto: AUTO_HUE
-    # with views, 0 without
+    view_hue: float | str = "auto"  # share of views (after the first) whose hues are rotated at random; auto:
+    # data.views.AUTO_HUE with views, 0 without
     epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
@@ -359,12 +358,7 @@ def resolve_distill(cfg: TrainConfig, store: str | Path | None = None, teacher: 
         cfg = replace(cfg, views=AUTO_VIEWS if online_mix else 0)
     if not isinstance(cfg.views, int) or cfg.views < 0:
         raise ClipkdError(f"`views` must be an integer ≥ 0 (0: mix online), or auto; got {cfg.views!r}")
-    if cfg.view_hue == "auto":
-        cfg = replace(cfg, view_hue=AUTO_HUE if cfg.views else 0.0)
-    if isinstance(cfg.view_hue, str) or not 0.0 <= cfg.view_hue <= 1.0:
-        raise ClipkdError(f"`view_hue` must be in [0, 1], or auto; got {cfg.view_hue!r}")
-    if cfg.view_hue and not cfg.views:
-        raise ClipkdError("`view_hue` recolours stored views: it needs `views`=K (K ≥ 2)")
+    cfg = replace(cfg, view_hue=resolve_view_hue(cfg.view_hue, bool(cfg.views), "`views`=K (K ≥ 2), stored views"))
     if cfg.views and teacher is None and stored is None:
         raise ClipkdError("`views` needs `teacher`=SPEC (it embeds each view once, before training), or a store of "
                           "views (embed-images --views K)")
