@@ -420,3 +420,42 @@ def _lean_server_answers_like_the_pytorch_one(index_dir, tiny_world, ref, capsys
     with pytest.raises(ClipkdError, match="ONNX file not found: .*gone.onnx"):  # not a detour through PyTorch
         SearchIndex(index_dir).load_encoder(model=index_dir.parent / "gone.onnx", device="cpu")
 
+
+
+def test_text_tower_runs_only_up_to_the_longest_end_token(tmp_path):
+    """A causal text tower cut after the longest query's end token gives the full tower's embeddings (the demo
+    world's prompts in English and Chinese, alone and in batches), in PyTorch and from the ONNX export, whose
+    sequence axis is dynamic; a file with a fixed axis (older exports) still runs the whole context."""
+    import torch.nn.functional as F
+
+    from clipkd.data.synth import COLOURS, SHAPES
+    from clipkd.deployed import DeployedText
+    from clipkd.prompts import builtin_templates
+    from clipkd.teachers import load_clip
+
+    clip = load_clip("open_clip:clipkd-micro")
+    spec = clip.save(tmp_path / "clip")
+    names = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    chinese = [f"一张{zh}{zs}的照片。" for (_, zh), zs in zip(COLOURS.values(), SHAPES.values(), strict=True)]
+    texts = [t.format(n) for n in names[::7] for t in builtin_templates("simple")] + chinese + ["星形", "a"]
+    tokens = clip.tokenizer(texts)
+    with torch.no_grad():
+        full = F.normalize(clip.model.encode_text(tokens), dim=-1)  # open_clip's own forward, every position
+        assert F.cosine_similarity(F.normalize(clip.text_features(tokens), dim=-1), full).min() >= 0.9999
+        short = clip.tokenizer(["a red circle"])
+        assert F.cosine_similarity(clip.text_features(short), clip.model.encode_text(short)).min() >= 0.9999
+    export_model(spec, tmp_path / "text.onnx", tower="text")
+    assert read_metadata(tmp_path / "text.onnx")["input_shape"] == ["batch", "seq"]
+    tower = DeployedText(tmp_path / "text.onnx")
+    context = tokens.shape[1]
+    assert tower.cut and tower.tokens(["a red circle"]).shape[1] == 5 < context  # start, three words, end
+    for batch in (texts, texts[:1], texts[-2:], ["一张红色圆形的照片。"]):
+        ref = full[[texts.index(t) for t in batch]] if batch[0] in texts else None
+        got = torch.from_numpy(tower.encode_text_np(batch))
+        if ref is None:
+            with torch.no_grad():
+                ref = F.normalize(clip.model.encode_text(clip.tokenizer(batch)), dim=-1)
+        assert F.cosine_similarity(got, ref).min() >= 0.9999
+    tower.cut = False  # as a file whose sequence axis is fixed: the whole context, the same embeddings
+    assert tower.tokens(["a red circle"]).shape[1] == context
+    assert F.cosine_similarity(torch.from_numpy(tower.encode_text_np(texts)), full).min() >= 0.9999

@@ -360,7 +360,7 @@ def test_batcher_runs_concurrent_queries_as_one_batch(index):
     x = torch.zeros(3, *index.encoder.preprocess(Image.new("RGB", (24, 24))).shape[1:])
     futs = [b.submit(index, x, 3) for _ in range(8)]
     results = [f.result(timeout=60) for f in futs]
-    assert b.batches == [8] and all(len(r) == 3 for r in results)
+    assert list(b.batches) == [8] and all(len(r) == 3 for r in results)
 
 
 def test_concurrent_http_queries_all_succeed(client, tiny_world):
@@ -375,6 +375,37 @@ def test_concurrent_http_queries_all_succeed(client, tiny_world):
     [t.join() for t in threads]
     assert codes == [200] * 12
     assert sum(client.app.state.service.batcher.batches) >= 12
+
+
+def test_text_cache_and_batches_show_on_metrics(index):
+    """A repeated text query is answered from the bounded cache with the same results (hits and misses on
+    /metrics); the cache keeps at most its size; batch sizes and queue depth are exported."""
+    from fastapi.testclient import TestClient
+
+    client = TestClient(create_app(SearchIndex(index.root), reload_s=0))
+    svc = client.app.state.service
+    svc.cache_size = 2
+    first = client.post("/search", json={"text": "a blue square", "k": 5}).json()["results"]
+    again = client.post("/search", json={"text": "  a blue square ", "k": 5}).json()["results"]
+    assert first == again
+    for text in ("a red circle", "a green star", "a red circle"):
+        assert client.post("/search", json={"text": text}).status_code == 200
+    assert list(svc.text_cache) == ["a green star", "a red circle"]  # the least recently asked went first
+    img = _png(Image.new("RGB", (40, 30), (200, 30, 30)))
+    assert client.post("/search", files={"image": ("q.png", img, "image/png")}).status_code == 200
+    m = client.get("/metrics").text
+    assert 'clipkd_text_cache_total{result="hit"} 2.0' in m and 'clipkd_text_cache_total{result="miss"} 3.0' in m
+    assert "clipkd_batch_size_count 1.0" in m and "clipkd_queue_depth 0.0" in m
+
+
+def test_batcher_skips_a_query_whose_request_gave_up(index):
+    index.encoder or index.load_encoder(device="cpu")
+    b = Batcher(window_s=0.3)
+    x = torch.zeros(3, *index.encoder.preprocess(Image.new("RGB", (24, 24))).shape[1:])
+    futs = [b.submit(index, x, 3) for _ in range(4)]
+    assert futs[1].cancel()
+    assert all(len(f.result(timeout=60)) == 3 for f in futs if f is not futs[1])
+    assert list(b.batches) == [3]
 
 
 def test_select_writes_a_training_list(index, tmp_path):

@@ -50,6 +50,12 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def used_length(tokens: np.ndarray) -> int:
+    """The columns a batch of CLIP tokens uses: up to its longest text's end token (padding is 0)."""
+    used = np.flatnonzero(np.asarray(tokens).any(0))
+    return int(used[-1]) + 1 if len(used) else 1
+
+
 def clean_text(text: str) -> str:
     """open_clip's ``clean="lower"``: ftfy, HTML entities (twice), whitespace runs → one space, lower case."""
     import html
@@ -144,6 +150,9 @@ class DeployedText:
         self.identity, self.embed_dim = self.meta["teacher"], int(self.meta["out_dim"])
         self.logit_scale = float(self.meta.get("logit_scale", 100.0))
         self.input_name = self.session.get_inputs()[0].name
+        # a tower exported with a dynamic sequence axis runs only up to the longest text's end token (it is causal:
+        # later positions cannot change the result); older exports take the whole context
+        self.cut = isinstance(self.session.get_inputs()[0].shape[1], str)
         spec = props.get(TOKENIZER_KEY)
         self.tokenizer: Any = BpeTokenizer(json.loads(spec)) if spec else None
 
@@ -158,7 +167,8 @@ class DeployedText:
 
     def tokens(self, texts: Sequence[str]) -> np.ndarray:
         self.require_tokenizer()
-        return self.tokenizer(texts)
+        tokens = self.tokenizer(texts)
+        return tokens[:, : used_length(tokens)] if self.cut else tokens
 
     def encode_text_np(self, texts: str | Sequence[str], batch_size: int = 256) -> np.ndarray:
         texts = [texts] if isinstance(texts, str) else list(texts)

@@ -99,6 +99,14 @@ class ClipModel:
         """Backend hook: raw text features of tokenizer output on ``device``."""
         raise NotImplementedError
 
+    text_causal = False  # whether text_prefix_features gives text_features' result from any prefix of the tokens
+
+    def text_prefix_features(self, tokens: Any) -> torch.Tensor:
+        """Raw text features of ``tokens`` cut to any length that keeps every text's end token (what an ONNX text
+        tower with a dynamic sequence axis runs); backends with a causal text tower (:attr:`text_causal`) override
+        it."""
+        return self.text_features(tokens)
+
     def compile_image_tower(self, batch_size: int) -> None:
         """Run the image tower through ``torch.compile`` for batches of up to ``batch_size`` images.
 

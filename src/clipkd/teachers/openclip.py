@@ -74,6 +74,34 @@ def create_openclip(model_name: str, pretrained: str | None, device: torch.devic
     return model, preprocess_train, preprocess, tokenizer
 
 
+def causal_prefix_ok(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s text tower gives the same features from a prefix of its tokens: open_clip's ``CLIP``
+    text transformer with a causal mask and end-of-text pooling (each position attends only to earlier ones, and
+    the pooled position is the end token), so positions after the longest text's end cannot change any result."""
+    return (all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final"))
+            and getattr(model, "attn_mask", None) is not None and getattr(model, "text_pool_type", "") == "argmax")
+
+
+def used_length(tokens: torch.Tensor) -> int:
+    """The columns a batch of open_clip tokens uses: up to its longest text's end token (padding is 0)."""
+    used = torch.nonzero(tokens.ne(0).any(0))
+    return max(int(used[-1]) + 1, 1) if len(used) else 1
+
+
+def prefix_text_features(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``CLIP.encode_text`` over ``tokens`` of any length up to the context: the positional embedding
+    and causal mask cut to that length (a model for which :func:`causal_prefix_ok` holds)."""
+    n = tokens.shape[1]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    proj = model.text_projection
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+
 class OpenClipTeacher(ClipModel):
     """An open_clip CLIP model as a teacher."""
 
@@ -92,7 +120,17 @@ class OpenClipTeacher(ClipModel):
         return self.model.encode_image(images)
 
     def text_features(self, tokens: Any) -> torch.Tensor:
-        return self.model.encode_text(tokens)
+        """Raw text features; a causal tower runs only up to the batch's longest text (:func:`used_length`)."""
+        if not self.text_causal:
+            return self.model.encode_text(tokens)
+        return prefix_text_features(self.model, tokens[:, : used_length(tokens)])
+
+    @property
+    def text_causal(self) -> bool:
+        return causal_prefix_ok(self.model)
+
+    def text_prefix_features(self, tokens: Any) -> torch.Tensor:
+        return prefix_text_features(self.model, tokens) if self.text_causal else self.model.encode_text(tokens)
 
     def save(self, out_dir: str | Path) -> str:
         """``out_dir/open_clip_model.pt`` (a plain state dict, as open_clip loads it)."""

@@ -1,0 +1,172 @@
+"""The app: a :class:`SearchService` behind FastAPI's routers, and ``serve`` that runs it with uvicorn."""
+
+import errno
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from ...errors import ClipkdError
+from ..index import SearchIndex
+from .core import MAX_K, SearchService
+from .metrics import Metrics
+from .reloader import RELOAD_S, Reloader
+from .requests import QueryError, validation_message
+
+log = logging.getLogger("clipkd.search.service")
+
+
+def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int = MAX_K,
+               public_url: str = "http://127.0.0.1:8000", show_paths: bool = False,
+               images: str | Path | None = None, token: str | None = None, reload_s: float = RELOAD_S):
+    """The FastAPI app serving ``index`` (loaded with the model that built it); result URLs start with
+    ``public_url`` (the address clients reach the server at), never with what a request's ``Host`` says.
+    ``images``: where the collection's images are on this machine (default: where the index records them); a root
+    that is not there, or lacks most of the rows, is refused in one line before serving. ``token``: the bearer
+    token that ``/index/add`` and ``/index/remove`` require (None: they are off). Every ``reload_s`` seconds the
+    app looks for a newer generation of the index (written by ``clipkd index add/remove/compact``) and swaps to it
+    between requests (0: never)."""
+    try:
+        from fastapi import FastAPI
+    except ImportError:
+        raise ClipkdError("serving needs FastAPI: pip install 'clipkd[search]'") from None
+    from .routes import ROUTERS
+
+    if not isinstance(index, SearchIndex):
+        index = SearchIndex(index, images)
+    index.check_images()
+    svc = SearchService(index, max_k=max_k, batch=batch, public_url=public_url, show_paths=show_paths)
+    app = FastAPI(title="clipkd search", version="1",
+                  description=f"Image search over {len(index)} images embedded by {index.identity}.")
+    app.state.service, app.state.token = svc, token
+    app.state.metrics = metrics = Metrics()
+    metrics.served(svc.index)
+    if svc.batcher is not None:
+        svc.batcher.on_batch = metrics.batched
+    svc.on_cache = metrics.cache_result
+    app.state.reloader = Reloader(app, reload_s)
+    app.state.updates = threading.Lock()  # one HTTP update at a time in this process (the index lock guards the rest)
+    for router in ROUTERS:
+        app.include_router(router)
+    _handle_errors(app, metrics)
+    return app
+
+
+def _handle_errors(app, metrics: Metrics) -> None:
+    """Query errors as ``{"detail": message}`` with their status, FastAPI's 422 without the input it echoes, and
+    every request counted and timed by route."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    @app.middleware("http")
+    async def _count(request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        metrics.observe(request.url.path, response.status_code, time.perf_counter() - t0)
+        return response
+
+    @app.exception_handler(QueryError)
+    async def _query_error(request, exc: QueryError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422, without the input it echoes back (a client's bytes are not repeated to it)."""
+        return JSONResponse({"detail": validation_message(exc.errors())}, status_code=422)
+
+
+def read_token(token_file: str | Path | None) -> str | None:
+    """The bearer token of the index-changing routes: the first line of ``token_file``, else ``CLIPKD_TOKEN``, else
+    None (those routes off). An empty one is refused in one line (it would let anyone change the index)."""
+    if token_file is not None:
+        try:
+            lines = Path(token_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ClipkdError(f"cannot read the token file {token_file}: {type(e).__name__}: {e}") from None
+        token = lines[0].strip() if lines else ""
+        what = f"the token file {token_file}"
+    elif os.environ.get("CLIPKD_TOKEN") is not None:
+        token, what = os.environ["CLIPKD_TOKEN"].strip(), "CLIPKD_TOKEN"
+    else:
+        return None
+    if len(token) < 16:
+        raise ClipkdError(f"{what} holds a token of {len(token)} characters: give at least 16 (e.g. the output of "
+                          "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return token
+
+
+SERVE_ENV = "CLIPKD_SERVE_APP"  # the app's arguments, for the worker processes of `serve --workers N`
+
+
+def app_from_env():
+    """The app of one worker process of ``serve --workers N`` (uvicorn's factory; arguments from the environment)."""
+    import json
+
+    return create_app(**json.loads(os.environ[SERVE_ENV]))
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse, in one line and before the index and model load, a port out of range or an address this machine
+    cannot listen on (taken by another server, not one of its own)."""
+    import socket
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ClipkdError(f"`port` must be from 1 to 65535, got {port!r}")
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ClipkdError(f"cannot listen on {host}: not an address of this machine ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as e:
+            why = "the address is in use (another server? pick another `port`)" if e.errno == errno.EADDRINUSE \
+                else e.strerror
+            raise ClipkdError(f"cannot listen on {host}:{port}: {why}") from None
+
+
+def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batch: bool = True,
+          public_url: str | None = None, show_paths: bool = False, images: str | Path | None = None,
+          workers: int = 1, token_file: str | Path | None = None, reload_s: float = RELOAD_S) -> None:
+    """Run the app with uvicorn until interrupted. ``public_url``: where clients reach it, for the result URLs
+    (default: the listening address; this machine's name when listening on every interface). ``workers``: server
+    processes (each loads the index and model, and swaps generations on its own). ``token_file``: the bearer token
+    that ``/index/add`` and ``/index/remove`` require (default ``CLIPKD_TOKEN``; neither: those routes are off)."""
+    import json
+    import tempfile
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise ClipkdError("serving needs uvicorn: pip install 'clipkd[search]'") from None
+    if public_url is None:
+        import socket
+
+        public_url = f"http://{socket.gethostname() if host in ('0.0.0.0', '::', '') else host}:{port}"
+    elif not public_url.startswith(("http://", "https://")):
+        raise ClipkdError(f"`public_url` must start with http:// or https://, got {public_url!r}")
+    if workers < 1:
+        raise ClipkdError(f"`workers` must be at least 1, got {workers}")
+    if reload_s < 0:
+        raise ClipkdError(f"`reload_s` must be 0 (never) or more seconds, got {reload_s}")
+    check_address(host, port)
+    kwargs = {"batch": batch, "public_url": public_url, "show_paths": show_paths, "token": read_token(token_file),
+              "reload_s": reload_s, "images": None if images is None else str(Path(images).resolve())}
+    app = create_app(index_dir, **kwargs)  # checked here, once, before any worker starts
+    log.info("serving %s on http://%s:%d with %s%s (web page at /, API docs at /docs, metrics at /metrics)",
+             index_dir, host, port,
+             "ONNX Runtime, no PyTorch" if app.state.service.index.encoder.runtime == "onnx" else "PyTorch",
+             f", {workers} workers" if workers > 1 else "")
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+        return
+    app.state.reloader.stop.set()
+    del app
+    with tempfile.TemporaryDirectory(prefix="clipkd-metrics-") as metrics_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # every worker's metrics, summed by whichever answers
+        os.environ[SERVE_ENV] = json.dumps({"index": str(Path(index_dir).resolve()), **kwargs})
+        uvicorn.run("clipkd.search.service:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level="warning")
