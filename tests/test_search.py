@@ -1089,3 +1089,34 @@ def test_an_ivf_index_is_searched_memory_mapped_and_still_takes_adds_and_removal
     after = SearchIndex(root)
     _, rows = after.search_vectors(grown.vector(gone)[None], 5)
     assert gone not in rows[0] and (rows[0] >= 0).all()
+
+
+def test_serve_threads_share_the_cores_between_workers(index, monkeypatch):
+    """`threads` sets ONNX Runtime's and FAISS's threads of a server process (a bad value is one line, before any
+    loading); `serve --workers 2` on two cores gives each worker one."""
+    import faiss
+
+    from clipkd import onnxfile
+    from clipkd.search import service
+
+    before = faiss.omp_get_max_threads()
+    try:
+        create_app(SearchIndex(index.root), reload_s=0, threads=1)
+        assert onnxfile.THREADS == 1 and faiss.omp_get_max_threads() == 1
+        with pytest.raises(ClipkdError, match="`threads` must be a whole number of at least 1, got 0"):
+            create_app(index.root, reload_s=0, threads=0)
+    finally:
+        onnxfile.set_threads(None)
+        faiss.omp_set_num_threads(before)
+    seen = {}
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(service.app, "create_app", lambda index, **kw: seen.update(kw) or (_ for _ in ()).throw(
+        SystemExit(0)))
+    with pytest.raises(SystemExit):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        service.serve(index.root, port=port, workers=2)
+    assert seen["threads"] == 1

@@ -319,6 +319,8 @@ def _args_serve(sub: Any) -> None:
                    "records them, relative to the index folder)")
     p.add_argument("--workers", type=_count, help="server processes (default 1); each swaps to a new generation of "
                    "the index on its own")
+    p.add_argument("--threads", type=_count, help="threads of each server process for the model and FAISS "
+                   "(default: every core with one worker; with --workers, the cores shared out among them)")
     p.add_argument("--token-file", help="a file whose first line is the bearer token that POST /index/add and "
                    "/index/remove require (default: $CLIPKD_TOKEN; neither: those routes are off)")
     p.add_argument("--reload-s", type=float, help=f"how often to look for a newer generation of the index, written "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,27 @@ def onnx_providers(device: Any = None) -> list[str]:
         "CPUExecutionProvider"]
 
 
+THREADS: int | None = None  # intra-op threads of the sessions this process opens (None: ONNX Runtime's default)
+
+
+def set_threads(n: int | None) -> None:
+    """The threads one process gives a query's work: ONNX Runtime sessions opened from now on, and FAISS's OpenMP
+    pool. ``serve`` sets it per worker (several workers sharing the cores each take their share, instead of every
+    one spinning a thread per core). None: the libraries' defaults (every core)."""
+    global THREADS
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ClipkdError(f"`threads` must be a whole number of at least 1, got {n!r}")
+    THREADS = n
+    if n is not None:
+        if "torch" in sys.modules:  # a server of PyTorch models
+            sys.modules["torch"].set_num_threads(n)
+        try:
+            import faiss
+        except ImportError:  # a server of a Milvus index may have no FAISS
+            return
+        faiss.omp_set_num_threads(n)
+
+
 def open_session(path: str | Path, device: Any = None) -> tuple[Any, dict[str, Any], dict[str, str]]:
     """An ONNX Runtime session for a clipkd export, its description and all its metadata properties (read from the
     session: no second parse of the file); one-line errors for a missing, unreadable or undescribed file."""
@@ -96,7 +118,11 @@ def open_session(path: str | Path, device: Any = None) -> tuple[Any, dict[str, A
     if not path.is_file():
         raise ClipkdError(f"ONNX file not found: {path}")
     try:
-        session = ort.InferenceSession(str(path), providers=onnx_providers(device))
+        options = ort.SessionOptions()
+        if THREADS is not None:  # a server's share of the cores; no spinning threads between its queries
+            options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
     except Exception as e:  # noqa: BLE001 - ONNX Runtime's own errors are long
         raise ClipkdError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from None
     props = dict(session.get_modelmeta().custom_metadata_map)

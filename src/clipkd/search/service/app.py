@@ -19,20 +19,24 @@ log = logging.getLogger("clipkd.search.service")
 
 def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int = MAX_K,
                public_url: str = "http://127.0.0.1:8000", show_paths: bool = False,
-               images: str | Path | None = None, token: str | None = None, reload_s: float = RELOAD_S):
+               images: str | Path | None = None, token: str | None = None, reload_s: float = RELOAD_S,
+               threads: int | None = None):
     """The FastAPI app serving ``index`` (loaded with the model that built it); result URLs start with
     ``public_url`` (the address clients reach the server at), never with what a request's ``Host`` says.
     ``images``: where the collection's images are on this machine (default: where the index records them); a root
     that is not there, or lacks most of the rows, is refused in one line before serving. ``token``: the bearer
     token that ``/index/add`` and ``/index/remove`` require (None: they are off). Every ``reload_s`` seconds the
     app looks for a newer generation of the index (written by ``clipkd index add/remove/compact``) and swaps to it
-    between requests (0: never)."""
+    between requests (0: never). ``threads``: this process's threads for the model and FAISS (None: the libraries'
+    defaults, every core)."""
     try:
         from fastapi import FastAPI
     except ImportError:
         raise ClipkdError("serving needs FastAPI: pip install 'clipkd[search]'") from None
+    from ...onnxfile import set_threads
     from .routes import ROUTERS
 
+    set_threads(threads)  # before the model's sessions open
     if not isinstance(index, SearchIndex):
         index = SearchIndex(index, images)
     index.check_images()
@@ -130,10 +134,13 @@ def check_address(host: str, port: int) -> None:
 
 def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batch: bool = True,
           public_url: str | None = None, show_paths: bool = False, images: str | Path | None = None,
-          workers: int = 1, token_file: str | Path | None = None, reload_s: float = RELOAD_S) -> None:
+          workers: int = 1, token_file: str | Path | None = None, reload_s: float = RELOAD_S,
+          threads: int | None = None) -> None:
     """Run the app with uvicorn until interrupted. ``public_url``: where clients reach it, for the result URLs
     (default: the listening address; this machine's name when listening on every interface). ``workers``: server
-    processes (each loads the index and model, and swaps generations on its own). ``token_file``: the bearer token
+    processes (each loads the index and model, and swaps generations on its own). ``threads``: each process's
+    threads for the model and FAISS (default: every core with one worker, the cores shared out with several).
+    ``token_file``: the bearer token
     that ``/index/add`` and ``/index/remove`` require (default ``CLIPKD_TOKEN``; neither: those routes are off)."""
     import json
     import tempfile
@@ -150,11 +157,14 @@ def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batc
         raise ClipkdError(f"`public_url` must start with http:// or https://, got {public_url!r}")
     if workers < 1:
         raise ClipkdError(f"`workers` must be at least 1, got {workers}")
+    if threads is None and workers > 1:  # each worker its share of the cores, not a thread per core each
+        threads = max(1, (os.cpu_count() or 1) // workers)
     if reload_s < 0:
         raise ClipkdError(f"`reload_s` must be 0 (never) or more seconds, got {reload_s}")
     check_address(host, port)
     kwargs = {"batch": batch, "public_url": public_url, "show_paths": show_paths, "token": read_token(token_file),
-              "reload_s": reload_s, "images": None if images is None else str(Path(images).resolve())}
+              "reload_s": reload_s, "images": None if images is None else str(Path(images).resolve()),
+              "threads": threads}
     app = create_app(index_dir, **kwargs)  # checked here, once, before any worker starts
     log.info("serving %s on http://%s:%d with %s%s (web page at /, API docs at /docs, metrics at /metrics)",
              index_dir, host, port,
