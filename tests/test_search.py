@@ -823,7 +823,7 @@ def test_filters_restrict_results_to_a_label_or_any_column_of_the_image_list(tin
         q = hnsw.embed_text(["a green star"])
         allowed = hnsw.allowed(where=where)
         got = hnsw.search_vectors(q, 5, allowed)[1][0]
-        want = hnsw._exact(q, 5, allowed)[1][0]
+        want = hnsw.backend._exact(q, 5, allowed)[1][0]
         assert list(got) == list(hnsw.rows[want]), where
     c = TestClient(create_app(tmp_path / "flat"))
     r = c.post("/search", json={"text": "a red circle", "k": 50, "where": {"brand": "acme"}})

@@ -35,12 +35,10 @@ import numpy as np
 
 from ..data.images import load_rgb
 from ..errors import ClipkdError
-from ..fileio import read_json
 from ..store import EmbeddingStore
-from .exact import exact_search, rerank_search
+from .faiss_backend import FaissBackend
 from .keys import TsvOpener, is_tsv_key, split_key
-from .layout import GENERATIONS, INDEX_FORMAT, REBUILD, _Pruned, _resolve_ref, column_codes, read_generation
-from .planning import KINDS, _faiss, _set_nprobe_from
+from .layout import _resolve_ref, column_codes, read_info
 
 if TYPE_CHECKING:
     from .encoder import Encoder
@@ -48,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-log = logging.getLogger(__name__)
 def filter_terms(label: str | None, where: dict[str, str] | None) -> list[tuple[str, str]]:
     """The ``(column, value)`` terms a query's ``label`` and ``where`` ask for, every one of which must hold: a
     ``where`` label that differs from ``label`` is a second term on the same column, which no row meets."""
@@ -56,67 +53,39 @@ def filter_terms(label: str | None, where: dict[str, str] | None) -> list[tuple[
     terms |= {(c, str(v)) for c, v in (where or {}).items()}
     return sorted(terms)
 
-class SearchIndex:
-    """An index folder opened for search; ``encoder`` loads the model that made it (checked by identity). An index
-    whose vectors live in Milvus opens as :class:`MilvusIndex`."""
 
-    def __new__(cls, root: str | Path, images: str | Path | None = None) -> SearchIndex:
-        if cls is SearchIndex and (Path(root) / "index.json").is_file():
-            try:
-                info = read_json(Path(root) / "index.json", "index description")
-            except ClipkdError:
-                info = None  # reported by __init__
-            if isinstance(info, dict) and info.get("backend") == "milvus":
-                return object.__new__(MilvusIndex)
-        return object.__new__(cls)
+class SearchIndex:
+    """An index folder opened for search: its store, keys, labels and columns, and a backend holding its vectors
+    (:class:`~clipkd.search.faiss_backend.FaissBackend`, or :class:`~clipkd.search.milvus.MilvusBackend` for an
+    index built with ``backend="milvus"``); ``encoder`` loads the model that made it (checked by identity)."""
 
     def __init__(self, root: str | Path, images: str | Path | None = None) -> None:
         self.root = Path(root)
-        if not (self.root / "index.json").is_file():
-            raise ClipkdError(f"not a search index (no index.json): {self.root}; build one with `clipkd index build`")
-        self.info: dict[str, Any] = read_json(self.root / "index.json", "index description")
-        if not isinstance(self.info, dict) or self.info.get("format") != INDEX_FORMAT:
-            raise ClipkdError(f"{self.root / 'index.json'} is not a {INDEX_FORMAT} description")
-        rebuild = REBUILD
-        missing = [k for k in ("identity", "model", "embed_dim", "kind") if k not in self.info]
-        if missing:
-            raise ClipkdError(f"index {self.root} is damaged: index.json lacks {missing}; {rebuild}")
-        if self.info["kind"] not in KINDS or self.info["kind"] == "auto":
-            raise ClipkdError(f"index {self.root} is damaged: index.json names kind {self.info['kind']!r}; {rebuild}")
-        for _ in range(5):  # a generation pruned by a newer writer between reading index.json and its files
-            try:
-                gen = read_generation(self.root, self.info, mmap=True)
-                break
-            except _Pruned:
-                again = read_json(self.root / "index.json", "index description")
-                if again.get("generation") == self.info.get("generation"):
-                    raise ClipkdError(f"index {self.root} is damaged: {GENERATIONS}/{self.info.get('generation')} "
-                                      f"is gone; {rebuild}") from None
-                self.info = again
-        else:
-            raise ClipkdError(f"index {self.root} changes faster than it can be opened; try again")
+        info = read_info(self.root)
         self.store = EmbeddingStore(self.root / "store")
         self.paths = self.store.keys()  # read a shard at a time as rows are asked for
-        self.generation, self.index, self.rows = gen.number, gen.index, gen.rows
-        self.tombstones, self.removed = gen.tombstones, gen.removed
-        if len(self.rows) and int(self.rows.max()) >= len(self.paths):
-            raise ClipkdError(f"index {self.root} is damaged: its FAISS rows name store rows the store does not hold; "
-                              f"{rebuild}")
-        self.live = np.zeros(len(self.paths), dtype=bool)  # store rows a query can return
-        self.live[self.rows] = True
-        self.live[self.rows[self.tombstones]] = False
+        if info.get("backend") == "milvus":
+            from .milvus import MilvusBackend
+
+            self.backend: Any = MilvusBackend(self.root, info, self.store)
+        else:
+            self.backend = FaissBackend(self.root, info, self.store)
+        b = self.backend
+        self.info: dict[str, Any] = b.info
+        self.generation, self.rows, self.tombstones, self.removed = b.generation, b.rows, b.tombstones, b.removed
+        self.live = b.live(len(self.paths))  # store rows a query can return
         # filterable columns, coded per store row (an index of clipkd before coded columns: coded here)
-        self.codes = gen.columns if gen.columns is not None else column_codes(self.root, self.paths)
+        self.codes = b.columns if b.columns is not None else column_codes(self.root, self.paths)
         # the collection root: given (the images on this machine), else where index.json says, relative to the
         # index (indexes of clipkd before portable indexes keyed rows by absolute path: root /)
         self.images_root = Path(images).resolve() if images is not None else \
             (self.root / self.info.get("images", "/")).resolve()
-        try:
-            self._set_search_params()
-        except AttributeError:
-            raise ClipkdError(f"index {self.root} is damaged: index.json says kind {self.info['kind']!r} but "
-                              f"its FAISS file holds a {type(self.index).__name__}; {rebuild}") from None
         self.encoder: Encoder | None = None
+
+    @property
+    def index(self) -> Any:
+        """The FAISS index being searched (None for a Milvus index)."""
+        return self.backend.index
 
     @property
     def identity(self) -> str:
@@ -157,18 +126,11 @@ class SearchIndex:
 
     def __len__(self) -> int:
         """Rows a query can return (FAISS rows less the tombstones of removed images)."""
-        return int(self.index.ntotal) - len(self.tombstones)
+        return len(self.backend)
 
     def is_live(self, row: int) -> bool:
         """Whether store row ``row`` is in the index and not removed."""
         return 0 <= row < len(self.live) and bool(self.live[row])
-
-    def _set_search_params(self) -> None:
-        kind = self.info.get("kind")
-        if kind == "hnsw":
-            self.index.hnsw.efSearch = int(self.info.get("params", {}).get("efSearch", 64))
-        elif kind in ("ivf", "ivfpq"):
-            _set_nprobe_from(self.index, self.info)
 
     def load_encoder(self, model: str | Path | None = None, text_model: str | Path | None = None,
                      device: str | None = "auto", precision: str = "auto") -> Any:
@@ -215,105 +177,23 @@ class SearchIndex:
             raise ClipkdError(f"index {self.root} has no column {unknown[0]!r} to filter on (it has: "
                               f"{', '.join(self.codes) or 'none'})")
 
-    def allowed(self, label: str | None = None, where: dict[str, str] | None = None) -> np.ndarray | None:
-        """The FAISS positions whose rows match ``label`` and every ``column: value`` of ``where`` (None: no
-        filter). A column the index does not have is a one-line error naming those it has."""
+    def allowed(self, label: str | None = None, where: dict[str, str] | None = None) -> Any:
+        """The rows ``label`` and every ``column: value`` of ``where`` allow, as the backend filters (FAISS
+        positions; a Milvus expression), or None for no filter. A column the index does not have is a one-line
+        error naming those it has."""
         want = filter_terms(label, where)
         if not want:
             return None
-        cache = self.__dict__.setdefault("_allowed", {})
-        frozen = tuple(want)
-        if frozen in cache:
-            return cache[frozen]
         self._check_columns(want)
-        ok = np.ones(len(self.rows), dtype=bool)
-        ok[self.tombstones] = False
-        for c, v in want:
-            codes, values = self.codes[c]
-            if str(v) not in values:
-                ok[:] = False
-                break
-            ok &= np.asarray(codes)[self.rows] == values.index(str(v))
-        if len(cache) > 256:
-            cache.clear()
-        cache[frozen] = np.flatnonzero(ok).astype(np.int64)
-        return cache[frozen]
+        return self.backend.allowed(want, self.codes)
 
-    def search_vectors(self, queries: np.ndarray, k: int = 10,
-                       allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search_vectors(self, queries: np.ndarray, k: int = 10, allowed: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores, store rows) for unit query vectors (rows of -1 where fewer than ``k`` exist), among
-        the FAISS positions ``allowed`` when given (:meth:`allowed`): exact over them from the store when they are
+        the rows ``allowed`` when given (:meth:`allowed`). FAISS: exact over them from the store when they are
         few (under a tenth of the rows), else inside FAISS (``IDSelector``: exact on a flat index), and exactly
         again where an approximate search found fewer than ``k`` of them. Removed rows are never returned."""
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.info["embed_dim"])
-        if allowed is None and len(self.tombstones):
-            scores, pos = self._skip_tombstones(q, min(k, max(1, len(self))))
-        elif allowed is None:
-            scores, pos = self._search(q, min(k, max(1, len(self))))
-        elif not len(allowed):
-            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-        elif len(allowed) * 10 < len(self):
-            scores, pos = self._exact(q, k, allowed)
-        else:
-            want = min(k, len(allowed))
-            scores, pos = self._search(q, want, self._params(self._selector(allowed), k,
-                                                             len(allowed) / max(1, len(self))))
-            if (pos < 0).sum(1).max() > 0:  # the graph or the probed lists ran out of matches: exact instead
-                scores, pos = self._exact(q, k, allowed)
-        rows = np.where(pos >= 0, self.rows[np.clip(pos, 0, None)], -1)
-        return scores, rows
-
-    def _selector(self, allowed: np.ndarray) -> Any:
-        """A FAISS selector of ``allowed`` (kept per array: :meth:`allowed` caches its arrays)."""
-        cache = self.__dict__.setdefault("_selectors", {})
-        key = (allowed.__array_interface__["data"][0], len(allowed))
-        if key not in cache or cache[key][0] is not allowed:
-            if len(cache) > 64:
-                cache.clear()
-            cache[key] = (allowed, _faiss().IDSelectorBatch(allowed))
-        return cache[key][1]
-
-    def _params(self, sel: Any, k: int, share: float = 1.0) -> Any:
-        """Search parameters with selector ``sel`` letting ``share`` of the rows through: the graph walk (HNSW) or
-        the lists probed (IVF) grow as the share shrinks, so that as many matching candidates are seen as an
-        unfiltered search sees (recall@10 by filter share: ``benchmarks/results/search-live.md``)."""
-        faiss = _faiss()
-        kind = self.info["kind"]
-        grow = 1 / max(share, 0.05)
-        if kind == "hnsw":
-            ef = max(self.index.hnsw.efSearch, 4 * k)
-            return faiss.SearchParametersHNSW(sel=sel, efSearch=int(min(2048, ef * grow)))
-        if kind in ("ivf", "ivfpq"):
-            return faiss.SearchParametersIVF(sel=sel, nprobe=int(min(self.index.nlist, self.index.nprobe * grow)))
-        return faiss.SearchParameters(sel=sel)
-
-    def _skip_tombstones(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` FAISS positions that are not tombstones: the search skips them (``IDSelectorNot``); where an
-        approximate search then finds fewer than ``k``, the plain search is oversampled by the tombstones."""
-        faiss = _faiss()
-        if not hasattr(self, "_not_removed"):
-            inner = faiss.IDSelectorBatch(self.tombstones)
-            self._not_removed = (inner, faiss.IDSelectorNot(inner))  # the inner selector must outlive the outer
-        scores, pos = self._search(q, k, self._params(self._not_removed[1], k))
-        if (pos < 0).any():
-            more = min(int(self.index.ntotal), k + len(self.tombstones))
-            s2, p2 = self.index.search(q, more)
-            dead = np.isin(p2, self.tombstones) | (p2 < 0)
-            order = np.argsort(dead, axis=1, kind="stable")[:, :k]
-            scores, pos = np.take_along_axis(s2, order, 1), np.where(
-                np.take_along_axis(dead, order, 1), -1, np.take_along_axis(p2, order, 1))
-        return scores, pos
-
-    def _search(self, q: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS top-``k`` positions; an IVF-PQ index's candidates (``rerank`` times ``k``) re-ranked exactly from
-        the memory-mapped store (its codes alone rank coarsely)."""
-        return rerank_search(self.index, q, k, self.store, self.rows,
-                             int(self.info.get("params", {}).get("rerank", 1)), params)
-
-    def _exact(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-``k`` among FAISS positions ``allowed``, from the stored embeddings (a chunk at a time)."""
-        scores, at = exact_search(self.store, self.rows[allowed], q, k)
-        return scores, np.where(at >= 0, allowed[np.clip(at, 0, None)], -1)
+        return self.backend.search(q, k, allowed)
 
     def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
         """One query's results as dicts: ``id`` (the store row), ``path``, ``score``, ``label``."""
@@ -376,56 +256,7 @@ class SearchIndex:
                                 lambda p: self.open_image(rows[p]), out)
 
 
-class MilvusIndex(SearchIndex):
-    """An index folder whose vectors live in a Milvus collection (:mod:`clipkd.search.milvus`): searched and
-    filtered inside Milvus; keys, labels, the model and the images as in any index folder."""
-
-    def __init__(self, root: str | Path, images: str | Path | None = None) -> None:
-        from . import milvus
-
-        self.root = Path(root)
-        self.info = read_json(self.root / "index.json", "index description")
-        missing = [k for k in ("identity", "model", "embed_dim", "kind", "milvus") if k not in self.info]
-        if self.info.get("format") != INDEX_FORMAT or missing:
-            raise ClipkdError(f"index {self.root} is damaged: index.json lacks {missing}; {REBUILD}")
-        self.client, self.collection = milvus.open_index(self.root, self.info)
-        self.store = EmbeddingStore(self.root / "store")
-        self.paths = self.store.keys()
-        self.generation = int(self.info.get("generation", 0))
-        self.removed = milvus.read_removed(self.root)
-        inserted = min(int(self.info["milvus"]["inserted"]), len(self.store))
-        self.live = np.zeros(len(self.store), dtype=bool)
-        self.live[:inserted] = True
-        if self.removed:
-            self.live[:inserted] &= ~np.fromiter((k in self.removed for k in self.paths[:inserted]), bool, inserted)
-        self.rows = np.flatnonzero(self.live)
-        self.tombstones = np.zeros(0, np.int64)
-        self.codes = column_codes(self.root, self.paths)
-        self.images_root = Path(images).resolve() if images is not None else \
-            (self.root / self.info.get("images", "/")).resolve()
-        self.encoder = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def allowed(self, label: str | None = None, where: dict[str, str] | None = None) -> str | None:  # type: ignore[override]
-        """A Milvus filter expression for ``label`` and ``where`` (None: no filter); unknown columns as
-        :meth:`SearchIndex.allowed`."""
-        from . import milvus
-
-        want = filter_terms(label, where)
-        if not want:
-            return None
-        self._check_columns(want)
-        return milvus.expression(want)
-
-    def search_vectors(self, queries: np.ndarray, k: int = 10,  # type: ignore[override]
-                       allowed: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        from . import milvus
-
-        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.info["embed_dim"])
-        return milvus.search(self.client, self.collection, q, min(k, max(1, len(self))),
-                             self.info["milvus"].get("params", {}), allowed)
+MilvusIndex = SearchIndex  # earlier name of an index opened over Milvus: any index folder opens as SearchIndex
 
 
 def check_model(index: SearchIndex, encoder: Encoder) -> None:

@@ -62,6 +62,33 @@ def _resolve_ref(ref: str | None, root: Path) -> str | None:
 
 GENERATIONS = "gen"  # gen/<N>/: one generation of the FAISS index, written whole before index.json names it
 REBUILD = "re-run the `clipkd index build` that made it (its stored embeddings are reused)"
+INFO = "index.json"  # the index's description, written atomically and last by every change
+REQUIRED = ("identity", "model", "embed_dim", "kind")
+
+
+def read_info(root: str | Path, missing_ok: bool = False, check: bool = True) -> dict[str, Any] | None:
+    """``index.json`` of the index at ``root``: the one reading every reader and writer goes through. A folder
+    without one is a one-line error (None with ``missing_ok``); with ``check``, a description of another format,
+    one lacking what a search needs (:data:`REQUIRED`, and ``milvus`` for a Milvus index), or naming an unknown
+    FAISS kind is a one-line "damaged" error."""
+    from .planning import KINDS
+
+    root = Path(root)
+    if not (root / INFO).is_file():
+        if missing_ok:
+            return None
+        raise ClipkdError(f"not a search index (no index.json): {root}; build one with `clipkd index build`")
+    info = read_json(root / INFO, "index description")
+    if not check:
+        return info
+    if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT:
+        raise ClipkdError(f"{root / INFO} is not a {INDEX_FORMAT} description")
+    missing = [k for k in REQUIRED + (("milvus",) if info.get("backend") == "milvus" else ()) if k not in info]
+    if missing:
+        raise ClipkdError(f"index {root} is damaged: index.json lacks {missing}; {REBUILD}")
+    if info.get("backend") != "milvus" and (info["kind"] not in KINDS or info["kind"] == "auto"):
+        raise ClipkdError(f"index {root} is damaged: index.json names kind {info['kind']!r}; {REBUILD}")
+    return info
 
 
 class _Pruned(Exception):
@@ -146,9 +173,8 @@ def column_codes(root: Path, keys: Sequence[str]) -> dict[str, tuple[np.ndarray,
 
 def _current(root: Path) -> Generation | None:
     """The generation on disk now (under the writer's lock), or None for a folder with no index yet."""
-    if not (root / "index.json").is_file():
-        return None
-    return read_generation(root, read_json(root / "index.json", "index description"))
+    info = read_info(root, missing_ok=True, check=False)
+    return None if info is None else read_generation(root, info)
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -171,7 +197,7 @@ def commit_generation(root: Path, info: dict[str, Any], index: Any, rows: np.nda
     import shutil
 
     faiss = _faiss()
-    on_disk = read_json(root / "index.json", "index description") if (root / "index.json").is_file() else {}
+    on_disk = read_info(root, missing_ok=True, check=False) or {}
     number = int(on_disk.get("generation", 0)) + 1
     d = root / GENERATIONS / str(number)
     if d.exists():  # what a killed writer left: no index.json names it
@@ -194,7 +220,7 @@ def commit_generation(root: Path, info: dict[str, Any], index: Any, rows: np.nda
         write_json(d / CODES, {name: values for name, (_, values) in columns.items()})
     info = {**info, "generation": number, "rows": int(len(rows) - len(tombstones)), "tombstones": int(len(tombstones)),
             "removed": len(removed)}
-    write_json(root / "index.json", info)
+    write_json(root / INFO, info)
     for old in (root / GENERATIONS).iterdir():  # a server still reading generation N-1 keeps it
         if old.name.isdigit() and int(old.name) < number - 1:
             shutil.rmtree(old, ignore_errors=True)
@@ -217,9 +243,10 @@ def _read_labels(path: Path) -> dict[str, str]:
 def _removed_now(root: Path) -> set[str]:
     """The keys removed from the index at ``root`` as it is on disk (without loading its FAISS file, which a rebuild
     may be replacing because it is damaged)."""
-    if not (root / "index.json").is_file():
+    info = read_info(root, missing_ok=True, check=False)
+    if info is None:
         return set()
-    number = read_json(root / "index.json", "index description").get("generation")
+    number = info.get("generation")
     return _read_lines(root / GENERATIONS / str(int(number)) / "removed.txt" if number is not None
                        else root / "removed.txt")
 

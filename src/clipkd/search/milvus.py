@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ClipkdError, first_line
-from ..fileio import read_json, relative
+from ..fileio import relative
 
 if TYPE_CHECKING:
     from ..store import EmbeddingStore
@@ -219,4 +219,45 @@ def removed_file(root: Path) -> Path:
 
 
 def info_of(root: Path) -> dict[str, Any]:
-    return read_json(root / "index.json", "index description")
+    from .layout import read_info
+
+    return read_info(root)
+
+
+class MilvusBackend:
+    """The vectors of an index folder in a Milvus collection: searched and filtered inside Milvus (the rows it
+    holds: those inserted, less the removed keys)."""
+
+    name = "milvus"
+    index = None  # no FAISS object
+
+    def __init__(self, root: Path, info: dict[str, Any], store: EmbeddingStore) -> None:
+        self.root, self.info, self.store = root, info, store
+        self.client, self.collection = open_index(root, info)
+        self.generation = int(info.get("generation", 0))
+        self.removed = read_removed(root)
+        self.inserted = min(int(info["milvus"]["inserted"]), len(store))
+        self.columns = None  # read from the folder's label and column files
+        self.tombstones = np.zeros(0, np.int64)
+        self.rows = np.flatnonzero(self.live(len(store)))
+
+    def live(self, n: int) -> np.ndarray:
+        """Which of the store's ``n`` rows a query can return."""
+        live = np.zeros(n, dtype=bool)
+        live[: self.inserted] = True
+        if self.removed:
+            keys = self.store.keys()
+            live[: self.inserted] &= ~np.fromiter((k in self.removed for k in keys[: self.inserted]), bool,
+                                                  self.inserted)
+        return live
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def allowed(self, want: list[tuple[str, str]], codes: Any = None) -> str:
+        """A Milvus filter expression for ``want``'s ``(column, value)`` terms."""
+        return expression(want)
+
+    def search(self, q: np.ndarray, k: int, allowed: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return search(self.client, self.collection, q, min(k, max(1, len(self))), self.info["milvus"].get("params", {}),
+                      allowed)

@@ -13,15 +13,15 @@ import numpy as np
 
 from ..distributed import barrier, ranks
 from ..errors import ClipkdError
-from ..fileio import exclusive, read_json, relative, write_json, write_text
+from ..fileio import exclusive, relative, write_json, write_text
 from ..store import EmbeddingStore, embed_paths
 from .exact import exact_search
-from .index import MilvusIndex, SearchIndex
+from .index import SearchIndex
 from .keys import Source, read_source
 from .layout import (
     COLUMNS,
     INDEX_FORMAT,
-    REBUILD,
+    INFO,
     _current,
     _model_ref,
     _read_columns,
@@ -31,6 +31,7 @@ from .layout import (
     _tombstones,
     column_codes,
     commit_generation,
+    read_info,
 )
 from .planning import (
     CHUNK,
@@ -99,26 +100,26 @@ def _write_milvus(root: Path, store: EmbeddingStore, kind: str, info: dict[str, 
                        "params": params},
             "skipped": int(store.manifest["skipped_count"]), "recall@10": round(recall, 4), "generation": number,
             "rows": rows, "tombstones": 0, "removed": len(removed)}
-    write_json(root / "index.json", info)
+    write_json(root / INFO, info)
     log.info("index %s: %d rows in Milvus collection %s at %s (%s), %d inserted now", root, rows, collection, uri,
              chosen, len(new) + len(back))
     return info
 
 
-def _remove_milvus(root: Path, index: MilvusIndex, wanted: set[str]) -> int:
+def _remove_milvus(root: Path, index: SearchIndex, wanted: set[str]) -> int:
     from . import milvus
 
-    info = read_json(root / "index.json", "index description")
+    info = read_info(root)
     removed = milvus.read_removed(root)
     gone = sorted(wanted - removed)
     rows = index.store.rows(gone)
     if len(index) - len(gone) <= 0:
         raise ClipkdError(f"index {root} would be empty: removing these would leave no image in it; nothing was "
                           "removed")
-    milvus.delete_rows(index.client, index.collection, rows.tolist())
+    milvus.delete_rows(index.backend.client, index.backend.collection, rows.tolist())
     removed |= wanted
     write_text(milvus.removed_file(root), "".join(f"{k}\n" for k in sorted(removed)))
-    write_json(root / "index.json", {**info, "generation": int(info.get("generation", 0)) + 1,
+    write_json(root / INFO, {**info, "generation": int(info.get("generation", 0)) + 1,
                                      "rows": int(info["rows"]) - len(gone), "removed": len(removed)})
     return len(gone)
 
@@ -263,7 +264,7 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
     source = read_source(images)
     r = ranks()  # ranks of one job (torchrun/srun) embed their shares; rank 0 holds the folder and writes the index
     with exclusive(out, "search index") if r.zero else nullcontext():
-        existing = read_json(out / "index.json", "index description") if (out / "index.json").is_file() else None
+        existing = read_info(out, missing_ok=True, check=False)
         here = relative(images, out)
         if existing is not None and not add and here not in existing.get("sources", []):
             raise ClipkdError(f"{out} holds an index of {existing.get('sources')} (relative to it), not of {here}; "
@@ -413,7 +414,7 @@ def append_store(index_dir: str | Path) -> SearchIndex:
                           milvus.resolve_uri(info["milvus"]["uri"], out), info["milvus"]["collection"])
         return SearchIndex(out)
     with exclusive(out, "search index"):
-        _append_faiss(out, EmbeddingStore(out / "store"), read_json(out / "index.json", "index description"), ())
+        _append_faiss(out, EmbeddingStore(out / "store"), read_info(out), ())
     return SearchIndex(out)
 
 
@@ -452,7 +453,7 @@ def remove_from_index(index_dir: str | Path, paths: Sequence[str], images_root: 
         if len(tomb) == len(cur.rows):  # refused before anything is written
             raise ClipkdError(f"index {root} would be empty: removing these would leave no image in it; nothing "
                               "was removed")
-        info = read_json(root / "index.json", "index description")
+        info = read_info(root)
         info = commit_generation(root, info, cur.index, cur.rows, tomb, removed, same_faiss=cur.path)
     if len(tomb) > COMPACT_SHARE * len(cur.rows):
         log.warning("index %s: %d of its %d FAISS rows are removed images that every query skips; `clipkd index "
@@ -471,7 +472,7 @@ def compact_index(index_dir: str | Path, max_memory: int | str | None = None) ->
         log.info("index %s: Milvus compacts its collection's segments itself; nothing to rewrite", root)
         return SearchIndex(root)
     with exclusive(root, "search index"):
-        info = read_json(root / "index.json", "index description")
+        info = read_info(root)
         _write_faiss(root, store, info.get("requested_kind", info["kind"]), info, max_memory=budget)
     return SearchIndex(root)
 
@@ -479,11 +480,6 @@ def compact_index(index_dir: str | Path, max_memory: int | str | None = None) ->
 def _writer_view(root: Path, images_root: str | Path | None = None) -> tuple[dict[str, Any], EmbeddingStore, Path]:
     """What a writer needs of an index without loading its vectors (a writer loads the generation it changes
     itself, once): index.json, the store, where the collection root is."""
-    if not (root / "index.json").is_file():
-        raise ClipkdError(f"not a search index (no index.json): {root}; build one with `clipkd index build`")
-    info = read_json(root / "index.json", "index description")
-    missing = [k for k in ("identity", "embed_dim", "kind") if k not in info] if isinstance(info, dict) else ["all"]
-    if missing or info.get("format") != INDEX_FORMAT:
-        raise ClipkdError(f"index {root} is damaged: index.json lacks {missing or ['format']}; {REBUILD}")
+    info = read_info(root)
     images = Path(images_root).resolve() if images_root is not None else (root / info.get("images", "/")).resolve()
     return info, EmbeddingStore(root / "store"), images

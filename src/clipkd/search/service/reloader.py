@@ -7,8 +7,8 @@ import os
 import threading
 from typing import Any
 
-from ...fileio import read_json
 from ..index import SearchIndex
+from ..layout import INFO, read_info
 
 log = logging.getLogger("clipkd.search.service")
 RELOAD_S = 1.0  # how often a server looks for a newer generation of its index (seconds)
@@ -28,7 +28,7 @@ class Reloader:
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
-            st = os.stat(self.app.state.service.index.root / "index.json")
+            st = os.stat(self.app.state.service.index.root / INFO)
         except OSError:
             return None
         return st.st_mtime_ns, st.st_size, st.st_ino
@@ -40,7 +40,7 @@ class Reloader:
             if stat is None or stat == self.stat:
                 return False
             svc = self.app.state.service
-            info = read_json(svc.index.root / "index.json", "index description")
+            info = read_info(svc.index.root, check=False)
             if info.get("generation") == svc.index.generation:
                 self.stat = stat
                 return False
