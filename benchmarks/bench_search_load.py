@@ -104,17 +104,24 @@ def metric(text: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def locust(url: str, clients: int, seconds: int, query: str, jpegs: Path, texts: Path) -> dict:
+def locust(url: str, clients: int, seconds: int, query: str, jpegs: Path, texts: Path, unique: bool = False) -> dict:
     """One headless locust run → p50 / p99 / queries/s / failed (its CSV's aggregated row)."""
     with tempfile.TemporaryDirectory(prefix="clipkd-locust-") as tmp:
         env = {**os.environ, "CLIPKD_LOAD_QUERY": query, "CLIPKD_LOAD_JPEGS": str(jpegs),
-               "CLIPKD_LOAD_TEXTS": str(texts)}
+               "CLIPKD_LOAD_TEXTS": str(texts), "CLIPKD_LOAD_UNIQUE": "1" if unique else "0"}
         cmd = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless", "-u", str(clients),
                "-r", str(clients), "-t", f"{seconds}s", "--host", url, "--csv", f"{tmp}/run", "--only-summary",
                "--stop-timeout", "10", "--loglevel", "WARNING"]
         subprocess.run(cmd, env=env, check=False, stdout=subprocess.DEVNULL, timeout=seconds + 120)
         with open(f"{tmp}/run_stats.csv", newline="") as f:
-            row = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
+            rows = {r["Name"]: r for r in csv.DictReader(f)}
+    out = _stats(rows.pop("Aggregated"))
+    if len(rows) > 1:  # mixed: each kind's own figures too
+        out["by_query"] = {name: _stats(r) for name, r in rows.items()}
+    return out
+
+
+def _stats(row: dict[str, str]) -> dict:
     return {"p50_ms": float(row["50%"]), "p99_ms": float(row["99%"]), "qps": float(row["Requests/s"]),
             "failed": int(row["Failure Count"]), "requests": int(row["Request Count"])}
 
@@ -134,8 +141,9 @@ def serve_runs(index: Path, name: str, args: list[str], env: dict[str, str], pla
             import httpx
 
             before = httpx.get(url + "/metrics").text
-            r = locust(url, clients, seconds, "text" if query == "text-unique" else query, jpegs,
-                       texts["unique" if query == "text-unique" else "log"])
+            unique = query == "text-unique"
+            r = locust(url, clients, seconds, "text" if unique else query, jpegs, texts["unique" if unique else "log"],
+                       unique)
             after = httpx.get(url + "/metrics").text
             d = {k: metric(after, k) - metric(before, k) for k in
                  ("clipkd_batch_size_sum", "clipkd_batch_size_count", 'clipkd_text_cache_total{result="hit"}',

@@ -3,12 +3,14 @@
 
 Settings come from the environment (`bench_search_load.py` sets them): ``CLIPKD_LOAD_QUERY`` (``image``, ``text``
 or ``mixed``: three image queries to one text query), ``CLIPKD_LOAD_JPEGS`` (a folder of JPEGs),
-``CLIPKD_LOAD_TEXTS`` (a file of query texts, one a line; a popular few repeat, as in a shop's log), ``CLIPKD_LOAD_K``.
+``CLIPKD_LOAD_TEXTS`` (a file of query texts, one a line; a popular few repeat, as in a shop's log),
+``CLIPKD_LOAD_UNIQUE`` (1: the texts in order, each once), ``CLIPKD_LOAD_K``.
 Every answer is checked: status 200 and k results, else the request counts as failed.
 
     locust -f locustfile.py --headless -u 16 -r 16 -t 30s --host http://127.0.0.1:8000 --csv out
 """
 
+import itertools
 import json
 import os
 import random
@@ -21,6 +23,8 @@ QUERY = os.environ.get("CLIPKD_LOAD_QUERY", "mixed")
 K = int(os.environ.get("CLIPKD_LOAD_K", "10"))
 JPEGS = sorted(Path(os.environ.get("CLIPKD_LOAD_JPEGS", ".data/search-load/queries")).rglob("*.jpg"))
 TEXTS = Path(os.environ.get("CLIPKD_LOAD_TEXTS", ".data/search-load/texts.txt")).read_text("utf-8").splitlines()
+UNIQUE = os.environ.get("CLIPKD_LOAD_UNIQUE") == "1"  # the texts in order, each once: every one new to the server
+NEXT_TEXT = itertools.cycle(TEXTS)
 
 
 def multipart(image: bytes) -> tuple[bytes, str]:
@@ -53,7 +57,7 @@ class Shopper(FastHttpUser):
             self._check(r)
 
     def _text(self) -> None:
-        body = json.dumps({"text": random.choice(TEXTS), "k": K})
+        body = json.dumps({"text": next(NEXT_TEXT) if UNIQUE else random.choice(TEXTS), "k": K})
         with self.client.post("/search", data=body, headers={"content-type": "application/json"}, name="text",
                               catch_response=True) as r:
             self._check(r)

@@ -21,7 +21,7 @@ def test_numpy_preprocessing_equals_the_torchvision_transform():
         for mode, crop in (("shortest", True), ("shortest", False), ("squash", True)):
             for interp in ("bicubic", "bilinear", "nearest"):
                 cfg = PreprocessConfig(size=size, resize_mode=mode, crop=crop, interpolation=interp)
-                for w, h in ((17, 53), (300, 200), (32, 32), (33, 31), (1, 5)):
+                for w, h in ((17, 53), (300, 200), (32, 32), (33, 31), (1, 5), (500, 375), (375, 500), (641, 427)):
                     img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
                     want = cfg.transform()(img).numpy()
                     got = cfg.to_array(img)

@@ -406,6 +406,11 @@ def test_batcher_skips_a_query_whose_request_gave_up(index):
     assert futs[1].cancel()
     assert all(len(f.result(timeout=60)) == 3 for f in futs if f is not futs[1])
     assert list(b.batches) == [3]
+    from clipkd.search.service import QueryError
+
+    with pytest.raises(QueryError, match="busy") as e:  # a full queue refuses at once
+        Batcher(max_queue=0).submit(index, x, 3)
+    assert e.value.status == 503
 
 
 def test_select_writes_a_training_list(index, tmp_path):
@@ -1120,3 +1125,53 @@ def test_serve_threads_share_the_cores_between_workers(index, monkeypatch):
             port = sock.getsockname()[1]
         service.serve(index.root, port=port, workers=2)
     assert seen["threads"] == 1
+
+
+def test_faults_under_load_disconnect_slow_client_and_a_burst(index, tiny_world, monkeypatch):
+    """A client that hangs up mid-upload and one that sends its body too slowly are each answered for (499, 408)
+    while the others keep being served; a burst of 1,000 requests is answered in full, each with its results or a
+    503 + Retry-After when the queue is full (never left waiting); /metrics counts each outcome."""
+    import asyncio
+    import socket as sk
+    from urllib.parse import urlparse
+
+    import httpx
+
+    from clipkd.search.service import batcher, requests
+    from tests.conftest import serve_on_loopback
+
+    monkeypatch.setattr(requests, "BODY_TIMEOUT_S", 1.0)
+    app = create_app(SearchIndex(index.root), reload_s=0)
+    app.state.service.batcher.max_queue = 8
+    img = sorted((tiny_world / "test").rglob("*.png"))[0].read_bytes()
+    with serve_on_loopback(app) as url:
+        host, port = urlparse(url).hostname, urlparse(url).port
+        head = (b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n")
+        with sk.create_connection((host, port)) as gone:  # hangs up after part of its body
+            gone.sendall(head + b'{"text": "a red')
+        slow = sk.create_connection((host, port))  # sends a byte, then nothing: held past the body timeout
+        slow.sendall(head + b"{")
+        assert httpx.post(f"{url}/search", json={"text": "a red circle"}).status_code == 200  # others served
+        slow.settimeout(10)
+        assert slow.recv(4096).startswith(b"HTTP/1.1 408")
+        slow.close()
+
+        async def burst() -> list[httpx.Response]:
+            limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
+            async with httpx.AsyncClient(timeout=120, limits=limits) as c:
+                jobs = [c.post(f"{url}/search", files={"image": ("q.png", img, "image/png")}) if i % 4 == 0 else
+                        c.post(f"{url}/search", json={"id": i % len(index), "k": 5}) for i in range(1000)]
+                return await asyncio.gather(*jobs)
+
+        answers = asyncio.run(burst())
+        codes = [r.status_code for r in answers]
+        assert len(codes) == 1000 and set(codes) <= {200, 503}, set(codes)
+        assert codes.count(200) >= 750  # every id query, and the image queries the queue took
+        busy = [r for r in answers if r.status_code == 503]
+        assert all(r.headers["retry-after"] == "1" and "busy" in r.json()["detail"] for r in busy)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert 'route="/search",status="499"} 1.0' in metrics and 'route="/search",status="408"} 1.0' in metrics
+    assert f'route="/search",status="200"}} {codes.count(200) + 1}.0' in metrics
+    assert (f'route="/search",status="503"}} {len(busy)}.0' in metrics) if busy else "status=\"503\"" not in metrics
+    assert batcher.MAX_QUEUE == 512  # the default the test lowered on this one app

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from ..errors import ClipkdError
 from ..fileio import data_fingerprint
@@ -24,9 +24,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     EXIF orientation is applied; 16-bit and 32-bit integer images are scaled from their bit depth (Pillow's own
     ``convert`` clips them, turning a 16-bit photo white); float images are read as 0..1 when they lie there,
     else clipped to 0..255; palette images with transparency, LA and RGBA are composited over white; CMYK and
-    YCbCr go through Pillow's conversion.
+    YCbCr go through Pillow's conversion. An upright RGB image is returned as it is (no copy: a query decoded for
+    search is not copied twice on its way to the model).
     """
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose copies even an upright image
+        img = ImageOps.exif_transpose(img)
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         a = np.asarray(img, dtype=np.float64)
@@ -44,7 +46,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:

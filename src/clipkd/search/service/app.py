@@ -59,25 +59,45 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
 
 def _handle_errors(app, metrics: Metrics) -> None:
     """Query errors as ``{"detail": message}`` with their status, FastAPI's 422 without the input it echoes, and
-    every request counted and timed by route."""
+    every request counted and timed by route (:class:`CountRequests`)."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
-    @app.middleware("http")
-    async def _count(request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        metrics.observe(request.url.path, response.status_code, time.perf_counter() - t0)
-        return response
+    app.add_middleware(CountRequests, metrics=metrics)
 
     @app.exception_handler(QueryError)
     async def _query_error(request, exc: QueryError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError) -> JSONResponse:
         """FastAPI's 422, without the input it echoes back (a client's bytes are not repeated to it)."""
         return JSONResponse({"detail": validation_message(exc.errors())}, status_code=422)
+
+
+class CountRequests:
+    """ASGI middleware counting and timing every request by route and status (a plain ASGI wrapper: Starlette's
+    ``BaseHTTPMiddleware`` costs each request a task and a stream)."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0, status = time.perf_counter(), [500]
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.metrics.observe(scope["path"], status[0], time.perf_counter() - t0)
 
 
 def read_token(token_file: str | Path | None) -> str | None:

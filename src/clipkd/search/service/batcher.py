@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 
 from ..index import SearchIndex
+from .requests import QueryError
+
+MAX_QUEUE = 512  # image queries a server lets wait for the model; more are refused at once (503, Retry-After)
 
 
 class Batcher:
@@ -26,8 +29,8 @@ class Batcher:
     """
 
     def __init__(self, max_batch: int = 32, window_s: float = 0.0,
-                 on_batch: Callable[[int, int], None] | None = None) -> None:
-        self.max_batch, self.window_s, self.on_batch = max_batch, window_s, on_batch
+                 on_batch: Callable[[int, int], None] | None = None, max_queue: int = MAX_QUEUE) -> None:
+        self.max_batch, self.window_s, self.on_batch, self.max_queue = max_batch, window_s, on_batch, max_queue
         self.queue: queue.Queue = queue.Queue()
         self.batches: collections.deque[int] = collections.deque(maxlen=1000)
         self.thread = threading.Thread(target=self._run, name="clipkd-batcher", daemon=True)
@@ -39,7 +42,10 @@ class Batcher:
 
     def submit(self, index: SearchIndex, image: Any, k: int, allowed: np.ndarray | None = None) -> Future:
         """Queue a preprocessed image for ``index`` (the generation the request holds: queries of two generations
-        in one batch are searched each in its own)."""
+        in one batch are searched each in its own). A full queue (:data:`MAX_QUEUE`) is a 503 at once: a burst
+        is answered "busy, retry" rather than left to wait past any client's patience."""
+        if self.queue.qsize() >= self.max_queue:
+            raise QueryError(503, f"the server is busy ({self.max_queue} image queries waiting); try again shortly")
         fut: Future = Future()
         self.queue.put((index, image, k, allowed, fut))
         return fut

@@ -25,6 +25,7 @@ DEDUP_COSINE = 0.94  # clip-retrieval's deduplicate: results at least this close
 # clip-retrieval fields this server does not compute: accepted and reported (a response header and a log line),
 # as clip-retrieval's own back end does when it has no safety, violence or aesthetic model loaded
 NOT_COMPUTED = ("use_safety_model", "use_violence_detector", "aesthetic_score")
+QUERY_TIMEOUT_S = 30.0  # an image query waits this long for the model at most (then 503; it is not run later)
 TEXT_CACHE = 4096  # query texts whose embeddings a server keeps (a few MB at 512 dimensions)
 
 
@@ -114,7 +115,13 @@ class SearchService:
     def by_image(self, img: Image.Image, k: int, allowed: np.ndarray | None = None) -> list[dict[str, Any]]:
         x = self.index.encoder.preprocess(img)
         if self.batcher is not None:
-            return self.batcher.submit(self.index, x, k, allowed).result(timeout=60)
+            fut = self.batcher.submit(self.index, x, k, allowed)
+            try:
+                return fut.result(timeout=QUERY_TIMEOUT_S)
+            except TimeoutError:
+                fut.cancel()  # the batcher skips it if it has not started it
+                raise QueryError(503, f"the query waited {QUERY_TIMEOUT_S:g} s for the model; the server is "
+                                      "overloaded: try again shortly") from None
         q = self.index.encoder.encode_batch([x])
         scores, rows = self.index.search_vectors(q, k, allowed)
         return self.index.hits(scores[0], rows[0])

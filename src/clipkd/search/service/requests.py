@@ -17,6 +17,7 @@ from ...data.images import to_rgb
 MAX_UPLOAD = 20 << 20  # bytes of one uploaded image
 MAX_PIXELS = 40_000_000  # pixels of one query image (decompression bombs are refused before decoding)
 MAX_BODY = MAX_UPLOAD + (1 << 16)  # a body: one image and its form fields
+BODY_TIMEOUT_S = 30.0  # a body must arrive within this (a slow client does not hold a request open for ever)
 
 
 class QueryError(Exception):
@@ -84,18 +85,30 @@ def validation_message(errors: Any) -> str:
     return "; ".join(parts)[:300] or "invalid request"
 
 
-async def read_limited(request: Any) -> bytes:
+async def read_limited(request: Any, timeout_s: float | None = None) -> bytes:
     """A request's body, refused with a 413 as soon as it passes :data:`MAX_BODY` (by its header or as it
-    streams)."""
+    streams), a 408 when it has not all arrived within ``timeout_s`` (default :data:`BODY_TIMEOUT_S`), and a 499
+    (nginx's "client closed request": nothing can be answered, the metrics count it) when the client hangs up."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > MAX_BODY:
         raise QueryError(413, f"body larger than {MAX_UPLOAD} bytes")
     chunks, n = [], 0
-    async for chunk in request.stream():
-        chunks.append(chunk)
-        n += len(chunk)
-        if n > MAX_BODY:
-            raise QueryError(413, f"body larger than {MAX_UPLOAD} bytes")
+    limit = BODY_TIMEOUT_S if timeout_s is None else timeout_s
+    try:
+        async with asyncio.timeout(limit):
+            async for chunk in request.stream():
+                chunks.append(chunk)
+                n += len(chunk)
+                if n > MAX_BODY:
+                    raise QueryError(413, f"body larger than {MAX_UPLOAD} bytes")
+    except TimeoutError:
+        raise QueryError(408, f"the request's body did not arrive within {limit:g} s") from None
+    except ClientDisconnect:
+        raise QueryError(499, "the client closed the connection before its request arrived") from None
     return b"".join(chunks)
 
 
