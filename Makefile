@@ -61,6 +61,8 @@ bench: $(STAMP)
 # The deployable search on its own: latency under load and index kinds (100k rows), updates while serving and
 # filtered search, the lean install's size, and the lean server's memory and start-up next to the PyTorch one
 bench-search: $(STAMP) $(LEAN_STAMP)
+	$(BIN)/pip install -q 'locust>=2.47,<3'
+	cd benchmarks && ../$(BIN)/python bench_search_load.py --gallery 100000 --out results/search-load.md
 	cd benchmarks && ../$(BIN)/python bench_search.py --gallery 100000 --out results/search.md
 	cd benchmarks && ../$(BIN)/python bench_search_live.py --gallery 100000 --out results/search-live.md
 	cd benchmarks && ../$(BIN)/python bench_install.py --out results/install.md

@@ -41,7 +41,7 @@ ZH = ("红色的鞋", "黑色皮包", "白色T恤", "木椅子", "复古台灯",
 
 
 def query_texts(root: Path) -> tuple[Path, Path]:
-    """``texts.txt``: 5,000 queries drawn (Zipf) from 400 distinct ones; ``unique.txt``: 5,000 distinct queries
+    """``texts.txt``: 5,000 queries drawn (Zipf) from 400 distinct ones; ``unique.txt``: 104,544 distinct queries
     (every one a cache miss)."""
     rng = random.Random(0)
     distinct = [f"{a} {b} {t}" for a in ADJ for b in ADJ if a < b for t in THING]
@@ -49,7 +49,7 @@ def query_texts(root: Path) -> tuple[Path, Path]:
     popular = distinct[:394] + list(ZH)
     weights = [1 / (i + 1) for i in range(len(popular))]
     log = rng.choices(popular, weights, k=5000)
-    unique = [f"{t} {i}" if i else t for i, t in enumerate(distinct[:5000])]
+    unique = [f"{t}, size {n}" for n in range(1, 100) for t in distinct]  # 104,544 texts, none repeated
     (root / "texts.txt").write_text("\n".join(log) + "\n", encoding="utf-8")
     (root / "unique.txt").write_text("\n".join(unique) + "\n", encoding="utf-8")
     return root / "texts.txt", root / "unique.txt"
@@ -96,6 +96,75 @@ def served_recall(index: Path, queries: int = 500) -> float:
     _, got = ix.search_vectors(q, 10)
     truth = np.argsort(-(q @ v.T), axis=1)[:, :10]
     return float(np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, truth, strict=True)]))
+
+
+def text_tower(onnx_text: Path, texts: list[str], n: int = 60) -> list[dict]:
+    """The exported text tower alone (ONNX Runtime, this process): median ms for one query text run to its end
+    token (the dynamic sequence axis) against the whole context, at 1 thread and at every core, and the cosine
+    between the two embeddings (the cut changes nothing)."""
+    import statistics
+
+    import torch
+
+    from clipkd import onnxfile
+    from clipkd.deployed import DeployedText
+
+    rows, torch_threads = [], torch.get_num_threads()
+    for threads in (1, None):
+        onnxfile.set_threads(threads)
+        tower = DeployedText(onnx_text)
+        ms = {}
+        for cut in (True, False):
+            tower.cut = cut
+            times = []
+            for t in texts[:n]:
+                t0 = time.perf_counter()
+                tower.encode_text_np([t])
+                times.append((time.perf_counter() - t0) * 1000)
+            ms[cut] = statistics.median(times)
+        tower.cut = True
+        a = tower.encode_text_np(texts[:200])
+        tower.cut = False
+        b = tower.encode_text_np(texts[:200])
+        rows.append({"threads": threads or os.cpu_count(), "cut_ms": ms[True], "full_ms": ms[False],
+                     "min_cosine": float((a * b).sum(1).min())})
+    onnxfile.set_threads(None)
+    torch.set_num_threads(torch_threads)
+    return rows
+
+
+def query_costs(index: Path, jpegs: Path, n: int = 64) -> list[dict]:
+    """What one image query costs in a server process on one thread (median ms of ``n``): decoding the upload,
+    resizing and normalising it for the student, the student, the index search, the results as dicts."""
+    import statistics
+
+    from clipkd import onnxfile
+    from clipkd.search.index import SearchIndex
+    from clipkd.search.service.requests import decode_image
+
+    onnxfile.set_threads(1)
+    try:
+        ix = SearchIndex(index)
+        enc = ix.load_encoder(device="cpu")
+        data = [p.read_bytes() for p in sorted(jpegs.rglob("*.jpg"))[:n]]
+        imgs = [decode_image(d) for d in data]
+        xs = [enc.preprocess(im) for im in imgs]
+        q = enc.encode_batch(xs[:1])
+        s, r = ix.search_vectors(q, 10)
+        steps = {"decode the JPEG": lambda i: decode_image(data[i]), "resize + normalise": lambda i: enc.preprocess(
+            imgs[i]), "student (batch 1)": lambda i: enc.encode_batch([xs[i]]),
+            "search (k 10)": lambda i: ix.search_vectors(q, 10), "results": lambda i: ix.hits(s[0], r[0])}
+        out = []
+        for name, fn in steps.items():
+            times = []
+            for i in range(len(data)):
+                t0 = time.perf_counter()
+                fn(i)
+                times.append((time.perf_counter() - t0) * 1000)
+            out.append({"step": name, "ms": statistics.median(times)})
+    finally:
+        onnxfile.set_threads(None)
+    return out
 
 
 def metric(text: str, name: str) -> float:
@@ -152,7 +221,7 @@ def serve_runs(index: Path, name: str, args: list[str], env: dict[str, str], pla
             runs.append({"server": name, "rows": len_index(index), "clients": clients, "query": query, **r,
                          "mean_batch": d["clipkd_batch_size_sum"] / max(d["clipkd_batch_size_count"], 1),
                          "cache_hit_rate": hits / (hits + misses) if hits + misses else None,
-                         "serve_args": " ".join(args), "env": env})
+                         "serve_args": " ".join(args), "env": env, "date": time.strftime("%Y-%m-%d")})
             print(json.dumps(runs[-1]), flush=True)
     finally:
         proc.terminate()
@@ -177,12 +246,26 @@ def main() -> None:
     ap.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
     ap.add_argument("--root", default=".data/search-load")
     ap.add_argument("--out", default="results/search-load.md")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the results JSON")
+    ap.add_argument("--costs", action="store_true", help="measure one image query's steps into the results JSON "
+                    "(beside its load runs) and rewrite the Markdown")
     a = ap.parse_args()
     root = Path(a.root)
+    if a.report_only or a.costs:  # the same load figures, the table and notes written again
+        saved = json.loads(Path(a.out).with_suffix(".json").read_text())
+        index = root / f"gallery-{a.gallery}-student-onnx"
+        if a.costs:
+            saved["costs"] = query_costs(index, root / "queries")
+        write(saved["runs"], saved["text_tower"], a, index, saved["machine"], saved.get("costs"))
+        return
+    where = machine()  # before the text tower's timing sets this process's threads
     index, jpegs = setup(root, a.gallery)
     log, unique = query_texts(root)
     texts = {"log": log, "unique": unique}
     recall = served_recall(index)
+    tower = text_tower(root / "text.onnx", unique.read_text("utf-8").splitlines())
+    costs = query_costs(index, jpegs)
+    print(json.dumps(tower), flush=True)
     plan = [(1, "image", a.seconds), (1, "text-unique", a.seconds), (1, "mixed", a.seconds),
             (16, "mixed", a.seconds), (64, "mixed", a.seconds)]
     runs = []
@@ -190,10 +273,11 @@ def main() -> None:
         flags, env = SERVERS[name]
         for r in serve_runs(index, name, flags, env, plan, jpegs, texts):
             runs.append(r | {"recall@10": recall})
-    write(runs, a, index)
+    write(runs, tower, a, index, where, costs)
 
 
-def write(runs: list[dict], a: argparse.Namespace, index: Path) -> None:
+def write(runs: list[dict], tower: list[dict], a: argparse.Namespace, index: Path, where: str,
+          costs: list[dict] | None = None) -> None:
     cols = ["server", "clients", "query", "p50 ms", "p99 ms", "queries/s", "failed", "mean batch", "text cache hits"]
     shown = [{"server": r["server"], "clients": r["clients"], "query": r["query"], "p50 ms": f"{r['p50_ms']:.0f}",
               "p99 ms": f"{r['p99_ms']:.0f}", "queries/s": f"{r['qps']:.1f}",
@@ -210,8 +294,50 @@ def write(runs: list[dict], a: argparse.Namespace, index: Path) -> None:
         f"(multipart); `text-unique`: every text new (the text tower each time); `mixed`: 3 image queries to 1 text "
         f"query drawn from a log of 400 distinct texts (Zipf). Servers: {flags}. p50/p99 as locust reports them "
         f"(ms, rounded). The load generator runs on the same 2 cores.\n")
-    report(f"Search under load ({time.strftime('%Y-%m-%d')}, {machine()})", body, Path(a.out))
-    Path(a.out).with_suffix(".json").write_text(json.dumps(portable({"machine": machine(), "runs": runs}), indent=1))
+    body += "\n" + table([{"threads": t["threads"], "to the end token ms": f"{t['cut_ms']:.1f}",
+                            "whole context ms": f"{t['full_ms']:.1f}", "speed-up": f"{t['full_ms'] / t['cut_ms']:.1f}×",
+                            "min cosine": f"{t['min_cosine']:.6f}"} for t in tower],
+                          ["threads", "to the end token ms", "whole context ms", "speed-up", "min cosine"])
+    body += ("\n\nThe text tower alone (ONNX Runtime in this process, one new query text at a time, median of 60): "
+             "run to the query's end token, as exports with a dynamic sequence axis are, against the whole 77-token "
+             "context; min cosine between the two embeddings over 200 texts.\n")
+    if costs:
+        body += "\n" + table([{"step": c["step"], "ms": f"{c['ms']:.2f}"} for c in costs], ["step", "ms"])
+        body += ("\n\nOne image query's steps in a server process on one thread (median ms over 64 of the query "
+                 f"JPEGs): {sum(c['ms'] for c in costs):.1f} ms in all, before HTTP.\n")
+    body += sizing(runs, Path(a.out).with_name("search-scale.json"))
+    report(f"Search under load ({time.strftime('%Y-%m-%d')}, {where})", body, Path(a.out))
+    Path(a.out).with_suffix(".json").write_text(json.dumps(portable({"machine": where, "runs": runs,
+                                                                      "text_tower": tower, "costs": costs}),
+                                                                     indent=1))
+
+
+def sizing(runs: list[dict], scale: Path) -> str:
+    """How to size a server: this run's mixed-load rows beside the clipkd rows of ``search-scale.json`` (1M and 10M
+    rows, queries by embedding, 1 and 16 clients), one table."""
+    rows = []
+    for server in ("default", "recommended"):
+        mine = {r["clients"]: r for r in runs if r["server"] == server and r["query"] in ("mixed", "image")
+                and (r["clients"] > 1 or r["query"] == "image")}
+        if 1 not in mine or 16 not in mine:
+            continue
+        rows.append({"rows": f"{mine[1]['rows']:,}", "server": server, "engine": "hnsw", "query": "image / mixed",
+                     "p99 ms 1 client": f"{mine[1]['p99_ms']:.0f}", "p99 ms 16 clients": f"{mine[16]['p99_ms']:.0f}",
+                     "queries/s 16 clients": f"{mine[16]['qps']:.0f}",
+                     "p99 ms 64 clients": f"{mine[64]['p99_ms']:.0f}" if 64 in mine else "-",
+                     "recall@10": f"{mine[1]['recall@10']:.3f}", "date": mine[1].get("date", "-")})
+    if scale.is_file():
+        for r in json.loads(scale.read_text())["runs"]:
+            if r["engine"] == "clipkd" and "p99_ms_16" in r:
+                params = ", ".join(f"{k} {v}" for k, v in r["params"].items())
+                rows.append({"rows": f"{r['rows']:,}", "server": "default", "engine": f"{r['kind']} ({params})",
+                             "query": "embedding", "p99 ms 1 client": f"{r['p99_ms']:.1f}",
+                             "p99 ms 16 clients": f"{r['p99_ms_16']:.1f}", "queries/s 16 clients": f"{r['qps_16']:.0f}",
+                             "p99 ms 64 clients": "-", "recall@10": f"{r['recall@10']:.3f}", "date": r["date"]})
+    cols = ["rows", "server", "engine", "query", "p99 ms 1 client", "p99 ms 16 clients", "queries/s 16 clients",
+            "p99 ms 64 clients", "recall@10", "date"]
+    return ("\n**Sizing**: this run's rows beside `search-scale.json`'s clipkd rows (queries by embedding over "
+            "`/knn-service`: no decoding, no model; `-`: not measured).\n\n" + table(rows, cols) + "\n")
 
 
 def _env(env: dict[str, str]) -> str:

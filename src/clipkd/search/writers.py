@@ -269,15 +269,7 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
         if existing is not None and not add and here not in existing.get("sources", []):
             raise ClipkdError(f"{out} holds an index of {existing.get('sources')} (relative to it), not of {here}; "
                               "add images with `clipkd index add`, or build into another `out`")
-        if existing is not None and "images" in existing:
-            root = Path(images_root).resolve() if images_root is not None else (out / existing["images"]).resolve()
-            if not root.is_dir():
-                raise ClipkdError(f"the collection root of index {out} is not at {root}: give where its images are "
-                                  "on this machine (`--images-root`)")
-        elif existing is not None:  # an index of clipkd before portable indexes: rows keyed by absolute path
-            root = Path("/")
-        else:
-            root = source.root
+        root = _collection_root(out, existing, images_root, source.root)
         source = source.under(root)
         if encoder is None:
             from .encoder import load_encoder
@@ -289,14 +281,7 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
                               "use another `out`")
         budget = budget or (existing or {}).get("max_memory")
         milvus_at = _milvus_target(out, existing, backend, uri, collection)
-        if milvus_at is None:
-            plan_index(kind, len(source.paths) + int((existing or {}).get("rows", 0)), enc.embed_dim, budget)
-        else:  # reachable, and no collection of another model, before any embedding
-            from . import milvus
-
-            _milvus_kind(kind, 0, milvus_at[0])
-            milvus.check_collection(milvus.connect(milvus_at[0]), milvus_at[1], enc.identity, enc.embed_dim,
-                                    milvus_at[0])
+        _check_target(kind, len(source.paths) + int((existing or {}).get("rows", 0)), enc, budget, milvus_at)
         store = embed_paths(enc, root, source.paths, out / "store", batch_size, workers, progress=progress,
                             opener=source.opener, fingerprint=getattr(source.opener, "fingerprint", None))
         if r.distributed:
@@ -305,26 +290,57 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
         if r.zero:
             _append_labels(out, source)
             _append_columns(out, source)
-            sources = [*(existing or {}).get("sources", []), here]
-            info = _describe(model, text_model, enc, sources, out)
+            info = _describe(model, text_model, enc, [*(existing or {}).get("sources", []), here], out)
             if budget:
                 info["max_memory"] = budget
             if existing is None or "images" in existing:
                 info["images"] = relative(root, out)
-            if milvus_at is not None:
-                _write_milvus(out, store, kind, info, existing, milvus_at[0], milvus_at[1], source.paths)
-            elif existing is not None and existing.get("requested_kind", existing.get("kind")) == kind and \
-                    "generation" in existing:  # more images (or none) into the same index: appended
-                keep = ("kind", "requested_kind", "params", "recall@10", "recall_rows", "recall_queries",
-                        "index_bytes", "build_s")
-                _append_faiss(out, store, {**info, **{k: existing[k] for k in keep if k in existing}}, source.paths)
-            else:
-                _write_faiss(out, store, kind, info, source.paths, budget)
+            _write_vectors(out, store, kind, info, existing, source.paths, budget, milvus_at)
     barrier()  # rank 0 has written the index
     index = SearchIndex(out)
     index.encoder = enc
     return index
 
+
+
+def _collection_root(out: Path, existing: dict[str, Any] | None, images_root: str | Path | None,
+                     source_root: Path) -> Path:
+    """Where the rows of the index at ``out`` are keyed from: a new index's source root, an existing one's recorded
+    root (or ``images_root`` where it is on this machine), ``/`` for an index of clipkd before portable indexes."""
+    if existing is not None and "images" in existing:
+        root = Path(images_root).resolve() if images_root is not None else (out / existing["images"]).resolve()
+        if not root.is_dir():
+            raise ClipkdError(f"the collection root of index {out} is not at {root}: give where its images are "
+                              "on this machine (`--images-root`)")
+        return root
+    return Path("/") if existing is not None else source_root
+
+
+def _check_target(kind: str, rows: int, enc: Encoder, budget: int | None, milvus_at: tuple[str, str] | None) -> None:
+    """Before any embedding: the FAISS kind fits ``budget`` for ``rows``, or the Milvus is reachable and holds no
+    collection of another model."""
+    if milvus_at is None:
+        plan_index(kind, rows, enc.embed_dim, budget)
+        return
+    from . import milvus
+
+    _milvus_kind(kind, 0, milvus_at[0])
+    milvus.check_collection(milvus.connect(milvus_at[0]), milvus_at[1], enc.identity, enc.embed_dim, milvus_at[0])
+
+
+def _write_vectors(out: Path, store: EmbeddingStore, kind: str, info: dict[str, Any], existing: dict[str, Any] | None,
+                   paths: list[str], budget: int | None, milvus_at: tuple[str, str] | None) -> None:
+    """The vectors of ``store`` into Milvus, appended to the same FAISS index (more images of the same kind), or a
+    new FAISS generation."""
+    if milvus_at is not None:
+        _write_milvus(out, store, kind, info, existing, milvus_at[0], milvus_at[1], paths)
+    elif existing is not None and existing.get("requested_kind", existing.get("kind")) == kind and \
+            "generation" in existing:
+        keep = ("kind", "requested_kind", "params", "recall@10", "recall_rows", "recall_queries", "index_bytes",
+                "build_s")
+        _append_faiss(out, store, {**info, **{k: existing[k] for k in keep if k in existing}}, paths)
+    else:
+        _write_faiss(out, store, kind, info, paths, budget)
 
 def _milvus_target(out: Path, existing: dict | None, backend: str, uri: str | None,
                    collection: str | None) -> tuple[str, str] | None:
