@@ -142,28 +142,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, device: str = "
     embed_prompts(teacher, build_prompts(load_classnames(world / "train"), DEMO_TEMPLATES)).save(text)
     _step("text embeddings and image store ready", t0)
 
-    students = {
-        "embed": replace(cfg.student, terms={"embed": 1.0}),
-        "embed_label": replace(cfg.student, terms={"embed": 1.0, "label": cfg.label_weight}),
-    }
-    runs: dict[str, Path] = {}
-    for name, scfg in students.items():
-        runs[name] = distill(world / "train", out / "students" / name, scfg, store=store, text=text, split=split,
-                             device=device, overwrite=OWN).path
-        _step(f"student '{name}' trained", t0)
-    # clipkd's GZSL method: the same student and epochs, on stored views (the image and flipped CutMix composites,
-    # half of them recoloured, each embedded once by the teacher); as many views as keep it within +20 % of embed's
-    # compute on this world
-    runs[METHOD] = distill(world / "train", out / "students" / METHOD, replace(cfg.student, terms={"embed": 1.0},
-                           mix="cutmix", views=cfg.views), teacher=spec, text=text, split=split, device=device,
-                           overwrite=OWN).path
-    _step(f"student '{METHOD}' trained", t0)
-    runs["supervised"] = train_supervised(world / "train", out / "students" / "supervised",
-                                          replace(cfg.student, image_size=cfg.world.image_size,
-                                                  epochs=cfg.baseline_epochs), split=split,
-                                          device=device, overwrite=OWN).path
-    _step("baseline 'supervised' trained", t0)
-
+    runs = _train_students(world, out, cfg, spec, store, text, device, t0)
     evals: dict[str, dict[str, Any]] = {}
     for name, model in [("teacher", spec)] + [(n, str(p)) for n, p in runs.items()]:
         evals[name] = evaluate(model, world / "test", text=text, split=split, val=world / "val", device=device,
@@ -188,6 +167,35 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, device: str = "
              results["seconds"])
     return results
 
+
+
+def _train_students(world: Path, out: Path, cfg: DemoConfig, spec: str, store: Path, text: Path, device: str,
+                    t0: float) -> dict[str, Path]:
+    """The zero-shot demo's students: ``embed`` and ``embed_label`` from the store, clipkd's GZSL method on stored
+    views, and the supervised baseline; their run folders by name."""
+    split = world / "split.json"
+    students = {
+        "embed": replace(cfg.student, terms={"embed": 1.0}),
+        "embed_label": replace(cfg.student, terms={"embed": 1.0, "label": cfg.label_weight}),
+    }
+    runs: dict[str, Path] = {}
+    for name, scfg in students.items():
+        runs[name] = distill(world / "train", out / "students" / name, scfg, store=store, text=text, split=split,
+                             device=device, overwrite=OWN).path
+        _step(f"student '{name}' trained", t0)
+    # clipkd's GZSL method: the same student and epochs, on stored views (the image and flipped CutMix composites,
+    # half of them recoloured, each embedded once by the teacher); as many views as keep it within +20 % of embed's
+    # compute on this world
+    runs[METHOD] = distill(world / "train", out / "students" / METHOD, replace(cfg.student, terms={"embed": 1.0},
+                           mix="cutmix", views=cfg.views), teacher=spec, text=text, split=split, device=device,
+                           overwrite=OWN).path
+    _step(f"student '{METHOD}' trained", t0)
+    runs["supervised"] = train_supervised(world / "train", out / "students" / "supervised",
+                                          replace(cfg.student, image_size=cfg.world.image_size,
+                                                  epochs=cfg.baseline_epochs), split=split,
+                                          device=device, overwrite=OWN).path
+    _step("baseline 'supervised' trained", t0)
+    return runs
 
 def _report(results: dict[str, Any], table: str) -> str:
     c = results["config"]
@@ -261,9 +269,20 @@ def run_retrieval_demo(out: Path, cfg: DemoConfig, rcfg: RetrievalDemoConfig, de
     best = max(runs, key=lambda n: evals[n]["i2i_map@10"])
     results["index"] = _search_index(specs[best], best, world / "test", out / "index", device,
                                      text_model=spec if best == "distilled" else None)
+    _write_retrieval_report(out, results, evals, list(runs), best)
+    log.info("search the demo world with the best retrieval student ('%s'):\n  clipkd serve --index %s\n"
+             "then open http://127.0.0.1:8000 (drop an image or type e.g. 'a photo of a red circle.')", best,
+             out / "index")
+    return results
+
+
+
+def _write_retrieval_report(out: Path, results: dict[str, Any], evals: dict[str, Any], students: list[str],
+                            best: str) -> None:
+    """``results.json``, the bar chart and ``report.md`` of the retrieval demo."""
     write_json(out / "results.json", results)
     table = retrieval_table(results)
-    plot_results_bars({"teacher": evals["teacher"], **{n: evals[n] for n in runs}}, out / "retrieval_bars.png",
+    plot_results_bars({"teacher": evals["teacher"], **{n: evals[n] for n in students}}, out / "retrieval_bars.png",
                       keys=("i2i_map@10", "i2i_r@1", "t2i_r@1"), title="Retrieval (demo world test split)",
                       ylabel="fraction")
     write_text(out / "report.md", "# clipkd demo: retrieval students\n\n" + table +
@@ -271,11 +290,6 @@ def run_retrieval_demo(out: Path, cfg: DemoConfig, rcfg: RetrievalDemoConfig, de
                "\nCosts: the image tower's FLOPs and CPU time per image at batch 1 on this machine (a "
                "reparameterizable student folded for inference); speed-up = the teacher's time over the model's.\n")
     log.info("\n%s\nresults: %s  (%.0f s)", table, out / "results.json", results["seconds"])
-    log.info("search the demo world with the best retrieval student ('%s'):\n  clipkd serve --index %s\n"
-             "then open http://127.0.0.1:8000 (drop an image or type e.g. 'a photo of a red circle.')", best,
-             out / "index")
-    return results
-
 
 def _caption_paths(captions: Path) -> set[str]:
     import csv

@@ -90,15 +90,7 @@ def evaluate_retrieval(
         raise ClipkdError(f"{model} is an image model without a text tower: text↔image recall needs a CLIP, or its "
                           "teacher's text tower (`text_model`); drop `captions` for image→image metrics")
     spec = clip.spec
-    if captions is not None:
-        source = load_caption_source(images, captions)
-    else:  # image→image over the labels the source carries (a folder's: the first folder of each path)
-        src = open_source(images)
-        if src.kind == "tsv":
-            raise ClipkdError(f"{images} is a Chinese-CLIP TSV: its images carry no labels for image→image metrics; "
-                              "give its texts with `captions` for text↔image recall")
-        source = CaptionSource(src.root, {k: [] for k in src.keys},
-                               labels=src.label_of() if src.kind != "folder" else None)
+    source = _retrieval_source(images, captions)
     dataset = ImageDataset(source.root, sorted(source.pairs), clip.preprocess, opener=source.opener)
     enc = encode_dataset(clip.encode_image, dataset, batch_size, workers, progress, desc="embed images")
     emb, skipped = enc.outputs, enc.skipped
@@ -115,13 +107,7 @@ def evaluate_retrieval(
         txt = clip.encode_text(texts)
         result.n_texts = len(texts)
         result.metrics.update(text_image_recall(emb, txt, owner))
-    if source.labels is not None:  # labels the samples carry
-        names = sorted({source.labels[p] for p in paths if p in source.labels})
-        pos = {n: i for i, n in enumerate(names)}
-        labelled = (np.array([pos.get(source.labels.get(p), -1) for p in paths]), names) \
-            if all(p in source.labels for p in paths) else None
-    else:
-        labelled = labels_from_paths(paths) if source.tsv is None else None
+    labelled = _labels(source, paths)
     if labelled is not None:
         labels, names = labelled
         rng = np.random.default_rng(0)
@@ -138,3 +124,27 @@ def evaluate_retrieval(
     if out is not None:
         result.save(out)
     return result
+
+
+def _retrieval_source(images: str | Path, captions: str | Path | None) -> CaptionSource:
+    """The images to evaluate: captioned pairs, or (image→image) the labels the source carries (a folder's: the
+    first folder of each path); a Chinese-CLIP TSV without its texts is refused in one line."""
+    if captions is not None:
+        return load_caption_source(images, captions)
+    src = open_source(images)
+    if src.kind == "tsv":
+        raise ClipkdError(f"{images} is a Chinese-CLIP TSV: its images carry no labels for image→image metrics; "
+                          "give its texts with `captions` for text↔image recall")
+    return CaptionSource(src.root, {k: [] for k in src.keys}, labels=src.label_of() if src.kind != "folder" else None)
+
+
+def _labels(source: CaptionSource, paths: list[str]) -> tuple[np.ndarray, list[str]] | None:
+    """Integer labels of ``paths`` and their names: the source's own labels (all of them labelled), else the first
+    folder of each path; None where there are none (a TSV)."""
+    if source.labels is None:
+        return labels_from_paths(paths) if source.tsv is None else None
+    if not all(p in source.labels for p in paths):
+        return None
+    names = sorted({source.labels[p] for p in paths})
+    pos = {n: i for i, n in enumerate(names)}
+    return np.array([pos[source.labels[p]] for p in paths]), names

@@ -203,16 +203,7 @@ def _timm_folder(model: str | Path, tmp: Path, images: str | Path, files: list[P
     loaded = load_image_model(model, device="cpu", precision="fp32", fold=False)  # the layout timm's name builds
     student = loaded.student.float().eval()
     cfg = student.cfg
-    net = timm.create_model(cfg.arch, pretrained=False, num_classes=cfg.out_dim).eval()
-    classifier = net.get_classifier()
-    name = next((n for n, m in net.named_modules() if m is classifier), None)
-    state = dict(student.backbone.state_dict())
-    state.update({f"{name}.{k}": v for k, v in student.head.state_dict().items()})
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ClipkdError(f"timm's '{cfg.arch}' with {cfg.out_dim} outputs does not hold the student's head where "
-                          f"its classifier is ({first_line(e, 160)}); export it as ONNX instead") from None
+    net = _as_timm(student)
     x = batch_images(files, loaded.preprocess)
     with torch.no_grad():
         want = student(x).float()
@@ -237,6 +228,34 @@ def _timm_folder(model: str | Path, tmp: Path, images: str | Path, files: list[P
         got = got_net(batch_images(files, tf)).float()
     lo, mean = _cosines(got, want)
     cost = image_cost(model, repeats=50)
+    (tmp / "README.md").write_text(_card("timm", f"clipkd student: {cfg.arch} → {cfg.out_dim}-d",
+                                         _timm_facts(cfg, head, own), _timm_usage(cfg, head), license, record, cost))
+    meta = {"arch": cfg.arch, "kind": cfg.kind, "teacher": cfg.teacher, "out_dim": cfg.out_dim,
+            "head": bool(head), "onnx": own, "source": Path(model).name}
+    return lo, mean, meta
+
+
+def _as_timm(student: Any) -> Any:
+    """The student as timm's own model of its architecture: the backbone's weights, its head as timm's classifier
+    (one line when timm's classifier cannot hold it)."""
+    import timm
+
+    cfg = student.cfg
+    net = timm.create_model(cfg.arch, pretrained=False, num_classes=cfg.out_dim).eval()
+    classifier = net.get_classifier()
+    name = next((n for n, m in net.named_modules() if m is classifier), None)
+    state = dict(student.backbone.state_dict())
+    state.update({f"{name}.{k}": v for k, v in student.head.state_dict().items()})
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ClipkdError(f"timm's '{cfg.arch}' with {cfg.out_dim} outputs does not hold the student's head where "
+                          f"its classifier is ({first_line(e, 160)}); export it as ONNX instead") from None
+    return net
+
+
+def _timm_usage(cfg: Any, head: Any) -> str:
+    """The model card's code: load the folder with timm, embed an image (and score it with the zero-shot head)."""
     rel = "local-dir:DIR"
     usage = f"""import timm, torch
 model = timm.create_model("{rel}", pretrained=True).eval()
@@ -248,6 +267,12 @@ embedding = model(transform(image).unsqueeze(0))  # {"logits over label_names" i
 from safetensors.torch import load_file
 head = load_file("DIR/classifier.safetensors")  # class names: DIR/classifier.json
 logits = head["logit_scale"] * torch.nn.functional.normalize(embedding, dim=-1) @ head["text_embeddings"].T"""
+    return usage
+
+
+def _timm_facts(cfg: Any, head: Any, own: bool) -> list[tuple[str, str]]:
+    """The model card's facts of a timm folder."""
+    prep = cfg.preprocess
     facts = [("architecture", f"`{cfg.arch}` (timm) with a {cfg.out_dim}-output linear head"),
              ("kind", "distilled embedding student (zero-shot through its teacher's text embeddings)"
               if cfg.kind == "embedding" else "supervised classifier (the baseline)"),
@@ -260,11 +285,7 @@ logits = head["logit_scale"] * torch.nn.functional.normalize(embedding, dim=-1) 
         facts.append(("clipkd architecture", f"timm builds `{cfg.arch}` only after `import clipkd.students.repnets` "
                       "(pip install clipkd); without clipkd run `model.onnx` (folded to plain convolutions) with "
                       "ONNX Runtime"))
-    title = f"clipkd student: {cfg.arch} → {cfg.out_dim}-d"
-    (tmp / "README.md").write_text(_card("timm", title, facts, usage, license, record, cost))
-    meta = {"arch": cfg.arch, "kind": cfg.kind, "teacher": cfg.teacher, "out_dim": cfg.out_dim,
-            "head": bool(head), "onnx": own, "source": Path(model).name}
-    return lo, mean, meta
+    return facts
 
 
 def _timm_builds_alone(arch: str) -> bool:

@@ -254,45 +254,58 @@ def fit(
     if ranks().distributed:  # meet the other ranks now, with a short timeout, and hand Lightning the group
         init_process_group("gloo" if accelerator == "cpu" else "nccl")
     skipped = SkippedImages()
-    callbacks = [*(callbacks or []), EpochThroughput(), skipped,
-                       ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_last=False, every_n_epochs=1,
-                                       save_top_k=1, enable_version_counter=False)]
-    if monitor:
-        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor,
-                                         mode="max", save_top_k=1, enable_version_counter=False))
-    if progress:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    callbacks = _callbacks(out, callbacks, skipped, monitor, progress)
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=settings.num_nodes,
-        strategy=lightning_strategy(settings),
-        precision=lightning_precision(settings.precision, accelerator),
-        accumulate_grad_batches=accumulate,
-        callbacks=callbacks,
-        logger=make_loggers(out, settings.logger),
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        log_every_n_steps=10,
-        num_sanity_val_steps=0,
-        default_root_dir=out,
-        plugins=[atomic_checkpoint_io()],
-    )
+    trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=devices, num_nodes=settings.num_nodes,
+                        strategy=lightning_strategy(settings), precision=lightning_precision(settings.precision,
+                                                                                             accelerator),
+                        accumulate_grad_batches=accumulate, callbacks=callbacks,
+                        logger=make_loggers(out, settings.logger), enable_progress_bar=progress,
+                        enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0,
+                        default_root_dir=out, plugins=[atomic_checkpoint_io()])
     last = out / "checkpoints" / "last.ckpt"
     ckpt = str(last) if resume and last.is_file() else None
     if ckpt is not None:
         _check_checkpoint(last)
     _keep_previous_logs(out / "logs", resuming=ckpt is not None)
+    _run_fit(trainer, module, train, val, ckpt, out)
+    _report_skipped(trainer, skipped, train, ckpt)
+    if not trainer.is_global_zero:
+        return trainer
+    from ..evaluation.plots import plot_training_curves
+
+    plot_training_curves(sorted((out / "logs").glob("metrics*.csv")), out / "training_curves.png")
+    return trainer
+
+
+
+def _callbacks(out: Path, extra: list | None, skipped: SkippedImages, monitor: str | None, progress: bool) -> list:
+    """The callbacks of every run: throughput, skipped images, ``last.ckpt`` each epoch (and ``best.ckpt`` by
+    ``monitor``), the progress bar, after the caller's own."""
+    callbacks = [*(extra or []), EpochThroughput(), skipped,
+                 ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_last=False, every_n_epochs=1,
+                                 save_top_k=1, enable_version_counter=False)]
+    if monitor:
+        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor,
+                                         mode="max", save_top_k=1, enable_version_counter=False))
+    if progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    return callbacks
+
+
+QUIET = (".*does not have many workers.*", ".*Checkpoint directory.*exists and is not empty.*",
+         ".*Experiment logs directory.*", ".*smaller than the logging interval.*",
+         ".*defined a `validation_step` but have no `val_dataloader`.*",
+         ".*distributed.nn.functional.all_gather is deprecated.*")  # Lightning warnings a clipkd run answers
+
+
+def _run_fit(trainer: L.Trainer, module: L.LightningModule, train: DataLoader, val: DataLoader | None,
+             ckpt: str | None, out: Path) -> None:
+    """Lightning's ``fit`` from ``ckpt``; a stop (SIGTERM, Ctrl+C) as :class:`Interrupted` with its exit code."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
-        warnings.filterwarnings("ignore", message=".*Experiment logs directory.*")
-        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-        warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*")
-        warnings.filterwarnings("ignore", message=".*distributed.nn.functional.all_gather is deprecated.*")
+        for message in QUIET:
+            warnings.filterwarnings("ignore", message=message)
         try:
             trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt)
         except SIGTERMException:
@@ -301,6 +314,10 @@ def fit(
         except SystemExit as e:  # Lightning turns Ctrl+C into sys.exit(1)
             raise Interrupted("interrupted; re-run the same command to resume from the last finished epoch",
                               exit_code=130) from e
+
+
+def _report_skipped(trainer: L.Trainer, skipped: SkippedImages, train: DataLoader, ckpt: str | None) -> None:
+    """Name the images no rank could decode; a run in which no step trained is a one-line error."""
     if trainer.world_size > 1:  # each rank saw its share of the data
         skipped.index = set().union(*gather_objects(sorted(skipped.index)))
     names = skipped.names(train.dataset)
@@ -309,13 +326,6 @@ def fit(
     if skipped.trained == 0 and (ckpt is None or trainer.global_step == 0):
         raise ClipkdError(f"no training step ran ({len(names)} of {len(train.dataset)} images could not be decoded"
                           f"{', e.g. ' + str(names[:3]) if names else ''}); no model was written")
-    if not trainer.is_global_zero:
-        return trainer
-    from ..evaluation.plots import plot_training_curves
-
-    plot_training_curves(sorted((out / "logs").glob("metrics*.csv")), out / "training_curves.png")
-    return trainer
-
 
 def _check_checkpoint(path: Path) -> None:
     """A one-line error for a damaged resume checkpoint (truncated, or damaged mid-file)."""
