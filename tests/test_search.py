@@ -1156,6 +1156,7 @@ def test_faults_under_load_disconnect_slow_client_and_a_burst(index, tiny_world,
         slow.settimeout(10)
         assert slow.recv(4096).startswith(b"HTTP/1.1 408")
         slow.close()
+        monkeypatch.setattr(requests, "BODY_TIMEOUT_S", 30.0)  # the burst's bodies wait for a busy event loop
 
         async def burst() -> list[httpx.Response]:
             limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
