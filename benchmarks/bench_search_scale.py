@@ -193,7 +193,10 @@ def query_http(url: str, q: np.ndarray, clients: int, per_client: int) -> tuple[
     return lat, ids
 
 
-def measure_clipkd(world: Path, student: Path, kind: str, budget: str, n: int, add_rows: int) -> dict:
+def measure_clipkd(world: Path, student: Path, kind: str, budget: str, n: int, add_rows: int,
+                   flags: list[str] | None = None) -> list[dict]:
+    """Build the index once, then serve it with each of ``flags`` (a `serve` command line's extra flags; None:
+    one server, as before, named ``clipkd``) and measure each: one row per server."""
     from clipkd.search.layout import GENERATIONS
 
     q, want = np.load(world / "queries.npy"), np.load(world / "exact.npy")
@@ -202,11 +205,25 @@ def measure_clipkd(world: Path, student: Path, kind: str, budget: str, n: int, a
     print(f"building {world.name} ({kind}, --max-memory {budget}) ...", flush=True)
     built = _run(BUILD, str(world), str(student), kind, budget)
     info = built["info"]
+    rows = []
+    for extra in flags if flags is not None else [None]:
+        row = _serve_and_query(world, n, q, want, extra)
+        rows.append(row | {"engine": "clipkd" if extra is None else f"clipkd serve {extra}".strip(),
+                           "kind": info["kind"], "params": info["params"], "budget": budget,
+                           "build_s": round(built["build_s"], 1),
+                           "build_peak_rss_mib": round(built["build_peak_rss_mib"]),
+                           "index_mib": round(info["index_bytes"] / 2**20), "build_recall@10": info["recall@10"]})
+    rows[0]["add_100k_s"] = round(add_and_roll_back(world, add_rows, student), 1) if add_rows else None
+    return rows
+
+
+def _serve_and_query(world: Path, n: int, q: np.ndarray, want: np.ndarray, extra: str | None) -> dict:
+    """Serve ``world`` (the lean server, with ``extra`` flags) and query it by embedding at 1 and 16 clients."""
     port = _free_port()
     t0 = time.perf_counter()
     python = str(LEAN) if LEAN.is_file() else sys.executable
     proc = subprocess.Popen([python, "-m", "clipkd.cli", "-q", "serve", "--index", str(world), "--port",
-                             str(port), "--reload-s", "3600"])
+                             str(port), "--reload-s", "3600", *(extra or "").split()])
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(url, proc)
@@ -219,17 +236,11 @@ def measure_clipkd(world: Path, student: Path, kind: str, budget: str, n: int, a
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    row = {"rows": n, "engine": "clipkd", "server": "lean" if LEAN.is_file() else "pytorch", "kind": info["kind"],
-           "params": info["params"], "budget": budget,
-           "build_s": round(built["build_s"], 1), "build_peak_rss_mib": round(built["build_peak_rss_mib"]),
-           "index_mib": round(info["index_bytes"] / 2**20), "serve_start_s": round(start_s, 2),
-           "serve_start_rss_mib": round(start_rss), "serve_rss_mib": round(rss),
-           "p50_ms": round(_pct(one, 0.5), 2), "p99_ms": round(_pct(one, 0.99), 2),
-           "p50_ms_16": round(_pct(many, 0.5), 2), "p99_ms_16": round(_pct(many, 0.99), 2),
-           "qps_16": round(len(many) / (sum(many) / 1000 / 16), 1),
-           "recall@10": round(_recall(ids, want), 4), "build_recall@10": info["recall@10"]}
-    row["add_100k_s"] = round(add_and_roll_back(world, add_rows, student), 1) if add_rows else None
-    return row
+    return {"rows": n, "server": "lean" if LEAN.is_file() else "pytorch", "serve_start_s": round(start_s, 2),
+            "serve_start_rss_mib": round(start_rss), "serve_rss_mib": round(rss),
+            "p50_ms": round(_pct(one, 0.5), 2), "p99_ms": round(_pct(one, 0.99), 2),
+            "p50_ms_16": round(_pct(many, 0.5), 2), "p99_ms_16": round(_pct(many, 0.99), 2),
+            "qps_16": round(len(many) / (sum(many) / 1000 / 16), 1), "recall@10": round(_recall(ids, want), 4)}
 
 
 def add_and_roll_back(world: Path, n: int, student: Path) -> float:
@@ -425,7 +436,9 @@ def plot(rows: list[dict], out: Path) -> Path:
 
 def write_results(runs: list[dict], a: argparse.Namespace) -> None:
     """The Markdown table, JSON and PNG of ``runs`` (written after every row: a run killed later keeps them)."""
-    runs = sorted(runs, key=lambda r: (r["rows"], ["clipkd", "autofaiss", "milvus-lite"].index(r["engine"])))
+    order = ["clipkd", "autofaiss", "milvus-lite"]
+    runs = sorted(runs, key=lambda r: (r["rows"], order.index(r["engine"]) if r["engine"] in order else 0.5,
+                                       r["engine"]))
     cols = ["rows", "engine", "kind", "build_s", "build_peak_rss_mib", "serve_start_s", "serve_rss_mib", "p50_ms",
             "p99_ms", "p99_ms_16", "recall@10", "add_100k_s"]
     shown = [{**r, "rows": f"{r['rows']:,}", "add_100k_s": r.get("add_100k_s") or "-",
@@ -464,6 +477,8 @@ def main() -> None:
     ap.add_argument("--milvus-queries", type=int, default=200, help="held-out queries sent to Milvus Lite")
     ap.add_argument("--merge", action="store_true", help="keep the rows the results JSON already holds and measure "
                     "only the (rows, engine) pairs it lacks")
+    ap.add_argument("--serve-flags", nargs="*", default=None, help="serve each index with each of these flag sets "
+                    "(e.g. '' '--threads 1'), a row each named `clipkd serve FLAGS` (default: one server, `clipkd`)")
     ap.add_argument("--data", type=Path, default=HERE / ".data" / "search-scale")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "search-scale.md")
     a = ap.parse_args()
@@ -480,8 +495,10 @@ def main() -> None:
 
     for n in a.rows:
         world = make_world(a.data, n, a.dim, a.clusters, student, a.queries)
-        if (n, "clipkd") not in have:
-            add(measure_clipkd(world, student, "auto", a.max_memory, n, a.add))
+        names = ["clipkd"] if a.serve_flags is None else [f"clipkd serve {f}".strip() for f in a.serve_flags]
+        if any((n, name) not in have for name in names):
+            for row in measure_clipkd(world, student, "auto", a.max_memory, n, a.add, a.serve_flags):
+                add(row)
         if (a.autofaiss_rows is None or n in a.autofaiss_rows) and (n, "autofaiss") not in have:
             add(measure_autofaiss(world, a.max_memory, a.available, n))
         if n in a.milvus_rows and (n, "milvus-lite") not in have:
