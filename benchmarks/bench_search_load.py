@@ -328,9 +328,11 @@ def sizing(runs: list[dict], scale: Path) -> str:
                      "recall@10": f"{mine[1]['recall@10']:.3f}", "date": mine[1].get("date", "-")})
     if scale.is_file():
         for r in json.loads(scale.read_text())["runs"]:
-            if r["engine"] == "clipkd" and "p99_ms_16" in r:
+            if r["engine"].startswith("clipkd") and "p99_ms_16" in r:
                 params = ", ".join(f"{k} {v}" for k, v in r["params"].items())
-                rows.append({"rows": f"{r['rows']:,}", "server": "default", "engine": f"{r['kind']} ({params})",
+                flags = r["engine"].removeprefix("clipkd").removeprefix(" serve").strip()
+                rows.append({"rows": f"{r['rows']:,}", "server": f"`{flags}`" if flags else "default",
+                             "engine": f"{r['kind']} ({params})",
                              "query": "embedding", "p99 ms 1 client": f"{r['p99_ms']:.1f}",
                              "p99 ms 16 clients": f"{r['p99_ms_16']:.1f}", "queries/s 16 clients": f"{r['qps_16']:.0f}",
                              "p99 ms 64 clients": "-", "recall@10": f"{r['recall@10']:.3f}", "date": r["date"]})

@@ -41,6 +41,7 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
         index = SearchIndex(index, images)
     index.check_images()
     svc = SearchService(index, max_k=max_k, batch=batch, public_url=public_url, show_paths=show_paths)
+    set_threads(threads)  # again: a PyTorch model imported torch while it loaded
     app = FastAPI(title="clipkd search", version="1",
                   description=f"Image search over {len(index)} images embedded by {index.identity}.")
     app.state.service, app.state.token = svc, token
