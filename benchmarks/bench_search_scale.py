@@ -194,7 +194,7 @@ def query_http(url: str, q: np.ndarray, clients: int, per_client: int) -> tuple[
 
 
 def measure_clipkd(world: Path, student: Path, kind: str, budget: str, n: int, add_rows: int,
-                   flags: list[str] | None = None) -> list[dict]:
+                   flags: list[str] | None = None, tag: str = "") -> list[dict]:
     """Build the index once, then serve it with each of ``flags`` (a `serve` command line's extra flags; None:
     one server, as before, named ``clipkd``) and measure each: one row per server."""
     from clipkd.search.layout import GENERATIONS
@@ -208,13 +208,19 @@ def measure_clipkd(world: Path, student: Path, kind: str, budget: str, n: int, a
     rows = []
     for extra in flags if flags is not None else [None]:
         row = _serve_and_query(world, n, q, want, extra)
-        rows.append(row | {"engine": "clipkd" if extra is None else f"clipkd serve {extra}".strip(),
+        rows.append(row | {"engine": _engine(extra, tag),
                            "kind": info["kind"], "params": info["params"], "budget": budget,
                            "build_s": round(built["build_s"], 1),
                            "build_peak_rss_mib": round(built["build_peak_rss_mib"]),
                            "index_mib": round(info["index_bytes"] / 2**20), "build_recall@10": info["recall@10"]})
     rows[0]["add_100k_s"] = round(add_and_roll_back(world, add_rows, student), 1) if add_rows else None
     return rows
+
+
+def _engine(flags: str | None, tag: str = "") -> str:
+    """A clipkd row's engine name: ``clipkd`` (one server, as before), else the serve flags, and the run's tag."""
+    name = "clipkd" if flags is None else f"clipkd serve {flags}".strip()
+    return f"{name} ({tag})" if tag else name
 
 
 def _serve_and_query(world: Path, n: int, q: np.ndarray, want: np.ndarray, extra: str | None) -> dict:
@@ -479,6 +485,8 @@ def main() -> None:
                     "only the (rows, engine) pairs it lacks")
     ap.add_argument("--serve-flags", nargs="*", default=None, help="serve each index with each of these flag sets "
                     "(e.g. '' '--threads 1'), a row each named `clipkd serve FLAGS` (default: one server, `clipkd`)")
+    ap.add_argument("--tag", default="", help="a note appended to the clipkd rows' engine names (what this run "
+                    "changed), so that --merge keeps the earlier rows beside them")
     ap.add_argument("--data", type=Path, default=HERE / ".data" / "search-scale")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "search-scale.md")
     a = ap.parse_args()
@@ -495,9 +503,9 @@ def main() -> None:
 
     for n in a.rows:
         world = make_world(a.data, n, a.dim, a.clusters, student, a.queries)
-        names = ["clipkd"] if a.serve_flags is None else [f"clipkd serve {f}".strip() for f in a.serve_flags]
+        names = [_engine(f, a.tag) for f in (a.serve_flags if a.serve_flags is not None else [None])]
         if any((n, name) not in have for name in names):
-            for row in measure_clipkd(world, student, "auto", a.max_memory, n, a.add, a.serve_flags):
+            for row in measure_clipkd(world, student, "auto", a.max_memory, n, a.add, a.serve_flags, a.tag):
                 add(row)
         if (a.autofaiss_rows is None or n in a.autofaiss_rows) and (n, "autofaiss") not in have:
             add(measure_autofaiss(world, a.max_memory, a.available, n))

@@ -66,9 +66,12 @@ def test_an_ivfpq_build_streams_the_store_and_serves_rows_without_holding_them(t
     steps = _no_whole_store(monkeypatch)
     index_store(out, teacher_spec, kind="ivfpq", device="cpu", max_memory="64M")
     assert 256 in steps  # the build did read the store in the chunks the test set
+    prefetched = []
     with monkeypatch.context() as m:  # a reader (a server) codes nothing itself
         m.setattr(layout, "_read_labels", lambda p: (_ for _ in ()).throw(AssertionError("labels.tsv read")))
+        m.setattr(EmbeddingStore, "prefetch", lambda self: prefetched.append(self.root) or 0)
         ix = SearchIndex(out)
+    assert prefetched == [out / "store"]  # it re-ranks from the store: the kernel is asked for its pages
     info = ix.info
     assert info["kind"] == "ivfpq" and info["max_memory"] == 64 << 20
     assert planning.RERANK <= info["params"]["rerank"] <= planning.RERANK_MAX

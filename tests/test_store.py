@@ -86,3 +86,28 @@ def test_empty_or_missing_folder(tmp_path, fake_teacher):
         embed_images(fake_teacher, tmp_path / "missing", tmp_path / "s", workers=0)
     with pytest.raises(ClipkdError, match="not an embedding store"):
         EmbeddingStore(tmp_path / "empty")
+
+
+def test_prefetch_asks_the_kernel_for_every_shard(tmp_path, monkeypatch):
+    """A store's prefetch advises WILLNEED on each shard file whole (what an IVF-PQ server re-ranking from it
+    does at start), without reading it into the process."""
+    import os
+
+    import numpy as np
+
+    from clipkd.store import EmbeddingStore, ShardWriter, new_manifest
+
+    out = tmp_path / "store"
+    out.mkdir()
+    w = ShardWriter(out, new_manifest({"teacher": "t", "embed_dim": 4, "preprocess": {}}, tmp_path, 3, out), 3)
+    w.add(np.eye(4, dtype=np.float16)[[0, 1, 2]], [f"{i}.jpg" for i in range(3)], [1] * 3)
+    w.add(np.eye(4, dtype=np.float16)[[3, 0]], ["3.jpg", "4.jpg"], [1] * 2)
+    w.flush(final=True)
+    store = EmbeddingStore(out)
+    seen = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: seen.append((off, n, advice)),
+                        raising=False)
+    asked = store.prefetch()
+    shards = store.manifest["shards"]
+    assert len(shards) == 2 and seen == [(0, 0, os.POSIX_FADV_WILLNEED)] * 2
+    assert asked == sum((out / s["file"]).stat().st_size for s in shards)

@@ -35,6 +35,8 @@ class FaissBackend:
             raise ClipkdError(f"index {root} is damaged: index.json says kind {self.info['kind']!r} but its FAISS "
                               f"file holds a {type(self.index).__name__}; {REBUILD}") from None
         self._allowed: dict[tuple, np.ndarray] = {}
+        if int(self.info.get("params", {}).get("rerank", 1)) > 1:  # every query reads candidates from the store
+            store.prefetch()
 
     @staticmethod
     def _open(root: Path, info: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -179,6 +179,27 @@ class EmbeddingStore:
             os.close(self._fds.popitem(last=False)[1][0])
         return fd, offset
 
+    def prefetch(self) -> int:
+        """Ask the kernel to read every shard into the page cache ahead of use (``POSIX_FADV_WILLNEED``: it reads in
+        the background, as memory allows, and nothing enters this process's memory): a server re-ranking from the
+        store then reads cached pages instead of waiting on the disk for each candidate. Returns the bytes asked
+        for (0 where the system has no ``posix_fadvise``)."""
+        if not hasattr(os, "posix_fadvise"):
+            return 0
+        asked = 0
+        for shard in self.manifest["shards"]:
+            path = self.root / shard["file"]
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue  # a damaged store is reported where its rows are read
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                asked += os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+        return asked
+
     def __del__(self) -> None:
         for fd, _ in getattr(self, "_fds", {}).values():
             try:
