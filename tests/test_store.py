@@ -111,3 +111,31 @@ def test_prefetch_asks_the_kernel_for_every_shard(tmp_path, monkeypatch):
     shards = store.manifest["shards"]
     assert len(shards) == 2 and seen == [(0, 0, os.POSIX_FADV_WILLNEED)] * 2
     assert asked == sum((out / s["file"]).stat().st_size for s in shards)
+
+
+def test_one_key_is_read_without_its_shards_other_keys(tmp_path, monkeypatch):
+    """A search result's key is read alone from its shard's path list (the list is not split into strings), the
+    same key a whole read gives; slices and iteration read whole lists; a list that does not match the manifest is
+    one line."""
+    import numpy as np
+
+    from clipkd.errors import ClipkdError
+    from clipkd.store import EmbeddingStore, ShardWriter, new_manifest
+
+    out = tmp_path / "store"
+    out.mkdir()
+    w = ShardWriter(out, new_manifest({"teacher": "t", "embed_dim": 4, "preprocess": {}}, tmp_path, 3, out), 3)
+    names = ["a.jpg", "b/ü.jpg", "c d.jpg", "e.jpg", "f.jpg"]
+    w.add(np.eye(4, dtype=np.float16)[[0, 1, 2]], names[:3], [1] * 3)
+    w.add(np.eye(4, dtype=np.float16)[[3, 0]], names[3:], [1] * 2)
+    w.flush(final=True)
+    store = EmbeddingStore(out)
+    keys = store.keys()
+    monkeypatch.setattr(EmbeddingStore, "shard_keys", lambda self, n: (_ for _ in ()).throw(AssertionError(n)))
+    assert [keys[i] for i in range(5)] == names and keys[-1] == "f.jpg"
+    monkeypatch.undo()
+    assert keys[1:4] == names[1:4] and list(keys) == names
+    shard = store.manifest["shards"][0]["paths"]
+    (out / shard).write_text("a.jpg\nb.jpg\n")
+    with pytest.raises(ClipkdError, match="lists 2 paths, manifest says 3"):
+        EmbeddingStore(out).keys()[0]
