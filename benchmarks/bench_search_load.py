@@ -330,8 +330,10 @@ def sizing(runs: list[dict], scale: Path) -> str:
         for r in json.loads(scale.read_text())["runs"]:
             if r["engine"].startswith("clipkd") and "p99_ms_16" in r:
                 params = ", ".join(f"{k} {v}" for k, v in r["params"].items())
-                flags = r["engine"].removeprefix("clipkd").removeprefix(" serve").strip()
-                rows.append({"rows": f"{r['rows']:,}", "server": f"`{flags}`" if flags else "default",
+                name, _, tag = r["engine"].partition(" (")
+                flags = name.removeprefix("clipkd").removeprefix(" serve").strip()
+                server = (f"`{flags}`" if flags else "default") + (f" ({tag}" if tag else "")
+                rows.append({"rows": f"{r['rows']:,}", "server": server,
                              "engine": f"{r['kind']} ({params})",
                              "query": "embedding", "p99 ms 1 client": f"{r['p99_ms']:.1f}",
                              "p99 ms 16 clients": f"{r['p99_ms_16']:.1f}", "queries/s 16 clients": f"{r['qps_16']:.0f}",
