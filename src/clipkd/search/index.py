@@ -201,7 +201,7 @@ class SearchIndex:
         for s, r in zip(scores.tolist(), rows.tolist(), strict=True):
             if r < 0:
                 continue
-            path = self.paths[r]
+            path = self.paths.one(r) if hasattr(self.paths, "one") else self.paths[r]
             score = min(1.0, max(-1.0, float(s)))  # a cosine: fp16 rows and FAISS rounding can pass 1 by 1e-5
             out.append({"id": int(r), "path": path, "score": round(score, 6), "label": self.label(r)})
         return out

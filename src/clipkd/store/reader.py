@@ -411,9 +411,9 @@ OPEN_SHARDS = 256  # shards kept memory-mapped at once (each holds a file descri
 
 class Keys(Sequence):
     """A store's row keys, read from its shards' path lists as rows are asked for: indexing, ``len``, iteration and
-    ``in`` as a list, without a Python string per row held. One key (a search result's) is read alone, through each
-    shard's line ends (8 bytes a row, kept for :data:`ENDS_CACHED` shards); a slice or a scan reads whole lists
-    (the last :data:`CACHED` kept)."""
+    ``in`` as a list, without a Python string per row held: indexing and slices read whole path lists (the last
+    :data:`CACHED` kept), as scans want; :meth:`one` reads one key alone through its shard's line ends (8 bytes a
+    row, kept for :data:`ENDS_CACHED` shards), as a search result wants."""
 
     CACHED = 32
     ENDS_CACHED = 1024  # 64 M rows' line ends at most (512 MB); at 10M rows, 80 MB
@@ -446,6 +446,15 @@ class Keys(Sequence):
         row = int(row)
         if row < 0:
             row += len(self)
+        if not 0 <= row < len(self):
+            raise IndexError(row)
+        number = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        return self._shard(number)[row - int(self.offsets[number])]
+
+    def one(self, row: int) -> str:
+        """Key ``row`` read alone (a search result's): from its shard's list when that is cached, else through the
+        shard's line ends, without splitting its other keys into strings. Scans index the sequence instead."""
+        row = int(row)
         if not 0 <= row < len(self):
             raise IndexError(row)
         number = int(np.searchsorted(self.offsets, row, side="right")) - 1
