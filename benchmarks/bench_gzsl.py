@@ -23,7 +23,7 @@ from common import portable, report, table
 import clipkd
 from clipkd.data.digits import TEMPLATES, DigitsConfig, make_digits_world
 from clipkd.demo import DEMO_TEMPLATES
-from clipkd.search.select import EXAMPLE_QUANTILE
+from clipkd.search.select import EXAMPLE_QUANTILE, EXPAND, EXPAND_DEFAULT
 from clipkd.training.distill import AUTO_VIEWS
 from clipkd.training.runs import recipe_differences
 
@@ -89,6 +89,9 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     # the oracle of the selection's size (issue 36): from the same uncurated pool, per class as many of the class's
     # own images as the selection gave it — what a perfect selection of that size would train on
     "embed_truth": ({"terms": {"embed": 1.0}, "mix": "none"}, {"extra_images": "truth"}, False),
+    # the full oracle (issue 46): every real image of the uncurated pool (what a perfect selection with no quota
+    # would give), teacher targets from the pool's index store
+    "embed_oracle_all": ({"terms": {"embed": 1.0}, "mix": "none"}, {"extra_images": "oracle_all"}, False),
     # clipkd's method with the selected (or the oracle) pool: the pool's images get views in the teacher's one pass;
     # the baseline's epochs (compute stated, pool images included)
     "cutmix_fm_select": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto"}, {"extra_images": "select"},
@@ -96,6 +99,8 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     "cutmix_fm_pool": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto"}, {"extra_images": "pool"}, True),
     "cutmix_fm_truth": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto"}, {"extra_images": "truth"},
                         True),
+    "cutmix_fm_oracle_all": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto"},
+                             {"extra_images": "oracle_all"}, True),
     "cutmix_fm_random": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto"}, {"extra_images": "random"},
                          True),
     # GZSL without a pool (issue 36): a pool made from nothing (clipkd.data.procedural: random strokes, dead leaves,
@@ -237,26 +242,33 @@ def unseen_pool(p: dict) -> Path:
 
 POOL_DISTRACTORS = 2  # distractors per real image in an uncurated pool
 POOL_SEEN_SHARE = 0.2  # the share of the seen classes' training images copied into it (all the unseen ones)
+# "plain": another world's shapes (the demo world: ink digits), noise and ink blobs; "weak": distractors a class's
+# own prompt scores at least as high as the class's own median real image (issue 46)
+POOL_KIND = "plain"
+
+
+def _pool_tag(p: dict) -> str:
+    """The pool folder's suffix: its distractors per image, seen share, kind (the demo world: digit distractors)."""
+    tag = "" if POOL_DISTRACTORS == 2 else f"-x{POOL_DISTRACTORS}"
+    tag += "" if POOL_SEEN_SHARE == 0.2 else f"-seen{POOL_SEEN_SHARE:g}"
+    tag += "" if POOL_KIND == "plain" else f"-{POOL_KIND}"
+    return tag + ("-digits" if p["base"].name == "demo" else "")
 
 
 def uncurated_pool(p: dict) -> tuple[Path, dict[str, str]]:
     """A flat folder of unlabelled images standing in for a user's collection: copies of training images of *every*
-    class (all the unseen classes', which a student of the seen classes never trains on; a fifth of the seen ones',
-    which it trains on anyway — not held back from it; never a test image) and twice as many
-    distractors — noise, ink blobs on paper, and another world's coloured shapes. Returns the folder and the truth
-    (absolute path → class, or ``distractor``), which only the benchmark sees."""
+    class (all the unseen classes', which a student of the seen classes never trains on; a ``POOL_SEEN_SHARE`` of
+    the seen ones', which it trains on anyway — not held back from it; never a test image) and
+    ``POOL_DISTRACTORS`` times as many distractors — plain ones (noise, ink blobs on paper, another world's coloured
+    shapes) or weak-prompt ones (:func:`weak_distractors`). Returns the folder and the truth (absolute path → class,
+    or ``distractor``), which only the benchmark sees."""
     import shutil
 
     import numpy as np
-    from PIL import Image
 
     from clipkd.data.datasets import load_labelled
 
-    tag = "" if POOL_DISTRACTORS == 2 else f"-x{POOL_DISTRACTORS}"
-    # the demo world's classes are coloured shapes: another shape world's images would be of its classes, so its
-    # "other world" distractors are ink digits (the digits-colour scans, each in four rotations)
-    demo = p["base"].name == "demo"
-    tag += "-digits" if demo else ""
+    tag = _pool_tag(p)
     folder, truth_file = p["base"] / f"uncurated{tag}", p["base"] / f"uncurated{tag}-truth.json"
     if truth_file.is_file():
         return folder, json.loads(truth_file.read_text())
@@ -271,8 +283,23 @@ def uncurated_pool(p: dict) -> tuple[Path, dict[str, str]]:
             shutil.copy(data.root / path, dst)
             truth[str(dst.resolve())] = name
     n = POOL_DISTRACTORS * len(truth)
+    make = weak_distractors if POOL_KIND == "weak" else plain_distractors
+    for j, im in enumerate(make(p, truth, n, rng)):
+        dst = folder / f"other{j:05d}.png"
+        im.save(dst)
+        truth[str(dst.resolve())] = "distractor"
+    truth_file.write_text(json.dumps(truth))
+    return folder, truth
+
+
+def plain_distractors(p: dict, truth: dict[str, str], n: int, rng) -> list:
+    """``n`` plain distractors (PIL images): a third another world's shapes (the demo world: ink digits in four
+    rotations), a third noise, a third ink blobs on paper."""
+    import numpy as np
+    from PIL import Image
+
     side = Image.open(next(iter(truth))).size[0]
-    if demo:
+    if p["base"].name == "demo":
         digits = make_digits_world(p["base"] / "distractor-digits", DigitsConfig(kind="digits-colour", image_size=side))
         scans = sorted(digits.rglob("*.png"))
         shape_files = [(f, k) for k in range(4) for f in scans][: n // 3]
@@ -281,22 +308,88 @@ def uncurated_pool(p: dict) -> tuple[Path, dict[str, str]]:
             seed=1, n_shapes=6, n_colours=6, unseen_per_shape=1, train_per_class=max(1, n // 3 // 36 + 1),
             val_per_class=1, test_per_class=1, image_size=side))
         shape_files = [(f, 0) for f in sorted((shapes / "train").rglob("*.png"))[: n // 3]]
+    out = []
     for j in range(n):
-        dst = folder / f"other{j:05d}.png"
         if j % 3 == 0 and j // 3 < len(shape_files):
             src, quarter = shape_files[j // 3]
             with Image.open(src) as im:
-                im.convert("RGB").resize((side, side)).rotate(90 * quarter).save(dst)
+                out.append(im.convert("RGB").resize((side, side)).rotate(90 * quarter))
         elif j % 3 == 1:
-            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(dst)
+            out.append(Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)))
         else:
             a = np.full((side, side, 3), 255, np.uint8)
             y0, x0 = rng.integers(0, side // 2, 2)
             a[y0 : y0 + rng.integers(3, side // 2), x0 : x0 + rng.integers(3, side // 2)] = rng.integers(0, 120)
-            Image.fromarray(a).save(dst)
-        truth[str(dst.resolve())] = "distractor"
-    truth_file.write_text(json.dumps(truth))
-    return folder, truth
+            out.append(Image.fromarray(a))
+    return out
+
+
+def weak_distractors(p: dict, truth: dict[str, str], n: int, rng) -> list:
+    """``n`` distractors that a class's prompt scores as high as its own images: plain and procedural images
+    (strokes, dead leaves, mosaics of the seen images' crops; half each), each nudged by ``WEAK_STEPS`` steps of
+    projected gradient ascent (within ±``WEAK_EPS`` of its pixels) on the teacher's cosine with one class's text
+    (the classes in turn) — noise and textures the prompt prefers, as a web pool's lookalikes are. Records in
+    ``p["weak"]`` the share of them (as saved PNGs, through the teacher's own loader) whose score on their class's
+    prompt reaches the class's median real image in the pool."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from clipkd.data.procedural import make_pool
+    from clipkd.prompts import TextEmbeddings
+
+    side = Image.open(next(iter(truth))).size[0]
+    w = p["world"]
+    proc = make_pool(p["base"] / f"weak-starts-{n}", n - n // 2, side, seed=0, mix_from=w / "train",
+                     split=w / "split.json", progress=False)
+    starts = [np.asarray(im.convert("RGB"), np.float32) / 255 for im in plain_distractors(p, truth, n // 2, rng)]
+    starts += [np.asarray(Image.open(f).convert("RGB"), np.float32) / 255 for f in sorted(proc.glob("*.png"))]
+    teacher = clipkd.load_teacher(p["spec"], device="cpu")
+    text = TextEmbeddings.load(p["text"])
+    target = np.arange(len(starts)) % len(text.classnames)
+    cfg = teacher.preprocess_cfg
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (cfg.mean, cfg.std))
+    t = torch.from_numpy(text.embeddings)
+    out = []
+    for i in range(0, len(starts), 256):
+        x0 = torch.from_numpy(np.stack(starts[i:i + 256])).permute(0, 3, 1, 2)
+        goal = t[target[i:i + 256]]
+        x = x0.clone()
+        for _ in range(WEAK_STEPS):
+            x.requires_grad_(True)
+            f = torch.nn.functional.normalize(teacher.model.encode_image((x - mean) / std), dim=-1)
+            (g,) = torch.autograd.grad((f * goal).sum(), x)
+            with torch.no_grad():
+                x = (x0 + (x + WEAK_EPS / 8 * g.sign() - x0).clamp(-WEAK_EPS, WEAK_EPS)).clamp(0, 1)
+        out += [Image.fromarray((v.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for v in x.detach()]
+    p["weak_targets"] = target
+    return out
+
+
+WEAK_STEPS, WEAK_EPS = 10, 12 / 255  # weak pools: gradient steps and the pixel budget around each start image
+
+
+def weak_share(p: dict, truth: dict[str, str]) -> dict:
+    """How weak the pool's prompts are: the share of its distractors whose best class's score reaches that class's
+    median real image in the pool (as the pool's index embedded them)."""
+    import numpy as np
+
+    from clipkd.prompts import TextEmbeddings
+    from clipkd.search.index import SearchIndex
+
+    ix = SearchIndex(sourced(p).index)
+    text = TextEmbeddings.load(p["text"])
+    emb = np.asarray(ix.store.embeddings(), np.float32)
+    sims = emb @ text.embeddings.T
+    kind = [truth.get(str((ix.images_root / q).resolve())) for q in ix.paths]
+    pos = {c: i for i, c in enumerate(text.classnames)}
+    own = np.array([pos.get(k, -1) for k in kind])
+    real = own >= 0
+    median = np.array([np.median(sims[real & (own == c), c]) if np.any(real & (own == c)) else np.inf
+                       for c in range(len(pos))])
+    dis = np.flatnonzero(np.array([k == "distractor" for k in kind]))
+    best = sims[dis].argmax(1)
+    return {"distractors": len(dis), "outscore_median_own": float(np.mean(sims[dis, best] >= median[best]))}
 
 
 def _unseen(p: dict) -> set[str]:
@@ -328,17 +421,18 @@ def sourced(p: dict):
     return p["sourced"]
 
 
-def selection(p: dict, quantile: float | None = EXAMPLE_QUANTILE):
-    """The selection ``sourced`` made (the seen classes' examples cut at the default quantile), the prompts' alone
-    from the same index (``None``), or the examples' at another ``quantile``."""
+def selection(p: dict, quantile: float | None = EXAMPLE_QUANTILE, expand: str = EXPAND_DEFAULT):
+    """The selection ``sourced`` made (the seen classes' examples cut at the default quantile, the default
+    expansion), the prompts' alone from the same index (``None``), the examples' at another ``quantile``, or with
+    another image-space ``expand``."""
     src = sourced(p)
-    if quantile == EXAMPLE_QUANTILE:
+    if quantile == EXAMPLE_QUANTILE and expand == EXPAND_DEFAULT:
         return src.selection
     w = p["world"]
     kw = {} if quantile is None else {"examples": w / "train", "examples_store": p["store"],
                                       "split": w / "split.json", "example_quantile": quantile}
-    return clipkd.select_images(src.index, p["prompts"], src.index.parent / f"selected-{quantile}.csv",
-                                per_class=p["per_class"], **kw)
+    return clipkd.select_images(src.index, p["prompts"], src.index.parent / f"selected-{quantile}-{expand}.csv",
+                                per_class=p["per_class"], expand=expand, **kw)
 
 
 # procedural pool kind -> (images per seen training image, kinds)
@@ -376,6 +470,8 @@ def extra_pool(p: dict, kind: str) -> tuple[Path, Path]:
         if kind == "random":
             n = sum(len(v) for v in src.selection.chosen.values())
             chosen = rng.sample(sorted(truth), n)
+        elif kind == "oracle_all":
+            chosen = sorted(q for q, t in truth.items() if t != "distractor")
         else:
             chosen = []
             for c, items in src.selection.chosen.items():
@@ -385,41 +481,59 @@ def extra_pool(p: dict, kind: str) -> tuple[Path, Path]:
     return out, src.store
 
 
-def selection_precision(p: dict, quantile: float | None = EXAMPLE_QUANTILE) -> dict:
+RECALL_FLOOR = 100  # recall_min counts the classes with at least this many real images in the pool (issue 46)
+
+
+def selection_precision(p: dict, quantile: float | None = EXAMPLE_QUANTILE, sel=None) -> dict:
     """How right the teacher's selection is, per class: precision (the share of its selected images that are of
-    it) and recall (its images selected, over what it could get: its images in the pool, capped by the quota);
-    their means over the unseen and the seen classes, the worst class's precision, and the share of distractors
-    among everything selected."""
-    sel, (_, truth), unseen = selection(p, quantile), uncurated_pool(p), _unseen(p)
+    it), recall (its images selected over its images in the pool) and the quota-capped recall (over what the quota
+    let it get); their means over the unseen and the seen classes, the worst class's precision, ``recall_min``
+    (the lowest recall among classes with ≥ ``RECALL_FLOOR`` real images in the pool, ``None`` when none has), and
+    the share of distractors among everything selected. ``sel``: a selection made otherwise (default:
+    :func:`selection` at ``quantile``)."""
+    sel, (_, truth), unseen = sel or selection(p, quantile), uncurated_pool(p), _unseen(p)
     per = {}
     for c, items in sel.chosen.items():
         right = sum(truth.get(path) == c for path, _ in items)
-        avail = min(p["per_class"], sum(t == c for t in truth.values()))
-        per[c] = {"precision": right / len(items) if items else 0.0, "recall": right / max(1, avail),
-                  "selected": len(items), "in_pool": sum(t == c for t in truth.values())}
+        in_pool = sum(t == c for t in truth.values())
+        per[c] = {"precision": right / len(items) if items else 0.0, "recall": right / max(1, in_pool),
+                  "recall_capped": right / max(1, min(p["per_class"], in_pool)),
+                  "selected": len(items), "right": right, "in_pool": in_pool}
     picked = [truth.get(path) for items in sel.chosen.values() for path, _ in items]
 
     def mean(key: str, group: bool) -> float:
         return statistics.mean(v[key] for c, v in per.items() if (c in unseen) == group)
 
+    big = {c: v["recall"] for c, v in per.items() if v["in_pool"] >= RECALL_FLOOR}
+    worst = min(big, key=big.get) if big else None
     return {"unseen": mean("precision", True), "seen": mean("precision", False),
             "recall_unseen": mean("recall", True), "recall_seen": mean("recall", False),
+            "recall_capped_unseen": mean("recall_capped", True), "recall_capped_seen": mean("recall_capped", False),
+            "recall_min": big[worst] if big else None, "recall_min_class": worst,
+            "recall": {c: round(v["recall"], 4) for c, v in per.items()},
             "min_precision": min(v["precision"] for v in per.values()),
             "distractors": picked.count("distractor") / max(1, len(picked)), "selected": len(picked),
             "pool": len(truth), "pool_distractors": sum(v == "distractor" for v in truth.values()),
-            "per_class": per, "quota": p["per_class"], "reasons": sel.reasons}
+            "per_class": per, "quota": p["per_class"], "reasons": sel.reasons,
+            **({"weak": weak_share(p, truth)} if POOL_KIND == "weak" else {})}
 
 
-def selection_row(world: str, sel: dict, quantile: float | None) -> dict:
+def selection_row(world: str, sel: dict, how: str) -> dict:
     """One row of the step-1 table."""
-    how = ("prompts only" if quantile is None else "prompts + seen examples" if quantile == EXAMPLE_QUANTILE else
-           f"prompts + seen examples, cut at {100 * quantile:g} %")
+    low = "" if sel["recall_min"] is None else f"{sel['recall_min']:.3f} ({sel['recall_min_class']})"
     return {"world": world, "selection": how,
             "pool images": sel["pool"], "of them distractors": sel["pool_distractors"],
             "selected": sel["selected"], "precision, unseen classes": f"{sel['unseen']:.3f}",
             "precision, seen classes": f"{sel['seen']:.3f}", "worst class's precision": f"{sel['min_precision']:.3f}",
             "recall, unseen": f"{sel['recall_unseen']:.3f}", "recall, seen": f"{sel['recall_seen']:.3f}",
+            f"lowest recall (≥ {RECALL_FLOOR} in pool)": low,
             "distractors selected": f"{100 * sel['distractors']:.1f} %"}
+
+
+def selection_name(quantile: float | None) -> str:
+    """How a selection at an examples' ``quantile`` was made, in words."""
+    return ("prompts only" if quantile is None else "prompts + seen examples" if quantile == EXAMPLE_QUANTILE else
+            f"prompts + seen examples, cut at {100 * quantile:g} %")
 
 
 def plot_selected(p: dict, path: Path) -> Path:
@@ -499,7 +613,7 @@ def _cost(method: str, p: dict, epochs: int) -> float:
     extra, once = kwargs.get("extra_images"), 0.0
     share = _pool_share(p, extra) if extra else 0.0
     fs = fs * (1 + share)  # the pool's images are trained on too (targets: a store's, or their views')
-    if extra in ("select", "random", "truth"):  # the teacher's one pass over the whole uncurated pool (the index)
+    if extra in ("select", "random", "truth", "oracle_all"):  # the teacher pass over the uncurated pool (the index)
         from clipkd.data.datasets import load_labelled
 
         n_train = len(load_labelled(p["world"] / "train").paths) - len(load_labelled(unseen_pool(p)).paths)
@@ -564,14 +678,24 @@ def main() -> None:
     ap.add_argument("--demo-run", type=Path, help="reuse this clipkd demo folder for the demo world (../runs/demo)")
     ap.add_argument("--pool-distractors", type=int, default=POOL_DISTRACTORS,
                     help="distractors per real image in the uncurated pools of the step-1 rows (default 2)")
+    ap.add_argument("--pool-kind", choices=("plain", "weak"), default=POOL_KIND,
+                    help="the uncurated pools' distractors: plain (shapes, noise, blobs) or weak-prompt ones that "
+                    "a class's prompt scores as high as its own images (default plain)")
+    ap.add_argument("--pool-seen-share", type=float, default=POOL_SEEN_SHARE,
+                    help=f"share of the seen classes' training images in the pools (default {POOL_SEEN_SHARE})")
     ap.add_argument("--example-quantiles", nargs="*", type=float, default=[],
                     help="step 1: also select with the seen examples cut at these quantiles (the default's is "
                     f"{EXAMPLE_QUANTILE})")
+    ap.add_argument("--expand", nargs="*", default=[e for e in EXPAND if e != EXPAND_DEFAULT], choices=EXPAND,
+                    help="step 1: also select with these image-space expansions (the default's is "
+                    f"{EXPAND_DEFAULT})")
     ap.add_argument("--selection-only", action="store_true",
                     help="step 1's selection (precision and recall per class, contact sheet) without students")
     ap.add_argument("--out", default="results/gzsl.md")
     a = ap.parse_args()
     globals()["POOL_DISTRACTORS"] = a.pool_distractors  # read by uncurated_pool and the table's note
+    globals()["POOL_KIND"] = a.pool_kind
+    globals()["POOL_SEEN_SHARE"] = a.pool_seen_share
     logging.basicConfig(level=logging.WARNING)
     rows, raw, pool_rows, gains = [], {}, [], []
     for world in a.worlds:
@@ -603,24 +727,36 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
         ran = [m for m in raw[world] if m != "teacher"]
-        if a.selection_only or any(METHODS[m][1].get("extra_images") in ("select", "random", "truth") for m in ran):
+        if a.selection_only or any(METHODS[m][1].get("extra_images") in ("select", "random", "truth", "oracle_all")
+                                   for m in ran):
             for q in (None, *sorted({EXAMPLE_QUANTILE, *a.example_quantiles})):
                 sel = selection_precision(p, q)
                 key = ("selection" if q == EXAMPLE_QUANTILE else "selection_text_only" if q is None else
                        f"selection_q{q:g}")
                 raw.setdefault(key, {})[world] = sel
-                pool_rows.append(selection_row(world, sel, q))
+                pool_rows.append(selection_row(world, sel, selection_name(q) + (
+                    f", expand {EXPAND_DEFAULT}" if q == EXAMPLE_QUANTILE and EXPAND_DEFAULT != "none" else "")))
+            for e in a.expand:
+                if e == EXPAND_DEFAULT:
+                    continue
+                t = time.perf_counter()
+                sel = selection_precision(p, sel=selection(p, EXAMPLE_QUANTILE, e))
+                sel["seconds"] = round(time.perf_counter() - t, 2)
+                raw.setdefault(f"selection_expand_{e}", {})[world] = sel
+                pool_rows.append(selection_row(world, sel, f"{selection_name(EXAMPLE_QUANTILE)}, expand {e}"))
             plot_selected(p, Path(a.out).with_name(f"{Path(a.out).stem}-selected-{world}.png"))
         h = {m: statistics.mean(r["H"] for r in raw[world][m]) for m in ran}
-        for none, selected, rand, same, oracle in (
-                ("embed", "embed_select", "embed_random", "embed_truth", "embed_pool"),
-                ("cutmix_fm", "cutmix_fm_select", "cutmix_fm_random", "cutmix_fm_truth", "cutmix_fm_pool")):
-            if {none, selected} <= set(h) and (same in h or oracle in h):
+        for none, selected, rand, same, oracle, every in (
+                ("embed", "embed_select", "embed_random", "embed_truth", "embed_pool", "embed_oracle_all"),
+                ("cutmix_fm", "cutmix_fm_select", "cutmix_fm_random", "cutmix_fm_truth", "cutmix_fm_pool",
+                 "cutmix_fm_oracle_all")):
+            if {none, selected} <= set(h) and (same in h or oracle in h or every in h):
                 parts = [f"{world}, {none}: no pool {h[none]:.3f}, selected pool {h[selected]:.3f}"]
                 parts += [f"{what} {h[m]:.3f} ({100 * (h[selected] - h[m]):+.1f} points for the selection)"
                           for what, m in (("the oracle of the same size", same), ("a random pool of the same size",
                                                                                      rand), ("the whole oracle pool",
-                                                                                             oracle)) if m in h]
+                                                                                             oracle),
+                                                   ("every real image of the pool", every)) if m in h]
                 gains.append("; ".join(parts))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

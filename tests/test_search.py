@@ -449,7 +449,7 @@ def test_selection_rejects_background_ambiguous_and_removed_images_and_caps_each
     its images, the quota caps and counts, and a class with no images is reported short."""
     from types import SimpleNamespace
 
-    from clipkd.search.select import _assign, otsu
+    from clipkd.search.select import _assign, otsu, short_reason
 
     rng = np.random.default_rng(0)
     d = 32
@@ -473,7 +473,7 @@ def test_selection_rejects_background_ambiguous_and_removed_images_and_caps_each
     index = SimpleNamespace(store=SimpleNamespace(embeddings=lambda: emb), live=live, images_root=Path("/pool"),
                             paths=[f"{i}.png" for i in range(len(emb))])
     names = ["a", "b", "c", "empty"]
-    chosen, rejected, reasons, cuts = _assign(index, text, names, bank, 50, -1.0, 0.999)
+    chosen, rejected, reasons, cuts, counts = _assign(index, text, names, bank, 50, -1.0, 0.999)
     row = {f"/pool/{i}.png": i for i in range(len(emb))}
     for c, name in enumerate(names[:3]):
         picked = [row[p] for p, _ in chosen[name]]
@@ -483,7 +483,12 @@ def test_selection_rejects_background_ambiguous_and_removed_images_and_caps_each
         assert not {p for p, _ in rejected[name]} & {p for p, _ in chosen[name]}
     assert chosen["empty"] == [] and reasons["background"] >= 100 and reasons["margin"] >= 25
     assert sum(map(len, chosen.values())) + sum(reasons.values()) == live.sum()  # each row: chosen or one rule
-    capped, _, counted, _ = _assign(index, text, names, bank, 20, -1.0, 0.999)
+    assert all(counts[n]["kept"] == len(chosen[n]) and counts[n]["image_space"] == 0 for n in names)
+    assert "no higher than the background" in short_reason(counts["empty"])  # the warning's why
+    assert "no pool image scores highest" in short_reason({**counts["empty"], "turned_down": 0})
+    assert counts["a"]["turned_down"] >= 1 and "below its margin cut" in short_reason(
+        {**counts["a"], "kept": 0, "near_cut": 3})
+    capped, _, counted, _, _ = _assign(index, text, names, bank, 20, -1.0, 0.999)
     assert [len(capped[n]) for n in names] == [20, 20, 20, 0] and counted["quota"] == reasons["quota"] + sum(
         len(chosen[n]) - 20 for n in names[:3])
     no_bank = _assign(index, text, names, None, 50, -1.0, 0.999)[0]
@@ -523,10 +528,48 @@ def test_examples_reject_what_the_prompts_cannot_tell_from_the_class():
     protos = {"a": (proto, float(np.quantile(examples @ proto, EXAMPLE_QUANTILE)))}
     plain = _assign(index, text, ["a", "b"], None, 80, -1.0, 0.999, margin=0.0)[0]  # the examples rule alone
     assert sum(int(p[6:-4]) >= 30 for p, _ in plain["a"]) > 30  # the prompts alone take the lookalikes
-    chosen, _, reasons, _ = _assign(index, text, ["a", "b"], None, 80, -1.0, 0.999, margin=0.0, protos=protos)
+    chosen, _, reasons, _, _ = _assign(index, text, ["a", "b"], None, 80, -1.0, 0.999, margin=0.0, protos=protos)
     picked = [int(p[6:-4]) for p, _ in chosen["a"]]
     assert all(r < 30 for r in picked) and len(picked) >= 25, picked
     assert len(chosen["b"]) == 40 and reasons["examples"] >= 60
+
+
+def test_expansion_finds_the_rest_of_a_class_the_text_turned_down_and_no_distractor():
+    """A class whose prompt scores most of its own images no higher than 180 distractors (both below the floor the
+    prompt's cut sets): the text keeps 39 of its 100 images; voting over the image space's neighbours from those
+    finds the other 61 and no distractor (which lie elsewhere in the image space, some half-way), counts them apart,
+    and keeps the text's picks first; an unknown expansion is one line."""
+    from types import SimpleNamespace
+
+    from clipkd.search.select import _assign, select_images
+
+    rng = np.random.default_rng(2)
+    d = 48
+    t0, t1, look0, look1, far, half = np.linalg.qr(rng.normal(size=(d, d)))[0][:6]
+
+    def draw(n, *parts):
+        x = sum(parts) + 0.45 * rng.normal(size=(n, d)) / np.sqrt(d)
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    emb = np.concatenate([draw(40, t0, 0.8 * look0), draw(60, 0.5 * t0, 0.8 * look0), draw(40, t1, 0.8 * look1),
+                          draw(120, 0.5 * t0, 0.8 * far), draw(60, 0.5 * t0, 0.5 * look0, 0.8 * half)])
+    truth = np.r_[np.zeros(100), np.ones(40), -np.ones(180)]
+    index = SimpleNamespace(store=SimpleNamespace(embeddings=lambda: emb), live=np.ones(len(emb), bool),
+                            images_root=Path("/pool"), paths=[f"{i}.png" for i in range(len(emb))])
+    text = np.stack([t0, t1]).astype(np.float32)
+
+    def picks(expand):
+        chosen, _, reasons, _, counts = _assign(index, text, ["a", "b"], None, 500, 0.7, 0.999, margin=0.0,
+                                                expand=expand)
+        return [int(p[6:-4]) for p, _ in chosen["a"]], counts["a"], reasons
+
+    plain, counted, _ = picks("none")
+    assert all(truth[r] == 0 for r in plain) and len(plain) < 50 and counted["text"] == len(plain)
+    voted, counted, reasons = picks("vote")
+    assert all(truth[r] == 0 for r in voted) and len(voted) >= 95, (len(voted), sorted(truth[voted]))
+    assert voted[:len(plain)] == plain and counted["image_space"] == len(voted) - len(plain)
+    with pytest.raises(ClipkdError, match="`expand` must be one of"):
+        select_images(index, {"a": ["a"]}, Path("x.csv"), expand="bogus")
 
 
 def test_source_with_examples_checks_them_before_work(teacher_spec, tiny_world, tmp_path, capsys):
@@ -732,6 +775,10 @@ def test_cli_source_writes_the_selection_its_png_and_the_next_step(teacher_spec,
     rows = (out / "selected.csv").read_text().splitlines()
     assert rows[0] == "path,label,similarity" and 1 < len(rows) <= 1 + 2 * 16
     assert f"--extra-images {out / 'selected.csv'} --extra-store {out / 'index' / 'store'}" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    kept = {c: v["kept"] for c, v in summary["classes"].items()}
+    assert sum(kept.values()) == summary["selected"] == len(rows) - 1 and max(kept.values()) <= 2
+    assert all(v["text"] + v["image_space"] >= v["kept"] for v in summary["classes"].values())
     with pytest.raises(SystemExit) as e:  # neither --prompts nor --classes: argparse's usage error
         main(["source", "--teacher", teacher_spec, "--pool", str(tiny_world / "test"), "--out", str(out)])
     assert e.value.code == 2

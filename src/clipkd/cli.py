@@ -336,6 +336,8 @@ def _serve(a: argparse.Namespace) -> None:
 
 def _selection_flags(p: argparse.ArgumentParser, d: Callable[[str], Any]) -> None:
     """The flags ``select`` and ``source`` share: how many images per class and which ones."""
+    from .search.select import EXPAND
+
     p.add_argument("--per-class", type=_count, help=f"images per class (default {d('per_class')})")
     p.add_argument("--min-similarity", type=float, help="cosine a chosen image must reach (default: none; look at "
                    "`clipkd search --text` scores of your model to pick one)")
@@ -353,6 +355,9 @@ def _selection_flags(p: argparse.ArgumentParser, d: Callable[[str], Any]) -> Non
     p.add_argument("--split", help="with --examples: split.json; only its seen classes' images are examples")
     p.add_argument("--example-quantile", type=float, help="with --examples: the share of a class's own examples "
                    f"that may lie farther from their mean than a kept image (default {d('example_quantile')})")
+    p.add_argument("--expand", choices=EXPAND, help="find the rest of a class through the teacher's image space: "
+                   "seeds (a cut per class from its own picks and examples), vote (neighbours' labels); none: the "
+                   f"text's picks only (default {d('expand')})")
 
 
 def _args_select(sub: Any) -> None:
@@ -404,10 +409,11 @@ def _source(a: argparse.Namespace) -> None:
 
     r = source_pool(**_kwargs(source_pool, a))
     total = sum(len(v) for v in r.selection.chosen.values())
-    print(f"{total} images for {len(r.selection.chosen)} classes -> {r.selected} (what each class got: {r.png})")
+    print(f"{total} images for {len(r.selection.chosen)} classes -> {r.selected} (what each class got: {r.png}; "
+          f"per class kept and turned down: {r.selected.parent / 'summary.json'})")
     if r.selection.short:
         print(f"{len(r.selection.short)} class(es) got fewer than --min-per-class: " +
-              ", ".join(f"{c} {n}" for c, n in r.selection.short.items()))
+              "; ".join(f"{c} {n} ({r.selection.why_short[c]})" for c, n in r.selection.short.items()))
     print(f"train on them: clipkd distill ... --extra-images {r.selected} --extra-store {r.store}")
 
 

@@ -52,6 +52,8 @@ BACKGROUND = ("noise", "random noise", "static", "a blank image", "a texture", "
 # lookalikes: 0.86 at 0, 0.88 at 0.01, 0.94 at 0.05; the digit worlds 1.00 at any; benchmarks/results/
 # gzsl-pool-quantiles.md); each step up costs recall
 EXAMPLE_QUANTILE = 0.05
+EXPAND = ("none", "split", "seeds", "vote")  # how the image space finds the rest of a class (expand_seeds)
+EXPAND_DEFAULT = "none"
 BIMODAL = 0.85  # a class's margins are two groups (its own cut) when Otsu's split explains this share of the variance
 
 
@@ -66,6 +68,16 @@ class Selection:
     rejected: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
     cuts: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    why_short: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """What a user reads after a selection (``source`` writes it as ``summary.json``): per class how many it
+        kept (from the text, from the image space), how many it turned down and how many of those near its cut
+        (the margin or the examples), the classes below the floor with why, and each rule's rejections."""
+        return {"selected": sum(len(v) for v in self.chosen.values()), "classes": self.counts,
+                "short": {c: {"got": n, "why": self.why_short.get(c, "")} for c, n in self.short.items()},
+                "rejected_by_rule": self.reasons, "margin_cuts": {c: round(v, 4) for c, v in self.cuts.items()}}
 
 
 def otsu(x: np.ndarray) -> tuple[float, float]:
@@ -88,7 +100,7 @@ def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dic
                   margin: float | None = None, examples: str | Path | ExamplePrototypes | None = None,
                   examples_store: str | Path | None = None, split: str | Path | None = None,
                   example_quantile: float = EXAMPLE_QUANTILE, text_model: str | Path | None = None,
-                  device: str | None = "auto", precision: str = "auto") -> Selection:
+                  expand: str = EXPAND_DEFAULT, device: str | None = "auto", precision: str = "auto") -> Selection:
     """Pick up to ``per_class`` images per class from an indexed pool and write a ``path,label,similarity`` list.
 
     Class text embeddings are the template-averaged prompts (``prompts.json`` from ``clipkd prompts``); the
@@ -100,12 +112,14 @@ def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dic
     folder, list or shards; with ``split``, its seen classes only) whose teacher embeddings ``examples_store`` holds
     (``embed-images``' store, from the index's teacher): a class with examples keeps only images as close to their
     mean as all but ``example_quantile`` of them (``examples`` may be :func:`example_prototypes` already read,
-    as ``source`` does before it embeds the pool). ``text_model``: a distilled student index's teacher.
+    as ``source`` does before it embeds the pool). ``expand``: the images these rules turned down that the
+    teacher's image space puts with a class's kept ones (and its examples) join it (:func:`expand_seeds`:
+    ``seeds``, ``vote``; ``none``: the text's picks only). ``text_model``: a distilled student index's teacher.
     ``index_dir`` may be an opened index whose encoder is loaded already (the model is not loaded twice).
     """
     read = examples if isinstance(examples, ExamplePrototypes) else None
     background = check_selection(per_class, min_per_class, margin, background, None if read else examples,
-                                 examples_store, example_quantile)
+                                 examples_store, example_quantile, expand)
     index = index_dir if isinstance(index_dir, SearchIndex) else SearchIndex(index_dir)
     prompts = prompts if isinstance(prompts, dict) else read_prompts(prompts)
     if not prompts:
@@ -120,8 +134,9 @@ def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dic
         raise ClipkdError(f"{index.identity} has no text tower; select needs one (`text_model` for a student index)")
     text = embed_prompts(enc, prompts)
     bank = _background(enc, prompts, background)
-    chosen, rejected, reasons, cuts = _assign(index, text.embeddings, text.classnames, bank, per_class,
-                                              min_similarity, duplicate, margin, protos and protos.by_class)
+    chosen, rejected, reasons, cuts, counts = _assign(
+        index, text.embeddings, text.classnames, bank, per_class, min_similarity, duplicate, margin,
+        protos and protos.by_class, expand, protos and protos.vectors)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "label", "similarity"])
@@ -131,16 +146,31 @@ def select_images(index_dir: str | Path | SearchIndex, prompts: str | Path | dic
             w.writerow([Path(os.path.relpath(Path(path).resolve(), here)).as_posix(), name, f"{sim:.4f}"])
     out = write_text(out, buf.getvalue())
     short = {c: len(v) for c, v in chosen.items() if len(v) < min_per_class}
+    why = {c: short_reason(counts[c]) for c in short}
     if short:
-        log.warning("%d class(es) got fewer than %d images (the pool has too few of them that the teacher tells "
-                    "apart), e.g. %s", len(short), min_per_class, dict(list(short.items())[:3]))
-    return Selection(chosen, short, Path(out), rejected, reasons, cuts)
+        log.warning("%d class(es) got fewer than %d images: %s", len(short), min_per_class,
+                    "; ".join(f"{c} {n} ({why[c]})" for c, n in list(short.items())[:5]))
+    return Selection(chosen, short, Path(out), rejected, reasons, cuts, counts, why)
+
+
+def short_reason(count: dict[str, int]) -> str:
+    """Why a class got few images, from its counts, in words."""
+    if not count["kept"] and not count["turned_down"]:
+        return "no pool image scores highest on its prompts: the pool may hold none, or its prompts are weak"
+    if count["near_cut"]:
+        return (f"{count['near_cut']} image(s) scored highest on its prompts but fell below its margin cut or far "
+                "from its examples; look at them in the contact sheet, and try --expand or --margin")
+    return (f"{count['turned_down']} image(s) scored highest on its prompts but no higher than the background "
+            "phrases (--background)")
 
 
 def check_selection(per_class: int, min_per_class: int, margin: float | None,
                     background: Sequence[str] | str | Path | None, examples: str | Path | None = None,
-                    examples_store: str | Path | None = None, example_quantile: float = EXAMPLE_QUANTILE) -> list[str]:
+                    examples_store: str | Path | None = None, example_quantile: float = EXAMPLE_QUANTILE,
+                    expand: str = "none") -> list[str]:
     """The selection's settings checked (one line each) before any work; returns the background phrases."""
+    if expand not in EXPAND:
+        raise ClipkdError(f"`expand` must be one of {', '.join(EXPAND)}, got {expand!r}")
     if not 0 <= example_quantile < 1:
         raise ClipkdError(f"`example_quantile` must be in [0, 1), got {example_quantile}")
     if (examples is None) != (examples_store is None):
@@ -192,6 +222,7 @@ class ExamplePrototypes:
 
     by_class: dict[str, tuple[np.ndarray, float]]
     store: EmbeddingStore
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)  # each class's example embeddings (unit length)
 
     def check_teacher(self, identity: str) -> None:
         self.store.check_teacher(identity, "the examples' store must come from the pool index's teacher")
@@ -214,65 +245,118 @@ def example_prototypes(examples: str | Path, store: str | Path, classnames: Sequ
     emb = tg.targets.numpy().astype(np.float32)
     labels = np.asarray(data.labels)[tg.keep]
     out: dict[str, tuple[np.ndarray, float]] = {}
+    vectors: dict[str, np.ndarray] = {}
     for y in np.unique(labels):
         v = emb[labels == y]
         v /= np.linalg.norm(v, axis=1, keepdims=True).clip(1e-12)
         p = v.mean(0)
         p /= max(float(np.linalg.norm(p)), 1e-12)
         out[data.classnames[int(y)]] = (p, float(np.quantile(v @ p, quantile)))
-    protos = ExamplePrototypes(out, st)
+        vectors[data.classnames[int(y)]] = v
+    protos = ExamplePrototypes(out, st, vectors)
     if teacher is not None:
         protos.check_teacher(teacher)
     return protos
 
 
+KEPT, BACKGROUND_RULE, FLOOR_RULE, MARGIN_RULE, EXAMPLES_RULE, EXPANDED = range(6)  # why a row is (not) kept
+RULES = {BACKGROUND_RULE: "background", FLOOR_RULE: "min_similarity", MARGIN_RULE: "margin",
+         EXAMPLES_RULE: "examples"}
+CHUNK = 65_536  # rows scored at a time: memory flat in the pool
+
+
+@dataclass
+class _Scores:
+    """Per pool row: its best class, that class's cosine, the margin over the second best, the background's best."""
+
+    best: np.ndarray
+    s1: np.ndarray
+    gap: np.ndarray
+    bg: np.ndarray
+
+
+def _score(emb: np.ndarray, text: np.ndarray, bank: np.ndarray | None) -> _Scores:
+    """Every row against the class texts and the background bank, a chunk at a time."""
+    n = len(emb)
+    sc = _Scores(np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32),
+                 np.full(n, -np.inf, np.float32))
+    for start in range(0, n, CHUNK):
+        v = np.asarray(emb[start:start + CHUNK], np.float32)
+        sims = v @ text.T
+        top2 = np.sort(sims, axis=1)[:, -2:] if sims.shape[1] > 1 else np.concatenate([sims, sims - 1], 1)
+        part = slice(start, start + len(v))
+        sc.best[part], sc.s1[part], sc.gap[part] = sims.argmax(1), top2[:, -1], top2[:, -1] - top2[:, 0]
+        if bank is not None:
+            sc.bg[part] = (v @ bank.T).max(1)
+    return sc
+
+
+def _text_rules(emb: np.ndarray, sc: _Scores, alive: np.ndarray, classnames: list[str], min_similarity: float,
+                margin: float | None, protos: dict[str, tuple[np.ndarray, float]] | None,
+                ) -> tuple[np.ndarray, dict[str, float]]:
+    """Each live row's verdict from the text (and the examples): :data:`KEPT` for its best class, or the rule that
+    turned it down; -1 for a removed row. Returns the verdicts and each class's margin cut."""
+    why = np.full(len(emb), -1, np.int64)
+    why[alive & (sc.s1 <= sc.bg)] = BACKGROUND_RULE
+    why[alive & (sc.s1 > sc.bg) & (sc.s1 < min_similarity)] = FLOOR_RULE
+    cand = alive & (sc.s1 > sc.bg) & (sc.s1 >= min_similarity)
+    pool_cut, _ = otsu(sc.gap[cand])
+    cuts: dict[str, float] = {}
+    for c, name in enumerate(classnames):
+        mine = cand & (sc.best == c)
+        cut, split = otsu(sc.gap[mine])
+        cuts[name] = margin if margin is not None else cut if split >= BIMODAL else pool_cut
+        why[mine & (sc.gap < cuts[name])] = MARGIN_RULE
+        keep = np.flatnonzero(mine & (sc.gap >= cuts[name]))
+        if protos and name in protos and len(keep):
+            proto, near = protos[name]
+            unlike = np.asarray(emb[keep], np.float32) @ proto < near  # unlike the class's own examples
+            why[keep[unlike]] = EXAMPLES_RULE
+            keep = keep[~unlike]
+        why[keep] = KEPT
+    return why, cuts
+
+
 def _assign(index: SearchIndex, text: np.ndarray, classnames: list[str], bank: np.ndarray | None, per_class: int,
             min_similarity: float, duplicate: float,
             margin: float | None = None, protos: dict[str, tuple[np.ndarray, float]] | None = None,
-            ) -> tuple[Picks, Picks, dict[str, int], dict[str, float]]:
+            expand: str = "none", examples: dict[str, np.ndarray] | None = None,
+            ) -> tuple[Picks, Picks, dict[str, int], dict[str, float], dict[str, dict[str, int]]]:
     """Each pool image to its best class, kept when it beats the background, clears the class's margin cut and
-    (for a class with examples) lies as close to their mean as most of them."""
+    (for a class with examples) lies as close to their mean as most of them; with ``expand``, the rows these rules
+    turned down that the image space puts with a class's kept ones (:func:`expand_seeds`) join it. Returns the
+    picks, the best rows each class turned down, the rules' rejections, the margin cuts and per-class counts."""
     emb = index.store.embeddings()
-    n = len(emb)
-    best = np.empty(n, np.int64)
-    s1 = np.empty(n, np.float32)
-    gap = np.empty(n, np.float32)  # best class minus second best
-    bg = np.full(n, -np.inf, np.float32)
-    for start in range(0, n, 65_536):  # scores a chunk at a time: memory flat in the pool
-        v = np.asarray(emb[start:start + 65_536], np.float32)
-        sims = v @ text.T
-        top2 = np.sort(sims, axis=1)[:, -2:] if sims.shape[1] > 1 else np.concatenate([sims, sims - 1], 1)
-        best[start:start + len(v)] = sims.argmax(1)
-        s1[start:start + len(v)] = top2[:, -1]
-        gap[start:start + len(v)] = top2[:, -1] - top2[:, 0]
-        if bank is not None:
-            bg[start:start + len(v)] = (v @ bank.T).max(1)
-    alive = np.asarray(index.live[:n], bool)  # removed rows are not candidates
-    cand = alive & (s1 > bg) & (s1 >= min_similarity)
-    reasons = {"background": int(np.sum(alive & (s1 <= bg))), "min_similarity": int(np.sum(alive & (s1 > bg) &
-                                                                                           (s1 < min_similarity)))}
-    pool_cut, _ = otsu(gap[cand])
-    chosen: dict[str, list[tuple[str, float]]] = {}
-    rejected: dict[str, list[tuple[str, float]]] = {}
-    cuts: dict[str, float] = {}
-    below = unlike = dup = over = 0
+    sc = _score(emb, text, bank)
+    alive = np.asarray(index.live[:len(emb)], bool)  # removed rows are not candidates
+    why, cuts = _text_rules(emb, sc, alive, classnames, min_similarity, margin, protos)
+    owner = np.where(why == KEPT, sc.best, -1)
+    if expand != "none":
+        joined = expand_seeds(emb, owner, alive, len(classnames), expand, examples and {
+            classnames.index(c): v for c, v in examples.items() if c in classnames}, sc.best)
+        owner[joined >= 0], why[joined >= 0] = joined[joined >= 0], EXPANDED
+    chosen, rejected, counts, dup, over = _fill(index, emb, owner, why, sc, classnames, per_class, duplicate)
+    reasons = {name: int(np.sum(why == code)) for code, name in RULES.items()}
+    reasons.update(duplicate=dup, quota=over)
+    return chosen, rejected, reasons, cuts, counts
+
+
+def _fill(index: SearchIndex, emb: np.ndarray, owner: np.ndarray, why: np.ndarray, sc: _Scores,
+          classnames: list[str], per_class: int, duplicate: float,
+          ) -> tuple[Picks, Picks, dict[str, dict[str, int]], int, int]:
+    """Each class's rows best first (the text's picks, then the image space's), near-copies dropped, up to the
+    quota; what it turned down (best first: the contact sheet); per class how many the text kept, the image space
+    added, the quota left and it turned down."""
+    chosen: Picks = {}
+    rejected: Picks = {}
+    counts: dict[str, dict[str, int]] = {}
+    dup = over = 0
     for c, name in enumerate(classnames):
-        idx = np.flatnonzero(cand & (best == c))
-        cut, split = otsu(gap[idx])
-        cuts[name] = margin if margin is not None else cut if split >= BIMODAL else pool_cut
-        ok = cand & (best == c) & (gap >= cuts[name])
-        keep = np.flatnonzero(ok)
-        below += len(idx) - len(keep)
-        if protos and name in protos and len(keep):
-            proto, near = protos[name]
-            far = keep[np.asarray(emb[keep], np.float32) @ proto < near]  # unlike the class's own examples
-            ok[far] = False
-            unlike += len(far)
-            keep = np.flatnonzero(ok)
-        keep = keep[np.argsort(-s1[keep], kind="stable")]
+        rows = np.flatnonzero(owner == c)
+        rows = rows[np.lexsort((-sc.s1[rows], why[rows] == EXPANDED))]
         out: list[tuple[str, float]] = []
-        vecs = np.empty((min(per_class, len(keep)), text.shape[1]), np.float32)
-        for r in keep:
+        vecs = np.empty((min(per_class, len(rows)), emb.shape[1]), np.float32)
+        for r in rows:
             if len(out) >= per_class:
                 over += 1
                 continue
@@ -281,11 +365,128 @@ def _assign(index: SearchIndex, text: np.ndarray, classnames: list[str], bank: n
                 dup += 1  # a near-copy of an image already chosen: not a new example of anything
                 continue
             vecs[len(out)] = v
-            out.append((str(index.images_root / index.paths[r]), float(s1[r])))
+            out.append((str(index.images_root / index.paths[r]), float(sc.s1[r])))
         chosen[name] = out
-        # what the class turned down (the background, the floor or its margin cut), best first: the contact sheet
-        turned = np.flatnonzero(alive & (best == c) & ~ok)
-        rejected[name] = [(str(index.images_root / index.paths[r]), float(s1[r]))
-                          for r in turned[np.argsort(-s1[turned], kind="stable")][:8]]
-    reasons.update(margin=below, examples=unlike, duplicate=dup, quota=over)
-    return chosen, rejected, reasons, cuts
+        # what the class turned down (the background, the floor, its margin cut or its examples), best first
+        turned = np.flatnonzero((why > KEPT) & (why != EXPANDED) & (sc.best == c) & (owner < 0))
+        rejected[name] = [(str(index.images_root / index.paths[r]), float(sc.s1[r]))
+                          for r in turned[np.argsort(-sc.s1[turned], kind="stable")][:8]]
+        counts[name] = {"kept": len(out), "text": int(np.sum(why[rows] == KEPT)),
+                        "image_space": int(np.sum(why[rows] == EXPANDED)),
+                        "turned_down": int(len(turned)),
+                        "near_cut": int(np.sum(np.isin(why[turned], (MARGIN_RULE, EXAMPLES_RULE))))}
+    return chosen, rejected, counts, dup, over
+
+
+SEED_NEIGHBOURS = 5  # "seeds": a row's closeness to a class is its mean cosine to the class's 5 nearest seeds
+SEED_QUANTILE = 0.05  # ... and it joins when as close as all but 5 % of the seeds are to the others
+VOTE_K, VOTE_SHARE, VOTE_ROUNDS = 10, 0.3, 5  # "vote": 3 of its 10 nearest neighbours, the most of any class
+
+
+def expand_seeds(emb: np.ndarray, owner: np.ndarray, alive: np.ndarray, n_classes: int, how: str,
+                 examples: dict[int, np.ndarray] | None = None, best: np.ndarray | None = None) -> np.ndarray:
+    """The class each live row that the text rules turned down joins through the teacher's image space (-1: none),
+    from the rows they kept (``owner``) and the labelled ``examples`` (class → unit vectors) as seeds. ``split``:
+    among the rows whose best class is that class (``best``), those whose closeness to its seeds falls in the seeds'
+    group of Otsu's two-group split of the seeds' and the rows' closeness (one group: the rows join when they are as
+    close as all but :data:`SEED_QUANTILE` of the seeds are to the others). ``seeds``: a
+    per-class cut from the class's own seeds (closeness: mean cosine to the nearest :data:`SEED_NEIGHBOURS` seeds;
+    a row joins when it is as close as all but :data:`SEED_QUANTILE` of the seeds are to the others);
+    ``vote``: label propagation over the pool's nearest neighbours (a row joins the class that holds the most, and at
+    least :data:`VOTE_SHARE`, of its :data:`VOTE_K` neighbours; :data:`VOTE_ROUNDS` rounds, joined rows voting)."""
+    if how not in EXPAND:
+        raise ClipkdError(f"unknown expansion {how!r}: choose from {', '.join(EXPAND)}")
+    seeds = {c: np.asarray(emb[owner == c], np.float32) for c in range(n_classes)}
+    for c, v in (examples or {}).items():
+        seeds[c] = np.concatenate([seeds[c], np.asarray(v, np.float32)])
+    todo = np.flatnonzero(alive & (owner < 0))
+    joined = np.full(len(owner), -1, np.int64)
+    if not len(todo):
+        return joined
+    if how == "split":
+        joined[todo] = _seed_split(np.asarray(emb[todo], np.float32), seeds, best[todo])
+    elif how == "seeds":
+        joined[todo] = _seed_cut(np.asarray(emb[todo], np.float32), seeds)
+    elif how == "vote":
+        joined[todo] = _vote(emb, owner, alive, todo, examples or {})
+    return joined
+
+
+def _nearest_mean(q: np.ndarray, ref: np.ndarray, m: int, self_match: bool = False) -> np.ndarray:
+    """Each query's mean cosine to its ``m`` nearest rows of ``ref`` (``self_match``: the query's own row, its
+    nearest, left out)."""
+    out = np.empty(len(q), np.float32)
+    for start in range(0, len(q), 4096):
+        sims = q[start:start + 4096] @ ref.T
+        take = min(m + self_match, sims.shape[1])
+        top = -np.partition(-sims, take - 1, axis=1)[:, :take]
+        top = np.sort(top, axis=1)[:, self_match:] if self_match else top
+        out[start:start + len(top)] = top.mean(1)
+    return out
+
+
+def _self_closeness(v: np.ndarray) -> np.ndarray:
+    """Each seed's closeness to the others (a sample of 4,096 seeds at most)."""
+    sample = v if len(v) <= 4096 else v[np.random.default_rng(0).choice(len(v), 4096, replace=False)]
+    return _nearest_mean(sample, v, SEED_NEIGHBOURS, self_match=True)
+
+
+def _seed_split(q: np.ndarray, seeds: dict[int, np.ndarray], best: np.ndarray) -> np.ndarray:
+    """``split`` expansion: the class each query row joins (-1 none), among those its text puts first."""
+    out = np.full(len(q), -1, np.int64)
+    for c, v in seeds.items():
+        mine = np.flatnonzero(best == c)
+        if len(v) <= SEED_NEIGHBOURS or not len(mine):
+            continue
+        own, near = _self_closeness(v), _nearest_mean(q[mine], v, SEED_NEIGHBOURS)
+        cut, share = otsu(np.concatenate([own, near]))
+        if share < BIMODAL:  # one group: the rows are like the seeds, or all unlike them
+            cut = float(np.quantile(own, SEED_QUANTILE))
+        out[mine[near >= cut]] = c
+    return out
+
+
+def _seed_cut(q: np.ndarray, seeds: dict[int, np.ndarray]) -> np.ndarray:
+    """``seeds`` expansion: each query row's class (-1 none), the one it clears the cut of by the most."""
+    best, by = np.full(len(q), -1, np.int64), np.full(len(q), -np.inf, np.float32)
+    for c, v in seeds.items():
+        if len(v) <= SEED_NEIGHBOURS:  # too few seeds to tell how close a class's own images lie
+            continue
+        cut = float(np.quantile(_self_closeness(v), SEED_QUANTILE))
+        over = _nearest_mean(q, v, SEED_NEIGHBOURS) - cut
+        win = (over >= 0) & (over > by)
+        best[win], by[win] = c, over[win]
+    return best
+
+
+def _vote(emb: np.ndarray, owner: np.ndarray, alive: np.ndarray, todo: np.ndarray,
+          examples: dict[int, np.ndarray]) -> np.ndarray:
+    """``vote`` expansion: the class each ``todo`` row joins (-1 none) by kNN voting, rounds until nothing joins."""
+    live = np.flatnonzero(alive)
+    ref = [np.asarray(emb[live], np.float32)] + [np.asarray(v, np.float32) for v in examples.values()]
+    ref_label = np.concatenate([owner[live]] + [np.full(len(v), c) for c, v in examples.items()])
+    ref_row = np.concatenate([live, np.full(len(ref_label) - len(live), -1)])
+    ref = np.concatenate(ref)
+    nbr = np.empty((len(todo), VOTE_K), np.int64)
+    for start in range(0, len(todo), 4096):
+        part = todo[start:start + 4096]
+        sims = np.asarray(emb[part], np.float32) @ ref.T
+        sims[ref_row[None, :] == part[:, None]] = -np.inf  # not its own neighbour
+        nbr[start:start + len(part)] = np.argpartition(-sims, VOTE_K - 1, axis=1)[:, :VOTE_K]
+    label = ref_label.copy()
+    pos = np.searchsorted(live, todo)  # the todo rows' places among the live reference rows
+    out = np.full(len(todo), -1, np.int64)
+    for _ in range(VOTE_ROUNDS):
+        lab = label[nbr]
+        votes = np.stack([(lab == lab[:, [j]]) & (lab[:, [j]] >= 0) for j in range(VOTE_K)], 1).sum(2)
+        top = votes.argmax(1)
+        count = votes[np.arange(len(top)), top]
+        win = (out < 0) & (count >= VOTE_SHARE * VOTE_K) & (lab[np.arange(len(top)), top] >= 0)
+        # the most of any class: no other class as many votes
+        second = np.where(lab == lab[np.arange(len(top)), top][:, None], 0, votes).max(1)
+        win &= count > second
+        if not win.any():
+            break
+        out[win] = lab[np.arange(len(top)), top][win]
+        label[pos[win]] = out[win]
+    return out

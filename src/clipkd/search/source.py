@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ClipkdError
-from ..fileio import check_can_create
+from ..fileio import check_can_create, write_json
 from ..prompts import DEFAULT_TEMPLATES
 from .select import (
     BACKGROUND,
     DUPLICATE_COSINE,
     EXAMPLE_QUANTILE,
+    EXPAND_DEFAULT,
     Selection,
     check_selection,
     example_prototypes,
@@ -47,23 +48,26 @@ def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
                 background: Sequence[str] | str | Path | None = BACKGROUND, margin: float | None = None,
                 examples: str | Path | None = None, examples_store: str | Path | None = None,
                 split: str | Path | None = None, example_quantile: float = EXAMPLE_QUANTILE,
-                device: str | None = "auto", batch_size: int = 64,
+                expand: str = EXPAND_DEFAULT, device: str | None = "auto", batch_size: int = 64,
                 workers: int | None = None, progress: bool = True) -> SourcedPool:
     """Select training images for every class from an unlabelled ``pool`` (a folder, an image list, shards) with
     the ``teacher``'s judgement: ``out/index`` (the pool embedded once; re-running resumes), ``out/selected.csv``
     (at most ``per_class`` images per class, each image for one class, near-copies dropped) and
     ``out/selected.png`` (the contact sheet: per class its best and worst kept images and the best it turned
-    down). Class prompts: ``prompts`` (``clipkd prompts``), or ``classes`` (a folder or a class-name
-    file) with ``templates``. ``examples`` (with ``examples_store``, ``split``): labelled images of some classes
-    — the seen classes' training images and their store — that those classes' picks must resemble
-    (:func:`~clipkd.search.select.select_images`)."""
+    down) and ``out/summary.json`` (:meth:`~clipkd.search.select.Selection.summary`: per class how many it kept and
+    turned down, the short classes with why). Class prompts: ``prompts`` (``clipkd prompts``), or ``classes`` (a
+    folder or a class-name file) with ``templates``. ``examples`` (with ``examples_store``, ``split``): labelled
+    images of some classes — the seen classes' training images and their store — that those classes' picks must
+    resemble
+    (:func:`~clipkd.search.select.select_images`). ``expand``: how the teacher's image space finds the rest of a
+    class from its picks (:func:`~clipkd.search.select.expand_seeds`)."""
     from ..prompts import build_prompts, load_classnames, load_templates, read_prompts
     from .writers import build_index
 
     if (prompts is None) == (classes is None):
         raise ClipkdError("give exactly one of `prompts` or `classes`")
     background = check_selection(per_class, min_per_class, margin, background, examples, examples_store,
-                                 example_quantile)
+                                 example_quantile, expand)
     if prompts is None:
         prompts = build_prompts(load_classnames(classes), load_templates(templates))
     elif not isinstance(prompts, dict):
@@ -75,10 +79,12 @@ def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
                         progress=progress)
     selection = select_images(index, prompts, out / "selected.csv", per_class=per_class,  # the teacher loaded once
                               min_per_class=min_per_class, min_similarity=min_similarity, duplicate=duplicate,
-                              background=background, margin=margin, examples=examples, device=device)
+                              background=background, margin=margin, examples=examples, expand=expand,
+                              device=device)
     from ..evaluation.plots import plot_selection
 
     rows = {str(index.images_root / p): i for i, p in enumerate(index.paths)}
     png = plot_selection(selection.chosen, lambda p: index.open_image(rows[p]), out / "selected.png", shown=9,
                          rejected=selection.rejected)  # the contact sheet: best and worst kept, best rejected
+    write_json(out / "summary.json", selection.summary())
     return SourcedPool(index.root, index.root / "store", selection.out, png, selection)
