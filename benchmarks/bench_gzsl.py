@@ -546,7 +546,8 @@ def plot_selected(p: dict, path: Path) -> Path:
     ix = SearchIndex(src.index)
     rows = {str(ix.images_root / q): i for i, q in enumerate(ix.paths)}  # the selection names images as source does
     return plot_selection(src.selection.chosen, lambda q: ix.open_image(rows[q]), path, shown=9,
-                          rejected=src.selection.rejected, correct=lambda q, c: truth.get(q) == c)
+                          rejected=src.selection.rejected, correct=lambda q, c: truth.get(q) == c,
+                          counts=src.selection.counts)
 
 
 def _pool_share(p: dict, kind: str = "pool") -> float:

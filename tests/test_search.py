@@ -568,8 +568,39 @@ def test_expansion_finds_the_rest_of_a_class_the_text_turned_down_and_no_distrac
     voted, counted, reasons = picks("vote")
     assert all(truth[r] == 0 for r in voted) and len(voted) >= 95, (len(voted), sorted(truth[voted]))
     assert voted[:len(plain)] == plain and counted["image_space"] == len(voted) - len(plain)
+    clustered, counted, _ = picks("cluster")  # the parts of the image space's neighbour graph, decided whole
+    assert all(truth[r] == 0 for r in clustered) and len(clustered) >= 90, (len(clustered), sorted(truth[clustered]))
     with pytest.raises(ClipkdError, match="`expand` must be one of"):
         select_images(index, {"a": ["a"]}, Path("x.csv"), expand="bogus")
+
+
+def test_a_cluster_the_background_claims_part_of_is_rejected_whole():
+    """Lookalikes the class's prompt scores as high as its own images (60, one tight group in the image space), a
+    tenth of which lose to the background prompt: the text keeps the rest of them; the cluster rule rejects the
+    whole group and keeps the class's 50 real images."""
+    from types import SimpleNamespace
+
+    from clipkd.search.select import _assign
+
+    rng = np.random.default_rng(3)
+    d = 48
+    t0, t1, bg, look0, look1, fake = np.linalg.qr(rng.normal(size=(d, d)))[0][:6]
+
+    def draw(n, *parts):
+        x = sum(parts) + 0.3 * rng.normal(size=(n, d)) / np.sqrt(d)
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    emb = np.concatenate([draw(50, t0, 0.8 * look0), draw(30, t1, 0.8 * look1),
+                          draw(54, 0.5 * t0, 0.8 * fake, 0.4 * bg), draw(6, 0.4 * t0, 0.8 * fake, 0.5 * bg)])
+    index = SimpleNamespace(store=SimpleNamespace(embeddings=lambda: emb), live=np.ones(len(emb), bool),
+                            images_root=Path("/pool"), paths=[f"{i}.png" for i in range(len(emb))])
+    text, bank = np.stack([t0, t1]).astype(np.float32), bg[None].astype(np.float32)
+    plain = [int(p[6:-4]) for p, _ in _assign(index, text, ["a", "b"], bank, 500, -1.0, 0.999, margin=0.0)[0]["a"]]
+    assert sum(r >= 80 for r in plain) >= 40  # the text alone keeps the lookalikes
+    chosen, _, reasons, _, _ = _assign(index, text, ["a", "b"], bank, 500, -1.0, 0.999, margin=0.0, expand="cluster")
+    kept = [int(p[6:-4]) for p, _ in chosen["a"]]
+    # (a lookalike with no mutual neighbour is a cluster too small to decide: the text's verdict stands)
+    assert sum(r >= 50 for r in kept) <= 5 and sum(r < 50 for r in kept) >= 45 and reasons["cluster"] >= 40, reasons
 
 
 def test_source_with_examples_checks_them_before_work(teacher_spec, tiny_world, tmp_path, capsys):

@@ -139,12 +139,14 @@ def plot_search_grid(query: Any, query_title: str, hits: Sequence[dict], open_im
 
 def plot_selection(chosen: Mapping[str, Sequence[tuple[str, float]]], open_image: Callable[[str], Any],
                    path: str | Path, shown: int = 8, correct: Callable[[str, str], bool | None] | None = None,
-                   rejected: Mapping[str, Sequence[tuple[str, float]]] | None = None) -> Path:
+                   rejected: Mapping[str, Sequence[tuple[str, float]]] | None = None,
+                   counts: Mapping[str, Mapping[str, int]] | None = None) -> Path:
     """A contact sheet of what a teacher selected from a pool for each class prompt: one row per class. Without
     ``rejected``: its ``shown`` best images. With ``rejected`` (the best-scoring images the selection turned down
     for the class): its best kept, its worst kept and its best rejected, a third of ``shown`` each, so a user sees
     where the cut fell. Each cell: the similarity to the class's text. ``correct(path, class)``: where the truth is
-    known (a benchmark pool), a green or red frame."""
+    known (a benchmark pool), a green or red frame. ``counts`` (the selection's per-class counts): each row also says
+    how many the class kept (how many of them through the image space) and turned down near its cut."""
     classes = list(chosen)
     rows = max(1, len(classes))
     third = max(1, shown // 3)
@@ -154,7 +156,11 @@ def plot_selection(chosen: Mapping[str, Sequence[tuple[str, float]]], open_image
         ax.axis("off")
     for r, name in enumerate(classes):
         kept = list(chosen[name])
-        axes[r][0].text(1.0, 0.5, f"{name}\n({len(kept)})", ha="right", va="center", fontsize=7)
+        n = (counts or {}).get(name)
+        label = f"{name}\n({len(kept)})" if n is None else (
+            f"{name}\nkept {n['kept']}" + (f" ({n['image_space']} image)" if n.get("image_space") else "")
+            + f"\nnear cut {n['near_cut']}")
+        axes[r][0].text(1.0, 0.5, label, ha="right", va="center", fontsize=7)
         if rejected is None:
             cells = [(p, s, "") for p, s in kept[:shown]]
         else:

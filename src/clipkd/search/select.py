@@ -52,8 +52,8 @@ BACKGROUND = ("noise", "random noise", "static", "a blank image", "a texture", "
 # lookalikes: 0.86 at 0, 0.88 at 0.01, 0.94 at 0.05; the digit worlds 1.00 at any; benchmarks/results/
 # gzsl-pool-quantiles.md); each step up costs recall
 EXAMPLE_QUANTILE = 0.05
-EXPAND = ("none", "split", "seeds", "vote")  # how the image space finds the rest of a class (expand_seeds)
-EXPAND_DEFAULT = "none"
+EXPAND = ("none", "cluster", "split", "seeds", "vote")  # how the image space finds the rest of a class (expand_seeds)
+EXPAND_DEFAULT = "cluster"
 BIMODAL = 0.85  # a class's margins are two groups (its own cut) when Otsu's split explains this share of the variance
 
 
@@ -259,9 +259,9 @@ def example_prototypes(examples: str | Path, store: str | Path, classnames: Sequ
     return protos
 
 
-KEPT, BACKGROUND_RULE, FLOOR_RULE, MARGIN_RULE, EXAMPLES_RULE, EXPANDED = range(6)  # why a row is (not) kept
+KEPT, BACKGROUND_RULE, FLOOR_RULE, MARGIN_RULE, EXAMPLES_RULE, EXPANDED, CLUSTER_RULE = range(7)  # why (not) kept
 RULES = {BACKGROUND_RULE: "background", FLOOR_RULE: "min_similarity", MARGIN_RULE: "margin",
-         EXAMPLES_RULE: "examples"}
+         EXAMPLES_RULE: "examples", CLUSTER_RULE: "cluster"}
 CHUNK = 65_536  # rows scored at a time: memory flat in the pool
 
 
@@ -331,7 +331,11 @@ def _assign(index: SearchIndex, text: np.ndarray, classnames: list[str], bank: n
     alive = np.asarray(index.live[:len(emb)], bool)  # removed rows are not candidates
     why, cuts = _text_rules(emb, sc, alive, classnames, min_similarity, margin, protos)
     owner = np.where(why == KEPT, sc.best, -1)
-    if expand != "none":
+    if expand == "cluster":
+        joined = cluster_decisions(emb, why, sc.best, alive, classnames, protos)
+        owner[joined == -2], why[joined == -2] = -1, CLUSTER_RULE
+        owner[joined >= 0], why[joined >= 0] = joined[joined >= 0], EXPANDED
+    elif expand != "none":
         joined = expand_seeds(emb, owner, alive, len(classnames), expand, examples and {
             classnames.index(c): v for c, v in examples.items() if c in classnames}, sc.best)
         owner[joined >= 0], why[joined >= 0] = joined[joined >= 0], EXPANDED
@@ -490,3 +494,78 @@ def _vote(emb: np.ndarray, owner: np.ndarray, alive: np.ndarray, todo: np.ndarra
         out[win] = lab[np.arange(len(top)), top][win]
         label[pos[win]] = out[win]
     return out
+
+
+CLUSTER_K = 10  # "cluster": the pool's mutual 10-nearest-neighbour graph, its connected parts the clusters
+CLUSTER_BACKGROUND = 0.02  # a cluster is background when more than 2 % of it lost to the background bank
+CLUSTER_PURITY = 0.9  # ... and a class's when at least 90 % of it scores highest on that class's prompts
+CLUSTER_SEEDS = 0.2  # ... and the text kept at least a fifth of it
+CLUSTER_MIN = 5  # smaller clusters: their rows keep the text's verdict
+
+
+def cluster_decisions(emb: np.ndarray, why: np.ndarray, best: np.ndarray, alive: np.ndarray,
+                      classnames: list[str], protos: dict[str, tuple[np.ndarray, float]] | None = None,
+                      ) -> np.ndarray:
+    """Cluster-level decisions: the live rows split into the connected parts of their mutual
+    :data:`CLUSTER_K`-nearest-neighbour graph in the teacher's image space (images of one class sit together,
+    distractors elsewhere), and each part of at least :data:`CLUSTER_MIN` rows is decided whole: rejected when more
+    than :data:`CLUSTER_BACKGROUND` of it lost to the background bank or (for a class with examples) most of it lies
+    farther from the examples' mean than their cut; kept for a class when at least :data:`CLUSTER_PURITY` of it scores
+    highest on that class's prompts and the text rules kept at least :data:`CLUSTER_SEEDS` of it. Per row: the class
+    it joins, -2 when its cluster rejects a row the text kept, -1 when nothing changes."""
+    live = np.flatnonzero(alive)
+    out = np.full(len(why), -1, np.int64)
+    if len(live) <= CLUSTER_K:
+        return out
+    v = np.asarray(emb[live], np.float32)
+    part = _components(len(live), _mutual_knn(v, CLUSTER_K))
+    size = np.bincount(part)
+    for g in np.flatnonzero(size >= CLUSTER_MIN):
+        rows = live[part == g]
+        if np.mean(why[rows] == BACKGROUND_RULE) > CLUSTER_BACKGROUND:  # of the background, whatever its text says
+            out[rows[(why[rows] == KEPT)]] = -2
+            continue
+        votes = np.bincount(best[rows], minlength=len(classnames))
+        c = int(votes.argmax())
+        if votes[c] < CLUSTER_PURITY * len(rows):
+            continue
+        proto = (protos or {}).get(classnames[c])
+        if proto is not None and np.mean(np.asarray(emb[rows], np.float32) @ proto[0] < proto[1]) > 0.5:
+            out[rows[(why[rows] == KEPT)]] = -2  # unlike the class's examples
+        elif np.mean(why[rows] == KEPT) >= CLUSTER_SEEDS:
+            out[rows[(why[rows] != KEPT) | (best[rows] != c)]] = c
+    return out
+
+
+def _mutual_knn(v: np.ndarray, k: int) -> np.ndarray:
+    """The edges (pairs of row numbers) between rows each among the other's ``k`` nearest (exact, by cosine)."""
+    nbr = np.empty((len(v), k), np.int64)
+    for start in range(0, len(v), 4096):
+        sims = v[start:start + 4096] @ v.T
+        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf  # not its own neighbour
+        nbr[start:start + len(sims)] = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    a = np.repeat(np.arange(len(v)), k)
+    b = nbr.ravel()
+    key = np.minimum(a, b) * len(v) + np.maximum(a, b)
+    uniq, count = np.unique(key, return_counts=True)
+    both = uniq[count == 2]  # each of the pair lists the other
+    return np.stack([both // len(v), both % len(v)], 1)
+
+
+def _components(n: int, edges: np.ndarray) -> np.ndarray:
+    """Connected parts of a graph of ``n`` nodes: each node's part number (0, 1, ...)."""
+    parent = np.arange(n)
+    a, b = edges[:, 0], edges[:, 1]
+    while len(a):
+        ra, rb = parent[a], parent[b]
+        if np.array_equal(ra, rb):
+            break
+        lo = np.minimum(ra, rb)
+        np.minimum.at(parent, ra, lo)
+        np.minimum.at(parent, rb, lo)
+        while True:  # every node straight to its root
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                break
+            parent = up
+    return np.unique(parent, return_inverse=True)[1]

@@ -84,7 +84,8 @@ def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
     from ..evaluation.plots import plot_selection
 
     rows = {str(index.images_root / p): i for i, p in enumerate(index.paths)}
+    # the contact sheet: best and worst kept, best rejected, per class how many kept and turned down near the cut
     png = plot_selection(selection.chosen, lambda p: index.open_image(rows[p]), out / "selected.png", shown=9,
-                         rejected=selection.rejected)  # the contact sheet: best and worst kept, best rejected
+                         rejected=selection.rejected, counts=selection.counts)
     write_json(out / "summary.json", selection.summary())
     return SourcedPool(index.root, index.root / "store", selection.out, png, selection)
