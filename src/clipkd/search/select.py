@@ -15,7 +15,17 @@ images in the pool is otherwise filled with them. A quota per class (``per_class
 2× and 10× as many distractors as real images; ``benchmarks/results/gzsl-pool*.md``) the selection's precision is
 1.00 on the unseen classes at both; on the seen classes 0.84-0.99 from the prompts alone and 1.00 with examples; the
 top-k-per-prompt rule it replaced padded every class to its quota with distractors (0.62 / 0.64 on the unseen
-classes at 2×)."""
+classes at 2×).
+
+Text scores alone fail when a class's prompt scores some distractors as high as its own images (a web pool's
+lookalikes; ``make bench-gzsl``'s weak-prompt pools): the margin cut then turns real images away and the quota fills
+with the distractors. The teacher's *image* space knows better: a class's images sit together and distractors
+elsewhere. So by default (``expand="cluster"``, :func:`cluster_decisions`) the pool's mutual nearest-neighbour graph
+is split into its connected parts and each part is decided whole: one some of which lost to the background bank is
+background (its text picks dropped), one nearly all of whose images score highest on one class whose text picks are
+a fair share of it joins that class whole (the real images the cut turned away come back). Measured against the
+other candidates (a per-class cut from the class's own picks, kNN voting: :func:`expand_seeds`) on the benchmark's
+pools: ``benchmarks/results/gzsl-pool-weak*.md``."""
 
 from __future__ import annotations
 
