@@ -574,7 +574,7 @@ def test_expansion_finds_the_rest_of_a_class_the_text_turned_down_and_no_distrac
         select_images(index, {"a": ["a"]}, Path("x.csv"), expand="bogus")
 
 
-def test_a_cluster_the_background_claims_part_of_is_rejected_whole():
+def test_a_cluster_the_background_claims_part_of_is_rejected_whole(monkeypatch):
     """Lookalikes the class's prompt scores as high as its own images (60, one tight group in the image space), a
     tenth of which lose to the background prompt: the text keeps the rest of them; the cluster rule rejects the
     whole group and keeps the class's 50 real images."""
@@ -601,6 +601,16 @@ def test_a_cluster_the_background_claims_part_of_is_rejected_whole():
     kept = [int(p[6:-4]) for p, _ in chosen["a"]]
     # (a lookalike with no mutual neighbour is a cluster too small to decide: the text's verdict stands)
     assert sum(r >= 50 for r in kept) <= 5 and sum(r < 50 for r in kept) >= 45 and reasons["cluster"] >= 40, reasons
+
+    def search_vectors(q, k):  # a pool too large for exact neighbours asks its index (here: exact, row order kept)
+        sims = q @ emb.T
+        top = np.argsort(-sims, axis=1)[:, :k]
+        return np.take_along_axis(sims, top, 1), top
+
+    monkeypatch.setattr("clipkd.search.select.EXACT_ROWS", 0)
+    index.search_vectors = search_vectors
+    via = _assign(index, text, ["a", "b"], bank, 500, -1.0, 0.999, margin=0.0, expand="cluster")[0]
+    assert via == chosen
 
 
 def test_source_with_examples_checks_them_before_work(teacher_spec, tiny_world, tmp_path, capsys):

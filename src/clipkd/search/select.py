@@ -342,7 +342,7 @@ def _assign(index: SearchIndex, text: np.ndarray, classnames: list[str], bank: n
     why, cuts = _text_rules(emb, sc, alive, classnames, min_similarity, margin, protos)
     owner = np.where(why == KEPT, sc.best, -1)
     if expand == "cluster":
-        joined = cluster_decisions(emb, why, sc.best, alive, classnames, protos)
+        joined = cluster_decisions(emb, why, sc.best, alive, classnames, protos, getattr(index, "search_vectors", None))
         owner[joined == -2], why[joined == -2] = -1, CLUSTER_RULE
         owner[joined >= 0], why[joined >= 0] = joined[joined >= 0], EXPANDED
     elif expand != "none":
@@ -511,24 +511,26 @@ CLUSTER_BACKGROUND = 0.02  # a cluster is background when more than 2 % of it lo
 CLUSTER_PURITY = 0.9  # ... and a class's when at least 90 % of it scores highest on that class's prompts
 CLUSTER_SEEDS = 0.2  # ... and the text kept at least a fifth of it
 CLUSTER_MIN = 5  # smaller clusters: their rows keep the text's verdict
+EXACT_ROWS = 100_000  # pools up to this many live rows: exact neighbours; larger ones: the index's own search
 
 
 def cluster_decisions(emb: np.ndarray, why: np.ndarray, best: np.ndarray, alive: np.ndarray,
                       classnames: list[str], protos: dict[str, tuple[np.ndarray, float]] | None = None,
-                      ) -> np.ndarray:
+                      search: Any = None) -> np.ndarray:
     """Cluster-level decisions: the live rows split into the connected parts of their mutual
     :data:`CLUSTER_K`-nearest-neighbour graph in the teacher's image space (images of one class sit together,
     distractors elsewhere), and each part of at least :data:`CLUSTER_MIN` rows is decided whole: rejected when more
     than :data:`CLUSTER_BACKGROUND` of it lost to the background bank or (for a class with examples) most of it lies
     farther from the examples' mean than their cut; kept for a class when at least :data:`CLUSTER_PURITY` of it scores
     highest on that class's prompts and the text rules kept at least :data:`CLUSTER_SEEDS` of it. Per row: the class
-    it joins, -2 when its cluster rejects a row the text kept, -1 when nothing changes."""
+    it joins, -2 when its cluster rejects a row the text kept, -1 when nothing changes. Neighbours: exact up to
+    :data:`EXACT_ROWS` live rows, else through ``search`` (the pool index's own ``search_vectors``)."""
     live = np.flatnonzero(alive)
     out = np.full(len(why), -1, np.int64)
     if len(live) <= CLUSTER_K:
         return out
     v = np.asarray(emb[live], np.float32)
-    part = _components(len(live), _mutual_knn(v, CLUSTER_K))
+    part = _components(len(live), _mutual_knn(v, CLUSTER_K, None if len(live) <= EXACT_ROWS else search, live))
     size = np.bincount(part)
     for g in np.flatnonzero(size >= CLUSTER_MIN):
         rows = live[part == g]
@@ -547,15 +549,29 @@ def cluster_decisions(emb: np.ndarray, why: np.ndarray, best: np.ndarray, alive:
     return out
 
 
-def _mutual_knn(v: np.ndarray, k: int) -> np.ndarray:
-    """The edges (pairs of row numbers) between rows each among the other's ``k`` nearest (exact, by cosine)."""
-    nbr = np.empty((len(v), k), np.int64)
+def _mutual_knn(v: np.ndarray, k: int, search: Any = None, rows: np.ndarray | None = None) -> np.ndarray:
+    """The edges (pairs of positions in ``v``) between rows each among the other's ``k`` nearest by cosine: exact,
+    or with ``search`` (queries, k) → (scores, index rows), whose rows ``rows`` maps to positions."""
+    nbr = np.full((len(v), k), -1, np.int64)
+    pos = None
+    if search is not None:
+        pos = np.full(int(rows.max()) + 1, -1, np.int64)
+        pos[rows] = np.arange(len(rows))
     for start in range(0, len(v), 4096):
-        sims = v[start:start + 4096] @ v.T
-        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf  # not its own neighbour
-        nbr[start:start + len(sims)] = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        q = v[start:start + 4096]
+        if pos is None:
+            sims = q @ v.T
+            sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf  # not its own neighbour
+            nbr[start:start + len(q)] = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        else:
+            found = search(q, k + 1)[1]
+            found = np.where((found >= 0) & (found < len(pos)), pos[found.clip(0, len(pos) - 1)], -1)
+            for i, f in enumerate(found):
+                f = f[(f >= 0) & (f != start + i)][:k]
+                nbr[start + i, :len(f)] = f
     a = np.repeat(np.arange(len(v)), k)
     b = nbr.ravel()
+    a, b = a[b >= 0], b[b >= 0]
     key = np.minimum(a, b) * len(v) + np.maximum(a, b)
     uniq, count = np.unique(key, return_counts=True)
     both = uniq[count == 2]  # each of the pair lists the other
