@@ -86,6 +86,8 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     # a random sample of the same pool of the selection's size, and the oracle pool above.
     "embed_select": ({"terms": {"embed": 1.0}, "mix": "none"}, {"extra_images": "select"}, False),
     "embed_random": ({"terms": {"embed": 1.0}, "mix": "none"}, {"extra_images": "random"}, False),
+    # the selection from the text alone (no cluster decisions: the rule before issue 46)
+    "embed_select_text": ({"terms": {"embed": 1.0}, "mix": "none"}, {"extra_images": "select_text"}, False),
     # the oracle of the selection's size (issue 36): from the same uncurated pool, per class as many of the class's
     # own images as the selection gave it — what a perfect selection of that size would train on
     "embed_truth": ({"terms": {"embed": 1.0}, "mix": "none"}, {"extra_images": "truth"}, False),
@@ -461,6 +463,8 @@ def extra_pool(p: dict, kind: str) -> tuple[Path, Path]:
     src = sourced(p)
     if kind == "select":
         return src.selected, src.store
+    if kind == "select_text":  # the selection without the image space's decisions (expand none)
+        return selection(p, EXAMPLE_QUANTILE, "none").out, src.store
     out = src.index.parent / f"{kind}.csv"
     if not out.is_file():
         import random
@@ -614,7 +618,7 @@ def _cost(method: str, p: dict, epochs: int) -> float:
     extra, once = kwargs.get("extra_images"), 0.0
     share = _pool_share(p, extra) if extra else 0.0
     fs = fs * (1 + share)  # the pool's images are trained on too (targets: a store's, or their views')
-    if extra in ("select", "random", "truth", "oracle_all"):  # the teacher pass over the uncurated pool (the index)
+    if extra in ("select", "select_text", "random", "truth", "oracle_all"):  # the teacher pass over the pool (index)
         from clipkd.data.datasets import load_labelled
 
         n_train = len(load_labelled(p["world"] / "train").paths) - len(load_labelled(unseen_pool(p)).paths)
@@ -728,8 +732,8 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
         ran = [m for m in raw[world] if m != "teacher"]
-        if a.selection_only or any(METHODS[m][1].get("extra_images") in ("select", "random", "truth", "oracle_all")
-                                   for m in ran):
+        if a.selection_only or any(METHODS[m][1].get("extra_images") in ("select", "select_text", "random", "truth",
+                                                                          "oracle_all") for m in ran):
             for q in (None, *sorted({EXAMPLE_QUANTILE, *a.example_quantiles})):
                 sel = selection_precision(p, q)
                 key = ("selection" if q == EXAMPLE_QUANTILE else "selection_text_only" if q is None else
@@ -757,7 +761,8 @@ def main() -> None:
                           for what, m in (("the oracle of the same size", same), ("a random pool of the same size",
                                                                                      rand), ("the whole oracle pool",
                                                                                              oracle),
-                                                   ("every real image of the pool", every)) if m in h]
+                                                   ("every real image of the pool", every),
+                                                   ("the text's selection alone", f"{selected}_text")) if m in h]
                 gains.append("; ".join(parts))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
