@@ -57,6 +57,23 @@ class RetrievalResult:
         return write_json(out, self.to_dict())
 
 
+def _image_image(result: RetrievalResult, emb: Any, paths: list[str], labelled: tuple, max_queries: int,
+                 grid: str | Path | None, root: Path) -> None:
+    """Image→image metrics of labelled images into ``result`` (at most ``max_queries`` queries), and the grid."""
+    labels, names = labelled
+    rng = np.random.default_rng(0)
+    queries = np.sort(rng.choice(len(paths), max_queries, replace=False)) if len(paths) > max_queries else None
+    result.n_labels = len(names)
+    if max(np.bincount(labels)) < 2:
+        log.warning("no label has two images; image→image metrics left out")
+    else:
+        result.metrics.update(image_image_metrics(emb, labels, queries=queries))
+    if grid is not None and "i2i_map@10" in result.metrics:
+        from .plots import plot_retrieval_grid
+
+        plot_retrieval_grid(emb, paths, labels, lambda p: load_rgb(root / p), grid)
+
+
 def evaluate_retrieval(
     model: str | Path,
     images: str | Path,
@@ -89,7 +106,6 @@ def evaluate_retrieval(
     if captions is not None and not clip.has_text:  # a distilled student or an exported image tower
         raise ClipkdError(f"{model} is an image model without a text tower: text↔image recall needs a CLIP, or its "
                           "teacher's text tower (`text_model`); drop `captions` for image→image metrics")
-    spec = clip.spec
     source = _retrieval_source(images, captions)
     dataset = ImageDataset(source.root, sorted(source.pairs), clip.preprocess, opener=source.opener)
     enc = encode_dataset(clip.encode_image, dataset, batch_size, workers, progress, desc="embed images")
@@ -97,30 +113,14 @@ def evaluate_retrieval(
     paths = [dataset.paths[i] for i in enc.index]
     if out is not None and grid is None:
         grid = Path(out).with_suffix(".png")
-    result = RetrievalResult(spec, str(images), len(paths), len(skipped))
+    result = RetrievalResult(clip.spec, str(images), len(paths), len(skipped))
     if captions is not None:
-        texts, owner = [], []
-        for j, p in enumerate(paths):
-            for c in source.pairs[p]:
-                texts.append(c)
-                owner.append(j)
-        txt = clip.encode_text(texts)
+        texts = [(j, c) for j, p in enumerate(paths) for c in source.pairs[p]]  # each caption and its image
         result.n_texts = len(texts)
-        result.metrics.update(text_image_recall(emb, txt, owner))
+        result.metrics.update(text_image_recall(emb, clip.encode_text([c for _, c in texts]), [j for j, _ in texts]))
     labelled = _labels(source, paths)
     if labelled is not None:
-        labels, names = labelled
-        rng = np.random.default_rng(0)
-        queries = np.sort(rng.choice(len(paths), max_queries, replace=False)) if len(paths) > max_queries else None
-        result.n_labels = len(names)
-        if max(np.bincount(labels)) < 2:
-            log.warning("no label has two images; image→image metrics left out")
-        else:
-            result.metrics.update(image_image_metrics(emb, labels, queries=queries))
-        if grid is not None and "i2i_map@10" in result.metrics:
-            from .plots import plot_retrieval_grid
-
-            plot_retrieval_grid(emb, paths, labels, lambda p: load_rgb(dataset.root / p), grid)
+        _image_image(result, emb, paths, labelled, max_queries, grid, dataset.root)
     if out is not None:
         result.save(out)
     return result

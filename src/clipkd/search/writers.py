@@ -237,6 +237,19 @@ def _append_labels(root: Path, source: Source) -> None:
     write_text(root / "labels.tsv", "".join(f"{p}\t{lab}\n" for p, lab in have.items()))
 
 
+def _index_encoder(out: Path, existing: dict | None, encoder: Encoder | None, model: str | Path,
+                   text_model: str | Path | None, device: str | None, precision: str) -> Encoder:
+    """The encoder given or loaded, checked against the index already at ``out`` (one model per index)."""
+    if encoder is None:
+        from .encoder import load_encoder
+
+        encoder = load_encoder(model, text_model, device, precision)
+    if existing is not None and existing.get("identity") != encoder.identity:
+        raise ClipkdError(f"{out} holds an index built by '{existing.get('identity')}', not '{encoder.identity}'; "
+                          "use another `out`")
+    return encoder
+
+
 def build_index(model: str | Path, images: str | Path, out: str | Path, kind: str = "auto",
                 text_model: str | Path | None = None, device: str | None = "auto", batch_size: int = 64,
                 workers: int | None = None, progress: bool = True, encoder: Encoder | None = None,
@@ -271,14 +284,7 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
                               "add images with `clipkd index add`, or build into another `out`")
         root = _collection_root(out, existing, images_root, source.root)
         source = source.under(root)
-        if encoder is None:
-            from .encoder import load_encoder
-
-            encoder = load_encoder(model, text_model, device, precision)
-        enc = encoder
-        if existing is not None and existing.get("identity") != enc.identity:
-            raise ClipkdError(f"{out} holds an index built by '{existing.get('identity')}', not '{enc.identity}'; "
-                              "use another `out`")
+        enc = _index_encoder(out, existing, encoder, model, text_model, device, precision)
         budget = budget or (existing or {}).get("max_memory")
         milvus_at = _milvus_target(out, existing, backend, uri, collection)
         _check_target(kind, len(source.paths) + int((existing or {}).get("rows", 0)), enc, budget, milvus_at)
