@@ -110,6 +110,15 @@ bench-gzsl: $(STAMP)
 	  --example-quantiles 0 0.01 0.1 0.2 --out results/gzsl-pool-quantiles.md
 	cd benchmarks && ../$(BIN)/python bench_gzsl.py --worlds digits digits-colour --selection-only --pool-distractors 10 \
 	  --example-quantiles 0 0.01 0.1 0.2 --out results/gzsl-pool-quantiles-x10.md
+	for w in digits digits-colour; do cd benchmarks && ../$(BIN)/python bench_gzsl.py --worlds $$w --seeds 0 --methods \
+	  embed embed_select embed_select_text embed_oracle_all cutmix_fm_select cutmix_fm_oracle_all --all-seeds-for \
+	  --pool-kind weak --pool-seen-share 1 --expand none --out results/gzsl-pool-weak-$$w.md && cd .. || exit 1; done
+	cd benchmarks && ../$(BIN)/python bench_gzsl.py --worlds digits digits-colour --selection-only \
+	  --out results/gzsl-pool-expand.md
+	cd benchmarks && ../$(BIN)/python bench_gzsl.py --worlds digits digits-colour --selection-only --pool-distractors 10 \
+	  --out results/gzsl-pool-expand-x10.md
+	cd benchmarks && ../$(BIN)/python bench_gzsl.py --worlds digits --selection-only --pool-kind weak --pool-seen-share 1 \
+	  --pool-distractors 10 --out results/gzsl-pool-weak-x10.md
 
 # Retrieval students x worlds: which student to ship for image search (digits, digits-colour and the demo world; the
 # demo world reuses runs/demo and the retrieval demo's store of views when make demo has run). SEEDS="0 1 2" for spread.
