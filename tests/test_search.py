@@ -607,7 +607,7 @@ def test_a_cluster_the_background_claims_part_of_is_rejected_whole(monkeypatch):
         top = np.argsort(-sims, axis=1)[:, :k]
         return np.take_along_axis(sims, top, 1), top
 
-    monkeypatch.setattr("clipkd.search.select.EXACT_ROWS", 0)
+    monkeypatch.setattr("clipkd.search.expand.EXACT_ROWS", 0)
     index.search_vectors = search_vectors
     via = _assign(index, text, ["a", "b"], bank, 500, -1.0, 0.999, margin=0.0, expand="cluster")[0]
     assert via == chosen
