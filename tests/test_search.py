@@ -534,28 +534,37 @@ def test_examples_reject_what_the_prompts_cannot_tell_from_the_class():
     assert len(chosen["b"]) == 40 and reasons["examples"] >= 60
 
 
+def _directions(seed: int, noise: float, d: int = 48):
+    """Six orthonormal directions of a d-dim embedding space and a sampler of unit vectors around sums of them."""
+    rng = np.random.default_rng(seed)
+
+    def draw(n, *parts):
+        x = sum(parts) + noise * rng.normal(size=(n, d)) / np.sqrt(d)
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    return np.linalg.qr(rng.normal(size=(d, d)))[0][:6], draw
+
+
+def _pool_of(emb: np.ndarray):
+    """A stand-in for a pool's index over ``emb`` (every row live, row i at /pool/i.png)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(store=SimpleNamespace(embeddings=lambda: emb), live=np.ones(len(emb), bool),
+                           images_root=Path("/pool"), paths=[f"{i}.png" for i in range(len(emb))])
+
+
 def test_expansion_finds_the_rest_of_a_class_the_text_turned_down_and_no_distractor():
     """A class whose prompt scores most of its own images no higher than 180 distractors (both below the floor the
     prompt's cut sets): the text keeps 39 of its 100 images; voting over the image space's neighbours from those
     finds the other 61 and no distractor (which lie elsewhere in the image space, some half-way), counts them apart,
     and keeps the text's picks first; an unknown expansion is one line."""
-    from types import SimpleNamespace
-
     from clipkd.search.select import _assign, select_images
 
-    rng = np.random.default_rng(2)
-    d = 48
-    t0, t1, look0, look1, far, half = np.linalg.qr(rng.normal(size=(d, d)))[0][:6]
-
-    def draw(n, *parts):
-        x = sum(parts) + 0.45 * rng.normal(size=(n, d)) / np.sqrt(d)
-        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
+    (t0, t1, look0, look1, far, half), draw = _directions(2, 0.45)
     emb = np.concatenate([draw(40, t0, 0.8 * look0), draw(60, 0.5 * t0, 0.8 * look0), draw(40, t1, 0.8 * look1),
                           draw(120, 0.5 * t0, 0.8 * far), draw(60, 0.5 * t0, 0.5 * look0, 0.8 * half)])
     truth = np.r_[np.zeros(100), np.ones(40), -np.ones(180)]
-    index = SimpleNamespace(store=SimpleNamespace(embeddings=lambda: emb), live=np.ones(len(emb), bool),
-                            images_root=Path("/pool"), paths=[f"{i}.png" for i in range(len(emb))])
+    index = _pool_of(emb)
     text = np.stack([t0, t1]).astype(np.float32)
 
     def picks(expand):
@@ -578,22 +587,12 @@ def test_a_cluster_the_background_claims_part_of_is_rejected_whole(monkeypatch):
     """Lookalikes the class's prompt scores as high as its own images (60, one tight group in the image space), a
     tenth of which lose to the background prompt: the text keeps the rest of them; the cluster rule rejects the
     whole group and keeps the class's 50 real images."""
-    from types import SimpleNamespace
-
     from clipkd.search.select import _assign
 
-    rng = np.random.default_rng(3)
-    d = 48
-    t0, t1, bg, look0, look1, fake = np.linalg.qr(rng.normal(size=(d, d)))[0][:6]
-
-    def draw(n, *parts):
-        x = sum(parts) + 0.3 * rng.normal(size=(n, d)) / np.sqrt(d)
-        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
+    (t0, t1, bg, look0, look1, fake), draw = _directions(3, 0.3)
     emb = np.concatenate([draw(50, t0, 0.8 * look0), draw(30, t1, 0.8 * look1),
                           draw(54, 0.5 * t0, 0.8 * fake, 0.4 * bg), draw(6, 0.4 * t0, 0.8 * fake, 0.5 * bg)])
-    index = SimpleNamespace(store=SimpleNamespace(embeddings=lambda: emb), live=np.ones(len(emb), bool),
-                            images_root=Path("/pool"), paths=[f"{i}.png" for i in range(len(emb))])
+    index = _pool_of(emb)
     text, bank = np.stack([t0, t1]).astype(np.float32), bg[None].astype(np.float32)
     plain = [int(p[6:-4]) for p, _ in _assign(index, text, ["a", "b"], bank, 500, -1.0, 0.999, margin=0.0)[0]["a"]]
     assert sum(r >= 80 for r in plain) >= 40  # the text alone keeps the lookalikes

@@ -47,8 +47,8 @@ def expand_seeds(emb: np.ndarray, owner: np.ndarray, alive: np.ndarray, n_classe
     a row joins when it is as close as all but :data:`SEED_QUANTILE` of the seeds are to the others);
     ``vote``: label propagation over the pool's nearest neighbours (a row joins the class that holds the most, and at
     least :data:`VOTE_SHARE`, of its :data:`VOTE_K` neighbours; :data:`VOTE_ROUNDS` rounds, joined rows voting)."""
-    if how not in EXPAND:
-        raise ClipkdError(f"unknown expansion {how!r}: choose from {', '.join(EXPAND)}")
+    if how not in ("split", "seeds", "vote"):  # "cluster" is cluster_decisions (it also drops rows); "none": nothing
+        raise ClipkdError(f"expand_seeds runs split, seeds or vote, not {how!r}")
     seeds = {c: np.asarray(emb[owner == c], np.float32) for c in range(n_classes)}
     for c, v in (examples or {}).items():
         seeds[c] = np.concatenate([seeds[c], np.asarray(v, np.float32)])
