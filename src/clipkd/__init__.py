@@ -63,10 +63,12 @@ _API: dict[str, str] = {
     "image_cost": ".models",
     "image_costs": ".models",
     # export, search and serving
-    "export_model": ".export", "ExportResult": ".export", "SearchIndex": ".search.index",
+    "export_model": ".export", "ExportResult": ".export", "ExportConfig": ".export", "SearchIndex": ".search.index",
+    "IndexConfig": ".search.planning",
     "build_index": ".search.writers", "add_to_index": ".search.writers", "remove_from_index": ".search.writers",
     "compact_index": ".search.writers", "append_store": ".search.writers",
     "select_images": ".search.select", "source_pool": ".search.source", "SourcedPool": ".search.source",
+    "SourceConfig": ".search.source",
     "serve": ".search.service",
     "check_out_dir": ".fileio",
     "run_demo": ".demo",

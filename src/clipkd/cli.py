@@ -52,6 +52,13 @@ def _kwargs(fn: Callable, a: argparse.Namespace, **fixed: Any) -> dict[str, Any]
     return {k: v for k, v in vars(a).items() if k in names} | fixed
 
 
+def _settings(cls: Any, a: argparse.Namespace) -> Any:
+    """A settings dataclass (``IndexConfig``, ``ExportConfig``, ``SourceConfig``) of the flags given: the fields
+    not given keep the dataclass's defaults."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in vars(a).items() if k in names})
+
+
 def _given_only(parser: argparse.ArgumentParser) -> None:
     """Every optional flag of ``parser`` and its sub-parsers is absent from the namespace unless given
     (``argparse.SUPPRESS``), so that the API's defaults hold, stated once."""
@@ -65,7 +72,9 @@ def _given_only(parser: argparse.ArgumentParser) -> None:
 
 def _device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (GPU if present), cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
+    from .distributed import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="auto = fp16 autocast on GPU, fp32 on CPU (half precision is refused on CPU)")
 
 
@@ -104,7 +113,7 @@ def _trainer_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
-    from .training.distill import TrainConfig
+    from .training.distill import AUGMENTS, TrainConfig
 
     d = TrainConfig()
     p.add_argument("--config", help="recipe JSON with any TrainConfig fields, or the name of a shipped recipe "
@@ -115,7 +124,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help=f"peak AdamW learning rate, warmup then cosine (default {d.lr})")
     p.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
     p.add_argument("--image-size", type=int, help="student input size (default: the teacher's)")
-    p.add_argument("--augment", choices=["none", "flip", "crop"], help=f"default {d.augment}")
+    p.add_argument("--augment", choices=AUGMENTS, help=f"default {d.augment}")
     p.add_argument("--pretrained", nargs="?", const=True, metavar="FILE",
                    help="start from ImageNet weights: timm's hub weights, or a local weights file for the "
                    "architecture (.pth/.safetensors; works offline)")
@@ -198,9 +207,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def _args_index(sub: Any) -> None:
-    from .search.writers import build_index
+    from .search.planning import BACKENDS, KINDS, IndexConfig
 
-    batch = f"images per forward pass (default {_default(build_index, 'batch_size')})"
+    batch = f"images per forward pass (default {_default(IndexConfig, 'batch_size')})"
     p = sub.add_parser("index", help="a FAISS search index over an image collection (build, add, remove, "
                        "compact)")
     isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
@@ -210,12 +219,12 @@ def _args_index(sub: Any) -> None:
     q.add_argument("--images", required=True, help="image folder (class sub-folders become labels), path,label list, "
                    "or Chinese-CLIP *_imgs.tsv")
     q.add_argument("--out", required=True, help="index folder; re-running resumes an interrupted build")
-    q.add_argument("--kind", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"],
+    q.add_argument("--kind", choices=KINDS,
                    help="auto (default): exact up to 30k images, HNSW while it fits --max-memory, IVF-PQ (re-ranked "
                    "from the store) beyond; its recall@10 is measured and shown")
     q.add_argument("--max-memory", metavar="SIZE", help="memory the index may take while built (4G, 512M; default "
                    "half this machine's): the store is streamed, the kind chosen to fit")
-    q.add_argument("--backend", choices=["faiss", "milvus"], help="where the vectors live: faiss (default: a file in "
+    q.add_argument("--backend", choices=BACKENDS, help="where the vectors live: faiss (default: a file in "
                    "the index folder) or milvus (a collection at --uri)")
     q.add_argument("--uri", help="with --backend milvus: a Milvus Lite file (index.db) or a server (http://host:19530)")
     q.add_argument("--collection", help="with --backend milvus: the collection (default: the index folder's name)")
@@ -244,6 +253,7 @@ def _args_index(sub: Any) -> None:
 
 @command("index", _args_index)
 def _index(a: argparse.Namespace) -> None:
+    from .search.planning import IndexConfig
     from .search.writers import add_to_index, build_index, compact_index, remove_from_index
 
     if a.index_command == "remove":
@@ -251,7 +261,7 @@ def _index(a: argparse.Namespace) -> None:
         print(f"removed {n} image(s) from {a.index}")
         return
     if a.index_command == "build":
-        idx = build_index(**_kwargs(build_index, a))
+        idx = build_index(**_kwargs(build_index, a, cfg=_settings(IndexConfig, a)))
     elif a.index_command == "compact":
         idx = compact_index(a.index, getattr(a, "max_memory", None))
     else:
@@ -384,9 +394,9 @@ def _select(a: argparse.Namespace) -> None:
 
 
 def _args_source(sub: Any) -> None:
-    from .search.source import source_pool
+    from .search.source import SourceConfig
 
-    d = lambda name: _default(source_pool, name)  # noqa: E731
+    d = lambda name: _default(SourceConfig, name)  # noqa: E731
     p = sub.add_parser("source", help="the first seed's step 1: the teacher selects training images for every class "
                        "prompt (seen and unseen) from an unlabelled pool, for distill --extra-images")
     p.add_argument("--teacher", required=True, help="teacher spec or clip-train run (it embeds the pool once)")
@@ -405,9 +415,9 @@ def _args_source(sub: Any) -> None:
 
 @command("source", _args_source)
 def _source(a: argparse.Namespace) -> None:
-    from .search.source import source_pool
+    from .search.source import SourceConfig, source_pool
 
-    r = source_pool(**_kwargs(source_pool, a))
+    r = source_pool(**_kwargs(source_pool, a, cfg=_settings(SourceConfig, a)))
     total = sum(len(v) for v in r.selection.chosen.values())
     print(f"{total} images for {len(r.selection.chosen)} classes -> {r.selected} (what each class got: {r.png}; "
           f"per class kept and turned down: {r.selected.parent / 'summary.json'})")
@@ -660,6 +670,7 @@ def _download(a: argparse.Namespace) -> None:
 
 def _args_distill(sub: Any) -> None:
     from .students.losses import DISTILL_TERMS, EMBEDDING_LOSSES
+    from .training.distill import MIX_MODES, MIXES
 
     p = sub.add_parser("distill", help="train a timm student to mimic the teacher's image embeddings")
     p.add_argument("--images", required=True, help="ImageFolder of training images")
@@ -677,12 +688,12 @@ def _args_distill(sub: Any) -> None:
     p.add_argument("--vocab", help="more text embeddings (embed-text of e.g. a generic noun list) widening the "
                    "vocab term's vocabulary beyond the class names of --text")
     p.add_argument("--vocab-scale", type=float, help="temperature of the vocab term (default: --logit-scale)")
-    p.add_argument("--mix", choices=["auto", "none", "mixup", "cutmix"],
+    p.add_argument("--mix", choices=MIXES,
                    help="mix training images; the online --teacher embeds each mixed image (clipkd's GZSL method). "
                    "auto (default): cutmix with --teacher, none with --store")
     p.add_argument("--mix-alpha", type=float, help="Beta(alpha, alpha) of the mixing ratio (default 1)")
     p.add_argument("--mix-prob", type=float, help="fraction of images (or batches) mixed (default 1)")
-    p.add_argument("--mix-mode", choices=["elem", "batch"], help="elem (default): a CutMix box and ratio per image; "
+    p.add_argument("--mix-mode", choices=MIX_MODES, help="elem (default): a CutMix box and ratio per image; "
                    "batch: one per batch")
     p.add_argument("--views", type=_views, help="K > 0: draw K views per image (the image, then K-1 flipped and mixed "
                    "ones), embed each once with --teacher into OUT/views, train on one view per image per epoch "
@@ -810,9 +821,10 @@ def _convert_weights(a: argparse.Namespace) -> None:
 
 
 def _args_export(sub: Any) -> None:
-    from .export import export_model
+    from .export import ExportConfig
+    from .export.common import TOWERS
 
-    d = lambda name: f"default {_default(export_model, name)}"  # noqa: E731
+    d = lambda name: f"default {_default(ExportConfig, name)}"  # noqa: E731
     p = sub.add_parser("export", help="a model as a self-describing ONNX file (fp32 or INT8) or TensorRT engine")
     p.add_argument("--model", required=True, help="student run folder / student.pt, clip-train run, or teacher spec "
                    "(its image tower)")
@@ -827,7 +839,7 @@ def _args_export(sub: Any) -> None:
     p.add_argument("--int8", action="store_true", help="INT8 post-training static quantization (QDQ, per-channel)")
     p.add_argument("--calib", help="calibration images for --int8 (folder or list; at least 16)")
     p.add_argument("--calib-count", type=_count, help=f"calibration images used ({d('calib_count')})")
-    p.add_argument("--tower", choices=["image", "text"],
+    p.add_argument("--tower", choices=TOWERS,
                    help=f"{d('tower')}; text: a CLIP's text tower (open_clip models; embed-text and --text-model "
                    "take the file)")
     p.add_argument("--text", help="timm/open_clip folders: the zero-shot head (class text embeddings from embed-text "
@@ -841,9 +853,9 @@ def _args_export(sub: Any) -> None:
 
 @command("export", _args_export)
 def _export(a: argparse.Namespace) -> None:
-    from .export import export_model
+    from .export import ExportConfig, export_model
 
-    r = export_model(**_kwargs(export_model, a))
+    r = export_model(**_kwargs(export_model, a, cfg=_settings(ExportConfig, a)))
     texts = getattr(a, "tower", "image") == "text"
     if r.format in ("timm", "open_clip"):
         print(f"{r.path}/ ({r.format} folder, {r.size_bytes / 1e6:.1f} MB): reloaded by {r.format} alone, cosine to "
@@ -856,7 +868,7 @@ def _export(a: argparse.Namespace) -> None:
 
 
 def _args_dataset(sub: Any) -> None:
-    from .data.digits import DigitsConfig
+    from .data.digits import WORLDS, DigitsConfig
 
     d = lambda name: f"default {_default(DigitsConfig, name)}"  # noqa: E731
     p = sub.add_parser("dataset", help="real datasets -> clipkd inputs (image lists, split files)")
@@ -867,7 +879,7 @@ def _args_dataset(sub: Any) -> None:
                    "paths are re-rooted onto it)")
     q.add_argument("--out", required=True, help="folder for trainval/test_seen/test_unseen/test .csv, split.json")
     q = dsub.add_parser("digits", help="real-image GZSL worlds from scikit-learn's handwritten digits (offline)")
-    q.add_argument("--kind", choices=["digits", "digits-colour"],
+    q.add_argument("--kind", choices=WORLDS,
                    help="digits: 10 classes, --unseen held out; digits-colour: 40 ink×digit classes, one ink per "
                    f"digit held out ({d('kind')})")
     q.add_argument("--unseen", type=int, help=f"unseen digits (kind digits; {d('unseen')})")

@@ -176,6 +176,7 @@ def _native_stderr_held() -> Iterator[list[str]]:
             written.append(held.read())
 
 
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # what a device may compute in (auto: fp16 on GPU, fp32 on CPU)
 RANK_WAIT_S = 120.0  # how long ranks wait for each other to start (CLIPKD_RANK_WAIT; 0: no check)
 
 

@@ -2,6 +2,6 @@
 quantization), TensorRT engines where a CUDA GPU and ``tensorrt`` are present."""
 
 from .api import export_model
-from .common import ExportResult
+from .common import ExportConfig, ExportResult
 
-__all__ = ["ExportResult", "export_model"]
+__all__ = ["ExportConfig", "ExportResult", "export_model"]

@@ -19,6 +19,30 @@ log = logging.getLogger(__name__)
 PARITY_MIN = 0.9999
 FORMATS = ("onnx", "tensorrt", "timm", "open_clip")  # the last two: folders (:mod:`.folder`)
 FOLDER_FORMATS = ("timm", "open_clip")
+TOWERS = ("image", "text")  # which tower of a CLIP an ONNX export holds
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How :func:`~clipkd.export.export_model` exports (everything apart from the model and ``out``).
+
+    ``format``: one of :data:`FORMATS`; ``images`` / ``samples``: the parity check's images (default: a student
+    run's training images); ``int8`` with ``calib`` / ``calib_count``: post-training static quantization;
+    ``fp16``: a TensorRT engine's precision; ``tower``: ``image``, or ``text`` (a CLIP's text tower, fp32 ONNX);
+    ``text`` / ``results`` / ``license`` / ``push_to_hub``: what a timm or open_clip folder carries."""
+
+    format: str = "onnx"
+    images: str | Path | None = None
+    samples: int = 16
+    int8: bool = False
+    calib: str | Path | None = None
+    calib_count: int = 128
+    fp16: bool = True
+    tower: str = "image"
+    text: str | Path | None = None
+    results: str | Path | None = None
+    license: str = "other"
+    push_to_hub: str | None = None
 
 
 @dataclass

@@ -28,7 +28,7 @@ from ..errors import ClipkdError, first_line
 from ..fileio import check_out_file
 from ..onnxfile import TOKENIZER_KEY
 from ..students.onnx import save_onnx_atomic, set_metadata, student_metadata
-from .common import PARITY_MIN, ExportResult, batch_images, default_images, portable_name, sample_images
+from .common import PARITY_MIN, TOWERS, ExportResult, batch_images, default_images, portable_name, sample_images
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def export_onnx(model: str | Path, out: Path, format: str = "onnx", images: str 
     check_out_file(out, "export")
     if samples < 1:
         raise ClipkdError(f"`samples` must be ≥ 1, got {samples}")
-    if tower not in ("image", "text"):
+    if tower not in TOWERS:
         raise ClipkdError(f"unknown `tower` '{tower}' (image, text)")
     if tower == "text":
         if format != "onnx" or int8:

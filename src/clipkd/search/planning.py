@@ -3,6 +3,7 @@ filling it in chunks, and the recall@10 against exact search measured at build t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from .exact import exact_search, rerank_search
 
 EXACT_MAX = 30_000  # rows up to which `auto` keeps exact search: ~5 ms a query on 2 cores (17 ms at 100k, measured)
 KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+BACKENDS = ("faiss", "milvus")  # where an index's vectors live
 
 
 def _faiss():
@@ -29,6 +31,27 @@ RERANK_MAX = 128  # ... and up to this many x k where the PQ codes alone rank to
 TARGET_RECALL = 0.95  # an IVF index's nprobe is the smallest reaching this recall@10 at build (measured)
 TRAIN_MAX = 200_000  # rows an IVF quantizer trains on (a sample: the build's memory is not the rows')
 CHUNK = 65_536  # rows read and added at a time
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How :func:`~clipkd.search.writers.build_index` builds an index (its settings, apart from what to embed).
+
+    ``kind``: ``auto`` (exact up to :data:`EXACT_MAX` rows, HNSW while it fits ``max_memory``, IVF-PQ beyond:
+    :func:`plan_index`), ``flat``, ``hnsw``, ``ivf`` or ``ivfpq``; ``max_memory``: bytes or ``"4G"`` (default half
+    the machine's); ``backend``: ``faiss`` or ``milvus`` (``uri``: a Milvus Lite file or ``http://host:19530``;
+    ``collection``: default the index folder's name); ``device`` / ``precision`` / ``batch_size`` / ``workers``:
+    the embedding pass."""
+
+    kind: str = "auto"
+    device: str | None = "auto"
+    precision: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None
+    max_memory: int | str | None = None
+    backend: str = "faiss"
+    uri: str | None = None
+    collection: str | None = None
 
 
 def parse_memory(text: str | int | None) -> int | None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from ..config import settle
 from ..errors import ClipkdError
 from ..fileio import check_can_create, write_json
 from ..prompts import DEFAULT_TEMPLATES
@@ -41,46 +43,69 @@ class SourcedPool:
         return {"extra_images": self.selected, "extra_store": self.store}
 
 
-def source_pool(teacher: str | Path, pool: str | Path, out: str | Path,
-                prompts: str | Path | dict[str, list[str]] | None = None, classes: str | Path | None = None,
-                templates: str = DEFAULT_TEMPLATES, per_class: int = 100, min_per_class: int = 1,
-                min_similarity: float = -1.0, duplicate: float = DUPLICATE_COSINE,
-                background: Sequence[str] | str | Path | None = BACKGROUND, margin: float | None = None,
-                examples: str | Path | None = None, examples_store: str | Path | None = None,
-                split: str | Path | None = None, example_quantile: float = EXAMPLE_QUANTILE,
-                expand: str = EXPAND_DEFAULT, device: str | None = "auto", batch_size: int = 64,
-                workers: int | None = None, progress: bool = True) -> SourcedPool:
+@dataclass(frozen=True)
+class SourceConfig:
+    """What :func:`source_pool` selects and how (everything apart from the teacher, the pool and ``out``).
+
+    Class prompts: ``prompts`` (``clipkd prompts``' JSON, or a dict), or ``classes`` (a folder or a class-name file)
+    with ``templates``. ``per_class`` / ``min_per_class`` / ``min_similarity`` / ``duplicate`` / ``background`` /
+    ``margin``: the text rules of :func:`~clipkd.search.select.select_images`; ``examples`` (with
+    ``examples_store``, ``split``, ``example_quantile``): labelled images of some classes that those classes' picks
+    must resemble; ``expand``: how the image space finds the rest of a class
+    (:func:`~clipkd.search.expand.expand_seeds`); ``device`` / ``batch_size`` / ``workers``: the embedding pass."""
+
+    prompts: str | Path | dict[str, list[str]] | None = None
+    classes: str | Path | None = None
+    templates: str = DEFAULT_TEMPLATES
+    per_class: int = 100
+    min_per_class: int = 1
+    min_similarity: float = -1.0
+    duplicate: float = DUPLICATE_COSINE
+    background: Sequence[str] | str | Path | None = BACKGROUND
+    margin: float | None = None
+    examples: str | Path | None = None
+    examples_store: str | Path | None = None
+    split: str | Path | None = None
+    example_quantile: float = EXAMPLE_QUANTILE
+    expand: str = EXPAND_DEFAULT
+    device: str | None = "auto"
+    batch_size: int = 64
+    workers: int | None = None
+
+
+def source_pool(teacher: str | Path, pool: str | Path, out: str | Path, cfg: SourceConfig | None = None, *,
+                progress: bool = True, **settings: Any) -> SourcedPool:
     """Select training images for every class from an unlabelled ``pool`` (a folder, an image list, shards) with
-    the ``teacher``'s judgement: ``out/index`` (the pool embedded once; re-running resumes), ``out/selected.csv``
-    (at most ``per_class`` images per class, each image for one class, near-copies dropped) and
-    ``out/selected.png`` (the contact sheet: per class its best and worst kept images and the best it turned
-    down) and ``out/summary.json`` (:meth:`~clipkd.search.select.Selection.summary`: per class how many it kept and
-    turned down, the short classes with why). Class prompts: ``prompts`` (``clipkd prompts``), or ``classes`` (a
-    folder or a class-name file) with ``templates``. ``examples`` (with ``examples_store``, ``split``): labelled
-    images of some classes — the seen classes' training images and their store — that those classes' picks must
-    resemble
-    (:func:`~clipkd.search.select.select_images`). ``expand``: how the teacher's image space finds the rest of a
-    class from its picks (:func:`~clipkd.search.select.expand_seeds`)."""
+    the ``teacher``'s judgement, as ``cfg`` says (:class:`SourceConfig`; its fields may also be given as keywords,
+    on top of it): ``out/index`` (the pool embedded once; re-running resumes), ``out/selected.csv`` (at most
+    ``per_class`` images per class, each image for one class, near-copies dropped), ``out/selected.png`` (the
+    contact sheet: per class its best and worst kept images and the best it turned down) and ``out/summary.json``
+    (:meth:`~clipkd.search.select.Selection.summary`: per class how many it kept and turned down, the short classes
+    with why)."""
     from ..prompts import build_prompts, load_classnames, load_templates, read_prompts
+    from .planning import IndexConfig
     from .writers import build_index
 
-    if (prompts is None) == (classes is None):
+    c = settle(SourceConfig, cfg, settings, "source_pool", first="prompts")
+    if (c.prompts is None) == (c.classes is None):
         raise ClipkdError("give exactly one of `prompts` or `classes`")
-    background = check_selection(per_class, min_per_class, margin, background, examples, examples_store,
-                                 example_quantile, expand)
+    background = check_selection(c.per_class, c.min_per_class, c.margin, c.background, c.examples, c.examples_store,
+                                 c.example_quantile, c.expand)
+    prompts = c.prompts
     if prompts is None:
-        prompts = build_prompts(load_classnames(classes), load_templates(templates))
+        prompts = build_prompts(load_classnames(c.classes), load_templates(c.templates))
     elif not isinstance(prompts, dict):
         prompts = read_prompts(prompts)
-    if examples is not None:  # read and checked before the pool is embedded (the teacher's identity after)
-        examples = example_prototypes(examples, examples_store, list(prompts), None, split, example_quantile)
+    examples = None
+    if c.examples is not None:  # read and checked before the pool is embedded (the teacher's identity after)
+        examples = example_prototypes(c.examples, c.examples_store, list(prompts), None, c.split, c.example_quantile)
     out = check_can_create(out, "source folder")
-    index = build_index(teacher, pool, out / "index", device=device, batch_size=batch_size, workers=workers,
-                        progress=progress)
-    selection = select_images(index, prompts, out / "selected.csv", per_class=per_class,  # the teacher loaded once
-                              min_per_class=min_per_class, min_similarity=min_similarity, duplicate=duplicate,
-                              background=background, margin=margin, examples=examples, expand=expand,
-                              device=device)
+    index = build_index(teacher, pool, out / "index", IndexConfig(device=c.device, batch_size=c.batch_size,
+                                                                  workers=c.workers), progress=progress)
+    selection = select_images(index, prompts, out / "selected.csv", per_class=c.per_class,  # the teacher loaded once
+                              min_per_class=c.min_per_class, min_similarity=c.min_similarity, duplicate=c.duplicate,
+                              background=background, margin=c.margin, examples=examples, expand=c.expand,
+                              device=c.device)
     from ..evaluation.plots import plot_selection
 
     rows = {str(index.images_root / p): i for i, p in enumerate(index.paths)}

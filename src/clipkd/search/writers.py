@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..config import settle
 from ..distributed import barrier, ranks
 from ..errors import ClipkdError
 from ..fileio import exclusive, relative, write_json, write_text
@@ -34,9 +35,11 @@ from .layout import (
     read_info,
 )
 from .planning import (
+    BACKENDS,
     CHUNK,
     EXACT_MAX,
     TRAIN_MAX,
+    IndexConfig,
     _overlap,
     _set_nprobe_from,
     fill_faiss,
@@ -250,20 +253,15 @@ def _index_encoder(out: Path, existing: dict | None, encoder: Encoder | None, mo
     return encoder
 
 
-def build_index(model: str | Path, images: str | Path, out: str | Path, kind: str = "auto",
-                text_model: str | Path | None = None, device: str | None = "auto", batch_size: int = 64,
-                workers: int | None = None, progress: bool = True, encoder: Encoder | None = None,
-                precision: str = "auto", add: bool = False, images_root: str | Path | None = None,
-                max_memory: int | str | None = None, backend: str = "faiss", uri: str | None = None,
-                collection: str | None = None) -> SearchIndex:
+def build_index(model: str | Path, images: str | Path, out: str | Path, cfg: IndexConfig | None = None, *,
+                text_model: str | Path | None = None, encoder: Encoder | None = None, progress: bool = True,
+                add: bool = False, images_root: str | Path | None = None, **settings: Any) -> SearchIndex:
     """Embed ``images`` (a folder or an image list) with ``model`` into a new index at ``out``, or resume one.
 
     ``model``: a teacher spec, a ``clip-train`` run, or a distilled student (``text_model``: its teacher, for
-    text queries). ``kind``: ``auto`` (exact up to :data:`EXACT_MAX` rows, HNSW while it fits ``max_memory``,
-    IVF-PQ beyond: :func:`plan_index`), ``flat``, ``hnsw``, ``ivf`` or ``ivfpq``; ``max_memory`` (bytes or
-    ``"4G"``; default half the machine's) bounds the build, which streams the store. ``backend="milvus"``: the
-    vectors go to collection ``collection`` (default: the index folder's name) of the Milvus at ``uri`` (a file:
-    Milvus Lite; ``http://host:19530``: a server) instead of a FAISS file (:mod:`clipkd.search.milvus`). Killed
+    text queries). ``cfg``: how (:class:`~clipkd.search.planning.IndexConfig`: the kind, the memory budget, FAISS
+    or a Milvus collection, the embedding pass); its fields may also be given as keywords (``kind="hnsw"``), on top
+    of ``cfg``. The build streams the store within ``max_memory``. Killed
     midway, the same command resumes (finished shards are kept; a half-written FAISS generation is never named).
     An index of other images at ``out`` is refused unless ``add`` (what :func:`add_to_index` does). Rows are keyed
     relative to the collection root: ``images`` for a new index (a list's folder, a TSV's), the index's own for an
@@ -271,9 +269,10 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
     beside it).
     """
 
+    c = settle(IndexConfig, cfg, settings, "build_index", first="kind")
     out = Path(out)
-    budget = parse_memory(max_memory)
-    plan_index(kind, 1, 1)  # a one-line error for an unknown kind, before the work
+    budget = parse_memory(c.max_memory)
+    plan_index(c.kind, 1, 1)  # a one-line error for an unknown kind, before the work
     source = read_source(images)
     r = ranks()  # ranks of one job (torchrun/srun) embed their shares; rank 0 holds the folder and writes the index
     with exclusive(out, "search index") if r.zero else nullcontext():
@@ -284,11 +283,11 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
                               "add images with `clipkd index add`, or build into another `out`")
         root = _collection_root(out, existing, images_root, source.root)
         source = source.under(root)
-        enc = _index_encoder(out, existing, encoder, model, text_model, device, precision)
+        enc = _index_encoder(out, existing, encoder, model, text_model, c.device, c.precision)
         budget = budget or (existing or {}).get("max_memory")
-        milvus_at = _milvus_target(out, existing, backend, uri, collection)
-        _check_target(kind, len(source.paths) + int((existing or {}).get("rows", 0)), enc, budget, milvus_at)
-        store = embed_paths(enc, root, source.paths, out / "store", batch_size, workers, progress=progress,
+        milvus_at = _milvus_target(out, existing, c.backend, c.uri, c.collection)
+        _check_target(c.kind, len(source.paths) + int((existing or {}).get("rows", 0)), enc, budget, milvus_at)
+        store = embed_paths(enc, root, source.paths, out / "store", c.batch_size, c.workers, progress=progress,
                             opener=source.opener, fingerprint=getattr(source.opener, "fingerprint", None))
         if r.distributed:
             barrier()  # every rank's rows are in the store
@@ -301,7 +300,7 @@ def build_index(model: str | Path, images: str | Path, out: str | Path, kind: st
                 info["max_memory"] = budget
             if existing is None or "images" in existing:
                 info["images"] = relative(root, out)
-            _write_vectors(out, store, kind, info, existing, source.paths, budget, milvus_at)
+            _write_vectors(out, store, c.kind, info, existing, source.paths, budget, milvus_at)
     barrier()  # rank 0 has written the index
     index = SearchIndex(out)
     index.encoder = enc
@@ -353,7 +352,7 @@ def _milvus_target(out: Path, existing: dict | None, backend: str, uri: str | No
     """(URI, collection) of an index whose vectors go to Milvus (given, or recorded by the index), else None."""
     from . import milvus
 
-    if backend not in ("faiss", "milvus"):
+    if backend not in BACKENDS:
         raise ClipkdError(f"unknown `backend`={backend!r} (faiss or milvus)")
     if existing is not None and existing.get("backend") == "milvus":
         rec = existing["milvus"]
@@ -446,9 +445,11 @@ def add_to_index(index_dir: str | Path, images: str | Path, device: str | None =
     """Embed new images into an index with the model that built it; their rows are appended to its vectors."""
     root = Path(index_dir)
     info, _, _ = _writer_view(root)
-    return build_index(_resolve_ref(info["model"], root), images, index_dir, info.get("requested_kind", info["kind"]),
-                       _resolve_ref(info.get("text_model"), root), device, batch_size, workers, progress,
-                       precision=precision, add=True, images_root=images_root)
+    cfg = IndexConfig(kind=info.get("requested_kind", info["kind"]), device=device, precision=precision,
+                      batch_size=batch_size, workers=workers)
+    return build_index(_resolve_ref(info["model"], root), images, index_dir, cfg,
+                       text_model=_resolve_ref(info.get("text_model"), root), progress=progress, add=True,
+                       images_root=images_root)
 
 
 def remove_from_index(index_dir: str | Path, paths: Sequence[str], images_root: str | Path | None = None) -> int:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..data.preprocess import PreprocessConfig
+from ..distributed import PRECISIONS
 from ..errors import ClipkdError
 from ..fileio import weights_fingerprint  # noqa: F401 - the backends import it from here
 
@@ -35,8 +36,8 @@ def resolve_device(device: str | None) -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` → fp16 on GPU, fp32 on CPU. Half precision on CPU is refused: it is slow there."""
-    if precision not in ("auto", "fp32", "fp16", "bf16"):
-        raise ClipkdError(f"unknown precision '{precision}' (choose auto, fp32, fp16, bf16)")
+    if precision not in PRECISIONS:
+        raise ClipkdError(f"unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     if precision != "fp32" and device.type != "cuda":

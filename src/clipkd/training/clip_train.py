@@ -269,6 +269,24 @@ class ClipRun:
     inherited: dict[str, int] | None = None
 
 
+def _clip_loader(dataset: CaptionDataset, kd: Any, cfg: Any) -> Any:
+    """The training loader: with distillation-only images (``kd.keys``), every captioned image once an epoch and
+    one view of each other image (or of its own views)."""
+    sampler = None
+    if kd.keys:
+        from ..data.views import ViewSampler
+
+        n = dataset.n_captioned
+        sampler = ViewSampler([[i] for i in range(n)] + [[n + j for j in g] for g in kd.groups], cfg.seed)
+        log.info("%d captioned images and %d views / uncaptioned images (%d groups) for the distillation term",
+                 n, len(kd.keys), len(kd.groups))
+    loader = make_loader(dataset, cfg.batch_size, shuffle=True, workers=cfg.workers, drop_last=True, seed=cfg.seed,
+                         sampler=sampler)
+    if len(loader) == 0:
+        raise ClipkdError(f"{len(dataset)} captioned images is fewer than one batch of {cfg.batch_size}")
+    return loader
+
+
 def build_clip_run(plan: ClipPlan, images: str | Path, captions: str | Path | None, teacher: str | None = None,
                    store: str | Path | None = None, extra_images: str | Path | None = None,
                    extra_store: str | Path | None = None, val_images: str | Path | None = None,
@@ -304,18 +322,7 @@ def build_clip_run(plan: ClipPlan, images: str | Path, captions: str | Path | No
                              opener=opener)
     teacher_text = t.encode_text(dataset.unique).half() if t is not None and needs_text else None
     teacher_dim = t.embed_dim if t is not None else (int(targets.shape[1]) if targets is not None else 0)
-    sampler = None
-    if kd.keys:  # every captioned image once an epoch, and one view of each other image (or of its own views)
-        from ..data.views import ViewSampler
-
-        n = dataset.n_captioned
-        sampler = ViewSampler([[i] for i in range(n)] + [[n + j for j in g] for g in kd.groups], cfg.seed)
-        log.info("%d captioned images and %d views / uncaptioned images (%d groups) for the distillation term",
-                 n, len(kd.keys), len(kd.groups))
-    loader = make_loader(dataset, cfg.batch_size, shuffle=True, workers=cfg.workers, drop_last=True, seed=cfg.seed,
-                         sampler=sampler)
-    if len(loader) == 0:
-        raise ClipkdError(f"{len(dataset)} captioned images is fewer than one batch of {cfg.batch_size}")
+    loader = _clip_loader(dataset, kd, cfg)
 
     val = val_texts = val_owner = val_labels = None
     monitor = None

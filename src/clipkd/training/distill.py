@@ -31,6 +31,9 @@ from .trainer import TrainerSettings, check_logger, check_train_config, fit, see
 log = logging.getLogger(__name__)
 
 
+MIXES = ("auto", "none", "mixup", "cutmix")  # `mix`: how training images are mixed
+MIX_MODES = ("elem", "batch")  # `mix_mode`: a box and ratio per image, or one per batch
+AUGMENTS = ("none", "flip", "crop")  # `augment`: the student's online augmentation
 AUTO_VIEWS = 4  # views per image of clipkd's GZSL method by default (the image + 3 flipped CutMix composites)
 
 
@@ -325,6 +328,16 @@ class DistillPlan:
     stored: ViewPlan | None = None
 
 
+def _check_mix_fields(cfg: TrainConfig) -> None:
+    """One-line errors for the mixing fields' values (``mix_alpha``, ``mix_mode``, ``mix_prob``)."""
+    if cfg.mix_alpha <= 0:
+        raise ClipkdError(f"`mix_alpha` must be > 0, got {cfg.mix_alpha}")
+    if cfg.mix_mode not in MIX_MODES:
+        raise ClipkdError(f"`mix_mode` must be batch or elem, got '{cfg.mix_mode}'")
+    if not 0.0 <= cfg.mix_prob <= 1.0:
+        raise ClipkdError(f"`mix_prob` must be in [0, 1], got {cfg.mix_prob}")
+
+
 def resolve_distill(cfg: TrainConfig, store: str | Path | None = None, teacher: str | None = None,
                     extra_images: str | Path | None = None, extra_store: str | Path | None = None) -> DistillPlan:
     """The first stage of :func:`distill`, before any image or model loads: check the recipe against its inputs
@@ -336,7 +349,7 @@ def resolve_distill(cfg: TrainConfig, store: str | Path | None = None, teacher: 
     if store is None and teacher is None:
         raise ClipkdError("give a target source: `store`=STORE (precomputed), `teacher`=SPEC (online), or both "
                           "(the store for plain images, the teacher only for mixed ones)")
-    if cfg.mix not in ("auto", "none", "mixup", "cutmix"):
+    if cfg.mix not in MIXES:
         raise ClipkdError(f"unknown mix '{cfg.mix}' (auto, none, mixup, cutmix)")
     stored = store_views(store)  # a store of views (embed-images --views): clipkd's method from the store
     if stored is not None:
@@ -346,12 +359,7 @@ def resolve_distill(cfg: TrainConfig, store: str | Path | None = None, teacher: 
         if cfg.mix == "none" and teacher is None:
             log.debug("distilling from a store: no mixing (CutMix function matching, clipkd's GZSL method, needs "
                      "`teacher` to embed each mixed image)")
-    if cfg.mix_alpha <= 0:
-        raise ClipkdError(f"`mix_alpha` must be > 0, got {cfg.mix_alpha}")
-    if cfg.mix_mode not in ("batch", "elem"):
-        raise ClipkdError(f"`mix_mode` must be batch or elem, got '{cfg.mix_mode}'")
-    if not 0.0 <= cfg.mix_prob <= 1.0:
-        raise ClipkdError(f"`mix_prob` must be in [0, 1], got {cfg.mix_prob}")
+    _check_mix_fields(cfg)
     if cfg.views == "auto":  # an online teacher alone (a pool too: its images get views in the same pass)
         online_mix = (teacher is not None and store is None and extra_store is None and cfg.mix != "none"
                       and cfg.mix_mode == "elem")
