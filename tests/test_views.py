@@ -356,3 +356,19 @@ def test_view_hue_has_one_reading_in_the_store_and_in_distill(tmp_path):
     with pytest.raises(ClipkdError, match="needs `views` ≥ 2"):
         embed_images("fake:teacher", images, tmp_path / "s", views=1, view_hue=0.5)
     assert not (tmp_path / "s").exists()
+
+
+def test_views_have_one_meaning_in_the_store_and_in_distill():
+    """``views`` reads alike everywhere (``count_views``): 0 and 1 are the image alone (no views drawn or stored),
+    K ≥ 2 is K views; distill's config settles 1 to 0 (a mix, if any, online) as the store does."""
+    from clipkd.data.views import count_views
+    from clipkd.training.distill import TrainConfig, resolve_distill
+
+    assert [count_views(v) for v in (0, 1, 2, 4)] == [0, 0, 2, 4]
+    for bad in (-1, True, 2.0, "4"):
+        with pytest.raises(ClipkdError, match="`views` must be an integer ≥ 0"):
+            count_views(bad)
+    teacher = "open_clip:ViT-B-32@random"
+    plans = {v: resolve_distill(TrainConfig(views=v), teacher=teacher).cfg for v in (0, 1, 3)}
+    assert (plans[0].views, plans[1].views, plans[3].views) == (0, 0, 3)
+    assert plans[1] == plans[0] and plans[3].view_hue == 0.5 and plans[1].view_hue == 0.0

@@ -613,8 +613,9 @@ def _args_embed_images(sub: Any) -> None:
     p.add_argument("--shard-size", type=_count, help=f"images per shard ({d('shard_size')})")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the image tower (checked against eager on the first batch)")
-    p.add_argument("--views", type=_count, help="K > 1: a multi-view store (clipkd's GZSL method for every "
-                   "student trained from it): each image and K-1 flipped / CutMix views of it, each embedded once")
+    p.add_argument("--views", type=_count, help="K ≥ 2: a multi-view store (clipkd's GZSL method for every "
+                   "student trained from it): each image and K-1 flipped / CutMix views of it, each embedded once; "
+                   "1 (default): the images alone")
     p.add_argument("--view-hue", type=_share_or_auto, help="share of the views after the first whose hues are rotated "
                    f"({d('view_hue')}: {AUTO_HUE} with --views)")
     p.add_argument("--view-mix", choices=VIEW_MIXES,
@@ -695,10 +696,10 @@ def _args_distill(sub: Any) -> None:
     p.add_argument("--mix-prob", type=float, help="fraction of images (or batches) mixed (default 1)")
     p.add_argument("--mix-mode", choices=MIX_MODES, help="elem (default): a CutMix box and ratio per image; "
                    "batch: one per batch")
-    p.add_argument("--views", type=_views, help="K > 0: draw K views per image (the image, then K-1 flipped and mixed "
+    p.add_argument("--views", type=_views, help="K ≥ 2: draw K views per image (the image, then K-1 flipped and mixed "
                    "ones), embed each once with --teacher into OUT/views, train on one view per image per epoch "
-                   "(clipkd's GZSL method at store cost); 0: mix online every epoch; auto (default): 4 with --teacher "
-                   "alone")
+                   "(clipkd's GZSL method at store cost); 0 or 1: the image alone, no views (a mix, if any, online "
+                   "every epoch); auto (default): 4 with --teacher alone")
     p.add_argument("--view-hue", type=_share_or_auto, help="share of the views after the first whose hues are rotated "
                    "by a random fraction of a turn (the teacher embeds the recoloured picture); auto (default): "
                    "clipkd's default with --views, 0 without")

@@ -33,6 +33,15 @@ VIEW_MIXES = ("cutmix", "mixup", "none")  # how a view mixes in its partner imag
 AUTO_HUE = 0.5  # `view_hue`=auto: the share of views (after the first) whose colours are rotated
 
 
+def count_views(views: Any) -> int:
+    """The one reading of ``views`` (the store's ``embed_images`` and ``distill``'s config alike): views per image,
+    the image itself first; 0 and 1 both mean the image alone — no views are drawn or stored (``distill`` then
+    mixes online, if it mixes) — and are read as 0."""
+    if isinstance(views, bool) or not isinstance(views, int) or views < 0:
+        raise ClipkdError(f"`views` must be an integer ≥ 0 (0 or 1: the image alone, no views), got {views!r}")
+    return views if views >= 2 else 0
+
+
 def resolve_view_hue(view_hue: float | str | None, has_views: bool, needs: str) -> float:
     """The one reading of ``view_hue`` (the store's ``embed_images`` and ``distill``'s config alike): ``auto`` (or
     None) is :data:`AUTO_HUE` where there are views to recolour and 0 where there are none; a number must lie in

@@ -60,14 +60,15 @@ def embed_images(
     from ..data.sources import open_source
 
     src = open_source(images)  # shards: rows keyed <shard>/<sample key>, each rank reading its own shards
-    if split is not None and views == 1:
+    from ..data.views import count_views, resolve_view_hue
+
+    views = count_views(views)
+    if split is not None and not views:
         raise ClipkdError("a `split` limits the images that get views (`views` ≥ 2); a plain store embeds every "
                           "image")
-    from ..data.views import resolve_view_hue
-
-    hue = resolve_view_hue(view_hue, not isinstance(views, int) or views != 1,
+    hue = resolve_view_hue(view_hue, bool(views),
                            "`views` ≥ 2 (a plain store embeds the images as they are)")
-    plan = _view_plan(src, images, views, hue, view_mix, split, seed) if views != 1 else None
+    plan = _view_plan(src, images, views, hue, view_mix, split, seed) if views else None
     check_can_create(out, "embedding store")  # before a teacher loads (nothing is created until the work starts)
     if isinstance(teacher, (str, Path)):
         from ..teachers import load_teacher
@@ -85,8 +86,6 @@ def _view_plan(src, images, views: int, view_hue: float, mix: str, split, seed: 
     ``view_hue`` as :func:`~clipkd.data.views.resolve_view_hue` read it."""
     from ..data.views import make_view_plan
 
-    if not isinstance(views, int) or isinstance(views, bool) or views < 1:
-        raise ClipkdError(f"`views` must be an integer ≥ 1 (1: the images only), got {views!r}")
     if src.kind == "tsv":
         raise ClipkdError(f"{images} is a Chinese-CLIP TSV: views are composed from image files or shard samples")
     if split is not None:

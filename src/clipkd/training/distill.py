@@ -16,7 +16,7 @@ from ..data.datasets import seen_images
 from ..data.folders import LabelledImages
 from ..data.loader import ImageDataset, make_loader
 from ..data.preprocess import PreprocessConfig
-from ..data.views import ViewPlan, ViewSampler, make_view_plan, resolve_view_hue
+from ..data.views import ViewPlan, ViewSampler, count_views, make_view_plan, resolve_view_hue
 from ..distributed import barrier, gather_objects, ranks
 from ..errors import ClipkdError
 from ..fileio import ref, write_json
@@ -60,8 +60,9 @@ class TrainConfig(TrainerSettings):
     mix_alpha: float = 1.0
     mix_prob: float = 1.0  # fraction of batches (mix_mode batch) or of images (elem) mixed; the rest stay plain
     mix_mode: str = "elem"  # elem: a ratio and box per image (clipkd's method); batch: one per batch (timm's default)
-    views: int | str = "auto"  # K > 0: K views per image (the image + K-1 flipped/mixed), each embedded once by the
-    # teacher, then trained on; 0: mix online every epoch; auto: 4 when the teacher alone gives mixed targets
+    views: int | str = "auto"  # K ≥ 2: K views per image (the image + K-1 flipped/mixed), each embedded once by the
+    # teacher, then trained on; 0 or 1 (data.views.count_views): no views, a mix (if any) online every epoch; auto: 4
+    # when the teacher alone gives mixed targets
     view_hue: float | str = "auto"  # share of views (after the first) whose hues are rotated at random; auto:
     # data.views.AUTO_HUE with views, 0 without
     epochs: int = 10
@@ -364,8 +365,7 @@ def resolve_distill(cfg: TrainConfig, store: str | Path | None = None, teacher: 
         online_mix = (teacher is not None and store is None and extra_store is None and cfg.mix != "none"
                       and cfg.mix_mode == "elem")
         cfg = replace(cfg, views=AUTO_VIEWS if online_mix else 0)
-    if not isinstance(cfg.views, int) or cfg.views < 0:
-        raise ClipkdError(f"`views` must be an integer ≥ 0 (0: mix online), or auto; got {cfg.views!r}")
+    cfg = replace(cfg, views=count_views(cfg.views))  # 0 and 1: no stored views (a mix, if any, online)
     cfg = replace(cfg, view_hue=resolve_view_hue(cfg.view_hue, bool(cfg.views), "`views`=K (K ≥ 2), stored views"))
     if cfg.views and teacher is None and stored is None:
         raise ClipkdError("`views` needs `teacher`=SPEC (it embeds each view once, before training), or a store of "

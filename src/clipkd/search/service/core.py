@@ -141,17 +141,20 @@ class SearchService:
 
     def text_vector(self, text: str) -> np.ndarray:
         """A query text's embedding (1 × dim), from the bounded cache when the same text was asked before (the
-        model is the same for every generation, so the cache outlives reloads)."""
+        model is the same for every generation, so the cache outlives reloads). The lock guards the cache alone: a
+        new text is embedded outside it, so hits never wait behind another query's text tower."""
         with self.text_lock:
             q = self.text_cache.get(text)
-            hit = q is not None
-            if hit:
+            if q is not None:
                 self.text_cache.move_to_end(text)
-            else:
-                q = self.index.embed_text([text])
-                if self.cache_size:
+        hit = q is not None
+        if not hit:
+            q = self.index.embed_text([text])
+            if self.cache_size:
+                with self.text_lock:
                     self.text_cache[text] = q
-                    if len(self.text_cache) > self.cache_size:
+                    self.text_cache.move_to_end(text)
+                    while len(self.text_cache) > self.cache_size:
                         self.text_cache.popitem(last=False)
         if self.on_cache is not None:
             self.on_cache(hit)
