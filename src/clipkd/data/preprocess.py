@@ -3,6 +3,7 @@ torchvision transform for training and PyTorch models, and the same steps in num
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -90,10 +91,33 @@ class PreprocessConfig:
             new = (self.side, long) if w <= h else (long, self.side)
         if new != (w, h):
             img = img.resize(new, resample)
+        window = None
         if self.resize_mode == "shortest" and self.crop:
             (w, h), (ch, cw) = img.size, self.size
             top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
-            img = img.crop((left, top, left + cw, top + ch))
-        x = np.asarray(img, dtype=np.float32) / 255
+            if 0 <= top <= h - ch and 0 <= left <= w - cw:
+                window = (slice(top, top + ch), slice(left, left + cw))  # a view of the pixels: no copy
+            else:  # a crop past the image pads it (as torchvision's CenterCrop does)
+                img = img.crop((left, top, left + cw, top + ch))
+        a = np.asarray(img)
+        if window is not None:
+            a = a[window]
+        if a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == len(self.mean) == 3:
+            # each channel's 256 values normalised once (the same float32 operations, so the same numbers)
+            lut, planes = _lookup(self.mean, self.std), np.ascontiguousarray(a.transpose(2, 0, 1))
+            out = np.empty(planes.shape, np.float32)
+            for c in range(3):
+                np.take(lut[c], planes[c], out=out[c])
+            return out
+        x = np.asarray(a, dtype=np.float32) / 255
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+@functools.lru_cache(maxsize=16)
+def _lookup(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(channels, 256) float32: ``(v / 255 - mean) / std`` for every 8-bit value ``v``, computed with the float32
+    operations :meth:`PreprocessConfig.to_array` applies pixel by pixel."""
+    v = np.arange(256, dtype=np.float32)[:, None] / 255
+    lut = (v - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(lut.T)
