@@ -235,6 +235,7 @@ def len_index(index: Path) -> int:
 
 SERVERS = {  # name → (serve flags, environment)
     "default": ([], {}),
+    "spinning": ([], {"CLIPKD_ORT_SPIN": "1", "OMP_WAIT_POLICY": "ACTIVE"}),  # the libraries' own way (before)
     "recommended": (["--workers", "2"], {}),
 }
 

@@ -144,7 +144,7 @@ class DeployedText:
 
     def __init__(self, path: str | Path, device: Any = None) -> None:
         self.path = Path(path)
-        self.session, self.meta, props = open_session(self.path, device)
+        self.session, self.meta, props = open_session(self.path, device, spin=True)
         if self.meta["kind"] != "text_embedding":
             raise ClipkdError(f"{self.path} is not an exported open_clip text tower (clipkd export --tower text)")
         self.identity, self.embed_dim = self.meta["teacher"], int(self.meta["out_dim"])

@@ -109,9 +109,13 @@ def set_threads(n: int | None) -> None:
         faiss.omp_set_num_threads(n)
 
 
-def open_session(path: str | Path, device: Any = None) -> tuple[Any, dict[str, Any], dict[str, str]]:
+def open_session(path: str | Path, device: Any = None,
+                 spin: bool = False) -> tuple[Any, dict[str, Any], dict[str, str]]:
     """An ONNX Runtime session for a clipkd export, its description and all its metadata properties (read from the
-    session: no second parse of the file); one-line errors for a missing, unreadable or undescribed file."""
+    session: no second parse of the file); one-line errors for a missing, unreadable or undescribed file. With
+    :data:`THREADS` set (a server), the session's threads sleep between runs unless ``spin``: the text tower spins
+    (a new query text is a long run of small ops, 11 against 13 ms at one client), the image model does not (it runs
+    all the time under load, where spinning threads took a quarter of the queries/s: bench_search_load.py)."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -121,7 +125,8 @@ def open_session(path: str | Path, device: Any = None) -> tuple[Any, dict[str, A
         options = ort.SessionOptions()
         if THREADS is not None:  # a server's share of the cores; no spinning threads between its queries
             options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            spin = spin or os.environ.get("CLIPKD_ORT_SPIN") == "1"  # an operator's choice: every session spins
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
     except Exception as e:  # noqa: BLE001 - ONNX Runtime's own errors are long
         raise ClipkdError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from None
