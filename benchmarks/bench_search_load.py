@@ -138,10 +138,13 @@ def query_costs(index: Path, jpegs: Path, n: int = 64) -> list[dict]:
     resizing and normalising it for the student, the student, the index search, the results as dicts."""
     import statistics
 
+    import torch
+
     from clipkd import onnxfile
     from clipkd.search.index import SearchIndex
     from clipkd.search.service.requests import decode_image
 
+    torch_threads = torch.get_num_threads()  # set_threads(1) sets torch's too: the report's machine line reads it
     onnxfile.set_threads(1)
     try:
         ix = SearchIndex(index)
@@ -164,6 +167,7 @@ def query_costs(index: Path, jpegs: Path, n: int = 64) -> list[dict]:
             out.append({"step": name, "ms": statistics.median(times)})
     finally:
         onnxfile.set_threads(None)
+        torch.set_num_threads(torch_threads)
     return out
 
 
@@ -235,7 +239,9 @@ def len_index(index: Path) -> int:
 
 SERVERS = {  # name → (serve flags, environment)
     "default": ([], {}),
-    "spinning": ([], {"CLIPKD_ORT_SPIN": "1", "OMP_WAIT_POLICY": "ACTIVE"}),  # the libraries' own way (before)
+    # the libraries' own ways, as serve ran before 2026-12-07: ONNX Runtime's threads spin, OpenMP's spin a while
+    # then sleep (an empty OMP_WAIT_POLICY is libgomp's default; serve sets PASSIVE only where it is not set)
+    "spinning": ([], {"CLIPKD_ORT_SPIN": "1", "OMP_WAIT_POLICY": ""}),
     "recommended": (["--workers", "2"], {}),
 }
 

@@ -1212,6 +1212,41 @@ def test_serve_threads_share_the_cores_between_workers(index, monkeypatch):
             port = sock.getsockname()[1]
         service.serve(index.root, port=port, workers=2)
     assert seen["threads"] == 1
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with pytest.raises(SystemExit):
+        service.serve(index.root, port=port)
+    assert seen["threads"] == 2 and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # one worker: every core, sleeping
+
+
+def test_server_sessions_sleep_between_runs_unless_they_spin(tmp_path, monkeypatch):
+    """With a server's threads set, an image model's ONNX Runtime threads sleep between runs, the text tower's spin
+    (``spin=True``), and ``CLIPKD_ORT_SPIN=1`` makes every session spin; without a server's setting, ONNX Runtime's
+    own defaults hold."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from clipkd import onnxfile
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.metadata_props.add(key=onnxfile.META_KEY, value=json.dumps(
+        {"format": onnxfile.ONNX_FORMAT, "preprocess": {}, "kind": "image_embedding", "out_dim": 4}))
+    onnx.save(model, tmp_path / "m.onnx")
+
+    def spinning(spin: bool = False) -> str:
+        opts = onnxfile.open_session(tmp_path / "m.onnx", "cpu", spin=spin)[0].get_session_options()
+        return opts.get_session_config_entry("session.intra_op.allow_spinning"), opts.intra_op_num_threads
+
+    monkeypatch.delenv("CLIPKD_ORT_SPIN", raising=False)
+    try:
+        onnxfile.set_threads(2)
+        assert spinning() == ("0", 2) and spinning(spin=True) == ("1", 2)
+        monkeypatch.setenv("CLIPKD_ORT_SPIN", "1")
+        assert spinning() == ("1", 2)
+    finally:
+        onnxfile.set_threads(None)
 
 
 def test_faults_under_load_disconnect_slow_client_and_a_burst(index, tiny_world, monkeypatch):
