@@ -52,11 +52,16 @@ def _kwargs(fn: Callable, a: argparse.Namespace, **fixed: Any) -> dict[str, Any]
     return {k: v for k, v in vars(a).items() if k in names} | fixed
 
 
+def _given_fields(cls: Any, a: argparse.Namespace) -> dict[str, Any]:
+    """The flags the user gave that are fields of dataclass ``cls``."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in vars(a).items() if k in names}
+
+
 def _settings(cls: Any, a: argparse.Namespace) -> Any:
     """A settings dataclass (``IndexConfig``, ``ExportConfig``, ``SourceConfig``) of the flags given: the fields
     not given keep the dataclass's defaults."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in vars(a).items() if k in names})
+    return cls(**_given_fields(cls, a))
 
 
 def _given_only(parser: argparse.ArgumentParser) -> None:
@@ -145,8 +150,7 @@ def _recipe(cls, a: argparse.Namespace, **extra):
     """``cls`` from ``--config`` (a JSON file or a shipped recipe's name) with the flags given as overrides."""
     from .training.recipe import RECIPES
 
-    names = {f.name for f in fields(cls)}
-    overrides = {k: v for k, v in vars(a).items() if k in names} | extra
+    overrides = _given_fields(cls, a) | extra
     config = getattr(a, "config", None)
     if config and not Path(config).exists() and (RECIPES / f"{config}.json").is_file():
         return cls.shipped(config, **overrides)
