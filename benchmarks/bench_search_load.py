@@ -240,8 +240,8 @@ def len_index(index: Path) -> int:
 SERVERS = {  # name → (serve flags, environment)
     "default": ([], {}),
     # the libraries' own ways, as serve ran before 2026-12-07: ONNX Runtime's threads spin, OpenMP's spin a while
-    # then sleep (an empty OMP_WAIT_POLICY is libgomp's default; serve sets PASSIVE only where it is not set)
-    "spinning": ([], {"CLIPKD_ORT_SPIN": "1", "OMP_WAIT_POLICY": ""}),
+    # then sleep
+    "spinning": ([], {"CLIPKD_SPIN": "1"}),
     "recommended": (["--workers", "2"], {}),
 }
 

@@ -1216,11 +1216,16 @@ def test_serve_threads_share_the_cores_between_workers(index, monkeypatch):
     with pytest.raises(SystemExit):
         service.serve(index.root, port=port)
     assert seen["threads"] == 2 and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # one worker: every core, sleeping
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("CLIPKD_SPIN", "1")  # the libraries' own spinning threads, as an operator may want them
+    with pytest.raises(SystemExit):
+        service.serve(index.root, port=port)
+    assert "OMP_WAIT_POLICY" not in os.environ
 
 
 def test_server_sessions_sleep_between_runs_unless_they_spin(tmp_path, monkeypatch):
     """With a server's threads set, an image model's ONNX Runtime threads sleep between runs, the text tower's spin
-    (``spin=True``), and ``CLIPKD_ORT_SPIN=1`` makes every session spin; without a server's setting, ONNX Runtime's
+    (``spin=True``), and ``CLIPKD_SPIN=1`` makes every session spin; without a server's setting, ONNX Runtime's
     own defaults hold."""
     import onnx
     from onnx import TensorProto, helper
@@ -1239,11 +1244,11 @@ def test_server_sessions_sleep_between_runs_unless_they_spin(tmp_path, monkeypat
         opts = onnxfile.open_session(tmp_path / "m.onnx", "cpu", spin=spin)[0].get_session_options()
         return opts.get_session_config_entry("session.intra_op.allow_spinning"), opts.intra_op_num_threads
 
-    monkeypatch.delenv("CLIPKD_ORT_SPIN", raising=False)
+    monkeypatch.delenv("CLIPKD_SPIN", raising=False)
     try:
         onnxfile.set_threads(2)
         assert spinning() == ("0", 2) and spinning(spin=True) == ("1", 2)
-        monkeypatch.setenv("CLIPKD_ORT_SPIN", "1")
+        monkeypatch.setenv("CLIPKD_SPIN", "1")
         assert spinning() == ("1", 2)
     finally:
         onnxfile.set_threads(None)

@@ -88,6 +88,7 @@ def onnx_providers(device: Any = None) -> list[str]:
         "CPUExecutionProvider"]
 
 
+SPIN_ENV = "CLIPKD_SPIN"  # "1": a server's threads spin between queries as the libraries' own defaults do
 THREADS: int | None = None  # intra-op threads of the sessions this process opens (None: ONNX Runtime's default)
 
 
@@ -125,7 +126,7 @@ def open_session(path: str | Path, device: Any = None,
         options = ort.SessionOptions()
         if THREADS is not None:  # a server's share of the cores; no spinning threads between its queries
             options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
-            spin = spin or os.environ.get("CLIPKD_ORT_SPIN") == "1"  # an operator's choice: every session spins
+            spin = spin or os.environ.get(SPIN_ENV) == "1"  # an operator's choice: every session spins
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
     except Exception as e:  # noqa: BLE001 - ONNX Runtime's own errors are long

@@ -180,8 +180,11 @@ def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batc
     if workers < 1:
         raise ClipkdError(f"`workers` must be at least 1, got {workers}")
     # FAISS's OpenMP threads sleep between queries as ONNX Runtime's do (set before FAISS loads; the operator's
-    # own OMP_WAIT_POLICY wins): under load spinning threads take the cores that decoding needs
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # own OMP_WAIT_POLICY wins, and CLIPKD_SPIN=1 keeps the libraries' spinning defaults for every thread)
+    from ...onnxfile import SPIN_ENV
+
+    if os.environ.get(SPIN_ENV) != "1":
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if threads is None:  # each worker its share of the cores (all of them with one), no thread spinning between
         threads = max(1, (os.cpu_count() or 1) // workers)  # queries: spinning threads measured 25 % fewer queries/s
     if reload_s < 0:
