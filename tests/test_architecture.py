@@ -272,7 +272,7 @@ def test_tensorboard_logger_writes_events(tiny_world, fake_teacher, tmp_path):
 def test_missing_logger_package_is_refused_before_work(monkeypatch):
     import importlib.util
 
-    from clipkd.training.trainer import check_logger
+    from clipkd.training.recipe import check_logger
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in ("tensorboard", "tensorboardX",
@@ -580,3 +580,31 @@ def test_settings_objects_take_the_old_keywords_and_the_cli_fills_only_what_was_
     a = parser.parse_args(["source", "--teacher", "t", "--pool", "p", "--out", "o", "--prompts", "x.json",
                            "--per-class", "7"])
     assert _settings(SourceConfig, a) == SourceConfig(prompts="x.json", per_class=7)
+
+
+def test_training_stages_import_only_the_stages_before_them():
+    """``distill``'s path is resolve → build → fit → save, each file entered once: ``recipe.py`` (the recipes and
+    their field checks), ``resolve.py``, ``build.py``, ``trainer.py`` (the one loop), ``save.py``, and
+    ``distill.py`` calling them in that order. A stage that imports a later one (say, the loop reaching back into
+    a check of the resolve stage) is the back and forth architecture step three removed."""
+    import ast
+
+    order = ["recipe", "resolve", "build", "trainer", "save", "distill"]
+    root = Path(clipkd.__file__).parent / "training"
+    late = []
+    for i, name in enumerate(order):
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module in order:
+                if order.index(node.module) >= i:
+                    late.append(f"{name} imports {node.module}")
+    assert late == []
+    from clipkd.training import distill as d
+
+    src = ast.parse(Path(d.__file__).read_text(encoding="utf-8"))
+    imported = {a.asname or a.name: n.module for n in src.body if isinstance(n, ast.ImportFrom) and n.level == 1
+                for a in n.names}
+    fns = {f.name: f for f in src.body if isinstance(f, ast.FunctionDef)}
+    calls = [imported[c.func.id] for f in ("distill", "_train") for c in ast.walk(fns[f])
+             if isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and imported.get(c.func.id) in order]
+    firsts = sorted(set(calls), key=calls.index)
+    assert firsts == ["resolve", "build", "trainer", "save"]  # every stage is called, the first time in order

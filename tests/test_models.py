@@ -131,7 +131,7 @@ def test_model_dispatch_and_source_resolution_live_in_one_room_each():
     """Who decides "student or CLIP?" and "folder, list, shards or TSV?": only the model layer, the students and
     teachers rooms (for the first) and the data room (for the second). A new copy elsewhere fails here."""
     rules = {
-        r"\bload_student\(": ("models.py", "students/", "training/distill.py"),  # distill: --init from a student
+        r"\bload_student\(": ("models.py", "students/", "training/build.py"),  # distill: --init from a student
         r"\bOnnxTextTower\(": ("teachers/",),
         r"\bis_tar_source\(|\bread_shards\(|\bread_image_list\(|\bis_cnclip_tsv\(": ("data/",),
         r"\bresolve_model\(": ("teachers/", "models.py"),

@@ -52,7 +52,7 @@ _API: dict[str, str] = {
     "convert_weights": ".students.model", "model_spec": ".training.clip_train",
     "TrainConfig": ".training.distill", "TrainResult": ".training.distill", "distill": ".training.distill",
     "train_supervised": ".training.distill", "ClipTrainConfig": ".training.clip_train",
-    "clip_train": ".training.clip_train", "TrainerSettings": ".training.trainer",
+    "clip_train": ".training.clip_train", "TrainerSettings": ".training.recipe",
     # evaluation
     "evaluate": ".evaluation.zeroshot", "EvalResult": ".evaluation.zeroshot", "predict": ".evaluation.zeroshot",
     "Prediction": ".evaluation.zeroshot", "evaluate_retrieval": ".evaluation.retrieval",

@@ -103,7 +103,7 @@ _workers = _int_at_least(0, "0 or more")  # loader processes; 0 = decode in the 
 
 
 def _trainer_flags(p: argparse.ArgumentParser) -> None:
-    from .training.trainer import LOGGERS
+    from .training.recipe import LOGGERS
 
     _device_flags(p)
     g = p.add_argument_group("trainer (Lightning)")

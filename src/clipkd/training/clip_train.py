@@ -16,11 +16,13 @@ from ..distributed import ranks
 from ..errors import ClipkdError
 from ..fileio import check_torch_file, ref, write_json
 from ..students.losses import kd_needs_text
-from .distill import TrainResult, store_views, view_set
+from .build import view_set
 from .inherit import inherit_weights
 from .modules import ClipModule
+from .recipe import TrainerSettings, TrainResult, check_train_config, seed_all
+from .resolve import store_views
 from .runs import check_run, claim_run, run_recipe
-from .trainer import TrainerSettings, check_train_config, fit, seed_all, skipped_images
+from .trainer import fit, skipped_images
 
 log = logging.getLogger(__name__)
 

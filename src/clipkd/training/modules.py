@@ -19,7 +19,19 @@ from ..students.losses import (
     term_needs,
 )
 from ..students.model import Student, StudentConfig
-from .trainer import cosine_warmup
+
+
+def cosine_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
+    """Linear warmup then cosine decay to zero, stepped every optimizer step."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
 
 
 class OptimMixin:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,46 +18,9 @@ from torch.utils.data import DataLoader
 
 from ..distributed import gather_objects, init_process_group, ranks
 from ..errors import ClipkdError, Interrupted
-from .recipe import Recipe
+from .recipe import LOGGERS, TrainerSettings, check_logger  # noqa: F401 - the settings live in recipe.py
 
-LOGGERS = ("csv", "tensorboard", "wandb")
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainerSettings(Recipe):
-    """Where and how a run trains (Lightning's trainer configuration), shared by every training recipe.
-
-    ``devices``: how many devices per machine (or ``"auto"``); ``num_nodes``/``strategy``: as Lightning takes them
-    (``auto`` = one device, ``ddp`` for several); ``precision``: ``auto`` (fp16 mixed on GPU, fp32 on
-    CPU), ``fp32``, ``fp16``, ``bf16``; ``logger``: ``csv`` (always written; the training-curve PNG reads it),
-    ``tensorboard`` or ``wandb`` in addition.
-    """
-
-    devices: int | str = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "auto"
-    logger: str = "csv"
-
-
-def seed_all(seed: int) -> None:
-    """Seed torch's and Python's generators: a run with ``workers=0`` draws its captions (``random.choice``) in this
-    process, where Python's generator would otherwise be seeded from the clock (DataLoader workers seed their own)."""
-    import random
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def check_logger(name: str) -> None:
-    """Refuse an unknown logger, or one whose package is not installed, before any work starts."""
-    if name not in LOGGERS:
-        raise ClipkdError(f"unknown logger '{name}' (choose from {', '.join(LOGGERS)})")
-    if name == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
-        raise ClipkdError("`logger`=tensorboard needs TensorBoard: pip install tensorboard (or tensorboardX)")
-    if name == "wandb" and importlib.util.find_spec("wandb") is None:
-        raise ClipkdError("`logger`=wandb needs Weights & Biases: pip install wandb")
 
 
 def make_loggers(out: Path, name: str) -> list:
@@ -98,17 +58,6 @@ def accelerator_and_devices(device: str, devices: int | str = 1) -> tuple[str, A
     raise ClipkdError(f"unknown `device` '{device}' (auto, cpu, cuda, cuda:N)")
 
 
-def check_ranks(settings: Any) -> None:
-    """A job launched as N ranks (``torchrun``, ``srun``) must ask for N devices in all (``--devices`` ×
-    ``--num-nodes``): Lightning would otherwise train each rank alone or wait for ranks that never come."""
-    devices = getattr(settings, "devices", 1)
-    nodes = getattr(settings, "num_nodes", 1) or 1
-    r = ranks()
-    if r.distributed and isinstance(devices, int) and devices * nodes != r.world:
-        raise ClipkdError(f"this job runs {r.world} ranks but asks for {devices} device(s) × {nodes} node(s); "
-                          f"pass `devices`=D `num_nodes`=M with D × M = {r.world}")
-
-
 def lightning_strategy(settings: TrainerSettings) -> str:
     """``auto`` → ``ddp`` when the run spans several devices, machines or ranks."""
     devices = settings.devices if isinstance(settings.devices, int) else 1
@@ -123,40 +72,6 @@ def lightning_precision(precision: str, accelerator: str) -> str:
             raise ClipkdError(f"precision {precision} is only supported on GPU; CPU trains in fp32")
         return "32-true"
     return {"auto": "16-mixed", "fp16": "16-mixed", "bf16": "bf16-mixed"}[precision]
-
-
-def cosine_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
-    """Linear warmup then cosine decay to zero, stepped every optimizer step."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def check_train_config(cfg: Any) -> None:
-    """One place for the settings every training recipe shares: one-line errors before any work starts."""
-    from ..errors import check_fields
-
-    check_fields(cfg)
-    for name, low in (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("num_nodes", 1)):
-        value = getattr(cfg, name, None)
-        if value is not None and (not isinstance(value, int) or value < low):
-            raise ClipkdError(f"`{name}` must be an integer ≥ {low}, got {value!r}")
-    workers = getattr(cfg, "workers", None)
-    if workers is not None and (not isinstance(workers, int) or workers < 0):
-        raise ClipkdError(f"`workers` must be an integer ≥ 0, got {workers!r}")
-    for name in ("lr",):
-        value = getattr(cfg, name, None)
-        if value is not None and not value > 0:
-            raise ClipkdError(f"`{name}` must be > 0, got {value!r}")
-    if getattr(cfg, "weight_decay", 0) < 0:
-        raise ClipkdError(f"`weight_decay` must be ≥ 0, got {cfg.weight_decay!r}")
-    check_logger(getattr(cfg, "logger", "csv"))
-    check_ranks(cfg)
 
 
 class EpochThroughput(Callback):
@@ -277,7 +192,6 @@ def fit(
 
     plot_training_curves(sorted((out / "logs").glob("metrics*.csv")), out / "training_curves.png")
     return trainer
-
 
 
 def _callbacks(out: Path, extra: list | None, skipped: SkippedImages, monitor: str | None, progress: bool) -> list:
