@@ -1109,6 +1109,24 @@ def test_serve_token_and_workers_are_checked_before_serving(index, tmp_path, cap
         assert "serving" not in err
 
 
+def test_serve_with_workers_checks_the_index_in_a_process_of_its_own(index, tmp_path, monkeypatch):
+    """``serve --workers N`` builds the app once before any worker starts, in a spawned process: its one-line errors
+    reach the user, while the supervising process never opens the index (it held the index and the model beside
+    the workers before: 470 MiB at 10M rows)."""
+    import socket
+
+    from clipkd.search import service
+
+    monkeypatch.setattr(SearchIndex, "__init__", lambda *a, **k: (_ for _ in ()).throw(AssertionError("opened")))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ClipkdError, match=r"^the images of index .* are not at .*nowhere: give the folder"):
+        service.serve(index.root, port=port, workers=2, images=tmp_path / "nowhere")
+    with pytest.raises(ClipkdError, match="no index at|not an index|index.json"):
+        service.serve(tmp_path / "empty", port=port, workers=2)
+
+
 def test_serve_with_workers_swaps_every_worker_and_sums_their_metrics(tiny_world, teacher_spec, tmp_path):
     """``serve --workers 2``: two processes answer; after an ``index remove`` every one of them serves the new
     generation, and /metrics counts the requests of both."""
@@ -1204,6 +1222,8 @@ def test_serve_threads_share_the_cores_between_workers(index, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(service.app, "create_app", lambda index, **kw: seen.update(kw) or (_ for _ in ()).throw(
         SystemExit(0)))
+    monkeypatch.setattr(service.app, "check_apart", lambda index, kw: seen.update(kw) or (_ for _ in ()).throw(
+        SystemExit(0)))  # several workers: the app is built in a process of its own, with these arguments
     with pytest.raises(SystemExit):
         import socket
 

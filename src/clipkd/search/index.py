@@ -100,9 +100,14 @@ class SearchIndex:
     def text_model(self) -> str | None:
         return _resolve_ref(self.info.get("text_model"), self.root)
 
+    def key(self, row: int) -> str:
+        """Row ``row``'s key read alone (a store's keys: through its shard's line ends, no shard's list of keys
+        kept: a server that answers for single rows holds no 65,536 strings per shard it touched)."""
+        return self.paths.one(row) if hasattr(self.paths, "one") else self.paths[row]
+
     def image_path(self, row: int) -> Path:
         """Where a row's image file lies on this machine (a TSV row: its TSV file)."""
-        return self.images_root / split_key(self.paths[row])[0]
+        return self.images_root / split_key(self.key(row))[0]
 
     def check_images(self, sample: int = 64) -> int:
         """Refuse, in one line, a collection root that is not here or lacks most rows (a moved index whose images
@@ -118,7 +123,7 @@ class SearchIndex:
                       for r in rows)
         if missing * 2 > len(rows):
             raise ClipkdError(f"{missing} of {len(rows)} sampled images of index {self.root} are not under "
-                              f"{self.images_root} (e.g. {self.paths[int(rows[0])]}): the wrong `--images` root?")
+                              f"{self.images_root} (e.g. {self.key(int(rows[0]))}): the wrong `--images` root?")
         if missing:
             log.warning("%d of %d sampled images of index %s are missing under %s", missing, len(rows), self.root,
                         self.images_root)
@@ -201,7 +206,7 @@ class SearchIndex:
         for s, r in zip(scores.tolist(), rows.tolist(), strict=True):
             if r < 0:
                 continue
-            path = self.paths.one(r) if hasattr(self.paths, "one") else self.paths[r]
+            path = self.key(r)
             score = min(1.0, max(-1.0, float(s)))  # a cosine: fp16 rows and FAISS rounding can pass 1 by 1e-5
             out.append({"id": int(r), "path": path, "score": round(score, 6), "label": self.label(r)})
         return out
@@ -214,7 +219,7 @@ class SearchIndex:
 
     def open_image(self, row: int):
         """The picture of an indexed row, decoded (files and Chinese-CLIP TSV rows alike)."""
-        path = self.paths[row]
+        path = self.key(row)
         return TsvOpener(self.images_root)(path).convert("RGB") if is_tsv_key(path) else load_rgb(self.image_path(row))
 
     def embed_images(self, images: Sequence[Any]) -> np.ndarray:

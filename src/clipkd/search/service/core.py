@@ -208,7 +208,7 @@ class SearchService:
     def removed(self, row: int) -> bool:
         """Whether store row ``row`` is an image removed from the index (not one that never was in it)."""
         ix = self.index
-        return 0 <= row < len(ix.paths) and ix.paths[row] in ix.removed
+        return 0 <= row < len(ix.paths) and ix.key(row) in ix.removed
 
 
 def without_root(message: str, root: Path) -> str:

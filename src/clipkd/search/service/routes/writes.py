@@ -45,7 +45,7 @@ def _removal_keys(svc: SearchService, ids: Any, paths: Any) -> list[str]:
         if gone:
             raise QueryError(404, f"image {gone[0]} was removed from this index" if svc.removed(gone[0]) else
                              f"no indexed image with id {gone[0]}")
-        return [ix.paths[i] for i in ids]
+        return [ix.key(i) for i in ids]
     if not all(isinstance(p, str) for p in paths):
         raise QueryError(400, "paths must be strings")
     known = set(ix.paths)
