@@ -332,7 +332,8 @@ def sizing(runs: list[dict], scale: Path) -> str:
                      "p99 ms 1 client": f"{mine[1]['p99_ms']:.0f}", "p99 ms 16 clients": f"{mine[16]['p99_ms']:.0f}",
                      "queries/s 16 clients": f"{mine[16]['qps']:.0f}",
                      "p99 ms 64 clients": f"{mine[64]['p99_ms']:.0f}" if 64 in mine else "-",
-                     "recall@10": f"{mine[1]['recall@10']:.3f}", "date": mine[1].get("date", "-")})
+                     "recall@10": f"{mine[1]['recall@10']:.3f}", "served MiB": "-",
+                     "date": mine[1].get("date", "-")})
     if scale.is_file():
         for r in json.loads(scale.read_text())["runs"]:
             if r["engine"].startswith("clipkd") and "p99_ms_16" in r:
@@ -344,11 +345,15 @@ def sizing(runs: list[dict], scale: Path) -> str:
                              "engine": f"{r['kind']} ({params})",
                              "query": "embedding", "p99 ms 1 client": f"{r['p99_ms']:.1f}",
                              "p99 ms 16 clients": f"{r['p99_ms_16']:.1f}", "queries/s 16 clients": f"{r['qps_16']:.0f}",
-                             "p99 ms 64 clients": "-", "recall@10": f"{r['recall@10']:.3f}", "date": r["date"]})
+                             "p99 ms 64 clients": "-", "recall@10": f"{r['recall@10']:.3f}",
+                             "served MiB": f"{r['serve_pss_mib']:,}" if "serve_pss_mib" in r else "-",
+                             "date": r["date"]})
     cols = ["rows", "server", "engine", "query", "p99 ms 1 client", "p99 ms 16 clients", "queries/s 16 clients",
-            "p99 ms 64 clients", "recall@10", "date"]
+            "p99 ms 64 clients", "recall@10", "served MiB", "date"]
     return ("\n**Sizing**: this run's rows beside `search-scale.json`'s clipkd rows (queries by embedding over "
-            "`/knn-service`: no decoding, no model; `-`: not measured).\n\n" + table(rows, cols) + "\n")
+            "`/knn-service`: no decoding, no model; served MiB: the memory of the server and all its workers after "
+            "the queries, each shared page split among the processes mapping it (PSS); `-`: not measured).\n\n"
+            + table(rows, cols) + "\n")
 
 
 def _env(env: dict[str, str]) -> str:

@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 from bench_memory import tree_rss_mb
 from bench_search import _free_port, bench_student, wait_until_serving
-from bench_serve import _status_mb
 from common import machine, portable, report, table
 
 HERE = Path(__file__).resolve().parent
@@ -234,16 +233,16 @@ def _serve_and_query(world: Path, n: int, q: np.ndarray, want: np.ndarray, extra
     try:
         wait_until_serving(url, proc)
         start_s = time.perf_counter() - t0
-        start_rss = _status_mb(proc.pid, "VmRSS")
+        start_rss = tree_rss_mb(proc.pid)
         query_http(url, q[:50], 1, 50)  # warm-up
         one, ids = query_http(url, q, 1, len(q))
         many, _ = query_http(url, q, 16, max(50, len(q) // 8))
-        rss = _status_mb(proc.pid, "VmRSS")
+        rss, pss = tree_rss_mb(proc.pid), tree_rss_mb(proc.pid, "Pss")  # the server and its workers
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     return {"rows": n, "server": "lean" if LEAN.is_file() else "pytorch", "serve_start_s": round(start_s, 2),
-            "serve_start_rss_mib": round(start_rss), "serve_rss_mib": round(rss),
+            "serve_start_rss_mib": round(start_rss), "serve_rss_mib": round(rss), "serve_pss_mib": round(pss),
             "p50_ms": round(_pct(one, 0.5), 2), "p99_ms": round(_pct(one, 0.99), 2),
             "p50_ms_16": round(_pct(many, 0.5), 2), "p99_ms_16": round(_pct(many, 0.99), 2),
             "qps_16": round(len(many) / (sum(many) / 1000 / 16), 1), "recall@10": round(_recall(ids, want), 4)}
@@ -445,16 +444,20 @@ def write_results(runs: list[dict], a: argparse.Namespace) -> None:
     order = ["clipkd", "autofaiss", "milvus-lite"]
     runs = sorted(runs, key=lambda r: (r["rows"], order.index(r["engine"]) if r["engine"] in order else 0.5,
                                        r["engine"]))
-    cols = ["rows", "engine", "kind", "build_s", "build_peak_rss_mib", "serve_start_s", "serve_rss_mib", "p50_ms",
+    cols = ["rows", "engine", "kind", "build_s", "build_peak_rss_mib", "serve_start_s", "serve_rss_mib",
+            "serve_pss_mib", "p50_ms",
             "p99_ms", "p99_ms_16", "recall@10", "add_100k_s"]
     shown = [{**r, "rows": f"{r['rows']:,}", "add_100k_s": r.get("add_100k_s") or "-",
-              "p99_ms_16": r.get("p99_ms_16", "-")} for r in runs]
+              "p99_ms_16": r.get("p99_ms_16", "-"), "serve_pss_mib": r.get("serve_pss_mib", "-")} for r in runs]
     dates = sorted({r.get("date", "") for r in runs})
     body = table(shown, cols) + (
         f"\n\nSynthetic clustered {a.dim}-d unit vectors ({a.clusters} clusters) in fp16 shards, budget "
         f"`--max-memory {a.max_memory}` for clipkd and autofaiss; recall@10 against exact on {a.queries} held-out "
         "queries. clipkd: `clipkd serve` (the lean server, `pip install clipkd[serve]`, an ONNX student) over HTTP "
-        "(`/knn-service` by embedding), p99 at 1 client and at 16 (`p99_ms_16`), served RSS after the queries; "
+        "(`/knn-service` by embedding), p99 at 1 client and at 16 (`p99_ms_16`), served RSS after the queries "
+        "(the server and its `--workers` together: `serve_rss_mib` sums each process's resident pages, so the index "
+        "files' pages that workers share count once per worker; `serve_pss_mib` splits each shared page among the "
+        "processes mapping it, what the machine really gives them; `-`: rows measured before it was recorded); "
         "`add_100k_s`: rows appended to the built index without a rebuild. autofaiss: its index memory-mapped and "
         "searched in-process, one thread (no HTTP), with the parameters it chose. Milvus Lite: the same store through "
         "`--backend milvus` (IVF_FLAT), served by `clipkd serve` (the PyTorch install: pymilvus is not in the lean "

@@ -1112,7 +1112,7 @@ def test_serve_token_and_workers_are_checked_before_serving(index, tmp_path, cap
 def test_serve_with_workers_checks_the_index_in_a_process_of_its_own(index, tmp_path, monkeypatch):
     """``serve --workers N`` builds the app once before any worker starts, in a spawned process: its one-line errors
     reach the user, while the supervising process never opens the index (it held the index and the model beside
-    the workers before: 470 MiB at 10M rows)."""
+    the workers before)."""
     import socket
 
     from clipkd.search import service
