@@ -185,9 +185,10 @@ def plot_selection(chosen: Mapping[str, Sequence[tuple[str, float]]], open_image
                 ax.set_yticks([])
                 for spine in ax.spines.values():
                     spine.set(color="tab:green" if ok else "tab:red", linewidth=2)
-    title = "Selected from the pool per class prompt (best first; similarity to the class's text)" if rejected is None \
-        else (f"Per class: the {third} best kept, the {third} worst kept and the {third} best rejected "
-              "(similarity to the class's text)")
+    title = ("Selected from the pool per class prompt (most typical first; similarity to the class's text)"
+             if rejected is None else
+             f"Per class: the {third} most typical kept, the {third} least typical kept and the {third} best "
+             "rejected (similarity to the class's text)")
     height = 1.15 * rows + 0.3
     fig.suptitle(title, fontsize=8, y=1 - 0.05 / height)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / height))  # the title's 0.3 in above the first row, however tall

@@ -234,3 +234,22 @@ def _components(n: int, edges: np.ndarray) -> np.ndarray:
                 break
             parent = up
     return np.unique(parent, return_inverse=True)[1]
+
+
+TYPICAL_CORE, TYPICAL_ROUNDS = 0.5, 5  # typicality: a class's centre from the closest half of its picks, 5 rounds
+
+
+def typicality(v: np.ndarray) -> np.ndarray:
+    """How typical of a class each of its picks is (unit vectors ``v``): the cosine to the class's trimmed centre,
+    the mean of the :data:`TYPICAL_CORE` of its picks closest to the centre before (:data:`TYPICAL_ROUNDS` rounds,
+    from the mean of all). A class's quota is filled most typical first: lookalikes that outscore its images on its
+    prompt sit nearer the text and farther from the images' centre than its own images do."""
+    v = np.asarray(v, np.float32)
+    if len(v) < 3:
+        return np.ones(len(v), np.float32)
+    core = np.ones(len(v), bool)
+    for _ in range(TYPICAL_ROUNDS):
+        centre = v[core].mean(0)
+        score = v @ (centre / max(float(np.linalg.norm(centre)), 1e-12))
+        core = score >= np.quantile(score, 1 - TYPICAL_CORE)
+    return score

@@ -25,7 +25,10 @@ is split into its connected parts and each part is decided whole: one some of wh
 background (its text picks dropped), one nearly all of whose images score highest on one class whose text picks are
 a fair share of it joins that class whole (the real images the cut turned away come back). Measured against the
 other candidates (a per-class cut from the class's own picks, kNN voting: :func:`expand_seeds`) on the benchmark's
-pools: ``benchmarks/results/gzsl-pool-weak*.md``."""
+pools: ``benchmarks/results/gzsl-pool-weak*.md``. A class's quota is then filled most typical first
+(:func:`~clipkd.search.expand.typicality`: closest to the trimmed centre of its picks), not by text score: the
+lookalikes a prompt keeps outscore the class's own images on it (they sit nearer the text) and lie off the images'
+centre, so ordering by text score filled the quota with them first."""
 
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ from .expand import (
     cluster_decisions,
     expand_seeds,
     otsu,
+    typicality,
 )
 from .index import SearchIndex
 
@@ -82,7 +86,7 @@ EXPAND_DEFAULT = "cluster"  # how the image space finds the rest of a class (exp
 
 @dataclass
 class Selection:
-    """The chosen images by class (best first), the classes below the floor (how many they got), the best images
+    """The chosen images by class (most typical first), the classes below the floor (how many they got), the best images
     each class turned down (for the contact sheet), and how many pool images each rule rejected."""
 
     chosen: dict[str, list[tuple[str, float]]]
@@ -354,16 +358,16 @@ def _assign(index: SearchIndex, text: np.ndarray, classnames: list[str], bank: n
 def _fill(index: SearchIndex, emb: np.ndarray, owner: np.ndarray, why: np.ndarray, sc: _Scores,
           classnames: list[str], per_class: int, duplicate: float,
           ) -> tuple[Picks, Picks, dict[str, dict[str, int]], int, int]:
-    """Each class's rows best first (the text's picks, then the image space's), near-copies dropped, up to the
-    quota; what it turned down (best first: the contact sheet); per class how many the text kept, the image space
-    added, the quota left and it turned down."""
+    """Each class's rows most typical first (:func:`typicality`: closest to the centre of its picks, the text's and
+    the image space's alike), near-copies dropped, up to the quota; what it turned down (best first: the contact
+    sheet); per class how many the text kept, the image space added, the quota left and it turned down."""
     chosen: Picks = {}
     rejected: Picks = {}
     counts: dict[str, dict[str, int]] = {}
     dup = over = 0
     for c, name in enumerate(classnames):
         rows = np.flatnonzero(owner == c)
-        rows = rows[np.lexsort((-sc.s1[rows], why[rows] == EXPANDED))]
+        rows = rows[np.argsort(-typicality(emb[rows]), kind="stable")]
         out: list[tuple[str, float]] = []
         vecs = np.empty((min(per_class, len(rows)), emb.shape[1]), np.float32)
         for r in rows:
