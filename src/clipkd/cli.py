@@ -352,7 +352,8 @@ def _selection_flags(p: argparse.ArgumentParser, d: Callable[[str], Any]) -> Non
     """The flags ``select`` and ``source`` share: how many images per class and which ones."""
     from .search.select import EXPAND
 
-    p.add_argument("--per-class", type=_count, help=f"images per class (default {d('per_class')})")
+    p.add_argument("--per-class", type=_count,
+                   help=f"images per class, its most typical first (default {d('per_class')})")
     p.add_argument("--min-similarity", type=float, help="cosine a chosen image must reach (default: none; look at "
                    "`clipkd search --text` scores of your model to pick one)")
     p.add_argument("--min-per-class", type=int, help="a class that gets fewer is listed with how many it got "
