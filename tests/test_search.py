@@ -605,6 +605,28 @@ def test_a_class_quota_is_filled_most_typical_first_not_by_the_lookalikes_that_o
     assert len(picked) == 40 and all(r < 40 for r in picked), sorted(picked)
 
 
+def test_a_class_with_examples_is_filled_closest_to_their_mean():
+    """Tight lookalikes, most of which pass the examples' cut and outnumber the class's 40 own images: the picks' own
+    trimmed centre is theirs, so a class with examples fills its quota closest to the examples' mean instead."""
+    from clipkd.search.expand import typicality
+    from clipkd.search.select import EXAMPLE_QUANTILE, _assign
+
+    (t0, t1, own, look1, fake, _), draw = _directions(6, 0.35)
+    examples, real = draw(300, t0, 0.8 * own), draw(40, t0, 0.8 * own)
+    lookalike = _directions(7, 0.08)[1](100, t0, 0.8 * own, 0.4 * fake)
+    emb = np.concatenate([real, lookalike, draw(30, t1, 0.8 * look1)])
+    proto = examples.mean(0) / np.linalg.norm(examples.mean(0))
+    protos = {"a": (proto, float(np.quantile(examples @ proto, EXAMPLE_QUANTILE)))}
+    passed = lookalike @ proto >= protos["a"][1]
+    assert passed.sum() > 40  # the examples' cut lets most of them through, more than the class's own
+    cand = np.concatenate([real, lookalike[passed]])
+    assert np.sum(np.argsort(-typicality(cand))[:40] < 40) < 10  # the picks' own centre: the lookalikes'
+    chosen = _assign(_pool_of(emb), np.stack([t0, t1]).astype(np.float32), ["a", "b"], None, 40, -1.0, 0.999,
+                     margin=0.0, protos=protos, expand="none")[0]
+    picked = [int(p[6:-4]) for p, _ in chosen["a"]]
+    assert len(picked) == 40 and sum(r < 40 for r in picked) >= 30, sorted(picked)
+
+
 def test_a_cluster_the_background_claims_part_of_is_rejected_whole(monkeypatch):
     """Lookalikes the class's prompt scores as high as its own images (60, one tight group in the image space), a
     tenth of which lose to the background prompt: the text keeps the rest of them; the cluster rule rejects the

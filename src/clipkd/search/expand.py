@@ -146,7 +146,10 @@ def _vote(emb: np.ndarray, owner: np.ndarray, alive: np.ndarray, todo: np.ndarra
 
 
 CLUSTER_K = 10  # "cluster": the pool's mutual 10-nearest-neighbour graph, its connected parts the clusters
-CLUSTER_BACKGROUND = 0.02  # a cluster is background when more than 2 % of it lost to the background bank
+# a cluster is background when more than 5 % of it lost to the background bank (2 % rejected a whole class on the
+# demo world's weak pool: 8 of a part of 296 of its own images lost to "a blob"; the digit pools' picks are the same
+# at 2-10 %)
+CLUSTER_BACKGROUND = 0.05
 CLUSTER_PURITY = 0.9  # ... and a class's when at least 90 % of it scores highest on that class's prompts
 CLUSTER_SEEDS = 0.2  # ... and the text kept at least a fifth of it
 CLUSTER_MIN = 5  # smaller clusters: their rows keep the text's verdict
@@ -239,12 +242,15 @@ def _components(n: int, edges: np.ndarray) -> np.ndarray:
 TYPICAL_CORE, TYPICAL_ROUNDS = 0.5, 5  # typicality: a class's centre from the closest half of its picks, 5 rounds
 
 
-def typicality(v: np.ndarray) -> np.ndarray:
+def typicality(v: np.ndarray, centre: np.ndarray | None = None) -> np.ndarray:
     """How typical of a class each of its picks is (unit vectors ``v``): the cosine to the class's trimmed centre,
     the mean of the :data:`TYPICAL_CORE` of its picks closest to the centre before (:data:`TYPICAL_ROUNDS` rounds,
     from the mean of all). A class's quota is filled most typical first: lookalikes that outscore its images on its
-    prompt sit nearer the text and farther from the images' centre than its own images do."""
+    prompt sit nearer the text and farther from the images' centre than its own images do. ``centre``: the class's
+    centre known already (a class with labelled examples: their mean), the cosine to it."""
     v = np.asarray(v, np.float32)
+    if centre is not None:
+        return v @ np.asarray(centre, np.float32)
     if len(v) < 3:
         return np.ones(len(v), np.float32)
     core = np.ones(len(v), bool)

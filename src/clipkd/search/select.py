@@ -26,7 +26,8 @@ background (its text picks dropped), one nearly all of whose images score highes
 a fair share of it joins that class whole (the real images the cut turned away come back). Measured against the
 other candidates (a per-class cut from the class's own picks, kNN voting: :func:`expand_seeds`) on the benchmark's
 pools: ``benchmarks/results/gzsl-pool-weak*.md``. A class's quota is then filled most typical first
-(:func:`~clipkd.search.expand.typicality`: closest to the trimmed centre of its picks), not by text score: the
+(:func:`~clipkd.search.expand.typicality`: closest to the trimmed centre of its picks, or to its examples' mean),
+not by text score: the
 lookalikes a prompt keeps outscore the class's own images on it (they sit nearer the text) and lie off the images'
 centre, so ordering by text score filled the quota with them first."""
 
@@ -349,7 +350,7 @@ def _assign(index: SearchIndex, text: np.ndarray, classnames: list[str], bank: n
         joined = expand_seeds(emb, owner, alive, len(classnames), expand, examples and {
             classnames.index(c): v for c, v in examples.items() if c in classnames}, sc.best)
         owner[joined >= 0], why[joined >= 0] = joined[joined >= 0], EXPANDED
-    chosen, rejected, counts, dup, over = _fill(index, emb, owner, why, sc, classnames, per_class, duplicate)
+    chosen, rejected, counts, dup, over = _fill(index, emb, owner, why, sc, classnames, per_class, duplicate, protos)
     reasons = {name: int(np.sum(why == code)) for code, name in RULES.items()}
     reasons.update(duplicate=dup, quota=over)
     return chosen, rejected, reasons, cuts, counts
@@ -357,17 +358,20 @@ def _assign(index: SearchIndex, text: np.ndarray, classnames: list[str], bank: n
 
 def _fill(index: SearchIndex, emb: np.ndarray, owner: np.ndarray, why: np.ndarray, sc: _Scores,
           classnames: list[str], per_class: int, duplicate: float,
+          protos: dict[str, tuple[np.ndarray, float]] | None = None,
           ) -> tuple[Picks, Picks, dict[str, dict[str, int]], int, int]:
     """Each class's rows most typical first (:func:`typicality`: closest to the centre of its picks, the text's and
-    the image space's alike), near-copies dropped, up to the quota; what it turned down (best first: the contact
-    sheet); per class how many the text kept, the image space added, the quota left and it turned down."""
+    the image space's alike; a class with examples: closest to their mean), near-copies dropped, up to the quota;
+    what it turned down (best first: the contact sheet); per class how many the text kept, the image space added,
+    the quota left and it turned down."""
     chosen: Picks = {}
     rejected: Picks = {}
     counts: dict[str, dict[str, int]] = {}
     dup = over = 0
     for c, name in enumerate(classnames):
         rows = np.flatnonzero(owner == c)
-        rows = rows[np.argsort(-typicality(emb[rows]), kind="stable")]
+        centre = (protos or {}).get(name, (None,))[0]
+        rows = rows[np.argsort(-typicality(emb[rows], centre), kind="stable")]
         out: list[tuple[str, float]] = []
         vecs = np.empty((min(per_class, len(rows)), emb.shape[1]), np.float32)
         for r in rows:
