@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,7 +117,9 @@ def test_store_refuses_other_images_with_the_same_names(tmp_path):
 
 def test_rerun_with_other_settings_is_refused_unless_overwrite(tmp_path, tiny_world, fake_teacher):
     store = embed_images(fake_teacher, tiny_world / "train", tmp_path / "store", workers=0, progress=False).root
-    kw = {"store": store, "split": tiny_world / "split.json", "device": "cpu", "progress": False}
+    split = tmp_path / "split.json"
+    shutil.copy(tiny_world / "split.json", split)
+    kw = {"store": store, "split": split, "device": "cpu", "progress": False}
     out = tmp_path / "run"
     first = distill(tiny_world / "train", out, SMALL, **kw)
     before = first.path.stat().st_mtime_ns
@@ -126,6 +129,9 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(tmp_path, tiny_wo
     recipe = json.loads((out / "recipe.json").read_text())
     for new_setting in ("qat", "sparsity", "init"):
         del recipe["settings"][new_setting]
+    for ident in recipe["inputs"].values():  # ... and before inputs were identified by their content
+        if isinstance(ident, dict):
+            ident.pop("sha256", None)
     (out / "recipe.json").write_text(json.dumps(recipe))
     steps = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
     distill(tiny_world / "train", out, SMALL, **kw)  # resumed (finished: no step trained), not refused or retrained
@@ -139,6 +145,11 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(tmp_path, tiny_wo
                           progress=False).root
     with pytest.raises(ClipkdError, match="inputs.store"):
         distill(tiny_world / "train", out, SMALL, **{**kw, "store": store2})
+    same_size = split.read_text().replace('{\n  "seen"', '{ \n "seen"', 1)  # another file of the same byte count
+    assert len(same_size) == split.stat().st_size and same_size != split.read_text()
+    split.write_text(same_size)
+    with pytest.raises(ClipkdError, match=r"inputs.split.sha256"):
+        distill(tiny_world / "train", out, SMALL, **kw)
     assert json.loads((out / "run.json").read_text())["train"]["lr"] == 1e-3  # the old run is untouched
     distill(tiny_world / "train", out, other, overwrite=True, **kw)
     assert json.loads((out / "run.json").read_text())["train"]["lr"] == 5e-3

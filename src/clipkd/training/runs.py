@@ -9,6 +9,7 @@ trained (devices, precision, logger, loader workers) may change between a run an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -31,8 +32,13 @@ RUN_OUTPUTS = ("checkpoints", "logs", RECIPE, "run.json", "student.pt", "trainin
                "open_clip_model.pt", "cn_clip_model.pt", "views")
 
 
+HASHED_BYTES = 64 << 20  # input files up to this size are identified by their content too (image lists, texts)
+
+
 def input_identity(path: str | Path | None) -> Any:
-    """What identifies an input: its absolute path, plus its size for a file (a store: its teacher and rows)."""
+    """What identifies an input: its absolute path, plus its size for a file and, up to :data:`HASHED_BYTES`, the
+    SHA-256 of its content (a list re-selected to the same byte count is another input); a store: its teacher and
+    rows."""
     if path is None:
         return None
     p = Path(path)
@@ -41,6 +47,8 @@ def input_identity(path: str | Path | None) -> Any:
     ident: dict[str, Any] = {"path": str(p.resolve())}
     if p.is_file():
         ident["bytes"] = p.stat().st_size
+        if ident["bytes"] <= HASHED_BYTES:
+            ident["sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
     elif (p / "manifest.json").is_file():
         m = read_json(p / "manifest.json", "store manifest")
         ident |= {"teacher": m.get("teacher"), "rows": m.get("count")}
@@ -92,9 +100,13 @@ def check_run(out: str | Path, recipe: dict[str, Any], overwrite: bool | str = F
 
 def recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """How ``new`` differs from a recorded recipe. A setting the older recipe does not have (added by a newer
-    clipkd) is no difference while it is off (false, 0, empty or None): upgrading clipkd keeps runs resumable."""
+    clipkd) is no difference while it is off (false, 0, empty or None), nor is a part of an input's identity it did
+    not record (a content hash): upgrading clipkd keeps runs resumable."""
     settings = {k: v for k, v in new.get("settings", {}).items() if k in old.get("settings", {}) or v}
-    return _differences(old, {**new, "settings": settings})
+    was = old.get("inputs", {})
+    inputs = {k: {f: x for f, x in v.items() if f in was[k]} if isinstance(v, dict) and isinstance(was.get(k), dict)
+              else v for k, v in new.get("inputs", {}).items()}
+    return _differences(old, {**new, "settings": settings, "inputs": inputs})
 
 
 def _matches(out: Path, recipe: dict[str, Any]) -> bool:
