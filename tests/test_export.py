@@ -245,7 +245,11 @@ def test_search_index_built_and_queried_with_an_onnx_student(runs, tiny_world, t
     index = build_index(path, tiny_world / "val", tmp_path / "index", device="cpu", workers=0, progress=False)
     query = sorted((tiny_world / "val").rglob("*.png"))[0]
     hits = index.search(image=query, k=3)
-    assert len(hits) == 3 and hits[0]["path"].endswith(query.name) and hits[0]["score"] > 0.99
+    # INT8 can tie the query with a near-identical image of its class (both score ~1.0): the query itself is among
+    # the hits, and the best hit is of its class
+    own = [h for h in hits if h["path"].endswith(f"{query.parent.name}/{query.name}")]
+    assert len(hits) == 3 and own and own[0]["score"] > 0.99, hits
+    assert hits[0]["path"].split("/")[-2] == query.parent.name and hits[0]["score"] > 0.99, hits
     for f in (tmp_path / "index").rglob("*"):  # the student's run folder (the runs fixture's) is not named
         assert not f.is_file() or str(tmp_path.parent).encode() not in f.read_bytes(), f
 
