@@ -243,6 +243,9 @@ SERVERS = {  # name → (serve flags, environment)
     # then sleep
     "spinning": ([], {"CLIPKD_SPIN": "1"}),
     "recommended": (["--workers", "2"], {}),
+    # the recommended server with Python's collector as it is, as serve ran before 2026-12-08 (the default now
+    # freezes what a server loaded out of the collector's full passes)
+    "unfrozen": (["--workers", "2"], {"CLIPKD_GC_FREEZE": "0"}),
 }
 
 

@@ -1367,3 +1367,30 @@ def test_faults_under_load_disconnect_slow_client_and_a_burst(index, tiny_world,
     assert f'route="/search",status="200"}} {codes.count(200) + 1}.0' in metrics
     assert (f'route="/search",status="503"}} {len(busy)}.0' in metrics) if busy else "status=\"503\"" not in metrics
     assert batcher.MAX_QUEUE == 512  # the default the test lowered on this one app
+
+
+@pytest.mark.parametrize("thaw", [True, False])
+def test_a_frozen_server_still_frees_an_old_generation(tiny_world, teacher_spec, tmp_path, thaw):
+    """``serve`` freezes what it loaded out of the collector's full passes (gc.freeze); a generation switch gives
+    everything back to the collector, so the old generation is freed (its store dies in a reference cycle, which a
+    frozen heap never frees: without the thaw it stays), and the new one is frozen once the switch has settled."""
+    import gc
+    import weakref
+
+    root = tmp_path / "ix"
+    build_index(teacher_spec, tiny_world / "val", root, kind="flat", device="cpu", workers=0, progress=False)
+    try:
+        app = create_app(root, reload_s=0, freeze_gc=True)
+        heap = app.state.heap
+        assert gc.get_freeze_count() > 0
+        old = weakref.ref(app.state.service.index.store)
+        remove_from_index(root, [SearchIndex(root).paths[0]])
+        if not thaw:
+            heap.thaw = lambda: None  # what a server that froze once and never thawed would do
+        heap.settle_s = 0
+        assert app.state.reloader.check()
+        heap.tick()  # settled: collect, freeze again
+        assert (old() is None) == thaw
+        assert gc.get_freeze_count() > 0 and heap.due is None
+    finally:
+        gc.unfreeze()

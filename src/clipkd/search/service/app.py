@@ -11,6 +11,7 @@ from typing import Any
 from ...errors import ClipkdError
 from ..index import SearchIndex
 from .core import MAX_K, SearchService
+from .heap import GC_ENV, FrozenHeap
 from .metrics import Metrics
 from .reloader import RELOAD_S, Reloader
 from .requests import QueryError, validation_message
@@ -21,7 +22,7 @@ log = logging.getLogger("clipkd.search.service")
 def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int = MAX_K,
                public_url: str = "http://127.0.0.1:8000", show_paths: bool = False,
                images: str | Path | None = None, token: str | None = None, reload_s: float = RELOAD_S,
-               threads: int | None = None):
+               threads: int | None = None, freeze_gc: bool = False):
     """The FastAPI app serving ``index`` (loaded with the model that built it); result URLs start with
     ``public_url`` (the address clients reach the server at), never with what a request's ``Host`` says.
     ``images``: where the collection's images are on this machine (default: where the index records them); a root
@@ -29,7 +30,8 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
     token that ``/index/add`` and ``/index/remove`` require (None: they are off). Every ``reload_s`` seconds the
     app looks for a newer generation of the index (written by ``clipkd index add/remove/compact``) and swaps to it
     between requests (0: never). ``threads``: this process's threads for the model and FAISS (None: the libraries'
-    defaults, every core)."""
+    defaults, every core). ``freeze_gc``: keep what was loaded out of the garbage collector's full passes
+    (:class:`FrozenHeap`; process-wide, so ``serve`` turns it on and an app built in a notebook leaves it off)."""
     try:
         from fastapi import FastAPI
     except ImportError:
@@ -51,11 +53,12 @@ def create_app(index: SearchIndex | str | Path, batch: bool = True, max_k: int =
     if svc.batcher is not None:
         svc.batcher.on_batch = metrics.batched
     svc.on_cache = metrics.cache_result
-    app.state.reloader = Reloader(app, reload_s)
     app.state.updates = threading.Lock()  # one HTTP update at a time in this process (the index lock guards the rest)
     for router in ROUTERS:
         app.include_router(router)
     _handle_errors(app, metrics)
+    app.state.heap = FrozenHeap() if freeze_gc else None  # last: everything loaded and built is frozen
+    app.state.reloader = Reloader(app, reload_s, app.state.heap)
     return app
 
 
@@ -193,7 +196,7 @@ def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, batc
     check_address(host, port)
     kwargs = {"batch": batch, "public_url": public_url, "show_paths": show_paths, "token": read_token(token_file),
               "reload_s": reload_s, "images": None if images is None else str(Path(images).resolve()),
-              "threads": threads}
+              "threads": threads, "freeze_gc": os.environ.get(GC_ENV) != "0"}
     if workers == 1:
         app = create_app(index_dir, **kwargs)  # checked here, before it serves
         runtime = app.state.service.index.encoder.runtime

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..index import SearchIndex
 from ..layout import INFO, read_info
+from .heap import FrozenHeap
 
 log = logging.getLogger("clipkd.search.service")
 RELOAD_S = 1.0  # how often a server looks for a newer generation of its index (seconds)
@@ -19,8 +20,8 @@ class Reloader:
     change) and, when it names another generation, loads it beside the one being served and replaces the app's
     service in one assignment. Requests that started on the old one finish on it."""
 
-    def __init__(self, app: Any, interval: float = RELOAD_S) -> None:
-        self.app, self.lock = app, threading.Lock()
+    def __init__(self, app: Any, interval: float = RELOAD_S, heap: FrozenHeap | None = None) -> None:
+        self.app, self.lock, self.heap = app, threading.Lock(), heap
         self.stat = self._stat()
         self.stop = threading.Event()
         if interval > 0:
@@ -46,6 +47,8 @@ class Reloader:
                 return False
             new = svc.renewed(SearchIndex(svc.index.root, svc.index.images_root))
             self.app.state.service = new
+            if self.heap is not None:
+                self.heap.thaw()  # the old generation goes back to the collector, to be freed when its requests end
             self.stat = stat
             self.app.state.metrics.served(new.index, reloaded=True)
             log.info("serving generation %s of %s: %d images", new.index.generation, new.index.root, len(new.index))
@@ -55,5 +58,7 @@ class Reloader:
         while not self.stop.wait(interval):
             try:
                 self.check()
+                if self.heap is not None:
+                    self.heap.tick()
             except Exception as e:  # noqa: BLE001 - keep serving the generation we have; try again next time
                 log.warning("could not load the new generation of the index (still serving the old): %s", e)
